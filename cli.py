@@ -1,0 +1,207 @@
+"""The gsae command line. Argument parsing lives here and nowhere else."""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="gsae",
+    help="Group-SAE: cache residual streams once, group similar layers, train one SAE per group.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+class Compression(str, Enum):
+    lossless = "lossless"
+    lossy = "lossy"
+
+
+class StorageDtype(str, Enum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def _resolve_cache(cache: Optional[str]) -> str:
+    """--cache, or the only cache under gsae-cache/ when there is exactly one."""
+    from pipeline.cache import CACHE_ROOT
+    from pipeline.errors import GsaeError
+
+    if cache:
+        return cache
+    root = Path(CACHE_ROOT)
+    found = sorted(p for p in root.iterdir() if (p / "zarr.json").is_file()) if root.is_dir() else []
+    if len(found) == 1:
+        return str(found[0])
+    if not found:
+        raise GsaeError(f"no cache under ./{CACHE_ROOT}; run `gsae cache` first or pass --cache")
+    raise GsaeError(f"several caches under ./{CACHE_ROOT} ({', '.join(p.name for p in found)}); pass --cache")
+
+
+@app.command()
+def cache(
+    model: Optional[str] = typer.Option(None, help="Hub id, alias (pythia-70m, ...), folder saved with save_pretrained, or .gguf file. Default: the embedded SmolLM2-135M."),
+    dataset: Optional[str] = typer.Option(None, help="pydoc (embedded default), a .txt/.jsonl/.parquet file or folder, or a hub dataset id."),
+    tokens: int = typer.Option(100_000, help="Tokens (stored rows) to cache."),
+    context_length: int = typer.Option(256, help="Tokens per window, BOS included."),
+    batch_size: int = typer.Option(16, help="Windows per forward pass."),
+    cache: Optional[str] = typer.Option(None, help="Where to write the cache. Default: gsae-cache/<model>."),
+    compression: Compression = typer.Option(Compression.lossless, help="lossless (shuffle+zstd) or lossy (mantissa bit rounding first)."),
+    keep_bits: Optional[int] = typer.Option(None, help="Mantissa bits kept by --compression lossy (default 3)."),
+    dtype: StorageDtype = typer.Option(StorageDtype.float16, help="Storage dtype of activations."),
+    device: Device = typer.Option(Device.auto, help="Where the model runs."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) of --model."),
+    dataset_config: Optional[str] = typer.Option(None, help="Configuration name of a hub dataset."),
+    split: str = typer.Option("train", help="Split of a hub dataset."),
+    text_field: str = typer.Option("text", help="Text field of .jsonl / .parquet / hub records."),
+    prepend_bos: Optional[bool] = typer.Option(None, "--prepend-bos/--no-prepend-bos", help="Start every window with BOS (default: when the tokenizer has one)."),
+    keep_bos: bool = typer.Option(False, help="Also store the BOS position's activations (outliers; dropped by default)."),
+    chunk_tokens: Optional[int] = typer.Option(None, help="Rows per chunk (default: about 4 MiB per chunk)."),
+) -> None:
+    """Run the model once and cache every block's residual stream to a compressed, resumable Zarr store."""
+    from pipeline.cache import CacheRequest, build_cache
+
+    request = CacheRequest(
+        model=model, revision=revision, dataset=dataset, dataset_config=dataset_config, split=split,
+        text_field=text_field, tokens=tokens, context_length=context_length, batch_size=batch_size,
+        cache=cache, compression=compression.value, keep_bits=keep_bits, dtype=dtype.value,
+        device=device.value, prepend_bos=prepend_bos, keep_bos=keep_bos, chunk_tokens=chunk_tokens,
+    )
+    result = build_cache(request, console)
+    if result.already_complete:
+        console.print(f"[green]cache {result.path} is already complete[/]; nothing to do")
+    if result.corpus_exhausted:
+        console.print(f"[yellow]the corpus ran out after {result.tokens_written:,} of {result.tokens_planned:,} tokens; the cache holds what there was[/]")
+    overflow = [(layer, n) for layer, n in enumerate(result.overflow_values) if n]
+    if overflow:
+        listed = ", ".join(f"layer {layer}: {n:,}" for layer, n in overflow[:8])
+        console.print(f"[yellow]values beyond the float16 range were clipped to ±65504 ({listed}); use --dtype bfloat16 or float32 to keep them[/]")
+    table = Table(title="gsae cache", show_header=False)
+    rate = result.tokens_this_run / result.elapsed if result.elapsed else 0.0
+    for name, value in [
+        ("cache", result.path),
+        ("tokens", f"{result.tokens_written:,}" + (f" (resumed at {result.resumed_from:,})" if result.resumed_from and not result.already_complete else "")),
+        ("layers × d_model", f"{result.n_layers} × {result.d_model}"),
+        ("bytes on disk", _human_bytes(result.bytes_on_disk)),
+        ("bytes per value", f"{result.bytes_per_value:.3f}"),
+        ("compression ratio", f"{result.raw_bytes / max(1, result.bytes_on_disk):.2f}×"),
+        ("time", f"{result.elapsed:,.1f} s" + (f" ({rate:,.0f} tok/s)" if rate else "")),
+    ]:
+        table.add_row(name, value)
+    out.print(table)
+
+
+@app.command()
+def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),) -> None:
+    """Show what a cache holds."""
+    from stores import ActivationStore
+
+    store = ActivationStore.open(_resolve_cache(cache), allow_partial=True)
+    a = store.attrs
+    on_disk = store.nbytes_on_disk()
+    values = max(1, store.n_tokens * store.n_layers * store.d_model)
+    status = "complete" if store.complete else (
+        f"incomplete: {store.tokens_written:,} of {store.tokens_planned:,} tokens "
+        f"({store.chunks_written} of {store.n_chunks_planned} chunks)")
+    table = Table(title=f"gsae cache {store.path}", show_header=False)
+    corpus = a.get("corpus", {})
+    for name, value in [
+        ("status", status),
+        ("model", f"{a.get('model_id')} ({a.get('architecture')}, {a.get('model_source')})"),
+        ("revision", str(a.get("model_revision"))),
+        ("layers × d_model", f"{store.n_layers} × {store.d_model} ({a.get('hook_point')}, {a.get('blocks_path')})"),
+        ("tokens", f"{store.n_tokens:,} in {store.n_chunks} chunks of {store.chunk_tokens:,}"),
+        ("windows", f"{a.get('context_length')} tokens, BOS {'prepended' if a.get('prepend_bos') else 'none'}"
+                    f"{', stored' if a.get('bos_stored') else (', not stored' if a.get('prepend_bos') else '')}"),
+        ("corpus", f"{corpus.get('description')} [{corpus.get('fingerprint')}]"),
+        ("dtype", store.dtype),
+        ("codec", " → ".join(a["codec"]["chain"]) + (f" (relative error ≤ {a['codec']['relative_error_bound']:g})" if a["codec"]["compression"] == "lossy" else "")),
+        ("bytes on disk", _human_bytes(on_disk)),
+        ("bytes per value", f"{on_disk / values:.3f}"),
+        ("compression ratio", f"{store.raw_activation_bytes() / max(1, on_disk):.2f}×"),
+        ("gsae version", str(a.get("gsae_version"))),
+    ]:
+        table.add_row(name, value)
+    if any(a.get("overflow_values", [])):
+        table.add_row("clipped to float16", ", ".join(f"L{l}: {n}" for l, n in enumerate(a["overflow_values"]) if n))
+    out.print(table)
+
+
+@app.command()
+def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
+           allow_partial: bool = typer.Option(False, help="Verify the committed chunks of an incomplete cache.")) -> None:
+    """Read every chunk, check its checksum and shape, and name any corrupt chunk."""
+    from pipeline.progress import make_progress
+    from stores import ActivationStore
+
+    store = ActivationStore.open(_resolve_cache(cache), allow_partial=allow_partial)
+    problems = []
+    with make_progress(console, unit="chunk") as progress:
+        task = progress.add_task("verifying", total=store.n_chunks * (store.n_layers + 1))
+        for name, layer, start, stop, problem in store.iter_chunk_checks():
+            if problem:
+                where = f"layer {layer}" if layer >= 0 else "tokens"
+                problems.append(f"{where} rows {start:,}–{stop - 1:,}: {problem}")
+            progress.advance(task)
+    if problems:
+        for line in problems:
+            out.print(f"[red]corrupt[/] {line}")
+        raise typer.Exit(1)
+    out.print(f"[green]ok[/]: {store.n_chunks * (store.n_layers + 1):,} chunks of {store.path} decode and match their checksums")
+
+
+def main() -> None:
+    """Entry point: runs the app and turns known errors into one line and a non-zero exit."""
+    from pipeline.errors import GsaeError
+    from stores import StoreError
+
+    try:
+        app(standalone_mode=False)
+    except (GsaeError, StoreError) as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: committed chunks are kept; re-run the same command to resume")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

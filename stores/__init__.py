@@ -1,0 +1,19 @@
+"""The activation store: format, codecs, writing and chunk-wise reading. Knows nothing of SAEs."""
+
+from stores.activation_store import (
+    FLOAT16_MAX,
+    ActivationStore,
+    ChunkStats,
+    StoreError,
+    compute_chunk_stats,
+    default_chunk_tokens,
+    is_local,
+    probe,
+    to_float32,
+)
+from stores.codecs import STORAGE_DTYPES, activation_codecs
+
+__all__ = [
+    "FLOAT16_MAX", "STORAGE_DTYPES", "ActivationStore", "ChunkStats", "StoreError", "activation_codecs",
+    "compute_chunk_stats", "default_chunk_tokens", "is_local", "probe", "to_float32",
+]

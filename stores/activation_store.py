@@ -1,0 +1,351 @@
+"""The on-disk activation store: one Zarr v3 group per cache (layout in docs/store-format.md).
+
+Writers create the store, write whole chunks (every layer's chunk, the tokens and the per-chunk
+statistics) and then commit the chunk by advancing ``chunks_written`` in the group attributes.
+Zarr's local store replaces files atomically, so a killed writer leaves at worst an uncommitted
+chunk that the resumed run overwrites with the same bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from stores.codecs import STORAGE_DTYPES, activation_codecs, small_array_codecs
+
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+
+FORMAT_NAME = "gsae-activations"
+FORMAT_VERSION = 1
+TARGET_CHUNK_BYTES = 4 * 2**20
+FLOAT16_MAX = 65504.0
+
+
+class StoreError(Exception):
+    """A problem with a store that the user can fix; its message is one line."""
+
+
+def default_chunk_tokens(d_model: int, dtype: str) -> int:
+    """Rows per chunk so that one chunk is about 4 MiB uncompressed."""
+    return max(1, TARGET_CHUNK_BYTES // (d_model * STORAGE_DTYPES[dtype][1]))
+
+
+def is_local(path: str) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def _local_path(path: str) -> Path:
+    return Path(str(path).removeprefix("file://"))
+
+
+def probe(path: str) -> str:
+    """``"absent"`` (nothing there, or an empty folder), ``"store"`` (a gsae cache), else raise."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+    if not fs.exists(root):
+        return "absent"
+    if fs.isfile(root):
+        raise StoreError(f"{path} is a file, not a gsae cache; choose another --cache")
+    if not fs.ls(root):
+        return "absent"
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception:
+        raise StoreError(f"{path} holds something that is not a gsae cache; choose another --cache") from None
+    if group.attrs.get("format") != FORMAT_NAME:
+        raise StoreError(f"{path} is a Zarr group but not a gsae cache; choose another --cache")
+    return "store"
+
+
+def _write_error(path: str, exc: OSError) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        return StoreError(f"disk full while writing {path}; free space and re-run the same command to resume")
+    return StoreError(f"cannot write to {path}: {exc.strerror or exc}")
+
+
+@dataclass
+class ChunkStats:
+    """Per-chunk partial statistics, kept so a resumed run ends with the same totals."""
+
+    sums: np.ndarray  # float64 (n_layers, d_model): sum of stored rows
+    norm_sums: np.ndarray  # float64 (n_layers,): sum of row L2 norms
+    overflow: np.ndarray  # int64 (n_layers,): values clipped to the float16 range
+
+
+class ActivationStore:
+    """A gsae activation cache. Create with :meth:`create`, open with :meth:`open`."""
+
+    def __init__(self, path: str, group: zarr.Group):
+        self.path = str(path)
+        self.group = group
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self._layers = [group[f"layers/{layer}"] for layer in range(self.n_layers)]
+
+    # ---------------------------------------------------------------- creation and opening
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        *,
+        n_layers: int,
+        d_model: int,
+        n_tokens: int,
+        chunk_tokens: int,
+        dtype: str = "float16",
+        compression: str = "lossless",
+        keep_bits: int | None = None,
+        attributes: dict[str, Any] | None = None,
+    ) -> "ActivationStore":
+        """Create an empty, incomplete store at ``path`` (which must be absent or empty)."""
+        chain = activation_codecs(compression, dtype, *([keep_bits] if keep_bits is not None else []))
+        n_chunks = math.ceil(n_tokens / chunk_tokens)
+        array_dtype = STORAGE_DTYPES[dtype][0]
+        attrs = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            **(attributes or {}),
+            "n_layers": n_layers,
+            "d_model": d_model,
+            "dtype": dtype,
+            "array_dtype": array_dtype,
+            "codec": chain.description,
+            "chunk_tokens": chunk_tokens,
+            "tokens_planned": n_tokens,
+            "tokens_written": 0,
+            "chunks_written": 0,
+            "complete": False,
+        }
+        write_cfg = {"write_empty_chunks": True}
+        try:
+            group = zarr.open_group(str(path), mode="w", attributes=attrs)
+            group.create_array(
+                "tokens", shape=(n_tokens,), chunks=(chunk_tokens,), dtype="int32",
+                compressors=small_array_codecs(), fill_value=0, config=write_cfg,
+            )
+            layers = group.create_group("layers")
+            for layer in range(n_layers):
+                layers.create_array(
+                    str(layer), shape=(n_tokens, d_model), chunks=(chunk_tokens, d_model), dtype=array_dtype,
+                    filters=chain.filters, compressors=chain.compressors, fill_value=0, config=write_cfg,
+                )
+            stats = group.create_group("stats")
+            for name, shape, dt in [
+                ("chunk_sum", (n_chunks, n_layers, d_model), "float64"),
+                ("chunk_norm_sum", (n_chunks, n_layers), "float64"),
+                ("chunk_overflow", (n_chunks, n_layers), "int64"),
+            ]:
+                stats.create_array(
+                    name, shape=shape, chunks=(1, *shape[1:]), dtype=dt,
+                    compressors=small_array_codecs(), fill_value=0, config=write_cfg,
+                )
+        except OSError as exc:
+            raise _write_error(str(path), exc) from None
+        return cls(str(path), group)
+
+    @classmethod
+    def open(cls, path: str, *, mode: str = "r", allow_partial: bool = False) -> "ActivationStore":
+        """Open an existing cache; refuse an incomplete one unless ``allow_partial``."""
+        if probe(path) != "store":
+            raise StoreError(f"no gsae cache at {path}; create one with `gsae cache`")
+        store = cls(str(path), zarr.open_group(str(path), mode=mode))
+        if store.attrs.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"{path} has store format {store.attrs.get('format_version')}, this gsae reads {FORMAT_VERSION}"
+            )
+        if not store.complete and not allow_partial:
+            raise StoreError(
+                f"cache {path} is incomplete ({store.tokens_written:,} of {store.tokens_planned:,} tokens); "
+                "re-run its `gsae cache` command to finish it, or pass --allow-partial"
+            )
+        return store
+
+    # ---------------------------------------------------------------- properties
+    n_layers = property(lambda self: int(self.attrs["n_layers"]))
+    d_model = property(lambda self: int(self.attrs["d_model"]))
+    dtype = property(lambda self: str(self.attrs["dtype"]))
+    chunk_tokens = property(lambda self: int(self.attrs["chunk_tokens"]))
+    tokens_planned = property(lambda self: int(self.attrs["tokens_planned"]))
+    tokens_written = property(lambda self: int(self.attrs["tokens_written"]))
+    chunks_written = property(lambda self: int(self.attrs["chunks_written"]))
+    complete = property(lambda self: bool(self.attrs["complete"]))
+
+    @property
+    def n_tokens(self) -> int:
+        """Rows that readers may use: all of them when complete, the committed ones otherwise."""
+        return self.tokens_written
+
+    @property
+    def n_chunks(self) -> int:
+        """Chunks holding readable rows."""
+        return math.ceil(self.n_tokens / self.chunk_tokens)
+
+    @property
+    def n_chunks_planned(self) -> int:
+        return math.ceil(self.tokens_planned / self.chunk_tokens)
+
+    def chunk_rows(self, chunk: int) -> tuple[int, int]:
+        """Row range ``[start, stop)`` of a chunk, clipped to the rows planned."""
+        start = chunk * self.chunk_tokens
+        return start, min(start + self.chunk_tokens, self.tokens_planned)
+
+    # ---------------------------------------------------------------- writing
+    def write_chunk(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray, stats: ChunkStats) -> None:
+        """Write one chunk of every layer, its tokens and statistics, then commit it.
+
+        Chunks are committed in order: ``chunk`` must equal ``chunks_written``.
+        """
+        if chunk != self.chunks_written:
+            raise RuntimeError(f"chunk {chunk} written out of order (next is {self.chunks_written})")
+        start, stop = start_stop = self.chunk_rows(chunk)
+        rows = slice(*start_stop)
+        n = stop - start
+        if len(tokens) != n or any(a.shape != (n, self.d_model) for a in layers):
+            raise ValueError(f"chunk {chunk} needs {n} rows of width {self.d_model}")
+        try:
+            for array, values in zip(self._layers, layers):
+                array[rows] = values
+            self.group["tokens"][rows] = tokens
+            self.group["stats/chunk_sum"][chunk] = stats.sums
+            self.group["stats/chunk_norm_sum"][chunk] = stats.norm_sums
+            self.group["stats/chunk_overflow"][chunk] = stats.overflow
+            self._set_attrs(chunks_written=chunk + 1, tokens_written=stop)
+        except OSError as exc:
+            raise _write_error(self.path, exc) from None
+
+    def finalize(self, extra_attributes: dict[str, Any] | None = None) -> None:
+        """Write the exact mean and mean norm, shrink to the rows written, and mark complete."""
+        n = self.tokens_written
+        if n == 0:
+            raise StoreError(f"cache {self.path} has no rows to finalize")
+        n_chunks = self.chunks_written
+        try:
+            if n < self.tokens_planned:  # the corpus ran out: shrink every array to what was written
+                for array in [*self._layers, self.group["tokens"]]:
+                    array.resize((n, *array.shape[1:]))
+                for name in ("chunk_sum", "chunk_norm_sum", "chunk_overflow"):
+                    array = self.group[f"stats/{name}"]
+                    array.resize((n_chunks, *array.shape[1:]))
+            sums = np.zeros((self.n_layers, self.d_model), dtype=np.float64)
+            norm_sums = np.zeros(self.n_layers, dtype=np.float64)
+            overflow = np.zeros(self.n_layers, dtype=np.int64)
+            for chunk in range(n_chunks):  # chunk by chunk, in order, so the totals are reproducible
+                sums += self.group["stats/chunk_sum"][chunk]
+                norm_sums += self.group["stats/chunk_norm_sum"][chunk]
+                overflow += self.group["stats/chunk_overflow"][chunk]
+            stats = self.group["stats"]
+            stats.create_array("mean", shape=sums.shape, dtype="float32", compressors=small_array_codecs(),
+                               overwrite=True)[:] = (sums / n).astype(np.float32)
+            stats.create_array("norm", shape=norm_sums.shape, dtype="float32", compressors=small_array_codecs(),
+                               overwrite=True)[:] = (norm_sums / n).astype(np.float32)
+            self._set_attrs(**(extra_attributes or {}), overflow_values=overflow.tolist())
+            self._set_attrs(complete=True)  # last, so nothing incomplete ever looks complete
+        except OSError as exc:
+            raise _write_error(self.path, exc) from None
+
+    def _set_attrs(self, **values: Any) -> None:
+        self.group.attrs.update(values)
+        self.attrs.update(values)
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files a killed writer left behind (local stores only)."""
+        if not is_local(self.path):
+            return 0
+        stale = list(_local_path(self.path).rglob("*.partial"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
+    # ---------------------------------------------------------------- reading
+    def layer_array(self, layer: int) -> zarr.Array:
+        """The Zarr array of one layer (for lazy readers such as ``dask.array.from_zarr``)."""
+        return self._layers[layer]
+
+    def read_rows(self, layer: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of one layer as stored (bfloat16 comes back as uint16 bits)."""
+        return self._layers[layer][start:stop]
+
+    def read_chunk(self, layer: int, chunk: int) -> np.ndarray:
+        start, stop = self.chunk_rows(chunk)
+        return self.read_rows(layer, start, min(stop, self.n_tokens))
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.group["tokens"][start : self.n_tokens if stop is None else stop]
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Exact per-layer mean of the stored rows, float32 (n_layers, d_model)."""
+        return self.group["stats/mean"][:]
+
+    @property
+    def norm(self) -> np.ndarray:
+        """Mean L2 norm of the stored rows per layer, float32 (n_layers,)."""
+        return self.group["stats/norm"][:]
+
+    # ---------------------------------------------------------------- inspection
+    def nbytes_on_disk(self, prefix: str = "") -> int:
+        """Bytes the store (or one of its sub-paths, e.g. ``layers``) takes on its file system."""
+        fs, root = fsspec.core.url_to_fs(self.path)
+        target = f"{root.rstrip('/')}/{prefix}" if prefix else root
+        return int(fs.du(target)) if fs.exists(target) else 0
+
+    def raw_activation_bytes(self) -> int:
+        """Bytes the written activations would take uncompressed in the storage dtype."""
+        return self.n_tokens * self.n_layers * self.d_model * STORAGE_DTYPES[self.dtype][1]
+
+    def iter_chunk_checks(self) -> Iterator[tuple[str, int, int, int, str | None]]:
+        """Decode every written chunk; yield ``(array, layer, start, stop, problem or None)``."""
+        names = [(f"layers/{layer}", layer) for layer in range(self.n_layers)] + [("tokens", -1)]
+        for chunk in range(self.n_chunks):
+            start, stop = self.chunk_rows(chunk)
+            stop = min(stop, self.n_tokens)
+            for name, layer in names:
+                array = self.group[name]
+                key = f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
+                problem = None
+                if not sync(array.store.exists(key)):
+                    problem = "chunk missing"
+                else:
+                    try:
+                        values = array[start:stop]
+                        if values.shape[0] != stop - start:
+                            problem = f"decoded {values.shape[0]} rows, expected {stop - start}"
+                    except Exception as exc:  # a corrupt chunk fails its checksum or decompression
+                        problem = _describe_decode_error(exc)
+                yield name, layer, start, stop, problem
+
+
+def _describe_decode_error(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "checksum" in text.lower():
+        return "checksum mismatch"
+    return f"cannot decode ({text[:120]})"
+
+
+def to_float32(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values as float32 (bfloat16 is kept as raw uint16 bits, see STORAGE_DTYPES)."""
+    if dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32, copy=False)
+
+
+def compute_chunk_stats(layers: list[np.ndarray], dtype: str) -> ChunkStats:
+    """Float64 sums, norm sums and float16-limit counts of one chunk's stored rows, per layer."""
+    n_layers, d_model = len(layers), layers[0].shape[1]
+    sums = np.zeros((n_layers, d_model), dtype=np.float64)
+    norm_sums = np.zeros(n_layers, dtype=np.float64)
+    overflow = np.zeros(n_layers, dtype=np.int64)
+    for layer, stored in enumerate(layers):
+        values = to_float32(stored, dtype).astype(np.float64)
+        sums[layer] = values.sum(axis=0)
+        norm_sums[layer] = np.sqrt(np.einsum("ij,ij->i", values, values)).sum()
+        if dtype == "float16":
+            overflow[layer] = int(np.count_nonzero(np.abs(stored) >= FLOAT16_MAX))
+    return ChunkStats(sums, norm_sums, overflow)

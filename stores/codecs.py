@@ -1,0 +1,93 @@
+"""Codec chains of the activation store.
+
+Measured on SmolLM2-135M residual streams (float16, 3640-row chunks, this 2-core CPU):
+
+=====================================  ===============  ==========
+chain                                  bytes per value  encode MB/s
+=====================================  ===============  ==========
+zstd(1)                                1.86             370
+blosc(zstd 1, shuffle)                 1.86             420
+shuffle(2) + zstd(1)                   1.72             210
+bitround(3) + shuffle(2) + zstd(1)     0.94             220
+=====================================  ===============  ==========
+
+Byte shuffle helps: it puts the sign/exponent bytes of float16 next to each other, where they
+compress well; the low mantissa bytes are close to noise.  Blosc's own shuffle did not reach the
+same ratio (it compresses small blocks independently), so the chain is numcodecs' Shuffle followed
+by Zstandard.  Every chain ends in CRC32C so a corrupt chunk is detected on read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs.numcodecs import BitRound, Shuffle
+
+ZSTD_LEVEL = 1
+DEFAULT_KEEP_BITS = 3
+
+#: Storage dtypes: name -> (zarr/numpy dtype of the array, bytes per value).  numpy has no
+#: bfloat16, so bfloat16 values are stored as their raw uint16 bit patterns.
+STORAGE_DTYPES: dict[str, tuple[str, int]] = {
+    "float16": ("float16", 2),
+    "bfloat16": ("uint16", 2),
+    "float32": ("float32", 4),
+}
+
+_MANTISSA_BITS = {"float16": 10, "float32": 23}
+
+
+@dataclass(frozen=True)
+class CodecChain:
+    """The filters and compressors of one array, plus what to record about them."""
+
+    filters: list[Any]
+    compressors: list[Any]
+    description: dict[str, Any]
+
+
+def activation_codecs(compression: str, dtype: str, keep_bits: int = DEFAULT_KEEP_BITS) -> CodecChain:
+    """Codec chain for the per-layer activation arrays.
+
+    ``compression`` is ``lossless`` (shuffle + zstd + crc32c) or ``lossy`` (mantissa bit rounding
+    to ``keep_bits`` bits first; the relative error of every value is at most 2**-(keep_bits+1)).
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+    itemsize = STORAGE_DTYPES[dtype][1]
+    compressors = [Shuffle(elementsize=itemsize), ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()]
+    if compression == "lossless":
+        return CodecChain(
+            filters=[],
+            compressors=compressors,
+            description={
+                "compression": "lossless",
+                "chain": [f"shuffle({itemsize})", f"zstd({ZSTD_LEVEL})", "crc32c"],
+                "keep_bits": None,
+                "relative_error_bound": 0.0,
+            },
+        )
+    if compression == "lossy":
+        if dtype not in _MANTISSA_BITS:
+            raise ValueError(f"lossy compression needs --dtype float16 or float32 (got {dtype})")
+        if not 0 <= keep_bits < _MANTISSA_BITS[dtype]:
+            raise ValueError(f"keep_bits must be in [0, {_MANTISSA_BITS[dtype]}) for {dtype}")
+        return CodecChain(
+            filters=[BitRound(keepbits=keep_bits)],
+            compressors=compressors,
+            description={
+                "compression": "lossy",
+                "chain": [f"bitround({keep_bits})", f"shuffle({itemsize})", f"zstd({ZSTD_LEVEL})", "crc32c"],
+                "keep_bits": keep_bits,
+                # round-to-nearest on the mantissa: half a unit in the last kept place
+                "relative_error_bound": 2.0 ** -(keep_bits + 1),
+            },
+        )
+    raise ValueError(f"unknown compression {compression!r}; choose lossless or lossy")
+
+
+def small_array_codecs() -> list[Any]:
+    """Compressors for tokens and statistics: zstd with a checksum."""
+    return [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()]
