@@ -29,8 +29,9 @@ from stores import (
     FLOAT16_MAX,
     STORAGE_DTYPES,
     ActivationStore,
+    ChunkStats,
+    StatsAccumulator,
     StoreError,
-    compute_chunk_stats,
     default_chunk_tokens,
     is_local,
     probe,
@@ -167,7 +168,7 @@ class _ForwardCapture:
             return host
         return stored
 
-    def run(self, input_ids: torch.Tensor) -> list[np.ndarray]:
+    def run(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         with torch.inference_mode():
             try:
                 self.lm.model.base_model(input_ids=input_ids, use_cache=False)
@@ -175,11 +176,8 @@ class _ForwardCapture:
                 pass
         if input_ids.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
-        arrays = [t.numpy() for t in self.captured]  # type: ignore[union-attr]
-        if self.dtype == "bfloat16":
-            arrays = [a.view(np.uint16) for a in arrays]
-        self.captured = [None] * self.lm.n_layers
-        return arrays
+        captured, self.captured = self.captured, [None] * self.lm.n_layers
+        return captured  # type: ignore[return-value]
 
     def close(self) -> None:
         for handle in self.handles:
@@ -187,7 +185,10 @@ class _ForwardCapture:
 
 
 class _ChunkAssembler:
-    """Collects rows from batches into whole chunks of the store."""
+    """Collects rows from batches into whole chunks of the store, with their statistics.
+
+    Statistics are computed here, on the forward thread with torch's threads, segment by segment:
+    the segments of a chunk are the same in a resumed run, so the sums come out bit-identical."""
 
     def __init__(self, store: ActivationStore, np_dtype: np.dtype):
         self.store = store
@@ -195,46 +196,56 @@ class _ChunkAssembler:
         self.next_chunk = store.chunks_written
         self.buffer: np.ndarray | None = None
         self.tokens: np.ndarray | None = None
+        self.stats: StatsAccumulator | None = None
         self.filled = 0
 
-    def _chunk_size(self) -> int:
-        start, stop = self.store.chunk_rows(self.next_chunk)
-        return stop - start
-
-    def add(self, layers: list[np.ndarray], tokens: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    def add(self, layers: list[torch.Tensor], tokens: np.ndarray) -> Iterator[_Chunk]:
         position = 0
         while position < len(tokens):
             if self.buffer is None:
-                size = self._chunk_size()
-                self.buffer = np.empty((len(layers), size, self.store.d_model), dtype=self.np_dtype)
-                self.tokens = np.empty(size, dtype=np.int32)
+                start, stop = self.store.chunk_rows(self.next_chunk)
+                self.buffer = np.empty((len(layers), stop - start, self.store.d_model), dtype=self.np_dtype)
+                self.tokens = np.empty(stop - start, dtype=np.int32)
+                self.stats = StatsAccumulator(len(layers), self.store.d_model, self.store.dtype)
                 self.filled = 0
             take = min(len(tokens) - position, self.buffer.shape[1] - self.filled)
+            target = torch.from_numpy(self.buffer)
+            if self.store.dtype == "bfloat16":
+                target = target.view(torch.int16)
             for layer, values in enumerate(layers):
-                self.buffer[layer, self.filled : self.filled + take] = values[position : position + take]
+                segment = values[position : position + take]
+                target[layer, self.filled : self.filled + take].copy_(segment)
+                self.stats.add(layer, segment)
             self.tokens[self.filled : self.filled + take] = tokens[position : position + take]
             self.filled += take
             position += take
             if self.filled == self.buffer.shape[1]:
                 yield self._emit()
 
-    def flush(self) -> tuple[int, np.ndarray, np.ndarray] | None:
+    def flush(self) -> _Chunk | None:
         """The last, short chunk when the corpus ran out before the planned tokens."""
         if self.buffer is None or self.filled == 0:
             return None
         self.buffer, self.tokens = self.buffer[:, : self.filled], self.tokens[: self.filled]
         return self._emit()
 
-    def _emit(self) -> tuple[int, np.ndarray, np.ndarray]:
-        chunk = (self.next_chunk, self.buffer, self.tokens)
+    def _emit(self) -> _Chunk:
+        chunk = _Chunk(self.next_chunk, self.buffer, self.tokens, self.stats.result())
         self.next_chunk += 1
-        self.buffer = self.tokens = None
-        return chunk  # type: ignore[return-value]
+        self.buffer = self.tokens = self.stats = None
+        return chunk
 
 
-def _write_chunk(store: ActivationStore, chunk: int, layers: np.ndarray, tokens: np.ndarray) -> None:
-    values = list(layers)
-    store.write_chunk(chunk, values, tokens, compute_chunk_stats(values, store.dtype))
+@dataclass
+class _Chunk:
+    index: int
+    layers: np.ndarray  # (n_layers, rows, d_model) in the storage dtype
+    tokens: np.ndarray
+    stats: ChunkStats
+
+
+def _write_chunk(store: ActivationStore, chunk: _Chunk) -> None:
+    store.write_chunk(chunk.index, list(chunk.layers), chunk.tokens, chunk.stats)
 
 
 def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: WindowPlan,
@@ -392,7 +403,8 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
                 chunk_tokens=chunk_tokens, dtype=request.dtype, compression=request.compression,
                 keep_bits=request.keep_bits, attributes=attributes,
             )
-        return _fill(store, lm, windows, request, first_row, rows_per_window, console)
+        return fill_store(store, lm, windows, batch_size=request.batch_size, first_row=first_row,
+                          rows_per_window=rows_per_window, console=console)
     except StoreError as exc:
         raise GsaeError(str(exc)) from None
     finally:
@@ -407,10 +419,12 @@ def _remove_if_empty(path: str) -> None:
         pass
 
 
-def _fill(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[int]], request: CacheRequest,
-          first_row: int, rows_per_window: int, console: Any) -> CacheResult:
+def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[int]], *, batch_size: int,
+               first_row: int, rows_per_window: int, console: Any) -> CacheResult:
+    """Run ``windows`` through the model in batches and write the stored rows until the store holds
+    its planned tokens or the windows run out; resumes after the rows already committed."""
     start_row = store.tokens_written
-    batch = request.batch_size
+    batch = batch_size
     # Resume at the batch that holds the first unwritten row, with the same batch boundaries as the
     # first run: the forward pass then sees identical inputs and produces identical bytes.
     first_batch = (start_row // rows_per_window) // batch
@@ -428,8 +442,8 @@ def _fill(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[int]],
     exhausted = False
     started = time.perf_counter()
 
-    def submit(item: tuple[int, np.ndarray, np.ndarray]) -> None:
-        pending.append(writer.submit(_write_chunk, store, *item))
+    def submit(item: _Chunk) -> None:
+        pending.append(writer.submit(_write_chunk, store, item))
         while len(pending) > _MAX_PENDING_WRITES or (pending and pending[0].done()):
             pending.popleft().result()  # re-raises a writer error (disk full) here
 
@@ -467,7 +481,7 @@ def _fill(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[int]],
             future.cancel()
         writer.shutdown(wait=True)
     if store.tokens_written == 0:
-        raise GsaeError(f"corpus {request.dataset or 'pydoc'} gave no rows to write")
+        raise GsaeError("the corpus gave no rows to write")
     store.finalize()
     elapsed = time.perf_counter() - started
     return _result(store, elapsed, rows_done - start_row, start_row, corpus_exhausted=exhausted)

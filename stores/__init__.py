@@ -4,6 +4,7 @@ from stores.activation_store import (
     FLOAT16_MAX,
     ActivationStore,
     ChunkStats,
+    StatsAccumulator,
     StoreError,
     compute_chunk_stats,
     default_chunk_tokens,
@@ -14,6 +15,6 @@ from stores.activation_store import (
 from stores.codecs import STORAGE_DTYPES, activation_codecs
 
 __all__ = [
-    "FLOAT16_MAX", "STORAGE_DTYPES", "ActivationStore", "ChunkStats", "StoreError", "activation_codecs",
+    "FLOAT16_MAX", "STORAGE_DTYPES", "ActivationStore", "ChunkStats", "StatsAccumulator", "StoreError", "activation_codecs",
     "compute_chunk_stats", "default_chunk_tokens", "is_local", "probe", "to_float32",
 ]

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import fsspec
 import numpy as np
+import torch
 import zarr
 from zarr.core.sync import sync
 
@@ -200,15 +201,17 @@ class ActivationStore:
     def write_chunk(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray, stats: ChunkStats) -> None:
         """Write one chunk of every layer, its tokens and statistics, then commit it.
 
-        Chunks are committed in order: ``chunk`` must equal ``chunks_written``.
+        Chunks are committed in order: ``chunk`` must equal ``chunks_written``.  A chunk holds its
+        planned rows, except a last, short one when the source ran out (then :meth:`finalize`).
         """
         if chunk != self.chunks_written:
             raise RuntimeError(f"chunk {chunk} written out of order (next is {self.chunks_written})")
-        start, stop = start_stop = self.chunk_rows(chunk)
-        rows = slice(*start_stop)
-        n = stop - start
-        if len(tokens) != n or any(a.shape != (n, self.d_model) for a in layers):
-            raise ValueError(f"chunk {chunk} needs {n} rows of width {self.d_model}")
+        start, planned_stop = self.chunk_rows(chunk)
+        n = len(tokens)
+        if not 0 < n <= planned_stop - start or any(a.shape != (n, self.d_model) for a in layers):
+            raise ValueError(f"chunk {chunk} takes 1 to {planned_stop - start} rows of width {self.d_model}")
+        stop = start + n
+        rows = slice(start, stop)
         try:
             for array, values in zip(self._layers, layers):
                 array[rows] = values
@@ -251,7 +254,9 @@ class ActivationStore:
             raise _write_error(self.path, exc) from None
 
     def _set_attrs(self, **values: Any) -> None:
-        self.group.attrs.update(values)
+        # one metadata write for all keys (``group.attrs.update`` would write zarr.json once per key,
+        # and a kill between those writes would leave the commit half-recorded)
+        self.group.update_attributes(values)
         self.attrs.update(values)
 
     def remove_stale_temporaries(self) -> int:
@@ -336,16 +341,43 @@ def to_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(np.float32, copy=False)
 
 
+class StatsAccumulator:
+    """Per-layer statistics of one chunk's stored rows, added segment by segment.
+
+    Sums run in float32 over blocks of 16 rows (exact for float16 inputs of similar magnitude) and in
+    float64 across blocks; this keeps the cost at ~2% of SmolLM2's forward pass on 2 cores, where
+    converting every value to float64 cost 8%.  Row norms are float32, summed in float64.
+    """
+
+    BLOCK = 16
+
+    def __init__(self, n_layers: int, d_model: int, dtype: str):
+        self.dtype = dtype
+        self.sums = torch.zeros(n_layers, d_model, dtype=torch.float64)
+        self.norm_sums = torch.zeros(n_layers, dtype=torch.float64)
+        self.overflow = torch.zeros(n_layers, dtype=torch.int64)
+
+    def add(self, layer: int, stored: torch.Tensor) -> None:
+        """Add rows of one layer, as stored (float16, bfloat16 bits as int16, or float32)."""
+        values = stored.view(torch.bfloat16).float() if self.dtype == "bfloat16" else stored.float()
+        full = values.shape[0] - values.shape[0] % self.BLOCK
+        if full:
+            blocks = values[:full].view(-1, self.BLOCK, values.shape[1]).sum(dim=1)
+            self.sums[layer] += blocks.sum(dim=0, dtype=torch.float64)
+        if full < values.shape[0]:
+            self.sums[layer] += values[full:].sum(dim=0, dtype=torch.float64)
+        self.norm_sums[layer] += torch.linalg.vector_norm(values, dim=1).sum(dtype=torch.float64)
+        if self.dtype == "float16" and float(values.abs().amax()) >= FLOAT16_MAX:
+            self.overflow[layer] += int((values.abs() >= FLOAT16_MAX).sum())
+
+    def result(self) -> ChunkStats:
+        return ChunkStats(self.sums.numpy(), self.norm_sums.numpy(), self.overflow.numpy())
+
+
 def compute_chunk_stats(layers: list[np.ndarray], dtype: str) -> ChunkStats:
-    """Float64 sums, norm sums and float16-limit counts of one chunk's stored rows, per layer."""
-    n_layers, d_model = len(layers), layers[0].shape[1]
-    sums = np.zeros((n_layers, d_model), dtype=np.float64)
-    norm_sums = np.zeros(n_layers, dtype=np.float64)
-    overflow = np.zeros(n_layers, dtype=np.int64)
-    for layer, stored in enumerate(layers):
-        values = to_float32(stored, dtype).astype(np.float64)
-        sums[layer] = values.sum(axis=0)
-        norm_sums[layer] = np.sqrt(np.einsum("ij,ij->i", values, values)).sum()
-        if dtype == "float16":
-            overflow[layer] = int(np.count_nonzero(np.abs(stored) >= FLOAT16_MAX))
-    return ChunkStats(sums, norm_sums, overflow)
+    """Statistics of whole stored chunks (one array per layer), as the writer records them."""
+    accumulator = StatsAccumulator(len(layers), layers[0].shape[1], dtype)
+    for layer, values in enumerate(layers):
+        tensor = torch.from_numpy(np.ascontiguousarray(values))
+        accumulator.add(layer, tensor.view(torch.int16) if dtype == "bfloat16" else tensor)
+    return accumulator.result()

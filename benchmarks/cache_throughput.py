@@ -1,0 +1,88 @@
+"""Cache throughput ÷ bare forward throughput, same model, windows and batch, in one run.
+
+    python benchmarks/cache_throughput.py [--model M] [--tokens N] [--batch-size B]
+
+"bare forward" runs the same base model (all blocks, no LM head) on the same windows with no hooks
+and nothing stored; "cache" is gsae's stage-one loop (hooks, float16 conversion, chunk statistics,
+shuffle+zstd+crc32c compression and writing on a background thread) into a temporary store.
+The two are measured alternately (bare, cache, bare) and the bare figure is their mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the gsae command sets it (see cli.py)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from pipeline.cache import fill_store  # noqa: E402
+from pipeline.corpus import iter_windows, open_corpus, window_plan  # noqa: E402
+from pipeline.models import load_model, pick_device, resolve_model_spec  # noqa: E402
+from stores import ActivationStore, default_chunk_tokens  # noqa: E402
+
+
+def bare_forward(lm, windows: list[list[int]], batch: int) -> float:
+    """Tokens per second of the plain forward pass over ``windows`` (rows as stored: BOS dropped)."""
+    start = time.perf_counter()
+    rows = 0
+    with torch.inference_mode():
+        for i in range(0, len(windows), batch):
+            ids = torch.tensor(windows[i : i + batch], device=lm.device)
+            lm.model.base_model(input_ids=ids, use_cache=False)
+            rows += ids.shape[0] * (ids.shape[1] - 1)
+    return rows / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dataset", default=None)
+    parser.add_argument("--tokens", type=int, default=20_000)
+    parser.add_argument("--context-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--compression", default="lossless")
+    args = parser.parse_args()
+
+    console = Console(stderr=True)
+    lm = load_model(resolve_model_spec(args.model), pick_device("auto"))
+    plan = window_plan(lm.tokenizer, args.context_length, None)
+    first_row = 1 if plan.bos_token_id is not None else 0
+    rows_per_window = args.context_length - first_row
+    n_windows = -(-args.tokens // rows_per_window)
+    n_windows = -(-n_windows // args.batch_size) * args.batch_size  # whole batches in both loops
+    windows = list(itertools.islice(iter_windows(open_corpus(args.dataset), lm.tokenizer, plan), n_windows))
+    tokens = len(windows) * rows_per_window
+    bare_forward(lm, windows[: args.batch_size], args.batch_size)  # warm-up
+
+    bare_before = bare_forward(lm, windows, args.batch_size)
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        store = ActivationStore.create(
+            os.path.join(tmp, "cache"), n_layers=lm.n_layers, d_model=lm.d_model, n_tokens=tokens,
+            chunk_tokens=default_chunk_tokens(lm.d_model, "float16"), compression=args.compression,
+        )
+        start = time.perf_counter()
+        fill_store(store, lm, iter(windows), batch_size=args.batch_size, first_row=first_row,
+                   rows_per_window=rows_per_window, console=console)
+        cached = tokens / (time.perf_counter() - start)
+        bytes_per_value = store.nbytes_on_disk("layers") / (tokens * lm.n_layers * lm.d_model)
+    bare_after = bare_forward(lm, windows, args.batch_size)
+    bare = (bare_before + bare_after) / 2
+
+    print(f"model {lm.spec.model_id}  layers {lm.n_layers}  d_model {lm.d_model}  tokens {tokens:,}  "
+          f"batch {args.batch_size}x{args.context_length}  threads {torch.get_num_threads()}")
+    print(f"bare forward   {bare:8.1f} tok/s  (before {bare_before:.1f}, after {bare_after:.1f})")
+    print(f"cache          {cached:8.1f} tok/s  ({args.compression}, {bytes_per_value:.3f} bytes/value in layers/)")
+    print(f"ratio cache / bare forward = {cached / bare:.3f}   (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()

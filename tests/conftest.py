@@ -1,0 +1,107 @@
+"""Tiny models built from a config (GPT-NeoX as in Pythia, Llama as in SmolLM2, GPT-2), saved with
+save_pretrained and loaded through the same path users take (a local folder given to --model)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+def _pydoc_text() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE tokenizer trained on the pydoc corpus, with BOS and EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_pydoc_text()[:40], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<|endoftext|>")
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return path
+
+
+def _save(model: torch.nn.Module, tokenizer_dir: Path, path: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+def build_tiny_model(kind: str, tokenizer_dir: Path, path: Path, embedding_scale: float = 1.0) -> Path:
+    """Save a tiny randomly initialised causal LM of ``kind`` (neox, llama, gpt2) to ``path``."""
+    from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
+                              LlamaConfig, LlamaForCausalLM)
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    if kind == "neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                                 intermediate_size=64, max_position_embeddings=256, **common))
+    elif kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=64,
+                                             max_position_embeddings=256, **common))
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common))
+    else:
+        raise ValueError(kind)
+    if embedding_scale != 1.0:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(embedding_scale)
+    return _save(model, tokenizer_dir, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    return {kind: build_tiny_model(kind, tokenizer_dir, tmp_path_factory.mktemp(kind))
+            for kind in ("neox", "llama", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_neox(tiny_models) -> Path:
+    return tiny_models["neox"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``gsae ARGS`` in this process through the real entry point; return (exit code, out, err)."""
+    import cli
+
+    old = sys.argv
+    sys.argv = ["gsae", *[str(a) for a in args]]
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

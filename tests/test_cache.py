@@ -1,0 +1,221 @@
+"""Stage one: `gsae cache` stores the right activations, resumably, with exact statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROOT, build_tiny_model, run_cli
+from stores import ActivationStore, to_float32
+
+CONTEXT = 32
+
+
+def cache_args(model: Path, cache: Path, tokens: int = 700, **extra) -> list[str]:
+    args = ["cache", "--model", model, "--cache", cache, "--tokens", tokens, "--context-length", CONTEXT,
+            "--batch-size", 4, "--chunk-tokens", 96]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", value]
+    return args
+
+
+def _final_norm_to_identity(model: torch.nn.Module) -> None:
+    """Remove the final norm so the last hidden state is the raw output of the last block."""
+    base = model.base_model
+    for name in ("norm", "final_layer_norm", "ln_f"):
+        if hasattr(base, name):
+            setattr(base, name, torch.nn.Identity())
+            return
+    raise AssertionError("no final norm found")
+
+
+def _independent_windows(tokenizer, n_windows: int) -> list[list[int]]:
+    """The corpus cut into BOS-prefixed windows, computed here without gsae's corpus code."""
+    from pydoc_data.topics import topics
+
+    stream: list[int] = []
+    for i, key in enumerate(sorted(topics)):
+        if i:
+            stream.append(tokenizer.eos_token_id)
+        stream.extend(tokenizer(topics[key], add_special_tokens=False)["input_ids"])
+        if len(stream) > n_windows * CONTEXT:
+            break
+    body = CONTEXT - 1
+    return [[tokenizer.bos_token_id] + stream[w * body : (w + 1) * body] for w in range(n_windows)]
+
+
+@pytest.mark.parametrize("kind", ["neox", "llama", "gpt2"])
+def test_stored_activations_equal_block_outputs(kind, tiny_models, tmp_path, capsys):
+    model_dir = tiny_models[kind]
+    code, _, err = run_cli(cache_args(model_dir, tmp_path / "c"), capsys)
+    assert code == 0, err
+    store = ActivationStore.open(str(tmp_path / "c"))
+    assert store.complete and store.n_tokens == 700 and store.attrs["hook_point"] == "resid_post"
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    n_windows = -(-700 // (CONTEXT - 1))
+    windows = torch.tensor(_independent_windows(tokenizer, n_windows))
+    assert np.array_equal(store.tokens(), windows[:, 1:].reshape(-1)[:700].numpy())
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        post_norm_last = model(windows, output_hidden_states=True).hidden_states[-1]
+        _final_norm_to_identity(model)
+        hidden = model(windows, output_hidden_states=True).hidden_states  # embeddings, block 0, ..., block L-1
+    assert len(hidden) == store.n_layers + 1
+    for layer in range(store.n_layers):
+        expected = hidden[layer + 1][:, 1:].reshape(-1, store.d_model)[:700].numpy()
+        stored = to_float32(store.read_rows(layer, 0, 700), store.dtype)
+        np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+    # the last layer is the block output, not the final-norm output that hidden_states[-1] gives
+    last = post_norm_last[:, 1:].reshape(-1, store.d_model)[:700].numpy()
+    assert not np.allclose(to_float32(store.read_rows(store.n_layers - 1, 0, 700), "float16"), last, atol=1e-2)
+
+
+def test_stats_equal_float64_mean_over_stored_rows(tiny_llama, tmp_path, capsys):
+    assert run_cli(cache_args(tiny_llama, tmp_path / "c", tokens=1000), capsys)[0] == 0
+    store = ActivationStore.open(str(tmp_path / "c"))
+    for layer in range(store.n_layers):
+        rows = to_float32(store.read_rows(layer, 0, store.n_tokens), store.dtype).astype(np.float64)
+        np.testing.assert_allclose(store.mean[layer], rows.mean(axis=0), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(store.norm[layer], np.linalg.norm(rows, axis=1).mean(), rtol=1e-6)
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _chunks_written(cache: Path) -> int:
+    try:
+        return json.loads((cache / "zarr.json").read_text())["attributes"]["chunks_written"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_kill_9_then_resume_gives_identical_bytes(tiny_neox, tmp_path, capsys):
+    args = ["cache", "--model", tiny_neox, "--tokens", 30000, "--context-length", CONTEXT,
+            "--batch-size", 4, "--chunk-tokens", 50]
+    assert run_cli([*args, "--cache", tmp_path / "whole"], capsys)[0] == 0
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-c", "import cli; cli.main()", *map(str, args), "--cache", str(killed)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _chunks_written(killed) < 20 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "the run finished before it could be killed; raise --tokens"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = ActivationStore.open(str(killed), allow_partial=True)
+    assert not partial.complete and 0 < partial.tokens_written < 30000
+    with pytest.raises(Exception, match="incomplete"):
+        ActivationStore.open(str(killed))
+
+    code, _, err = run_cli([*args, "--cache", killed], capsys)
+    assert code == 0, err
+    assert _tree_bytes(killed) == _tree_bytes(tmp_path / "whole")
+
+
+def test_rerun_of_complete_cache_does_nothing(tiny_neox, tmp_path, capsys):
+    args = cache_args(tiny_neox, tmp_path / "c", tokens=200)
+    assert run_cli(args, capsys)[0] == 0
+    before = _tree_bytes(tmp_path / "c")
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "already complete" in err
+    assert _tree_bytes(tmp_path / "c") == before
+
+
+def test_lossy_codec_stays_within_its_error_bound(tiny_llama, tmp_path, capsys):
+    assert run_cli(cache_args(tiny_llama, tmp_path / "exact", tokens=500), capsys)[0] == 0
+    assert run_cli(cache_args(tiny_llama, tmp_path / "lossy", tokens=500, compression="lossy"), capsys)[0] == 0
+    exact, lossy = ActivationStore.open(str(tmp_path / "exact")), ActivationStore.open(str(tmp_path / "lossy"))
+    bound = lossy.attrs["codec"]["relative_error_bound"]
+    assert bound == 2.0 ** -4
+    for layer in range(exact.n_layers):
+        a = to_float32(exact.read_rows(layer, 0, 500), "float16")
+        b = to_float32(lossy.read_rows(layer, 0, 500), "float16")
+        # relative bound for normal float16 values; subnormals (< 2**-14) lose at most 2**-18 absolute
+        assert np.all(np.abs(a - b) <= bound * np.abs(a) + 2.0**-18)
+    assert lossy.nbytes_on_disk("layers") < exact.nbytes_on_disk("layers")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_other_storage_dtypes(dtype, tiny_neox, tmp_path, capsys):
+    assert run_cli(cache_args(tiny_neox, tmp_path / "half", tokens=300), capsys)[0] == 0
+    assert run_cli(cache_args(tiny_neox, tmp_path / "other", tokens=300, dtype=dtype), capsys)[0] == 0
+    half, other = ActivationStore.open(str(tmp_path / "half")), ActivationStore.open(str(tmp_path / "other"))
+    assert other.dtype == dtype
+    a, b = to_float32(half.read_rows(1, 0, 300), "float16"), to_float32(other.read_rows(1, 0, 300), dtype)
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * np.abs(a).max())
+
+
+def test_float16_overflow_is_clipped_and_reported(tokenizer_dir, tmp_path, capsys):
+    loud = build_tiny_model("neox", tokenizer_dir, tmp_path / "loud", embedding_scale=1e7)
+    code, _, err = run_cli(cache_args(loud, tmp_path / "c", tokens=200), capsys)
+    assert code == 0, err
+    assert "beyond the float16 range" in err
+    store = ActivationStore.open(str(tmp_path / "c"))
+    assert sum(store.attrs["overflow_values"]) > 0
+    for layer in range(store.n_layers):
+        assert np.isfinite(store.read_rows(layer, 0, 200)).all()
+
+
+def test_corpus_shorter_than_tokens_keeps_what_there_is(tiny_neox, tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    code, _, err = run_cli(cache_args(tiny_neox, tmp_path / "c", tokens=100000, dataset=text), capsys)
+    assert code == 0, err
+    assert "ran out" in err
+    store = ActivationStore.open(str(tmp_path / "c"))
+    assert store.complete and 0 < store.n_tokens < 100000
+    assert store.layer_array(0).shape[0] == store.n_tokens and store.n_tokens % (CONTEXT - 1) == 0
+
+
+def test_local_corpus_formats(tiny_neox, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [f"Document {i}: the residual stream carries features between layers. " * 8 for i in range(12)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[:6]))
+    pq.write_table(pa.table({"text": docs[6:]}), tmp_path / "data" / "b.parquet")
+    code, _, err = run_cli(cache_args(tiny_neox, tmp_path / "c", tokens=300, dataset=tmp_path / "data"), capsys)
+    assert code == 0, err
+    store = ActivationStore.open(str(tmp_path / "c"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_neox)
+    expected = tokenizer(docs[0], add_special_tokens=False)["input_ids"][: CONTEXT - 1]
+    assert store.tokens(0, CONTEXT - 1).tolist() == expected
+    assert store.attrs["corpus"]["kind"] == "local"
+
+
+def test_verify_names_a_corrupt_chunk(tiny_neox, tmp_path, capsys):
+    cache = tmp_path / "c"
+    assert run_cli(cache_args(tiny_neox, cache, tokens=500), capsys)[0] == 0
+    code, out, _ = run_cli(["verify", "--cache", cache], capsys)
+    assert code == 0 and "ok" in out
+    chunk = cache / "layers" / "1" / "c" / "2" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    code, out, _ = run_cli(["verify", "--cache", cache], capsys)
+    assert code == 1
+    assert "layer 1 rows 192–287" in out
+
+
+def test_info_describes_the_cache(tiny_neox, tmp_path, capsys):
+    cache = tmp_path / "c"
+    assert run_cli(cache_args(tiny_neox, cache, tokens=300), capsys)[0] == 0
+    code, out, _ = run_cli(["info", "--cache", cache], capsys)
+    assert code == 0
+    for text in ("complete", "GPTNeoXForCausalLM", "3 × 32", "300", "float16", "crc32c"):
+        assert text in out

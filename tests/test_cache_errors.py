@@ -1,0 +1,139 @@
+"""Bad input to `gsae cache` gets one clear line, a non-zero exit and nothing that looks complete."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+
+from conftest import run_cli
+from stores import ActivationStore
+
+
+def _one_line_error(code: int, err: str) -> str:
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err  # a progress bar may come before it
+    assert "Traceback" not in err
+    return errors[0]
+
+
+def _args(model, cache, **extra):
+    args = ["cache", "--model", model, "--cache", cache, "--tokens", 200, "--context-length", 32,
+            "--batch-size", 4, "--chunk-tokens", 64]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", value]
+    return args
+
+
+def test_unknown_hub_model_offline(tmp_path, capsys):
+    line = _one_line_error(*run_cli(["cache", "--model", "no-such-org/no-such-model", "--cache", tmp_path / "c"],
+                                    capsys)[::2])
+    assert "no-such-org/no-such-model" in line and ("could not" in line or "not found" in line)
+    assert not (tmp_path / "c").exists()
+
+
+def test_missing_model_file(tmp_path, capsys):
+    line = _one_line_error(*run_cli(["cache", "--model", tmp_path / "nope.gguf", "--cache", tmp_path / "c"],
+                                    capsys)[::2])
+    assert "does not exist" in line
+
+
+def test_folder_without_config_is_not_a_model(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    line = _one_line_error(*run_cli(["cache", "--model", tmp_path / "m", "--cache", tmp_path / "c"], capsys)[::2])
+    assert "config.json" in line
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("missing.txt", None, "does not exist"),
+    ("data.csv", "a,b\n", "must end in .txt, .jsonl or .parquet"),
+    ("empty.txt", "", "holds no text"),
+    ("tiny.txt", "just a few words", "fewer than one window"),
+    ("bad.jsonl", '{"text": "fine"}\n{not json\n', "bad.jsonl:2 is not valid JSON"),
+    ("nofield.jsonl", '{"body": "text"}\n', "no 'text' field"),
+])
+def test_bad_datasets(name, content, message, tiny_neox, tmp_path, capsys):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", dataset=path), capsys)[::2])
+    assert message in line
+    assert not (tmp_path / "c" / "zarr.json").exists() or not ActivationStore.open(
+        str(tmp_path / "c"), allow_partial=True).complete
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("tokens", 0, "--tokens must be positive"),
+    ("tokens", -5, "--tokens must be positive"),
+    ("batch_size", 0, "--batch-size must be positive"),
+    ("context_length", 1, "--context-length"),
+])
+def test_bad_numbers(flag, value, message, tiny_neox, tmp_path, capsys):
+    line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", **{flag: value}), capsys)[::2])
+    assert message in line
+    assert not (tmp_path / "c").exists()
+
+
+def test_unwritable_path(tiny_neox, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "file" / "cache"), capsys)[::2])
+    assert "cannot write" in line
+
+
+@pytest.mark.parametrize("setup", ["folder", "file", "zarr"])
+def test_path_holding_something_else(setup, tiny_neox, tmp_path, capsys):
+    target = tmp_path / "c"
+    if setup == "folder":
+        target.mkdir()
+        (target / "notes.md").write_text("mine")
+    elif setup == "file":
+        target.write_text("mine")
+    else:
+        import zarr
+
+        zarr.open_group(str(target), mode="w", attributes={"other": "tool"})
+    line = _one_line_error(*run_cli(_args(tiny_neox, target), capsys)[::2])
+    assert "not a gsae cache" in line
+    if setup == "folder":
+        assert (target / "notes.md").read_text() == "mine"
+
+
+def test_different_command_against_existing_cache(tiny_neox, tmp_path, capsys):
+    assert run_cli(_args(tiny_neox, tmp_path / "c"), capsys)[0] == 0
+    line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", context_length=48), capsys)[::2])
+    assert "other settings" in line and "context_length" in line
+    line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", tokens=300), capsys)[::2])
+    assert "tokens_planned" in line
+
+
+def test_disk_full_leaves_a_resumable_incomplete_cache(tiny_neox, tmp_path, capsys, monkeypatch):
+    from zarr.storage import LocalStore
+
+    real_set = LocalStore.set
+    state = {"full": False}
+
+    async def set_on_a_full_disk(self, key, value):
+        if state["full"] and "/c/" in key:  # chunk data, once the disk has filled up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await real_set(self, key, value)
+        if key == "zarr.json" and '"chunks_written": 1' in value.to_bytes().decode():
+            state["full"] = True
+
+    monkeypatch.setattr(LocalStore, "set", set_on_a_full_disk)
+    line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c"), capsys)[::2])
+    assert "disk full" in line
+    attrs = json.loads((tmp_path / "c" / "zarr.json").read_text())["attributes"]
+    assert attrs["complete"] is False and attrs["chunks_written"] == 1
+
+    monkeypatch.setattr(LocalStore, "set", real_set)
+    assert run_cli(_args(tiny_neox, tmp_path / "c"), capsys)[0] == 0
+    assert ActivationStore.open(str(tmp_path / "c")).complete
+
+
+def test_info_and_verify_refuse_missing_cache(tmp_path, capsys):
+    for command in ("info", "verify"):
+        line = _one_line_error(*run_cli([command, "--cache", tmp_path / "none"], capsys)[::2])
+        assert "no gsae cache" in line
