@@ -184,6 +184,50 @@ def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: t
     out.print(f"[green]ok[/]: {store.n_chunks * (store.n_layers + 1):,} chunks of {store.path} decode and match their checksums")
 
 
+class Metric(str, Enum):
+    amad = "amad"
+    uniform = "uniform"
+
+
+@app.command()
+def group(
+    cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
+    metric: Metric = typer.Option(Metric.amad, help="amad: contiguous complete-linkage groups; uniform: equal splits."),
+    tokens: int = typer.Option(300_000, help="Tokens to sample (whole chunks, at random)."),
+    threshold: float = typer.Option(0.2, help="G* is the smallest G with AMAD below this."),
+    layers: Optional[str] = typer.Option(None, help="Layers to group, e.g. 0-27 or 0,2,4 (default: all but the last)."),
+    seed: int = typer.Option(0, help="Seed of the chunk sample."),
+    scheduler: Optional[str] = typer.Option(None, help="Address of a dask.distributed scheduler (default: local threads)."),
+    allow_partial: bool = typer.Option(False, help="Use the committed part of an incomplete cache."),
+    force: bool = typer.Option(False, help="Recompute and replace a saved grouping made with other arguments."),
+) -> None:
+    """Compute layer distances (Dask, sampled chunks), the AMAD curve and the layer groups."""
+    from pipeline.group import GroupRequest, run_group
+
+    result = run_group(GroupRequest(
+        cache=_resolve_cache(cache), metric=metric.value, tokens=tokens, threshold=threshold, layers=layers,
+        seed=seed, scheduler=scheduler, allow_partial=allow_partial, force=force), console)
+    for note in result.notes:
+        console.print(f"[yellow]{note}[/]")
+    grouping = result.grouping
+    if result.reused:
+        console.print(f"reusing {result.json_path} (same arguments)")
+    table = Table(title=f"gsae group · {grouping.metric} · {grouping.sample['tokens']:,} tokens · threshold {grouping.threshold:g}")
+    table.add_column("G", justify="right")
+    table.add_column("AMAD", justify="right")
+    table.add_column("groups")
+    for point in grouping.curve:
+        mark = " ← G*" if point["n_groups"] == grouping.chosen else ""
+        spans = " ".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else f"{g[0]}" for g in point["groups"])
+        style = "bold green" if mark else None
+        table.add_row(f"{point['n_groups']}{mark}", f"{point['amad']:.3f}", spans, style=style)
+    out.print(table)
+    chosen = grouping.groups_for(grouping.chosen)
+    out.print(f"G* = {grouping.chosen}: " + ", ".join(f"[{g[0]}–{g[-1]}]" if len(g) > 1 else f"[{g[0]}]" for g in chosen))
+    out.print(f"saved {result.json_path}" + (f" and {len(result.pictures)} pictures" if result.pictures else "")
+              + (f" in {result.seconds:.1f} s" if not result.reused else ""))
+
+
 def main() -> None:
     """Entry point: runs the app and turns known errors into one line and a non-zero exit."""
     from pipeline.errors import GsaeError

@@ -381,3 +381,31 @@ def compute_chunk_stats(layers: list[np.ndarray], dtype: str) -> ChunkStats:
         tensor = torch.from_numpy(np.ascontiguousarray(values))
         accumulator.add(layer, tensor.view(torch.int16) if dtype == "bfloat16" else tensor)
     return accumulator.result()
+
+
+def _side_file(store: ActivationStore, relative: str) -> str:
+    return f"{store.path.rstrip('/')}/{relative}"
+
+
+def write_side_file(store: ActivationStore, relative: str, data: bytes) -> str:
+    """Write a file next to the arrays (grouping results, pictures); atomic on local disks."""
+    target = _side_file(store, relative)
+    fs, path = fsspec.core.url_to_fs(target)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    temporary = f"{path}.tmp"
+    try:
+        with fs.open(temporary, "wb") as handle:
+            handle.write(data)
+        fs.mv(temporary, path)
+    except OSError as exc:
+        raise _write_error(target, exc) from None
+    return target
+
+
+def read_side_file(store: ActivationStore, relative: str) -> bytes | None:
+    """The bytes of a file next to the arrays, or None if it does not exist."""
+    fs, path = fsspec.core.url_to_fs(_side_file(store, relative))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as handle:
+        return handle.read()

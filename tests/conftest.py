@@ -90,10 +90,26 @@ def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run ``gsae ARGS`` in this process through the real entry point; return (exit code, out, err)."""
+def run_cli(args: list[str], capsys=None) -> tuple[int, str, str]:
+    """Run ``gsae ARGS`` in this process through the real entry point; return (exit code, out, err).
+
+    Without ``capsys`` the output goes to a buffer of its own."""
+    import contextlib
+    import io
+
     import cli
 
+    if capsys is None:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = _main(cli, args)
+        return code, out.getvalue(), err.getvalue()
+    code = _main(cli, args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _main(cli, args: list[str]) -> int:
     old = sys.argv
     sys.argv = ["gsae", *[str(a) for a in args]]
     code = 0
@@ -103,5 +119,4 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return code

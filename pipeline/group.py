@@ -1,0 +1,113 @@
+"""`gsae group`: compute (or reuse) the grouping of a cache and write it next to the cache."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import __version__
+from pipeline.errors import GsaeError
+from pipeline.grouping import (
+    DEFAULT_SAMPLE_TOKENS,
+    DEFAULT_THRESHOLD,
+    Grouping,
+    build_grouping,
+    compute_distances,
+    parse_layers,
+)
+from pipeline.plots import amad_curve, distance_heatmap
+from stores import ActivationStore, StoreError, read_side_file, write_side_file
+
+METRICS = ("amad", "uniform")
+
+
+@dataclass
+class GroupRequest:
+    cache: str
+    metric: str = "amad"
+    tokens: int = DEFAULT_SAMPLE_TOKENS
+    threshold: float = DEFAULT_THRESHOLD
+    layers: str | None = None
+    seed: int = 0
+    scheduler: str | None = None
+    allow_partial: bool = False
+    force: bool = False
+
+
+@dataclass
+class GroupResult:
+    grouping: Grouping
+    json_path: str
+    pictures: list[str]
+    reused: bool
+    seconds: float
+    notes: list[str]
+
+
+def result_name(metric: str) -> str:
+    return f"groups/{metric}.json"
+
+
+def load_grouping(store: ActivationStore, metric: str) -> Grouping | None:
+    """The grouping saved next to the cache for ``metric``, if any."""
+    data = read_side_file(store, result_name(metric))
+    return Grouping.from_json(json.loads(data)) if data is not None else None
+
+
+def _arguments(request: GroupRequest, layers: list[int], tokens: int, store: ActivationStore) -> dict[str, Any]:
+    return {"metric": request.metric, "tokens": tokens, "threshold": request.threshold, "layers": layers,
+            "seed": request.seed, "cache_tokens": store.n_tokens}
+
+
+def run_group(request: GroupRequest, console: Any) -> GroupResult:
+    """Compute D from sampled chunks, the partitions for every G and the AMAD curve; save them."""
+    if request.metric not in METRICS:
+        raise GsaeError(f"--metric must be amad or uniform (got {request.metric})")
+    if not 0 < request.threshold < 1:
+        raise GsaeError(f"--threshold must be between 0 and 1 (got {request.threshold})")
+    if request.tokens <= 0:
+        raise GsaeError(f"--tokens must be positive (got {request.tokens})")
+    try:
+        store = ActivationStore.open(request.cache, allow_partial=request.allow_partial)
+    except StoreError as exc:
+        raise GsaeError(str(exc)) from None
+    if store.n_tokens == 0:
+        raise GsaeError(f"cache {request.cache} holds no rows yet")
+    layers = parse_layers(request.layers, store.n_layers)
+    notes = []
+    tokens = request.tokens
+    if tokens > store.n_tokens:
+        notes.append(f"--tokens {tokens:,} is more than the cache holds; using all {store.n_tokens:,} tokens")
+        tokens = store.n_tokens
+    arguments = _arguments(request, layers, tokens, store)
+
+    existing_raw = read_side_file(store, result_name(request.metric))
+    if existing_raw is not None:
+        existing = json.loads(existing_raw)
+        if existing.get("arguments") == arguments and not request.force:
+            grouping = Grouping.from_json(existing)
+            return GroupResult(grouping, f"{store.path}/{result_name(request.metric)}",
+                               existing.get("pictures", []), True, 0.0, notes)
+        if existing.get("used_by") and not request.force:
+            raise GsaeError(
+                f"{store.path}/{result_name(request.metric)} was made with other arguments and training runs "
+                f"use it ({', '.join(existing['used_by'][:3])}); pass --force to replace it"
+            )
+
+    started = time.perf_counter()
+    with console.status(f"computing layer distances over {tokens:,} sampled tokens ..."):
+        distance, sample = compute_distances(store, layers, tokens, request.seed, request.scheduler)
+    grouping = build_grouping(request.metric, layers, distance, request.threshold, sample)
+    seconds = time.perf_counter() - started
+
+    title = f"{store.attrs.get('model_id')} · {sample['tokens']:,} tokens"
+    pictures = [
+        write_side_file(store, f"groups/{request.metric}-distance.png", distance_heatmap(grouping, title)),
+        write_side_file(store, f"groups/{request.metric}-amad.png", amad_curve(grouping, title)),
+    ]
+    record = {**grouping.to_json(), "arguments": arguments, "seconds": round(seconds, 3),
+              "pictures": pictures, "gsae_version": __version__, "used_by": []}
+    path = write_side_file(store, result_name(request.metric), json.dumps(record, indent=1).encode())
+    return GroupResult(grouping, path, pictures, False, seconds, notes)

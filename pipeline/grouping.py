@@ -1,0 +1,212 @@
+"""Stage two (a): layer distances, contiguous complete-linkage groups and the AMAD curve.
+
+Definitions (docs/grouping.md, DESIGN section 1): with x̃ = x − μ (μ the layer's exact mean),
+d_t(i, j) = arccos(clamp(cos(x̃_i,t, x̃_j,t), −1, 1)) / π and D[i, j] is its mean over the sampled
+tokens.  AMAD(G) = mean over groups of the largest D inside the group (a singleton counts 0).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+
+from pipeline.errors import GsaeError
+from stores import ActivationStore
+
+DEFAULT_SAMPLE_TOKENS = 300_000
+DEFAULT_THRESHOLD = 0.2
+_ROWS_PER_STEP = 512  # rows normalised at a time inside a chunk task: bounds its float64 memory
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """``--layers``: ``0-27``, ``0,2,4`` or ``0-10,12``; default 0..L-2 (the paper leaves out the last block)."""
+    if spec is None:
+        layers = list(range(n_layers - 1))
+    else:
+        layers = []
+        for part in spec.split(","):
+            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if not match:
+                raise GsaeError(f"--layers {spec!r}: use ranges and lists such as 0-27 or 0,2,4")
+            low, high = int(match[1]), int(match[2] or match[1])
+            if high < low:
+                raise GsaeError(f"--layers {spec!r}: range {low}-{high} runs backwards")
+            layers.extend(range(low, high + 1))
+        layers = sorted(set(layers))
+        out_of_range = [layer for layer in layers if layer >= n_layers]
+        if out_of_range:
+            raise GsaeError(f"--layers {spec!r}: the cache has layers 0-{n_layers - 1}, not {out_of_range[0]}")
+    if len(layers) < 2:
+        raise GsaeError(f"grouping needs at least two layers (got {len(layers)})")
+    return layers
+
+
+def sample_chunks(store: ActivationStore, tokens: int, seed: int) -> list[int]:
+    """Whole chunks drawn at random (seeded) until they hold ``tokens`` rows; sorted."""
+    order = np.random.default_rng(seed).permutation(store.n_chunks)
+    chosen, rows = [], 0
+    for chunk in order:
+        if rows >= tokens:
+            break
+        start, stop = store.chunk_rows(int(chunk))
+        chosen.append(int(chunk))
+        rows += min(stop, store.n_tokens) - start
+    return sorted(chosen)
+
+
+def _chunk_distance_sums(block: np.ndarray, mean: np.ndarray, dtype: str) -> np.ndarray:
+    """Sum over the block's tokens of d_t(i, j): block (n_layers, rows, d) as stored → (n, 1, n) float64."""
+    n_layers, rows, _ = block.shape
+    total = torch.zeros(n_layers, n_layers, dtype=torch.float64)
+    centre = torch.from_numpy(mean.astype(np.float64))[:, None, :]
+    for start in range(0, rows, _ROWS_PER_STEP):
+        part = block[:, start : start + _ROWS_PER_STEP]
+        values = torch.from_numpy(_as_float32(part, dtype)).to(torch.float64) - centre
+        unit = torch.nn.functional.normalize(values, dim=-1).transpose(0, 1)  # (rows, n_layers, d)
+        cosine = torch.bmm(unit, unit.transpose(1, 2)).clamp_(-1.0, 1.0)
+        total += torch.arccos(cosine).sum(dim=0) / math.pi
+    total.fill_diagonal_(0.0)
+    return total.numpy()[:, None, :]
+
+
+def _as_float32(values: np.ndarray, dtype: str) -> np.ndarray:
+    from stores import to_float32
+
+    return to_float32(np.ascontiguousarray(values), dtype)
+
+
+def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int]) -> np.ndarray:
+    """D over the rows of ``chunks``: a Dask graph with one partial sum per chunk, reduced by Dask.
+
+    Each task holds one chunk of the selected layers (as stored) and normalises it 512 rows at a time,
+    so memory does not depend on how many chunks are sampled."""
+    arrays = [da.from_zarr(store.layer_array(layer)) for layer in layers]
+    stacked = da.stack(arrays, axis=0)  # (n_layers, n_tokens, d), one block per (layer, chunk)
+    selected = stacked.blocks[:, chunks]
+    selected = selected.rechunk({0: len(layers)})  # a block = all layers of one chunk
+    mean = store.mean[layers]
+    n = len(layers)
+    partial = selected.map_blocks(
+        _chunk_distance_sums, mean, store.dtype, dtype=np.float64,
+        chunks=((n,), (1,) * len(chunks), (n,)), meta=np.empty((0, 0, 0), dtype=np.float64),
+    )
+    n_rows = sum(selected.chunks[1])
+    total = partial.sum(axis=1, dtype=np.float64)
+    distance = np.asarray(total.compute()) / n_rows
+    return (distance + distance.T) / 2  # exact symmetry; the two halves agree to rounding
+
+
+# --------------------------------------------------------------------------- partitions
+def contiguous_partition(distance: np.ndarray, n_groups: int) -> list[list[int]]:
+    """Complete-linkage agglomerative clustering with only adjacent clusters merging; positions 0..n-1."""
+    from scipy.sparse import diags
+    from sklearn.cluster import AgglomerativeClustering
+
+    n = distance.shape[0]
+    if n_groups >= n:
+        return [[i] for i in range(n)]
+    if n_groups == 1:
+        return [list(range(n))]
+    chain = diags([np.ones(n - 1), np.ones(n - 1)], [-1, 1], shape=(n, n))  # layer i touches i±1
+    labels = AgglomerativeClustering(
+        n_clusters=n_groups, metric="precomputed", linkage="complete", connectivity=chain,
+    ).fit_predict(distance)
+    return _groups_from_labels(labels)
+
+
+def _groups_from_labels(labels: np.ndarray) -> list[list[int]]:
+    groups: list[list[int]] = []
+    for position, label in enumerate(labels):
+        if groups and labels[groups[-1][0]] == label:
+            groups[-1].append(position)
+        else:
+            groups.append([position])
+    if len(groups) != len(set(labels.tolist())):
+        raise AssertionError("a cluster is not contiguous")  # cannot happen with chain connectivity
+    return groups
+
+
+def uniform_partition(n: int, n_groups: int) -> list[list[int]]:
+    """Equal contiguous splits (sizes differ by at most one): the paper's control."""
+    return [part.tolist() for part in np.array_split(np.arange(n), n_groups)]
+
+
+def amad(distance: np.ndarray, groups: list[list[int]]) -> float:
+    """Average over groups of the maximum angular distance inside each group."""
+    return float(np.mean([distance[np.ix_(g, g)].max() if len(g) > 1 else 0.0 for g in groups]))
+
+
+@dataclass
+class Grouping:
+    """The result of ``gsae group``: what is written to ``<cache>/groups/<metric>.json``."""
+
+    metric: str
+    layers: list[int]
+    distance: np.ndarray
+    threshold: float
+    curve: list[dict[str, Any]]  # {"n_groups", "amad", "groups" (layer indices)}
+    chosen: int
+    sample: dict[str, Any]
+
+    def groups_for(self, n_groups: int) -> list[list[int]]:
+        for point in self.curve:
+            if point["n_groups"] == n_groups:
+                return point["groups"]
+        raise GsaeError(f"no partition with {n_groups} groups (1 to {len(self.layers)} exist)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric, "layers": self.layers, "distance": self.distance.round(8).tolist(),
+            "threshold": self.threshold, "curve": self.curve, "chosen": self.chosen, "sample": self.sample,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Grouping":
+        return cls(data["metric"], data["layers"], np.asarray(data["distance"]), data["threshold"],
+                   data["curve"], data["chosen"], data["sample"])
+
+
+def build_grouping(metric: str, layers: list[int], distance: np.ndarray, threshold: float,
+                   sample: dict[str, Any]) -> Grouping:
+    """Partitions for every G, their AMAD, and G* = the smallest G with AMAD < threshold."""
+    n = len(layers)
+    curve = []
+    for n_groups in range(1, n + 1):
+        if metric == "amad":
+            positions = contiguous_partition(distance, n_groups)
+        else:
+            positions = uniform_partition(n, n_groups)
+        curve.append({"n_groups": n_groups, "amad": round(amad(distance, positions), 8),
+                      "groups": [[layers[p] for p in group] for group in positions]})
+    chosen = next(point["n_groups"] for point in curve if point["amad"] < threshold)
+    return Grouping(metric, layers, distance, threshold, curve, chosen, sample)
+
+
+def compute_distances(store: ActivationStore, layers: list[int], tokens: int, seed: int,
+                      scheduler: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Sample chunks and compute D; returns D and a description of the sample."""
+    chunks = sample_chunks(store, tokens, seed)
+    ranges = [[store.chunk_rows(c)[0], min(store.chunk_rows(c)[1], store.n_tokens)] for c in chunks]
+    if scheduler:
+        try:
+            from dask.distributed import Client
+        except ImportError:
+            raise GsaeError("--scheduler needs dask.distributed: pip install 'dask[distributed]'") from None
+        try:
+            client = Client(scheduler, timeout="10s")
+        except OSError as exc:
+            raise GsaeError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        with client:
+            distance = distance_matrix(store, layers, chunks)
+    else:
+        with dask.config.set(scheduler="threads"):
+            distance = distance_matrix(store, layers, chunks)
+    sample = {"seed": seed, "tokens": int(sum(b - a for a, b in ranges)), "chunks": chunks, "row_ranges": ranges}
+    return distance, sample

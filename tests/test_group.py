@@ -1,0 +1,139 @@
+"""Stage two (a): distances, AMAD, partitions and `gsae group`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from pipeline.grouping import amad, build_grouping, contiguous_partition, parse_layers, uniform_partition
+from stores import ActivationStore, to_float32
+
+
+@pytest.fixture(scope="module")
+def llama_cache(tiny_models, tmp_path_factory):
+    path = tmp_path_factory.mktemp("group") / "c"
+    code, _, err = run_cli(["cache", "--model", tiny_models["llama"], "--cache", path, "--tokens", 2000,
+                            "--context-length", 32, "--batch-size", 4, "--chunk-tokens", 128])
+    assert code == 0, err
+    return path
+
+
+def numpy_distance(store: ActivationStore, layers: list[int], row_ranges: list[list[int]]) -> np.ndarray:
+    """The definition, in float64 NumPy, independently of gsae's Dask/torch code."""
+    rows = np.concatenate([np.arange(a, b) for a, b in row_ranges])
+    centred = []
+    for layer in layers:
+        x = to_float32(store.layer_array(layer).get_orthogonal_selection((rows, slice(None))), store.dtype)
+        x = x.astype(np.float64)
+        x -= store.mean[layer].astype(np.float64)
+        centred.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    n = len(layers)
+    distance = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                cosine = np.clip(np.sum(centred[i] * centred[j], axis=1), -1, 1)
+                distance[i, j] = np.mean(np.arccos(cosine) / np.pi)
+    return distance
+
+
+def test_distance_matches_float64_numpy(llama_cache, capsys):
+    code, out, err = run_cli(["group", "--cache", llama_cache, "--tokens", 700, "--layers", "0-3", "--seed", 3], capsys)
+    assert code == 0, err
+    saved = json.loads((llama_cache / "groups" / "amad.json").read_text())
+    store = ActivationStore.open(str(llama_cache))
+    assert saved["sample"]["tokens"] >= 700 and saved["sample"]["seed"] == 3
+    distance = np.asarray(saved["distance"])
+    expected = numpy_distance(store, saved["layers"], saved["sample"]["row_ranges"])
+    np.testing.assert_allclose(distance, expected, atol=1e-4)
+    assert np.allclose(distance, distance.T) and np.all(np.diag(distance) == 0)
+    assert distance.min() >= 0 and distance.max() <= 1
+    assert (llama_cache / "groups" / "amad-distance.png").stat().st_size > 1000
+    assert (llama_cache / "groups" / "amad-amad.png").stat().st_size > 1000
+    assert "G*" in out
+
+
+def test_amad_of_a_hand_made_matrix():
+    d = np.array([[0, .1, .4, .5],
+                  [.1, 0, .3, .45],
+                  [.4, .3, 0, .05],
+                  [.5, .45, .05, 0]])
+    assert amad(d, [[0, 1], [2, 3]]) == pytest.approx((0.1 + 0.05) / 2)
+    assert amad(d, [[0, 1, 2, 3]]) == pytest.approx(0.5)
+    assert amad(d, [[0], [1, 2], [3]]) == pytest.approx(0.3 / 3)
+    assert amad(d, [[0], [1], [2], [3]]) == 0
+    assert contiguous_partition(d, 2) == [[0, 1], [2, 3]]
+    grouping = build_grouping("amad", [0, 1, 2, 3], d, 0.2, {})
+    assert grouping.groups_for(3) == [[0], [1], [2, 3]]  # merges: (2,3) at .05, then (0,1) at .1
+    assert [p["amad"] for p in grouping.curve] == pytest.approx([0.5, 0.075, 0.05 / 3, 0.0])
+    assert grouping.chosen == 2  # smallest G with AMAD < 0.2
+    assert build_grouping("amad", [0, 1, 2, 3], d, 0.05, {}).chosen == 3
+    assert build_grouping("amad", [0, 1, 2, 3], d, 0.01, {}).chosen == 4
+
+
+def test_partitions_are_contiguous_and_cover_every_layer_once():
+    rng = np.random.default_rng(0)
+    points = np.cumsum(rng.random(12))
+    d = np.abs(points[:, None] - points[None, :]) / points.max()
+    layers = list(range(3, 15))
+    for metric in ("amad", "uniform"):
+        grouping = build_grouping(metric, layers, d, 0.2, {})
+        for point in grouping.curve:
+            flat = [layer for group in point["groups"] for layer in group]
+            assert flat == layers and len(point["groups"]) == point["n_groups"]
+            for group in point["groups"]:
+                assert group == list(range(group[0], group[-1] + 1))
+        assert grouping.curve[-1]["amad"] == 0
+    assert uniform_partition(10, 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+def test_parse_layers():
+    assert parse_layers(None, 30) == list(range(29))
+    assert parse_layers("0-3,7,5", 30) == [0, 1, 2, 3, 5, 7]
+
+
+def test_rerun_reuses_and_train_can_read_groups(llama_cache, capsys):
+    args = ["group", "--cache", llama_cache, "--tokens", 500, "--metric", "uniform"]
+    assert run_cli(args, capsys)[0] == 0
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "reusing" in err
+    from pipeline.group import load_grouping
+
+    grouping = load_grouping(ActivationStore.open(str(llama_cache)), "uniform")
+    assert grouping.groups_for(2) == [[0, 1], [2]]  # layers 0..L-2 of the 4-layer model
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--threshold", 0], "--threshold must be between 0 and 1"),
+    (["--threshold", 1.5], "--threshold must be between 0 and 1"),
+    (["--layers", "0-9"], "the cache has layers 0-3"),
+    (["--layers", "2"], "at least two layers"),
+    (["--layers", "x"], "--layers"),
+])
+def test_bad_group_arguments(args, message, llama_cache, capsys):
+    code, _, err = run_cli(["group", "--cache", llama_cache, *args], capsys)
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_group_more_tokens_than_cache_uses_all(llama_cache, capsys):
+    code, _, err = run_cli(["group", "--cache", llama_cache, "--tokens", 10**9, "--metric", "uniform", "--force"], capsys)
+    assert code == 0 and "using all 2,000 tokens" in err
+
+
+def test_group_refuses_missing_or_incomplete_cache(llama_cache, tmp_path, capsys):
+    code, _, err = run_cli(["group", "--cache", tmp_path / "none"], capsys)
+    assert code == 1 and "no gsae cache" in err
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(llama_cache, partial)
+    meta = json.loads((partial / "zarr.json").read_text())
+    meta["attributes"]["complete"] = False
+    (partial / "zarr.json").write_text(json.dumps(meta))
+    code, _, err = run_cli(["group", "--cache", partial], capsys)
+    assert code == 1 and "incomplete" in err and "--allow-partial" in err
+    code, _, err = run_cli(["group", "--cache", partial, "--allow-partial", "--tokens", 300], capsys)
+    assert code == 0, err
