@@ -1,0 +1,79 @@
+"""`gsae group` time ÷ time to just read its sampled chunks, and peak memory as the sample grows.
+
+    python benchmarks/group_speed.py --cache gsae-cache/smollm2-135m [--tokens N]
+
+Both timings use the same chunks, the same Dask threaded scheduler and the same lazy
+`dask.array.from_zarr` reads; "read" replaces the distance computation of each chunk task by
+nothing. They alternate (read, group, read, group) and the best of each is kept. Peak RSS is measured
+in fresh subprocesses computing D over a quarter of the tokens and over all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dask  # noqa: E402
+import dask.array as da  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipeline.grouping import distance_matrix, parse_layers, sample_chunks  # noqa: E402
+from stores import ActivationStore  # noqa: E402
+
+
+def read_only(store: ActivationStore, layers: list[int], chunks: list[int]) -> None:
+    selected = [da.from_zarr(store.layer_array(layer)).blocks[chunks] for layer in layers]
+    touched = da.blockwise(lambda *blocks: np.zeros((1,)), "c", *[x for a in selected for x in (a, "cd")],
+                           adjust_chunks={"c": 1}, concatenate=True, dtype=np.float64)
+    touched.sum().compute()
+
+
+def peak_rss_mib(cache: str, tokens: int) -> float:
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r});"
+            "from pipeline.grouping import compute_distances, parse_layers; from stores import ActivationStore;"
+            f"s = ActivationStore.open({cache!r}); compute_distances(s, parse_layers(None, s.n_layers), {tokens}, 0);"
+            "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default="gsae-cache/smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=300_000)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    store = ActivationStore.open(args.cache)
+    layers = parse_layers(None, store.n_layers)
+    chunks = sample_chunks(store, min(args.tokens, store.n_tokens), seed=0)
+    reads, groups = [], []
+    with dask.config.set(scheduler="threads"):
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            read_only(store, layers, chunks)
+            reads.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            distance_matrix(store, layers, chunks)
+            groups.append(time.perf_counter() - start)
+    rows = sum(min(store.chunk_rows(c)[1], store.n_tokens) - store.chunk_rows(c)[0] for c in chunks)
+    print(f"cache {args.cache}: {len(layers)} layers, {len(chunks)} chunks, {rows:,} tokens sampled")
+    print(f"read only      {min(reads):7.2f} s   (runs: {', '.join(f'{r:.2f}' for r in reads)})")
+    print(f"group (D)      {min(groups):7.2f} s   (runs: {', '.join(f'{g:.2f}' for g in groups)})")
+    print(f"ratio group / read = {min(groups) / min(reads):.2f}   (target <= 1.5)")
+
+    quarter = max(1, rows // 4)
+    small, large = peak_rss_mib(args.cache, quarter), peak_rss_mib(args.cache, rows)
+    print(f"peak RSS computing D over {quarter:,} tokens: {small:,.0f} MiB; over {rows:,} tokens: {large:,.0f} MiB "
+          f"(growth {100 * (large / small - 1):+.1f}% for 4x the data; target < 10%)")
+
+
+if __name__ == "__main__":
+    main()
