@@ -28,7 +28,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+report = Console(soft_wrap=True)
 
 
 class Compression(str, Enum):
@@ -122,7 +122,7 @@ def cache(
         ("time", f"{result.elapsed:,.1f} s" + (f" ({rate:,.0f} tok/s)" if rate else "")),
     ]:
         table.add_row(name, value)
-    out.print(table)
+    report.print(table)
 
 
 @app.command()
@@ -158,7 +158,7 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
         table.add_row(name, value)
     if any(a.get("overflow_values", [])):
         table.add_row("clipped to float16", ", ".join(f"L{l}: {n}" for l, n in enumerate(a["overflow_values"]) if n))
-    out.print(table)
+    report.print(table)
 
 
 @app.command()
@@ -179,9 +179,9 @@ def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: t
             progress.advance(task)
     if problems:
         for line in problems:
-            out.print(f"[red]corrupt[/] {line}")
+            report.print(f"[red]corrupt[/] {line}")
         raise typer.Exit(1)
-    out.print(f"[green]ok[/]: {store.n_chunks * (store.n_layers + 1):,} chunks of {store.path} decode and match their checksums")
+    report.print(f"[green]ok[/]: {store.n_chunks * (store.n_layers + 1):,} chunks of {store.path} decode and match their checksums")
 
 
 class Metric(str, Enum):
@@ -221,11 +221,75 @@ def group(
         spans = " ".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else f"{g[0]}" for g in point["groups"])
         style = "bold green" if mark else None
         table.add_row(f"{point['n_groups']}{mark}", f"{point['amad']:.3f}", spans, style=style)
-    out.print(table)
+    report.print(table)
     chosen = grouping.groups_for(grouping.chosen)
-    out.print(f"G* = {grouping.chosen}: " + ", ".join(f"[{g[0]}–{g[-1]}]" if len(g) > 1 else f"[{g[0]}]" for g in chosen))
-    out.print(f"saved {result.json_path}" + (f" and {len(result.pictures)} pictures" if result.pictures else "")
+    report.print(f"G* = {grouping.chosen}: " + ", ".join(f"[{g[0]}–{g[-1]}]" if len(g) > 1 else f"[{g[0]}]" for g in chosen))
+    report.print(f"saved {result.json_path}" + (f" and {len(result.pictures)} pictures" if result.pictures else "")
               + (f" in {result.seconds:.1f} s" if not result.reused else ""))
+
+
+class Architecture(str, Enum):
+    topk = "topk"
+    batchtopk = "batchtopk"
+    relu = "relu"
+    jumprelu = "jumprelu"
+
+
+@app.command()
+def train(
+    cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
+    groups: Optional[int] = typer.Option(None, help="Train the N-group partition (default: G* of the grouping)."),
+    baseline: bool = typer.Option(False, help="Train one SAE per layer instead (the paper's baseline)."),
+    metric: Metric = typer.Option(Metric.amad, help="Which grouping to take the partition from."),
+    tokens: int = typer.Option(1_000_000, help="Training tokens per SAE."),
+    expansion: float = typer.Option(16, help="d_sae / d_model."),
+    k: Optional[int] = typer.Option(None, help="Active latents per token (default ≈ d_model/6: the paper's 128 at d=768)."),
+    architecture: Architecture = typer.Option(Architecture.topk, help="SAE architecture."),
+    batch_size: int = typer.Option(4096, help="Tokens per training step."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 2e-4 / sqrt(d_sae / 2^14))."),
+    out: Optional[str] = typer.Option(None, help="Run directory (default runs/<cache>-<label>)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    device: Device = typer.Option(Device.auto, help="Where to train."),
+    seed: int = typer.Option(0, help="Seed of initialisation and stream order."),
+    dead_tokens: Optional[int] = typer.Option(None, help="A latent silent this many tokens is dead (AuxK); default min(10M, tokens/10)."),
+    checkpoint_every: int = typer.Option(200, help="Steps between checkpoints."),
+) -> None:
+    """Train group SAEs (or the per-layer baseline) from the cache, streaming chunks with prefetch."""
+    from pipeline.train import TrainRequest, train as run_train
+
+    request = TrainRequest(
+        cache=_resolve_cache(cache), groups=groups, baseline=baseline, metric=metric.value, tokens=tokens,
+        expansion=expansion, k=k, architecture=architecture.value, batch_size=batch_size, lr=lr, out=out,
+        resume=resume, device=device.value, seed=seed, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every)
+    result = run_train(request, console)
+    table = Table(title=f"gsae train · {result.run}")
+    for column in ("SAE", "layers", "train FVU", "held-out FVU", "L0", "dead %", "tok/s", "time"):
+        table.add_column(column, justify="right")
+    for row in result.rows:
+        layers = row["layers"]
+        table.add_row(str(row["sae"]), f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}",
+                      f"{row['train_fvu']:.3f}", f"{row['held_out_fvu']:.3f}", f"{row['l0']:.1f}",
+                      f"{100 * row['dead_fraction']:.1f}", f"{row['tokens_per_s']:,.0f}", f"{row['seconds']:.1f} s")
+    report.print(table)
+    report.print(f"saved {len(result.rows)} SAEs, metrics and checkpoints in {result.run}")
+
+
+class ExportFormat(str, Enum):
+    saelens = "saelens"
+
+
+@app.command()
+def export(
+    run: str = typer.Option(..., help="The run directory written by gsae train."),
+    format: ExportFormat = typer.Option(ExportFormat.saelens, help="Export format."),
+    out: Optional[str] = typer.Option(None, help="Where to write (default <run>/export-saelens)."),
+) -> None:
+    """Export every layer's SAE in SAELens's layout (scale folded into the weights)."""
+    from pipeline.export import export_saelens
+
+    folders = export_saelens(run, out)
+    report.print(f"wrote {len(folders)} SAELens folders under {Path(folders[0]).parent}: "
+                 + ", ".join(Path(f).name for f in folders))
 
 
 def main() -> None:

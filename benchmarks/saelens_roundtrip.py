@@ -1,0 +1,78 @@
+"""Check that SAELens loads gsae's export and reconstructs what gsae reconstructs.
+
+Two steps, because sae-lens is not a gsae dependency (install it in its own environment):
+
+    python benchmarks/saelens_roundtrip.py dump --run RUN --cache CACHE --out probe.safetensors
+    gsae export --run RUN --out EXPORT
+    /path/to/saelens-venv/bin/python benchmarks/saelens_roundtrip.py check --export EXPORT --probe probe.safetensors
+
+``dump`` writes raw activations of every layer of the run and gsae's reconstruction of them
+(x̂ = SAE(s·x)/s); ``check`` loads each exported folder with ``sae_lens.SAE.load_from_disk`` and
+prints the largest difference between SAELens's and gsae's reconstructions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def dump(run: str, cache: str, out: str, rows: int) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.sae import load_sae
+    from stores import ActivationStore, to_float32
+
+    store = ActivationStore.open(cache)
+    tensors = {}
+    for name in sorted(f for f in os.listdir(run) if f.startswith("sae_") and f.endswith(".json")):
+        sae, config = load_sae(os.path.join(run, name.replace(".json", ".safetensors")), os.path.join(run, name))
+        for layer in config["layers"]:
+            start = store.chunk_rows(store.n_chunks - 1)[0]  # held-out end of the corpus
+            x = torch.from_numpy(to_float32(store.read_rows(layer, start, start + rows), store.dtype))
+            scale = config["scales"][str(layer)]
+            with torch.no_grad():
+                tensors[f"x.{layer}"] = x.contiguous()
+                tensors[f"xhat.{layer}"] = (sae(x * scale) / scale).contiguous()
+    save_file(tensors, out)
+    print(f"wrote {len(tensors) // 2} layers × {rows} rows to {out}")
+
+
+def check(export: str, probe: str) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from sae_lens import SAE
+
+    tensors = load_file(probe)
+    worst = 0.0
+    for key in sorted(k for k in tensors if k.startswith("x.")):
+        layer = key.split(".")[1]
+        folder = os.path.join(export, f"blocks.{layer}.hook_resid_post")
+        sae = SAE.load_from_disk(folder, device="cpu")
+        with torch.no_grad():
+            xhat = sae.decode(sae.encode(tensors[key]))
+        expected = tensors[f"xhat.{layer}"]
+        diff = float((xhat - expected).abs().max() / expected.abs().max())
+        worst = max(worst, diff)
+        print(f"layer {layer}: {json.load(open(os.path.join(folder, 'cfg.json')))['architecture']}, "
+              f"hook {sae.cfg.metadata.hook_name}, max |SAELens − gsae| / max|x̂| = {diff:.2e}")
+    print(f"worst relative difference {worst:.2e} ({'ok' if worst < 1e-4 else 'MISMATCH'})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("dump")
+    d.add_argument("--run", required=True)
+    d.add_argument("--cache", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--rows", type=int, default=512)
+    c = sub.add_parser("check")
+    c.add_argument("--export", required=True)
+    c.add_argument("--probe", required=True)
+    args = parser.parse_args()
+    dump(args.run, args.cache, args.out, args.rows) if args.command == "dump" else check(args.export, args.probe)

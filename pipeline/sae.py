@@ -1,0 +1,200 @@
+"""Sparse autoencoders: TopK (default, the paper's), BatchTopK, ReLU + L1 and JumpReLU.
+
+All share one small interface used by the trainer: ``encode`` → :class:`Codes`, ``decode``,
+``loss(x, dead_mask)`` → :class:`StepOutput`, and the decoder-norm maintenance hooks.
+TopK codes stay sparse (values and indices of the k kept latents) and are decoded with
+``F.embedding_bag`` (a gather-sum over k rows of W_dec instead of a dense B×M×d product).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
+AUXK_ALPHA = 1 / 32
+
+
+def default_k(d_in: int) -> int:
+    """The paper's k = 128 at d = 768 (Pythia-160M), scaled with the width: k ≈ d / 6."""
+    return max(1, round(128 * d_in / 768))
+
+
+def default_lr(n_latents: int) -> float:
+    """The paper's rule: 2e-4 / sqrt(n_latents / 2^14)."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+@dataclass
+class Codes:
+    """Latent codes: sparse (``values``/``indices``, B×k) or dense (``dense``, B×M)."""
+
+    values: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+
+    def active(self, n_latents: int) -> torch.Tensor:
+        """Boolean (n_latents,): latents that fired on at least one token of the batch."""
+        fired = torch.zeros(n_latents, dtype=torch.bool, device=self._device())
+        if self.dense is not None:
+            return (self.dense > 0).any(dim=0)
+        fired[self.indices[self.values > 0]] = True
+        return fired
+
+    def l0(self) -> float:
+        """Mean number of non-zero latents per token."""
+        source = self.dense if self.dense is not None else self.values
+        return float((source > 0).sum(dim=-1).float().mean())
+
+    def _device(self) -> torch.device:
+        return (self.dense if self.dense is not None else self.values).device
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    fvu: torch.Tensor
+    reconstruction: torch.Tensor
+    codes: Codes
+
+
+class _JumpStep(torch.autograd.Function):
+    """Heaviside step H(z − θ) with a rectangle-kernel straight-through gradient for θ (JumpReLU)."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(pre.dtype) / ctx.bandwidth
+        return None, (-grad * window).sum(dim=0), None
+
+
+class SparseAutoencoder(nn.Module):
+    """x̂ = W_decᵀ f(W_encᵀ (x − b_dec) + b_enc) + b_dec with f set by ``architecture``."""
+
+    def __init__(self, d_in: int, n_latents: int, architecture: str = "topk", k: int | None = None,
+                 l1_coefficient: float = 5.0, jump_bandwidth: float = 0.05, seed: int = 0):
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {architecture!r}")
+        self.d_in, self.n_latents, self.architecture = d_in, n_latents, architecture
+        self.k = k if k is not None else default_k(d_in)
+        self.k_aux = max(1, min(d_in // 2, n_latents))
+        self.l1_coefficient, self.jump_bandwidth = l1_coefficient, jump_bandwidth
+        generator = torch.Generator().manual_seed(seed)
+        decoder = F.normalize(torch.randn(n_latents, d_in, generator=generator), dim=1)
+        self.W_dec = nn.Parameter(decoder)
+        self.W_enc = nn.Parameter(decoder.T.clone().contiguous())  # encoder = decoderᵀ at init
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if architecture == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(0.01)))
+
+    # ------------------------------------------------------------------ the forward pass
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> Codes:
+        pre = self.pre_activations(x)
+        if self.architecture == "topk":
+            values, indices = pre.topk(self.k, dim=-1, sorted=False)
+            return Codes(values=F.relu(values), indices=indices)  # ReLU commutes with TopK
+        if self.architecture == "batchtopk":
+            flat = F.relu(pre).flatten()
+            kept = flat.topk(self.k * x.shape[0], sorted=False).indices
+            dense = torch.zeros_like(flat).scatter_(0, kept, flat[kept]).view_as(pre)
+            return Codes(dense=dense)
+        if self.architecture == "relu":
+            return Codes(dense=F.relu(pre))
+        threshold = self.log_threshold.exp()
+        return Codes(dense=F.relu(pre) * _JumpStep.apply(pre, threshold, self.jump_bandwidth))
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        if codes.dense is not None:
+            return codes.dense @ self.W_dec + self.b_dec
+        return F.embedding_bag(codes.indices, self.W_dec, per_sample_weights=codes.values, mode="sum") + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # ------------------------------------------------------------------ the loss
+    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> StepOutput:
+        """FVU plus the architecture's term: AuxK on dead latents (TopK, BatchTopK), L1 (ReLU),
+        an L0 penalty through the threshold's straight-through gradient (JumpReLU)."""
+        codes = self.encode(x)
+        reconstruction = self.decode(codes)
+        error = x - reconstruction
+        total_variance = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        fvu = error.pow(2).sum() / total_variance
+        loss = fvu
+        if self.architecture in ("topk", "batchtopk") and dead is not None and bool(dead.any()):
+            loss = loss + AUXK_ALPHA * self._auxk(x, error, dead, total_variance)
+        elif self.architecture == "relu":
+            loss = loss + self.l1_coefficient * codes.dense.abs().sum(dim=-1).mean() / self.d_in
+        elif self.architecture == "jumprelu":
+            step = _JumpStep.apply(self.pre_activations(x), self.log_threshold.exp(), self.jump_bandwidth)
+            loss = loss + self.l1_coefficient * step.sum(dim=-1).mean() / self.n_latents
+        return StepOutput(loss, fvu.detach(), reconstruction.detach(), codes)
+
+    def _auxk(self, x: torch.Tensor, error: torch.Tensor, dead: torch.Tensor,
+              total_variance: torch.Tensor) -> torch.Tensor:
+        """Reconstruct the residual error from the top k_aux dead latents (Gao et al.)."""
+        pre = self.pre_activations(x).masked_fill(~dead, -math.inf)
+        k_aux = min(self.k_aux, int(dead.sum()))
+        values, indices = pre.topk(k_aux, dim=-1, sorted=False)
+        predicted = F.embedding_bag(indices, self.W_dec, per_sample_weights=F.relu(values), mode="sum")
+        return (predicted - error.detach()).pow(2).sum() / total_variance
+
+    # ------------------------------------------------------------------ decoder norm
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Drop the part of each decoder row's gradient that would change the row's norm."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.data = F.normalize(self.W_dec.data, dim=1)
+
+    def config(self) -> dict:
+        return {"architecture": self.architecture, "d_in": self.d_in, "n_latents": self.n_latents, "k": self.k,
+                "k_aux": self.k_aux, "l1_coefficient": self.l1_coefficient, "jump_bandwidth": self.jump_bandwidth}
+
+
+def save_sae(sae: SparseAutoencoder, weights_path: str, config_path: str, extra: dict) -> None:
+    """Weights as safetensors (W_enc [d, M], W_dec [M, d], b_enc, b_dec[, log_threshold]), config as JSON."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({name: p.detach().cpu().contiguous() for name, p in sae.named_parameters()}, weights_path)
+    with open(config_path, "w") as handle:
+        json.dump({**sae.config(), **extra}, handle, indent=1)
+
+
+def load_sae(weights_path: str, config_path: str) -> tuple[SparseAutoencoder, dict]:
+    """The SAE saved by :func:`save_sae` and its JSON config."""
+    import json
+
+    from safetensors.torch import load_file
+
+    with open(config_path) as handle:
+        config = json.load(handle)
+    sae = SparseAutoencoder(config["d_in"], config["n_latents"], config["architecture"], k=config["k"],
+                            l1_coefficient=config.get("l1_coefficient", 5.0),
+                            jump_bandwidth=config.get("jump_bandwidth", 0.05))
+    tensors = load_file(weights_path)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(tensors[name])
+    return sae, config

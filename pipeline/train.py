@@ -1,0 +1,305 @@
+"""Stage two (b): train one SAE per layer group (or per layer: the baseline) from the store's stream."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pipeline import __version__
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.errors import GsaeError
+from pipeline.group import GroupRequest, load_grouping, result_name, run_group
+from pipeline.grouping import parse_layers
+from pipeline.models import pick_device
+from pipeline.progress import RateColumn
+from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr, save_sae
+from stores import ActivationStore, StoreError, read_side_file, write_side_file
+from stores.stream import TrainingStream, split_chunks
+
+RUNS_ROOT = "runs"
+
+
+@dataclass
+class TrainRequest:
+    cache: str
+    groups: int | None = None
+    baseline: bool = False
+    metric: str = "amad"
+    tokens: int = 1_000_000
+    expansion: float = 16
+    k: int | None = None
+    architecture: str = "topk"
+    batch_size: int = 4096
+    lr: float | None = None
+    out: str | None = None
+    resume: bool = False
+    device: str = "auto"
+    seed: int = 0
+    eval_fraction: float = 0.05
+    dead_tokens: int | None = None
+    checkpoint_every: int = 200
+    log_every: int = 10
+    window_chunks: int = 8
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def cache_fingerprint(store: ActivationStore) -> dict[str, Any]:
+    a = store.attrs
+    return {"model_id": a.get("model_id"), "model_fingerprint": a.get("model_fingerprint"),
+            "corpus_fingerprint": a.get("corpus", {}).get("fingerprint"), "tokens": store.n_tokens,
+            "n_layers": store.n_layers, "d_model": store.d_model, "dtype": store.dtype}
+
+
+def _validate(request: TrainRequest) -> None:
+    if request.architecture not in ARCHITECTURES:
+        raise GsaeError(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
+    if request.expansion <= 0:
+        raise GsaeError(f"--expansion must be positive (got {request.expansion})")
+    if request.tokens <= 0 or request.batch_size <= 0:
+        raise GsaeError("--tokens and --batch-size must be positive")
+    if request.lr is not None and request.lr <= 0:
+        raise GsaeError(f"--lr must be positive (got {request.lr})")
+    if request.groups is not None and request.baseline:
+        raise GsaeError("give either --groups N or --baseline, not both")
+
+
+def _plan(request: TrainRequest, store: ActivationStore, console: Any) -> dict[str, Any]:
+    """The run's configuration: groups, scales, SAE shape, learning rate, held-out slice."""
+    d = store.d_model
+    n_latents = max(1, int(round(d * request.expansion)))
+    k = request.k if request.k is not None else default_k(d)
+    if not 0 < k < n_latents:
+        raise GsaeError(f"--k must be between 1 and {n_latents - 1} (d_sae = {n_latents}); got {k}")
+    if request.baseline:
+        layers = parse_layers(None, store.n_layers)
+        groups, label, grouping_ref = [[layer] for layer in layers], "baseline", None
+    else:
+        grouping = load_grouping(store, request.metric)
+        if grouping is None:
+            console.print(f"no {request.metric} grouping next to the cache yet: computing it (gsae group)")
+            grouping = run_group(GroupRequest(cache=store.path, metric=request.metric), console).grouping
+        n = request.groups if request.groups is not None else grouping.chosen
+        if not 1 <= n <= len(grouping.layers):
+            raise GsaeError(f"--groups must be between 1 and {len(grouping.layers)} (the grouped layers); got {n}")
+        groups, label = grouping.groups_for(n), f"{request.metric}-g{n}"
+        grouping_ref = f"{store.path}/{result_name(request.metric)}"
+    try:
+        train_chunks, eval_chunks = split_chunks(store, request.eval_fraction)
+    except ValueError as exc:
+        raise GsaeError(str(exc)) from None
+    norms = store.norm
+    steps = math.ceil(request.tokens / request.batch_size)
+    return {
+        "label": label, "groups": groups, "grouping": grouping_ref,
+        "scales": {str(layer): float(1.0 / norms[layer]) for group in groups for layer in group},
+        "d_in": d, "n_latents": n_latents, "k": k, "lr": request.lr or default_lr(n_latents),
+        "steps": steps, "dead_tokens": request.dead_tokens or min(10_000_000, max(request.batch_size, request.tokens // 10)),
+        "train_chunks": train_chunks, "eval_chunks": eval_chunks,
+        "eval_rows": [store.chunk_rows(eval_chunks[0])[0], store.n_tokens],
+    }
+
+
+def _mark_grouping_used(store: ActivationStore, metric: str, run: Path) -> None:
+    raw = read_side_file(store, result_name(metric))
+    if raw is None:
+        return
+    record = json.loads(raw)
+    if str(run) not in record.setdefault("used_by", []):
+        record["used_by"].append(str(run))
+        write_side_file(store, result_name(metric), json.dumps(record, indent=1).encode())
+
+
+def _open_run(request: TrainRequest, console: Any) -> tuple[Path, dict[str, Any], ActivationStore]:
+    if request.resume:
+        if not request.out:
+            raise GsaeError("--resume needs --out DIR, the run to continue")
+        run = Path(request.out)
+        if not (run / "config.json").is_file() or latest_checkpoint(run) is None:
+            raise GsaeError(f"nothing to resume at {run}: no config.json and checkpoint there")
+        config = json.loads((run / "config.json").read_text())
+        try:
+            store = ActivationStore.open(request.cache)
+        except StoreError as exc:
+            raise GsaeError(str(exc)) from None
+        if config["cache_fingerprint"] != cache_fingerprint(store):
+            raise GsaeError(f"the cache {request.cache} differs from the one run {run} was trained on "
+                            f"(model {config['cache_fingerprint']['model_id']}); resume with that cache")
+        return run, config, store
+    _validate(request)
+    try:
+        store = ActivationStore.open(request.cache)
+    except StoreError as exc:
+        raise GsaeError(str(exc)) from None
+    plan = _plan(request, store, console)
+    run = Path(request.out or Path(RUNS_ROOT) / f"{Path(store.path).name}-{plan['label']}")
+    if (run / "config.json").exists():
+        raise GsaeError(f"{run} already holds a run; pass --resume to continue it or --out for a new one")
+    run.mkdir(parents=True, exist_ok=True)
+    attrs = store.attrs
+    config = {"request": asdict(request), **plan, "cache": store.path, "cache_fingerprint": cache_fingerprint(store),
+              "source": {"model_id": attrs.get("model_id"), "context_length": attrs.get("context_length"),
+                         "prepend_bos": attrs.get("prepend_bos"), "corpus": attrs.get("corpus", {}).get("spec")},
+              "gsae_version": __version__}
+    (run / "config.json").write_text(json.dumps(config, indent=1))
+    if plan["grouping"]:
+        _mark_grouping_used(store, request.metric, run)
+    return run, config, store
+
+
+def _build(config: dict[str, Any], store: ActivationStore, device: torch.device):
+    request = config["request"]
+    saes, optimizers, streams, fired = [], [], [], []
+    mean = store.mean
+    for i, group in enumerate(config["groups"]):
+        sae = SparseAutoencoder(config["d_in"], config["n_latents"], request["architecture"], k=config["k"],
+                                seed=request["seed"] + i)
+        scales = [config["scales"][str(layer)] for layer in group]
+        with torch.no_grad():  # b_dec at the (scaled) data mean of the group
+            sae.b_dec.copy_(torch.from_numpy(np.mean([mean[l] * s for l, s in zip(group, scales)], axis=0)))
+        sae.to(device)
+        saes.append(sae)
+        optimizers.append(torch.optim.Adam(sae.parameters(), lr=config["lr"]))
+        streams.append(TrainingStream(store, group, scales, config["train_chunks"], request["batch_size"],
+                                      request["seed"], stream_id=i, window_chunks=request["window_chunks"],
+                                      device=device))
+        fired.append(torch.zeros(config["n_latents"], dtype=torch.int64, device=device))
+    return saes, optimizers, streams, fired
+
+
+def _describe(group: list[int]) -> str:
+    return f"L{group[0]}" if len(group) == 1 else f"L{group[0]}-{group[-1]}"
+
+
+def train(request: TrainRequest, console: Any) -> TrainResult:
+    """Train every SAE of the run in one process, one step of each in turn, with checkpoints."""
+    run, config, store = _open_run(request, console)
+    device = pick_device(config["request"]["device"] if request.resume else request.device)
+    saes, optimizers, streams, fired = _build(config, store, device)
+    steps, batch_size = config["steps"], config["request"]["batch_size"]
+    checkpoint_every, log_every = config["request"]["checkpoint_every"], config["request"]["log_every"]
+    start_step, elapsed = 0, [0.0] * len(saes)
+    metrics_path = run / "metrics.jsonl"
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, saes, optimizers, fired)
+        for stream, stream_state in zip(streams, state["streams"]):
+            stream.load_state_dict(stream_state)
+        start_step, elapsed = state["step"], state["elapsed"]
+        if metrics_path.exists():  # drop records written after the checkpoint
+            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    def checkpoint_now(step: int) -> None:
+        save_checkpoint(run, step, saes, optimizers, fired,
+                        {"streams": [s.state_dict() for s in streams], "elapsed": elapsed})
+
+    dead_tokens = config["dead_tokens"]
+    latest: list[dict[str, Any]] = [{} for _ in saes]
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("tok"),
+                        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=console)
+    started = time.perf_counter()
+    step = start_step
+    try:
+        with progress, metrics_path.open("a") as metrics:
+            tasks = [progress.add_task(f"SAE {i} {_describe(g)}", total=steps * batch_size,
+                                       completed=start_step * batch_size, stats="")
+                     for i, g in enumerate(config["groups"])]
+            for step in range(start_step, steps):
+                for i, (sae, optimizer, stream) in enumerate(zip(saes, optimizers, streams)):
+                    t0 = time.perf_counter()
+                    batch = stream.next_batch()
+                    output = sae.loss(batch.x, dead=fired[i] > dead_tokens)
+                    if not torch.isfinite(output.loss):
+                        raise GsaeError(
+                            f"SAE {i} ({_describe(config['groups'][i])}) hit a non-finite loss at step {step}; "
+                            f"the last good checkpoint is kept in {run}/checkpoints (try a lower --lr)")
+                    optimizer.zero_grad(set_to_none=True)
+                    output.loss.backward()
+                    sae.remove_parallel_gradient()
+                    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+                    optimizer.step()
+                    sae.normalize_decoder()
+                    fired[i] += batch.x.shape[0]
+                    fired[i][output.codes.active(sae.n_latents)] = 0
+                    elapsed[i] += time.perf_counter() - t0
+                    if (step + 1) % log_every == 0 or step + 1 == steps:
+                        tokens = (step + 1) * batch_size
+                        latest[i] = {"step": step + 1, "sae": i, "layers": config["groups"][i], "tokens": tokens,
+                                     "loss": float(output.loss.detach()), "fvu": float(output.fvu), "l0": output.codes.l0(),
+                                     "dead_fraction": float((fired[i] > dead_tokens).float().mean()),
+                                     "tokens_per_s": tokens / max(elapsed[i], 1e-9)}
+                        metrics.write(json.dumps(latest[i]) + "\n")
+                        progress.update(tasks[i], completed=tokens, stats=(
+                            f"FVU {latest[i]['fvu']:.3f} L0 {latest[i]['l0']:.0f} dead {100 * latest[i]['dead_fraction']:.0f}%"))
+                if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                    metrics.flush()
+                    checkpoint_now(step + 1)
+            step = steps
+    finally:  # an interrupted run keeps its last periodic checkpoint; --resume continues from there
+        for stream in streams:
+            stream.close()
+    checkpoint_now(steps)
+    rows = _finish(run, config, store, saes, latest, elapsed, device)
+    return TrainResult(run, rows, time.perf_counter() - started, start_step)
+
+
+@torch.no_grad()
+def held_out_fvu(sae: SparseAutoencoder, store: ActivationStore, layer: int, scale: float, chunks: list[int],
+                 device: torch.device, max_rows: int = 16384) -> tuple[float, float]:
+    """FVU and L0 of ``sae`` on up to ``max_rows`` held-out rows of ``layer``."""
+    from stores import to_float32
+
+    error = variance = l0 = 0.0
+    rows = 0
+    parts = []
+    for chunk in chunks:
+        start, stop = store.chunk_rows(chunk)
+        parts.append(to_float32(store.read_rows(layer, start, min(stop, store.n_tokens)), store.dtype))
+        if sum(len(p) for p in parts) >= max_rows:
+            break
+    x = torch.from_numpy(np.concatenate(parts)[:max_rows] * scale).to(device)
+    codes = sae.encode(x)
+    error = float((x - sae.decode(codes)).pow(2).sum())
+    variance = float((x - x.mean(dim=0)).pow(2).sum())
+    l0 = codes.l0()
+    rows = x.shape[0]
+    return error / max(variance, 1e-12), l0 if rows else 0.0
+
+
+def _finish(run: Path, config: dict[str, Any], store: ActivationStore, saes: list, latest: list,
+            elapsed: list[float], device: torch.device) -> list[dict[str, Any]]:
+    """Save the final SAEs and return one summary row per SAE (held-out FVU per layer)."""
+    rows = []
+    for i, (sae, group) in enumerate(zip(saes, config["groups"])):
+        scales = {str(layer): config["scales"][str(layer)] for layer in group}
+        save_sae(sae, str(run / f"sae_{i}.safetensors"), str(run / f"sae_{i}.json"),
+                 {"layers": group, "scales": scales, "hook_names": [f"blocks.{l}.hook_resid_post" for l in group],
+                  "model_id": store.attrs.get("model_id"), "tokens": config["steps"] * config["request"]["batch_size"]})
+        per_layer = {layer: held_out_fvu(sae, store, layer, scales[str(layer)], config["eval_chunks"], device)
+                     for layer in group}
+        rows.append({"sae": i, "layers": group, "train_fvu": latest[i].get("fvu"), "l0": latest[i].get("l0"),
+                     "dead_fraction": latest[i].get("dead_fraction"),
+                     "held_out_fvu": float(np.mean([v[0] for v in per_layer.values()])),
+                     "held_out_fvu_per_layer": {str(k): v[0] for k, v in per_layer.items()},
+                     "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")})
+    (run / "summary.json").write_text(json.dumps({"label": config["label"], "saes": rows,
+                                                  "train_seconds": sum(elapsed)}, indent=1))
+    return rows

@@ -1,0 +1,179 @@
+"""Stage two (b): SAE training, the training stream, resume and export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+from pipeline.sae import SparseAutoencoder, load_sae
+from stores import ActivationStore, to_float32
+from stores.stream import TrainingStream, split_chunks
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_models, tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "c"
+    code, _, err = run_cli(["cache", "--model", tiny_models["llama"], "--cache", path, "--tokens", 12000,
+                            "--context-length", 64, "--batch-size", 8, "--chunk-tokens", 700])
+    assert code == 0, err
+    code, _, err = run_cli(["group", "--cache", path])
+    assert code == 0, err
+    return path
+
+
+def train_args(cache, out, *extra):
+    return ["train", "--cache", cache, "--out", out, "--tokens", 60000, "--batch-size", 512, *extra]
+
+
+def test_training_lowers_fvu_keeps_unit_decoder_and_exactly_k(cache, tmp_path, capsys):
+    code, out, err = run_cli(train_args(cache, tmp_path / "r", "--groups", 2, "--k", 4), capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert len(summary["saes"]) == 2
+    for row in summary["saes"]:
+        assert row["held_out_fvu"] < 0.5 and row["train_fvu"] < 0.5
+    sae, config = load_sae(str(tmp_path / "r" / "sae_0.safetensors"), str(tmp_path / "r" / "sae_0.json"))
+    norms = sae.W_dec.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    store = ActivationStore.open(str(cache))
+    layer = config["layers"][0]
+    x = torch.from_numpy(to_float32(store.read_rows(layer, 0, 500), store.dtype) * config["scales"][str(layer)])
+    codes = sae.encode(x)
+    assert codes.indices.shape == (500, 4)
+    nonzero = (codes.values > 0).sum(dim=1)
+    assert int(nonzero.max()) == 4 and float((nonzero == 4).float().mean()) > 0.99
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1])
+    assert {"loss", "fvu", "l0", "dead_fraction", "tokens_per_s"} <= set(record)
+    assert "held-out FVU" in out
+
+
+def test_stream_covers_every_held_in_row_with_its_scale(cache):
+    store = ActivationStore.open(str(cache))
+    train_chunks, held_out = split_chunks(store, 0.05)
+    layers, scales = [0, 1], [0.5, 2.0]
+    stream = TrainingStream(store, layers, scales, train_chunks, batch_size=300, seed=1, window_chunks=3)
+    train_rows = sum(min(store.chunk_rows(c)[1], store.n_tokens) - store.chunk_rows(c)[0] for c in train_chunks)
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    held_out_start = store.chunk_rows(held_out[0])[0]
+    for _ in range(2 * -(-2 * train_rows // 300)):  # two epochs: rows carried across the epoch end appear too
+        batch = stream.next_batch()
+        assert np.all(batch.rows < held_out_start)
+        for layer, scale in zip(layers, scales):
+            mask = batch.layers == layer
+            rows = batch.rows[mask]
+            expected = to_float32(store.layer_array(layer).get_orthogonal_selection((rows, slice(None))), store.dtype)
+            np.testing.assert_allclose(batch.x[torch.from_numpy(mask)].numpy(), expected * scale, rtol=1e-6)
+            seen[layer].extend(rows.tolist())
+    stream.close()
+    for layer in layers:
+        assert set(seen[layer]) == set(range(held_out_start))  # every held-in row, each layer
+
+
+def test_group_stream_draws_layers_uniformly(cache):
+    store = ActivationStore.open(str(cache))
+    train_chunks, _ = split_chunks(store, 0.05)
+    stream = TrainingStream(store, [0, 1, 2], [1.0, 1.0, 1.0], train_chunks, batch_size=256, seed=0, window_chunks=4)
+    rows_per_layer = sum(min(store.chunk_rows(c)[1], store.n_tokens) - store.chunk_rows(c)[0] for c in train_chunks)
+    counts = np.zeros(3)
+    first_window = None
+    for _ in range(3 * rows_per_layer // 256):  # one epoch
+        batch = stream.next_batch()
+        counts += np.bincount(batch.layers, minlength=3)
+        first_window = first_window if first_window is not None else np.bincount(batch.layers, minlength=3)
+    stream.close()
+    # over an epoch every layer gives all its rows: equal counts up to the rows carried past the end
+    assert np.all(np.abs(counts - rows_per_layer) < 256), counts
+    assert np.all(first_window > 0)  # batches mix layers
+
+
+def _kill_after_checkpoint(args: list[str], run: Path) -> None:
+    command = [sys.executable, "-c", "import cli; cli.main()", *map(str, args)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "latest").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "training finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_kill_and_resume_gives_the_same_weights(cache, tmp_path, capsys):
+    args = ["--groups", 2, "--tokens", 400000, "--batch-size", 256, "--checkpoint-every", 40]
+    assert run_cli(train_args(cache, tmp_path / "whole", *args), capsys)[0] == 0
+    _kill_after_checkpoint(train_args(cache, tmp_path / "killed", *args), tmp_path / "killed")
+    assert not (tmp_path / "killed" / "sae_0.safetensors").exists()
+    code, _, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "killed", "--resume"], capsys)
+    assert code == 0, err
+    for i in range(2):
+        a = load_file(str(tmp_path / "whole" / f"sae_{i}.safetensors"))
+        b = load_file(str(tmp_path / "killed" / f"sae_{i}.safetensors"))
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_export_folds_the_scale(cache, tmp_path, capsys):
+    assert run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--tokens", 20000), capsys)[0] == 0
+    code, out, err = run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "e"], capsys)
+    assert code == 0, err
+    sae, config = load_sae(str(tmp_path / "r" / "sae_0.safetensors"), str(tmp_path / "r" / "sae_0.json"))
+    store = ActivationStore.open(str(cache))
+    for layer in config["layers"]:
+        folder = tmp_path / "e" / f"blocks.{layer}.hook_resid_post"
+        cfg = json.loads((folder / "cfg.json").read_text())
+        assert cfg["d_sae"] == config["n_latents"] and cfg["metadata"]["hook_name"] == f"blocks.{layer}.hook_resid_post"
+        w = load_file(str(folder / "sae_weights.safetensors"))
+        assert w["W_enc"].shape == (cfg["d_in"], cfg["d_sae"]) and w["W_dec"].shape == (cfg["d_sae"], cfg["d_in"])
+        raw = torch.from_numpy(to_float32(store.read_rows(layer, 0, 300), store.dtype))
+        scale = config["scales"][str(layer)]
+        with torch.no_grad():
+            expected = sae(raw * scale) / scale
+            pre = (raw - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+            values, indices = pre.topk(cfg["k"], dim=-1)
+            z = torch.zeros_like(pre).scatter_(1, indices, torch.relu(values))
+            exported = z @ w["W_dec"] + w["b_dec"]
+        torch.testing.assert_close(exported, expected, rtol=1e-4, atol=1e-4 * float(raw.abs().max()))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--groups", 0], "--groups must be between 1 and"),
+    (["--groups", 99], "--groups must be between 1 and"),
+    (["--k", 0], "--k must be between 1 and"),
+    (["--k", 512], "--k must be between 1 and"),
+    (["--expansion", 0], "--expansion must be positive"),
+    (["--groups", 2, "--baseline"], "either --groups N or --baseline"),
+])
+def test_bad_train_arguments(extra, message, cache, tmp_path, capsys):
+    code, _, err = run_cli(train_args(cache, tmp_path / "r", *extra), capsys)
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_resume_errors(cache, tmp_path, tiny_models, capsys):
+    code, _, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "none", "--resume"], capsys)
+    assert code == 1 and "nothing to resume" in err
+    assert run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--tokens", 5000), capsys)[0] == 0
+    other = tmp_path / "other"
+    assert run_cli(["cache", "--model", tiny_models["neox"], "--cache", other, "--tokens", 3000,
+                    "--context-length", 64, "--chunk-tokens", 700], capsys)[0] == 0
+    code, _, err = run_cli(["train", "--cache", other, "--out", tmp_path / "r", "--resume"], capsys)
+    assert code == 1 and "differs from the one run" in err
+
+
+def test_nan_loss_stops_clearly_and_keeps_the_checkpoint(cache, tmp_path, capsys):
+    code, _, err = run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--lr", 1e30, "--checkpoint-every", 1),
+                           capsys)
+    assert code == 1 and "non-finite loss" in err and "Traceback" not in err
+    latest = (tmp_path / "r" / "checkpoints" / "latest").read_text().strip()
+    weights = load_file(str(tmp_path / "r" / "checkpoints" / latest / "sae_0.safetensors"))
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
