@@ -181,6 +181,25 @@ def _build(config: dict[str, Any], store: ActivationStore, device: torch.device)
     return saes, optimizers, streams, fired
 
 
+def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               since_fired: torch.Tensor, dead_tokens: int):
+    """One step of the recipe: loss (with AuxK on dead latents), backward, parallel decoder gradient
+    removed, clipping at 1, Adam, decoder rows back to unit norm, dead counters updated.
+    Returns the step output, or None (and no update) when the loss is not finite."""
+    output = sae.loss(x, dead=since_fired > dead_tokens)
+    if not torch.isfinite(output.loss):
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    output.loss.backward()
+    sae.remove_parallel_gradient()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+    optimizer.step()
+    sae.normalize_decoder()
+    since_fired += x.shape[0]
+    since_fired[output.codes.active(sae.n_latents)] = 0
+    return output
+
+
 def _describe(group: list[int]) -> str:
     return f"L{group[0]}" if len(group) == 1 else f"L{group[0]}-{group[-1]}"
 
@@ -226,19 +245,11 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
                 for i, (sae, optimizer, stream) in enumerate(zip(saes, optimizers, streams)):
                     t0 = time.perf_counter()
                     batch = stream.next_batch()
-                    output = sae.loss(batch.x, dead=fired[i] > dead_tokens)
-                    if not torch.isfinite(output.loss):
+                    output = train_step(sae, optimizer, batch.x, fired[i], dead_tokens)
+                    if output is None:
                         raise GsaeError(
                             f"SAE {i} ({_describe(config['groups'][i])}) hit a non-finite loss at step {step}; "
                             f"the last good checkpoint is kept in {run}/checkpoints (try a lower --lr)")
-                    optimizer.zero_grad(set_to_none=True)
-                    output.loss.backward()
-                    sae.remove_parallel_gradient()
-                    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-                    optimizer.step()
-                    sae.normalize_decoder()
-                    fired[i] += batch.x.shape[0]
-                    fired[i][output.codes.active(sae.n_latents)] = 0
                     elapsed[i] += time.perf_counter() - t0
                     if (step + 1) % log_every == 0 or step + 1 == steps:
                         tokens = (step + 1) * batch_size

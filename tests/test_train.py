@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, make_cache, run_cli
 from pipeline.sae import SparseAutoencoder, load_sae
 from stores import ActivationStore, to_float32
 from stores.stream import TrainingStream, split_chunks
@@ -23,10 +23,8 @@ from stores.stream import TrainingStream, split_chunks
 
 @pytest.fixture(scope="module")
 def cache(tiny_models, tmp_path_factory):
-    path = tmp_path_factory.mktemp("train") / "c"
-    code, _, err = run_cli(["cache", "--model", tiny_models["llama"], "--cache", path, "--tokens", 12000,
-                            "--context-length", 64, "--batch-size", 8, "--chunk-tokens", 700])
-    assert code == 0, err
+    path = make_cache(tiny_models["llama"], tmp_path_factory.mktemp("train") / "c", tokens=12000,
+                      context_length=64, batch_size=8, chunk_tokens=700)
     code, _, err = run_cli(["group", "--cache", path])
     assert code == 0, err
     return path

@@ -1,0 +1,151 @@
+"""Training benchmarks, each a ratio measured in one run:
+
+    python benchmarks/train_speed.py feed     --cache C   # step time fed by the store ÷ fed from memory
+    python benchmarks/train_speed.py groups   --cache C   # wall time of --groups N ÷ --baseline
+    python benchmarks/train_speed.py memory   --cache C   # peak RSS of training on C and on C doubled
+
+"feed" trains the same SAE (same shape, batch and step code as `gsae train`) for the same number of
+steps twice: once pulling batches from the store's prefetching stream, once from the same batches
+already in memory; the two alternate and the best of each is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the gsae command sets it
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.sae import SparseAutoencoder, default_lr  # noqa: E402
+from pipeline.train import train_step  # noqa: E402
+from stores import ActivationStore, StatsAccumulator  # noqa: E402
+from stores.stream import TrainingStream, split_chunks  # noqa: E402
+
+
+def feed(args) -> None:
+    store = ActivationStore.open(args.cache)
+    layers = list(range(args.first_layer, args.first_layer + args.group_size))
+    scales = [float(1 / store.norm[l]) for l in layers]
+    train_chunks, _ = split_chunks(store, 0.05)
+    n_latents = int(store.d_model * args.expansion)
+
+    def fresh():
+        sae = SparseAutoencoder(store.d_model, n_latents, "topk", k=args.k)
+        return sae, torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents)), torch.zeros(n_latents, dtype=torch.long)
+
+    stream = TrainingStream(store, layers, scales, train_chunks, args.batch_size, seed=0)
+    batches = [stream.next_batch().x.clone() for _ in range(args.steps)]
+    stream.close()
+    from_store, in_memory = [], []
+    for _ in range(args.repeats):
+        sae, opt, fired = fresh()
+        stream = TrainingStream(store, layers, scales, train_chunks, args.batch_size, seed=0)
+        train_step(sae, opt, stream.next_batch().x, fired, 10**9)  # warm-up (first window decode)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            train_step(sae, opt, stream.next_batch().x, fired, 10**9)
+        from_store.append((time.perf_counter() - start) / args.steps)
+        stream.close()
+        sae, opt, fired = fresh()
+        train_step(sae, opt, batches[0], fired, 10**9)
+        start = time.perf_counter()
+        for x in batches:
+            train_step(sae, opt, x, fired, 10**9)
+        in_memory.append((time.perf_counter() - start) / args.steps)
+    print(f"SAE {store.d_model}→{n_latents}, k={args.k}, batch {args.batch_size}, layers {layers}, {args.steps} steps")
+    print(f"fed by the store   {1000 * min(from_store):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in from_store)})")
+    print(f"fed from memory    {1000 * min(in_memory):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in in_memory)})")
+    print(f"ratio store / memory = {min(from_store) / min(in_memory):.3f}   (target <= 1.10)")
+
+
+def _gsae(*args: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import cli; cli.main()", *args], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def groups(args) -> None:
+    store = ActivationStore.open(args.cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        common = ["--cache", args.cache, "--tokens", str(args.tokens), "--expansion", str(args.expansion),
+                  "--batch-size", str(args.batch_size), "--checkpoint-every", "100000"]
+        baseline = _gsae("train", *common, "--baseline", "--out", f"{tmp}/baseline")
+        grouped = _gsae("train", *common, "--groups", str(args.groups), "--out", f"{tmp}/groups")
+        per_sae = {name: json.load(open(f"{tmp}/{name}/summary.json"))["train_seconds"] for name in ("baseline", "groups")}
+    n_layers = store.n_layers - 1
+    print(f"{args.tokens:,} tokens per SAE, expansion {args.expansion}, batch {args.batch_size}")
+    print(f"baseline ({n_layers} SAEs): {baseline:7.1f} s wall, {per_sae['baseline']:7.1f} s in training steps")
+    print(f"groups ({args.groups} SAEs):   {grouped:7.1f} s wall, {per_sae['groups']:7.1f} s in training steps")
+    print(f"ratio groups / baseline: wall {grouped / baseline:.3f}, steps {per_sae['groups'] / per_sae['baseline']:.3f}"
+          f"   (target ≈ G/L = {args.groups}/{n_layers} = {args.groups / n_layers:.3f})")
+
+
+def _doubled(cache: str, target: str) -> None:
+    """A cache holding the source's rows twice (a synthetic cache of twice the size)."""
+    source = ActivationStore.open(cache)
+    store = ActivationStore.create(target, n_layers=source.n_layers, d_model=source.d_model,
+                                   n_tokens=2 * source.n_tokens, chunk_tokens=source.chunk_tokens,
+                                   dtype=source.dtype, attributes={k: v for k, v in source.attrs.items()
+                                   if k not in {"n_layers", "d_model", "dtype", "codec", "chunk_tokens", "complete",
+                                                "tokens_planned", "tokens_written", "chunks_written", "array_dtype"}})
+    chunk = 0
+    for _ in range(2):
+        for c in range(source.n_chunks):
+            start, stop = source.chunk_rows(c)
+            if stop - start != source.chunk_tokens and store.chunk_rows(chunk)[1] - store.chunk_rows(chunk)[0] != stop - start:
+                break  # a short last chunk only fits at the very end
+            layers = [source.read_chunk(l, c) for l in range(source.n_layers)]
+            stats = StatsAccumulator(source.n_layers, source.d_model, source.dtype)
+            for l, values in enumerate(layers):
+                stats.add(l, torch.from_numpy(values))
+            store.write_chunk(chunk, layers, source.tokens(start, stop), stats.result())
+            chunk += 1
+    store.finalize()
+
+
+def memory(args) -> None:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        doubled = os.path.join(tmp, "doubled")
+        _doubled(args.cache, doubled)
+        peaks = {}
+        for name, cache in (("cache", args.cache), ("doubled", doubled)):
+            code = (f"import sys, resource; sys.argv = ['gsae', 'train', '--cache', {cache!r}, '--out', {tmp + '/' + name!r},"
+                    f" '--groups', '{args.groups}', '--tokens', '{args.tokens}', '--expansion', '{args.expansion}'];"
+                    "import cli\ntry:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+                    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+            peaks[name] = int(out.stdout.split()[-1]) / 1024
+        shutil.rmtree(doubled, ignore_errors=True)
+    print(f"peak RSS training on the cache: {peaks['cache']:,.0f} MiB; on it doubled: {peaks['doubled']:,.0f} MiB "
+          f"(growth {100 * (peaks['doubled'] / peaks['cache'] - 1):+.1f}%; target < 10%)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["feed", "groups", "memory"])
+    parser.add_argument("--cache", default="gsae-cache/smollm2-135m")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--expansion", type=float, default=16)
+    parser.add_argument("--k", type=int, default=96)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--first-layer", type=int, default=0)
+    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--tmp", default=".")
+    arguments = parser.parse_args()
+    arguments.cache = os.path.abspath(arguments.cache)  # the subprocesses run from the repository root
+    {"feed": feed, "groups": groups, "memory": memory}[arguments.what](arguments)
