@@ -274,6 +274,33 @@ def train(
     report.print(f"saved {len(result.rows)} SAEs, metrics and checkpoints in {result.run}")
 
 
+@app.command("eval")
+def evaluate(
+    run: str = typer.Option(..., help="The run directory written by gsae train."),
+    tokens: int = typer.Option(16384, help="Held-out tokens per layer for reconstruction and sparsity metrics."),
+    windows: int = typer.Option(32, help="Held-out text windows for the downstream metrics (0: skip them)."),
+    context_length: Optional[int] = typer.Option(None, help="Truncate the evaluation windows to this many tokens."),
+    device: Device = typer.Option(Device.auto, help="Where to run."),
+) -> None:
+    """Evaluate every layer of a run: reconstruction, sparsity, spliced CE / KL. Writes <run>/eval.json."""
+    from pipeline.evaluate import evaluate_run
+
+    records = evaluate_run(run, tokens=tokens, windows=windows, context_length=context_length,
+                           device=device.value, console=console)
+    table = Table(title=f"gsae eval · {run}")
+    columns = [("layer", "layer", "{}"), ("EV", "explained_variance", "{:.3f}"), ("FVU", "fvu", "{:.3f}"),
+               ("cos", "cosine_similarity", "{:.3f}"), ("L2 ratio", "l2_ratio", "{:.3f}"), ("L0", "l0", "{:.1f}"),
+               ("dead %", "dead_fraction", "{:.1%}"), ("CE clean", "ce_clean", "{:.3f}"),
+               ("CE spliced", "ce_spliced", "{:.3f}"), ("ΔCE %", "delta_ce_percent", "{:.2f}"),
+               ("CE rec.", "ce_recovered", "{:.3f}"), ("KL", "kl_divergence", "{:.4f}")]
+    for name, _, _ in columns:
+        table.add_column(name, justify="right")
+    for record in records:
+        table.add_row(*[fmt.format(record[key]) if key in record else "-" for _, key, fmt in columns])
+    report.print(table)
+    report.print(f"wrote {run}/eval.json")
+
+
 class ExportFormat(str, Enum):
     saelens = "saelens"
 

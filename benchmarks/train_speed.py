@@ -119,6 +119,8 @@ def memory(args) -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         doubled = os.path.join(tmp, "doubled")
         _doubled(args.cache, doubled)
+        for cache in (args.cache, doubled):  # group first, so neither training run computes it
+            _gsae("group", "--cache", cache)
         peaks = {}
         for name, cache in (("cache", args.cache), ("doubled", doubled)):
             code = (f"import sys, resource; sys.argv = ['gsae', 'train', '--cache', {cache!r}, '--out', {tmp + '/' + name!r},"

@@ -1,0 +1,166 @@
+"""`gsae eval`: reconstruction, sparsity and downstream (spliced cross-entropy) metrics per layer.
+
+Definitions follow SAELens's evaluator / SAEBench's core metrics:
+- explained variance = 1 − FVU, FVU = Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over the evaluation tokens;
+- MSE = mean over tokens and dimensions of (x − x̂)², in the raw activation space;
+- cosine similarity = mean over tokens of cos(x, x̂); L2 ratio = mean over tokens of ‖x̂‖ / ‖x‖;
+- L0 = mean active latents per token; dead fraction = latents never active over the evaluation tokens;
+- CE: next-token cross-entropy on held-out windows, clean, with the block output replaced by the SAE's
+  reconstruction (spliced), and replaced by zeros (zero-ablated); ΔCE % = (spliced − clean) / clean · 100;
+  CE recovered = (zero − spliced) / (zero − clean); KL = mean over positions of KL(clean ‖ spliced).
+The BOS position is left as it is when splicing (the SAEs were not trained on it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import GsaeError
+from pipeline.models import LoadedModel, ModelSpec, block_output, load_model, pick_device, resolve_model_spec
+from pipeline.sae import SparseAutoencoder, load_sae
+from stores import ActivationStore, StoreError, to_float32
+
+
+def reconstruction_metrics(x: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, float]:
+    """FVU, explained variance, MSE, cosine similarity and L2 ratio of a reconstruction."""
+    error = (x - reconstruction).pow(2).sum()
+    variance = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-30)
+    fvu = float(error / variance)
+    norms = x.norm(dim=1).clamp_min(1e-30)
+    return {
+        "fvu": fvu, "explained_variance": 1.0 - fvu, "mse": float((x - reconstruction).pow(2).mean()),
+        "cosine_similarity": float(F.cosine_similarity(x, reconstruction, dim=1).mean()),
+        "l2_ratio": float((reconstruction.norm(dim=1) / norms).mean()),
+    }
+
+
+def downstream_metrics(clean_logits: torch.Tensor, spliced_logits: torch.Tensor, zero_logits: torch.Tensor,
+                       input_ids: torch.Tensor) -> dict[str, float]:
+    """Clean, spliced and zero-ablated CE, ΔCE %, CE recovered and KL(clean ‖ spliced)."""
+    targets = input_ids[:, 1:].reshape(-1)
+
+    def ce(logits: torch.Tensor) -> float:
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets))
+
+    clean, spliced, zero = ce(clean_logits), ce(spliced_logits), ce(zero_logits)
+    log_clean = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
+    log_spliced = F.log_softmax(spliced_logits[:, :-1].float(), dim=-1)
+    kl = float((log_clean.exp() * (log_clean - log_spliced)).sum(dim=-1).mean())
+    recovered = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
+    return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablated": zero,
+            "delta_ce_percent": 100.0 * (spliced - clean) / clean, "ce_recovered": recovered, "kl_divergence": kl}
+
+
+def spec_from_store(store: ActivationStore) -> ModelSpec:
+    """Load the model the way `gsae cache` did, from the store's attributes."""
+    source, model_id = store.attrs.get("model_source"), store.attrs.get("model_id")
+    if source == "embedded":
+        return resolve_model_spec(None)
+    if source == "hub":
+        return resolve_model_spec(model_id, store.attrs.get("model_revision"))
+    return resolve_model_spec(model_id)
+
+
+def held_out_windows(store: ActivationStore, start_row: int, n_windows: int, context_length: int | None) -> torch.Tensor:
+    """Whole windows from the held-out rows, rebuilt from the stored tokens (BOS put back in front)."""
+    a = store.attrs
+    rows_per_window = int(a["rows_per_window"])
+    first = -(-start_row // rows_per_window)
+    available = store.n_tokens // rows_per_window - first
+    if available < 1:
+        raise GsaeError("the held-out slice holds no whole window; cache more tokens")
+    windows = []
+    for w in range(first, first + min(n_windows, available)):
+        tokens = store.tokens(w * rows_per_window, (w + 1) * rows_per_window).tolist()
+        if a.get("prepend_bos") and not a.get("bos_stored"):
+            tokens = [int(a["bos_token_id"])] + tokens
+        windows.append(tokens[: context_length or len(tokens)])
+    return torch.tensor(windows, dtype=torch.long)
+
+
+def _run_with_block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int, replace) -> torch.Tensor:
+    """Logits with block ``layer``'s output passed through ``replace`` (None: untouched)."""
+    handle = None
+    if replace is not None:
+        def hook(module: Any, inputs: Any, output: Any):
+            hidden = block_output(output)
+            new = replace(hidden)
+            return (new, *output[1:]) if isinstance(output, (tuple, list)) else new
+        handle = lm.blocks[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return lm.model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def evaluate_run(run: str, tokens: int = 16384, windows: int = 32, context_length: int | None = None,
+                 device: str = "auto", console: Any = None) -> list[dict[str, Any]]:
+    """Evaluate every layer of a run; writes ``<run>/eval.json`` and returns its records."""
+    run_dir = Path(run)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file() or not list(run_dir.glob("sae_*.json")):
+        raise GsaeError(f"{run} is not a finished gsae run (config.json and sae_<i>.json expected)")
+    config = json.loads(config_path.read_text())
+    try:
+        store = ActivationStore.open(config["cache"])
+    except StoreError as exc:
+        raise GsaeError(str(exc)) from None
+    torch_device = pick_device(device)
+    start_row = int(config["eval_rows"][0])
+    saes: list[tuple[SparseAutoencoder, dict]] = []
+    for path in sorted(run_dir.glob("sae_*.json"), key=lambda p: int(p.stem.split("_")[1])):
+        sae, sae_config = load_sae(str(path.with_suffix(".safetensors")), str(path))
+        saes.append((sae.to(torch_device).eval(), sae_config))
+    lm = None
+    if windows > 0:
+        status = console.status("loading the model for the downstream metrics ...") if console else None
+        if status:
+            status.start()
+        try:
+            lm = load_model(spec_from_store(store), torch_device)
+        finally:
+            if status:
+                status.stop()
+        input_ids = held_out_windows(store, start_row, windows, context_length).to(torch_device)
+        clean_logits = _run_with_block_output(lm, input_ids, 0, None)
+        first = 1 if store.attrs.get("prepend_bos") else 0
+    records = []
+    for sae, sae_config in saes:
+        for layer in sae_config["layers"]:
+            scale = sae_config["scales"][str(layer)]
+            stop = min(store.n_tokens, start_row + tokens)
+            x = torch.from_numpy(to_float32(store.read_rows(layer, start_row, stop), store.dtype)).to(torch_device)
+            with torch.no_grad():
+                codes = sae.encode(x * scale)
+                reconstruction = sae.decode(codes) / scale
+            active = codes.active(sae.n_latents)
+            record = {"layer": layer, "sae_layers": sae_config["layers"], "tokens": int(x.shape[0]),
+                      **reconstruction_metrics(x, reconstruction), "l0": codes.l0(),
+                      "dead_fraction": float(1 - active.float().mean()), "alive_latents": int(active.sum())}
+            if lm is not None:
+                def splice(hidden: torch.Tensor) -> torch.Tensor:
+                    out = hidden.clone()
+                    body = hidden[:, first:]
+                    flat = body.reshape(-1, body.shape[-1])
+                    out[:, first:] = (sae(flat * scale) / scale).reshape(body.shape)
+                    return out
+
+                def zero(hidden: torch.Tensor) -> torch.Tensor:
+                    out = hidden.clone()
+                    out[:, first:] = 0
+                    return out
+
+                record.update(downstream_metrics(clean_logits, _run_with_block_output(lm, input_ids, layer, splice),
+                                                 _run_with_block_output(lm, input_ids, layer, zero), input_ids))
+                record["eval_windows"] = int(input_ids.shape[0])
+            records.append(record)
+    (run_dir / "eval.json").write_text(json.dumps({"run": str(run_dir), "records": records}, indent=1))
+    return records
