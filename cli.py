@@ -301,6 +301,43 @@ def evaluate(
     report.print(f"wrote {run}/eval.json")
 
 
+@app.command("report")
+def report_command(
+    runs: list[str] = typer.Option(..., "--runs", help="Run directories (baseline and group runs), evaluated with gsae eval."),
+    out: str = typer.Option("report", help="Folder for report.md and the plots."),
+) -> None:
+    """Put a baseline and group runs side by side: Markdown tables in the paper's shape and PNG plots."""
+    from pipeline.report import build_report
+
+    path = build_report(runs, out)
+    report.print(path.read_text().split("\n\nThe paper")[0])
+    report.print(f"wrote {path} and plots in {path.parent}")
+
+
+@app.command("run")
+def run_all(
+    cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
+    groups: Optional[str] = typer.Option(None, help="Comma-separated G values for AMAD runs (default: G* and its neighbours)."),
+    tokens: int = typer.Option(1_000_000, help="Training tokens per SAE."),
+    expansion: float = typer.Option(16, help="d_sae / d_model."),
+    batch_size: int = typer.Option(4096, help="Tokens per training step."),
+    windows: int = typer.Option(16, help="Held-out windows for the downstream metrics."),
+    out: str = typer.Option("runs", help="Where the runs and the report go."),
+) -> None:
+    """The whole paper on one cache: group, train baseline and group runs, evaluate, report."""
+    from pipeline.errors import GsaeError
+    from pipeline.paper import PaperRequest, run_paper
+
+    try:
+        counts = [int(g) for g in groups.split(",")] if groups else []
+    except ValueError:
+        raise GsaeError(f"--groups {groups!r}: give comma-separated integers such as 3,4,5") from None
+    path = run_paper(PaperRequest(cache=_resolve_cache(cache), groups=counts, tokens=tokens, expansion=expansion,
+                                  batch_size=batch_size, windows=windows, out=out), console)
+    report.print(path.read_text().split("\n\nThe paper")[0])
+    report.print(f"wrote {path}")
+
+
 class ExportFormat(str, Enum):
     saelens = "saelens"
 

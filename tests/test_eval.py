@@ -51,3 +51,39 @@ def test_eval_command_writes_records(tiny_models, tmp_path, capsys):
     for r in records:
         assert 0 < r["explained_variance"] < 1 and r["ce_zero_ablated"] > r["ce_clean"]
         assert r["l0"] > 0 and 0 <= r["dead_fraction"] <= 1 and r["eval_windows"] == 4
+
+
+def test_report_from_two_runs(tiny_models, tmp_path, capsys):
+    cache = make_cache(tiny_models["neox"], tmp_path / "c", tokens=6000, context_length=32, batch_size=8,
+                       chunk_tokens=400)
+    for extra, out in ((["--baseline"], "base"), (["--groups", 1], "g1")):
+        assert run_cli(["train", "--cache", cache, *extra, "--out", tmp_path / out, "--tokens", 8000,
+                        "--batch-size", 512], capsys)[0] == 0
+        assert run_cli(["eval", "--run", tmp_path / out, "--windows", 2], capsys)[0] == 0
+    code, out, err = run_cli(["report", "--runs", tmp_path / "base", "--runs", tmp_path / "g1",
+                              "--out", tmp_path / "rep"], capsys)
+    assert code == 0, err
+    text = (tmp_path / "rep" / "report.md").read_text()
+    for name in ("base", "g1"):
+        records = json.loads((tmp_path / name / "eval.json").read_text())["records"]
+        mean_ev = sum(r["explained_variance"] for r in records) / len(records)
+        assert f"{mean_ev:.3f}" in text
+    assert "| baseline |" in text and "| amad-g1 |" in text and "Pythia-160M" in text
+    assert (tmp_path / "rep" / "per-layer.png").stat().st_size > 1000 and (tmp_path / "rep" / "cost.png").exists()
+
+
+def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, capsys):
+    cache = make_cache(tiny_models["neox"], tmp_path / "c", tokens=6000, context_length=32, batch_size=8,
+                       chunk_tokens=400)
+    args = ["run", "--cache", cache, "--tokens", 4096, "--batch-size", 512, "--windows", 2, "--out", tmp_path / "runs"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    runs = json.loads((tmp_path / "runs" / "c-report" / "runs.json").read_text())
+    labels = [run.rsplit("-", 2)[-2] + "-" + run.rsplit("-", 1)[-1] if "-g" in run else "baseline" for run in runs]
+    assert runs[0].endswith("c-baseline") and any(r.endswith("uniform-g" + r[-1]) for r in runs)
+    assert len(labels) >= 3
+    before = {run: (tmp_path / "runs" / run.split("/")[-1] / "sae_0.safetensors").stat().st_mtime for run in runs}
+    code, _, err = run_cli(args, capsys)
+    assert code == 0 and "trained already" in err
+    after = {run: (tmp_path / "runs" / run.split("/")[-1] / "sae_0.safetensors").stat().st_mtime for run in runs}
+    assert before == after

@@ -1,0 +1,58 @@
+"""`gsae run`: the paper's comparison on one cache, reusing whatever already exists.
+
+Group (amad and uniform), train the per-layer baseline, AMAD partitions at G* and its neighbours and a
+uniform partition at G*, evaluate each run, and write the report. The cache is never rebuilt; a run
+with a summary.json is not retrained, one with a checkpoint is resumed, one with eval.json is not
+re-evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.evaluate import evaluate_run
+from pipeline.group import GroupRequest, run_group
+from pipeline.report import build_report
+from pipeline.train import RUNS_ROOT, TrainRequest, train
+
+
+@dataclass
+class PaperRequest:
+    cache: str
+    groups: list[int] = field(default_factory=list)  # empty: G* and its neighbours
+    tokens: int = 1_000_000
+    expansion: float = 16
+    batch_size: int = 4096
+    windows: int = 16
+    out: str = RUNS_ROOT
+
+
+def run_paper(request: PaperRequest, console: Any) -> Path:
+    amad = run_group(GroupRequest(cache=request.cache, metric="amad"), console).grouping
+    run_group(GroupRequest(cache=request.cache, metric="uniform"), console)
+    chosen, n_layers = amad.chosen, len(amad.layers)
+    counts = request.groups or sorted({max(1, chosen - 1), chosen, min(n_layers, chosen + 1)})
+    plans = [("baseline", dict(baseline=True))]
+    plans += [(f"amad-g{n}", dict(groups=n, metric="amad")) for n in counts]
+    plans += [(f"uniform-g{chosen}", dict(groups=chosen, metric="uniform"))]
+    slug = Path(request.cache).name
+    runs = []
+    for label, options in plans:
+        run = Path(request.out) / f"{slug}-{label}"
+        if not (run / "summary.json").is_file():
+            resume = (run / "config.json").is_file()
+            console.print(f"[bold]{'resuming' if resume else 'training'} {label}[/] → {run}")
+            train(TrainRequest(cache=request.cache, tokens=request.tokens, expansion=request.expansion,
+                               batch_size=request.batch_size, out=str(run), resume=resume, **options), console)
+        else:
+            console.print(f"{label}: trained already ({run})")
+        if not (run / "eval.json").is_file():
+            console.print(f"evaluating {label}")
+            evaluate_run(str(run), windows=request.windows, console=console)
+        runs.append(str(run))
+    report = build_report(runs, str(Path(request.out) / f"{slug}-report"))
+    (report.parent / "runs.json").write_text(json.dumps(runs, indent=1))
+    return report
