@@ -274,25 +274,29 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
 
 @torch.no_grad()
 def held_out_fvu(sae: SparseAutoencoder, store: ActivationStore, layer: int, scale: float, chunks: list[int],
-                 device: torch.device, max_rows: int = 16384) -> tuple[float, float]:
-    """FVU and L0 of ``sae`` on up to ``max_rows`` held-out rows of ``layer``."""
+                 device: torch.device, max_rows: int = 16384, batch: int = 2048) -> tuple[float, float]:
+    """FVU and L0 of ``sae`` on up to ``max_rows`` held-out rows of ``layer``, a batch at a time (the
+    pre-activations of all rows at once would make memory grow with the held-out slice)."""
     from stores import to_float32
 
-    error = variance = l0 = 0.0
-    rows = 0
-    parts = []
+    error, total, total_sq, l0_sum, rows = 0.0, None, 0.0, 0.0, 0
     for chunk in chunks:
         start, stop = store.chunk_rows(chunk)
-        parts.append(to_float32(store.read_rows(layer, start, min(stop, store.n_tokens)), store.dtype))
-        if sum(len(p) for p in parts) >= max_rows:
+        stop = min(stop, store.n_tokens, start + max_rows - rows)
+        values = torch.from_numpy(to_float32(store.read_rows(layer, start, stop), store.dtype) * scale)
+        for x in values.split(batch):
+            x = x.to(device)
+            codes = sae.encode(x)
+            error += float((x - sae.decode(codes)).double().pow(2).sum())
+            x64 = x.double()
+            total = x64.sum(dim=0) if total is None else total + x64.sum(dim=0)
+            total_sq += float(x64.pow(2).sum())
+            l0_sum += codes.l0() * x.shape[0]
+            rows += x.shape[0]
+        if rows >= max_rows:
             break
-    x = torch.from_numpy(np.concatenate(parts)[:max_rows] * scale).to(device)
-    codes = sae.encode(x)
-    error = float((x - sae.decode(codes)).pow(2).sum())
-    variance = float((x - x.mean(dim=0)).pow(2).sum())
-    l0 = codes.l0()
-    rows = x.shape[0]
-    return error / max(variance, 1e-12), l0 if rows else 0.0
+    variance = total_sq - float(total.pow(2).sum()) / rows
+    return error / max(variance, 1e-12), l0_sum / rows
 
 
 def _finish(run: Path, config: dict[str, Any], store: ActivationStore, saes: list, latest: list,
