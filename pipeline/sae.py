@@ -36,6 +36,7 @@ class Codes:
     values: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     dense: torch.Tensor | None = None
+    pre: torch.Tensor | None = None  # pre-activations, kept for AuxK so the encoder runs once
 
     def active(self, n_latents: int) -> torch.Tensor:
         """Boolean (n_latents,): latents that fired on at least one token of the batch."""
@@ -107,12 +108,12 @@ class SparseAutoencoder(nn.Module):
         pre = self.pre_activations(x)
         if self.architecture == "topk":
             values, indices = pre.topk(self.k, dim=-1, sorted=False)
-            return Codes(values=F.relu(values), indices=indices)  # ReLU commutes with TopK
+            return Codes(values=F.relu(values), indices=indices, pre=pre)  # ReLU commutes with TopK
         if self.architecture == "batchtopk":
             flat = F.relu(pre).flatten()
             kept = flat.topk(self.k * x.shape[0], sorted=False).indices
             dense = torch.zeros_like(flat).scatter_(0, kept, flat[kept]).view_as(pre)
-            return Codes(dense=dense)
+            return Codes(dense=dense, pre=pre)
         if self.architecture == "relu":
             return Codes(dense=F.relu(pre))
         threshold = self.log_threshold.exp()
@@ -137,7 +138,7 @@ class SparseAutoencoder(nn.Module):
         fvu = error.pow(2).sum() / total_variance
         loss = fvu
         if self.architecture in ("topk", "batchtopk") and dead is not None and bool(dead.any()):
-            loss = loss + AUXK_ALPHA * self._auxk(x, error, dead, total_variance)
+            loss = loss + AUXK_ALPHA * self._auxk(codes.pre, error, dead, total_variance)
         elif self.architecture == "relu":
             loss = loss + self.l1_coefficient * codes.dense.abs().sum(dim=-1).mean() / self.d_in
         elif self.architecture == "jumprelu":
@@ -145,10 +146,10 @@ class SparseAutoencoder(nn.Module):
             loss = loss + self.l1_coefficient * step.sum(dim=-1).mean() / self.n_latents
         return StepOutput(loss, fvu.detach(), reconstruction.detach(), codes)
 
-    def _auxk(self, x: torch.Tensor, error: torch.Tensor, dead: torch.Tensor,
+    def _auxk(self, pre: torch.Tensor, error: torch.Tensor, dead: torch.Tensor,
               total_variance: torch.Tensor) -> torch.Tensor:
         """Reconstruct the residual error from the top k_aux dead latents (Gao et al.)."""
-        pre = self.pre_activations(x).masked_fill(~dead, -math.inf)
+        pre = pre.masked_fill(~dead, -math.inf)
         k_aux = min(self.k_aux, int(dead.sum()))
         values, indices = pre.topk(k_aux, dim=-1, sorted=False)
         predicted = F.embedding_bag(indices, self.W_dec, per_sample_weights=F.relu(values), mode="sum")
