@@ -26,18 +26,37 @@ from pipeline.models import LoadedModel, ModelSpec, block_output, load_model, pi
 from pipeline.sae import SparseAutoencoder, load_sae
 from stores import ActivationStore, StoreError, to_float32
 
+_EVAL_BATCH = 4096
+
+
+class ReconstructionTotals:
+    """Running sums for the reconstruction metrics, so they can be computed a batch at a time."""
+
+    def __init__(self) -> None:
+        self.rows, self.error, self.sum, self.sum_sq = 0, 0.0, None, 0.0
+        self.cosine, self.l2_ratio = 0.0, 0.0
+
+    def add(self, x: torch.Tensor, reconstruction: torch.Tensor) -> None:
+        x64, r64 = x.double(), reconstruction.double()
+        self.rows += x.shape[0]
+        self.error += float((x64 - r64).pow(2).sum())
+        self.sum = x64.sum(dim=0) if self.sum is None else self.sum + x64.sum(dim=0)
+        self.sum_sq += float(x64.pow(2).sum())
+        self.cosine += float(F.cosine_similarity(x64, r64, dim=1).sum())
+        self.l2_ratio += float((r64.norm(dim=1) / x64.norm(dim=1).clamp_min(1e-30)).sum())
+
+    def metrics(self, d_model: int) -> dict[str, float]:
+        variance = max(self.sum_sq - float(self.sum.pow(2).sum()) / self.rows, 1e-30)
+        fvu = self.error / variance
+        return {"fvu": fvu, "explained_variance": 1.0 - fvu, "mse": self.error / (self.rows * d_model),
+                "cosine_similarity": self.cosine / self.rows, "l2_ratio": self.l2_ratio / self.rows}
+
 
 def reconstruction_metrics(x: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, float]:
     """FVU, explained variance, MSE, cosine similarity and L2 ratio of a reconstruction."""
-    error = (x - reconstruction).pow(2).sum()
-    variance = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-30)
-    fvu = float(error / variance)
-    norms = x.norm(dim=1).clamp_min(1e-30)
-    return {
-        "fvu": fvu, "explained_variance": 1.0 - fvu, "mse": float((x - reconstruction).pow(2).mean()),
-        "cosine_similarity": float(F.cosine_similarity(x, reconstruction, dim=1).mean()),
-        "l2_ratio": float((reconstruction.norm(dim=1) / norms).mean()),
-    }
+    totals = ReconstructionTotals()
+    totals.add(x, reconstruction)
+    return totals.metrics(x.shape[1])
 
 
 def downstream_metrics(clean_logits: torch.Tensor, spliced_logits: torch.Tensor, zero_logits: torch.Tensor,
@@ -137,13 +156,18 @@ def evaluate_run(run: str, tokens: int = 16384, windows: int = 32, context_lengt
         for layer in sae_config["layers"]:
             scale = sae_config["scales"][str(layer)]
             stop = min(store.n_tokens, start_row + tokens)
-            x = torch.from_numpy(to_float32(store.read_rows(layer, start_row, stop), store.dtype)).to(torch_device)
-            with torch.no_grad():
-                codes = sae.encode(x * scale)
-                reconstruction = sae.decode(codes) / scale
-            active = codes.active(sae.n_latents)
-            record = {"layer": layer, "sae_layers": sae_config["layers"], "tokens": int(x.shape[0]),
-                      **reconstruction_metrics(x, reconstruction), "l0": codes.l0(),
+            totals, l0_sum = ReconstructionTotals(), 0.0
+            active = torch.zeros(sae.n_latents, dtype=torch.bool, device=torch_device)
+            for begin in range(start_row, stop, _EVAL_BATCH):  # a batch at a time: memory stays flat
+                end = min(stop, begin + _EVAL_BATCH)
+                x = torch.from_numpy(to_float32(store.read_rows(layer, begin, end), store.dtype)).to(torch_device)
+                with torch.no_grad():
+                    codes = sae.encode(x * scale)
+                    totals.add(x, sae.decode(codes) / scale)
+                l0_sum += codes.l0() * x.shape[0]
+                active |= codes.active(sae.n_latents)
+            record = {"layer": layer, "sae_layers": sae_config["layers"], "tokens": totals.rows,
+                      **totals.metrics(store.d_model), "l0": l0_sum / totals.rows,
                       "dead_fraction": float(1 - active.float().mean()), "alive_latents": int(active.sum())}
             if lm is not None:
                 def splice(hidden: torch.Tensor) -> torch.Tensor:
