@@ -88,7 +88,10 @@ class ActivationStore:
         self.path = str(path)
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
+        # opened once: indexing the group re-reads an array's metadata every time
         self._layers = [group[f"layers/{layer}"] for layer in range(self.n_layers)]
+        self._tokens = group["tokens"]
+        self._chunk_stats = {name: group[f"stats/{name}"] for name in ("chunk_sum", "chunk_norm_sum", "chunk_overflow")}
 
     # ---------------------------------------------------------------- creation and opening
     @classmethod
@@ -215,10 +218,10 @@ class ActivationStore:
         try:
             for array, values in zip(self._layers, layers):
                 array[rows] = values
-            self.group["tokens"][rows] = tokens
-            self.group["stats/chunk_sum"][chunk] = stats.sums
-            self.group["stats/chunk_norm_sum"][chunk] = stats.norm_sums
-            self.group["stats/chunk_overflow"][chunk] = stats.overflow
+            self._tokens[rows] = tokens
+            self._chunk_stats["chunk_sum"][chunk] = stats.sums
+            self._chunk_stats["chunk_norm_sum"][chunk] = stats.norm_sums
+            self._chunk_stats["chunk_overflow"][chunk] = stats.overflow
             self._set_attrs(chunks_written=chunk + 1, tokens_written=stop)
         except OSError as exc:
             raise _write_error(self.path, exc) from None
@@ -231,18 +234,18 @@ class ActivationStore:
         n_chunks = self.chunks_written
         try:
             if n < self.tokens_planned:  # the corpus ran out: shrink every array to what was written
-                for array in [*self._layers, self.group["tokens"]]:
+                for array in [*self._layers, self._tokens]:
                     array.resize((n, *array.shape[1:]))
                 for name in ("chunk_sum", "chunk_norm_sum", "chunk_overflow"):
-                    array = self.group[f"stats/{name}"]
+                    array = self._chunk_stats[name]
                     array.resize((n_chunks, *array.shape[1:]))
             sums = np.zeros((self.n_layers, self.d_model), dtype=np.float64)
             norm_sums = np.zeros(self.n_layers, dtype=np.float64)
             overflow = np.zeros(self.n_layers, dtype=np.int64)
             for chunk in range(n_chunks):  # chunk by chunk, in order, so the totals are reproducible
-                sums += self.group["stats/chunk_sum"][chunk]
-                norm_sums += self.group["stats/chunk_norm_sum"][chunk]
-                overflow += self.group["stats/chunk_overflow"][chunk]
+                sums += self._chunk_stats["chunk_sum"][chunk]
+                norm_sums += self._chunk_stats["chunk_norm_sum"][chunk]
+                overflow += self._chunk_stats["chunk_overflow"][chunk]
             stats = self.group["stats"]
             stats.create_array("mean", shape=sums.shape, dtype="float32", compressors=small_array_codecs(),
                                overwrite=True)[:] = (sums / n).astype(np.float32)
@@ -282,7 +285,7 @@ class ActivationStore:
         return self.read_rows(layer, start, min(stop, self.n_tokens))
 
     def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self.group["tokens"][start : self.n_tokens if stop is None else stop]
+        return self._tokens[start : self.n_tokens if stop is None else stop]
 
     @property
     def mean(self) -> np.ndarray:
@@ -307,12 +310,12 @@ class ActivationStore:
 
     def iter_chunk_checks(self) -> Iterator[tuple[str, int, int, int, str | None]]:
         """Decode every written chunk; yield ``(array, layer, start, stop, problem or None)``."""
-        names = [(f"layers/{layer}", layer) for layer in range(self.n_layers)] + [("tokens", -1)]
+        arrays = [(f"layers/{layer}", layer, array) for layer, array in enumerate(self._layers)]
+        arrays.append(("tokens", -1, self._tokens))
         for chunk in range(self.n_chunks):
             start, stop = self.chunk_rows(chunk)
             stop = min(stop, self.n_tokens)
-            for name, layer in names:
-                array = self.group[name]
+            for name, layer, array in arrays:
                 key = f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
                 problem = None
                 if not sync(array.store.exists(key)):
