@@ -59,6 +59,25 @@ def reconstruction_metrics(x: torch.Tensor, reconstruction: torch.Tensor) -> dic
     return totals.metrics(x.shape[1])
 
 
+@torch.no_grad()
+def layer_reconstruction(sae: SparseAutoencoder, store: ActivationStore, layer: int, scale: float, start: int,
+                         stop: int, device: torch.device) -> dict[str, Any]:
+    """Reconstruction and sparsity metrics of ``sae`` on rows [start, stop) of ``layer`` (raw activations;
+    the SAE sees them times ``scale``), a batch at a time so memory stays flat in the number of rows."""
+    stop = min(stop, store.n_tokens)
+    totals, l0_sum = ReconstructionTotals(), 0.0
+    active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
+    for begin in range(start, stop, _EVAL_BATCH):
+        end = min(stop, begin + _EVAL_BATCH)
+        x = torch.from_numpy(to_float32(store.read_rows(layer, begin, end), store.dtype)).to(device)
+        codes = sae.encode(x * scale)
+        totals.add(x, sae.decode(codes) / scale)
+        l0_sum += codes.l0() * x.shape[0]
+        active |= codes.active(sae.n_latents)
+    return {"tokens": totals.rows, **totals.metrics(store.d_model), "l0": l0_sum / totals.rows,
+            "dead_fraction": float(1 - active.float().mean()), "alive_latents": int(active.sum())}
+
+
 def downstream_metrics(clean_logits: torch.Tensor, spliced_logits: torch.Tensor, zero_logits: torch.Tensor,
                        input_ids: torch.Tensor) -> dict[str, float]:
     """Clean, spliced and zero-ablated CE, ΔCE %, CE recovered and KL(clean ‖ spliced)."""
@@ -155,20 +174,8 @@ def evaluate_run(run: str, tokens: int = 16384, windows: int = 32, context_lengt
     for sae, sae_config in saes:
         for layer in sae_config["layers"]:
             scale = sae_config["scales"][str(layer)]
-            stop = min(store.n_tokens, start_row + tokens)
-            totals, l0_sum = ReconstructionTotals(), 0.0
-            active = torch.zeros(sae.n_latents, dtype=torch.bool, device=torch_device)
-            for begin in range(start_row, stop, _EVAL_BATCH):  # a batch at a time: memory stays flat
-                end = min(stop, begin + _EVAL_BATCH)
-                x = torch.from_numpy(to_float32(store.read_rows(layer, begin, end), store.dtype)).to(torch_device)
-                with torch.no_grad():
-                    codes = sae.encode(x * scale)
-                    totals.add(x, sae.decode(codes) / scale)
-                l0_sum += codes.l0() * x.shape[0]
-                active |= codes.active(sae.n_latents)
-            record = {"layer": layer, "sae_layers": sae_config["layers"], "tokens": totals.rows,
-                      **totals.metrics(store.d_model), "l0": l0_sum / totals.rows,
-                      "dead_fraction": float(1 - active.float().mean()), "alive_latents": int(active.sum())}
+            record = {"layer": layer, "sae_layers": sae_config["layers"],
+                      **layer_reconstruction(sae, store, layer, scale, start_row, start_row + tokens, torch_device)}
             if lm is not None:
                 def splice(hidden: torch.Tensor) -> torch.Tensor:
                     out = hidden.clone()

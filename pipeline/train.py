@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline import __version__
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.errors import GsaeError
+from pipeline.evaluate import layer_reconstruction
 from pipeline.group import GroupRequest, load_grouping, result_name, run_group
 from pipeline.grouping import parse_layers
 from pipeline.models import pick_device
@@ -25,6 +26,7 @@ from stores import ActivationStore, StoreError, read_side_file, write_side_file
 from stores.stream import TrainingStream, split_chunks
 
 RUNS_ROOT = "runs"
+_SUMMARY_EVAL_ROWS = 16384  # held-out rows per layer for the summary's FVU
 
 
 @dataclass
@@ -272,33 +274,6 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
     return TrainResult(run, rows, time.perf_counter() - started, start_step)
 
 
-@torch.no_grad()
-def held_out_fvu(sae: SparseAutoencoder, store: ActivationStore, layer: int, scale: float, chunks: list[int],
-                 device: torch.device, max_rows: int = 16384, batch: int = 2048) -> tuple[float, float]:
-    """FVU and L0 of ``sae`` on up to ``max_rows`` held-out rows of ``layer``, a batch at a time (the
-    pre-activations of all rows at once would make memory grow with the held-out slice)."""
-    from stores import to_float32
-
-    error, total, total_sq, l0_sum, rows = 0.0, None, 0.0, 0.0, 0
-    for chunk in chunks:
-        start, stop = store.chunk_rows(chunk)
-        stop = min(stop, store.n_tokens, start + max_rows - rows)
-        values = torch.from_numpy(to_float32(store.read_rows(layer, start, stop), store.dtype) * scale)
-        for x in values.split(batch):
-            x = x.to(device)
-            codes = sae.encode(x)
-            error += float((x - sae.decode(codes)).double().pow(2).sum())
-            x64 = x.double()
-            total = x64.sum(dim=0) if total is None else total + x64.sum(dim=0)
-            total_sq += float(x64.pow(2).sum())
-            l0_sum += codes.l0() * x.shape[0]
-            rows += x.shape[0]
-        if rows >= max_rows:
-            break
-    variance = total_sq - float(total.pow(2).sum()) / rows
-    return error / max(variance, 1e-12), l0_sum / rows
-
-
 def _finish(run: Path, config: dict[str, Any], store: ActivationStore, saes: list, latest: list,
             elapsed: list[float], device: torch.device) -> list[dict[str, Any]]:
     """Save the final SAEs and return one summary row per SAE (held-out FVU per layer)."""
@@ -308,12 +283,13 @@ def _finish(run: Path, config: dict[str, Any], store: ActivationStore, saes: lis
         save_sae(sae, str(run / f"sae_{i}.safetensors"), str(run / f"sae_{i}.json"),
                  {"layers": group, "scales": scales, "hook_names": [f"blocks.{l}.hook_resid_post" for l in group],
                   "model_id": store.attrs.get("model_id"), "tokens": config["steps"] * config["request"]["batch_size"]})
-        per_layer = {layer: held_out_fvu(sae, store, layer, scales[str(layer)], config["eval_chunks"], device)
-                     for layer in group}
+        start = config["eval_rows"][0]
+        per_layer = {layer: layer_reconstruction(sae, store, layer, scales[str(layer)], start,
+                                                 start + _SUMMARY_EVAL_ROWS, device)["fvu"] for layer in group}
         rows.append({"sae": i, "layers": group, "train_fvu": latest[i].get("fvu"), "l0": latest[i].get("l0"),
                      "dead_fraction": latest[i].get("dead_fraction"),
-                     "held_out_fvu": float(np.mean([v[0] for v in per_layer.values()])),
-                     "held_out_fvu_per_layer": {str(k): v[0] for k, v in per_layer.items()},
+                     "held_out_fvu": float(np.mean(list(per_layer.values()))),
+                     "held_out_fvu_per_layer": {str(k): v for k, v in per_layer.items()},
                      "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")})
     (run / "summary.json").write_text(json.dumps({"label": config["label"], "saes": rows,
                                                   "train_seconds": sum(elapsed)}, indent=1))
