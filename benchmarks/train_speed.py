@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from pipeline.sae import SparseAutoencoder, default_lr  # noqa: E402
 from pipeline.train import train_step  # noqa: E402
-from stores import ActivationStore, StatsAccumulator  # noqa: E402
+from stores import ActivationStore, compute_chunk_stats  # noqa: E402
 from stores.stream import TrainingStream, split_chunks  # noqa: E402
 
 
@@ -107,10 +107,7 @@ def _doubled(cache: str, target: str) -> None:
             if stop - start != source.chunk_tokens and store.chunk_rows(chunk)[1] - store.chunk_rows(chunk)[0] != stop - start:
                 break  # a short last chunk only fits at the very end
             layers = [source.read_chunk(l, c) for l in range(source.n_layers)]
-            stats = StatsAccumulator(source.n_layers, source.d_model, source.dtype)
-            for l, values in enumerate(layers):
-                stats.add(l, torch.from_numpy(values))
-            store.write_chunk(chunk, layers, source.tokens(start, stop), stats.result())
+            store.write_chunk(chunk, layers, source.tokens(start, stop), compute_chunk_stats(layers, source.dtype))
             chunk += 1
     store.finalize()
 
