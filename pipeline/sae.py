@@ -9,6 +9,7 @@ TopK codes stay sparse (values and indices of the k kept latents) and are decode
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,53 @@ class _JumpStep(torch.autograd.Function):
         return None, (-grad * window).sum(dim=0), None
 
 
+class _GatherLatents(torch.autograd.Function):
+    """``pre.gather(1, indices)`` where ``pre = (x − b_dec) @ W_enc + b_enc`` was computed without a
+    graph; the backward works through the gathered latents only (DESIGN §1, "an efficient step").
+
+    A dense TopK backward scatters the B×k gradient into B×M and runs two B×M×d matmuls. Here the
+    bias gradients are a per-latent sum (``index_add_``), b_dec's is one M×d matrix-vector product
+    and W_enc's is a sparse (M×B CSR) × dense (B×d) product. Measured at B=4096, d=576, M=4608,
+    k=96 on 2 CPU cores: 89 ms for W_enc's gradient this way, 184 ms through the dense scatter and
+    568 ms with sparsify's B×k×d temporary + ``index_add_``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, pre, indices):
+        ctx.save_for_backward(x, b_dec, W_enc, indices)
+        return pre.gather(1, indices)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, b_dec, W_enc, indices = ctx.saved_tensors
+        n_latents = W_enc.shape[1]
+        flat_indices, flat_grad = indices.flatten(), grad.flatten()
+        per_latent = torch.zeros(n_latents, dtype=grad.dtype, device=grad.device).index_add_(0, flat_indices, flat_grad)
+        grad_x = grad_b_dec = grad_W_enc = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=grad, mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_b_dec = -(W_enc @ per_latent)
+        if ctx.needs_input_grad[2]:
+            grad_W_enc = _latent_major_gradient(x - b_dec, flat_indices, flat_grad, indices.shape[1], n_latents).T
+        return grad_x, grad_b_dec, grad_W_enc, per_latent, None, None
+
+
+def _latent_major_gradient(centred: torch.Tensor, flat_indices: torch.Tensor, flat_grad: torch.Tensor,
+                           k: int, n_latents: int) -> torch.Tensor:
+    """(M×d) Σ over tokens b and kept slots j with indices[b, j] = m of grad[b, j] · centred[b]."""
+    order = torch.argsort(flat_indices, stable=True)
+    tokens = torch.div(order, k, rounding_mode="floor")
+    counts = torch.bincount(flat_indices, minlength=n_latents)
+    row_starts = torch.zeros(n_latents + 1, dtype=torch.long, device=centred.device)
+    row_starts[1:] = counts.cumsum(0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is all we use
+        warnings.simplefilter("ignore", UserWarning)
+        sparse = torch.sparse_csr_tensor(row_starts, tokens, flat_grad[order], (n_latents, centred.shape[0]),
+                                         check_invariants=False)
+        return sparse @ centred
+
+
 class SparseAutoencoder(nn.Module):
     """x̂ = W_decᵀ f(W_encᵀ (x − b_dec) + b_enc) + b_dec with f set by ``architecture``."""
 
@@ -105,10 +153,13 @@ class SparseAutoencoder(nn.Module):
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> Codes:
-        pre = self.pre_activations(x)
         if self.architecture == "topk":
-            values, indices = pre.topk(self.k, dim=-1, sorted=False)
+            with torch.no_grad():  # only the k kept latents get a gradient: see _GatherLatents
+                pre = self.pre_activations(x)
+            indices = pre.topk(self.k, dim=-1, sorted=False).indices
+            values = self._gather(x, pre, indices)
             return Codes(values=F.relu(values), indices=indices, pre=pre)  # ReLU commutes with TopK
+        pre = self.pre_activations(x)
         if self.architecture == "batchtopk":
             flat = F.relu(pre).flatten()
             kept = flat.topk(self.k * x.shape[0], sorted=False).indices
@@ -118,6 +169,12 @@ class SparseAutoencoder(nn.Module):
             return Codes(dense=F.relu(pre))
         threshold = self.log_threshold.exp()
         return Codes(dense=F.relu(pre) * _JumpStep.apply(pre, threshold, self.jump_bandwidth))
+
+    def _gather(self, x: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """pre[b, indices[b, j]], differentiable in the SAE's parameters whether or not ``pre`` is."""
+        if pre.requires_grad or not torch.is_grad_enabled():
+            return pre.gather(1, indices)
+        return _GatherLatents.apply(x, self.b_dec, self.W_enc, self.b_enc, pre, indices)
 
     def decode(self, codes: Codes) -> torch.Tensor:
         if codes.dense is not None:
@@ -138,7 +195,7 @@ class SparseAutoencoder(nn.Module):
         fvu = error.pow(2).sum() / total_variance
         loss = fvu
         if self.architecture in ("topk", "batchtopk") and dead is not None and bool(dead.any()):
-            loss = loss + AUXK_ALPHA * self._auxk(codes.pre, error, dead, total_variance)
+            loss = loss + AUXK_ALPHA * self._auxk(x, codes.pre, error, dead, total_variance)
         elif self.architecture == "relu":
             loss = loss + self.l1_coefficient * codes.dense.abs().sum(dim=-1).mean() / self.d_in
         elif self.architecture == "jumprelu":
@@ -146,12 +203,12 @@ class SparseAutoencoder(nn.Module):
             loss = loss + self.l1_coefficient * step.sum(dim=-1).mean() / self.n_latents
         return StepOutput(loss, fvu.detach(), reconstruction.detach(), codes)
 
-    def _auxk(self, pre: torch.Tensor, error: torch.Tensor, dead: torch.Tensor,
+    def _auxk(self, x: torch.Tensor, pre: torch.Tensor, error: torch.Tensor, dead: torch.Tensor,
               total_variance: torch.Tensor) -> torch.Tensor:
         """Reconstruct the residual error from the top k_aux dead latents (Gao et al.)."""
-        pre = pre.masked_fill(~dead, -math.inf)
         k_aux = min(self.k_aux, int(dead.sum()))
-        values, indices = pre.topk(k_aux, dim=-1, sorted=False)
+        indices = pre.detach().masked_fill(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False).indices
+        values = self._gather(x, pre, indices)
         predicted = F.embedding_bag(indices, self.W_dec, per_sample_weights=F.relu(values), mode="sum")
         return (predicted - error.detach()).pow(2).sum() / total_variance
 
