@@ -1,0 +1,195 @@
+"""gsae's SAE training step ÷ EleutherAI sparsify's (eai-sparsify 1.3.3), in tokens/s, measured in one run:
+
+    /work/scratch/sparsify/venv/bin/python benchmarks/sparsify_speed.py                    # Gaussian data
+    /work/scratch/sparsify/venv/bin/python benchmarks/sparsify_speed.py --cache C --layer L  # a cached layer
+
+Run it with a venv that sees gsae's dependencies and has eai-sparsify 1.3.3 (docs/benchmarks.md):
+
+    python -m venv --system-site-packages /work/scratch/sparsify/venv
+    /work/scratch/sparsify/venv/bin/pip install --no-deps eai-sparsify==1.3.3 einops natsort \
+        simple-parsing docstring-parser schedulefree
+
+Both train a TopK SAE d_in → expansion·d_in on the same in-memory batches, float32, Adam at
+2e-4 / sqrt(M / 2^14) (both tools' default). gsae runs `pipeline.train.train_step`, as `gsae train`
+does. sparsify runs what its `Trainer.fit` does per step for the "fvu" loss (its activation hook and
+the update after it), with `optimizer="adam"` (its default is SignSGD) and `lr_warmup_steps=0`; on a
+CPU it picks torch.optim.Adam (no bitsandbytes) and the eager embedding_bag decoder (no Triton).
+Neither side's data feed (store stream, LM forward and hook copies) is timed. The tools alternate
+(gsae, sparsify, gsae, …), each run a fresh SAE with warm-up steps, and the best run of each is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the gsae command sets it
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from pipeline.sae import AUXK_ALPHA, SparseAutoencoder, default_lr  # noqa: E402
+from pipeline.train import train_step  # noqa: E402
+
+Step = Callable[[torch.Tensor], float]  # one training step on a batch → the batch's FVU
+NEVER_DEAD, ALL_DEAD = 10_000_000, -1  # dead-token thresholds: AuxK off, AuxK on every latent
+TARGETS = {32: 1.3, 128: 1.5}
+
+
+def load_batches(args: argparse.Namespace) -> tuple[list[torch.Tensor], str]:
+    """warm-up + timed batches of (batch_size, d_in) float32 rows, and a line describing them."""
+    n_rows = args.batch_size * (args.warmup + args.steps)
+    if args.cache:
+        from stores import ActivationStore, to_float32
+
+        store = ActivationStore.open(args.cache)
+        layer = store.n_layers // 2 if args.layer is None else args.layer
+        n_rows = min(n_rows, store.n_tokens - store.n_tokens % args.batch_size)
+        rows = torch.from_numpy(to_float32(store.read_rows(layer, 0, n_rows), store.dtype)) / float(store.norm[layer])
+        what = f"{args.cache} layer {layer}, first {n_rows:,} rows scaled by 1/mean norm (as gsae train)"
+    else:
+        generator = torch.Generator().manual_seed(0)
+        rows = torch.randn(args.d_in, generator=generator) + torch.randn(n_rows, args.d_in, generator=generator)
+        rows /= rows.norm(dim=1).mean()
+        what = "random Gaussian: per-dimension mean ~ N(0, 1), noise N(0, 1), scaled to mean row norm 1"
+    return list(rows.split(args.batch_size)), what
+
+
+def gsae_step(d_in: int, n_latents: int, k: int, mean: torch.Tensor, dead_tokens: int) -> tuple[Step, SparseAutoencoder]:
+    """`gsae train`'s step: b_dec at the data mean, Adam, dead counters (AuxK when latents are dead)."""
+    sae = SparseAutoencoder(d_in, n_latents, "topk", k=k)
+    with torch.no_grad():
+        sae.b_dec.copy_(mean)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents))
+    since_fired = torch.zeros(n_latents, dtype=torch.long)
+    return lambda x: float(train_step(sae, optimizer, x, since_fired, dead_tokens).fvu), sae
+
+
+def sparsify_step(d_in: int, n_latents: int, k: int, first_mean: torch.Tensor, dead_tokens: int) -> tuple[Step, torch.nn.Module]:
+    """sparsify Trainer.fit's step for one SAE (loss_fn "fvu", grad_acc_steps = micro_acc_steps = 1,
+    no multi-TopK); b_dec starts at the first batch's mean, as the Trainer sets it on its first step."""
+    from sparsify.config import SparseCoderConfig
+    from sparsify.sparse_coder import SparseCoder
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(0)
+    sae = SparseCoder(d_in, SparseCoderConfig(num_latents=n_latents, k=k), "cpu", dtype=torch.float32)
+    sae.b_dec.data = first_mean.clone()
+    optimizer = torch.optim.Adam([dict(params=sae.parameters(), lr=2e-4 / (sae.num_latents / 2**14) ** 0.5)])
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10**6)  # lr_warmup_steps=0, a long run
+    auxk_alpha = AUXK_ALPHA if dead_tokens == ALL_DEAD else 0.0  # sparsify's default auxk_alpha is 0
+    since_fired = torch.zeros(n_latents, dtype=torch.long)
+    did_fire = torch.zeros(n_latents, dtype=torch.bool)
+
+    def step(x: torch.Tensor) -> float:
+        sae.set_decoder_norm_to_unit_norm()
+        dead_mask = since_fired > dead_tokens if auxk_alpha > 0 else None
+        out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=(x - x.mean(0)).pow(2).sum())
+        did_fire[out.latent_indices.flatten()] = True
+        fvu = float(out.fvu.detach())
+        (out.fvu + auxk_alpha * out.auxk_loss).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        with torch.no_grad():
+            since_fired.add_(x.shape[0])
+            since_fired[did_fire] = 0
+            did_fire.zero_()
+        return fvu
+
+    return step, sae
+
+
+def timed(step: Step, batches: list[torch.Tensor], warmup: int, precision: str) -> tuple[float, float]:
+    """Seconds per step over the batches after the first ``warmup``, and the last step's FVU."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)  # sparsify's fit() sets "high"; gsae leaves the default
+    try:
+        for x in batches[:warmup]:
+            step(x)
+        start = time.perf_counter()
+        for x in batches[warmup:]:
+            fvu = step(x)
+        return (time.perf_counter() - start) / (len(batches) - warmup), fvu
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def same_weights_check(x: torch.Tensor, n_latents: int, k: int) -> str:
+    """Load one gsae SAE's weights into sparsify's SparseCoder; compare their TopK codes and FVU on x."""
+    _, sae = gsae_step(x.shape[1], n_latents, k, x.mean(0), NEVER_DEAD)
+    _, coder = sparsify_step(x.shape[1], n_latents, k, x.mean(0), NEVER_DEAD)
+    with torch.no_grad():
+        coder.encoder.weight.copy_(sae.W_enc.T)
+        coder.encoder.bias.copy_(sae.b_enc)
+        coder.W_dec.copy_(sae.W_dec)
+        coder.b_dec.copy_(sae.b_dec)
+        ours, theirs = sae.loss(x), coder(x)
+
+    def active(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], n_latents, dtype=torch.bool).scatter_(1, indices, values > 0)
+
+    same = (active(ours.codes.indices, ours.codes.values) == active(theirs.latent_indices, theirs.latent_acts)).all(1)
+    return (f"same weights, k={k}: active latents/token gsae {ours.codes.l0():.2f}, sparsify "
+            f"{float((theirs.latent_acts > 0).sum(1).float().mean()):.2f}; identical active sets on "
+            f"{100 * float(same.float().mean()):.1f}% of tokens; FVU {float(ours.fvu):.5f} / {float(theirs.fvu):.5f}")
+
+
+def main(args: argparse.Namespace) -> None:
+    try:
+        import sparsify
+    except ImportError:
+        sys.exit("sparsify is not importable: run this with the venv that has eai-sparsify 1.3.3: see docs/benchmarks.md")
+    batches, what = load_batches(args)
+    d_in = batches[0].shape[1]
+    n_latents = int(d_in * args.expansion)
+    mean = torch.cat(batches).mean(0)
+    print(f"data: {what}")
+    print(f"SAE {d_in}→{n_latents}, batch {args.batch_size}, Adam lr {default_lr(n_latents):.3g}, {args.warmup} warm-up + "
+          f"{len(batches) - args.warmup} timed steps, best of {args.repeats} alternating runs; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; sparsify {sparsify.__version__}, decoder {sparsify.utils.decoder_impl.__name__}")
+    print(f"{'k':>12}  {'gsae tok/s':>10}  {'sparsify tok/s':>14}  {'ratio':>6}  target  FVU after {len(batches)} steps "
+          f"gsae / sparsify  (runs, ms/step: gsae | sparsify)")
+    variants = [(k, NEVER_DEAD) for k in args.k] + ([(k, ALL_DEAD) for k in args.k] if args.auxk else [])
+    for k, dead_tokens in variants:
+        runs: dict[str, list[float]] = {"gsae": [], "sparsify": []}
+        fvus: dict[str, float] = {}
+        for _ in range(args.repeats):
+            for tool in runs:
+                step = (gsae_step(d_in, n_latents, k, mean, dead_tokens)[0] if tool == "gsae"
+                        else sparsify_step(d_in, n_latents, k, batches[0].mean(0), dead_tokens)[0])
+                seconds, fvus[tool] = timed(step, batches, args.warmup, "highest" if tool == "gsae" else "high")
+                runs[tool].append(seconds)
+        speed = {tool: args.batch_size / min(times) for tool, times in runs.items()}
+        label = f"{k}{' +AuxK' if dead_tokens == ALL_DEAD else ''}"
+        target = f"≥ {TARGETS[k]}" if k in TARGETS and dead_tokens == NEVER_DEAD else "  –"
+        print(f"{label:>12}  {speed['gsae']:10,.0f}  {speed['sparsify']:14,.0f}  {speed['gsae'] / speed['sparsify']:6.3f}  "
+              f"{target:<6}  {fvus['gsae']:.4f} / {fvus['sparsify']:.4f}   "
+              + " | ".join(", ".join(f"{1000 * t:.0f}" for t in runs[tool]) for tool in runs)
+              + f"   (median ratio {statistics.median(runs['sparsify']) / statistics.median(runs['gsae']):.3f})")
+    if args.auxk:
+        print("+AuxK: every latent counted dead (gsae dead_tokens = sparsify dead_feature_threshold = -1, "
+              "auxk_alpha 1/32): AuxK's full cost on both sides")
+    for k in args.k:
+        print(same_weights_check(batches[0], n_latents, k))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-in", type=int, default=576, help="input width (ignored with --cache: the cache's)")
+    parser.add_argument("--expansion", type=float, default=8)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--k", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each tool, alternating")
+    parser.add_argument("--cache", help="a gsae activation cache; random Gaussian data without it")
+    parser.add_argument("--layer", type=int, help="the cache's layer (default: the middle one)")
+    parser.add_argument("--auxk", action="store_true", help="also time each k with AuxK on every latent")
+    main(parser.parse_args())
