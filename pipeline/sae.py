@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
+# torch warns once that "Sparse CSR tensor support is in beta"; the CSR × dense product is all we use.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 AUXK_ALPHA = 1 / 32
 
 
@@ -84,11 +86,11 @@ class _GatherLatents(torch.autograd.Function):
     """``pre.gather(1, indices)`` where ``pre = (x − b_dec) @ W_enc + b_enc`` was computed without a
     graph; the backward works through the gathered latents only (DESIGN §1, "an efficient step").
 
-    A dense TopK backward scatters the B×k gradient into B×M and runs two B×M×d matmuls. Here the
-    bias gradients are a per-latent sum (``index_add_``), b_dec's is one M×d matrix-vector product
-    and W_enc's is a sparse (M×B CSR) × dense (B×d) product. Measured at B=4096, d=576, M=4608,
-    k=96 on 2 CPU cores: 89 ms for W_enc's gradient this way, 184 ms through the dense scatter and
-    568 ms with sparsify's B×k×d temporary + ``index_add_``.
+    A dense TopK backward scatters the B×k gradient into B×M and runs two B×M×d matmuls. Here one
+    sparse (M×B CSR) × dense (B×(d+1)) product gives W_enc's gradient and the per-latent gradient sums
+    (b_enc's gradient); b_dec's is one matrix-vector product. There is no B×k×d temporary (sparsify's
+    backward builds one) and no float atomics, so the step stays deterministic on CUDA too.
+    Timings: docs/benchmarks.md.
     """
 
     @staticmethod
@@ -99,32 +101,27 @@ class _GatherLatents(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, b_dec, W_enc, indices = ctx.saved_tensors
-        n_latents = W_enc.shape[1]
-        flat_indices, flat_grad = indices.flatten(), grad.flatten()
-        per_latent = torch.zeros(n_latents, dtype=grad.dtype, device=grad.device).index_add_(0, flat_indices, flat_grad)
-        grad_x = grad_b_dec = grad_W_enc = None
+        centred = x - b_dec
+        sums = _sum_per_latent(indices, grad, torch.cat([centred, centred.new_ones(len(centred), 1)], dim=1),
+                               W_enc.shape[1])
+        per_latent = sums[:, -1]
+        grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=grad, mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_b_dec = -(W_enc @ per_latent)
-        if ctx.needs_input_grad[2]:
-            grad_W_enc = _latent_major_gradient(x - b_dec, flat_indices, flat_grad, indices.shape[1], n_latents).T
-        return grad_x, grad_b_dec, grad_W_enc, per_latent, None, None
+        return grad_x, -(W_enc @ per_latent), sums[:, :-1].T, per_latent, None, None
 
 
-def _latent_major_gradient(centred: torch.Tensor, flat_indices: torch.Tensor, flat_grad: torch.Tensor,
-                           k: int, n_latents: int) -> torch.Tensor:
-    """(M×d) Σ over tokens b and kept slots j with indices[b, j] = m of grad[b, j] · centred[b]."""
-    order = torch.argsort(flat_indices, stable=True)
-    tokens = torch.div(order, k, rounding_mode="floor")
-    counts = torch.bincount(flat_indices, minlength=n_latents)
-    row_starts = torch.zeros(n_latents + 1, dtype=torch.long, device=centred.device)
-    row_starts[1:] = counts.cumsum(0)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is all we use
-        warnings.simplefilter("ignore", UserWarning)
-        sparse = torch.sparse_csr_tensor(row_starts, tokens, flat_grad[order], (n_latents, centred.shape[0]),
-                                         check_invariants=False)
-        return sparse @ centred
+def _sum_per_latent(indices: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """(M × rows' width): out[m] = Σ over tokens b and slots j with indices[b, j] = m of grad[b, j] · rows[b],
+    as a CSR (M×B) × dense product. Rows of the CSR matrix are sorted by a stable sort of the indices."""
+    flat_indices, order = torch.sort(indices.flatten(), stable=True)
+    tokens = torch.div(order, indices.shape[1], rounding_mode="floor")
+    bounds = torch.arange(n_latents + 1, device=indices.device, dtype=flat_indices.dtype)
+    row_starts = torch.searchsorted(flat_indices, bounds)
+    compute = grad.dtype if grad.dtype in (torch.float32, torch.float64) or grad.is_cuda else torch.float32
+    sparse = torch.sparse_csr_tensor(row_starts, tokens, grad.flatten()[order].to(compute),
+                                     (n_latents, indices.shape[0]), check_invariants=False)
+    return (sparse @ rows.to(compute)).to(grad.dtype)  # CPU CSR matmul has no float16/bfloat16 kernel
 
 
 class SparseAutoencoder(nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.sae import SparseAutoencoder
+from pipeline.sae import AUXK_ALPHA, SparseAutoencoder
 
 
 def dense_reference_loss(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
@@ -23,7 +23,7 @@ def dense_reference_loss(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Te
     aux_values, aux_indices = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=-1)
     aux_codes = torch.zeros_like(pre).scatter(1, aux_indices, F.relu(aux_values))
     aux = (aux_codes @ sae.W_dec - error.detach()).pow(2).sum() / total_variance
-    return error.pow(2).sum() / total_variance + aux / 32
+    return error.pow(2).sum() / total_variance + AUXK_ALPHA * aux
 
 
 def gradients(sae: SparseAutoencoder, loss: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -62,3 +62,17 @@ def test_sparse_gather_gives_the_input_gradient_when_asked():
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     F.relu(pre.topk(5, dim=-1).values).sum().backward()
     assert torch.allclose(fast, x.grad, atol=1e-5)
+
+
+def test_sparse_step_works_in_half_precision_and_without_a_graph():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(d_in=16, n_latents=64, k=5)
+    x = torch.randn(40, 16)
+    with_graph = sae.encode(x)
+    assert with_graph.values.requires_grad
+    with torch.no_grad():
+        without = sae.encode(x)
+    assert torch.equal(with_graph.values.detach(), without.values) and torch.equal(with_graph.indices, without.indices)
+    half = SparseAutoencoder(d_in=16, n_latents=64, k=5).to(torch.bfloat16)
+    half.loss(x.to(torch.bfloat16), torch.rand(64) < 0.5).loss.backward()
+    assert half.W_enc.grad.dtype == torch.bfloat16 and torch.isfinite(half.W_enc.grad.float()).all()
