@@ -147,7 +147,7 @@ class SparseAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ the forward pass
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # bias added inside the matmul: no extra B×M pass
 
     def encode(self, x: torch.Tensor) -> Codes:
         if self.architecture == "topk":
