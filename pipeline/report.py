@@ -78,14 +78,14 @@ def per_layer_plot(runs: list[RunSummary]) -> bytes:
     figure, axes = plt.subplots(2, 1, figsize=(8, 6.4), sharex=True)
     for run in runs:
         layers = [r["layer"] for r in run.records]
-        axes[0].plot(layers, [r["explained_variance"] for r in run.records], marker="o", markersize=3, label=run.label)
+        (line,) = axes[0].plot(layers, [r["explained_variance"] for r in run.records], marker="o", markersize=3,
+                               label=run.label)
         axes[1].plot(layers, [r.get("delta_ce_percent", np.nan) for r in run.records], marker="o", markersize=3,
-                     label=run.label)
-    for run in runs:  # group boundaries of the group runs, as light vertical lines
-        if run.label != "baseline":
+                     label=run.label, color=line.get_color())
+        if run.label != "baseline":  # group boundaries, dashed in the run's colour so partitions can be told apart
             for group in run.groups[1:]:
                 for ax in axes:
-                    ax.axvline(group[0] - 0.5, color="grey", alpha=0.15)
+                    ax.axvline(group[0] - 0.5, color=line.get_color(), alpha=0.35, linestyle="--", linewidth=1)
     axes[0].set_ylabel("explained variance")
     axes[1].set_ylabel("ΔCE (% of clean CE)")
     axes[1].set_xlabel("layer")
