@@ -62,7 +62,7 @@ def main() -> None:
             start = time.perf_counter()
             distance_matrix(store, layers, chunks)
             groups.append(time.perf_counter() - start)
-    rows = sum(min(store.chunk_rows(c)[1], store.n_tokens) - store.chunk_rows(c)[0] for c in chunks)
+    rows = sum(stop - start for start, stop in map(store.readable_rows, chunks))
     print(f"cache {args.cache}: {len(layers)} layers, {len(chunks)} chunks, {rows:,} tokens sampled")
     print(f"read only      {min(reads):7.2f} s   (runs: {', '.join(f'{r:.2f}' for r in reads)})")
     print(f"group (D)      {min(groups):7.2f} s   (runs: {', '.join(f'{g:.2f}' for g in groups)})")

@@ -55,9 +55,9 @@ def sample_chunks(store: ActivationStore, tokens: int, seed: int) -> list[int]:
     for chunk in order:
         if rows >= tokens:
             break
-        start, stop = store.chunk_rows(int(chunk))
+        start, stop = store.readable_rows(int(chunk))
         chosen.append(int(chunk))
-        rows += min(stop, store.n_tokens) - start
+        rows += stop - start
     return sorted(chosen)
 
 
@@ -193,7 +193,7 @@ def compute_distances(store: ActivationStore, layers: list[int], tokens: int, se
                       scheduler: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Sample chunks and compute D; returns D and a description of the sample."""
     chunks = sample_chunks(store, tokens, seed)
-    ranges = [[store.chunk_rows(c)[0], min(store.chunk_rows(c)[1], store.n_tokens)] for c in chunks]
+    ranges = [list(store.readable_rows(c)) for c in chunks]
     if scheduler:
         try:
             from dask.distributed import Client

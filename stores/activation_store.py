@@ -200,6 +200,11 @@ class ActivationStore:
         start = chunk * self.chunk_tokens
         return start, min(start + self.chunk_tokens, self.tokens_planned)
 
+    def readable_rows(self, chunk: int) -> tuple[int, int]:
+        """Row range of a chunk that readers may use: :meth:`chunk_rows` clipped to ``n_tokens``."""
+        start, stop = self.chunk_rows(chunk)
+        return start, min(stop, self.n_tokens)
+
     # ---------------------------------------------------------------- writing
     def write_chunk(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray, stats: ChunkStats) -> None:
         """Write one chunk of every layer, its tokens and statistics, then commit it.
@@ -281,8 +286,7 @@ class ActivationStore:
         return self._layers[layer][start:stop]
 
     def read_chunk(self, layer: int, chunk: int) -> np.ndarray:
-        start, stop = self.chunk_rows(chunk)
-        return self.read_rows(layer, start, min(stop, self.n_tokens))
+        return self.read_rows(layer, *self.readable_rows(chunk))
 
     def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self._tokens[start : self.n_tokens if stop is None else stop]
@@ -313,8 +317,7 @@ class ActivationStore:
         arrays = [(f"layers/{layer}", layer, array) for layer, array in enumerate(self._layers)]
         arrays.append(("tokens", -1, self._tokens))
         for chunk in range(self.n_chunks):
-            start, stop = self.chunk_rows(chunk)
-            stop = min(stop, self.n_tokens)
+            start, stop = self.readable_rows(chunk)
             for name, layer, array in arrays:
                 key = f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
                 problem = None

@@ -74,8 +74,7 @@ class TrainingStream:
         return [self.pairs[i] for i in picked]
 
     def _read(self, layer: int, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        start, stop = self.store.chunk_rows(chunk)
-        stop = min(stop, self.store.n_tokens)
+        start, stop = self.store.readable_rows(chunk)
         values = to_float32(self.store.read_rows(layer, start, stop), self.store.dtype) * self.scales[layer]
         return values.astype(np.float32, copy=False), np.full(stop - start, layer), np.arange(start, stop)
 
