@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pipeline.grouping import Grouping  # noqa: E402
 
 
-def _png(figure) -> bytes:
+def png_bytes(figure) -> bytes:
+    """The figure as PNG bytes (closed afterwards, so long runs do not accumulate figures)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
@@ -38,7 +39,7 @@ def distance_heatmap(grouping: Grouping, title: str) -> bytes:
                                      edgecolor="white", linewidth=1.8))
         position += size
     axes.set_title(f"{title}\n{grouping.metric} groups at G* = {grouping.chosen}")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def amad_curve(grouping: Grouping, title: str) -> bytes:
@@ -57,4 +58,4 @@ def amad_curve(grouping: Grouping, title: str) -> bytes:
     axes.grid(alpha=0.3)
     axes.legend()
     axes.set_title(title)
-    return _png(figure)
+    return png_bytes(figure)

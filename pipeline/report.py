@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.errors import GsaeError  # noqa: E402
+from pipeline.plots import png_bytes  # noqa: E402
 
 # The paper's figures (DESIGN section 1): mean over layers, per-layer baseline vs group SAEs at G*.
 PAPER = [
@@ -35,6 +35,10 @@ class RunSummary:
     grouping_seconds: float
     amad: float | None
     tokens_per_sae: int
+
+    def cost(self, baseline: "RunSummary | None") -> float:
+        """Training time ÷ the baseline's (NaN without a baseline)."""
+        return self.train_seconds / baseline.train_seconds if baseline else float("nan")
 
     def mean(self, key: str) -> float:
         values = [r[key] for r in self.records if key in r and r[key] == r[key]]
@@ -67,13 +71,6 @@ def load_run(path: str) -> RunSummary:
                       int(config["steps"] * config["request"]["batch_size"]))
 
 
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    return buffer.getvalue()
-
-
 def per_layer_plot(runs: list[RunSummary]) -> bytes:
     figure, axes = plt.subplots(2, 1, figsize=(8, 6.4), sharex=True)
     for run in runs:
@@ -92,13 +89,13 @@ def per_layer_plot(runs: list[RunSummary]) -> bytes:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def cost_plot(runs: list[RunSummary], baseline: RunSummary | None) -> bytes:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for run in runs:
-        cost = run.train_seconds / baseline.train_seconds if baseline else run.train_seconds
+        cost = run.cost(baseline) if baseline else run.train_seconds
         axes[0].scatter(cost, run.mean("explained_variance"))
         axes[0].annotate(run.label, (cost, run.mean("explained_variance")), fontsize=8)
         axes[1].scatter(cost, run.mean("delta_ce_percent"))
@@ -108,7 +105,7 @@ def cost_plot(runs: list[RunSummary], baseline: RunSummary | None) -> bytes:
     axes[1].set(xlabel=label, ylabel="mean ΔCE %")
     for ax in axes:
         ax.grid(alpha=0.3)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def build_report(paths: list[str], out: str) -> Path:
@@ -122,12 +119,11 @@ def build_report(paths: list[str], out: str) -> Path:
     lines = ["# gsae report", "", "| run | G | AMAD | mean EV | mean ΔCE % | mean KL | mean L0 | dead % | "
              "tokens/SAE | training s | AMAD s | cost ÷ baseline |", "|" + " --- |" * 12]
     for run in runs:
-        cost = run.train_seconds / baseline.train_seconds if baseline else float("nan")
         amad = f"{run.amad:.3f}" if run.amad is not None else "-"
         lines.append(f"| {run.label} | {len(run.groups)} | {amad} | {run.mean('explained_variance'):.3f} | "
                      f"{run.mean('delta_ce_percent'):.2f} | {run.mean('kl_divergence'):.4f} | {run.mean('l0'):.1f} | "
                      f"{100 * run.mean('dead_fraction'):.1f} | {run.tokens_per_sae:,} | {run.train_seconds:.1f} | "
-                     f"{run.grouping_seconds:.1f} | {cost:.3f} |")
+                     f"{run.grouping_seconds:.1f} | {run.cost(baseline):.3f} |")
     lines += ["", "The paper (Pythia, mean over layers, baseline vs group SAEs at G*):", "",
               "| model | EV baseline | EV group | ΔCE % baseline | ΔCE % group | compute ÷ baseline |",
               "| --- | --- | --- | --- | --- | --- |"]
