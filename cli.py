@@ -203,6 +203,7 @@ def group(
 ) -> None:
     """Compute layer distances (Dask, sampled chunks), the AMAD curve and the layer groups."""
     from pipeline.group import GroupRequest, run_group
+    from pipeline.grouping import layer_span
 
     result = run_group(GroupRequest(
         cache=_resolve_cache(cache), metric=metric.value, tokens=tokens, threshold=threshold, layers=layers,
@@ -218,12 +219,12 @@ def group(
     table.add_column("groups")
     for point in grouping.curve:
         mark = " ← G*" if point["n_groups"] == grouping.chosen else ""
-        spans = " ".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else f"{g[0]}" for g in point["groups"])
+        spans = " ".join(layer_span(g) for g in point["groups"])
         style = "bold green" if mark else None
         table.add_row(f"{point['n_groups']}{mark}", f"{point['amad']:.3f}", spans, style=style)
     report.print(table)
     chosen = grouping.groups_for(grouping.chosen)
-    report.print(f"G* = {grouping.chosen}: " + ", ".join(f"[{g[0]}–{g[-1]}]" if len(g) > 1 else f"[{g[0]}]" for g in chosen))
+    report.print(f"G* = {grouping.chosen}: " + ", ".join(f"[{layer_span(g, '–')}]" for g in chosen))
     report.print(f"saved {result.json_path}" + (f" and {len(result.pictures)} pictures" if result.pictures else "")
               + (f" in {result.seconds:.1f} s" if not result.reused else ""))
 
@@ -255,6 +256,7 @@ def train(
     checkpoint_every: int = typer.Option(200, help="Steps between checkpoints."),
 ) -> None:
     """Train group SAEs (or the per-layer baseline) from the cache, streaming chunks with prefetch."""
+    from pipeline.grouping import layer_span
     from pipeline.train import TrainRequest, train as run_train
 
     request = TrainRequest(
@@ -266,8 +268,7 @@ def train(
     for column in ("SAE", "layers", "train FVU", "held-out FVU", "L0", "dead %", "tok/s", "time"):
         table.add_column(column, justify="right")
     for row in result.rows:
-        layers = row["layers"]
-        table.add_row(str(row["sae"]), f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}",
+        table.add_row(str(row["sae"]), layer_span(row["layers"]),
                       f"{row['train_fvu']:.3f}", f"{row['held_out_fvu']:.3f}", f"{row['l0']:.1f}",
                       f"{100 * row['dead_fraction']:.1f}", f"{row['tokens_per_s']:,.0f}", f"{row['seconds']:.1f} s")
     report.print(table)

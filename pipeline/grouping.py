@@ -48,6 +48,11 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     return layers
 
 
+def layer_span(group: list[int], dash: str = "-") -> str:
+    """A contiguous group as text: ``3`` or ``0-19``."""
+    return f"{group[0]}" if len(group) == 1 else f"{group[0]}{dash}{group[-1]}"
+
+
 def sample_chunks(store: ActivationStore, tokens: int, seed: int) -> list[int]:
     """Whole chunks drawn at random (seeded) until they hold ``tokens`` rows; sorted."""
     order = np.random.default_rng(seed).permutation(store.n_chunks)

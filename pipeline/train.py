@@ -18,7 +18,7 @@ from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from pipeline.errors import GsaeError
 from pipeline.evaluate import layer_reconstruction
 from pipeline.group import GroupRequest, load_grouping, result_name, run_group
-from pipeline.grouping import parse_layers
+from pipeline.grouping import layer_span, parse_layers
 from pipeline.models import pick_device
 from pipeline.progress import RateColumn
 from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr, save_sae
@@ -203,7 +203,7 @@ def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torc
 
 
 def _describe(group: list[int]) -> str:
-    return f"L{group[0]}" if len(group) == 1 else f"L{group[0]}-{group[-1]}"
+    return f"L{layer_span(group)}"
 
 
 def train(request: TrainRequest, console: Any) -> TrainResult:
