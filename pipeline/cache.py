@@ -31,7 +31,6 @@ from stores import (
     ActivationStore,
     ChunkStats,
     StatsAccumulator,
-    StoreError,
     default_chunk_tokens,
     is_local,
     probe,
@@ -367,10 +366,7 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
     _validate(request)
     spec = resolve_model_spec(request.model, request.revision)
     path = request.cache or default_cache_path(spec.slug)
-    try:
-        state = probe(path)
-    except StoreError as exc:
-        raise GsaeError(str(exc)) from None
+    state = probe(path)
     created_folder = _prepare_folder(path) if state == "absent" else False
     store: ActivationStore | None = None
     try:
@@ -405,8 +401,6 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
             )
         return fill_store(store, lm, windows, batch_size=request.batch_size, first_row=first_row,
                           rows_per_window=rows_per_window, console=console)
-    except StoreError as exc:
-        raise GsaeError(str(exc)) from None
     finally:
         if store is None and created_folder:
             _remove_if_empty(path)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pipeline.errors import GsaeError
 from pipeline.models import LoadedModel, ModelSpec, block_output, load_model, pick_device, resolve_model_spec
 from pipeline.sae import SparseAutoencoder, load_sae
-from stores import ActivationStore, StoreError, to_float32
+from stores import ActivationStore, to_float32
 
 _EVAL_BATCH = 4096
 
@@ -147,10 +147,7 @@ def evaluate_run(run: str, tokens: int = 16384, windows: int = 32, context_lengt
     if not config_path.is_file() or not list(run_dir.glob("sae_*.json")):
         raise GsaeError(f"{run} is not a finished gsae run (config.json and sae_<i>.json expected)")
     config = json.loads(config_path.read_text())
-    try:
-        store = ActivationStore.open(config["cache"])
-    except StoreError as exc:
-        raise GsaeError(str(exc)) from None
+    store = ActivationStore.open(config["cache"])
     torch_device = pick_device(device)
     start_row = int(config["eval_rows"][0])
     saes: list[tuple[SparseAutoencoder, dict]] = []

@@ -18,7 +18,7 @@ from pipeline.grouping import (
     parse_layers,
 )
 from pipeline.plots import amad_curve, distance_heatmap
-from stores import ActivationStore, StoreError, read_side_file, write_side_file
+from stores import ActivationStore, read_side_file, write_side_file
 
 METRICS = ("amad", "uniform")
 
@@ -69,10 +69,7 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
         raise GsaeError(f"--threshold must be between 0 and 1 (got {request.threshold})")
     if request.tokens <= 0:
         raise GsaeError(f"--tokens must be positive (got {request.tokens})")
-    try:
-        store = ActivationStore.open(request.cache, allow_partial=request.allow_partial)
-    except StoreError as exc:
-        raise GsaeError(str(exc)) from None
+    store = ActivationStore.open(request.cache, allow_partial=request.allow_partial)
     if store.n_tokens == 0:
         raise GsaeError(f"cache {request.cache} holds no rows yet")
     layers = parse_layers(request.layers, store.n_layers)

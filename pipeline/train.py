@@ -22,7 +22,7 @@ from pipeline.grouping import layer_span, parse_layers
 from pipeline.models import pick_device
 from pipeline.progress import RateColumn
 from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr, save_sae
-from stores import ActivationStore, StoreError, read_side_file, write_side_file
+from stores import ActivationStore, read_side_file, write_side_file
 from stores.stream import TrainingStream, split_chunks
 
 RUNS_ROOT = "runs"
@@ -134,19 +134,13 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Path, dict[str, Any]
         if not (run / "config.json").is_file() or latest_checkpoint(run) is None:
             raise GsaeError(f"nothing to resume at {run}: no config.json and checkpoint there")
         config = json.loads((run / "config.json").read_text())
-        try:
-            store = ActivationStore.open(request.cache)
-        except StoreError as exc:
-            raise GsaeError(str(exc)) from None
+        store = ActivationStore.open(request.cache)
         if config["cache_fingerprint"] != cache_fingerprint(store):
             raise GsaeError(f"the cache {request.cache} differs from the one run {run} was trained on "
                             f"(model {config['cache_fingerprint']['model_id']}); resume with that cache")
         return run, config, store
     _validate(request)
-    try:
-        store = ActivationStore.open(request.cache)
-    except StoreError as exc:
-        raise GsaeError(str(exc)) from None
+    store = ActivationStore.open(request.cache)
     plan = _plan(request, store, console)
     run = Path(request.out or Path(RUNS_ROOT) / f"{Path(store.path).name}-{plan['label']}")
     if (run / "config.json").exists():
