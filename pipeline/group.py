@@ -21,6 +21,9 @@ from pipeline.plots import amad_curve, distance_heatmap
 from stores import ActivationStore, read_side_file, write_side_file
 
 METRICS = ("amad", "uniform")
+# 2: true contiguous complete linkage (format 1 came from scikit-learn's connectivity-constrained
+# clustering, which is not complete linkage on a chain); files of another format are recomputed.
+GROUPING_FORMAT = 2
 
 
 @dataclass
@@ -53,7 +56,10 @@ def result_name(metric: str) -> str:
 def load_grouping(store: ActivationStore, metric: str) -> Grouping | None:
     """The grouping saved next to the cache for ``metric``, if any."""
     data = read_side_file(store, result_name(metric))
-    return Grouping.from_json(json.loads(data)) if data is not None else None
+    if data is None:
+        return None
+    record = json.loads(data)
+    return Grouping.from_json(record) if record.get("format") == GROUPING_FORMAT else None
 
 
 def _arguments(request: GroupRequest, layers: list[int], tokens: int, store: ActivationStore) -> dict[str, Any]:
@@ -81,8 +87,12 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
     arguments = _arguments(request, layers, tokens, store)
 
     existing_raw = read_side_file(store, result_name(request.metric))
-    if existing_raw is not None:
-        existing = json.loads(existing_raw)
+    existing = json.loads(existing_raw) if existing_raw is not None else None
+    if existing is not None and existing.get("format") != GROUPING_FORMAT:
+        notes.append(f"{result_name(request.metric)} was made by an older gsae (grouping format "
+                     f"{existing.get('format', 1)}, now {GROUPING_FORMAT}); recomputing it")
+        existing = None
+    if existing is not None:
         if existing.get("arguments") == arguments and not request.force:
             grouping = Grouping.from_json(existing)
             return GroupResult(grouping, f"{store.path}/{result_name(request.metric)}",
@@ -104,7 +114,7 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
         write_side_file(store, f"groups/{request.metric}-distance.png", distance_heatmap(grouping, title)),
         write_side_file(store, f"groups/{request.metric}-amad.png", amad_curve(grouping, title)),
     ]
-    record = {**grouping.to_json(), "arguments": arguments, "seconds": round(seconds, 3),
+    record = {"format": GROUPING_FORMAT, **grouping.to_json(), "arguments": arguments, "seconds": round(seconds, 3),
               "pictures": pictures, "gsae_version": __version__, "used_by": []}
     path = write_side_file(store, result_name(request.metric), json.dumps(record, indent=1).encode())
     return GroupResult(grouping, path, pictures, False, seconds, notes)

@@ -109,33 +109,29 @@ def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int]
 
 
 # --------------------------------------------------------------------------- partitions
-def contiguous_partition(distance: np.ndarray, n_groups: int) -> list[list[int]]:
-    """Complete-linkage agglomerative clustering with only adjacent clusters merging; positions 0..n-1."""
-    from scipy.sparse import diags
-    from sklearn.cluster import AgglomerativeClustering
+def contiguous_agglomeration(distance: np.ndarray) -> dict[int, list[list[int]]]:
+    """Contiguous complete-linkage agglomeration (DESIGN section 1): the partition for every G, positions 0..n-1.
 
+    Start from singletons; repeatedly merge the adjacent pair of clusters whose complete-linkage
+    distance (the largest D between a member of one and a member of the other) is smallest, ties to
+    the lower index.  Hand-written on purpose: scikit-learn's AgglomerativeClustering with a chain
+    ``connectivity`` only ever compares connected pairs, so on a chain it cuts at the largest adjacent
+    distances instead (scikit-learn issue #23550); n is a few hundred layers at most, so this O(n³) loop
+    is instant."""
     n = distance.shape[0]
-    if n_groups >= n:
-        return [[i] for i in range(n)]
-    if n_groups == 1:
-        return [list(range(n))]
-    chain = diags([np.ones(n - 1), np.ones(n - 1)], [-1, 1], shape=(n, n))  # layer i touches i±1
-    labels = AgglomerativeClustering(
-        n_clusters=n_groups, metric="precomputed", linkage="complete", connectivity=chain,
-    ).fit_predict(distance)
-    return _groups_from_labels(labels)
+    groups = [[i] for i in range(n)]
+    partitions = {n: [list(g) for g in groups]}
+    while len(groups) > 1:
+        links = [distance[np.ix_(a, b)].max() for a, b in zip(groups, groups[1:])]
+        best = int(np.argmin(links))  # the first minimum: ties go to the lower layer index
+        groups[best : best + 2] = [groups[best] + groups[best + 1]]
+        partitions[len(groups)] = [list(g) for g in groups]
+    return partitions
 
 
-def _groups_from_labels(labels: np.ndarray) -> list[list[int]]:
-    groups: list[list[int]] = []
-    for position, label in enumerate(labels):
-        if groups and labels[groups[-1][0]] == label:
-            groups[-1].append(position)
-        else:
-            groups.append([position])
-    if len(groups) != len(set(labels.tolist())):
-        raise AssertionError("a cluster is not contiguous")  # cannot happen with chain connectivity
-    return groups
+def contiguous_partition(distance: np.ndarray, n_groups: int) -> list[list[int]]:
+    """The ``n_groups``-group partition of :func:`contiguous_agglomeration`; positions 0..n-1."""
+    return contiguous_agglomeration(distance)[n_groups]
 
 
 def uniform_partition(n: int, n_groups: int) -> list[list[int]]:
@@ -182,12 +178,10 @@ def build_grouping(metric: str, layers: list[int], distance: np.ndarray, thresho
                    sample: dict[str, Any]) -> Grouping:
     """Partitions for every G, their AMAD, and G* = the smallest G with AMAD < threshold."""
     n = len(layers)
+    agglomeration = contiguous_agglomeration(distance) if metric == "amad" else None
     curve = []
     for n_groups in range(1, n + 1):
-        if metric == "amad":
-            positions = contiguous_partition(distance, n_groups)
-        else:
-            positions = uniform_partition(n, n_groups)
+        positions = agglomeration[n_groups] if agglomeration else uniform_partition(n, n_groups)
         curve.append({"n_groups": n_groups, "amad": round(amad(distance, positions), 8),
                       "groups": [[layers[p] for p in group] for group in positions]})
     chosen = next(point["n_groups"] for point in curve if point["amad"] < threshold)

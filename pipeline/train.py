@@ -93,8 +93,11 @@ def _plan(request: TrainRequest, store: ActivationStore, console: Any) -> dict[s
     else:
         grouping = load_grouping(store, request.metric)
         if grouping is None:
-            console.print(f"no {request.metric} grouping next to the cache yet: computing it (gsae group)")
-            grouping = run_group(GroupRequest(cache=store.path, metric=request.metric), console).grouping
+            console.print(f"no current {request.metric} grouping next to the cache: computing it (gsae group)")
+            result = run_group(GroupRequest(cache=store.path, metric=request.metric), console)
+            for note in result.notes:
+                console.print(note)
+            grouping = result.grouping
         n = request.groups if request.groups is not None else grouping.chosen
         if not 1 <= n <= len(grouping.layers):
             raise GsaeError(f"--groups must be between 1 and {len(grouping.layers)} (the grouped layers); got {n}")

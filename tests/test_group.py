@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import make_cache, run_cli
-from pipeline.grouping import amad, build_grouping, contiguous_partition, parse_layers, uniform_partition
+from pipeline.grouping import (amad, build_grouping, contiguous_agglomeration, contiguous_partition, parse_layers,
+                               uniform_partition)
 from stores import ActivationStore, to_float32
 
 
@@ -87,6 +88,70 @@ def test_partitions_are_contiguous_and_cover_every_layer_once():
     assert uniform_partition(10, 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
 
+def _brute_force_merge(distance: np.ndarray, groups: list[list[int]]) -> list[list[int]]:
+    """The next merge by the definition, with plain loops: every adjacent pair's largest member distance."""
+    best, best_link = None, None
+    for position in range(len(groups) - 1):
+        link = max(float(distance[i][j]) for i in groups[position] for j in groups[position + 1])
+        if best_link is None or link < best_link:  # strict: a tie keeps the lower index
+            best, best_link = position, link
+    return groups[:best] + [groups[best] + groups[best + 1]] + groups[best + 2:]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_every_merge_matches_a_brute_force_over_adjacent_pairs(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 14))
+    values = rng.random((n, n))
+    if seed % 3 == 0:
+        values = np.round(values * 4) / 4  # many exact ties
+    distance = np.triu(values, 1) + np.triu(values, 1).T
+    partitions = contiguous_agglomeration(distance)
+    assert sorted(partitions) == list(range(1, n + 1))
+    groups = [[i] for i in range(n)]
+    for n_groups in range(n - 1, 0, -1):
+        groups = _brute_force_merge(distance, groups)
+        assert partitions[n_groups] == groups
+
+
+def test_a_drifting_chain_is_split_in_its_middle():
+    # Neighbours all ~0.01 apart, distance growing along the chain; the step after layer 0 is the
+    # largest adjacent one, so "cut at the largest adjacent distance" (scikit-learn with a chain
+    # connectivity, issue #23550) would split {0} | {1..15}. Complete linkage splits in the middle.
+    steps = np.array([0.0110] + [0.0100] * 14)
+    position = np.concatenate([[0.0], np.cumsum(steps)])
+    distance = np.abs(position[:, None] - position[None, :])
+    halves = contiguous_partition(distance, 2)
+    assert all(7 <= len(g) <= 9 for g in halves), halves
+    quarters = contiguous_partition(distance, 4)
+    assert all(3 <= len(g) <= 5 for g in quarters), quarters
+
+
+def test_a_block_structured_matrix_gives_its_blocks():
+    sizes = [3, 5, 2, 4]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    rng = np.random.default_rng(1)
+    noise = rng.random((14, 14)) * 0.05
+    distance = np.where(labels[:, None] == labels[None, :], 0.05, 0.6) + noise + noise.T
+    np.fill_diagonal(distance, 0)
+    bounds = np.cumsum([0, *sizes])
+    expected = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    assert contiguous_partition(distance, 4) == expected
+    grouping = build_grouping("amad", list(range(14)), distance, 0.2, {})
+    assert grouping.chosen == 4 and grouping.groups_for(4) == expected
+
+
+def test_one_agglomeration_gives_nested_partitions():
+    rng = np.random.default_rng(5)
+    values = rng.random((10, 10))
+    distance = np.triu(values, 1) + np.triu(values, 1).T
+    partitions = contiguous_agglomeration(distance)
+    for n_groups in range(1, 10):
+        coarse = partitions[n_groups]
+        for group in partitions[n_groups + 1]:  # every finer group lies inside one coarser group
+            assert any(set(group) <= set(c) for c in coarse)
+
+
 def test_parse_layers():
     assert parse_layers(None, 30) == list(range(29))
     assert parse_layers("0-3,7,5", 30) == [0, 1, 2, 3, 5, 7]
@@ -113,6 +178,22 @@ def test_rerun_reuses_and_train_can_read_groups(llama_cache, capsys):
 def test_bad_group_arguments(args, message, llama_cache, capsys):
     code, _, err = run_cli(["group", "--cache", llama_cache, *args], capsys)
     assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_a_grouping_from_an_older_format_is_recomputed(llama_cache, capsys):
+    from pipeline.group import load_grouping
+
+    args = ["group", "--cache", llama_cache, "--tokens", 400, "--metric", "amad"]
+    assert run_cli(args, capsys)[0] == 0
+    path = llama_cache / "groups" / "amad.json"
+    record = json.loads(path.read_text())
+    record.pop("format")  # as the scikit-learn-based code wrote it
+    record["used_by"] = ["runs/old"]
+    path.write_text(json.dumps(record))
+    assert load_grouping(ActivationStore.open(str(llama_cache)), "amad") is None
+    code, _, err = run_cli(args, capsys)
+    assert code == 0 and "older gsae" in err and "reusing" not in err
+    assert json.loads(path.read_text())["format"] == 2
 
 
 def test_group_more_tokens_than_cache_uses_all(llama_cache, capsys):
