@@ -79,21 +79,41 @@ def test_stream_covers_every_held_in_row_with_its_scale(cache):
         assert set(seen[layer]) == set(range(held_out_start))  # every held-in row, each layer
 
 
-def test_group_stream_draws_layers_uniformly(cache):
-    store = ActivationStore.open(str(cache))
-    train_chunks, _ = split_chunks(store, 0.05)
-    stream = TrainingStream(store, [0, 1, 2], [1.0, 1.0, 1.0], train_chunks, batch_size=256, seed=0, window_chunks=4)
-    rows_per_layer = sum(min(store.chunk_rows(c)[1], store.n_tokens) - store.chunk_rows(c)[0] for c in train_chunks)
-    counts = np.zeros(3)
-    first_window = None
-    for _ in range(3 * rows_per_layer // 256):  # one epoch
+@pytest.fixture(scope="module")
+def wide_store(tmp_path_factory) -> ActivationStore:
+    """A synthetic 21-layer store (random rows) for stream statistics that need many layers."""
+    from stores import compute_chunk_stats
+
+    path = tmp_path_factory.mktemp("wide") / "c"
+    n_layers, d, chunk, n_tokens = 21, 8, 100, 4000
+    store = ActivationStore.create(str(path), n_layers=n_layers, d_model=d, n_tokens=n_tokens, chunk_tokens=chunk)
+    rng = np.random.default_rng(0)
+    for c in range(n_tokens // chunk):
+        layers = [rng.standard_normal((chunk, d)).astype(np.float16) for _ in range(n_layers)]
+        store.write_chunk(c, layers, np.zeros(chunk, dtype=np.int32), compute_chunk_stats(layers, "float16"))
+    store.finalize()
+    return ActivationStore.open(str(path))
+
+
+@pytest.mark.parametrize("n_layers", [4, 20])
+def test_every_group_batch_draws_its_layers_uniformly(wide_store, n_layers):
+    """Per batch, each layer's count is within 5σ of Binomial(B, 1/n); an epoch covers each (layer, row) once."""
+    layers = list(range(1, n_layers + 1))
+    train_chunks, _ = split_chunks(wide_store, 0.05)
+    batch_size = 512
+    stream = TrainingStream(wide_store, layers, [1.0] * n_layers, train_chunks, batch_size, seed=0, window_chunks=3)
+    total_rows = n_layers * sum(b - a for a, b in map(wide_store.readable_rows, train_chunks))
+    p = 1 / n_layers
+    sigma = np.sqrt(batch_size * p * (1 - p))
+    seen = []
+    for _ in range(total_rows // batch_size):  # one epoch, less the rows carried past its end
         batch = stream.next_batch()
-        counts += np.bincount(batch.layers, minlength=3)
-        first_window = first_window if first_window is not None else np.bincount(batch.layers, minlength=3)
+        counts = np.array([(batch.layers == layer).sum() for layer in layers])
+        assert np.all(np.abs(counts - batch_size * p) < 5 * sigma), counts
+        seen.append(batch.layers * 10**6 + batch.rows)
     stream.close()
-    # over an epoch every layer gives all its rows: equal counts up to the rows carried past the end
-    assert np.all(np.abs(counts - rows_per_layer) < 256), counts
-    assert np.all(first_window > 0)  # batches mix layers
+    seen = np.concatenate(seen)
+    assert len(np.unique(seen)) == len(seen)  # no (layer, row) twice within the epoch
 
 
 def _kill_after_checkpoint(args: list[str], run: Path) -> None:
