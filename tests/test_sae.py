@@ -19,10 +19,12 @@ def dense_reference_loss(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Te
     reconstruction = codes @ sae.W_dec + sae.b_dec
     error = x - reconstruction
     total_variance = (x - x.mean(dim=0)).pow(2).sum()
-    k_aux = min(sae.k_aux, int(dead.sum()))
+    n_dead = int(dead.sum())
+    k_aux = min(sae.k_aux, n_dead)
+    aux_scale = min(n_dead / (x.shape[1] // 2), 1.0)  # Gao et al.'s k_aux = d/2, fewer dead: smaller term
     aux_values, aux_indices = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=-1)
     aux_codes = torch.zeros_like(pre).scatter(1, aux_indices, F.relu(aux_values))
-    aux = (aux_codes @ sae.W_dec - error.detach()).pow(2).sum() / total_variance
+    aux = aux_scale * (aux_codes @ sae.W_dec - error.detach()).pow(2).sum() / total_variance
     return error.pow(2).sum() / total_variance + AUXK_ALPHA * aux
 
 
@@ -32,8 +34,8 @@ def gradients(sae: SparseAutoencoder, loss: torch.Tensor) -> dict[str, torch.Ten
     return {name: p.grad.clone() for name, p in sae.named_parameters()}
 
 
-@pytest.mark.parametrize("k", [1, 7, 24])
-def test_sparse_topk_backward_matches_dense_autograd(k):
+@pytest.mark.parametrize("k,dead_fraction", [(1, 0.4), (7, 0.4), (24, 0.4), (7, 0.05)])
+def test_sparse_topk_backward_matches_dense_autograd(k, dead_fraction):
     torch.manual_seed(0)
     sae = SparseAutoencoder(d_in=48, n_latents=192, k=k, seed=1)
     with torch.no_grad():  # non-trivial biases and an encoder that is no longer W_decᵀ
@@ -41,7 +43,7 @@ def test_sparse_topk_backward_matches_dense_autograd(k):
         sae.b_enc.normal_(std=0.1)
         sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
     x = torch.randn(300, 48, dtype=torch.float32) * 2 + 1
-    dead = torch.rand(192) < 0.4
+    dead = torch.rand(192) < dead_fraction  # 0.05: ~10 dead of k_aux = 24, the AuxK term scaled down
     fast = sae.loss(x, dead)
     reference = dense_reference_loss(sae, x, dead)
     assert fast.loss.item() == pytest.approx(reference.item(), rel=1e-5)
@@ -76,3 +78,12 @@ def test_sparse_step_works_in_half_precision_and_without_a_graph():
     half = SparseAutoencoder(d_in=16, n_latents=64, k=5).to(torch.bfloat16)
     half.loss(x.to(torch.bfloat16), torch.rand(64) < 0.5).loss.backward()
     assert half.W_enc.grad.dtype == torch.bfloat16 and torch.isfinite(half.W_enc.grad.float()).all()
+
+
+def test_encoder_starts_as_the_decoder_transpose_at_linear_init_norm():
+    sae = SparseAutoencoder(d_in=64, n_latents=256, k=8)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256))
+    torch.testing.assert_close(sae.W_enc.norm(dim=0), torch.full((256,), 1 / math.sqrt(3)))
+    linear = torch.nn.Linear(64, 256)  # what sparsify starts from: rows of norm ≈ 1/√3
+    assert float(linear.weight.norm(dim=1).mean()) == pytest.approx(1 / math.sqrt(3), rel=0.05)
+    torch.testing.assert_close(sae.W_enc.T * math.sqrt(3), sae.W_dec)
