@@ -289,7 +289,8 @@ def evaluate(
     records = evaluate_run(run, tokens=tokens, windows=windows, context_length=context_length,
                            device=device.value, console=console)
     table = Table(title=f"gsae eval · {run}")
-    columns = [("layer", "layer", "{}"), ("EV", "explained_variance", "{:.3f}"), ("FVU", "fvu", "{:.3f}"),
+    columns = [("layer", "layer", "{}"), ("EV", "explained_variance", "{:.3f}"),
+               ("EV/token", "explained_variance_per_token", "{:.3f}"), ("FVU", "fvu", "{:.3f}"),
                ("cos", "cosine_similarity", "{:.3f}"), ("L2 ratio", "l2_ratio", "{:.3f}"), ("L0", "l0", "{:.1f}"),
                ("dead %", "dead_fraction", "{:.1%}"), ("CE clean", "ce_clean", "{:.3f}"),
                ("CE spliced", "ce_spliced", "{:.3f}"), ("ΔCE %", "delta_ce_percent", "{:.2f}"),

@@ -1,7 +1,10 @@
 """`gsae eval`: reconstruction, sparsity and downstream (spliced cross-entropy) metrics per layer.
 
 Definitions follow SAELens's evaluator / SAEBench's core metrics:
-- explained variance = 1 − FVU, FVU = Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over the evaluation tokens;
+- explained variance = 1 − FVU, FVU = Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over the evaluation tokens (pooled);
+- per-token explained variance = mean over tokens of 1 − ‖x − x̂‖² / ‖x − μ‖² (SAELens's
+  ``explained_variance_legacy``, the paper's EV), with μ the layer's exact mean from the store (SAELens
+  centres on its evaluation batch's mean);
 - MSE = mean over tokens and dimensions of (x − x̂)², in the raw activation space;
 - cosine similarity = mean over tokens of cos(x, x̂); L2 ratio = mean over tokens of ‖x̂‖ / ‖x‖;
 - L0 = mean active latents per token; dead fraction = latents never active over the evaluation tokens;
@@ -34,12 +37,17 @@ class ReconstructionTotals:
 
     def __init__(self) -> None:
         self.rows, self.error, self.sum, self.sum_sq = 0, 0.0, None, 0.0
-        self.cosine, self.l2_ratio = 0.0, 0.0
+        self.cosine, self.l2_ratio, self.per_token_ev = 0.0, 0.0, 0.0
 
-    def add(self, x: torch.Tensor, reconstruction: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor | None = None) -> None:
+        """Add a batch; ``mean`` centres the per-token EV (default: this batch's mean)."""
         x64, r64 = x.double(), reconstruction.double()
         self.rows += x.shape[0]
-        self.error += float((x64 - r64).pow(2).sum())
+        token_error = (x64 - r64).pow(2).sum(dim=1)
+        centre = x64.mean(dim=0) if mean is None else mean.double()
+        token_variance = (x64 - centre).pow(2).sum(dim=1).clamp_min(1e-30)
+        self.per_token_ev += float((1 - token_error / token_variance).sum())
+        self.error += float(token_error.sum())
         self.sum = x64.sum(dim=0) if self.sum is None else self.sum + x64.sum(dim=0)
         self.sum_sq += float(x64.pow(2).sum())
         self.cosine += float(F.cosine_similarity(x64, r64, dim=1).sum())
@@ -48,7 +56,8 @@ class ReconstructionTotals:
     def metrics(self, d_model: int) -> dict[str, float]:
         variance = max(self.sum_sq - float(self.sum.pow(2).sum()) / self.rows, 1e-30)
         fvu = self.error / variance
-        return {"fvu": fvu, "explained_variance": 1.0 - fvu, "mse": self.error / (self.rows * d_model),
+        return {"fvu": fvu, "explained_variance": 1.0 - fvu, "explained_variance_per_token": self.per_token_ev / self.rows,
+                "mse": self.error / (self.rows * d_model),
                 "cosine_similarity": self.cosine / self.rows, "l2_ratio": self.l2_ratio / self.rows}
 
 
@@ -67,11 +76,12 @@ def layer_reconstruction(sae: SparseAutoencoder, store: ActivationStore, layer: 
     stop = min(stop, store.n_tokens)
     totals, l0_sum = ReconstructionTotals(), 0.0
     active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
+    mean = torch.from_numpy(store.mean[layer]).to(device)
     for begin in range(start, stop, _EVAL_BATCH):
         end = min(stop, begin + _EVAL_BATCH)
         x = torch.from_numpy(to_float32(store.read_rows(layer, begin, end), store.dtype)).to(device)
         codes = sae.encode(x * scale)
-        totals.add(x, sae.decode(codes) / scale)
+        totals.add(x, sae.decode(codes) / scale, mean)
         l0_sum += codes.l0() * x.shape[0]
         active |= codes.active(sae.n_latents)
     return {"tokens": totals.rows, **totals.metrics(store.d_model), "l0": l0_sum / totals.rows,

@@ -23,6 +23,18 @@ def test_reconstruction_metrics_of_a_hand_made_reconstruction():
     assert m["mse"] == pytest.approx(1 / 6)
     assert m["cosine_similarity"] == pytest.approx(1.0)
     assert m["l2_ratio"] == pytest.approx((1 + 0.5 + 1) / 3)
+    # per token (SAELens's legacy EV): mean (2/3, 4/3); token 1 misses 1 of its ‖(−2/3, 2/3)‖² = 8/9
+    assert m["explained_variance_per_token"] == pytest.approx((1 + (1 - 9 / 8) + 1) / 3)
+
+
+def test_per_token_ev_centres_on_the_mean_it_is_given():
+    from pipeline.evaluate import ReconstructionTotals
+
+    x = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    xhat = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    totals = ReconstructionTotals()
+    totals.add(x, xhat, mean=torch.zeros(2))  # variances 9 and 16 around the origin
+    assert totals.metrics(2)["explained_variance_per_token"] == pytest.approx((1 - 1 / 9 + 1) / 2)
 
 
 def test_identity_splice_gives_zero_delta_and_kl(tiny_llama):
