@@ -21,11 +21,12 @@ Neither side's data feed (store stream, LM forward and hook copies) is timed. Th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the gsae command sets it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,19 +61,24 @@ def load_batches(args: argparse.Namespace) -> tuple[list[torch.Tensor], str]:
     return list(rows.split(args.batch_size)), what
 
 
-def gsae_step(d_in: int, n_latents: int, k: int, mean: torch.Tensor, dead_tokens: int) -> tuple[Step, SparseAutoencoder]:
-    """`gsae train`'s step: b_dec at the data mean, Adam, dead counters (AuxK when latents are dead)."""
+def gsae_step(d_in: int, n_latents: int, k: int, mean: torch.Tensor, dead_tokens: int,
+              since_fired: torch.Tensor | None = None) -> tuple[Step, SparseAutoencoder]:
+    """`gsae train`'s step: b_dec at the data mean, Adam, dead counters (AuxK when latents are dead).
+    ``since_fired`` (n_latents, long zeros), when given, is the step's tokens-since-fired counter."""
     sae = SparseAutoencoder(d_in, n_latents, "topk", k=k)
     with torch.no_grad():
         sae.b_dec.copy_(mean)
     optimizer = torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents))
-    since_fired = torch.zeros(n_latents, dtype=torch.long)
+    since_fired = torch.zeros(n_latents, dtype=torch.long) if since_fired is None else since_fired
     return lambda x: float(train_step(sae, optimizer, x, since_fired, dead_tokens).fvu), sae
 
 
-def sparsify_step(d_in: int, n_latents: int, k: int, first_mean: torch.Tensor, dead_tokens: int) -> tuple[Step, torch.nn.Module]:
+def sparsify_step(d_in: int, n_latents: int, k: int, first_mean: torch.Tensor, dead_tokens: int,
+                  since_fired: torch.Tensor | None = None) -> tuple[Step, torch.nn.Module]:
     """sparsify Trainer.fit's step for one SAE (loss_fn "fvu", grad_acc_steps = micro_acc_steps = 1,
-    no multi-TopK); b_dec starts at the first batch's mean, as the Trainer sets it on its first step."""
+    no multi-TopK); b_dec starts at the first batch's mean, as the Trainer sets it on its first step.
+    AuxK (auxk_alpha 1/32, dead_feature_threshold = dead_tokens) is on unless dead_tokens is NEVER_DEAD.
+    ``since_fired``, when given, is the Trainer's num_tokens_since_fired counter."""
     from sparsify.config import SparseCoderConfig
     from sparsify.sparse_coder import SparseCoder
     from transformers import get_linear_schedule_with_warmup
@@ -82,8 +88,8 @@ def sparsify_step(d_in: int, n_latents: int, k: int, first_mean: torch.Tensor, d
     sae.b_dec.data = first_mean.clone()
     optimizer = torch.optim.Adam([dict(params=sae.parameters(), lr=2e-4 / (sae.num_latents / 2**14) ** 0.5)])
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10**6)  # lr_warmup_steps=0, a long run
-    auxk_alpha = AUXK_ALPHA if dead_tokens == ALL_DEAD else 0.0  # sparsify's default auxk_alpha is 0
-    since_fired = torch.zeros(n_latents, dtype=torch.long)
+    auxk_alpha = AUXK_ALPHA if dead_tokens != NEVER_DEAD else 0.0  # sparsify's default auxk_alpha is 0
+    since_fired = torch.zeros(n_latents, dtype=torch.long) if since_fired is None else since_fired
     did_fire = torch.zeros(n_latents, dtype=torch.bool)
 
     def step(x: torch.Tensor) -> float:
@@ -106,19 +112,26 @@ def sparsify_step(d_in: int, n_latents: int, k: int, first_mean: torch.Tensor, d
     return step, sae
 
 
-def timed(step: Step, batches: list[torch.Tensor], warmup: int, precision: str) -> tuple[float, float]:
-    """Seconds per step over the batches after the first ``warmup``, and the last step's FVU."""
+@contextlib.contextmanager
+def matmul_precision(tool: str) -> Iterator[None]:
+    """The float32 matmul precision each tool trains at: sparsify's fit() sets "high"; gsae leaves the default."""
     previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)  # sparsify's fit() sets "high"; gsae leaves the default
+    torch.set_float32_matmul_precision("highest" if tool == "gsae" else "high")
     try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def timed(step: Step, batches: list[torch.Tensor], warmup: int, tool: str) -> tuple[float, float]:
+    """Seconds per step over the batches after the first ``warmup``, and the last step's FVU."""
+    with matmul_precision(tool):
         for x in batches[:warmup]:
             step(x)
         start = time.perf_counter()
         for x in batches[warmup:]:
             fvu = step(x)
         return (time.perf_counter() - start) / (len(batches) - warmup), fvu
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def same_weights_check(x: torch.Tensor, n_latents: int, k: int) -> str:
@@ -164,7 +177,7 @@ def main(args: argparse.Namespace) -> None:
             for tool in runs:
                 step = (gsae_step(d_in, n_latents, k, mean, dead_tokens)[0] if tool == "gsae"
                         else sparsify_step(d_in, n_latents, k, batches[0].mean(0), dead_tokens)[0])
-                seconds, fvus[tool] = timed(step, batches, args.warmup, "highest" if tool == "gsae" else "high")
+                seconds, fvus[tool] = timed(step, batches, args.warmup, tool)
                 runs[tool].append(seconds)
         speed = {tool: args.batch_size / min(times) for tool, times in runs.items()}
         label = f"{k}{' +AuxK' if dead_tokens == ALL_DEAD else ''}"

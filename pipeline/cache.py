@@ -34,6 +34,8 @@ from stores import (
     default_chunk_tokens,
     is_local,
     probe,
+    read_seconds_writing,
+    write_seconds_writing,
 )
 
 DEFAULT_TOKENS = 100_000
@@ -243,8 +245,10 @@ class _Chunk:
     stats: ChunkStats
 
 
-def _write_chunk(store: ActivationStore, chunk: _Chunk) -> None:
+def _write_chunk(store: ActivationStore, chunk: _Chunk, seconds_before: float, started: float) -> None:
     store.write_chunk(chunk.index, list(chunk.layers), chunk.tokens, chunk.stats)
+    # time spent producing activations so far, summed over resumed runs: the "A" of the paper's cost
+    write_seconds_writing(store, seconds_before + time.perf_counter() - started)
 
 
 def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: WindowPlan,
@@ -435,9 +439,10 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     rows_done = start_row
     exhausted = False
     started = time.perf_counter()
+    seconds_before = read_seconds_writing(store) or 0.0
 
     def submit(item: _Chunk) -> None:
-        pending.append(writer.submit(_write_chunk, store, item))
+        pending.append(writer.submit(_write_chunk, store, item, seconds_before, started))
         while len(pending) > _MAX_PENDING_WRITES or (pending and pending[0].done()):
             pending.popleft().result()  # re-raises a writer error (disk full) here
 
@@ -478,6 +483,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
         raise GsaeError("the corpus gave no rows to write")
     store.finalize()
     elapsed = time.perf_counter() - started
+    write_seconds_writing(store, seconds_before + elapsed)
     return _result(store, elapsed, rows_done - start_row, start_row, corpus_exhausted=exhausted)
 
 

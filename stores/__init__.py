@@ -10,13 +10,16 @@ from stores.activation_store import (
     default_chunk_tokens,
     is_local,
     probe,
+    read_seconds_writing,
     read_side_file,
     to_float32,
+    write_seconds_writing,
     write_side_file,
 )
 from stores.codecs import STORAGE_DTYPES, activation_codecs
 
 __all__ = [
     "FLOAT16_MAX", "STORAGE_DTYPES", "ActivationStore", "ChunkStats", "StatsAccumulator", "StoreError", "activation_codecs",
-    "compute_chunk_stats", "default_chunk_tokens", "is_local", "probe", "read_side_file", "to_float32", "write_side_file",
+    "compute_chunk_stats", "default_chunk_tokens", "is_local", "probe", "read_seconds_writing", "read_side_file", "to_float32",
+    "write_seconds_writing", "write_side_file",
 ]

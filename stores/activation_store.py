@@ -9,6 +9,7 @@ chunk that the resumed run overwrites with the same bytes.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -415,3 +416,20 @@ def read_side_file(store: ActivationStore, relative: str) -> bytes | None:
         return None
     with fs.open(path, "rb") as handle:
         return handle.read()
+
+
+TIMING_FILE = "timing.json"
+
+
+def write_seconds_writing(store: ActivationStore, seconds: float) -> None:
+    """Record the seconds spent producing the activations (summed over resumed runs).
+
+    Kept in a side file, not the attributes: wall-clock time differs between a resumed and an
+    uninterrupted run, and the store itself must end byte-identical."""
+    write_side_file(store, TIMING_FILE, json.dumps({"seconds_writing": round(seconds, 3)}).encode())
+
+
+def read_seconds_writing(store: ActivationStore) -> float | None:
+    """The recorded seconds spent producing the activations, or None for a cache that has none."""
+    data = read_side_file(store, TIMING_FILE)
+    return float(json.loads(data)["seconds_writing"]) if data is not None else None

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, build_tiny_model, run_cli
-from stores import ActivationStore, to_float32
+from stores import ActivationStore, read_seconds_writing, to_float32
 
 CONTEXT = 32
 
@@ -92,7 +92,9 @@ def test_stats_equal_float64_mean_over_stored_rows(tiny_llama, tmp_path, capsys)
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file of a cache but timing.json, the wall-clock record that differs between runs by nature."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith("timing.json")}
 
 
 def _chunks_written(cache: Path) -> int:
@@ -118,12 +120,15 @@ def test_kill_9_then_resume_gives_identical_bytes(tiny_neox, tmp_path, capsys):
     process.wait()
     partial = ActivationStore.open(str(killed), allow_partial=True)
     assert not partial.complete and 0 < partial.tokens_written < 30000
+    partial_seconds = read_seconds_writing(partial)
+    assert partial_seconds > 0
     with pytest.raises(Exception, match="incomplete"):
         ActivationStore.open(str(killed))
 
     code, _, err = run_cli([*args, "--cache", killed], capsys)
     assert code == 0, err
     assert _tree_bytes(killed) == _tree_bytes(tmp_path / "whole")
+    assert read_seconds_writing(ActivationStore.open(str(killed))) > partial_seconds  # both runs' time
 
 
 def test_rerun_of_complete_cache_does_nothing(tiny_neox, tmp_path, capsys):
