@@ -307,11 +307,16 @@ def evaluate(
 def report_command(
     runs: list[str] = typer.Option(..., "--runs", help="Run directories (baseline and group runs), evaluated with gsae eval."),
     out: str = typer.Option("report", help="Folder for report.md and the plots."),
+    cache_seconds: Optional[float] = typer.Option(None, help="Seconds the cache took to produce, for a cache "
+                                                  "that recorded none (the A of the total cost)."),
 ) -> None:
     """Put a baseline and group runs side by side: Markdown tables in the paper's shape and PNG plots."""
+    from pipeline.errors import GsaeError
     from pipeline.report import build_report
 
-    path = build_report(runs, out)
+    if cache_seconds is not None and cache_seconds <= 0:
+        raise GsaeError(f"--cache-seconds must be positive (got {cache_seconds})")
+    path = build_report(runs, out, cache_seconds)
     report.print(path.read_text().split("\n\nThe paper")[0])
     report.print(f"wrote {path} and plots in {path.parent}")
 

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 from pipeline.errors import GsaeError  # noqa: E402
 from pipeline.plots import png_bytes  # noqa: E402
+from stores import ActivationStore, StoreError, read_seconds_writing  # noqa: E402
 
 # The paper's figures (DESIGN section 1): mean over layers, per-layer baseline vs group SAEs at G*.
 PAPER = [
@@ -22,6 +23,15 @@ PAPER = [
     {"model": "Pythia-410M", "ev_baseline": 0.878, "ev_group": 0.862, "dce_baseline": 5.33, "dce_group": 5.94, "cost": 0.49},
     {"model": "Pythia-1B", "ev_baseline": 0.839, "ev_group": 0.817, "dce_baseline": 5.67, "dce_group": 6.43, "cost": 0.49},
 ]
+
+
+COST_NOTE = (
+    "Cost, as the paper counts it: total = (A + T·G) ÷ (A + T·L). A is the shared cost of producing the "
+    "activations: the cache's recorded model-and-write time (timing.json) scaled to the tokens each SAE "
+    "trained on, A = cache seconds × tokens per SAE ÷ cache tokens. T is the cost of training one SAE; "
+    "T·G is this run's measured training time for its G SAEs and T·L the per-layer baseline's for its L. "
+    "The training-only ratio leaves A out and is ≈ G/L. The grouping's own time (AMAD s) is shown apart."
+)
 
 
 @dataclass
@@ -35,17 +45,33 @@ class RunSummary:
     grouping_seconds: float
     amad: float | None
     tokens_per_sae: int
+    cache_seconds: float | None  # producing the whole cache (timing.json), None when not recorded
+    cache_tokens: int
 
     def cost(self, baseline: "RunSummary | None") -> float:
         """Training time ÷ the baseline's (NaN without a baseline)."""
         return self.train_seconds / baseline.train_seconds if baseline else float("nan")
+
+    def activation_seconds(self) -> float:
+        """A: the cache's time scaled to the tokens one SAE trained on (NaN when not recorded)."""
+        if self.cache_seconds is None:
+            return float("nan")
+        return self.cache_seconds * self.tokens_per_sae / self.cache_tokens
+
+    def total_cost(self, baseline: "RunSummary | None") -> float:
+        """The paper's (A + T·G) ÷ (A + T·L), with T·G and T·L the measured training times."""
+        if baseline is None:
+            return float("nan")
+        a = self.activation_seconds()
+        return (a + self.train_seconds) / (a + baseline.train_seconds)
 
     def mean(self, key: str) -> float:
         values = [r[key] for r in self.records if key in r and r[key] == r[key]]
         return float(np.mean(values)) if values else float("nan")
 
 
-def load_run(path: str) -> RunSummary:
+def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
+    """A finished, evaluated run; ``cache_seconds`` stands in for a cache that recorded no time."""
     run = Path(path)
     try:
         config = json.loads((run / "config.json").read_text())
@@ -66,16 +92,23 @@ def load_run(path: str) -> RunSummary:
             amad = next((p["amad"] for p in grouping["curve"] if p["n_groups"] == n), None)
     else:
         amad = 0.0
+    cache_tokens = int(config["cache_fingerprint"]["tokens"])
+    if cache_seconds is None:
+        try:
+            cache_seconds = read_seconds_writing(ActivationStore.open(config["cache"]))
+        except StoreError:
+            cache_seconds = None  # the cache moved or is gone: the total cost is left open
     return RunSummary(run, config["label"], metric, config["groups"], sorted(records, key=lambda r: r["layer"]),
                       float(summary["train_seconds"]), grouping_seconds, amad,
-                      int(config["steps"] * config["request"]["batch_size"]))
+                      int(config["steps"] * config["request"]["batch_size"]), cache_seconds, cache_tokens)
 
 
 def per_layer_plot(runs: list[RunSummary]) -> bytes:
     figure, axes = plt.subplots(2, 1, figsize=(8, 6.4), sharex=True)
     for run in runs:
         layers = [r["layer"] for r in run.records]
-        (line,) = axes[0].plot(layers, [r["explained_variance"] for r in run.records], marker="o", markersize=3,
+        (line,) = axes[0].plot(layers, [r.get("explained_variance_per_token", np.nan) for r in run.records],
+                               marker="o", markersize=3,
                                label=run.label)
         axes[1].plot(layers, [r.get("delta_ce_percent", np.nan) for r in run.records], marker="o", markersize=3,
                      label=run.label, color=line.get_color())
@@ -83,7 +116,7 @@ def per_layer_plot(runs: list[RunSummary]) -> bytes:
             for group in run.groups[1:]:
                 for ax in axes:
                     ax.axvline(group[0] - 0.5, color=line.get_color(), alpha=0.35, linestyle="--", linewidth=1)
-    axes[0].set_ylabel("explained variance")
+    axes[0].set_ylabel("explained variance (per token)")
     axes[1].set_ylabel("ΔCE (% of clean CE)")
     axes[1].set_xlabel("layer")
     for ax in axes:
@@ -108,35 +141,39 @@ def cost_plot(runs: list[RunSummary], baseline: RunSummary | None) -> bytes:
     return png_bytes(figure)
 
 
-def build_report(paths: list[str], out: str) -> Path:
+def build_report(paths: list[str], out: str, cache_seconds: float | None = None) -> Path:
     """Write ``report.md``, ``per-layer.png`` and ``cost.png`` under ``out``."""
-    runs = [load_run(p) for p in paths]
+    runs = [load_run(p, cache_seconds) for p in paths]
     baseline = next((r for r in runs if r.label == "baseline"), None)
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     (target / "per-layer.png").write_bytes(per_layer_plot(runs))
     (target / "cost.png").write_bytes(cost_plot(runs, baseline))
-    lines = ["# gsae report", "", "| run | G | AMAD | mean EV | mean ΔCE % | mean KL | mean L0 | dead % | "
-             "tokens/SAE | training s | AMAD s | cost ÷ baseline |", "|" + " --- |" * 12]
+    lines = ["# gsae report", "", "| run | G | AMAD | mean EV/token | mean EV pooled | mean ΔCE % | mean KL | "
+             "mean L0 | dead % | tokens/SAE | A s | training s | AMAD s | training ÷ baseline | "
+             "total ÷ baseline |", "|" + " --- |" * 15]
     for run in runs:
         amad = f"{run.amad:.3f}" if run.amad is not None else "-"
-        lines.append(f"| {run.label} | {len(run.groups)} | {amad} | {run.mean('explained_variance'):.3f} | "
-                     f"{run.mean('delta_ce_percent'):.2f} | {run.mean('kl_divergence'):.4f} | {run.mean('l0'):.1f} | "
-                     f"{100 * run.mean('dead_fraction'):.1f} | {run.tokens_per_sae:,} | {run.train_seconds:.1f} | "
-                     f"{run.grouping_seconds:.1f} | {run.cost(baseline):.3f} |")
-    lines += ["", "The paper (Pythia, mean over layers, baseline vs group SAEs at G*):", "",
+        lines.append(f"| {run.label} | {len(run.groups)} | {amad} | {run.mean('explained_variance_per_token'):.3f} | "
+                     f"{run.mean('explained_variance'):.3f} | {run.mean('delta_ce_percent'):.2f} | "
+                     f"{run.mean('kl_divergence'):.4f} | {run.mean('l0'):.1f} | {100 * run.mean('dead_fraction'):.1f} | "
+                     f"{run.tokens_per_sae:,} | {run.activation_seconds():.1f} | {run.train_seconds:.1f} | "
+                     f"{run.grouping_seconds:.1f} | {run.cost(baseline):.3f} | {run.total_cost(baseline):.3f} |")
+    lines += ["", COST_NOTE, "", "The paper (Pythia, mean over layers, per-token EV, baseline vs group SAEs at G*; "
+              "compute is its total cost A + T·G over A + T·L):", "",
               "| model | EV baseline | EV group | ΔCE % baseline | ΔCE % group | compute ÷ baseline |",
               "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {p['model']} | {p['ev_baseline']:.3f} | {p['ev_group']:.3f} | {p['dce_baseline']:.2f} | "
               f"{p['dce_group']:.2f} | {p['cost']:.2f} |" for p in PAPER]
     layers = sorted({r["layer"] for run in runs for r in run.records})
-    lines += ["", "## Per layer: explained variance / ΔCE %", "",
+    lines += ["", "## Per layer: per-token explained variance / ΔCE %", "",
               "| layer | " + " | ".join(run.label for run in runs) + " |", "|" + " --- |" * (len(runs) + 1)]
     for layer in layers:
         cells = []
         for run in runs:
             record = next((r for r in run.records if r["layer"] == layer), None)
-            cells.append(f"{record['explained_variance']:.3f} / {record.get('delta_ce_percent', float('nan')):.2f}"
+            cells.append(f"{record.get('explained_variance_per_token', float('nan')):.3f} / "
+                         f"{record.get('delta_ce_percent', float('nan')):.2f}"
                          if record else "-")
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     lines += ["", "![EV and ΔCE per layer](per-layer.png)", "", "![quality against cost](cost.png)", ""]

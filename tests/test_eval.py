@@ -80,8 +80,23 @@ def test_report_from_two_runs(tiny_models, tmp_path, capsys):
         records = json.loads((tmp_path / name / "eval.json").read_text())["records"]
         mean_ev = sum(r["explained_variance"] for r in records) / len(records)
         assert f"{mean_ev:.3f}" in text
+        mean_per_token = sum(r["explained_variance_per_token"] for r in records) / len(records)
+        assert f"{mean_per_token:.3f}" in text
     assert "| baseline |" in text and "| amad-g1 |" in text and "Pythia-160M" in text
     assert (tmp_path / "rep" / "per-layer.png").stat().st_size > 1000 and (tmp_path / "rep" / "cost.png").exists()
+    # the paper's total cost from the recorded files, by hand: (A + T·G) / (A + T·L)
+    from stores import ActivationStore, read_seconds_writing
+
+    cache_seconds = read_seconds_writing(ActivationStore.open(str(cache)))
+    train = {name: json.loads((tmp_path / name / "summary.json").read_text())["train_seconds"] for name in ("base", "g1")}
+    a = cache_seconds * 8192 / 6000  # 16 steps of 512 tokens per SAE, from a 6,000-token cache
+    total = (a + train["g1"]) / (a + train["base"])
+    row = next(line for line in text.splitlines() if line.startswith("| amad-g1 |"))
+    assert row.rstrip(" |").endswith(f"{total:.3f}") and f"| {a:.1f} |" in row
+    assert "(A + T·G) ÷ (A + T·L)" in text
+    code, _, _ = run_cli(["report", "--runs", tmp_path / "base", "--runs", tmp_path / "g1", "--out", tmp_path / "rep2",
+                          "--cache-seconds", 100], capsys)
+    assert code == 0 and f"| {100 * 8192 / 6000:.1f} |" in (tmp_path / "rep2" / "report.md").read_text()
 
 
 def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, capsys):
