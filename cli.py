@@ -91,6 +91,7 @@ def cache(
     prepend_bos: Optional[bool] = typer.Option(None, "--prepend-bos/--no-prepend-bos", help="Start every window with BOS (default: when the tokenizer has one)."),
     keep_bos: bool = typer.Option(False, help="Also store the BOS position's activations (outliers; dropped by default)."),
     chunk_tokens: Optional[int] = typer.Option(None, help="Rows per chunk (default: about 4 MiB per chunk)."),
+    write_threads: Optional[int] = typer.Option(None, help="Threads compressing and writing chunks (default: one per core)."),
 ) -> None:
     """Run the model once and cache every block's residual stream to a compressed, resumable Zarr store."""
     from pipeline.cache import CacheRequest, build_cache
@@ -100,6 +101,7 @@ def cache(
         text_field=text_field, tokens=tokens, context_length=context_length, batch_size=batch_size,
         cache=cache, compression=compression.value, keep_bits=keep_bits, dtype=dtype.value,
         device=device.value, prepend_bos=prepend_bos, keep_bos=keep_bos, chunk_tokens=chunk_tokens,
+        write_threads=write_threads,
     )
     result = build_cache(request, console)
     if result.already_complete:

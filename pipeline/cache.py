@@ -1,8 +1,10 @@
 """Stage one: run the model once and write every block's residual stream to the activation store.
 
-The forward pass runs on the calling thread; chunk statistics, compression and writing run on a
-background thread, so they overlap the next forward pass.  Progress is committed per chunk, which
-makes a killed run resumable to the same bytes (see docs/store-format.md).
+The forward pass runs on the calling thread, which also gathers the rows into chunks with their
+statistics; compression and writing run on a pool of threads (every layer's chunk a job of its own,
+several chunks in flight, bounded), so they overlap the next forward pass and use every core.  Chunks
+are committed in order, one by one, which makes a killed run resumable to the same bytes (see
+docs/store-format.md).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import itertools
 import os
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,6 +35,7 @@ from stores import (
     StatsAccumulator,
     default_chunk_tokens,
     is_local,
+    PendingChunk,
     probe,
     read_seconds_writing,
     write_seconds_writing,
@@ -42,7 +45,6 @@ DEFAULT_TOKENS = 100_000
 DEFAULT_CONTEXT_LENGTH = 256
 DEFAULT_BATCH_SIZE = 16
 CACHE_ROOT = "gsae-cache"
-_MAX_PENDING_WRITES = 2  # chunks queued for the writer; bounds memory at a few chunks
 
 
 @dataclass
@@ -66,6 +68,7 @@ class CacheRequest:
     prepend_bos: bool | None = None
     keep_bos: bool = False
     chunk_tokens: int | None = None
+    write_threads: int | None = None  # None: one per core
 
 
 @dataclass
@@ -102,6 +105,8 @@ def _validate(request: CacheRequest) -> None:
         raise GsaeError(f"--batch-size must be positive (got {request.batch_size})")
     if request.context_length < 2:
         raise GsaeError(f"--context-length must be at least 2 (got {request.context_length})")
+    if request.write_threads is not None and request.write_threads <= 0:
+        raise GsaeError(f"--write-threads must be positive (got {request.write_threads})")
     if request.chunk_tokens is not None and request.chunk_tokens <= 0:
         raise GsaeError(f"--chunk-tokens must be positive (got {request.chunk_tokens})")
     if request.dtype not in STORAGE_DTYPES:
@@ -139,6 +144,7 @@ class _ForwardCapture:
         self.first_row = first_row  # 1 drops the BOS position
         self.dtype = dtype
         self.captured: list[torch.Tensor | None] = [None] * lm.n_layers
+        self.pinned: list[torch.Tensor | None] = [None] * lm.n_layers  # reused device→host buffers
         self.overflowed = False
         self.handles = [block.register_forward_hook(self._hook(layer)) for layer, block in enumerate(lm.blocks)]
 
@@ -146,13 +152,13 @@ class _ForwardCapture:
         last = layer == self.lm.n_layers - 1
 
         def hook(module: Any, inputs: Any, output: Any) -> None:
-            self.captured[layer] = self._to_host(block_output(output)[:, self.first_row :])
+            self.captured[layer] = self._to_host(layer, block_output(output)[:, self.first_row :])
             if last:
                 raise self._Stop
 
         return hook
 
-    def _to_host(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _to_host(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if self.dtype == "float16":
             stored = hidden.to(torch.float16)
@@ -163,10 +169,12 @@ class _ForwardCapture:
             stored = hidden.to(torch.bfloat16).view(torch.int16)
         else:
             stored = hidden.to(torch.float32)
-        if stored.device.type == "cuda":  # pinned host buffer + async copy; synchronised in run()
-            host = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=True)
+        if stored.device.type == "cuda":  # async copy into a reused pinned buffer; synchronised in run()
+            host = self.pinned[layer]
+            if host is None or host.shape != stored.shape or host.dtype != stored.dtype:
+                host = self.pinned[layer] = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=True)
             host.copy_(stored, non_blocking=True)
-            return host
+            return host  # the assembler copies it into a chunk before the next forward overwrites it
         return stored
 
     def run(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -245,10 +253,38 @@ class _Chunk:
     stats: ChunkStats
 
 
-def _write_chunk(store: ActivationStore, chunk: _Chunk, seconds_before: float, started: float) -> None:
-    store.write_chunk(chunk.index, list(chunk.layers), chunk.tokens, chunk.stats)
-    # time spent producing activations so far, summed over resumed runs: the "A" of the paper's cost
-    write_seconds_writing(store, seconds_before + time.perf_counter() - started)
+class _ChunkWriter:
+    """Compresses and writes chunks on a pool of threads, every layer's chunk a job of its own, and
+    commits them in order on the calling thread.  At most ``max_pending`` chunks are in flight: the
+    forward pass waits (back-pressure) rather than letting memory grow."""
+
+    def __init__(self, store: ActivationStore, threads: int, seconds_before: float):
+        self.store, self.seconds_before = store, seconds_before
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-writer")
+        # enough chunks in flight to keep every thread busy, and at least two to overlap the forward
+        self.max_pending = max(2, -(-2 * threads // (store.n_layers + 4)))
+        self.pending: deque[PendingChunk] = deque()
+        self.started = time.perf_counter()
+
+    def submit(self, item: _Chunk) -> None:
+        self.pending.append(self.store.start_chunk(item.index, list(item.layers), item.tokens, item.stats, self.pool))
+        while len(self.pending) > self.max_pending or (self.pending and self.pending[0].done()):
+            self._commit_oldest()
+
+    def drain(self) -> None:
+        while self.pending:
+            self._commit_oldest()
+
+    def _commit_oldest(self) -> None:
+        self.store.finish_chunk(self.pending.popleft())  # re-raises a write error (disk full) here
+        # time spent producing activations so far, summed over resumed runs: the "A" of the paper's cost
+        write_seconds_writing(self.store, self.seconds_before + time.perf_counter() - self.started)
+
+    def close(self) -> None:
+        for pending in self.pending:
+            for future in pending.futures:
+                future.cancel()
+        self.pool.shutdown(wait=True)
 
 
 def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: WindowPlan,
@@ -404,7 +440,7 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
                 keep_bits=request.keep_bits, attributes=attributes,
             )
         return fill_store(store, lm, windows, batch_size=request.batch_size, first_row=first_row,
-                          rows_per_window=rows_per_window, console=console)
+                          rows_per_window=rows_per_window, console=console, write_threads=request.write_threads)
     finally:
         if store is None and created_folder:
             _remove_if_empty(path)
@@ -418,7 +454,7 @@ def _remove_if_empty(path: str) -> None:
 
 
 def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[int]], *, batch_size: int,
-               first_row: int, rows_per_window: int, console: Any) -> CacheResult:
+               first_row: int, rows_per_window: int, console: Any, write_threads: int | None = None) -> CacheResult:
     """Run ``windows`` through the model in batches and write the stored rows until the store holds
     its planned tokens or the windows run out; resumes after the rows already committed."""
     start_row = store.tokens_written
@@ -434,17 +470,11 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     np_dtype = np.dtype(STORAGE_DTYPES[store.dtype][0])
     assembler = _ChunkAssembler(store, np_dtype)
     capture = _ForwardCapture(lm, first_row, store.dtype)
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsae-writer")
-    pending: deque[Future] = deque()
+    seconds_before = read_seconds_writing(store) or 0.0
+    writer = _ChunkWriter(store, write_threads or os.cpu_count() or 1, seconds_before)
     rows_done = start_row
     exhausted = False
     started = time.perf_counter()
-    seconds_before = read_seconds_writing(store) or 0.0
-
-    def submit(item: _Chunk) -> None:
-        pending.append(writer.submit(_write_chunk, store, item, seconds_before, started))
-        while len(pending) > _MAX_PENDING_WRITES or (pending and pending[0].done()):
-            pending.popleft().result()  # re-raises a writer error (disk full) here
 
     progress = make_progress(console)
     try:
@@ -464,21 +494,18 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                     tokens, skip_rows = tokens[skip_rows:], 0
                 keep = min(len(tokens), store.tokens_planned - rows_done)
                 for item in assembler.add([values[:keep] for values in layers], tokens[:keep]):
-                    submit(item)
+                    writer.submit(item)
                 rows_done += keep
                 progress.update(task, completed=rows_done)
                 if len(group) < batch:
                     exhausted = rows_done < store.tokens_planned
                     break
             if exhausted and (last := assembler.flush()) is not None:
-                submit(last)
-            while pending:
-                pending.popleft().result()
+                writer.submit(last)
+            writer.drain()
     finally:
         capture.close()
-        for future in pending:
-            future.cancel()
-        writer.shutdown(wait=True)
+        writer.close()
     if store.tokens_written == 0:
         raise GsaeError("the corpus gave no rows to write")
     store.finalize()

@@ -4,6 +4,7 @@ from stores.activation_store import (
     FLOAT16_MAX,
     ActivationStore,
     ChunkStats,
+    PendingChunk,
     StatsAccumulator,
     StoreError,
     compute_chunk_stats,
@@ -19,7 +20,7 @@ from stores.activation_store import (
 from stores.codecs import STORAGE_DTYPES, activation_codecs
 
 __all__ = [
-    "FLOAT16_MAX", "STORAGE_DTYPES", "ActivationStore", "ChunkStats", "StatsAccumulator", "StoreError", "activation_codecs",
+    "FLOAT16_MAX", "STORAGE_DTYPES", "ActivationStore", "ChunkStats", "PendingChunk", "StatsAccumulator", "StoreError", "activation_codecs",
     "compute_chunk_stats", "default_chunk_tokens", "is_local", "probe", "read_seconds_writing", "read_side_file", "to_float32",
     "write_seconds_writing", "write_side_file",
 ]

@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import warnings
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -74,6 +75,18 @@ def _write_error(path: str, exc: OSError) -> StoreError:
 
 
 @dataclass
+class PendingChunk:
+    """A chunk whose writes were started by :meth:`ActivationStore.start_chunk`, not yet committed."""
+
+    chunk: int
+    stop: int  # the row after its last row
+    futures: list[Future]
+
+    def done(self) -> bool:
+        return all(future.done() for future in self.futures)
+
+
+@dataclass
 class ChunkStats:
     """Per-chunk partial statistics, kept so a resumed run ends with the same totals."""
 
@@ -93,6 +106,7 @@ class ActivationStore:
         self._layers = [group[f"layers/{layer}"] for layer in range(self.n_layers)]
         self._tokens = group["tokens"]
         self._chunk_stats = {name: group[f"stats/{name}"] for name in ("chunk_sum", "chunk_norm_sum", "chunk_overflow")}
+        self._next_to_start = self.chunks_written
 
     # ---------------------------------------------------------------- creation and opening
     @classmethod
@@ -208,27 +222,56 @@ class ActivationStore:
 
     # ---------------------------------------------------------------- writing
     def write_chunk(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray, stats: ChunkStats) -> None:
-        """Write one chunk of every layer, its tokens and statistics, then commit it.
+        """Write one chunk of every layer, its tokens and statistics, then commit it (sequentially)."""
+        self.finish_chunk(self.start_chunk(chunk, layers, tokens, stats))
 
-        Chunks are committed in order: ``chunk`` must equal ``chunks_written``.  A chunk holds its
+    def start_chunk(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray, stats: ChunkStats,
+                    executor: Executor | None = None) -> PendingChunk:
+        """Start writing one chunk: every layer's chunk, the tokens and the statistics, as separate jobs
+        on ``executor`` (encoding releases the GIL, so layers compress in parallel), or right here
+        without one.  Nothing is committed until :meth:`finish_chunk`.
+
+        Chunks are committed in order: ``chunk`` must be the next one not yet started.  A chunk holds its
         planned rows, except a last, short one when the source ran out (then :meth:`finalize`).
         """
-        if chunk != self.chunks_written:
-            raise RuntimeError(f"chunk {chunk} written out of order (next is {self.chunks_written})")
+        if chunk != self._next_to_start:
+            raise RuntimeError(f"chunk {chunk} written out of order (next is {self._next_to_start})")
         start, planned_stop = self.chunk_rows(chunk)
         n = len(tokens)
         if not 0 < n <= planned_stop - start or any(a.shape != (n, self.d_model) for a in layers):
             raise ValueError(f"chunk {chunk} takes 1 to {planned_stop - start} rows of width {self.d_model}")
-        stop = start + n
-        rows = slice(start, stop)
+        rows = slice(start, start + n)
+
+        def put(array: zarr.Array, key: Any, values: np.ndarray) -> None:
+            array[key] = values
+
+        jobs = [(array, rows, values) for array, values in zip(self._layers, layers)]
+        jobs += [(self._tokens, rows, tokens), (self._chunk_stats["chunk_sum"], chunk, stats.sums),
+                 (self._chunk_stats["chunk_norm_sum"], chunk, stats.norm_sums),
+                 (self._chunk_stats["chunk_overflow"], chunk, stats.overflow)]
+        futures: list[Future] = []
+        for job in jobs:
+            if executor is None:
+                future: Future = Future()
+                try:
+                    put(*job)
+                    future.set_result(None)
+                except Exception as exc:  # reported by finish_chunk, as a pool's failure would be
+                    future.set_exception(exc)
+            else:
+                future = executor.submit(put, *job)
+            futures.append(future)
+        self._next_to_start = chunk + 1
+        return PendingChunk(chunk, start + n, futures)
+
+    def finish_chunk(self, pending: PendingChunk) -> None:
+        """Wait for a started chunk's writes, then commit it (advance ``chunks_written``)."""
+        if pending.chunk != self.chunks_written:
+            raise RuntimeError(f"chunk {pending.chunk} committed out of order (next is {self.chunks_written})")
         try:
-            for array, values in zip(self._layers, layers):
-                array[rows] = values
-            self._tokens[rows] = tokens
-            self._chunk_stats["chunk_sum"][chunk] = stats.sums
-            self._chunk_stats["chunk_norm_sum"][chunk] = stats.norm_sums
-            self._chunk_stats["chunk_overflow"][chunk] = stats.overflow
-            self._set_attrs(chunks_written=chunk + 1, tokens_written=stop)
+            for future in pending.futures:
+                future.result()
+            self._set_attrs(chunks_written=pending.chunk + 1, tokens_written=pending.stop)
         except OSError as exc:
             raise _write_error(self.path, exc) from None
 

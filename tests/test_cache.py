@@ -131,6 +131,12 @@ def test_kill_9_then_resume_gives_identical_bytes(tiny_neox, tmp_path, capsys):
     assert read_seconds_writing(ActivationStore.open(str(killed))) > partial_seconds  # both runs' time
 
 
+def test_parallel_writers_give_the_same_bytes_as_one(tiny_neox, tmp_path, capsys):
+    for threads in (1, 5):
+        assert run_cli(cache_args(tiny_neox, tmp_path / f"t{threads}", tokens=3000, write_threads=threads), capsys)[0] == 0
+    assert _tree_bytes(tmp_path / "t1") == _tree_bytes(tmp_path / "t5")
+
+
 def test_rerun_of_complete_cache_does_nothing(tiny_neox, tmp_path, capsys):
     args = cache_args(tiny_neox, tmp_path / "c", tokens=200)
     assert run_cli(args, capsys)[0] == 0

@@ -70,6 +70,7 @@ def test_bad_datasets(name, content, message, tiny_neox, tmp_path, capsys):
     ("tokens", -5, "--tokens must be positive"),
     ("batch_size", 0, "--batch-size must be positive"),
     ("context_length", 1, "--context-length"),
+    ("write_threads", 0, "--write-threads must be positive"),
 ])
 def test_bad_numbers(flag, value, message, tiny_neox, tmp_path, capsys):
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", **{flag: value}), capsys)[::2])
