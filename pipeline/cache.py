@@ -253,7 +253,7 @@ class _Chunk:
     stats: ChunkStats
 
 
-class _ChunkWriter:
+class ChunkWriter:
     """Compresses and writes chunks on a pool of threads, every layer's chunk a job of its own, and
     commits them in order on the calling thread.  At most ``max_pending`` chunks are in flight: the
     forward pass waits (back-pressure) rather than letting memory grow."""
@@ -471,7 +471,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     assembler = _ChunkAssembler(store, np_dtype)
     capture = _ForwardCapture(lm, first_row, store.dtype)
     seconds_before = read_seconds_writing(store) or 0.0
-    writer = _ChunkWriter(store, write_threads or os.cpu_count() or 1, seconds_before)
+    writer = ChunkWriter(store, write_threads or os.cpu_count() or 1, seconds_before)
     rows_done = start_row
     exhausted = False
     started = time.perf_counter()

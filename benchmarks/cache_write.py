@@ -1,0 +1,114 @@
+"""Cache write-only throughput: activations already in memory, compressed and written by gsae's chunk
+writer with 1, 2 and all threads, beside a plain sequential write of the same raw bytes (the disk).
+
+    python benchmarks/cache_write.py --cache gsae-cache/smollm2-135m --chunks 8
+    python benchmarks/cache_write.py --layers 6 --d-model 512 --chunks 16        # no cache: Gaussian rows
+
+With ``--cache``, real activations are read once (``--chunks`` chunks of every layer) and written again
+into temporary stores with the cache's own codec; without it, Gaussian float16 rows of the given shape.
+Each configuration writes the same chunks through ``pipeline.cache.ChunkWriter`` (the writer of
+`gsae cache`: a job per layer's chunk, several chunks in flight, commits in order), timed from the first
+chunk to the last commit.  Prints tok/s and GB/s of float16 and the 2-thread ÷ 1-thread ratio
+(target ≥ 1.7 on a 2-core CPU; ≥ 4 GB/s with all threads on the 16-core GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from pipeline.cache import ChunkWriter, _Chunk  # noqa: E402
+from stores import ActivationStore, compute_chunk_stats  # noqa: E402
+
+
+def source_chunks(args: argparse.Namespace) -> tuple[list[_Chunk], int, int, str, str]:
+    """(chunks with every layer's rows, n_layers, d_model, dtype, compression) held in memory."""
+    if args.cache:
+        store = ActivationStore.open(args.cache)
+        chunks = []
+        for c in range(min(args.chunks, store.n_chunks)):
+            start, stop = store.readable_rows(c)
+            layers = np.stack([store.read_rows(layer, start, stop) for layer in range(store.n_layers)])
+            chunks.append(_Chunk(c, layers, store.tokens(start, stop), compute_chunk_stats(list(layers), store.dtype)))
+        return chunks, store.n_layers, store.d_model, store.dtype, store.attrs["codec"]["compression"]
+    rng = np.random.default_rng(0)
+    rows = max(1, 4 * 2**20 // (args.d_model * 2))
+    chunks = []
+    for c in range(args.chunks):
+        layers = rng.standard_normal((args.layers, rows, args.d_model), dtype=np.float32).astype(np.float16)
+        chunks.append(_Chunk(c, layers, np.zeros(rows, np.int32), compute_chunk_stats(list(layers), "float16")))
+    return chunks, args.layers, args.d_model, "float16", "lossless"
+
+
+def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
+              folder: str) -> float:
+    """Seconds to write and commit every chunk into a fresh store with ``threads`` writer threads."""
+    rows = len(chunks[0].tokens)
+    store = ActivationStore.create(os.path.join(folder, f"t{threads}"), n_layers=n_layers, d_model=d_model,
+                                   n_tokens=rows * len(chunks), chunk_tokens=rows, dtype=dtype,
+                                   compression=compression)
+    writer = ChunkWriter(store, threads, 0.0)
+    start = time.perf_counter()
+    try:
+        for chunk in chunks:
+            writer.submit(chunk)
+        writer.drain()
+    finally:
+        writer.close()
+    return time.perf_counter() - start
+
+
+def sequential_raw(chunks: list[_Chunk], folder: str) -> float:
+    """Seconds to write the same raw bytes to one file, uncompressed, with fsync: what the disk gives."""
+    path = os.path.join(folder, "raw.bin")
+    start = time.perf_counter()
+    with open(path, "wb") as handle:
+        for chunk in chunks:
+            handle.write(chunk.layers.tobytes())
+        handle.flush()
+        os.fsync(handle.fileno())
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default=None)
+    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration; the best is kept")
+    args = parser.parse_args()
+
+    chunks, n_layers, d_model, dtype, compression = source_chunks(args)
+    tokens = sum(len(c.tokens) for c in chunks)
+    gigabytes = sum(c.layers.nbytes for c in chunks) / 1e9
+    cores = os.cpu_count() or 1
+    print(f"{len(chunks)} chunks × {n_layers} layers × {len(chunks[0].tokens):,} rows × {d_model} "
+          f"({dtype}, {compression}): {tokens:,} tokens, {gigabytes:.2f} GB raw; {cores} cores")
+    results = {}
+    with tempfile.TemporaryDirectory(dir=".") as folder:
+        disk = min(sequential_raw(chunks, folder) for _ in range(args.repeats))
+        print(f"sequential raw write  {tokens / disk:12,.0f} tok/s  {gigabytes / disk:6.2f} GB/s")
+        with tempfile.TemporaryDirectory(dir=folder) as run_folder:  # warm-up: codecs, zarr's event loop
+            write_all(chunks[:1], n_layers, d_model, dtype, compression, cores, run_folder)
+        for threads in sorted({1, 2, cores}):
+            with tempfile.TemporaryDirectory(dir=folder) as run_folder:
+                seconds = min(write_all(chunks, n_layers, d_model, dtype, compression, threads, run_folder)
+                              for _ in range(args.repeats))
+            results[threads] = seconds
+            print(f"gsae writer {threads:2d} thr  {tokens / seconds:12,.0f} tok/s  {gigabytes / seconds:6.2f} GB/s")
+    if 2 in results:
+        print(f"ratio 2 threads / 1 thread = {results[1] / results[2]:.2f}   (target >= 1.7)")
+    print(f"all {cores} threads: {gigabytes / results[cores]:.2f} GB/s of float16 (target on the GPU machine >= 4)")
+
+
+if __name__ == "__main__":
+    main()
