@@ -1,12 +1,17 @@
 """Training benchmarks, each a ratio measured in one run:
 
     python benchmarks/train_speed.py feed     --cache C   # step time fed by the store ÷ fed from memory
+    python benchmarks/train_speed.py stream   --cache C   # stream rows/s ÷ a plain thread-pool decode
     python benchmarks/train_speed.py groups   --cache C   # wall time of --groups N ÷ --baseline
     python benchmarks/train_speed.py memory   --cache C   # peak RSS of training on C and on C doubled
 
 "feed" trains the same SAE (same shape, batch and step code as `gsae train`) for the same number of
 steps twice: once pulling batches from the store's prefetching stream, once from the same batches
 already in memory; the two alternate and the best of each is kept.
+
+"stream" pulls batches from the training stream with nothing else running, and compares its rows/s with
+a plain ``ThreadPoolExecutor`` (one thread per core) decoding the same (layer, chunk) pairs to float32;
+the two alternate and the best of each is kept.
 """
 
 from __future__ import annotations
@@ -67,6 +72,52 @@ def feed(args) -> None:
     print(f"fed by the store   {1000 * min(from_store):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in from_store)})")
     print(f"fed from memory    {1000 * min(in_memory):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in in_memory)})")
     print(f"ratio store / memory = {min(from_store) / min(in_memory):.3f}   (target <= 1.10)")
+
+
+def stream_rate(args) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stores import to_float32
+
+    store = ActivationStore.open(args.cache)
+    layers = list(range(args.first_layer, args.first_layer + args.group_size))
+    scales = [float(1 / store.norm[l]) for l in layers]
+    train_chunks, _ = split_chunks(store, 0.05)
+    chunks = train_chunks[: args.chunks]
+    rows = len(layers) * sum(b - a for a, b in map(store.readable_rows, chunks))
+    cores = os.cpu_count() or 1
+
+    def plain() -> float:
+        def decode(pair):
+            layer, chunk = pair
+            return to_float32(store.read_chunk(layer, chunk), store.dtype) * scales[layers.index(layer)]
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=cores) as pool:
+            for _ in pool.map(decode, [(l, c) for l in layers for c in chunks]):
+                pass
+        return rows / (time.perf_counter() - start)
+
+    def streamed() -> float:
+        stream = TrainingStream(store, layers, scales, chunks, args.batch_size, seed=0)
+        n_batches = rows // args.batch_size
+        start = time.perf_counter()
+        for _ in range(n_batches):
+            stream.next_batch()
+        seconds = time.perf_counter() - start
+        stream.close()
+        return n_batches * args.batch_size / seconds
+
+    plain(), streamed()  # warm-up
+    plains, streams = [], []
+    for _ in range(args.repeats):
+        plains.append(plain())
+        streams.append(streamed())
+    print(f"{len(layers)} layers × {len(chunks)} chunks = {rows:,} rows of d = {store.d_model}, batch {args.batch_size}, "
+          f"{cores} cores")
+    print(f"plain thread-pool decode to float32 {max(plains):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in plains)})")
+    print(f"training stream                     {max(streams):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in streams)})")
+    print(f"ratio stream / plain decode = {max(streams) / max(plains):.3f}   (target >= 0.9)")
 
 
 def _gsae(*args: str) -> float:
@@ -133,7 +184,7 @@ def memory(args) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["feed", "groups", "memory"])
+    parser.add_argument("what", choices=["feed", "stream", "groups", "memory"])
     parser.add_argument("--cache", default="gsae-cache/smollm2-135m")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2)
@@ -145,6 +196,7 @@ if __name__ == "__main__":
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--tmp", default=".")
+    parser.add_argument("--chunks", type=int, default=8, help="stream: training chunks to read per layer")
     arguments = parser.parse_args()
     arguments.cache = os.path.abspath(arguments.cache)  # the subprocesses run from the repository root
-    {"feed": feed, "groups": groups, "memory": memory}[arguments.what](arguments)
+    {"feed": feed, "stream": stream_rate, "groups": groups, "memory": memory}[arguments.what](arguments)

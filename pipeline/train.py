@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,7 +162,7 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Path, dict[str, Any]
     return run, config, store
 
 
-def _build(config: dict[str, Any], store: ActivationStore, device: torch.device):
+def _build(config: dict[str, Any], store: ActivationStore, device: torch.device, pool: ThreadPoolExecutor):
     request = config["request"]
     saes, optimizers, streams, fired = [], [], [], []
     mean = store.mean
@@ -175,7 +177,7 @@ def _build(config: dict[str, Any], store: ActivationStore, device: torch.device)
         optimizers.append(torch.optim.Adam(sae.parameters(), lr=config["lr"]))
         streams.append(TrainingStream(store, group, scales, config["train_chunks"], request["batch_size"],
                                       request["seed"], stream_id=i, window_chunks=request["window_chunks"],
-                                      device=device))
+                                      device=device, pool=pool))
         fired.append(torch.zeros(config["n_latents"], dtype=torch.int64, device=device))
     return saes, optimizers, streams, fired
 
@@ -207,7 +209,8 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
     """Train every SAE of the run in one process, one step of each in turn, with checkpoints."""
     run, config, store = _open_run(request, console)
     device = pick_device(config["request"]["device"] if request.resume else request.device)
-    saes, optimizers, streams, fired = _build(config, store, device)
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="gsae-decode")  # all streams
+    saes, optimizers, streams, fired = _build(config, store, device, pool)
     steps, batch_size = config["steps"], config["request"]["batch_size"]
     checkpoint_every, log_every = config["request"]["checkpoint_every"], config["request"]["log_every"]
     start_step, elapsed = 0, [0.0] * len(saes)
@@ -266,6 +269,7 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
     finally:  # an interrupted run keeps its last periodic checkpoint; --resume continues from there
         for stream in streams:
             stream.close()
+        pool.shutdown(wait=False, cancel_futures=True)
     checkpoint_now(steps)
     rows = _finish(run, config, store, saes, latest, elapsed, device)
     return TrainResult(run, rows, time.perf_counter() - started, start_step)

@@ -9,7 +9,8 @@ gives, and it mixes several passages.  Rows that do not fill a last batch are ca
 window, so an epoch yields every training (layer, row) exactly once.  The stream's position (window,
 batch, carried rows) is a small state that a checkpoint stores; resuming rebuilds the same batches.
 
-A window is decoded in worker threads (numcodecs releases the GIL) while the previous one is trained
+A window is decoded in worker threads, one per core and shared by the streams of a run (numcodecs
+releases the GIL), while the previous one is trained
 on, straight into one buffer in the stored dtype (float16: half the memory of float32).  A window takes
 ``window_chunks × n_layers`` chunks of memory (about 4 MiB each), two windows at a time.
 
@@ -20,7 +21,8 @@ On the CPU the batch is converted and scaled in place.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+import os
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,14 +78,18 @@ class TrainingStream:
 
     def __init__(self, store: ActivationStore, layers: list[int], scales: list[float], chunks: list[int],
                  batch_size: int, seed: int, stream_id: int = 0, window_chunks: int = 8,
-                 device: torch.device | str = "cpu", workers: int = 2):
+                 device: torch.device | str = "cpu", workers: int | None = None, pool: Executor | None = None):
+        """``pool``: decode threads shared with other streams (the SAEs of one run); without it the
+        stream starts ``workers`` threads of its own (default: one per core)."""
         self.store, self.layers, self.chunks = store, list(layers), list(chunks)
         self.scales = {layer: float(scale) for layer, scale in zip(layers, scales)}
         self.batch_size, self.seed, self.stream_id = batch_size, seed, stream_id
         self.window_chunks = max(1, window_chunks)
         self.device = torch.device(device)
         self.windows_per_epoch = -(-len(self.chunks) // self.window_chunks)
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"gsae-stream{stream_id}")
+        self._own_pool = pool is None
+        self.pool = pool or ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1,
+                                               thread_name_prefix=f"gsae-stream{stream_id}")
         self.window, self.batch_in_window = 0, 0
         self._carry_ids = np.zeros((0, 2), dtype=np.int64)  # (layer, row) carried into self.window
         self._current: _Window | None = None
@@ -234,4 +240,8 @@ class TrainingStream:
         self._pending.clear()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for _, futures in self._pending.values():
+            for future in futures:
+                future.cancel()
+        if self._own_pool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
