@@ -238,6 +238,11 @@ class Architecture(str, Enum):
     jumprelu = "jumprelu"
 
 
+class Precision(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
 @app.command()
 def train(
     cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
@@ -256,6 +261,8 @@ def train(
     seed: int = typer.Option(0, help="Seed of initialisation and stream order."),
     dead_tokens: Optional[int] = typer.Option(None, help="A latent silent this many tokens is dead (AuxK); default min(10M, tokens/10)."),
     checkpoint_every: int = typer.Option(200, help="Steps between checkpoints."),
+    tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="TF32 float32 matmuls on CUDA (as sparsify)."),
+    precision: Precision = typer.Option(Precision.float32, help="float32, or bfloat16 autocast for the forward."),
 ) -> None:
     """Train group SAEs (or the per-layer baseline) from the cache, streaming chunks with prefetch."""
     from pipeline.grouping import layer_span
@@ -264,7 +271,8 @@ def train(
     request = TrainRequest(
         cache=_resolve_cache(cache), groups=groups, baseline=baseline, metric=metric.value, tokens=tokens,
         expansion=expansion, k=k, architecture=architecture.value, batch_size=batch_size, lr=lr, out=out,
-        resume=resume, device=device.value, seed=seed, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every)
+        resume=resume, device=device.value, seed=seed, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every,
+        tf32=tf32, precision=precision.value)
     result = run_train(request, console)
     table = Table(title=f"gsae train · {result.run}")
     for column in ("SAE", "layers", "train FVU", "held-out FVU", "L0", "dead %", "tok/s", "time"):

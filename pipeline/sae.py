@@ -44,11 +44,12 @@ class Codes:
 
     def active(self, n_latents: int) -> torch.Tensor:
         """Boolean (n_latents,): latents that fired on at least one token of the batch."""
-        fired = torch.zeros(n_latents, dtype=torch.bool, device=self._device())
         if self.dense is not None:
             return (self.dense > 0).any(dim=0)
-        fired[self.indices[self.values > 0]] = True
-        return fired
+        # counts by scatter_add, not boolean indexing: no data-dependent shape, so no host sync on CUDA
+        counts = torch.zeros(n_latents, dtype=torch.int32, device=self._device())
+        counts.scatter_add_(0, self.indices.flatten(), (self.values > 0).flatten().to(torch.int32))
+        return counts > 0
 
     def l0(self) -> float:
         """Mean number of non-zero latents per token."""
@@ -102,6 +103,7 @@ class _GatherLatents(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, b_dec, W_enc, indices = ctx.saved_tensors
+        grad = grad.to(W_enc.dtype)  # bfloat16 under autocast; the weights' gradients are in their dtype
         centred = x - b_dec
         sums = _sum_per_latent(indices, grad, torch.cat([centred, centred.new_ones(len(centred), 1)], dim=1),
                                W_enc.shape[1])
@@ -180,23 +182,30 @@ class SparseAutoencoder(nn.Module):
     def decode(self, codes: Codes) -> torch.Tensor:
         if codes.dense is not None:
             return codes.dense @ self.W_dec + self.b_dec
-        return F.embedding_bag(codes.indices, self.W_dec, per_sample_weights=codes.values, mode="sum") + self.b_dec
+        # embedding_bag is not autocast-aware: under bfloat16 autocast the codes come out bfloat16
+        weights = codes.values.to(self.W_dec.dtype)
+        return F.embedding_bag(codes.indices, self.W_dec, per_sample_weights=weights, mode="sum") + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
     # ------------------------------------------------------------------ the loss
-    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> StepOutput:
+    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None, n_dead_hint: int | None = None) -> StepOutput:
         """FVU plus the architecture's term: AuxK on dead latents (TopK, BatchTopK), L1 (ReLU),
-        an L0 penalty through the threshold's straight-through gradient (JumpReLU)."""
+        an L0 penalty through the threshold's straight-through gradient (JumpReLU).
+
+        ``n_dead_hint``: a recent host-side count of dead latents, so AuxK needs no host sync on CUDA
+        (its k must be known on the host); without it the count is read from ``dead``."""
         codes = self.encode(x)
         reconstruction = self.decode(codes)
         error = x - reconstruction
         total_variance = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
         fvu = error.pow(2).sum() / total_variance
         loss = fvu
-        if self.architecture in ("topk", "batchtopk") and dead is not None and bool(dead.any()):
-            loss = loss + AUXK_ALPHA * self._auxk(x, codes.pre, error, dead, total_variance)
+        if self.architecture in ("topk", "batchtopk") and dead is not None:
+            n_dead = int(dead.sum()) if n_dead_hint is None else n_dead_hint
+            if n_dead > 0:
+                loss = loss + AUXK_ALPHA * self._auxk(x, codes.pre, error, dead, n_dead, total_variance)
         elif self.architecture == "relu":
             loss = loss + self.l1_coefficient * codes.dense.abs().sum(dim=-1).mean() / self.d_in
         elif self.architecture == "jumprelu":
@@ -204,15 +213,18 @@ class SparseAutoencoder(nn.Module):
             loss = loss + self.l1_coefficient * step.sum(dim=-1).mean() / self.n_latents
         return StepOutput(loss, fvu.detach(), reconstruction.detach(), codes)
 
-    def _auxk(self, x: torch.Tensor, pre: torch.Tensor, error: torch.Tensor, dead: torch.Tensor,
+    def _auxk(self, x: torch.Tensor, pre: torch.Tensor, error: torch.Tensor, dead: torch.Tensor, n_dead: int,
               total_variance: torch.Tensor) -> torch.Tensor:
-        """Reconstruct the residual error from the top k_aux dead latents (Gao et al.)."""
-        n_dead = int(dead.sum())
+        """Reconstruct the residual error from the top k_aux dead latents (Gao et al.).
+
+        ``n_dead`` (host) sets how many latents are drawn; the current ``dead`` mask decides which
+        count, so a slightly stale ``n_dead`` only drops or zeroes a few terms."""
         k_aux = min(self.k_aux, n_dead)
         indices = pre.detach().masked_fill(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False).indices
-        values = self._gather(x, pre, indices)
-        predicted = F.embedding_bag(indices, self.W_dec, per_sample_weights=F.relu(values), mode="sum")
-        scale = min(n_dead / self.k_aux, 1.0)  # few dead latents: a weaker pull (Gao et al., as sparsify)
+        values = F.relu(self._gather(x, pre, indices)) * dead[indices]  # a latent alive again adds nothing
+        predicted = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        # few dead latents: a weaker pull (Gao et al., as sparsify), min(n_dead / k_aux, 1) on the device
+        scale = (dead.sum() / self.k_aux).clamp(max=1.0)
         return scale * (predicted - error.detach()).pow(2).sum() / total_variance
 
     # ------------------------------------------------------------------ decoder norm

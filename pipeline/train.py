@@ -52,6 +52,8 @@ class TrainRequest:
     checkpoint_every: int = 200
     log_every: int = 10
     window_chunks: int = 8
+    tf32: bool = True  # TF32 matmuls on CUDA, as sparsify sets them; no effect on the CPU
+    precision: str = "float32"  # or "bfloat16": the forward under autocast
 
 
 @dataclass
@@ -78,6 +80,8 @@ def _validate(request: TrainRequest) -> None:
         raise GsaeError("--tokens and --batch-size must be positive")
     if request.lr is not None and request.lr <= 0:
         raise GsaeError(f"--lr must be positive (got {request.lr})")
+    if request.precision not in ("float32", "bfloat16"):
+        raise GsaeError(f"--precision must be float32 or bfloat16 (got {request.precision})")
     if request.groups is not None and request.baseline:
         raise GsaeError("give either --groups N or --baseline, not both")
 
@@ -183,12 +187,17 @@ def _build(config: dict[str, Any], store: ActivationStore, device: torch.device,
 
 
 def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               since_fired: torch.Tensor, dead_tokens: int):
+               since_fired: torch.Tensor, dead_tokens: int, n_dead_hint: int | None = None,
+               check_finite: bool = True, bf16: bool = False):
     """One step of the recipe: loss (with AuxK on dead latents), backward, parallel decoder gradient
     removed, clipping at 1, Adam, decoder rows back to unit norm, dead counters updated.
-    Returns the step output, or None (and no update) when the loss is not finite."""
-    output = sae.loss(x, dead=since_fired > dead_tokens)
-    if not torch.isfinite(output.loss):
+
+    With ``check_finite`` a non-finite loss returns None and changes nothing, at the price of a host
+    sync; `gsae train` passes False and ``n_dead_hint`` and checks ``output.loss`` every few steps, so
+    a CUDA step never waits for the device.  ``bf16``: the forward under bfloat16 autocast."""
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        output = sae.loss(x, dead=since_fired > dead_tokens, n_dead_hint=n_dead_hint)
+    if check_finite and not torch.isfinite(output.loss):
         return None
     optimizer.zero_grad(set_to_none=True)
     output.loss.backward()
@@ -197,7 +206,7 @@ def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torc
     optimizer.step()
     sae.normalize_decoder()
     since_fired += x.shape[0]
-    since_fired[output.codes.active(sae.n_latents)] = 0
+    since_fired.masked_fill_(output.codes.active(sae.n_latents), 0)
     return output
 
 
@@ -209,6 +218,8 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
     """Train every SAE of the run in one process, one step of each in turn, with checkpoints."""
     run, config, store = _open_run(request, console)
     device = pick_device(config["request"]["device"] if request.resume else request.device)
+    if device.type == "cuda":  # TF32 for float32 matmuls, as sparsify's trainer sets it (--no-tf32: off)
+        torch.backends.cuda.matmul.allow_tf32 = bool(config["request"].get("tf32", True))
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="gsae-decode")  # all streams
     saes, optimizers, streams, fired = _build(config, store, device, pool)
     steps, batch_size = config["steps"], config["request"]["batch_size"]
@@ -227,11 +238,25 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
     elif metrics_path.exists():
         metrics_path.unlink()
 
-    def checkpoint_now(step: int) -> None:
-        save_checkpoint(run, step, saes, optimizers, fired,
-                        {"streams": [s.state_dict() for s in streams], "elapsed": elapsed})
-
     dead_tokens = config["dead_tokens"]
+    # Host-side dead counts, refreshed at every log step (where metrics are read back anyway), so that
+    # AuxK's k is known without a per-step device sync; kept in checkpoints so a resume is exact.
+    n_dead = (state.get("n_dead") if checkpoint is not None else None) or [0] * len(saes)
+    nonfinite = [torch.zeros((), dtype=torch.bool, device=device) for _ in saes]  # read every log step
+
+    def check_finite(step: int) -> None:
+        for i, flag in enumerate(nonfinite):
+            if bool(flag):
+                raise GsaeError(
+                    f"SAE {i} ({_describe(config['groups'][i])}) hit a non-finite loss before step {step}; "
+                    f"the last good checkpoint is kept in {run}/checkpoints (try a lower --lr)")
+
+    def checkpoint_now(step: int) -> None:
+        check_finite(step)  # never checkpoint a diverged SAE
+        save_checkpoint(run, step, saes, optimizers, fired,
+                        {"streams": [s.state_dict() for s in streams], "elapsed": elapsed, "n_dead": n_dead})
+
+    bf16 = config["request"].get("precision", "float32") == "bfloat16"
     latest: list[dict[str, Any]] = [{} for _ in saes]
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("tok"),
                         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -247,13 +272,13 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
                 for i, (sae, optimizer, stream) in enumerate(zip(saes, optimizers, streams)):
                     t0 = time.perf_counter()
                     batch = stream.next_batch()
-                    output = train_step(sae, optimizer, batch.x, fired[i], dead_tokens)
-                    if output is None:
-                        raise GsaeError(
-                            f"SAE {i} ({_describe(config['groups'][i])}) hit a non-finite loss at step {step}; "
-                            f"the last good checkpoint is kept in {run}/checkpoints (try a lower --lr)")
+                    output = train_step(sae, optimizer, batch.x, fired[i], dead_tokens, n_dead_hint=n_dead[i],
+                                        check_finite=False, bf16=bf16)
+                    nonfinite[i] |= ~torch.isfinite(output.loss.detach())
                     elapsed[i] += time.perf_counter() - t0
                     if (step + 1) % log_every == 0 or step + 1 == steps:
+                        check_finite(step + 1)
+                        n_dead[i] = int((fired[i] > dead_tokens).sum())
                         tokens = (step + 1) * batch_size
                         latest[i] = {"step": step + 1, "sae": i, "layers": config["groups"][i], "tokens": tokens,
                                      "loss": float(output.loss.detach()), "fvu": float(output.fvu), "l0": output.codes.l0(),

@@ -188,6 +188,31 @@ def test_resume_errors(cache, tmp_path, tiny_models, capsys):
     assert code == 1 and "differs from the one run" in err
 
 
+def test_bfloat16_autocast_trains(cache, tmp_path, capsys):
+    code, _, err = run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--tokens", 30000, "--precision", "bfloat16"),
+                           capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["saes"][0]["held_out_fvu"] < 0.6
+    sae, _ = load_sae(str(tmp_path / "r" / "sae_0.safetensors"), str(tmp_path / "r" / "sae_0.json"))
+    assert sae.W_enc.dtype == torch.float32  # autocast: the weights and Adam stay float32
+
+
+def test_deferred_auxk_count_matches_the_exact_one():
+    """AuxK with a host count read a few steps ago gives the same loss when the dead set has not changed,
+    and only drops terms (never adds a live latent) when latents revived since."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(d_in=24, n_latents=96, k=4)
+    x = torch.randn(64, 24)
+    dead = torch.rand(96) < 0.3
+    exact = sae.loss(x, dead).loss
+    torch.testing.assert_close(sae.loss(x, dead, n_dead_hint=int(dead.sum())).loss, exact)
+    revived = dead.clone()
+    revived[torch.nonzero(dead)[:3]] = False  # three latents fired since the count was read
+    stale = sae.loss(x, revived, n_dead_hint=int(dead.sum())).loss
+    torch.testing.assert_close(stale, sae.loss(x, revived).loss)
+
+
 def test_nan_loss_stops_clearly_and_keeps_the_checkpoint(cache, tmp_path, capsys):
     code, _, err = run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--lr", 1e30, "--checkpoint-every", 1),
                            capsys)
