@@ -1,0 +1,77 @@
+"""The CUDA paths: run only where CUDA exists (the GPU machine); skipped on CPU-only machines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stores import ActivationStore, compute_chunk_stats
+from stores.stream import TrainingStream, split_chunks
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> ActivationStore:
+    path = tmp_path_factory.mktemp("cuda") / "c"
+    n_layers, d, chunk = 3, 16, 200
+    store = ActivationStore.create(str(path), n_layers=n_layers, d_model=d, n_tokens=10 * chunk, chunk_tokens=chunk)
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        layers = [rng.standard_normal((chunk, d)).astype(np.float16) for _ in range(n_layers)]
+        store.write_chunk(c, layers, np.zeros(chunk, np.int32), compute_chunk_stats(layers, "float16"))
+    store.finalize()
+    return ActivationStore.open(str(path))
+
+
+def test_cuda_stream_gives_the_cpu_batches_through_a_ring_of_pinned_float16_buffers(store):
+    train_chunks, _ = split_chunks(store, 0.1)
+    args = (store, [0, 1, 2], [0.5, 1.0, 2.0], train_chunks, 128)
+    on_cpu = TrainingStream(*args, seed=3)
+    on_gpu = TrainingStream(*args, seed=3, device="cuda")
+    for _ in range(40):
+        expected, got = on_cpu.next_batch(), on_gpu.next_batch()
+        assert got.x.is_cuda and got.x.dtype == torch.float32
+        np.testing.assert_array_equal(expected.layers, got.layers)
+        np.testing.assert_array_equal(expected.rows, got.rows)
+        torch.testing.assert_close(got.x.cpu(), expected.x)
+    assert len(on_gpu._ring) == 3  # reused, not a new pinned buffer per batch
+    assert all(values.is_pinned() and values.dtype == torch.float16 for values, _, _ in on_gpu._ring)
+    on_cpu.close()
+    on_gpu.close()
+
+
+def test_cuda_resume_hands_out_the_same_batches(store):
+    train_chunks, _ = split_chunks(store, 0.1)
+    args = (store, [0, 2], [1.0, 1.0], train_chunks, 100)
+    whole = TrainingStream(*args, seed=1, device="cuda")
+    first = [whole.next_batch().rows for _ in range(7)]
+    state = whole.state_dict()
+    rest = [whole.next_batch().rows for _ in range(10)]
+    resumed = TrainingStream(*args, seed=1, device="cuda")
+    resumed.load_state_dict(state)
+    for expected in rest:
+        np.testing.assert_array_equal(resumed.next_batch().rows, expected)
+    assert len(first) == 7
+    whole.close()
+    resumed.close()
+
+
+def test_cuda_training_step_needs_no_host_sync():
+    from pipeline.sae import SparseAutoencoder
+    from pipeline.train import train_step
+
+    sae = SparseAutoencoder(64, 512, k=8).cuda()
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    fired = torch.zeros(512, dtype=torch.long, device="cuda")
+    x = torch.randn(256, 64, device="cuda")
+    train_step(sae, optimizer, x, fired, 100, n_dead_hint=5, check_finite=False)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        for _ in range(3):
+            train_step(sae, optimizer, x, fired, 100, n_dead_hint=5, check_finite=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
