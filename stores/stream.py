@@ -119,8 +119,10 @@ class TrainingStream:
             return
         ranges = [self.store.readable_rows(chunk) for chunk in self._window_chunk_ids(window)]
         total = len(self.layers) * sum(stop - start for start, stop in ranges)
-        values = torch.empty(total, self.store.d_model, dtype=self._dtype)
-        layers, rows, futures, offset = [], [], [], 0
+        # room in front for the rows carried from the previous window (fewer than a batch): the window
+        # is then used in place, never concatenated
+        values = torch.empty(self.batch_size + total, self.store.d_model, dtype=self._dtype)
+        layers, rows, futures, offset = [], [], [], self.batch_size
         for layer in self.layers:
             for start, stop in ranges:
                 n = stop - start
@@ -149,8 +151,10 @@ class TrainingStream:
             future.result()
         if carry_values is None:
             carry_values = self._read_ids(self._carry_ids)
+        front = self.batch_size - len(carry_values)
+        data.values[front : self.batch_size] = carry_values
+        data.values = data.values[front:]
         if len(carry_values):
-            data.values = torch.cat([carry_values, data.values])
             data.layers = np.concatenate([self._carry_ids[:, 0], data.layers])
             data.rows = np.concatenate([self._carry_ids[:, 1], data.rows])
         data.order = np.random.default_rng([self.seed, self.stream_id, window, 1]).permutation(len(data.values))
