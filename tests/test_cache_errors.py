@@ -138,3 +138,11 @@ def test_info_and_verify_refuse_missing_cache(tmp_path, capsys):
     for command in ("info", "verify"):
         line = _one_line_error(*run_cli([command, "--cache", tmp_path / "none"], capsys)[::2])
         assert "no gsae cache" in line
+
+
+@pytest.mark.parametrize("args", [["cache", "--dtype", "int8"], ["export", "--run", "r", "--format", "foo"],
+                                  ["train", "--precision", "float8"]])
+def test_an_option_value_outside_its_choices_exits_2_with_the_usage_line(args, capsys):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and "Traceback" not in out + err
+    assert "Usage: gsae" in err and "Invalid value" in err
