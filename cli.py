@@ -379,7 +379,7 @@ def main() -> None:
     from stores import StoreError
 
     try:
-        code = app(standalone_mode=False)  # returns the code of a typer.Exit instead of raising it
+        code = app(standalone_mode=False, prog_name="gsae")  # returns the code of a typer.Exit instead of raising it
         if isinstance(code, int) and code:
             sys.exit(code)
     except (GsaeError, StoreError) as exc:
