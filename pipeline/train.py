@@ -135,24 +135,53 @@ def _mark_grouping_used(store: ActivationStore, metric: str, run: Path) -> None:
         write_side_file(store, result_name(metric), json.dumps(record, indent=1).encode())
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a file so a kill leaves either the old one or the new one, never half of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _read_config(run: Path) -> dict[str, Any] | None:
+    """A run's config.json, or None where there is none (it is written atomically: never half)."""
+    try:
+        return json.loads((run / "config.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _store_of(config: dict[str, Any], cache: str, run: Path) -> ActivationStore:
+    store = ActivationStore.open(cache)
+    if config["cache_fingerprint"] != cache_fingerprint(store):
+        raise GsaeError(f"the cache {cache} differs from the one run {run} was trained on "
+                        f"(model {config['cache_fingerprint']['model_id']}); resume with that cache")
+    return store
+
+
+def _same_request(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return {k: v for k, v in a.items() if k != "resume"} == {k: v for k, v in b.items() if k != "resume"}
+
+
 def _open_run(request: TrainRequest, console: Any) -> tuple[Path, dict[str, Any], ActivationStore]:
+    """The run to train: a new one, or an unfinished one continued (from its last checkpoint, or from
+    the start when it was killed before its first) by ``--resume`` or by the same command again."""
     if request.resume:
         if not request.out:
             raise GsaeError("--resume needs --out DIR, the run to continue")
         run = Path(request.out)
-        if not (run / "config.json").is_file() or latest_checkpoint(run) is None:
-            raise GsaeError(f"nothing to resume at {run}: no config.json and checkpoint there")
-        config = json.loads((run / "config.json").read_text())
-        store = ActivationStore.open(request.cache)
-        if config["cache_fingerprint"] != cache_fingerprint(store):
-            raise GsaeError(f"the cache {request.cache} differs from the one run {run} was trained on "
-                            f"(model {config['cache_fingerprint']['model_id']}); resume with that cache")
-        return run, config, store
+        config = _read_config(run)
+        if config is None:
+            raise GsaeError(f"nothing to resume at {run}: no config.json there")
+        return run, config, _store_of(config, request.cache, run)
     _validate(request)
     store = ActivationStore.open(request.cache)
     plan = _plan(request, store, console)
     run = Path(request.out or Path(RUNS_ROOT) / f"{Path(store.path).name}-{plan['label']}")
-    if (run / "config.json").exists():
+    existing = _read_config(run)
+    if existing is not None:
+        if _same_request(existing["request"], asdict(request)) and not (run / "summary.json").exists():
+            console.print(f"continuing the unfinished run in {run} (same arguments)")
+            return run, existing, _store_of(existing, request.cache, run)
         raise GsaeError(f"{run} already holds a run; pass --resume to continue it or --out for a new one")
     run.mkdir(parents=True, exist_ok=True)
     attrs = store.attrs
@@ -160,7 +189,7 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Path, dict[str, Any]
               "source": {"model_id": attrs.get("model_id"), "context_length": attrs.get("context_length"),
                          "prepend_bos": attrs.get("prepend_bos"), "corpus": attrs.get("corpus", {}).get("spec")},
               "gsae_version": __version__}
-    (run / "config.json").write_text(json.dumps(config, indent=1))
+    _write_atomic(run / "config.json", json.dumps(config, indent=1))
     if plan["grouping"]:
         _mark_grouping_used(store, request.metric, run)
     return run, config, store
@@ -317,6 +346,6 @@ def _finish(run: Path, config: dict[str, Any], store: ActivationStore, saes: lis
                      "held_out_fvu": float(np.mean(list(per_layer.values()))),
                      "held_out_fvu_per_layer": {str(k): v for k, v in per_layer.items()},
                      "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")})
-    (run / "summary.json").write_text(json.dumps({"label": config["label"], "saes": rows,
-                                                  "train_seconds": sum(elapsed)}, indent=1))
+    _write_atomic(run / "summary.json", json.dumps({"label": config["label"], "saes": rows,
+                                                    "train_seconds": sum(elapsed)}, indent=1))
     return rows

@@ -116,11 +116,11 @@ def test_every_group_batch_draws_its_layers_uniformly(wide_store, n_layers):
     assert len(np.unique(seen)) == len(seen)  # no (layer, row) twice within the epoch
 
 
-def _kill_after_checkpoint(args: list[str], run: Path) -> None:
+def _kill_after_checkpoint(args: list[str], run: Path, marker: str = "checkpoints/latest") -> None:
     command = [sys.executable, "-c", "import cli; cli.main()", *map(str, args)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (run / "checkpoints" / "latest").exists() and process.poll() is None and time.time() < deadline:
+    while not (run / marker).exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     assert process.poll() is None, "training finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
@@ -134,9 +134,19 @@ def test_kill_and_resume_gives_the_same_weights(cache, tmp_path, capsys):
     assert not (tmp_path / "killed" / "sae_0.safetensors").exists()
     code, _, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "killed", "--resume"], capsys)
     assert code == 0, err
-    for i in range(2):
-        a = load_file(str(tmp_path / "whole" / f"sae_{i}.safetensors"))
-        b = load_file(str(tmp_path / "killed" / f"sae_{i}.safetensors"))
+    _assert_same_saes(tmp_path / "whole", tmp_path / "killed", 2)
+    # killed before its first checkpoint: the same command again finishes it, with the same weights
+    _kill_after_checkpoint(train_args(cache, tmp_path / "early", *args), tmp_path / "early", marker="config.json")
+    assert not (tmp_path / "early" / "checkpoints" / "latest").exists()
+    code, out, err = run_cli(train_args(cache, tmp_path / "early", *args), capsys)
+    assert code == 0 and "continuing the unfinished run" in out + err, err
+    _assert_same_saes(tmp_path / "whole", tmp_path / "early", 2)
+
+
+def _assert_same_saes(a_run: Path, b_run: Path, n: int) -> None:
+    for i in range(n):
+        a = load_file(str(a_run / f"sae_{i}.safetensors"))
+        b = load_file(str(b_run / f"sae_{i}.safetensors"))
         for key in a:
             assert torch.equal(a[key], b[key]), key
 
