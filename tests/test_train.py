@@ -180,6 +180,7 @@ def test_export_folds_the_scale(cache, tmp_path, capsys):
     (["--k", 0], "--k must be between 1 and"),
     (["--k", 512], "--k must be between 1 and"),
     (["--expansion", 0], "--expansion must be positive"),
+    (["--dead-tokens", 0], "--dead-tokens must be positive"),
     (["--groups", 2, "--baseline"], "either --groups N or --baseline"),
 ])
 def test_bad_train_arguments(extra, message, cache, tmp_path, capsys):
