@@ -45,30 +45,47 @@ def feed(args) -> None:
     train_chunks, _ = split_chunks(store, 0.05)
     n_latents = int(store.d_model * args.expansion)
 
-    def fresh():
-        sae = SparseAutoencoder(store.d_model, n_latents, "topk", k=args.k)
-        return sae, torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents)), torch.zeros(n_latents, dtype=torch.long)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as gsae train does on CUDA
 
-    stream = TrainingStream(store, layers, scales, train_chunks, args.batch_size, seed=0)
+    def fresh():
+        sae = SparseAutoencoder(store.d_model, n_latents, "topk", k=args.k).to(device)
+        return (sae, torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents)),
+                torch.zeros(n_latents, dtype=torch.long, device=device))
+
+    def step(sae, opt, fired, x) -> None:  # as gsae train runs it: no host sync per step
+        train_step(sae, opt, x, fired, 10**9, n_dead_hint=0, check_finite=False)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    stream = TrainingStream(store, layers, scales, train_chunks, args.batch_size, seed=0, device=device)
     batches = [stream.next_batch().x.clone() for _ in range(args.steps)]
     stream.close()
     from_store, in_memory = [], []
     for _ in range(args.repeats):
         sae, opt, fired = fresh()
-        stream = TrainingStream(store, layers, scales, train_chunks, args.batch_size, seed=0)
-        train_step(sae, opt, stream.next_batch().x, fired, 10**9)  # warm-up (first window decode)
+        stream = TrainingStream(store, layers, scales, train_chunks, args.batch_size, seed=0, device=device)
+        step(sae, opt, fired, stream.next_batch().x)  # warm-up (first window decode)
+        sync()
         start = time.perf_counter()
         for _ in range(args.steps):
-            train_step(sae, opt, stream.next_batch().x, fired, 10**9)
+            step(sae, opt, fired, stream.next_batch().x)
+        sync()
         from_store.append((time.perf_counter() - start) / args.steps)
         stream.close()
         sae, opt, fired = fresh()
-        train_step(sae, opt, batches[0], fired, 10**9)
+        step(sae, opt, fired, batches[0])
+        sync()
         start = time.perf_counter()
         for x in batches:
-            train_step(sae, opt, x, fired, 10**9)
+            step(sae, opt, fired, x)
+        sync()
         in_memory.append((time.perf_counter() - start) / args.steps)
-    print(f"SAE {store.d_model}→{n_latents}, k={args.k}, batch {args.batch_size}, layers {layers}, {args.steps} steps")
+    print(f"SAE {store.d_model}→{n_latents}, k={args.k}, batch {args.batch_size}, layers {layers}, {args.steps} steps, "
+          f"on {device}")
     print(f"fed by the store   {1000 * min(from_store):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in from_store)})")
     print(f"fed from memory    {1000 * min(in_memory):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in in_memory)})")
     print(f"ratio store / memory = {min(from_store) / min(in_memory):.3f}   (target <= 1.10)")
@@ -196,6 +213,7 @@ if __name__ == "__main__":
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--tmp", default=".")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="feed: where to train")
     parser.add_argument("--chunks", type=int, default=8, help="stream: training chunks to read per layer")
     arguments = parser.parse_args()
     arguments.cache = os.path.abspath(arguments.cache)  # the subprocesses run from the repository root
