@@ -31,21 +31,18 @@ console = Console(stderr=True, soft_wrap=True)
 report = Console(soft_wrap=True)
 
 
-class Compression(str, Enum):
-    lossless = "lossless"
-    lossy = "lossy"
+def _choices(name: str, values: str) -> type[Enum]:
+    """A str Enum of the given values, as typer wants for a fixed set of choices."""
+    return Enum(name, {value: value for value in values.split()}, type=str)
 
 
-class StorageDtype(str, Enum):
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-    float32 = "float32"
+Compression = _choices("Compression", "lossless lossy")
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+StorageDtype = _choices("StorageDtype", "float16 bfloat16 float32")
+
+
+Device = _choices("Device", "auto cpu cuda")
 
 
 def _human_bytes(n: float) -> str:
@@ -186,9 +183,7 @@ def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: t
     report.print(f"[green]ok[/]: {store.n_chunks * (store.n_layers + 1):,} chunks of {store.path} decode and match their checksums")
 
 
-class Metric(str, Enum):
-    amad = "amad"
-    uniform = "uniform"
+Metric = _choices("Metric", "amad uniform")
 
 
 @app.command()
@@ -231,16 +226,10 @@ def group(
               + (f" in {result.seconds:.1f} s" if not result.reused else ""))
 
 
-class Architecture(str, Enum):
-    topk = "topk"
-    batchtopk = "batchtopk"
-    relu = "relu"
-    jumprelu = "jumprelu"
+Architecture = _choices("Architecture", "topk batchtopk relu jumprelu")
 
 
-class Precision(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
+Precision = _choices("Precision", "float32 bfloat16")
 
 
 @app.command()
@@ -355,8 +344,7 @@ def run_all(
     report.print(f"wrote {path}")
 
 
-class ExportFormat(str, Enum):
-    saelens = "saelens"
+ExportFormat = _choices("ExportFormat", "saelens")
 
 
 @app.command()
