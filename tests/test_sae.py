@@ -85,5 +85,5 @@ def test_encoder_starts_as_the_decoder_transpose_at_linear_init_norm():
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256))
     torch.testing.assert_close(sae.W_enc.norm(dim=0), torch.full((256,), 1 / math.sqrt(3)))
     linear = torch.nn.Linear(64, 256)  # what sparsify starts from: rows of norm ≈ 1/√3
-    assert float(linear.weight.norm(dim=1).mean()) == pytest.approx(1 / math.sqrt(3), rel=0.05)
+    assert float(linear.weight.detach().norm(dim=1).mean()) == pytest.approx(1 / math.sqrt(3), rel=0.05)
     torch.testing.assert_close(sae.W_enc.T * math.sqrt(3), sae.W_dec)
