@@ -1,12 +1,13 @@
 """gsae's held-out FVU ÷ EleutherAI sparsify's (eai-sparsify 1.3.3) at equal steps on the same data, in one run:
 
-    /work/scratch/sparsify/venv/bin/python benchmarks/sparsify_quality.py                     # layer 12, ≈ 22 min
-    /work/scratch/sparsify/venv/bin/python benchmarks/sparsify_quality.py --layers 3,12,24    # ≈ 65 min
-    /work/scratch/sparsify/venv/bin/python benchmarks/sparsify_quality.py --cache C --layers 5 --k 32 --auxk off
+    /work/scratch/sparsify/venv/bin/python benchmarks/sparsify_quality.py                     # layer 12
+    /work/scratch/sparsify/venv/bin/python benchmarks/sparsify_quality.py --layers 3,12,24
+    /work/scratch/sparsify/venv/bin/python benchmarks/sparsify_quality.py --layers 12,24 --k 32 --auxk off \
+        --init-seeds 0,1,2,3,4,5,6,7                                     # FVUs averaged over 8 init draws
 
-Times are for this project's busy 2-core CPU machine (batch 1024, 2 epochs of 95 steps: each configuration trains
-two SAEs, 2–3.5 min each). The default is one layer, 12, to stay under ≈ 25 minutes; docs/benchmarks.md has
-the three-layer table.
+One SAE (batch 1024, 2 epochs of 95 steps) takes about 15 s on this project's 2-core CPU when it is idle and
+2–3.5 min when it is busy; a configuration trains one per tool and init seed. docs/benchmarks.md has the
+tables.
 
 Run it with the venv of benchmarks/sparsify_speed.py (gsae's dependencies plus eai-sparsify 1.3.3; see
 docs/benchmarks.md). The ratio's target is ≤ 1.0: per token trained, gsae at least as good as the reference.
@@ -71,16 +72,17 @@ def held_out_fvu(reconstruct: Callable[[torch.Tensor], torch.Tensor], rows: torc
 
 
 def run_tool(tool: str, train: torch.Tensor, held_out: torch.Tensor, orders: list[torch.Tensor], k: int,
-             args: argparse.Namespace, dead_tokens: int, dead_report: int) -> tuple[float, float, float]:
+             args: argparse.Namespace, dead_tokens: int, dead_report: int, init_seed: int) -> tuple[float, float, float]:
     """Train one SAE of ``tool`` on the shared batches: (held-out FVU, dead fraction, seconds)."""
     d_in, n_latents = train.shape[1], int(train.shape[1] * args.expansion)
     since_fired = torch.zeros(n_latents, dtype=torch.long)
     if tool == "gsae":
-        step, sae = gsae_step(d_in, n_latents, k, train.mean(0, dtype=torch.float64).float(), dead_tokens, since_fired)
+        step, sae = gsae_step(d_in, n_latents, k, train.mean(0, dtype=torch.float64).float(), dead_tokens, since_fired,
+                              init_seed)
         reconstruct = sae
     else:
         first = next(batches(train, orders, args.batch_size))
-        step, sae = sparsify_step(d_in, n_latents, k, first.mean(0), dead_tokens, since_fired)
+        step, sae = sparsify_step(d_in, n_latents, k, first.mean(0), dead_tokens, since_fired, init_seed)
         reconstruct = lambda x: sae(x).sae_out  # noqa: E731
     start = time.perf_counter()
     with matmul_precision(tool):
@@ -117,8 +119,14 @@ def main(args: argparse.Namespace) -> None:
         train, held_out = layer_rows(store, layer, train_chunks), layer_rows(store, layer, eval_chunks)
         for auxk in args.auxk:
             for k in args.k:
-                out = {tool: run_tool(tool, train, held_out, orders, k, args, dead_on if auxk == "on" else NEVER_DEAD,
-                                      dead_on) for tool in TOOLS}
+                runs = {tool: [run_tool(tool, train, held_out, orders, k, args,
+                                        dead_on if auxk == "on" else NEVER_DEAD, dead_on, seed)
+                               for seed in args.init_seeds] for tool in TOOLS}
+                if len(args.init_seeds) > 1:
+                    for tool in TOOLS:
+                        print(f"  {tool:8s} held-out FVU per init seed {args.init_seeds}: "
+                              + ", ".join(f"{r[0]:.4f}" for r in runs[tool]), flush=True)
+                out = {tool: tuple(sum(r[i] for r in runs[tool]) / len(runs[tool]) for i in range(3)) for tool in TOOLS}
                 (fvu, dead, seconds), (ref_fvu, ref_dead, ref_seconds) = out["gsae"], out["sparsify"]
                 results.append((layer, k, auxk, fvu, ref_fvu, fvu / ref_fvu, dead, ref_dead))
                 print(f"layer {layer:2}  k {k:3}  AuxK {auxk:3}  held-out FVU gsae {fvu:.4f}  sparsify {ref_fvu:.4f}  "
@@ -152,5 +160,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--expansion", type=float, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order (both tools)")
+    parser.add_argument("--init-seeds", type=int_list, default=[0],
+                        help="comma-separated SAE init seeds; FVUs are averaged over them (each tool's own init)")
     parser.add_argument("--dead-tokens", type=int, help="AuxK on: dead-token threshold (default max(batch, tokens/10))")
     main(parser.parse_args())

@@ -62,10 +62,10 @@ def load_batches(args: argparse.Namespace) -> tuple[list[torch.Tensor], str]:
 
 
 def gsae_step(d_in: int, n_latents: int, k: int, mean: torch.Tensor, dead_tokens: int,
-              since_fired: torch.Tensor | None = None) -> tuple[Step, SparseAutoencoder]:
+              since_fired: torch.Tensor | None = None, init_seed: int = 0) -> tuple[Step, SparseAutoencoder]:
     """`gsae train`'s step: b_dec at the data mean, Adam, dead counters (AuxK when latents are dead).
     ``since_fired`` (n_latents, long zeros), when given, is the step's tokens-since-fired counter."""
-    sae = SparseAutoencoder(d_in, n_latents, "topk", k=k)
+    sae = SparseAutoencoder(d_in, n_latents, "topk", k=k, seed=init_seed)
     with torch.no_grad():
         sae.b_dec.copy_(mean)
     optimizer = torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents))
@@ -74,7 +74,7 @@ def gsae_step(d_in: int, n_latents: int, k: int, mean: torch.Tensor, dead_tokens
 
 
 def sparsify_step(d_in: int, n_latents: int, k: int, first_mean: torch.Tensor, dead_tokens: int,
-                  since_fired: torch.Tensor | None = None) -> tuple[Step, torch.nn.Module]:
+                  since_fired: torch.Tensor | None = None, init_seed: int = 0) -> tuple[Step, torch.nn.Module]:
     """sparsify Trainer.fit's step for one SAE (loss_fn "fvu", grad_acc_steps = micro_acc_steps = 1,
     no multi-TopK); b_dec starts at the first batch's mean, as the Trainer sets it on its first step.
     AuxK (auxk_alpha 1/32, dead_feature_threshold = dead_tokens) is on unless dead_tokens is NEVER_DEAD.
@@ -83,7 +83,7 @@ def sparsify_step(d_in: int, n_latents: int, k: int, first_mean: torch.Tensor, d
     from sparsify.sparse_coder import SparseCoder
     from transformers import get_linear_schedule_with_warmup
 
-    torch.manual_seed(0)
+    torch.manual_seed(init_seed)
     sae = SparseCoder(d_in, SparseCoderConfig(num_latents=n_latents, k=k), "cpu", dtype=torch.float32)
     sae.b_dec.data = first_mean.clone()
     optimizer = torch.optim.Adam([dict(params=sae.parameters(), lr=2e-4 / (sae.num_latents / 2**14) ** 0.5)])
