@@ -74,6 +74,10 @@ def _write_error(path: str, exc: OSError) -> StoreError:
     return StoreError(f"cannot write to {path}: {exc.strerror or exc}")
 
 
+def _put(array: zarr.Array, key: Any, values: np.ndarray) -> None:
+    array[key] = values
+
+
 @dataclass
 class PendingChunk:
     """A chunk whose writes were started by :meth:`ActivationStore.start_chunk`, not yet committed."""
@@ -223,17 +227,28 @@ class ActivationStore:
     # ---------------------------------------------------------------- writing
     def write_chunk(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray, stats: ChunkStats) -> None:
         """Write one chunk of every layer, its tokens and statistics, then commit it (sequentially)."""
-        self.finish_chunk(self.start_chunk(chunk, layers, tokens, stats))
+        stop, jobs = self._chunk_jobs(chunk, layers, tokens, stats)
+        try:
+            for array, key, values in jobs:
+                array[key] = values
+        except OSError as exc:
+            raise _write_error(self.path, exc) from None
+        self.finish_chunk(PendingChunk(chunk, stop, []))
 
     def start_chunk(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray, stats: ChunkStats,
-                    executor: Executor | None = None) -> PendingChunk:
+                    executor: Executor) -> PendingChunk:
         """Start writing one chunk: every layer's chunk, the tokens and the statistics, as separate jobs
-        on ``executor`` (encoding releases the GIL, so layers compress in parallel), or right here
-        without one.  Nothing is committed until :meth:`finish_chunk`.
+        on ``executor`` (encoding releases the GIL, so layers compress in parallel).  Nothing is
+        committed until :meth:`finish_chunk`."""
+        stop, jobs = self._chunk_jobs(chunk, layers, tokens, stats)
+        return PendingChunk(chunk, stop, [executor.submit(_put, *job) for job in jobs])
 
-        Chunks are committed in order: ``chunk`` must be the next one not yet started.  A chunk holds its
-        planned rows, except a last, short one when the source ran out (then :meth:`finalize`).
-        """
+    def _chunk_jobs(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray,
+                    stats: ChunkStats) -> tuple[int, list[tuple[zarr.Array, Any, np.ndarray]]]:
+        """The (array, key, values) writes of one chunk, and the row after its last.
+
+        Chunks are started in order: ``chunk`` must be the next one not yet started.  A chunk holds its
+        planned rows, except a last, short one when the source ran out (then :meth:`finalize`)."""
         if chunk != self._next_to_start:
             raise RuntimeError(f"chunk {chunk} written out of order (next is {self._next_to_start})")
         start, planned_stop = self.chunk_rows(chunk)
@@ -241,28 +256,12 @@ class ActivationStore:
         if not 0 < n <= planned_stop - start or any(a.shape != (n, self.d_model) for a in layers):
             raise ValueError(f"chunk {chunk} takes 1 to {planned_stop - start} rows of width {self.d_model}")
         rows = slice(start, start + n)
-
-        def put(array: zarr.Array, key: Any, values: np.ndarray) -> None:
-            array[key] = values
-
         jobs = [(array, rows, values) for array, values in zip(self._layers, layers)]
         jobs += [(self._tokens, rows, tokens), (self._chunk_stats["chunk_sum"], chunk, stats.sums),
                  (self._chunk_stats["chunk_norm_sum"], chunk, stats.norm_sums),
                  (self._chunk_stats["chunk_overflow"], chunk, stats.overflow)]
-        futures: list[Future] = []
-        for job in jobs:
-            if executor is None:
-                future: Future = Future()
-                try:
-                    put(*job)
-                    future.set_result(None)
-                except Exception as exc:  # reported by finish_chunk, as a pool's failure would be
-                    future.set_exception(exc)
-            else:
-                future = executor.submit(put, *job)
-            futures.append(future)
         self._next_to_start = chunk + 1
-        return PendingChunk(chunk, start + n, futures)
+        return start + n, jobs
 
     def finish_chunk(self, pending: PendingChunk) -> None:
         """Wait for a started chunk's writes, then commit it (advance ``chunks_written``)."""
