@@ -16,8 +16,6 @@ The BOS position is left as it is when splicing (the SAEs were not trained on it
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +24,8 @@ import torch.nn.functional as F
 
 from pipeline.errors import GsaeError
 from pipeline.models import LoadedModel, ModelSpec, block_output, load_model, pick_device, resolve_model_spec
-from pipeline.sae import SparseAutoencoder, load_sae
+from pipeline.run import Run, cache_fingerprint
+from pipeline.sae import SparseAutoencoder
 from stores import ActivationStore, to_float32
 
 _EVAL_BATCH = 4096
@@ -152,25 +151,27 @@ def _run_with_block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int,
 def evaluate_run(run: str, tokens: int = 16384, windows: int = 32, context_length: int | None = None,
                  device: str = "auto", console: Any = None) -> list[dict[str, Any]]:
     """Evaluate every layer of a run; writes ``<run>/eval.json`` and returns its records."""
-    run_dir = Path(run)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file() or not list(run_dir.glob("sae_*.json")):
-        raise GsaeError(f"{run} is not a finished gsae run (config.json and sae_<i>.json expected)")
-    config = json.loads(config_path.read_text())
-    store = ActivationStore.open(config["cache"])
+    trained = Run.open(run, need="trained")
+    config = trained.config
+    store = ActivationStore.open(config.cache)
+    if cache_fingerprint(store) != config.cache_fingerprint:
+        raise GsaeError(f"the cache {config.cache} is no longer the one {run} was trained on; "
+                        "evaluate with that cache in place")
     torch_device = pick_device(device)
-    start_row = int(config["eval_rows"][0])
-    saes: list[tuple[SparseAutoencoder, dict]] = []
-    for path in sorted(run_dir.glob("sae_*.json"), key=lambda p: int(p.stem.split("_")[1])):
-        sae, sae_config = load_sae(str(path.with_suffix(".safetensors")), str(path))
-        saes.append((sae.to(torch_device).eval(), sae_config))
+    start_row = int(config.eval_rows[0])
+    saes = trained.load_saes(torch_device)
     lm = None
     if windows > 0:
+        spec = spec_from_store(store)
+        if spec.fingerprint != store.attrs.get("model_fingerprint"):
+            raise GsaeError(f"the model {spec.model_id!r} found now (fingerprint {spec.fingerprint}) is not the one "
+                            f"the cache {store.path} was made with ({store.attrs.get('model_fingerprint')}); "
+                            "put that model back, or pass --windows 0 to skip the downstream metrics")
         status = console.status("loading the model for the downstream metrics ...") if console else None
         if status:
             status.start()
         try:
-            lm = load_model(spec_from_store(store), torch_device)
+            lm = load_model(spec, torch_device)
         finally:
             if status:
                 status.stop()
@@ -200,5 +201,5 @@ def evaluate_run(run: str, tokens: int = 16384, windows: int = 32, context_lengt
                                                  _run_with_block_output(lm, input_ids, layer, zero), input_ids))
                 record["eval_windows"] = int(input_ids.shape[0])
             records.append(record)
-    (run_dir / "eval.json").write_text(json.dumps({"run": str(run_dir), "records": records}, indent=1))
+    trained.write_eval(records)
     return records

@@ -13,12 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipeline.errors import GsaeError
-from pipeline.sae import load_sae
+from pipeline.run import Run
 
-# gsae architecture -> SAELens inference architecture. BatchTopK is exported as per-token TopK with the
-# same k (gsae keeps no batch threshold; SAELens itself exports BatchTopK as JumpReLU with one).
-_SAELENS_ARCHITECTURE = {"topk": "topk", "batchtopk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
+# gsae architecture -> SAELens inference architecture. BatchTopK is exported as SAELens exports it: a
+# JumpReLU whose threshold is the running threshold kept in training, the same rule gsae evaluates with.
+_SAELENS_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
 
 
 def folded_weights(weights: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
@@ -31,6 +30,8 @@ def folded_weights(weights: dict[str, torch.Tensor], scale: float) -> dict[str, 
     }
     if "log_threshold" in weights:
         folded["threshold"] = weights["log_threshold"].exp()
+    elif "threshold" in weights:  # BatchTopK: one threshold for every latent
+        folded["threshold"] = weights["threshold"].expand_as(weights["b_enc"]).contiguous()
     return folded
 
 
@@ -65,19 +66,14 @@ def saelens_config(config: dict, layer: int, run_config: dict) -> dict:
 
 def export_saelens(run: str, out: str | None = None) -> list[str]:
     """Write ``<out>/blocks.<l>.hook_resid_post/{cfg.json, sae_weights.safetensors}`` for every layer."""
-    run_dir = Path(run)
-    saes = sorted(run_dir.glob("sae_*.json"), key=lambda p: int(p.stem.split("_")[1]))
-    if not saes:
-        raise GsaeError(f"{run} holds no trained SAEs (sae_<i>.json); finish `gsae train` first")
-    target = Path(out) if out else run_dir / "export-saelens"
-    run_config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-    source = run_config.get("source", {})
+    trained = Run.open(run, need="trained")
+    target = Path(out) if out else trained.path / "export-saelens"
+    source = trained.config.source
     store_info = {"context_length": source.get("context_length"), "corpus": source.get("corpus"),
                   "prepend_bos": source.get("prepend_bos", True)}
     folders = []
-    for config_path in saes:
-        sae, config = load_sae(str(config_path.with_suffix(".safetensors")), str(config_path))
-        weights = {name: p.detach() for name, p in sae.named_parameters()}
+    for sae, config in trained.load_saes():
+        weights = {name: t.detach() for name, t in sae.state_dict().items()}
         for layer in config["layers"]:
             folder = target / f"blocks.{layer}.hook_resid_post"
             folder.mkdir(parents=True, exist_ok=True)

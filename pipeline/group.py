@@ -17,7 +17,6 @@ from pipeline.grouping import (
     compute_distances,
     parse_layers,
 )
-from pipeline.plots import amad_curve, distance_heatmap
 from stores import ActivationStore, read_side_file, write_side_file
 
 METRICS = ("amad", "uniform")
@@ -53,13 +52,20 @@ def result_name(metric: str) -> str:
     return f"groups/{metric}.json"
 
 
-def load_grouping(store: ActivationStore, metric: str) -> Grouping | None:
-    """The grouping saved next to the cache for ``metric``, if any."""
+def grouping_record(store: ActivationStore, metric: str) -> dict[str, Any] | None:
+    """The record saved next to the cache for ``metric`` (grouping, arguments, seconds), if any of the
+    current format."""
     data = read_side_file(store, result_name(metric))
     if data is None:
         return None
     record = json.loads(data)
-    return Grouping.from_json(record) if record.get("format") == GROUPING_FORMAT else None
+    return record if record.get("format") == GROUPING_FORMAT else None
+
+
+def load_grouping(store: ActivationStore, metric: str) -> Grouping | None:
+    """The grouping saved next to the cache for ``metric``, if any."""
+    record = grouping_record(store, metric)
+    return Grouping.from_json(record) if record is not None else None
 
 
 def _arguments(request: GroupRequest, layers: list[int], tokens: int, store: ActivationStore) -> dict[str, Any]:
@@ -108,6 +114,8 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
         distance, sample = compute_distances(store, layers, tokens, request.seed, request.scheduler)
     grouping = build_grouping(request.metric, layers, distance, request.threshold, sample)
     seconds = time.perf_counter() - started
+
+    from pipeline.plots import amad_curve, distance_heatmap  # matplotlib: only when pictures are drawn
 
     title = f"{store.attrs.get('model_id')} · {sample['tokens']:,} tokens"
     pictures = [

@@ -12,8 +12,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import dask
-import dask.array as da
 import numpy as np
 import torch
 
@@ -95,6 +93,8 @@ def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int]
 
     Each task gets one chunk of every selected layer (read lazily with ``dask.array.from_zarr``) and
     works through it 256 rows at a time, so memory does not depend on how many chunks are sampled."""
+    import dask.array as da  # imported here: `gsae train` reads groupings without loading dask
+
     selected = [da.from_zarr(store.layer_array(layer)).blocks[chunks] for layer in layers]
     n = len(layers)
     partial = da.blockwise(
@@ -205,6 +205,8 @@ def compute_distances(store: ActivationStore, layers: list[int], tokens: int, se
         with client:
             distance = distance_matrix(store, layers, chunks)
     else:
+        import dask
+
         with dask.config.set(scheduler="threads"):
             distance = distance_matrix(store, layers, chunks)
     sample = {"seed": seed, "tokens": int(sum(b - a for a, b in ranges)), "chunks": chunks, "row_ranges": ranges}

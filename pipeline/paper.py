@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import GsaeError
 from pipeline.evaluate import evaluate_run
 from pipeline.group import GroupRequest, run_group
 from pipeline.report import build_report
-from pipeline.train import RUNS_ROOT, TrainRequest, train
+from pipeline.run import STATES, Run, write_atomic
+from pipeline.train import RUNS_ROOT, TrainRequest, argument_changes, train
 
 
 @dataclass
@@ -41,18 +43,24 @@ def run_paper(request: PaperRequest, console: Any) -> Path:
     slug = Path(request.cache).name
     runs = []
     for label, options in plans:
-        run = Path(request.out) / f"{slug}-{label}"
-        if not (run / "summary.json").is_file():
-            resume = (run / "config.json").is_file()
-            console.print(f"[bold]{'resuming' if resume else 'training'} {label}[/] → {run}")
-            train(TrainRequest(cache=request.cache, tokens=request.tokens, expansion=request.expansion,
-                               batch_size=request.batch_size, out=str(run), resume=resume, **options), console)
+        path = Path(request.out) / f"{slug}-{label}"
+        train_request = TrainRequest(cache=request.cache, tokens=request.tokens, expansion=request.expansion,
+                                     batch_size=request.batch_size, out=str(path), **options)
+        config = Run.read_config(path)
+        if config is not None and argument_changes(config, train_request):
+            raise GsaeError(f"{path} holds a run made with other arguments "
+                            f"({'; '.join(argument_changes(config, train_request))}); pass another --out")
+        state = Run(path, config).state if config is not None else None
+        if state is None or STATES.index(state) < STATES.index("trained"):
+            verb = "continuing" if config is not None else "training"
+            console.print(f"[bold]{verb} {label}[/] → {path}")
+            train(train_request, console)  # an unfinished run with the same arguments continues
         else:
-            console.print(f"{label}: trained already ({run})")
-        if not (run / "eval.json").is_file():
+            console.print(f"{label}: trained already ({path})")
+        if Run.open(path).state != "evaluated":
             console.print(f"evaluating {label}")
-            evaluate_run(str(run), windows=request.windows, console=console)
-        runs.append(str(run))
+            evaluate_run(str(path), windows=request.windows, console=console)
+        runs.append(str(path))
     report = build_report(runs, str(Path(request.out) / f"{slug}-report"))
-    (report.parent / "runs.json").write_text(json.dumps(runs, indent=1))
+    write_atomic(report.parent / "runs.json", json.dumps(runs, indent=1))
     return report

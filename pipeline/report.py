@@ -13,8 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.errors import GsaeError  # noqa: E402
 from pipeline.plots import png_bytes  # noqa: E402
+from pipeline.run import Run, RunConfig  # noqa: E402
 from stores import ActivationStore, StoreError, read_seconds_writing  # noqa: E402
 
 # The paper's figures (DESIGN section 1): mean over layers, per-layer baseline vs group SAEs at G*.
@@ -72,35 +72,36 @@ class RunSummary:
 
 def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
     """A finished, evaluated run; ``cache_seconds`` stands in for a cache that recorded no time."""
-    run = Path(path)
-    try:
-        config = json.loads((run / "config.json").read_text())
-        summary = json.loads((run / "summary.json").read_text())
-    except FileNotFoundError:
-        raise GsaeError(f"{path} is not a finished gsae run (config.json and summary.json expected)") from None
-    if not (run / "eval.json").is_file():
-        raise GsaeError(f"{path} has no eval.json; run `gsae eval --run {path}` first")
-    records = json.loads((run / "eval.json").read_text())["records"]
-    amad, grouping_seconds, metric = None, 0.0, None
-    if config.get("grouping"):
-        metric = config["request"]["metric"]
-        grouping_file = Path(config["grouping"])
-        if grouping_file.is_file():
-            grouping = json.loads(grouping_file.read_text())
-            grouping_seconds = float(grouping.get("seconds", 0.0))
-            n = len(config["groups"])
-            amad = next((p["amad"] for p in grouping["curve"] if p["n_groups"] == n), None)
-    else:
-        amad = 0.0
-    cache_tokens = int(config["cache_fingerprint"]["tokens"])
+    run = Run.open(path, need="evaluated")
+    config = run.config
+    amad, grouping_seconds = (0.0, 0.0) if config.grouping is None else _grouping_figures(config)
     if cache_seconds is None:
         try:
-            cache_seconds = read_seconds_writing(ActivationStore.open(config["cache"]))
+            cache_seconds = read_seconds_writing(ActivationStore.open(config.cache))
         except StoreError:
             cache_seconds = None  # the cache moved or is gone: the total cost is left open
-    return RunSummary(run, config["label"], metric, config["groups"], sorted(records, key=lambda r: r["layer"]),
-                      float(summary["train_seconds"]), grouping_seconds, amad,
-                      int(config["steps"] * config["request"]["batch_size"]), cache_seconds, cache_tokens)
+    return RunSummary(run.path, config.label, config.metric, config.groups,
+                      sorted(run.eval_records, key=lambda r: r["layer"]), float(run.summary["train_seconds"]),
+                      grouping_seconds, amad, config.tokens_per_sae, cache_seconds,
+                      int(config.cache_fingerprint["tokens"]))
+
+
+def _grouping_figures(config: RunConfig) -> tuple[float | None, float]:
+    """(AMAD of the run's partition, seconds the grouping took), as recorded when the run was planned.
+
+    Runs from before that record are looked up in the grouping file, and only trusted when the file's
+    partition is still the one the run trained (a later `gsae group --force` may have replaced it)."""
+    snapshot = config.grouping
+    if snapshot.get("amad") is not None:
+        return float(snapshot["amad"]), float(snapshot.get("seconds") or 0.0)
+    try:
+        record = json.loads(Path(snapshot["file"]).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, 0.0
+    point = next((p for p in record.get("curve", []) if p["n_groups"] == len(config.groups)), None)
+    if point is None or point["groups"] != config.groups:
+        return None, 0.0
+    return float(point["amad"]), float(record.get("seconds", 0.0))
 
 
 def per_layer_plot(runs: list[RunSummary]) -> bytes:

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import GsaeError
+
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
-# torch warns once that "Sparse CSR tensor support is in beta"; the CSR × dense product is all we use.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 AUXK_ALPHA = 1 / 32
+THRESHOLD_RATE = 0.01  # BatchTopK's inference threshold: SAELens's topk_threshold_lr
 ENCODER_INIT_NORM = 1 / math.sqrt(3)
 
 
@@ -122,8 +123,10 @@ def _sum_per_latent(indices: torch.Tensor, grad: torch.Tensor, rows: torch.Tenso
     bounds = torch.arange(n_latents + 1, device=indices.device, dtype=flat_indices.dtype)
     row_starts = torch.searchsorted(flat_indices, bounds)
     compute = grad.dtype if grad.dtype in (torch.float32, torch.float64) or grad.is_cuda else torch.float32
-    sparse = torch.sparse_csr_tensor(row_starts, tokens, grad.flatten()[order].to(compute),
-                                     (n_latents, indices.shape[0]), check_invariants=False)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta": the CSR × dense product is all we use
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        sparse = torch.sparse_csr_tensor(row_starts, tokens, grad.flatten()[order].to(compute),
+                                         (n_latents, indices.shape[0]), check_invariants=False)
     return (sparse @ rows.to(compute)).to(grad.dtype)  # CPU CSR matmul has no float16/bfloat16 kernel
 
 
@@ -150,6 +153,11 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         if architecture == "jumprelu":
             self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(0.01)))
+        if architecture == "batchtopk":
+            # Inference threshold: a running mean of each training batch's smallest kept activation, as
+            # SAELens's BatchTopK keeps it; evaluation and export use it per token (a JumpReLU), so what
+            # gsae eval measures is what the exported SAE computes.
+            self.register_buffer("threshold", torch.zeros(()))
 
     # ------------------------------------------------------------------ the forward pass
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,6 +172,8 @@ class SparseAutoencoder(nn.Module):
             return Codes(values=F.relu(values), indices=indices, pre=pre)  # ReLU commutes with TopK
         pre = self.pre_activations(x)
         if self.architecture == "batchtopk":
+            if not self.training:
+                return Codes(dense=F.relu(pre) * (pre > self.threshold), pre=pre)
             flat = F.relu(pre).flatten()
             kept = flat.topk(self.k * x.shape[0], sorted=False).indices
             dense = torch.zeros_like(flat).scatter_(0, kept, flat[kept]).view_as(pre)
@@ -197,6 +207,8 @@ class SparseAutoencoder(nn.Module):
         ``n_dead_hint``: a recent host-side count of dead latents, so AuxK needs no host sync on CUDA
         (its k must be known on the host); without it the count is read from ``dead``."""
         codes = self.encode(x)
+        if self.architecture == "batchtopk" and self.training:
+            self._update_threshold(codes.dense)
         reconstruction = self.decode(codes)
         error = x - reconstruction
         total_variance = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
@@ -227,6 +239,14 @@ class SparseAutoencoder(nn.Module):
         scale = (dead.sum() / self.k_aux).clamp(max=1.0)
         return scale * (predicted - error.detach()).pow(2).sum() / total_variance
 
+    @torch.no_grad()
+    def _update_threshold(self, dense: torch.Tensor) -> None:
+        """threshold ← 0.99·threshold + 0.01·(smallest positive kept activation), SAELens's rule and rate;
+        on the device, without a host sync (a batch with nothing kept leaves it unchanged)."""
+        smallest = torch.where(dense > 0, dense.float(), torch.inf).min()
+        updated = self.threshold * (1 - THRESHOLD_RATE) + THRESHOLD_RATE * smallest
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
+
     # ------------------------------------------------------------------ decoder norm
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
@@ -245,12 +265,13 @@ class SparseAutoencoder(nn.Module):
 
 
 def save_sae(sae: SparseAutoencoder, weights_path: str, config_path: str, extra: dict) -> None:
-    """Weights as safetensors (W_enc [d, M], W_dec [M, d], b_enc, b_dec[, log_threshold]), config as JSON."""
+    """Weights as safetensors (W_enc [d, M], W_dec [M, d], b_enc, b_dec[, log_threshold | threshold]),
+    config as JSON."""
     import json
 
     from safetensors.torch import save_file
 
-    save_file({name: p.detach().cpu().contiguous() for name, p in sae.named_parameters()}, weights_path)
+    save_file({name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}, weights_path)
     with open(config_path, "w") as handle:
         json.dump({**sae.config(), **extra}, handle, indent=1)
 
@@ -267,7 +288,8 @@ def load_sae(weights_path: str, config_path: str) -> tuple[SparseAutoencoder, di
                             l1_coefficient=config.get("l1_coefficient", 5.0),
                             jump_bandwidth=config.get("jump_bandwidth", 0.05))
     tensors = load_file(weights_path)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            p.copy_(tensors[name])
+    if config["architecture"] == "batchtopk" and "threshold" not in tensors:
+        raise GsaeError(f"{weights_path} is a BatchTopK SAE from a gsae that kept no inference threshold; "
+                        "train it again to evaluate or export it")
+    sae.load_state_dict(tensors)
     return sae, config

@@ -16,14 +16,14 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline import __version__
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.errors import GsaeError
 from pipeline.evaluate import layer_reconstruction
-from pipeline.group import GroupRequest, load_grouping, result_name, run_group
-from pipeline.grouping import layer_span, parse_layers
+from pipeline.group import grouping_record, result_name
+from pipeline.grouping import Grouping, layer_span, parse_layers
 from pipeline.models import pick_device
 from pipeline.progress import RateColumn
-from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr, save_sae
+from pipeline.run import Run, RunConfig, cache_fingerprint
+from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr
 from stores import ActivationStore, read_side_file, write_side_file
 from stores.stream import TrainingStream, split_chunks
 
@@ -56,19 +56,15 @@ class TrainRequest:
     precision: str = "float32"  # or "bfloat16": the forward under autocast
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
 @dataclass
 class TrainResult:
     run: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
-
-
-def cache_fingerprint(store: ActivationStore) -> dict[str, Any]:
-    a = store.attrs
-    return {"model_id": a.get("model_id"), "model_fingerprint": a.get("model_fingerprint"),
-            "corpus_fingerprint": a.get("corpus", {}).get("fingerprint"), "tokens": store.n_tokens,
-            "n_layers": store.n_layers, "d_model": store.d_model, "dtype": store.dtype}
 
 
 def _validate(request: TrainRequest) -> None:
@@ -82,49 +78,85 @@ def _validate(request: TrainRequest) -> None:
         raise GsaeError(f"--dead-tokens must be positive (got {request.dead_tokens})")
     if request.lr is not None and request.lr <= 0:
         raise GsaeError(f"--lr must be positive (got {request.lr})")
-    if request.precision not in ("float32", "bfloat16"):
-        raise GsaeError(f"--precision must be float32 or bfloat16 (got {request.precision})")
+    if request.checkpoint_every <= 0:
+        raise GsaeError(f"--checkpoint-every must be positive (got {request.checkpoint_every})")
+    if request.precision not in PRECISIONS:
+        raise GsaeError(f"--precision must be one of {', '.join(PRECISIONS)} (got {request.precision})")
     if request.groups is not None and request.baseline:
         raise GsaeError("give either --groups N or --baseline, not both")
 
 
-def _plan(request: TrainRequest, store: ActivationStore, console: Any) -> dict[str, Any]:
+def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list[int]], str, dict[str, Any] | None]:
+    """(groups, label, snapshot of the grouping they come from): the baseline's one layer per SAE, or the
+    N-group partition of the grouping saved next to the cache (`gsae group` makes it)."""
+    if request.baseline:
+        return [[layer] for layer in parse_layers(None, store.n_layers)], "baseline", None
+    record = grouping_record(store, request.metric)
+    if record is None:
+        raise GsaeError(f"no {request.metric} grouping next to {store.path}: run `gsae group --metric "
+                        f"{request.metric} --cache {store.path}` first (or train --baseline)")
+    grouping = Grouping.from_json(record)
+    n = request.groups if request.groups is not None else grouping.chosen
+    if not 1 <= n <= len(grouping.layers):
+        raise GsaeError(f"--groups must be between 1 and {len(grouping.layers)} (the grouped layers); got {n}")
+    point = next(p for p in grouping.curve if p["n_groups"] == n)
+    # the run keeps what it was trained on: a later `gsae group --force` does not change its report
+    snapshot = {"file": f"{store.path}/{result_name(request.metric)}", "n_groups": n, "amad": point["amad"],
+                "seconds": record.get("seconds"), "arguments": record.get("arguments")}
+    return point["groups"], f"{request.metric}-g{n}", snapshot
+
+
+def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
     """The run's configuration: groups, scales, SAE shape, learning rate, held-out slice."""
     d = store.d_model
     n_latents = max(1, int(round(d * request.expansion)))
     k = request.k if request.k is not None else default_k(d)
     if not 0 < k < n_latents:
         raise GsaeError(f"--k must be between 1 and {n_latents - 1} (d_sae = {n_latents}); got {k}")
-    if request.baseline:
-        layers = parse_layers(None, store.n_layers)
-        groups, label, grouping_ref = [[layer] for layer in layers], "baseline", None
-    else:
-        grouping = load_grouping(store, request.metric)
-        if grouping is None:
-            console.print(f"no current {request.metric} grouping next to the cache: computing it (gsae group)")
-            result = run_group(GroupRequest(cache=store.path, metric=request.metric), console)
-            for note in result.notes:
-                console.print(note)
-            grouping = result.grouping
-        n = request.groups if request.groups is not None else grouping.chosen
-        if not 1 <= n <= len(grouping.layers):
-            raise GsaeError(f"--groups must be between 1 and {len(grouping.layers)} (the grouped layers); got {n}")
-        groups, label = grouping.groups_for(n), f"{request.metric}-g{n}"
-        grouping_ref = f"{store.path}/{result_name(request.metric)}"
+    groups, label, grouping = _partition(request, store)
     try:
         train_chunks, eval_chunks = split_chunks(store, request.eval_fraction)
     except ValueError as exc:
         raise GsaeError(str(exc)) from None
     norms = store.norm
-    steps = math.ceil(request.tokens / request.batch_size)
-    return {
-        "label": label, "groups": groups, "grouping": grouping_ref,
-        "scales": {str(layer): float(1.0 / norms[layer]) for group in groups for layer in group},
-        "d_in": d, "n_latents": n_latents, "k": k, "lr": request.lr or default_lr(n_latents),
-        "steps": steps, "dead_tokens": request.dead_tokens if request.dead_tokens is not None else min(10_000_000, max(request.batch_size, request.tokens // 10)),
-        "train_chunks": train_chunks, "eval_chunks": eval_chunks,
-        "eval_rows": [store.chunk_rows(eval_chunks[0])[0], store.n_tokens],
-    }
+    attrs = store.attrs
+    dead_tokens = request.dead_tokens if request.dead_tokens is not None else default_dead_tokens(request)
+    return RunConfig(
+        label=label, cache=store.path, cache_fingerprint=cache_fingerprint(store),
+        source={"model_id": attrs.get("model_id"), "context_length": attrs.get("context_length"),
+                "prepend_bos": attrs.get("prepend_bos"), "corpus": attrs.get("corpus", {}).get("spec")},
+        groups=groups, scales={layer: float(1.0 / norms[layer]) for group in groups for layer in group},
+        metric=None if request.baseline else request.metric, grouping=grouping,
+        d_in=d, n_latents=n_latents, k=k, architecture=request.architecture,
+        lr=request.lr or default_lr(n_latents), steps=math.ceil(request.tokens / request.batch_size),
+        batch_size=request.batch_size, dead_tokens=dead_tokens, seed=request.seed,
+        window_chunks=request.window_chunks, checkpoint_every=request.checkpoint_every, log_every=request.log_every,
+        device=request.device, tf32=request.tf32, precision=request.precision,
+        train_chunks=train_chunks, eval_chunks=eval_chunks,
+        eval_rows=[store.chunk_rows(eval_chunks[0])[0], store.n_tokens],
+        arguments=_arguments(request), gsae_version=__version__)
+
+
+def default_dead_tokens(request: TrainRequest) -> int:
+    """min(10M, tokens / 10), and at least one batch."""
+    return min(10_000_000, max(request.batch_size, request.tokens // 10))
+
+
+_NOT_IDENTIFYING = ("resume", "out", "cache")  # the cache is identified by its fingerprint instead
+
+
+def _arguments(request: TrainRequest) -> dict[str, Any]:
+    """The request as it identifies a run: everything but --resume, where the run goes and the cache path."""
+    return {k: v for k, v in asdict(request).items() if k not in _NOT_IDENTIFYING}
+
+
+def argument_changes(run: RunConfig, request: TrainRequest) -> list[str]:
+    """How ``request`` differs from the arguments ``run`` was made with ("--tokens 300000 → 1000000");
+    arguments an older run did not record count as their defaults."""
+    defaults = _arguments(TrainRequest(cache=""))
+    old = {**defaults, **{k: v for k, v in run.arguments.items() if k not in _NOT_IDENTIFYING}}
+    new = _arguments(request)
+    return [f"--{key.replace('_', '-')} {old.get(key)} → {new[key]}" for key in new if old.get(key) != new[key]]
 
 
 def _mark_grouping_used(store: ActivationStore, metric: str, run: Path) -> None:
@@ -137,83 +169,59 @@ def _mark_grouping_used(store: ActivationStore, metric: str, run: Path) -> None:
         write_side_file(store, result_name(metric), json.dumps(record, indent=1).encode())
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a file so a kill leaves either the old one or the new one, never half of it."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
-def _read_config(run: Path) -> dict[str, Any] | None:
-    """A run's config.json, or None where there is none (it is written atomically: never half)."""
-    try:
-        return json.loads((run / "config.json").read_text())
-    except FileNotFoundError:
-        return None
-
-
-def _store_of(config: dict[str, Any], cache: str, run: Path) -> ActivationStore:
+def _store_of(config: RunConfig, cache: str, run: Path) -> ActivationStore:
     store = ActivationStore.open(cache)
-    if config["cache_fingerprint"] != cache_fingerprint(store):
+    if config.cache_fingerprint != cache_fingerprint(store):
         raise GsaeError(f"the cache {cache} differs from the one run {run} was trained on "
-                        f"(model {config['cache_fingerprint']['model_id']}); resume with that cache")
+                        f"(model {config.cache_fingerprint['model_id']}); resume with that cache")
     return store
 
 
-def _same_request(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return {k: v for k, v in a.items() if k != "resume"} == {k: v for k, v in b.items() if k != "resume"}
-
-
-def _open_run(request: TrainRequest, console: Any) -> tuple[Path, dict[str, Any], ActivationStore]:
+def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore]:
     """The run to train: a new one, or an unfinished one continued (from its last checkpoint, or from
     the start when it was killed before its first) by ``--resume`` or by the same command again."""
     if request.resume:
         if not request.out:
             raise GsaeError("--resume needs --out DIR, the run to continue")
-        run = Path(request.out)
-        config = _read_config(run)
+        config = Run.read_config(request.out)
         if config is None:
-            raise GsaeError(f"nothing to resume at {run}: no config.json there")
-        return run, config, _store_of(config, request.cache, run)
+            raise GsaeError(f"nothing to resume at {request.out}: no config.json there")
+        return Run(Path(request.out), config), _store_of(config, request.cache, Path(request.out))
     _validate(request)
     store = ActivationStore.open(request.cache)
-    plan = _plan(request, store, console)
-    run = Path(request.out or Path(RUNS_ROOT) / f"{Path(store.path).name}-{plan['label']}")
-    existing = _read_config(run)
+    config = _plan(request, store)
+    path = Path(request.out or Path(RUNS_ROOT) / f"{Path(store.path).name}-{config.label}")
+    existing = Run.read_config(path)
     if existing is not None:
-        if _same_request(existing["request"], asdict(request)) and not (run / "summary.json").exists():
-            console.print(f"continuing the unfinished run in {run} (same arguments)")
-            return run, existing, _store_of(existing, request.cache, run)
-        raise GsaeError(f"{run} already holds a run; pass --resume to continue it or --out for a new one")
-    run.mkdir(parents=True, exist_ok=True)
-    attrs = store.attrs
-    config = {"request": asdict(request), **plan, "cache": store.path, "cache_fingerprint": cache_fingerprint(store),
-              "source": {"model_id": attrs.get("model_id"), "context_length": attrs.get("context_length"),
-                         "prepend_bos": attrs.get("prepend_bos"), "corpus": attrs.get("corpus", {}).get("spec")},
-              "gsae_version": __version__}
-    _write_atomic(run / "config.json", json.dumps(config, indent=1))
-    if plan["grouping"]:
-        _mark_grouping_used(store, request.metric, run)
-    return run, config, store
+        run = Run(path, existing)
+        if run.state in ("trained", "evaluated"):
+            raise GsaeError(f"{path} already holds a finished run; pass --out for a new one")
+        changes = argument_changes(existing, request)
+        if changes:
+            raise GsaeError(f"{path} holds an unfinished run made with other arguments ({'; '.join(changes)}); "
+                            f"continue it with `gsae train --out {path} --resume`, or pass --out for a new one")
+        console.print(f"continuing the unfinished run in {path} (same arguments)")
+        return run, _store_of(existing, request.cache, path)
+    run = Run.create(path, config)
+    if config.grouping:
+        _mark_grouping_used(store, request.metric, path)
+    return run, store
 
 
-def _build(config: dict[str, Any], store: ActivationStore, device: torch.device, pool: ThreadPoolExecutor):
-    request = config["request"]
+def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool: ThreadPoolExecutor):
     saes, optimizers, streams, fired = [], [], [], []
     mean = store.mean
-    for i, group in enumerate(config["groups"]):
-        sae = SparseAutoencoder(config["d_in"], config["n_latents"], request["architecture"], k=config["k"],
-                                seed=request["seed"] + i)
-        scales = [config["scales"][str(layer)] for layer in group]
+    for i, group in enumerate(config.groups):
+        sae = SparseAutoencoder(config.d_in, config.n_latents, config.architecture, k=config.k, seed=config.seed + i)
+        scales = [config.scales[layer] for layer in group]
         with torch.no_grad():  # b_dec at the (scaled) data mean of the group
             sae.b_dec.copy_(torch.from_numpy(np.mean([mean[l] * s for l, s in zip(group, scales)], axis=0)))
         sae.to(device)
         saes.append(sae)
-        optimizers.append(torch.optim.Adam(sae.parameters(), lr=config["lr"]))
-        streams.append(TrainingStream(store, group, scales, config["train_chunks"], request["batch_size"],
-                                      request["seed"], stream_id=i, window_chunks=request["window_chunks"],
-                                      device=device, pool=pool))
-        fired.append(torch.zeros(config["n_latents"], dtype=torch.int64, device=device))
+        optimizers.append(torch.optim.Adam(sae.parameters(), lr=config.lr))
+        streams.append(TrainingStream(store, group, scales, config.train_chunks, config.batch_size, config.seed,
+                                      stream_id=i, window_chunks=config.window_chunks, device=device, pool=pool))
+        fired.append(torch.zeros(config.n_latents, dtype=torch.int64, device=device))
     return saes, optimizers, streams, fired
 
 
@@ -247,58 +255,53 @@ def _describe(group: list[int]) -> str:
 
 def train(request: TrainRequest, console: Any) -> TrainResult:
     """Train every SAE of the run in one process, one step of each in turn, with checkpoints."""
-    run, config, store = _open_run(request, console)
-    device = pick_device(config["request"]["device"] if request.resume else request.device)
+    run, store = _open_run(request, console)
+    config = run.config
+    device = pick_device(config.device)
     if device.type == "cuda":  # TF32 for float32 matmuls, as sparsify's trainer sets it (--no-tf32: off)
-        torch.backends.cuda.matmul.allow_tf32 = bool(config["request"].get("tf32", True))
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="gsae-decode")  # all streams
     saes, optimizers, streams, fired = _build(config, store, device, pool)
-    steps, batch_size = config["steps"], config["request"]["batch_size"]
-    checkpoint_every, log_every = config["request"]["checkpoint_every"], config["request"]["log_every"]
+    steps, batch_size = config.steps, config.batch_size
     start_step, elapsed = 0, [0.0] * len(saes)
-    metrics_path = run / "metrics.jsonl"
-    checkpoint = latest_checkpoint(run)
+    latest: list[dict[str, Any]] = [{} for _ in saes]  # each SAE's last metrics record
+    n_dead = [0] * len(saes)
+    checkpoint = run.latest_checkpoint()
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, saes, optimizers, fired)
+        state = Run.load_checkpoint(checkpoint, saes, optimizers, fired)
         for stream, stream_state in zip(streams, state["streams"]):
             stream.load_state_dict(stream_state)
         start_step, elapsed = state["step"], state["elapsed"]
-        if metrics_path.exists():  # drop records written after the checkpoint
-            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
-    elif metrics_path.exists():
-        metrics_path.unlink()
+        # Host-side dead counts, refreshed at every log step, so that AuxK's k is known without a
+        # per-step device sync; kept in checkpoints so a resume is exact.
+        n_dead = state.get("n_dead") or n_dead
+        latest = state.get("latest") or latest
 
-    dead_tokens = config["dead_tokens"]
-    # Host-side dead counts, refreshed at every log step (where metrics are read back anyway), so that
-    # AuxK's k is known without a per-step device sync; kept in checkpoints so a resume is exact.
-    n_dead = (state.get("n_dead") if checkpoint is not None else None) or [0] * len(saes)
+    dead_tokens = config.dead_tokens
     nonfinite = [torch.zeros((), dtype=torch.bool, device=device) for _ in saes]  # read every log step
 
     def check_finite(step: int) -> None:
         for i, flag in enumerate(nonfinite):
             if bool(flag):
                 raise GsaeError(
-                    f"SAE {i} ({_describe(config['groups'][i])}) hit a non-finite loss before step {step}; "
-                    f"the last good checkpoint is kept in {run}/checkpoints (try a lower --lr)")
+                    f"SAE {i} ({_describe(config.groups[i])}) hit a non-finite loss before step {step}; "
+                    f"the last good checkpoint is kept in {run.path}/checkpoints (try a lower --lr)")
 
     def checkpoint_now(step: int) -> None:
         check_finite(step)  # never checkpoint a diverged SAE
-        save_checkpoint(run, step, saes, optimizers, fired,
-                        {"streams": [s.state_dict() for s in streams], "elapsed": elapsed, "n_dead": n_dead})
+        run.save_checkpoint(step, saes, optimizers, fired, {"streams": [s.state_dict() for s in streams],
+                                                            "elapsed": elapsed, "n_dead": n_dead, "latest": latest})
 
-    bf16 = config["request"].get("precision", "float32") == "bfloat16"
-    latest: list[dict[str, Any]] = [{} for _ in saes]
+    bf16 = config.precision == "bfloat16"
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("tok"),
                         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
                         TimeRemainingColumn(), console=console)
     started = time.perf_counter()
-    step = start_step
     try:
-        with progress, metrics_path.open("a") as metrics:
+        with progress, run.open_metrics(start_step) as metrics:
             tasks = [progress.add_task(f"SAE {i} {_describe(g)}", total=steps * batch_size,
                                        completed=start_step * batch_size, stats="")
-                     for i, g in enumerate(config["groups"])]
+                     for i, g in enumerate(config.groups)]
             for step in range(start_step, steps):
                 for i, (sae, optimizer, stream) in enumerate(zip(saes, optimizers, streams)):
                     t0 = time.perf_counter()
@@ -307,47 +310,48 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
                                         check_finite=False, bf16=bf16)
                     nonfinite[i] |= ~torch.isfinite(output.loss.detach())
                     elapsed[i] += time.perf_counter() - t0
-                    if (step + 1) % log_every == 0 or step + 1 == steps:
+                    if (step + 1) % config.log_every == 0 or step + 1 == steps:
                         check_finite(step + 1)
                         n_dead[i] = int((fired[i] > dead_tokens).sum())
                         tokens = (step + 1) * batch_size
-                        latest[i] = {"step": step + 1, "sae": i, "layers": config["groups"][i], "tokens": tokens,
+                        latest[i] = {"step": step + 1, "sae": i, "layers": config.groups[i], "tokens": tokens,
                                      "loss": float(output.loss.detach()), "fvu": float(output.fvu), "l0": output.codes.l0(),
                                      "dead_fraction": float((fired[i] > dead_tokens).float().mean()),
                                      "tokens_per_s": tokens / max(elapsed[i], 1e-9)}
                         metrics.write(json.dumps(latest[i]) + "\n")
                         progress.update(tasks[i], completed=tokens, stats=(
                             f"FVU {latest[i]['fvu']:.3f} L0 {latest[i]['l0']:.0f} dead {100 * latest[i]['dead_fraction']:.0f}%"))
-                if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                if (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
                     metrics.flush()
                     checkpoint_now(step + 1)
-            step = steps
     finally:  # an interrupted run keeps its last periodic checkpoint; --resume continues from there
         for stream in streams:
             stream.close()
         pool.shutdown(wait=False, cancel_futures=True)
-    checkpoint_now(steps)
-    rows = _finish(run, config, store, saes, latest, elapsed, device)
-    return TrainResult(run, rows, time.perf_counter() - started, start_step)
+    if start_step < steps:  # the final state, so a kill while the SAE files are written loses no step
+        checkpoint_now(steps)
+    rows = _finish(run, store, saes, latest, elapsed, device)
+    return TrainResult(run.path, rows, time.perf_counter() - started, start_step)
 
 
-def _finish(run: Path, config: dict[str, Any], store: ActivationStore, saes: list, latest: list,
-            elapsed: list[float], device: torch.device) -> list[dict[str, Any]]:
-    """Save the final SAEs and return one summary row per SAE (held-out FVU per layer)."""
-    rows = []
-    for i, (sae, group) in enumerate(zip(saes, config["groups"])):
-        scales = {str(layer): config["scales"][str(layer)] for layer in group}
-        save_sae(sae, str(run / f"sae_{i}.safetensors"), str(run / f"sae_{i}.json"),
-                 {"layers": group, "scales": scales, "hook_names": [f"blocks.{l}.hook_resid_post" for l in group],
-                  "model_id": store.attrs.get("model_id"), "tokens": config["steps"] * config["request"]["batch_size"]})
-        start = config["eval_rows"][0]
-        per_layer = {layer: layer_reconstruction(sae, store, layer, scales[str(layer)], start,
+def _finish(run: Run, store: ActivationStore, saes: list, latest: list, elapsed: list[float],
+            device: torch.device) -> list[dict[str, Any]]:
+    """Save the final SAEs, then the summary (the file that marks the run trained): one row per SAE,
+    with the held-out FVU per layer."""
+    config, rows = run.config, []
+    for i, (sae, group) in enumerate(zip(saes, config.groups)):
+        sae.eval()  # BatchTopK: the per-token threshold, as evaluated and exported
+        scales = {str(layer): config.scales[layer] for layer in group}
+        run.save_sae(i, sae, {"layers": group, "scales": scales,
+                              "hook_names": [f"blocks.{l}.hook_resid_post" for l in group],
+                              "model_id": store.attrs.get("model_id"), "tokens": config.tokens_per_sae})
+        start = config.eval_rows[0]
+        per_layer = {layer: layer_reconstruction(sae, store, layer, config.scales[layer], start,
                                                  start + _SUMMARY_EVAL_ROWS, device)["fvu"] for layer in group}
         rows.append({"sae": i, "layers": group, "train_fvu": latest[i].get("fvu"), "l0": latest[i].get("l0"),
                      "dead_fraction": latest[i].get("dead_fraction"),
                      "held_out_fvu": float(np.mean(list(per_layer.values()))),
                      "held_out_fvu_per_layer": {str(k): v for k, v in per_layer.items()},
                      "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")})
-    _write_atomic(run / "summary.json", json.dumps({"label": config["label"], "saes": rows,
-                                                    "train_seconds": sum(elapsed)}, indent=1))
+    run.write_summary({"label": config.label, "saes": rows, "train_seconds": sum(elapsed)})
     return rows

@@ -54,6 +54,7 @@ def test_identity_splice_gives_zero_delta_and_kl(tiny_llama):
 def test_eval_command_writes_records(tiny_models, tmp_path, capsys):
     cache = make_cache(tiny_models["neox"], tmp_path / "c", tokens=6000, context_length=32, batch_size=8,
                        chunk_tokens=400)
+    assert run_cli(["group", "--cache", cache], capsys)[0] == 0
     assert run_cli(["train", "--cache", cache, "--groups", 1, "--out", tmp_path / "r", "--tokens", 20000,
                     "--batch-size", 512], capsys)[0] == 0
     code, out, err = run_cli(["eval", "--run", tmp_path / "r", "--windows", 4], capsys)
@@ -74,6 +75,7 @@ def test_eval_command_writes_records(tiny_models, tmp_path, capsys):
 def test_report_from_two_runs(tiny_models, tmp_path, capsys):
     cache = make_cache(tiny_models["neox"], tmp_path / "c", tokens=6000, context_length=32, batch_size=8,
                        chunk_tokens=400)
+    assert run_cli(["group", "--cache", cache], capsys)[0] == 0
     for extra, out in ((["--baseline"], "base"), (["--groups", 1], "g1")):
         assert run_cli(["train", "--cache", cache, *extra, "--out", tmp_path / out, "--tokens", 8000,
                         "--batch-size", 512], capsys)[0] == 0
