@@ -6,7 +6,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 # transformers' GGUF loader draws a raw tqdm bar; gsae shows its own progress instead
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -18,6 +18,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+
+# Defaults and choices come from the stages (their request dataclasses and constants), never restated here.
+from pipeline.cache import CACHE_ROOT, CacheRequest  # noqa: E402
+from pipeline.evaluate import DEFAULT_TOKENS as EVAL_TOKENS  # noqa: E402
+from pipeline.evaluate import DEFAULT_WINDOWS as EVAL_WINDOWS  # noqa: E402
+from pipeline.export import FORMATS  # noqa: E402
+from pipeline.group import METRICS, GroupRequest  # noqa: E402
+from pipeline.models import DEVICES  # noqa: E402
+from pipeline.paper import PaperRequest  # noqa: E402
+from pipeline.sae import ARCHITECTURES  # noqa: E402
+from pipeline.train import PRECISIONS, TrainRequest  # noqa: E402
+from stores.codecs import COMPRESSIONS, DEFAULT_KEEP_BITS, STORAGE_DTYPES  # noqa: E402
 
 app = typer.Typer(
     name="gsae",
@@ -31,18 +43,26 @@ console = Console(stderr=True, soft_wrap=True)
 report = Console(soft_wrap=True)
 
 
-def _choices(name: str, values: str) -> type[Enum]:
+def _choices(name: str, values: Iterable[str]) -> type[Enum]:
     """A str Enum of the given values, as typer wants for a fixed set of choices."""
-    return Enum(name, {value: value for value in values.split()}, type=str)
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-Compression = _choices("Compression", "lossless lossy")
+Compression = _choices("Compression", COMPRESSIONS)
+StorageDtype = _choices("StorageDtype", STORAGE_DTYPES)
+Device = _choices("Device", DEVICES)
+Metric = _choices("Metric", METRICS)
+Architecture = _choices("Architecture", ARCHITECTURES)
+Precision = _choices("Precision", PRECISIONS)
+ExportFormat = _choices("ExportFormat", FORMATS)
+_DEBUG = False  # --debug or GSAE_DEBUG=1: show tracebacks
 
 
-StorageDtype = _choices("StorageDtype", "float16 bfloat16 float32")
-
-
-Device = _choices("Device", "auto cpu cuda")
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (for bug reports); "
+                                        "GSAE_DEBUG=1 does the same.")) -> None:
+    global _DEBUG
+    _DEBUG = debug or _DEBUG
 
 
 def _human_bytes(n: float) -> str:
@@ -55,7 +75,6 @@ def _human_bytes(n: float) -> str:
 
 def _resolve_cache(cache: Optional[str]) -> str:
     """--cache, or the only cache under gsae-cache/ when there is exactly one."""
-    from pipeline.cache import CACHE_ROOT
     from pipeline.errors import GsaeError
 
     if cache:
@@ -73,25 +92,25 @@ def _resolve_cache(cache: Optional[str]) -> str:
 def cache(
     model: Optional[str] = typer.Option(None, help="Hub id, alias (pythia-70m, ...), folder saved with save_pretrained, or .gguf file. Default: the embedded SmolLM2-135M."),
     dataset: Optional[str] = typer.Option(None, help="pydoc (embedded default), a .txt/.jsonl/.parquet file or folder, or a hub dataset id."),
-    tokens: int = typer.Option(100_000, help="Tokens (stored rows) to cache."),
-    context_length: int = typer.Option(256, help="Tokens per window, BOS included."),
-    batch_size: int = typer.Option(16, help="Windows per forward pass."),
+    tokens: int = typer.Option(CacheRequest.tokens, help="Tokens (stored rows) to cache."),
+    context_length: int = typer.Option(CacheRequest.context_length, help="Tokens per window, BOS included."),
+    batch_size: int = typer.Option(CacheRequest.batch_size, help="Windows per forward pass."),
     cache: Optional[str] = typer.Option(None, help="Where to write the cache. Default: gsae-cache/<model>."),
-    compression: Compression = typer.Option(Compression.lossless, help="lossless (shuffle+zstd) or lossy (mantissa bit rounding first)."),
-    keep_bits: Optional[int] = typer.Option(None, help="Mantissa bits kept by --compression lossy (default 3)."),
-    dtype: StorageDtype = typer.Option(StorageDtype.float16, help="Storage dtype of activations."),
-    device: Device = typer.Option(Device.auto, help="Where the model runs."),
+    compression: Compression = typer.Option(CacheRequest.compression, help="lossless (shuffle+zstd) or lossy (mantissa bit rounding first)."),
+    keep_bits: Optional[int] = typer.Option(None, help=f"Mantissa bits kept by --compression lossy (default {DEFAULT_KEEP_BITS})."),
+    dtype: StorageDtype = typer.Option(CacheRequest.dtype, help="Storage dtype of activations."),
+    device: Device = typer.Option(CacheRequest.device, help="Where the model runs."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) of --model."),
     dataset_config: Optional[str] = typer.Option(None, help="Configuration name of a hub dataset."),
-    split: str = typer.Option("train", help="Split of a hub dataset."),
-    text_field: str = typer.Option("text", help="Text field of .jsonl / .parquet / hub records."),
+    split: str = typer.Option(CacheRequest.split, help="Split of a hub dataset."),
+    text_field: str = typer.Option(CacheRequest.text_field, help="Text field of .jsonl / .parquet / hub records."),
     prepend_bos: Optional[bool] = typer.Option(None, "--prepend-bos/--no-prepend-bos", help="Start every window with BOS (default: when the tokenizer has one)."),
-    keep_bos: bool = typer.Option(False, help="Also store the BOS position's activations (outliers; dropped by default)."),
+    keep_bos: bool = typer.Option(CacheRequest.keep_bos, help="Also store the BOS position's activations (outliers; dropped by default)."),
     chunk_tokens: Optional[int] = typer.Option(None, help="Rows per chunk (default: about 4 MiB per chunk)."),
     write_threads: Optional[int] = typer.Option(None, help="Threads compressing and writing chunks (default: one per core)."),
 ) -> None:
     """Run the model once and cache every block's residual stream to a compressed, resumable Zarr store."""
-    from pipeline.cache import CacheRequest, build_cache
+    from pipeline.cache import build_cache
 
     request = CacheRequest(
         model=model, revision=revision, dataset=dataset, dataset_config=dataset_config, split=split,
@@ -183,23 +202,20 @@ def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: t
     report.print(f"[green]ok[/]: {store.n_chunks * (store.n_layers + 1):,} chunks of {store.path} decode and match their checksums")
 
 
-Metric = _choices("Metric", "amad uniform")
-
-
 @app.command()
 def group(
     cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
-    metric: Metric = typer.Option(Metric.amad, help="amad: contiguous complete-linkage groups; uniform: equal splits."),
-    tokens: int = typer.Option(300_000, help="Tokens to sample (whole chunks, at random)."),
-    threshold: float = typer.Option(0.2, help="G* is the smallest G with AMAD below this."),
+    metric: Metric = typer.Option(GroupRequest.metric, help="amad: contiguous complete-linkage groups; uniform: equal splits."),
+    tokens: int = typer.Option(GroupRequest.tokens, help="Tokens to sample (whole chunks, at random)."),
+    threshold: float = typer.Option(GroupRequest.threshold, help="G* is the smallest G with AMAD below this."),
     layers: Optional[str] = typer.Option(None, help="Layers to group, e.g. 0-27 or 0,2,4 (default: all but the last)."),
-    seed: int = typer.Option(0, help="Seed of the chunk sample."),
+    seed: int = typer.Option(GroupRequest.seed, help="Seed of the chunk sample."),
     scheduler: Optional[str] = typer.Option(None, help="Address of a dask.distributed scheduler (default: local threads)."),
     allow_partial: bool = typer.Option(False, help="Use the committed part of an incomplete cache."),
     force: bool = typer.Option(False, help="Recompute and replace a saved grouping made with other arguments."),
 ) -> None:
     """Compute layer distances (Dask, sampled chunks), the AMAD curve and the layer groups."""
-    from pipeline.group import GroupRequest, run_group
+    from pipeline.group import run_group
     from pipeline.grouping import layer_span
 
     result = run_group(GroupRequest(
@@ -226,36 +242,30 @@ def group(
               + (f" in {result.seconds:.1f} s" if not result.reused else ""))
 
 
-Architecture = _choices("Architecture", "topk batchtopk relu jumprelu")
-
-
-Precision = _choices("Precision", "float32 bfloat16")
-
-
 @app.command()
 def train(
     cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
     groups: Optional[int] = typer.Option(None, help="Train the N-group partition (default: G* of the grouping)."),
     baseline: bool = typer.Option(False, help="Train one SAE per layer instead (the paper's baseline)."),
-    metric: Metric = typer.Option(Metric.amad, help="Which grouping to take the partition from."),
-    tokens: int = typer.Option(1_000_000, help="Training tokens per SAE."),
-    expansion: float = typer.Option(16, help="d_sae / d_model."),
+    metric: Metric = typer.Option(TrainRequest.metric, help="Which grouping to take the partition from."),
+    tokens: int = typer.Option(TrainRequest.tokens, help="Training tokens per SAE."),
+    expansion: float = typer.Option(TrainRequest.expansion, help="d_sae / d_model."),
     k: Optional[int] = typer.Option(None, help="Active latents per token (default ≈ d_model/6: the paper's 128 at d=768)."),
-    architecture: Architecture = typer.Option(Architecture.topk, help="SAE architecture."),
-    batch_size: int = typer.Option(4096, help="Tokens per training step."),
+    architecture: Architecture = typer.Option(TrainRequest.architecture, help="SAE architecture."),
+    batch_size: int = typer.Option(TrainRequest.batch_size, help="Tokens per training step."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 2e-4 / sqrt(d_sae / 2^14))."),
     out: Optional[str] = typer.Option(None, help="Run directory (default runs/<cache>-<label>)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    device: Device = typer.Option(Device.auto, help="Where to train."),
-    seed: int = typer.Option(0, help="Seed of initialisation and stream order."),
+    device: Device = typer.Option(TrainRequest.device, help="Where to train."),
+    seed: int = typer.Option(TrainRequest.seed, help="Seed of initialisation and stream order."),
     dead_tokens: Optional[int] = typer.Option(None, help="A latent silent this many tokens is dead (AuxK); default min(10M, tokens/10)."),
-    checkpoint_every: int = typer.Option(200, help="Steps between checkpoints."),
-    tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="TF32 float32 matmuls on CUDA (as sparsify)."),
-    precision: Precision = typer.Option(Precision.float32, help="float32, or bfloat16 autocast for the forward."),
+    checkpoint_every: int = typer.Option(TrainRequest.checkpoint_every, help="Steps between checkpoints."),
+    tf32: bool = typer.Option(TrainRequest.tf32, "--tf32/--no-tf32", help="TF32 float32 matmuls on CUDA (as sparsify)."),
+    precision: Precision = typer.Option(TrainRequest.precision, help="float32, or bfloat16 autocast for the forward."),
 ) -> None:
     """Train group SAEs (or the per-layer baseline) from the cache, streaming chunks with prefetch."""
     from pipeline.grouping import layer_span
-    from pipeline.train import TrainRequest, train as run_train
+    from pipeline.train import train as run_train
 
     request = TrainRequest(
         cache=_resolve_cache(cache), groups=groups, baseline=baseline, metric=metric.value, tokens=tokens,
@@ -277,10 +287,10 @@ def train(
 @app.command("eval")
 def evaluate(
     run: str = typer.Option(..., help="The run directory written by gsae train."),
-    tokens: int = typer.Option(16384, help="Held-out tokens per layer for reconstruction and sparsity metrics."),
-    windows: int = typer.Option(32, help="Held-out text windows for the downstream metrics (0: skip them)."),
+    tokens: int = typer.Option(EVAL_TOKENS, help="Held-out tokens per layer for reconstruction and sparsity metrics."),
+    windows: int = typer.Option(EVAL_WINDOWS, help="Held-out text windows for the downstream metrics (0: skip them)."),
     context_length: Optional[int] = typer.Option(None, help="Truncate the evaluation windows to this many tokens."),
-    device: Device = typer.Option(Device.auto, help="Where to run."),
+    device: Device = typer.Option(TrainRequest.device, help="Where to run."),
 ) -> None:
     """Evaluate every layer of a run: reconstruction, sparsity, spliced CE / KL. Writes <run>/eval.json."""
     from pipeline.evaluate import evaluate_run
@@ -324,15 +334,15 @@ def report_command(
 def run_all(
     cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
     groups: Optional[str] = typer.Option(None, help="Comma-separated G values for AMAD runs (default: G* and its neighbours)."),
-    tokens: int = typer.Option(1_000_000, help="Training tokens per SAE."),
-    expansion: float = typer.Option(16, help="d_sae / d_model."),
-    batch_size: int = typer.Option(4096, help="Tokens per training step."),
-    windows: int = typer.Option(16, help="Held-out windows for the downstream metrics."),
-    out: str = typer.Option("runs", help="Where the runs and the report go."),
+    tokens: int = typer.Option(PaperRequest.tokens, help="Training tokens per SAE."),
+    expansion: float = typer.Option(PaperRequest.expansion, help="d_sae / d_model."),
+    batch_size: int = typer.Option(PaperRequest.batch_size, help="Tokens per training step."),
+    windows: int = typer.Option(PaperRequest.windows, help="Held-out windows for the downstream metrics."),
+    out: str = typer.Option(PaperRequest.out, help="Where the runs and the report go."),
 ) -> None:
     """The whole paper on one cache: group, train baseline and group runs, evaluate, report."""
     from pipeline.errors import GsaeError
-    from pipeline.paper import PaperRequest, run_paper
+    from pipeline.paper import run_paper
 
     try:
         counts = [int(g) for g in groups.split(",")] if groups else []
@@ -344,13 +354,10 @@ def run_all(
     report.print(f"wrote {path}")
 
 
-ExportFormat = _choices("ExportFormat", "saelens")
-
-
 @app.command()
 def export(
     run: str = typer.Option(..., help="The run directory written by gsae train."),
-    format: ExportFormat = typer.Option(ExportFormat.saelens, help="Export format."),
+    format: ExportFormat = typer.Option(FORMATS[0], help="Export format."),
     out: Optional[str] = typer.Option(None, help="Where to write (default <run>/export-saelens)."),
 ) -> None:
     """Export every layer's SAE in SAELens's layout (scale folded into the weights)."""
@@ -366,11 +373,15 @@ def main() -> None:
     from pipeline.errors import GsaeError
     from stores import StoreError
 
+    global _DEBUG
+    _DEBUG = os.environ.get("GSAE_DEBUG", "") not in ("", "0")
     try:
         code = app(standalone_mode=False, prog_name="gsae")  # returns the code of a typer.Exit instead of raising it
         if isinstance(code, int) and code:
             sys.exit(code)
     except (GsaeError, StoreError) as exc:
+        if _DEBUG:
+            raise
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:

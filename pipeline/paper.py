@@ -25,10 +25,10 @@ from pipeline.train import RUNS_ROOT, TrainRequest, argument_changes, train
 class PaperRequest:
     cache: str
     groups: list[int] = field(default_factory=list)  # empty: G* and its neighbours
-    tokens: int = 1_000_000
-    expansion: float = 16
-    batch_size: int = 4096
-    windows: int = 16
+    tokens: int = TrainRequest.tokens
+    expansion: float = TrainRequest.expansion
+    batch_size: int = TrainRequest.batch_size
+    windows: int = 16  # fewer held-out windows than `gsae eval`'s default: the comparison evaluates many runs
     out: str = RUNS_ROOT
 
 

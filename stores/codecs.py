@@ -28,6 +28,7 @@ from typing import Any
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import BitRound
 
+COMPRESSIONS = ("lossless", "lossy")
 ZSTD_LEVEL = 1
 BLOSC_BLOCK_BYTES = 256 * 1024
 DEFAULT_KEEP_BITS = 3
