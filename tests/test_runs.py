@@ -1,0 +1,261 @@
+"""Runs as first-class objects: kill -9 at any point then the same command finishes with the weights of
+an uninterrupted run; old run directories; reuse only with the same arguments; the run's own record of
+its grouping; the model check of `gsae eval`; BatchTopK evaluated as exported."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, make_cache, run_cli
+from pipeline.run import Run
+from stores import ActivationStore, to_float32
+
+STEPS_ARGS = ["--groups", 2, "--tokens", 3072, "--batch-size", 256, "--checkpoint-every", 4]  # 12 steps
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_models, tmp_path_factory):
+    path = make_cache(tiny_models["llama"], tmp_path_factory.mktemp("runs") / "c", tokens=8000,
+                      context_length=64, batch_size=8, chunk_tokens=500)
+    assert run_cli(["group", "--cache", path])[0] == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole(cache, tmp_path_factory):
+    """The uninterrupted run every killed run must end equal to."""
+    out = tmp_path_factory.mktemp("whole") / "r"
+    code, _, err = run_cli(_train(cache, out))
+    assert code == 0, err
+    return out
+
+
+def _train(cache, out, *extra):
+    return ["train", "--cache", cache, "--out", out, *STEPS_ARGS, *extra]
+
+
+# Each kill point patches one function in a child process so that it SIGKILLs itself there: a real
+# kill -9 (no finally blocks, no flushes) at a place a timer could not hit reliably.
+_KILL_POINTS = {
+    # the first batch is asked for: config.json is written, nothing trained
+    "before the first step": """
+import stores.stream as m
+def hit(self, _real=m.TrainingStream.next_batch):
+    kill()
+m.TrainingStream.next_batch = hit
+""",
+    # step 6 of 12 (2 SAEs, one batch each per step): after the checkpoint at step 4
+    "between checkpoints": """
+import stores.stream as m
+calls = [0]
+def hit(self, _real=m.TrainingStream.next_batch):
+    calls[0] += 1
+    if calls[0] == 13:
+        kill()
+    return _real(self)
+m.TrainingStream.next_batch = hit
+""",
+    # the second checkpoint (step 8), after its first SAE file: a partial checkpoint directory
+    "while writing a checkpoint": """
+import pipeline.run as m
+calls = [0]
+def hit(tensors, path, _real=m.save_file):
+    calls[0] += 1
+    _real(tensors, path)
+    if calls[0] == 3:
+        kill()
+m.save_file = hit
+""",
+    # the final SAE files: SAE 0 saved, SAE 1's weights written to their temporary name
+    "during the final write": """
+import pipeline.run as m
+calls = [0]
+def hit(sae, weights, config, extra, _real=m.save_sae):
+    calls[0] += 1
+    if calls[0] == 2:
+        open(weights, "wb").write(b"half")
+        kill()
+    _real(sae, weights, config, extra)
+m.save_sae = hit
+""",
+}
+
+
+def _run_killed(args: list, patch: str) -> None:
+    program = ("import os, signal, sys\n"
+               "def kill():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+               + patch + "\nimport cli\nsys.argv = ['gsae', *sys.argv[1:]]\ncli.main()\n")
+    result = subprocess.run([sys.executable, "-c", program, *map(str, args)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+
+
+def _assert_same_saes(a: Path, b: Path) -> None:
+    for i in range(2):
+        x, y = load_file(str(a / f"sae_{i}.safetensors")), load_file(str(b / f"sae_{i}.safetensors"))
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), (i, key)
+    summary_a, summary_b = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
+    for row_a, row_b in zip(summary_a["saes"], summary_b["saes"]):
+        for key in ("layers", "train_fvu", "l0", "dead_fraction", "held_out_fvu"):
+            assert row_a[key] == row_b[key], key
+
+
+@pytest.mark.parametrize("point", list(_KILL_POINTS))
+def test_kill_9_anywhere_then_the_same_command_finishes_the_run(point, cache, whole, tmp_path, capsys):
+    out = tmp_path / "r"
+    _run_killed(_train(cache, out), _KILL_POINTS[point])
+    assert Run.open(out).state in ("planned", "training")
+    code, _, err = run_cli(_train(cache, out), capsys)
+    assert code == 0, err
+    assert Run.open(out).state == "trained"
+    _assert_same_saes(whole, out)
+    steps = [r["step"] for r in Run.open(out).metrics() if r["sae"] == 0]
+    assert steps == sorted(set(steps)) and steps[-1] == 12  # no step logged twice or lost
+
+
+def test_kill_9_then_resume_finishes_the_run(cache, whole, tmp_path, capsys):
+    out = tmp_path / "r"
+    _run_killed(_train(cache, out), _KILL_POINTS["between checkpoints"])
+    code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--resume"], capsys)
+    assert code == 0, err
+    _assert_same_saes(whole, out)
+
+
+def test_the_same_directory_with_other_arguments_is_refused(cache, tmp_path, capsys):
+    out = tmp_path / "r"
+    _run_killed(_train(cache, out), _KILL_POINTS["between checkpoints"])
+    code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--groups", 2, "--tokens", 4096,
+                            "--batch-size", 256, "--checkpoint-every", 4], capsys)
+    assert code == 1 and "--tokens 3072 → 4096" in err and "--resume" in err and "Traceback" not in err
+
+
+def test_gsae_run_refuses_a_run_made_with_other_tokens(cache, tmp_path, capsys):
+    root = tmp_path / "runs"
+    baseline = root / f"{Path(cache).name}-baseline"
+    assert run_cli(["train", "--cache", cache, "--baseline", "--tokens", 1024, "--batch-size", 256,
+                    "--out", baseline], capsys)[0] == 0
+    code, _, err = run_cli(["run", "--cache", cache, "--tokens", 2048, "--batch-size", 256, "--out", root], capsys)
+    assert code == 1 and "--tokens 1024 → 2048" in err and str(baseline) in err and "Traceback" not in err
+
+
+def test_gsae_run_killed_while_training_is_finished_by_the_same_command(cache, tmp_path, capsys):
+    args = ["run", "--cache", cache, "--groups", 1, "--tokens", 1024, "--batch-size", 256, "--windows", 2,
+            "--out", tmp_path / "runs"]
+    _run_killed(args, _KILL_POINTS["between checkpoints"].replace("== 13", "== 3"))
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    runs = json.loads((tmp_path / "runs" / f"{Path(cache).name}-report" / "runs.json").read_text())
+    assert [Run.open(r).state for r in runs] == ["evaluated"] * len(runs)
+
+
+def test_report_keeps_the_amad_a_run_was_trained_with(cache, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run_cli(["train", "--cache", cache, "--out", out, "--groups", 2, "--tokens", 1024,
+                    "--batch-size", 256], capsys)[0] == 0
+    assert run_cli(["eval", "--run", out, "--windows", 0], capsys)[0] == 0
+    grouping_file = Path(cache) / "groups" / "amad.json"
+    record = json.loads(grouping_file.read_text())
+    trained_amad = next(p["amad"] for p in record["curve"] if p["n_groups"] == 2)
+    replaced = {**record, "curve": [{**p, "amad": 0.987654} for p in record["curve"]]}  # as after group --force
+    grouping_file.write_text(json.dumps(replaced))
+    try:
+        assert run_cli(["report", "--runs", out, "--out", tmp_path / "rep"], capsys)[0] == 0
+    finally:
+        grouping_file.write_text(json.dumps(record))
+    row = next(line for line in (tmp_path / "rep" / "report.md").read_text().splitlines()
+               if line.startswith("| amad-g2 |"))
+    assert f"| {trained_amad:.3f} |" in row and "0.988" not in row
+
+
+def test_a_run_from_before_run_formats_still_loads(whole, tmp_path):
+    """config.json as gsae wrote it before run formats: plan fields plus a nested request."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(whole, old)
+    config = json.loads((old / "config.json").read_text())
+    legacy = {key: config[key] for key in ("label", "groups", "scales", "d_in", "n_latents", "k", "lr", "steps",
+                                           "dead_tokens", "train_chunks", "eval_chunks", "eval_rows", "cache",
+                                           "cache_fingerprint", "source", "gsae_version")}
+    legacy["grouping"] = config["grouping"]["file"]
+    legacy["request"] = {**config["arguments"], "cache": config["cache"], "out": str(old), "resume": False}
+    (old / "config.json").write_text(json.dumps(legacy))
+    run = Run.open(old, need="trained")
+    assert run.config.groups == config["groups"] and run.config.batch_size == config["batch_size"]
+    assert run.config.metric == "amad" and run.config.grouping["amad"] is None
+    (old / "config.json").write_text(json.dumps({**config, "format": 99}))
+    with pytest.raises(Exception, match="run format 99"):
+        Run.open(old)
+
+
+def test_eval_refuses_a_model_that_is_not_the_cached_one(tiny_models, tokenizer_dir, tmp_path, capsys):
+    from conftest import build_tiny_model
+
+    model = build_tiny_model("neox", tokenizer_dir, tmp_path / "model")
+    cache = make_cache(model, tmp_path / "c", tokens=3000, context_length=32, batch_size=8, chunk_tokens=400)
+    assert run_cli(["train", "--cache", cache, "--baseline", "--tokens", 512, "--batch-size", 256,
+                    "--out", tmp_path / "r"], capsys)[0] == 0
+    config = json.loads((model / "config.json").read_text())  # another model in the same folder: the
+    (model / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-3}))  # fingerprint sees its config
+    code, _, err = run_cli(["eval", "--run", tmp_path / "r", "--windows", 2], capsys)
+    assert code == 1 and "is not the one" in err and "--windows 0" in err and "Traceback" not in err
+    assert run_cli(["eval", "--run", tmp_path / "r", "--windows", 0], capsys)[0] == 0
+
+
+def test_batchtopk_is_exported_as_it_is_evaluated(cache, tmp_path, capsys):
+    """The SAELens export computes what gsae evaluates: a per-token JumpReLU at the running threshold."""
+    out = tmp_path / "r"
+    assert run_cli(["train", "--cache", cache, "--out", out, "--groups", 1, "--tokens", 4096, "--batch-size", 256,
+                    "--architecture", "batchtopk", "--k", 4], capsys)[0] == 0
+    assert run_cli(["export", "--run", out, "--out", tmp_path / "e"], capsys)[0] == 0
+    [(sae, config)] = Run.open(out).load_saes()
+    assert float(sae.threshold) > 0
+    store = ActivationStore.open(str(cache))
+    layer = config["layers"][0]
+    raw = torch.from_numpy(to_float32(store.read_rows(layer, 0, 400), store.dtype))
+    scale = config["scales"][str(layer)]
+    folder = tmp_path / "e" / f"blocks.{layer}.hook_resid_post"
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    assert cfg["architecture"] == "jumprelu" and w["threshold"].shape == (cfg["d_sae"],)
+    with torch.no_grad():
+        expected = sae(raw * scale) / scale
+        pre = (raw - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+        exported = (torch.relu(pre) * (pre > w["threshold"])) @ w["W_dec"] + w["b_dec"]
+        l0 = (sae.encode(raw * scale).dense > 0).sum(dim=1).float()
+    torch.testing.assert_close(exported, expected, rtol=1e-4, atol=1e-4 * float(raw.abs().max()))
+    assert l0.std() > 0  # per token: not exactly k active on every row, as batch-level top-k would give
+
+
+def test_a_checkpoint_saved_again_at_the_same_step_keeps_one_complete(whole, tmp_path):
+    """Re-saving step N never deletes the directory `latest` names before `latest` moves."""
+    import shutil
+
+    run = Run.open(shutil.copytree(whole, tmp_path / "r"))
+    first = run.latest_checkpoint()
+    saes = [sae.train() for sae, _ in run.load_saes()]
+    optimizers = [torch.optim.Adam(sae.parameters()) for sae in saes]
+    fired = [torch.zeros(sae.n_latents, dtype=torch.int64) for sae in saes]
+    state = json.loads((first / "state.json").read_text())
+    second = run.save_checkpoint(state["step"], saes, optimizers, fired, state)
+    assert second != first and run.latest_checkpoint() == second and not first.exists()
+    assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == sorted(["latest", second.name])
+
+
+def test_importing_the_training_code_stays_light_and_leaves_warning_filters_alone():
+    program = ("import sys, warnings\nbefore = list(warnings.filters)\n"
+               "import pipeline.train, pipeline.sae, stores\n"
+               "heavy = [m for m in ('transformers', 'matplotlib', 'dask') if m in sys.modules]\n"
+               "assert not heavy, heavy\nassert warnings.filters == before, 'warning filters changed'\n")
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1000:]
