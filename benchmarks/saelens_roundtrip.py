@@ -1,6 +1,7 @@
 """Check that SAELens loads gsae's export and reconstructs what gsae reconstructs.
 
-Two steps, because sae-lens is not a gsae dependency (install it in its own environment):
+Two steps, because sae-lens is an optional extra (`pip install -e '.[saelens]'`, or sae-lens in an
+environment of its own; the second step needs only sae-lens):
 
     python benchmarks/saelens_roundtrip.py dump --run RUN --cache CACHE --out probe.safetensors
     gsae export --run RUN --out EXPORT
