@@ -2,6 +2,7 @@
 
     /work/scratch/sparsify/venv/bin/python benchmarks/sparsify_speed.py                    # Gaussian data
     /work/scratch/sparsify/venv/bin/python benchmarks/sparsify_speed.py --cache C --layer L  # a cached layer
+    python benchmarks/sparsify_speed.py --device cuda --d-in 768 --k 32 128 --batch-size 8192  # on a GPU
 
 Run it with a venv that sees gsae's dependencies and has eai-sparsify 1.3.3 (docs/benchmarks.md):
 
@@ -16,6 +17,12 @@ the update after it), with `optimizer="adam"` (its default is SignSGD) and `lr_w
 CPU it picks torch.optim.Adam (no bitsandbytes) and the eager embedding_bag decoder (no Triton).
 Neither side's data feed (store stream, LM forward and hook copies) is timed. The tools alternate
 (gsae, sparsify, gsae, …), each run a fresh SAE with warm-up steps, and the best run of each is kept.
+
+With ``--device cuda`` both train on the GPU with TF32 float32 matmuls (sparsify's fit() sets
+"high"; `gsae train` turns TF32 on by default on CUDA), sparsify with its Triton decoder and its
+SparseCoder's own bfloat16 autocast, gsae as `gsae train` runs there: no host sync per step (the
+non-finite check and the metrics are read back at the end), float32 or ``--precision bfloat16``.
+The device is synchronised before and after each timed run.
 """
 
 from __future__ import annotations
@@ -39,11 +46,11 @@ from pipeline.train import train_step  # noqa: E402
 
 Step = Callable[[torch.Tensor], float]  # one training step on a batch → the batch's FVU
 NEVER_DEAD, ALL_DEAD = 10_000_000, -1  # dead-token thresholds: AuxK off, AuxK on every latent
-TARGETS = {32: 1.3, 128: 1.5}
+TARGETS = {32: 1.3, 64: 1.2, 128: 1.5}  # 64: the GPU target at 2048 → 32768
 
 
 def load_batches(args: argparse.Namespace) -> tuple[list[torch.Tensor], str]:
-    """warm-up + timed batches of (batch_size, d_in) float32 rows, and a line describing them."""
+    """warm-up + timed batches of (batch_size, d_in) float32 rows on ``args.device``, and a line describing them."""
     n_rows = args.batch_size * (args.warmup + args.steps)
     if args.cache:
         from stores import ActivationStore, to_float32
@@ -58,19 +65,26 @@ def load_batches(args: argparse.Namespace) -> tuple[list[torch.Tensor], str]:
         rows = torch.randn(args.d_in, generator=generator) + torch.randn(n_rows, args.d_in, generator=generator)
         rows /= rows.norm(dim=1).mean()
         what = "random Gaussian: per-dimension mean ~ N(0, 1), noise N(0, 1), scaled to mean row norm 1"
-    return list(rows.split(args.batch_size)), what
+    return [batch.to(args.device) for batch in rows.split(args.batch_size)], what
 
 
 def gsae_step(d_in: int, n_latents: int, k: int, mean: torch.Tensor, dead_tokens: int,
-              since_fired: torch.Tensor | None = None, init_seed: int = 0) -> tuple[Step, SparseAutoencoder]:
+              since_fired: torch.Tensor | None = None, init_seed: int = 0,
+              bf16: bool = False) -> tuple[Step, SparseAutoencoder]:
     """`gsae train`'s step: b_dec at the data mean, Adam, dead counters (AuxK when latents are dead).
-    ``since_fired`` (n_latents, long zeros), when given, is the step's tokens-since-fired counter."""
-    sae = SparseAutoencoder(d_in, n_latents, "topk", k=k, seed=init_seed)
+    ``since_fired`` (n_latents, long zeros), when given, is the step's tokens-since-fired counter.
+    On CUDA the step returns its FVU as a device tensor and never waits for the device, as in `gsae train`."""
+    device = mean.device
+    sae = SparseAutoencoder(d_in, n_latents, "topk", k=k, seed=init_seed).to(device)
     with torch.no_grad():
         sae.b_dec.copy_(mean)
     optimizer = torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents))
-    since_fired = torch.zeros(n_latents, dtype=torch.long) if since_fired is None else since_fired
-    return lambda x: float(train_step(sae, optimizer, x, since_fired, dead_tokens).fvu), sae
+    since_fired = torch.zeros(n_latents, dtype=torch.long, device=device) if since_fired is None else since_fired
+    if device.type == "cpu":
+        return lambda x: float(train_step(sae, optimizer, x, since_fired, dead_tokens).fvu), sae
+    n_dead = 0 if dead_tokens == NEVER_DEAD else n_latents  # the host count `gsae train` reads every few steps
+    return (lambda x: train_step(sae, optimizer, x, since_fired, dead_tokens, n_dead_hint=n_dead,
+                                 check_finite=False, bf16=bf16).fvu), sae
 
 
 def sparsify_step(d_in: int, n_latents: int, k: int, first_mean: torch.Tensor, dead_tokens: int,
@@ -84,20 +98,21 @@ def sparsify_step(d_in: int, n_latents: int, k: int, first_mean: torch.Tensor, d
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(init_seed)
-    sae = SparseCoder(d_in, SparseCoderConfig(num_latents=n_latents, k=k), "cpu", dtype=torch.float32)
+    device = first_mean.device
+    sae = SparseCoder(d_in, SparseCoderConfig(num_latents=n_latents, k=k), device, dtype=torch.float32)
     sae.b_dec.data = first_mean.clone()
     optimizer = torch.optim.Adam([dict(params=sae.parameters(), lr=2e-4 / (sae.num_latents / 2**14) ** 0.5)])
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10**6)  # lr_warmup_steps=0, a long run
     auxk_alpha = AUXK_ALPHA if dead_tokens != NEVER_DEAD else 0.0  # sparsify's default auxk_alpha is 0
-    since_fired = torch.zeros(n_latents, dtype=torch.long) if since_fired is None else since_fired
-    did_fire = torch.zeros(n_latents, dtype=torch.bool)
+    since_fired = torch.zeros(n_latents, dtype=torch.long, device=device) if since_fired is None else since_fired
+    did_fire = torch.zeros(n_latents, dtype=torch.bool, device=device)
 
     def step(x: torch.Tensor) -> float:
         sae.set_decoder_norm_to_unit_norm()
         dead_mask = since_fired > dead_tokens if auxk_alpha > 0 else None
         out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=(x - x.mean(0)).pow(2).sum())
         did_fire[out.latent_indices.flatten()] = True
-        fvu = float(out.fvu.detach())
+        fvu = out.fvu.detach() if device.type == "cuda" else float(out.fvu.detach())
         (out.fvu + auxk_alpha * out.auxk_loss).backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
@@ -113,29 +128,39 @@ def sparsify_step(d_in: int, n_latents: int, k: int, first_mean: torch.Tensor, d
 
 
 @contextlib.contextmanager
-def matmul_precision(tool: str) -> Iterator[None]:
-    """The float32 matmul precision each tool trains at: sparsify's fit() sets "high"; gsae leaves the default."""
+def matmul_precision(tool: str, device: torch.device) -> Iterator[None]:
+    """The float32 matmul precision each tool trains at: sparsify's fit() sets "high"; gsae train sets TF32
+    ("high") on CUDA and leaves the CPU's default."""
     previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest" if tool == "gsae" else "high")
+    torch.set_float32_matmul_precision("highest" if tool == "gsae" and device.type == "cpu" else "high")
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(step: Step, batches: list[torch.Tensor], warmup: int, tool: str) -> tuple[float, float]:
     """Seconds per step over the batches after the first ``warmup``, and the last step's FVU."""
-    with matmul_precision(tool):
+    device = batches[0].device
+    with matmul_precision(tool, device):
         for x in batches[:warmup]:
             step(x)
+        _sync(device)
         start = time.perf_counter()
         for x in batches[warmup:]:
             fvu = step(x)
-        return (time.perf_counter() - start) / (len(batches) - warmup), fvu
+        _sync(device)
+        return (time.perf_counter() - start) / (len(batches) - warmup), float(fvu)
 
 
 def same_weights_check(x: torch.Tensor, n_latents: int, k: int) -> str:
     """Load one gsae SAE's weights into sparsify's SparseCoder; compare their TopK codes and FVU on x."""
+    x = x.cpu()
     _, sae = gsae_step(x.shape[1], n_latents, k, x.mean(0), NEVER_DEAD)
     _, coder = sparsify_step(x.shape[1], n_latents, k, x.mean(0), NEVER_DEAD)
     with torch.no_grad():
@@ -166,7 +191,8 @@ def main(args: argparse.Namespace) -> None:
     print(f"data: {what}")
     print(f"SAE {d_in}→{n_latents}, batch {args.batch_size}, Adam lr {default_lr(n_latents):.3g}, {args.warmup} warm-up + "
           f"{len(batches) - args.warmup} timed steps, best of {args.repeats} alternating runs; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; sparsify {sparsify.__version__}, decoder {sparsify.utils.decoder_impl.__name__}")
+          f"{torch.get_num_threads()} threads; sparsify {sparsify.__version__}, decoder {sparsify.utils.decoder_impl.__name__}; "
+          f"device {_describe_device(args.device)}, gsae {args.precision}")
     print(f"{'k':>12}  {'gsae tok/s':>10}  {'sparsify tok/s':>14}  {'ratio':>6}  target  FVU after {len(batches)} steps "
           f"gsae / sparsify  (runs, ms/step: gsae | sparsify)")
     variants = [(k, NEVER_DEAD) for k in args.k] + ([(k, ALL_DEAD) for k in args.k] if args.auxk else [])
@@ -175,7 +201,8 @@ def main(args: argparse.Namespace) -> None:
         fvus: dict[str, float] = {}
         for _ in range(args.repeats):
             for tool in runs:
-                step = (gsae_step(d_in, n_latents, k, mean, dead_tokens)[0] if tool == "gsae"
+                step = (gsae_step(d_in, n_latents, k, mean, dead_tokens, bf16=args.precision == "bfloat16")[0]
+                        if tool == "gsae"
                         else sparsify_step(d_in, n_latents, k, batches[0].mean(0), dead_tokens)[0])
                 seconds, fvus[tool] = timed(step, batches, args.warmup, tool)
                 runs[tool].append(seconds)
@@ -193,6 +220,12 @@ def main(args: argparse.Namespace) -> None:
         print(same_weights_check(batches[0], n_latents, k))
 
 
+def _describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (TF32 on for both)"
+    return "cpu"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-in", type=int, default=576, help="input width (ignored with --cache: the cache's)")
@@ -205,4 +238,9 @@ if __name__ == "__main__":
     parser.add_argument("--cache", help="a gsae activation cache; random Gaussian data without it")
     parser.add_argument("--layer", type=int, help="the cache's layer (default: the middle one)")
     parser.add_argument("--auxk", action="store_true", help="also time each k with AuxK on every latent")
-    main(parser.parse_args())
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                        help="gsae's forward: float32 (gsae train's default) or bfloat16 autocast")
+    parsed = parser.parse_args()
+    parsed.device = torch.device(parsed.device)
+    main(parsed)
