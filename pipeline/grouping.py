@@ -7,6 +7,7 @@ tokens.  AMAD(G) = mean over groups of the largest D inside the group (a singlet
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -88,23 +89,38 @@ def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray) -> n
     return total.numpy()[None, :, :]
 
 
+@functools.lru_cache(maxsize=8)
+def _opened(url: str, allow_partial: bool, n_tokens: int) -> tuple[ActivationStore, np.ndarray]:
+    """A store and its per-layer means, opened once per process (a Dask worker opens it by URL);
+    ``n_tokens`` is part of the key so a store that has grown since is opened again."""
+    store = ActivationStore.open(url, allow_partial=allow_partial)
+    return store, store.mean
+
+
+def _chunk_task(url: str, layers: list[int], chunk: int, allow_partial: bool, n_tokens: int) -> np.ndarray:
+    """One chunk's (n, n) distance sums, read where the task runs: the graph carries the store's URL,
+    never activations, nor credentials (they come from the worker's environment)."""
+    store, mean = _opened(url, allow_partial, n_tokens)
+    start, stop = store.readable_rows(chunk)
+    blocks = [store.read_rows(layer, start, stop) for layer in layers]
+    return _chunk_distance_sums(mean[layers], store.dtype, *blocks)[0]
+
+
 def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int]) -> np.ndarray:
     """D over the rows of ``chunks``: a Dask graph with one partial sum per chunk, reduced by Dask.
 
-    Each task gets one chunk of every selected layer (read lazily with ``dask.array.from_zarr``) and
-    works through it 256 rows at a time, so memory does not depend on how many chunks are sampled."""
-    import dask.array as da  # imported here: `gsae train` reads groupings without loading dask
+    Each task reads one chunk of every selected layer through the store (so a corrupt chunk is named
+    like everywhere else) and works through it 256 rows at a time, so memory does not depend on how
+    many chunks are sampled; Dask's tree reduction sums the partial sums."""
+    import dask  # imported here: `gsae train` reads groupings without loading dask
+    import dask.array as da
 
-    selected = [da.from_zarr(store.layer_array(layer)).blocks[chunks] for layer in layers]
     n = len(layers)
-    partial = da.blockwise(
-        _chunk_distance_sums, "ckl", store.mean[layers], None, store.dtype, None,
-        *[item for array in selected for item in (array, "cd")],
-        new_axes={"k": n, "l": n}, adjust_chunks={"c": 1}, concatenate=True, dtype=np.float64,
-        meta=np.empty((0, 0, 0), dtype=np.float64),
-    )
-    n_rows = sum(selected[0].chunks[0])
-    distance = np.asarray(partial.sum(axis=0, dtype=np.float64).compute()) / n_rows
+    task = dask.delayed(_chunk_task, pure=True)
+    parts = [da.from_delayed(task(store.path, list(layers), chunk, not store.complete, store.n_tokens), shape=(n, n),
+                             dtype=np.float64) for chunk in chunks]
+    n_rows = sum(stop - start for start, stop in map(store.readable_rows, chunks))
+    distance = np.asarray(da.stack(parts).sum(axis=0, dtype=np.float64).compute()) / n_rows
     return (distance + distance.T) / 2  # exact symmetry; the two halves agree to rounding
 
 
