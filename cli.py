@@ -325,9 +325,9 @@ def report_command(
 
     if cache_seconds is not None and cache_seconds <= 0:
         raise GsaeError(f"--cache-seconds must be positive (got {cache_seconds})")
-    path = build_report(runs, out, cache_seconds)
-    report.print(path.read_text().split("\n\nThe paper")[0])
-    report.print(f"wrote {path} and plots in {path.parent}")
+    result = build_report(runs, out, cache_seconds)
+    report.print(result.tables)
+    report.print(f"wrote report.md and plots in {result.folder}")
 
 
 @app.command("run")
@@ -348,10 +348,10 @@ def run_all(
         counts = [int(g) for g in groups.split(",")] if groups else []
     except ValueError:
         raise GsaeError(f"--groups {groups!r}: give comma-separated integers such as 3,4,5") from None
-    path = run_paper(PaperRequest(cache=_resolve_cache(cache), groups=counts, tokens=tokens, expansion=expansion,
-                                  batch_size=batch_size, windows=windows, out=out), console)
-    report.print(path.read_text().split("\n\nThe paper")[0])
-    report.print(f"wrote {path}")
+    result = run_paper(PaperRequest(cache=_resolve_cache(cache), groups=counts, tokens=tokens, expansion=expansion,
+                                    batch_size=batch_size, windows=windows, out=out), console)
+    report.print(result.tables)
+    report.print(f"wrote report.md and plots in {result.folder}")
 
 
 @app.command()
@@ -364,8 +364,9 @@ def export(
     from pipeline.export import export_saelens
 
     folders = export_saelens(run, out)
-    report.print(f"wrote {len(folders)} SAELens folders under {Path(folders[0]).parent}: "
-                 + ", ".join(Path(f).name for f in folders))
+    parent = folders[0].rsplit("/", 1)[0]
+    report.print(f"wrote {len(folders)} SAELens folders under {parent}: "
+                 + ", ".join(f.rsplit("/", 1)[-1] for f in folders))
 
 
 def main() -> None:

@@ -8,12 +8,12 @@ member layer of a group SAE gets W_enc·s, W_dec/s, b_dec/s, and the same b_enc 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import fsspec
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from pipeline.run import Run
+from pipeline.run import Run, join, write_atomic
 
 FORMATS = ("saelens",)
 
@@ -69,7 +69,7 @@ def saelens_config(config: dict, layer: int, run_config: dict) -> dict:
 def export_saelens(run: str, out: str | None = None) -> list[str]:
     """Write ``<out>/blocks.<l>.hook_resid_post/{cfg.json, sae_weights.safetensors}`` for every layer."""
     trained = Run.open(run, need="trained")
-    target = Path(out) if out else trained.path / "export-saelens"
+    target = out or trained.url("export-saelens")
     source = trained.config.source
     store_info = {"context_length": source.get("context_length"), "corpus": source.get("corpus"),
                   "prepend_bos": source.get("prepend_bos", True)}
@@ -77,9 +77,10 @@ def export_saelens(run: str, out: str | None = None) -> list[str]:
     for sae, config in trained.load_saes():
         weights = {name: t.detach() for name, t in sae.state_dict().items()}
         for layer in config["layers"]:
-            folder = target / f"blocks.{layer}.hook_resid_post"
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file(folded_weights(weights, config["scales"][str(layer)]), str(folder / "sae_weights.safetensors"))
-            (folder / "cfg.json").write_text(json.dumps(saelens_config(config, layer, store_info), indent=1))
-            folders.append(str(folder))
+            folder = join(target, f"blocks.{layer}.hook_resid_post")
+            fs, root = fsspec.core.url_to_fs(folder)
+            fs.makedirs(root, exist_ok=True)
+            write_atomic(join(folder, "sae_weights.safetensors"), save(folded_weights(weights, config["scales"][str(layer)])))
+            write_atomic(join(folder, "cfg.json"), json.dumps(saelens_config(config, layer, store_info), indent=1))
+            folders.append(folder)
     return folders

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipeline.errors import GsaeError
 from pipeline.evaluate import evaluate_run
 from pipeline.group import GroupRequest, run_group
-from pipeline.report import build_report
-from pipeline.run import STATES, Run, write_atomic
+from pipeline.report import Report, build_report
+from pipeline.run import STATES, Run, join, write_atomic
 from pipeline.train import RUNS_ROOT, TrainRequest, argument_changes, train
 
 
@@ -32,7 +31,7 @@ class PaperRequest:
     out: str = RUNS_ROOT
 
 
-def run_paper(request: PaperRequest, console: Any) -> Path:
+def run_paper(request: PaperRequest, console: Any) -> Report:
     amad = run_group(GroupRequest(cache=request.cache, metric="amad"), console).grouping
     run_group(GroupRequest(cache=request.cache, metric="uniform"), console)
     chosen, n_layers = amad.chosen, len(amad.layers)
@@ -40,10 +39,10 @@ def run_paper(request: PaperRequest, console: Any) -> Path:
     plans = [("baseline", dict(baseline=True))]
     plans += [(f"amad-g{n}", dict(groups=n, metric="amad")) for n in counts]
     plans += [(f"uniform-g{chosen}", dict(groups=chosen, metric="uniform"))]
-    slug = Path(request.cache).name
+    slug = request.cache.rstrip("/").rsplit("/", 1)[-1]
     runs = []
     for label, options in plans:
-        path = Path(request.out) / f"{slug}-{label}"
+        path = join(request.out, f"{slug}-{label}")
         train_request = TrainRequest(cache=request.cache, tokens=request.tokens, expansion=request.expansion,
                                      batch_size=request.batch_size, out=str(path), **options)
         config = Run.read_config(path)
@@ -59,8 +58,8 @@ def run_paper(request: PaperRequest, console: Any) -> Path:
             console.print(f"{label}: trained already ({path})")
         if Run.open(path).state != "evaluated":
             console.print(f"evaluating {label}")
-            evaluate_run(str(path), windows=request.windows, console=console)
-        runs.append(str(path))
-    report = build_report(runs, str(Path(request.out) / f"{slug}-report"))
-    write_atomic(report.parent / "runs.json", json.dumps(runs, indent=1))
+            evaluate_run(path, windows=request.windows, console=console)
+        runs.append(path)
+    report = build_report(runs, join(request.out, f"{slug}-report"))
+    write_atomic(join(report.folder, "runs.json"), json.dumps(runs, indent=1))
     return report

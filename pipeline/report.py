@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import fsspec
 import matplotlib
 
 matplotlib.use("Agg")
@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.plots import png_bytes  # noqa: E402
-from pipeline.run import Run, RunConfig  # noqa: E402
+from pipeline.run import Run, RunConfig, join, write_atomic  # noqa: E402
 from stores import ActivationStore, StoreError, read_seconds_writing  # noqa: E402
 
 # The paper's figures (DESIGN section 1): mean over layers, per-layer baseline vs group SAEs at G*.
@@ -36,7 +36,7 @@ COST_NOTE = (
 
 @dataclass
 class RunSummary:
-    path: Path
+    path: str
     label: str
     metric: str | None
     groups: list[list[int]]
@@ -95,7 +95,8 @@ def _grouping_figures(config: RunConfig) -> tuple[float | None, float]:
     if snapshot.get("amad") is not None:
         return float(snapshot["amad"]), float(snapshot.get("seconds") or 0.0)
     try:
-        record = json.loads(Path(snapshot["file"]).read_text())
+        with fsspec.open(snapshot["file"], "rt") as handle:
+            record = json.load(handle)
     except (OSError, json.JSONDecodeError):
         return None, 0.0
     point = next((p for p in record.get("curve", []) if p["n_groups"] == len(config.groups)), None)
@@ -142,14 +143,25 @@ def cost_plot(runs: list[RunSummary], baseline: RunSummary | None) -> bytes:
     return png_bytes(figure)
 
 
-def build_report(paths: list[str], out: str, cache_seconds: float | None = None) -> Path:
-    """Write ``report.md``, ``per-layer.png`` and ``cost.png`` under ``out``."""
+@dataclass
+class Report:
+    folder: str  # a folder or an fsspec URL
+    markdown: str  # what report.md holds
+
+    @property
+    def tables(self) -> str:
+        """The run and per-layer tables, without the paper's figures."""
+        return self.markdown.split("\n\nThe paper")[0]
+
+
+def build_report(paths: list[str], out: str, cache_seconds: float | None = None) -> Report:
+    """Write ``report.md``, ``per-layer.png`` and ``cost.png`` under ``out`` (a folder or an fsspec URL)."""
     runs = [load_run(p, cache_seconds) for p in paths]
     baseline = next((r for r in runs if r.label == "baseline"), None)
-    target = Path(out)
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "per-layer.png").write_bytes(per_layer_plot(runs))
-    (target / "cost.png").write_bytes(cost_plot(runs, baseline))
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.makedirs(root, exist_ok=True)
+    write_atomic(join(out, "per-layer.png"), per_layer_plot(runs))
+    write_atomic(join(out, "cost.png"), cost_plot(runs, baseline))
     lines = ["# gsae report", "", "| run | G | AMAD | mean EV/token | mean EV pooled | mean ΔCE % | mean KL | "
              "mean L0 | dead % | tokens/SAE | A s | training s | AMAD s | training ÷ baseline | "
              "total ÷ baseline |", "|" + " --- |" * 15]
@@ -178,5 +190,5 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
                          if record else "-")
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     lines += ["", "![EV and ΔCE per layer](per-layer.png)", "", "![quality against cost](cost.png)", ""]
-    (target / "report.md").write_text("\n".join(lines))
-    return target / "report.md"
+    write_atomic(join(out, "report.md"), "\n".join(lines))
+    return Report(out, "\n".join(lines))

@@ -13,23 +13,28 @@ write runs only through :class:`Run`:
     <run>/summary.json            held-out FVU per layer, L0, dead %, training seconds
     <run>/eval.json               `gsae eval`'s records
 
-Every file is written to a temporary name and renamed into place, so a run killed at any moment (kill -9
-included) holds either the old or the new version of each file, never half of one.  The state is read
+A run lives in a folder or at an fsspec URL (``s3://``, ``gs://``, ``memory://``, ...).  Every file is
+written whole: on a local disk to a temporary name and renamed into place, on object storage as one PUT
+(atomic there), so a run killed at any moment (kill -9 included) holds either the old or the new version
+of each file, never half of one.  The state is read
 from which files exist: ``planned`` (config only), ``training`` (a checkpoint), ``trained`` (every SAE
 file and the summary), ``evaluated`` (eval.json as well).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
 
+import fsspec
 import torch
-from safetensors.torch import load_file, save_file
+from fsspec.implementations.local import LocalFileSystem
+from safetensors.torch import load, save
 
 from pipeline.errors import GsaeError
 from pipeline.sae import SparseAutoencoder, load_sae, save_sae
@@ -129,37 +134,73 @@ def cache_fingerprint(store: ActivationStore) -> dict[str, Any]:
             "n_layers": store.n_layers, "d_model": store.d_model, "dtype": store.dtype}
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file so that a kill leaves either the old one or the new one, never half of it."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data.encode() if isinstance(data, str) else data)
+def write_atomic(url: str | Path, data: bytes | str) -> None:
+    """Write a file (a path or an fsspec URL) so that a kill leaves either the old one or the new one,
+    never half of it: a rename on a local disk, one PUT (atomic) on object storage."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    payload = data.encode() if isinstance(data, str) else data
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, payload)
+        return
+    partial = f"{os.path.dirname(path)}/.{os.path.basename(path)}.partial"
+    with open(partial, "wb") as handle:
+        handle.write(payload)
     os.replace(partial, path)
 
 
-class Run:
-    """One run directory, opened or created; see the module docstring for its files."""
+def join(url: str, *parts: str) -> str:
+    """``url/part/...`` for a folder or an fsspec URL."""
+    return "/".join([str(url).rstrip("/"), *parts])
 
-    def __init__(self, path: Path, config: RunConfig):
-        self.path, self.config = Path(path), config
+
+class Run:
+    """One run directory (a folder or an fsspec URL), opened or created; see the module docstring."""
+
+    def __init__(self, path: str | Path, config: RunConfig):
+        self.path, self.config = str(path), config
+        self.fs, self._root = fsspec.core.url_to_fs(self.path)
+        self._local = isinstance(self.fs, LocalFileSystem)
+
+    # ------------------------------------------------------------------ files
+    def url(self, *parts: str) -> str:
+        return join(self.path, *parts)
+
+    def _read(self, *parts: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(join(self._root, *parts))
+        except FileNotFoundError:
+            return None
+
+    def _exists(self, *parts: str) -> bool:
+        return self.fs.exists(join(self._root, *parts))
+
+    def _write(self, data: bytes | str, *parts: str) -> None:
+        self.fs.makedirs(join(self._root, *parts[:-1]), exist_ok=True)
+        write_atomic(self.url(*parts), data)
+
+    def _read_json(self, *parts: str) -> Any:
+        raw = self._read(*parts)
+        return json.loads(raw) if raw is not None else None
 
     # ------------------------------------------------------------------ opening
     @staticmethod
     def read_config(path: str | Path) -> RunConfig | None:
-        """The run's config, or None where there is no config.json (it is written atomically: never half)."""
-        config_path = Path(path) / CONFIG
+        """The run's config, or None where there is none (it is written whole: never half)."""
+        fs, root = fsspec.core.url_to_fs(str(path))
         try:
-            raw = config_path.read_text()
+            raw = fs.cat_file(join(root, CONFIG))
         except FileNotFoundError:
             return None
+        where = join(str(path), CONFIG)
         try:
-            return RunConfig.from_json(json.loads(raw), str(config_path))
+            return RunConfig.from_json(json.loads(raw), where)
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise GsaeError(f"{config_path} is not a gsae run config ({type(exc).__name__}: {exc})") from None
+            raise GsaeError(f"{where} is not a gsae run config ({type(exc).__name__}: {exc})") from None
 
     @classmethod
     def create(cls, path: str | Path, config: RunConfig) -> "Run":
-        run = cls(Path(path), config)
-        run.path.mkdir(parents=True, exist_ok=True)
+        run = cls(path, config)
+        run.fs.makedirs(run._root, exist_ok=True)
         run.write_config()
         return run
 
@@ -169,7 +210,7 @@ class Run:
         config = cls.read_config(path)
         if config is None:
             raise GsaeError(f"{path} is not a gsae run (no {CONFIG}); `gsae train --out {path}` makes one")
-        run = cls(Path(path), config)
+        run = cls(path, config)
         if STATES.index(run.state) < STATES.index(need):
             hint = {"trained": f"finish `gsae train --out {path}` first",
                     "evaluated": f"run `gsae eval --run {path}` first"}.get(need, "")
@@ -177,30 +218,30 @@ class Run:
         return run
 
     def write_config(self) -> None:
-        write_atomic(self.path / CONFIG, json.dumps(self.config.to_json(), indent=1))
+        self._write(json.dumps(self.config.to_json(), indent=1), CONFIG)
 
     @property
     def state(self) -> str:
-        if self.summary is not None and all(self.sae_paths(i)[1].is_file() for i in range(len(self.config.groups))):
-            return "evaluated" if (self.path / EVAL).is_file() else "trained"
+        if self.summary is not None and all(self._exists(f"sae_{i}.json") for i in range(len(self.config.groups))):
+            return "evaluated" if self._exists(EVAL) else "trained"
         return "training" if self.latest_checkpoint() is not None else "planned"
 
     # ------------------------------------------------------------------ metrics
     def open_metrics(self, after_step: int) -> TextIO:
         """The metrics log opened for appending, holding only records up to ``after_step`` (0: empty).
-        A record torn by a kill mid-line is dropped with the records after the checkpoint."""
-        path = self.path / METRICS
+        A record torn by a kill mid-line is dropped with the records after the checkpoint.  On object
+        storage (no appends) the log is rewritten whole at every ``flush()``: before each checkpoint."""
         kept = [record for record in self.metrics() if record["step"] <= after_step] if after_step else []
-        write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
-        return path.open("a")
+        text = "".join(json.dumps(record) + "\n" for record in kept)
+        self._write(text, METRICS)
+        if self._local:
+            return open(join(self._root, METRICS), "a")
+        return _RewrittenLog(self.url(METRICS), text)
 
     def metrics(self) -> list[dict[str, Any]]:
         records = []
-        try:
-            lines = (self.path / METRICS).read_text().splitlines()
-        except FileNotFoundError:
-            return records
-        for line in lines:
+        raw = self._read(METRICS)
+        for line in (raw or b"").decode().splitlines():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
@@ -209,91 +250,108 @@ class Run:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, saes: list, optimizers: list, since_fired: list,
-                        state: dict[str, Any]) -> Path:
+                        state: dict[str, Any]) -> str:
         """Write checkpoint ``step`` under a fresh name, point ``latest`` at it, then remove the others.
 
-        The directory ``latest`` names is never touched before ``latest`` names the new one, so a kill at
-        any moment leaves one complete checkpoint (re-saving the same step gets a new name)."""
-        root = self.path / CHECKPOINTS
-        root.mkdir(parents=True, exist_ok=True)
+        The checkpoint ``latest`` names is never touched before ``latest`` names the new one, so a kill at
+        any moment leaves one complete checkpoint (re-saving the same step gets a new name).  Locally
+        the new one is written into a hidden folder and renamed; on object storage its files are PUT
+        under the new name, which nothing names until ``latest`` is written last."""
+        root = join(self._root, CHECKPOINTS)
+        self.fs.makedirs(root, exist_ok=True)
+        existing = set(self._listdir(CHECKPOINTS))
         name, n = f"step-{step:09d}", 1
-        while (root / name).exists():
+        while name in existing:
             name, n = f"step-{step:09d}.{n}", n + 1
-        partial = root / f".{name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
+        folder = join(root, f".{name}.partial" if self._local else name)
+        if self._local and self.fs.exists(folder):  # left by a kill while it was written
+            self.fs.rm(folder, recursive=True)
+        self.fs.makedirs(folder, exist_ok=True)
         for i, (sae, optimizer, fired) in enumerate(zip(saes, optimizers, since_fired)):
-            save_file(_pack(sae, optimizer, fired), str(partial / f"sae_{i}.safetensors"))
-        (partial / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-        partial.rename(root / name)
-        write_atomic(root / "latest", name)
-        for old in root.iterdir():
-            if old.name in (name, "latest"):
-                continue
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        return root / name
+            self.fs.pipe_file(join(folder, f"sae_{i}.safetensors"), save(_pack(sae, optimizer, fired)))
+        self.fs.pipe_file(join(folder, "state.json"), json.dumps({**state, "step": step}, indent=1).encode())
+        if self._local:
+            os.rename(folder, join(root, name))
+        self._write(name, CHECKPOINTS, "latest")
+        for old in set(self._listdir(CHECKPOINTS)) - {name, "latest"}:
+            self.fs.rm(join(root, old), recursive=True)
+        return self.url(CHECKPOINTS, name)
 
-    def latest_checkpoint(self) -> Path | None:
-        pointer = self.path / CHECKPOINTS / "latest"
-        if not pointer.is_file():
+    def _listdir(self, *parts: str) -> list[str]:
+        try:
+            return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(join(self._root, *parts), detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def latest_checkpoint(self) -> str | None:
+        pointer = self._read(CHECKPOINTS, "latest")
+        if pointer is None:
             return None
-        target = self.path / CHECKPOINTS / pointer.read_text().strip()
-        return target if (target / "state.json").is_file() else None
+        name = pointer.decode().strip()
+        return self.url(CHECKPOINTS, name) if self._exists(CHECKPOINTS, name, "state.json") else None
 
     @staticmethod
-    def load_checkpoint(path: Path, saes: list, optimizers: list, since_fired: list) -> dict[str, Any]:
+    def load_checkpoint(url: str, saes: list, optimizers: list, since_fired: list) -> dict[str, Any]:
         """Restore the SAEs, optimizers and counters in place; return the JSON state."""
+        fs, root = fsspec.core.url_to_fs(url)
         for i, (sae, optimizer, fired) in enumerate(zip(saes, optimizers, since_fired)):
-            _unpack(load_file(str(path / f"sae_{i}.safetensors")), sae, optimizer, fired)
-        return json.loads((path / "state.json").read_text())
+            _unpack(load(fs.cat_file(join(root, f"sae_{i}.safetensors"))), sae, optimizer, fired)
+        return json.loads(fs.cat_file(join(root, "state.json")))
 
     # ------------------------------------------------------------------ SAE files
-    def sae_paths(self, i: int) -> tuple[Path, Path]:
-        """(weights, config) of SAE ``i``."""
-        return self.path / f"sae_{i}.safetensors", self.path / f"sae_{i}.json"
-
     def save_sae(self, i: int, sae: SparseAutoencoder, extra: dict[str, Any]) -> None:
-        """Save SAE ``i``: the weights first, its JSON (which marks it present) last, each atomically."""
-        weights, config = self.sae_paths(i)
-        partial_weights, partial_config = (p.with_name(f".{p.name}.partial") for p in (weights, config))
-        save_sae(sae, str(partial_weights), str(partial_config), extra)
-        os.replace(partial_weights, weights)
-        os.replace(partial_config, config)
+        """Save SAE ``i``: the weights first, its JSON (which marks it present) last, each written whole."""
+        with tempfile.TemporaryDirectory() as scratch:
+            weights, config = f"{scratch}/w.safetensors", f"{scratch}/c.json"
+            save_sae(sae, weights, config, extra)
+            self._write(Path(weights).read_bytes(), f"sae_{i}.safetensors")
+            self._write(Path(config).read_bytes(), f"sae_{i}.json")
 
     def load_saes(self, device: torch.device | str = "cpu") -> list[tuple[SparseAutoencoder, dict[str, Any]]]:
         """Every trained SAE with its config, in evaluation mode."""
         loaded = []
-        for i in range(len(self.config.groups)):
-            weights, config = self.sae_paths(i)
-            sae, sae_config = load_sae(str(weights), str(config))
-            loaded.append((sae.to(device).eval(), sae_config))
+        with tempfile.TemporaryDirectory() as scratch:
+            for i in range(len(self.config.groups)):
+                weights, config = f"{scratch}/w{i}.safetensors", f"{scratch}/c{i}.json"
+                Path(weights).write_bytes(self._read(f"sae_{i}.safetensors"))
+                Path(config).write_bytes(self._read(f"sae_{i}.json"))
+                sae, sae_config = load_sae(weights, config)
+                loaded.append((sae.to(device).eval(), sae_config))
         return loaded
 
     # ------------------------------------------------------------------ summary and evaluation
     @property
     def summary(self) -> dict[str, Any] | None:
-        return _read_json(self.path / SUMMARY)
+        return self._read_json(SUMMARY)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_atomic(self.path / SUMMARY, json.dumps(summary, indent=1))
+        self._write(json.dumps(summary, indent=1), SUMMARY)
 
     @property
     def eval_records(self) -> list[dict[str, Any]] | None:
-        data = _read_json(self.path / EVAL)
+        data = self._read_json(EVAL)
         return data["records"] if data is not None else None
 
     def write_eval(self, records: list[dict[str, Any]]) -> None:
-        write_atomic(self.path / EVAL, json.dumps({"run": str(self.path), "records": records}, indent=1))
+        self._write(json.dumps({"run": self.path, "records": records}, indent=1), EVAL)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
+class _RewrittenLog(io.StringIO):
+    """A log on object storage: appended to in memory, written whole (one PUT) at every flush."""
+
+    def __init__(self, url: str, text: str):
+        super().__init__()
+        self.url = url
+        self.write(text)
+
+    def flush(self) -> None:
+        super().flush()
+        write_atomic(self.url, self.getvalue())
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+        super().close()
 
 
 def _pack(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, since_fired: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ from pipeline.group import grouping_record, result_name
 from pipeline.grouping import Grouping, layer_span, parse_layers
 from pipeline.models import pick_device
 from pipeline.progress import RateColumn
-from pipeline.run import Run, RunConfig, cache_fingerprint
+from pipeline.run import Run, RunConfig, cache_fingerprint, join
 from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr
 from stores import ActivationStore, read_side_file, write_side_file
 from stores.stream import TrainingStream, split_chunks
@@ -61,7 +60,7 @@ PRECISIONS = ("float32", "bfloat16")
 
 @dataclass
 class TrainResult:
-    run: Path
+    run: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
@@ -159,7 +158,7 @@ def argument_changes(run: RunConfig, request: TrainRequest) -> list[str]:
     return [f"--{key.replace('_', '-')} {old.get(key)} → {new[key]}" for key in new if old.get(key) != new[key]]
 
 
-def _mark_grouping_used(store: ActivationStore, metric: str, run: Path) -> None:
+def _mark_grouping_used(store: ActivationStore, metric: str, run: str) -> None:
     raw = read_side_file(store, result_name(metric))
     if raw is None:
         return
@@ -169,7 +168,7 @@ def _mark_grouping_used(store: ActivationStore, metric: str, run: Path) -> None:
         write_side_file(store, result_name(metric), json.dumps(record, indent=1).encode())
 
 
-def _store_of(config: RunConfig, cache: str, run: Path) -> ActivationStore:
+def _store_of(config: RunConfig, cache: str, run: str) -> ActivationStore:
     store = ActivationStore.open(cache)
     if config.cache_fingerprint != cache_fingerprint(store):
         raise GsaeError(f"the cache {cache} differs from the one run {run} was trained on "
@@ -186,11 +185,11 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
         config = Run.read_config(request.out)
         if config is None:
             raise GsaeError(f"nothing to resume at {request.out}: no config.json there")
-        return Run(Path(request.out), config), _store_of(config, request.cache, Path(request.out))
+        return Run(request.out, config), _store_of(config, request.cache, request.out)
     _validate(request)
     store = ActivationStore.open(request.cache)
     config = _plan(request, store)
-    path = Path(request.out or Path(RUNS_ROOT) / f"{Path(store.path).name}-{config.label}")
+    path = request.out or join(RUNS_ROOT, f"{store.path.rstrip('/').rsplit('/', 1)[-1]}-{config.label}")
     existing = Run.read_config(path)
     if existing is not None:
         run = Run(path, existing)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
 from conftest import ROOT, make_cache, run_cli
@@ -67,24 +68,21 @@ m.TrainingStream.next_batch = hit
     "while writing a checkpoint": """
 import pipeline.run as m
 calls = [0]
-def hit(tensors, path, _real=m.save_file):
+def hit(tensors, _real=m.save):
     calls[0] += 1
-    _real(tensors, path)
-    if calls[0] == 3:
+    if calls[0] == 4:
         kill()
-m.save_file = hit
+    return _real(tensors)
+m.save = hit
 """,
-    # the final SAE files: SAE 0 saved, SAE 1's weights written to their temporary name
+    # the final SAE files: SAE 0 saved, SAE 1's weights written but not its JSON
     "during the final write": """
 import pipeline.run as m
-calls = [0]
-def hit(sae, weights, config, extra, _real=m.save_sae):
-    calls[0] += 1
-    if calls[0] == 2:
-        open(weights, "wb").write(b"half")
+def hit(self, data, *parts, _real=m.Run._write):
+    if parts == ("sae_1.json",):
         kill()
-    _real(sae, weights, config, extra)
-m.save_sae = hit
+    _real(self, data, *parts)
+m.Run._write = hit
 """,
 }
 
@@ -242,14 +240,14 @@ def test_a_checkpoint_saved_again_at_the_same_step_keeps_one_complete(whole, tmp
     import shutil
 
     run = Run.open(shutil.copytree(whole, tmp_path / "r"))
-    first = run.latest_checkpoint()
+    first = Path(run.latest_checkpoint())
     saes = [sae.train() for sae, _ in run.load_saes()]
     optimizers = [torch.optim.Adam(sae.parameters()) for sae in saes]
     fired = [torch.zeros(sae.n_latents, dtype=torch.int64) for sae in saes]
     state = json.loads((first / "state.json").read_text())
-    second = run.save_checkpoint(state["step"], saes, optimizers, fired, state)
-    assert second != first and run.latest_checkpoint() == second and not first.exists()
-    assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == sorted(["latest", second.name])
+    second = Path(run.save_checkpoint(state["step"], saes, optimizers, fired, state))
+    assert second != first and Path(run.latest_checkpoint()) == second and not first.exists()
+    assert sorted(p.name for p in (Path(run.path) / "checkpoints").iterdir()) == sorted(["latest", second.name])
 
 
 def test_importing_the_training_code_stays_light_and_leaves_warning_filters_alone():
@@ -259,3 +257,24 @@ def test_importing_the_training_code_stays_light_and_leaves_warning_filters_alon
                "assert not heavy, heavy\nassert warnings.filters == before, 'warning filters changed'\n")
     result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-1000:]
+
+
+def test_a_run_on_an_fsspec_url_equals_a_local_one(cache, tmp_path, capsys):
+    """--out memory://... : train, eval, export and report write through fsspec; same weights as on disk."""
+    import fsspec
+
+    args = ["--groups", 2, "--tokens", 1024, "--batch-size", 256]
+    local, remote = tmp_path / "r", "memory://gsae-test/runs/r"
+    for out in (local, remote):
+        assert run_cli(["train", "--cache", cache, "--out", out, *args], capsys)[0] == 0
+        assert run_cli(["eval", "--run", out, "--windows", 0], capsys)[0] == 0
+    fs = fsspec.filesystem("memory")
+    for i in range(2):
+        ours = load_file(str(local / f"sae_{i}.safetensors"))
+        theirs = load_bytes(fs.cat_file(f"/gsae-test/runs/r/sae_{i}.safetensors"))
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert Run.open(remote).state == "evaluated"
+    assert run_cli(["export", "--run", remote], capsys)[0] == 0
+    assert fs.exists("/gsae-test/runs/r/export-saelens/blocks.0.hook_resid_post/sae_weights.safetensors")
+    assert run_cli(["report", "--runs", remote, "--out", "memory://gsae-test/report"], capsys)[0] == 0
+    assert "| amad-g2 |" in fs.cat_file("/gsae-test/report/report.md").decode()
