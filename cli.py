@@ -65,6 +65,29 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show the full tr
     _DEBUG = debug or _DEBUG
 
 
+_STORAGE_OPTION_HELP = ("key=value for the file system of an fsspec URL (s3://...), e.g. endpoint_url=http://host:9000; "
+                        "repeatable; used by this process only, never written anywhere.")
+
+
+def _storage(options: list[str], *locations: Optional[str]) -> None:
+    """Check the protocols of the given locations and hand --storage-option values to fsspec."""
+    import json
+
+    from pipeline.errors import GsaeError
+    from stores.remote import use_storage_options
+
+    parsed = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise GsaeError(f"--storage-option {item!r}: give key=value, e.g. endpoint_url=http://127.0.0.1:9000")
+        try:
+            parsed[key] = json.loads(value)  # true, 3, {"a": 1} as JSON; anything else as a string
+        except json.JSONDecodeError:
+            parsed[key] = value
+    use_storage_options(parsed, [str(location) for location in locations if location])
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -108,10 +131,12 @@ def cache(
     keep_bos: bool = typer.Option(CacheRequest.keep_bos, help="Also store the BOS position's activations (outliers; dropped by default)."),
     chunk_tokens: Optional[int] = typer.Option(None, help="Rows per chunk (default: about 4 MiB per chunk)."),
     write_threads: Optional[int] = typer.Option(None, help="Threads compressing and writing chunks (default: one per core)."),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Run the model once and cache every block's residual stream to a compressed, resumable Zarr store."""
     from pipeline.cache import build_cache
 
+    _storage(storage_option, cache)
     request = CacheRequest(
         model=model, revision=revision, dataset=dataset, dataset_config=dataset_config, split=split,
         text_field=text_field, tokens=tokens, context_length=context_length, batch_size=batch_size,
@@ -144,10 +169,13 @@ def cache(
 
 
 @app.command()
-def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),) -> None:
+def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
+) -> None:
     """Show what a cache holds."""
     from stores import ActivationStore
 
+    _storage(storage_option, cache)
     store = ActivationStore.open(_resolve_cache(cache), allow_partial=True)
     a = store.attrs
     on_disk = store.nbytes_on_disk()
@@ -181,11 +209,14 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
 
 @app.command()
 def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
-           allow_partial: bool = typer.Option(False, help="Verify the committed chunks of an incomplete cache.")) -> None:
+           allow_partial: bool = typer.Option(False, help="Verify the committed chunks of an incomplete cache."),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
+) -> None:
     """Read every chunk, check its checksum and shape, and name any corrupt chunk."""
     from pipeline.progress import make_progress
     from stores import ActivationStore
 
+    _storage(storage_option, cache)
     store = ActivationStore.open(_resolve_cache(cache), allow_partial=allow_partial)
     problems = []
     with make_progress(console, unit="chunk") as progress:
@@ -213,11 +244,13 @@ def group(
     scheduler: Optional[str] = typer.Option(None, help="Address of a dask.distributed scheduler (default: local threads)."),
     allow_partial: bool = typer.Option(False, help="Use the committed part of an incomplete cache."),
     force: bool = typer.Option(False, help="Recompute and replace a saved grouping made with other arguments."),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Compute layer distances (Dask, sampled chunks), the AMAD curve and the layer groups."""
     from pipeline.group import run_group
     from pipeline.grouping import layer_span
 
+    _storage(storage_option, cache)
     result = run_group(GroupRequest(
         cache=_resolve_cache(cache), metric=metric.value, tokens=tokens, threshold=threshold, layers=layers,
         seed=seed, scheduler=scheduler, allow_partial=allow_partial, force=force), console)
@@ -262,11 +295,13 @@ def train(
     checkpoint_every: int = typer.Option(TrainRequest.checkpoint_every, help="Steps between checkpoints."),
     tf32: bool = typer.Option(TrainRequest.tf32, "--tf32/--no-tf32", help="TF32 float32 matmuls on CUDA (as sparsify)."),
     precision: Precision = typer.Option(TrainRequest.precision, help="float32, or bfloat16 autocast for the forward."),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Train group SAEs (or the per-layer baseline) from the cache, streaming chunks with prefetch."""
     from pipeline.grouping import layer_span
     from pipeline.train import train as run_train
 
+    _storage(storage_option, cache, out)
     request = TrainRequest(
         cache=_resolve_cache(cache), groups=groups, baseline=baseline, metric=metric.value, tokens=tokens,
         expansion=expansion, k=k, architecture=architecture.value, batch_size=batch_size, lr=lr, out=out,
@@ -291,10 +326,12 @@ def evaluate(
     windows: int = typer.Option(EVAL_WINDOWS, help="Held-out text windows for the downstream metrics (0: skip them)."),
     context_length: Optional[int] = typer.Option(None, help="Truncate the evaluation windows to this many tokens."),
     device: Device = typer.Option(TrainRequest.device, help="Where to run."),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Evaluate every layer of a run: reconstruction, sparsity, spliced CE / KL. Writes <run>/eval.json."""
     from pipeline.evaluate import evaluate_run
 
+    _storage(storage_option, run)
     records = evaluate_run(run, tokens=tokens, windows=windows, context_length=context_length,
                            device=device.value, console=console)
     table = Table(title=f"gsae eval · {run}")
@@ -318,11 +355,13 @@ def report_command(
     out: str = typer.Option("report", help="Folder for report.md and the plots."),
     cache_seconds: Optional[float] = typer.Option(None, help="Seconds the cache took to produce, for a cache "
                                                   "that recorded none (the A of the total cost)."),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Put a baseline and group runs side by side: Markdown tables in the paper's shape and PNG plots."""
     from pipeline.errors import GsaeError
     from pipeline.report import build_report
 
+    _storage(storage_option, out, *runs)
     if cache_seconds is not None and cache_seconds <= 0:
         raise GsaeError(f"--cache-seconds must be positive (got {cache_seconds})")
     result = build_report(runs, out, cache_seconds)
@@ -339,11 +378,13 @@ def run_all(
     batch_size: int = typer.Option(PaperRequest.batch_size, help="Tokens per training step."),
     windows: int = typer.Option(PaperRequest.windows, help="Held-out windows for the downstream metrics."),
     out: str = typer.Option(PaperRequest.out, help="Where the runs and the report go."),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """The whole paper on one cache: group, train baseline and group runs, evaluate, report."""
     from pipeline.errors import GsaeError
     from pipeline.paper import run_paper
 
+    _storage(storage_option, cache, out)
     try:
         counts = [int(g) for g in groups.split(",")] if groups else []
     except ValueError:
@@ -359,10 +400,12 @@ def export(
     run: str = typer.Option(..., help="The run directory written by gsae train."),
     format: ExportFormat = typer.Option(FORMATS[0], help="Export format."),
     out: Optional[str] = typer.Option(None, help="Where to write (default <run>/export-saelens)."),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Export every layer's SAE in SAELens's layout (scale folded into the weights)."""
     from pipeline.export import export_saelens
 
+    _storage(storage_option, run, out)
     folders = export_saelens(run, out)
     parent = folders[0].rsplit("/", 1)[0]
     report.print(f"wrote {len(folders)} SAELens folders under {parent}: "
@@ -373,6 +416,9 @@ def main() -> None:
     """Entry point: runs the app and turns known errors into one line and a non-zero exit."""
     from pipeline.errors import GsaeError
     from stores import StoreError
+    from rich.markup import escape
+
+    from stores.remote import RemoteError, describe_storage_error
 
     global _DEBUG
     _DEBUG = os.environ.get("GSAE_DEBUG", "") not in ("", "0")
@@ -380,10 +426,10 @@ def main() -> None:
         code = app(standalone_mode=False, prog_name="gsae")  # returns the code of a typer.Exit instead of raising it
         if isinstance(code, int) and code:
             sys.exit(code)
-    except (GsaeError, StoreError) as exc:
+    except (GsaeError, StoreError, RemoteError) as exc:
         if _DEBUG:
             raise
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: committed chunks are kept; re-run the same command to resume")
@@ -396,7 +442,11 @@ def main() -> None:
         if isinstance(exc, _click_exceptions()):
             exc.show()
             sys.exit(exc.exit_code)
-        raise
+        storage = describe_storage_error(exc)
+        if storage is None or _DEBUG:
+            raise
+        console.print(f"[red]error:[/] {escape(storage)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 def _click_exceptions() -> tuple[type, ...]:

@@ -128,3 +128,47 @@ def make_cache(model: Path, path: Path, tokens: int, context_length: int, batch_
                             context_length, "--batch-size", batch_size, "--chunk-tokens", chunk_tokens])
     assert code == 0, err
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port for the whole session; every process started from the
+    tests (subprocesses, Dask workers) finds it and its dummy credentials through the environment."""
+    import logging
+    import socket
+
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="gsae-test", AWS_SECRET_ACCESS_KEY="gsae-test",
+                      AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def bucket(s3_server):
+    """A fresh, empty bucket on the session's S3 server: ``s3://<name>``."""
+    import uuid
+
+    import s3fs
+
+    name = f"gsae-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    return f"s3://{name}"

@@ -1,0 +1,65 @@
+"""Caches and runs on object storage: any fsspec URL (``s3://``, ``gs://``, ``memory://``, ``file://``).
+
+Credentials and endpoints are never written into a store, a run, a log or a Dask graph.  They come
+from where each process finds them itself: the environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, or fsspec's ``FSSPEC_S3='{"key": ...}'``), fsspec's
+config files, and ``--storage-option key=value``, which :func:`use_storage_options` hands to fsspec's
+in-process configuration only (so Dask workers and torchrun ranks need the environment).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+from fsspec.utils import get_protocol
+
+#: the extra of gsae that installs each protocol's file system (`pip install 'gsae[s3]'`)
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+_LOCAL = ("file", "local")
+
+
+class RemoteError(Exception):
+    """A location whose protocol cannot be used here; the message is one line."""
+
+
+def is_remote(location: str) -> bool:
+    return get_protocol(str(location)) not in _LOCAL
+
+
+def check_protocol(location: str) -> None:
+    """Raise :class:`RemoteError` saying what to install when ``location``'s file system is missing."""
+    protocol = get_protocol(str(location))
+    if protocol in _LOCAL:
+        return
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as exc:
+        extra = EXTRAS.get(protocol)
+        hint = f"pip install 'gsae[{extra}]'" if extra else "install the fsspec implementation for it"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RemoteError(f"{location}: {protocol}:// is not available here ({reason}); {hint}") from None
+
+
+def use_storage_options(options: dict[str, Any], locations: list[str]) -> None:
+    """Give ``options`` to fsspec for the protocols of ``locations`` in this process (fsspec applies its
+    config as defaults whenever it makes a file system, zarr's included)."""
+    for location in locations:
+        check_protocol(location)
+        protocol = get_protocol(str(location))
+        if options and protocol not in _LOCAL:
+            fsspec.config.conf.setdefault(protocol, {}).update(options)
+
+
+_STORAGE_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "adlfs", "azure")
+
+
+def describe_storage_error(exc: BaseException) -> str | None:
+    """One line for an error raised by an object-storage library (no credentials, no endpoint, access
+    denied), or None for any other error."""
+    if type(exc).__module__.split(".")[0] not in _STORAGE_LIBRARIES:
+        return None
+    reason = str(exc).splitlines()[0] if str(exc) else ""
+    return (f"object storage: {type(exc).__name__}{': ' + reason if reason else ''} (credentials and endpoint come "
+            "from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, or "
+            "--storage-option key=value)")

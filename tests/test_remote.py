@@ -1,0 +1,111 @@
+"""Caches and runs on object storage (moto's S3 server on loopback) and grouping on a Dask cluster:
+each gives what the local path gives, byte for byte, matrix for matrix, weight for weight."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import load_file
+
+from conftest import run_cli
+
+CACHE_ARGS = ["--tokens", 3000, "--context-length", 64, "--batch-size", 8, "--chunk-tokens", 500]
+TRAIN_ARGS = ["--groups", 2, "--tokens", 1024, "--batch-size", 256]
+
+
+def _s3():
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    return fs
+
+
+def _local_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _remote_files(url: str) -> dict[str, bytes]:
+    fs = _s3()
+    root = url.removeprefix("s3://")
+    return {path[len(root) + 1:]: fs.cat_file(path) for path in fs.find(root)}
+
+
+def test_cache_to_eval_on_s3_gives_what_a_local_path_gives(tiny_llama, bucket, tmp_path, capsys):
+    local, remote = tmp_path / "c", f"{bucket}/caches/c"
+    for cache in (local, remote):
+        code, _, err = run_cli(["cache", "--model", tiny_llama, "--cache", cache, *CACHE_ARGS], capsys)
+        assert code == 0, err
+    ours, theirs = _local_files(local), _remote_files(remote)
+    ours.pop("timing.json"), theirs.pop("timing.json")  # wall-clock seconds, outside the store's bytes
+    assert ours.keys() == theirs.keys() and all(ours[k] == theirs[k] for k in ours)
+
+    code, out, err = run_cli(["info", "--cache", remote], capsys)
+    assert code == 0 and "complete" in out, err
+    code, out, err = run_cli(["verify", "--cache", remote], capsys)
+    assert code == 0 and "ok" in out, err
+
+    for cache in (local, remote):
+        assert run_cli(["group", "--cache", cache], capsys)[0] == 0
+    grouping = {name: json.loads(files["groups/amad.json"]) for name, files in
+                (("local", _local_files(local)), ("remote", _remote_files(remote)))}
+    np.testing.assert_array_equal(np.array(grouping["local"]["distance"]), np.array(grouping["remote"]["distance"]))
+    assert grouping["local"]["curve"] == grouping["remote"]["curve"]
+
+    runs = {"local": tmp_path / "r", "remote": f"{bucket}/runs/r"}
+    for name, cache in (("local", local), ("remote", remote)):
+        code, _, err = run_cli(["train", "--cache", cache, "--out", runs[name], *TRAIN_ARGS], capsys)
+        assert code == 0, err
+        code, _, err = run_cli(["eval", "--run", runs[name], "--windows", 2], capsys)
+        assert code == 0, err
+    remote_run = _remote_files(runs["remote"])
+    for i in range(2):
+        ours_w = load_file(str(runs["local"] / f"sae_{i}.safetensors"))
+        theirs_w = load_bytes(remote_run[f"sae_{i}.safetensors"])
+        assert all(torch.equal(ours_w[k], theirs_w[k]) for k in ours_w)
+    records = {"local": json.loads((runs["local"] / "eval.json").read_text())["records"],
+               "remote": json.loads(remote_run["eval.json"])["records"]}
+    for a, b in zip(records["local"], records["remote"]):
+        assert a["fvu"] == b["fvu"] and a["ce_spliced"] == b["ce_spliced"]
+    assert run_cli(["export", "--run", runs["remote"]], capsys)[0] == 0
+    assert run_cli(["report", "--runs", runs["remote"], "--out", f"{bucket}/report"], capsys)[0] == 0
+    assert "| amad-g2 |" in _remote_files(f"{bucket}/report")["report.md"].decode()
+
+
+def test_credentials_are_never_written(tiny_llama, bucket, capsys):
+    remote = f"{bucket}/c"
+    code, _, err = run_cli(["cache", "--model", tiny_llama, "--cache", remote, *CACHE_ARGS,
+                            "--storage-option", "anon=false"], capsys)
+    assert code == 0, err
+    for name, data in _remote_files(remote).items():
+        assert b"gsae-test" not in data, name  # the dummy key and secret
+
+
+def test_a_missing_protocol_and_a_bad_storage_option_are_one_line(capsys):
+    code, _, err = run_cli(["info", "--cache", "nosuchfs://bucket/c"], capsys)
+    assert code == 1 and "nosuchfs://" in err and "Traceback" not in err
+    code, _, err = run_cli(["info", "--cache", "s3://bucket/c", "--storage-option", "novalue"], capsys)
+    assert code == 1 and "key=value" in err
+
+
+def test_group_on_a_two_process_dask_cluster_gives_the_local_matrix(tiny_llama, bucket, tmp_path, capsys):
+    """Workers open the store by URL themselves (credentials from their environment): the same D as the
+    local threaded scheduler, for a local cache and for one on S3."""
+    distributed = pytest.importorskip("distributed")
+    caches = [tmp_path / "c", f"{bucket}/c"]
+    for cache in caches:
+        assert run_cli(["cache", "--model", tiny_llama, "--cache", cache, *CACHE_ARGS], capsys)[0] == 0
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        for cache in caches:
+            args = ["group", "--cache", cache, "--metric", "amad"]
+            assert run_cli(args, capsys)[0] == 0
+            read = (lambda: json.loads((Path(cache) / "groups" / "amad.json").read_text())) if isinstance(cache, Path) \
+                else (lambda: json.loads(_remote_files(cache)["groups/amad.json"]))
+            local = read()
+            code, _, err = run_cli([*args, "--force", "--scheduler", cluster.scheduler_address], capsys)
+            assert code == 0, err
+            np.testing.assert_array_equal(np.array(read()["distance"]), np.array(local["distance"]))
