@@ -308,6 +308,8 @@ def train(
         resume=resume, device=device.value, seed=seed, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every,
         tf32=tf32, precision=precision.value)
     result = run_train(request, console)
+    if result.rank:  # under torchrun rank 0 reports for every rank
+        return
     table = Table(title=f"gsae train · {result.run}")
     for column in ("SAE", "layers", "train FVU", "held-out FVU", "L0", "dead %", "tok/s", "time"):
         table.add_column(column, justify="right")

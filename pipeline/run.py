@@ -249,9 +249,9 @@ class Run:
         return records
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int, saes: list, optimizers: list, since_fired: list,
-                        state: dict[str, Any]) -> str:
-        """Write checkpoint ``step`` under a fresh name, point ``latest`` at it, then remove the others.
+    def save_checkpoint(self, step: int, packed: dict[int, dict[str, torch.Tensor]], state: dict[str, Any]) -> str:
+        """Write checkpoint ``step`` (``packed``: each SAE's :func:`pack_training_state`) under a fresh
+        name, point ``latest`` at it, then remove the others.
 
         The checkpoint ``latest`` names is never touched before ``latest`` names the new one, so a kill at
         any moment leaves one complete checkpoint (re-saving the same step gets a new name).  Locally
@@ -267,8 +267,8 @@ class Run:
         if self._local and self.fs.exists(folder):  # left by a kill while it was written
             self.fs.rm(folder, recursive=True)
         self.fs.makedirs(folder, exist_ok=True)
-        for i, (sae, optimizer, fired) in enumerate(zip(saes, optimizers, since_fired)):
-            self.fs.pipe_file(join(folder, f"sae_{i}.safetensors"), save(_pack(sae, optimizer, fired)))
+        for i, tensors in sorted(packed.items()):
+            self.fs.pipe_file(join(folder, f"sae_{i}.safetensors"), save(tensors))
         self.fs.pipe_file(join(folder, "state.json"), json.dumps({**state, "step": step}, indent=1).encode())
         if self._local:
             os.rename(folder, join(root, name))
@@ -291,11 +291,12 @@ class Run:
         return self.url(CHECKPOINTS, name) if self._exists(CHECKPOINTS, name, "state.json") else None
 
     @staticmethod
-    def load_checkpoint(url: str, saes: list, optimizers: list, since_fired: list) -> dict[str, Any]:
-        """Restore the SAEs, optimizers and counters in place; return the JSON state."""
+    def load_checkpoint(url: str, targets: dict[int, tuple[Any, Any, torch.Tensor]]) -> dict[str, Any]:
+        """Restore SAE i, its optimizer and its counters in place for each ``i: (sae, optimizer,
+        since_fired)`` of ``targets`` (a rank loads only its own); return the JSON state."""
         fs, root = fsspec.core.url_to_fs(url)
-        for i, (sae, optimizer, fired) in enumerate(zip(saes, optimizers, since_fired)):
-            _unpack(load(fs.cat_file(join(root, f"sae_{i}.safetensors"))), sae, optimizer, fired)
+        for i, (sae, optimizer, fired) in targets.items():
+            unpack_training_state(load(fs.cat_file(join(root, f"sae_{i}.safetensors"))), sae, optimizer, fired)
         return json.loads(fs.cat_file(join(root, "state.json")))
 
     # ------------------------------------------------------------------ SAE files
@@ -354,7 +355,9 @@ class _RewrittenLog(io.StringIO):
         super().close()
 
 
-def _pack(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, since_fired: torch.Tensor) -> dict[str, torch.Tensor]:
+def pack_training_state(sae: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        since_fired: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One SAE's weights, buffers, Adam moments and dead counters as CPU tensors (a checkpoint file)."""
     tensors = {f"param.{name}": p.detach().cpu().contiguous() for name, p in sae.named_parameters()}
     tensors.update({f"buffer.{name}": b.detach().cpu().contiguous() for name, b in sae.named_buffers()})
     names = {id(p): name for name, p in sae.named_parameters()}
@@ -367,8 +370,9 @@ def _pack(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, since_fired: t
     return tensors
 
 
-def _unpack(tensors: dict[str, torch.Tensor], sae: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            since_fired: torch.Tensor) -> None:
+def unpack_training_state(tensors: dict[str, torch.Tensor], sae: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          since_fired: torch.Tensor) -> None:
+    """Restore what :func:`pack_training_state` packed, in place."""
     with torch.no_grad():
         for name, p in sae.named_parameters():
             p.copy_(tensors[f"param.{name}"])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline import __version__
@@ -21,7 +23,8 @@ from pipeline.group import grouping_record, result_name
 from pipeline.grouping import Grouping, layer_span, parse_layers
 from pipeline.models import pick_device
 from pipeline.progress import RateColumn
-from pipeline.run import Run, RunConfig, cache_fingerprint, join
+from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
+from pipeline.run import Run, RunConfig, cache_fingerprint, join, pack_training_state
 from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr
 from stores import ActivationStore, read_side_file, write_side_file
 from stores.stream import TrainingStream, split_chunks
@@ -61,9 +64,10 @@ PRECISIONS = ("float32", "bfloat16")
 @dataclass
 class TrainResult:
     run: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # on rank 0 (every row there)
     seconds: float = 0.0
     resumed_from: int = 0
+    rank: int = 0
 
 
 def _validate(request: TrainRequest) -> None:
@@ -207,20 +211,23 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
     return run, store
 
 
-def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool: ThreadPoolExecutor):
-    saes, optimizers, streams, fired = [], [], [], []
+def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool: ThreadPoolExecutor,
+           indices: list[int]) -> tuple[dict, dict, dict, dict]:
+    """SAE i, its optimizer, stream and dead counters for each i of ``indices`` (seeded by i, so an SAE
+    is the same whichever process trains it)."""
+    saes, optimizers, streams, fired = {}, {}, {}, {}
     mean = store.mean
-    for i, group in enumerate(config.groups):
+    for i in indices:
+        group = config.groups[i]
         sae = SparseAutoencoder(config.d_in, config.n_latents, config.architecture, k=config.k, seed=config.seed + i)
         scales = [config.scales[layer] for layer in group]
         with torch.no_grad():  # b_dec at the (scaled) data mean of the group
             sae.b_dec.copy_(torch.from_numpy(np.mean([mean[l] * s for l, s in zip(group, scales)], axis=0)))
-        sae.to(device)
-        saes.append(sae)
-        optimizers.append(torch.optim.Adam(sae.parameters(), lr=config.lr))
-        streams.append(TrainingStream(store, group, scales, config.train_chunks, config.batch_size, config.seed,
-                                      stream_id=i, window_chunks=config.window_chunks, device=device, pool=pool))
-        fired.append(torch.zeros(config.n_latents, dtype=torch.int64, device=device))
+        saes[i] = sae.to(device)
+        optimizers[i] = torch.optim.Adam(sae.parameters(), lr=config.lr)
+        streams[i] = TrainingStream(store, group, scales, config.train_chunks, config.batch_size, config.seed,
+                                    stream_id=i, window_chunks=config.window_chunks, device=device, pool=pool)
+        fired[i] = torch.zeros(config.n_latents, dtype=torch.int64, device=device)
     return saes, optimizers, streams, fired
 
 
@@ -253,23 +260,40 @@ def _describe(group: list[int]) -> str:
 
 
 def train(request: TrainRequest, console: Any) -> TrainResult:
-    """Train every SAE of the run in one process, one step of each in turn, with checkpoints."""
-    run, store = _open_run(request, console)
+    """Train every SAE of the run, one step of each in turn, with checkpoints.
+
+    Under torchrun the SAEs are spread over the ranks (each wholly on one, balanced by tokens); each rank
+    streams only its SAEs' layers, and rank 0 writes the run: the same files, and the same weights, as
+    one process."""
+    ranks = current_ranks()
+    if ranks.first:
+        run, store = _open_run(request, console)
+        ranks.barrier()
+    else:
+        ranks.barrier()  # rank 0 has created or checked the run
+        run = Run.open(request.out) if request.out else None
+        if run is None:
+            raise GsaeError("under torchrun, pass --out DIR: every rank must find the run")
+        store = _store_of(run.config, request.cache, run.path)
+        console = Console(quiet=True)
     config = run.config
-    device = pick_device(config.device)
+    n = len(config.groups)
+    owner = assign_ranks([config.tokens_per_sae] * n, ranks.world)
+    mine = [i for i in range(n) if owner[i] == ranks.rank]
+    device = ranks.device(pick_device(config.device))
     if device.type == "cuda":  # TF32 for float32 matmuls, as sparsify's trainer sets it (--no-tf32: off)
         torch.backends.cuda.matmul.allow_tf32 = config.tf32
-    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="gsae-decode")  # all streams
-    saes, optimizers, streams, fired = _build(config, store, device, pool)
+    pool = ThreadPoolExecutor(max_workers=ranks.threads(), thread_name_prefix="gsae-decode")  # all streams
+    saes, optimizers, streams, fired = _build(config, store, device, pool, mine)
     steps, batch_size = config.steps, config.batch_size
-    start_step, elapsed = 0, [0.0] * len(saes)
-    latest: list[dict[str, Any]] = [{} for _ in saes]  # each SAE's last metrics record
-    n_dead = [0] * len(saes)
+    start_step, elapsed = 0, [0.0] * n
+    latest: list[dict[str, Any]] = [{} for _ in range(n)]  # each SAE's last metrics record
+    n_dead = [0] * n
     checkpoint = run.latest_checkpoint()
     if checkpoint is not None:
-        state = Run.load_checkpoint(checkpoint, saes, optimizers, fired)
-        for stream, stream_state in zip(streams, state["streams"]):
-            stream.load_state_dict(stream_state)
+        state = Run.load_checkpoint(checkpoint, {i: (saes[i], optimizers[i], fired[i]) for i in mine})
+        for i in mine:
+            streams[i].load_state_dict(state["streams"][i])
         start_step, elapsed = state["step"], state["elapsed"]
         # Host-side dead counts, refreshed at every log step, so that AuxK's k is known without a
         # per-step device sync; kept in checkpoints so a resume is exact.
@@ -277,10 +301,10 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
         latest = state.get("latest") or latest
 
     dead_tokens = config.dead_tokens
-    nonfinite = [torch.zeros((), dtype=torch.bool, device=device) for _ in saes]  # read every log step
+    nonfinite = {i: torch.zeros((), dtype=torch.bool, device=device) for i in mine}  # read every log step
 
     def check_finite(step: int) -> None:
-        for i, flag in enumerate(nonfinite):
+        for i, flag in nonfinite.items():
             if bool(flag):
                 raise GsaeError(
                     f"SAE {i} ({_describe(config.groups[i])}) hit a non-finite loss before step {step}; "
@@ -288,28 +312,34 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
 
     def checkpoint_now(step: int) -> None:
         check_finite(step)  # never checkpoint a diverged SAE
-        run.save_checkpoint(step, saes, optimizers, fired, {"streams": [s.state_dict() for s in streams],
-                                                            "elapsed": elapsed, "n_dead": n_dead, "latest": latest})
+        parts = ranks.gather_to_first({i: (pack_training_state(saes[i], optimizers[i], fired[i]),
+                                           streams[i].state_dict(), elapsed[i], n_dead[i], latest[i]) for i in mine})
+        if parts is not None:
+            run.save_checkpoint(step, {i: parts[i][0] for i in range(n)},
+                                {"streams": [parts[i][1] for i in range(n)], "elapsed": [parts[i][2] for i in range(n)],
+                                 "n_dead": [parts[i][3] for i in range(n)], "latest": [parts[i][4] for i in range(n)]})
+        ranks.barrier()
 
     bf16 = config.precision == "bfloat16"
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("tok"),
                         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
                         TimeRemainingColumn(), console=console)
     started = time.perf_counter()
+    metrics = run.open_metrics(start_step) if ranks.first else contextlib.nullcontext(io.StringIO())
     try:
-        with progress, run.open_metrics(start_step) as metrics:
-            tasks = [progress.add_task(f"SAE {i} {_describe(g)}", total=steps * batch_size,
-                                       completed=start_step * batch_size, stats="")
-                     for i, g in enumerate(config.groups)]
+        with progress, metrics as log:
+            tasks = {i: progress.add_task(f"SAE {i} {_describe(config.groups[i])}", total=steps * batch_size,
+                                          completed=start_step * batch_size, stats="") for i in mine}
             for step in range(start_step, steps):
-                for i, (sae, optimizer, stream) in enumerate(zip(saes, optimizers, streams)):
+                log_step = (step + 1) % config.log_every == 0 or step + 1 == steps
+                for i in mine:
                     t0 = time.perf_counter()
-                    batch = stream.next_batch()
-                    output = train_step(sae, optimizer, batch.x, fired[i], dead_tokens, n_dead_hint=n_dead[i],
+                    batch = streams[i].next_batch()
+                    output = train_step(saes[i], optimizers[i], batch.x, fired[i], dead_tokens, n_dead_hint=n_dead[i],
                                         check_finite=False, bf16=bf16)
                     nonfinite[i] |= ~torch.isfinite(output.loss.detach())
                     elapsed[i] += time.perf_counter() - t0
-                    if (step + 1) % config.log_every == 0 or step + 1 == steps:
+                    if log_step:
                         check_finite(step + 1)
                         n_dead[i] = int((fired[i] > dead_tokens).sum())
                         tokens = (step + 1) * batch_size
@@ -317,40 +347,52 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
                                      "loss": float(output.loss.detach()), "fvu": float(output.fvu), "l0": output.codes.l0(),
                                      "dead_fraction": float((fired[i] > dead_tokens).float().mean()),
                                      "tokens_per_s": tokens / max(elapsed[i], 1e-9)}
-                        metrics.write(json.dumps(latest[i]) + "\n")
                         progress.update(tasks[i], completed=tokens, stats=(
                             f"FVU {latest[i]['fvu']:.3f} L0 {latest[i]['l0']:.0f} dead {100 * latest[i]['dead_fraction']:.0f}%"))
+                if log_step:
+                    records = ranks.gather_to_first({i: latest[i] for i in mine})
+                    for i in sorted(records or {}):
+                        log.write(json.dumps(records[i]) + "\n")
                 if (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
-                    metrics.flush()
+                    log.flush()
                     checkpoint_now(step + 1)
     finally:  # an interrupted run keeps its last periodic checkpoint; --resume continues from there
-        for stream in streams:
+        for stream in streams.values():
             stream.close()
         pool.shutdown(wait=False, cancel_futures=True)
     if start_step < steps:  # the final state, so a kill while the SAE files are written loses no step
         checkpoint_now(steps)
-    rows = _finish(run, store, saes, latest, elapsed, device)
-    return TrainResult(run.path, rows, time.perf_counter() - started, start_step)
+    rows = _finish(run, store, saes, latest, elapsed, device, ranks)
+    return TrainResult(run.path, rows, time.perf_counter() - started, start_step, ranks.rank)
 
 
-def _finish(run: Run, store: ActivationStore, saes: list, latest: list, elapsed: list[float],
-            device: torch.device) -> list[dict[str, Any]]:
-    """Save the final SAEs, then the summary (the file that marks the run trained): one row per SAE,
-    with the held-out FVU per layer."""
-    config, rows = run.config, []
-    for i, (sae, group) in enumerate(zip(saes, config.groups)):
+def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder], latest: list, elapsed: list[float],
+            device: torch.device, ranks: Ranks) -> list[dict[str, Any]]:
+    """Each rank measures its SAEs' held-out FVU per layer; rank 0 saves every SAE, then the summary (the
+    file that marks the run trained).  Returns one row per SAE on rank 0."""
+    config, parts = run.config, {}
+    for i, sae in saes.items():
         sae.eval()  # BatchTopK: the per-token threshold, as evaluated and exported
-        scales = {str(layer): config.scales[layer] for layer in group}
-        run.save_sae(i, sae, {"layers": group, "scales": scales,
-                              "hook_names": [f"blocks.{l}.hook_resid_post" for l in group],
-                              "model_id": store.attrs.get("model_id"), "tokens": config.tokens_per_sae})
         start = config.eval_rows[0]
         per_layer = {layer: layer_reconstruction(sae, store, layer, config.scales[layer], start,
-                                                 start + _SUMMARY_EVAL_ROWS, device)["fvu"] for layer in group}
-        rows.append({"sae": i, "layers": group, "train_fvu": latest[i].get("fvu"), "l0": latest[i].get("l0"),
-                     "dead_fraction": latest[i].get("dead_fraction"),
-                     "held_out_fvu": float(np.mean(list(per_layer.values()))),
-                     "held_out_fvu_per_layer": {str(k): v for k, v in per_layer.items()},
-                     "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")})
-    run.write_summary({"label": config.label, "saes": rows, "train_seconds": sum(elapsed)})
+                                                 start + _SUMMARY_EVAL_ROWS, device)["fvu"] for layer in config.groups[i]}
+        row = {"sae": i, "layers": config.groups[i], "train_fvu": latest[i].get("fvu"), "l0": latest[i].get("l0"),
+               "dead_fraction": latest[i].get("dead_fraction"),
+               "held_out_fvu": float(np.mean(list(per_layer.values()))),
+               "held_out_fvu_per_layer": {str(k): v for k, v in per_layer.items()},
+               "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")}
+        parts[i] = (row, {name: t.detach().cpu() for name, t in sae.state_dict().items()}, elapsed[i])
+    merged = ranks.gather_to_first(parts)
+    rows = []
+    if merged is not None:
+        for i, group in enumerate(config.groups):
+            row, weights, _ = merged[i]
+            sae = SparseAutoencoder(config.d_in, config.n_latents, config.architecture, k=config.k)
+            sae.load_state_dict(weights)
+            run.save_sae(i, sae, {"layers": group, "scales": {str(layer): config.scales[layer] for layer in group},
+                                  "hook_names": [f"blocks.{l}.hook_resid_post" for l in group],
+                                  "model_id": store.attrs.get("model_id"), "tokens": config.tokens_per_sae})
+            rows.append(row)
+        run.write_summary({"label": config.label, "saes": rows, "train_seconds": sum(merged[i][2] for i in merged)})
+    ranks.barrier()
     return rows

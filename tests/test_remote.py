@@ -109,3 +109,47 @@ def test_group_on_a_two_process_dask_cluster_gives_the_local_matrix(tiny_llama, 
             code, _, err = run_cli([*args, "--force", "--scheduler", cluster.scheduler_address], capsys)
             assert code == 0, err
             np.testing.assert_array_equal(np.array(read()["distance"]), np.array(local["distance"]))
+
+
+def test_torchrun_train_spreads_the_saes_and_gives_the_single_process_weights(tiny_llama, tmp_path, capsys):
+    """Two ranks (gloo, CPU): each trains its SAEs, rank 0 writes the run; the files hold what one
+    process writes, weight for weight."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cache = tmp_path / "c"
+    assert run_cli(["cache", "--model", tiny_llama, "--cache", cache, *CACHE_ARGS], capsys)[0] == 0
+    assert run_cli(["group", "--cache", cache], capsys)[0] == 0
+    args = ["train", "--cache", cache, "--groups", 3, "--tokens", 1024, "--batch-size", 256, "--checkpoint-every", 2]
+    assert run_cli([*args, "--out", tmp_path / "one"], capsys)[0] == 0
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "cli.py", *map(str, args), "--out", str(tmp_path / "two")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for i in range(3):
+        ours = load_file(str(tmp_path / "one" / f"sae_{i}.safetensors"))
+        theirs = load_file(str(tmp_path / "two" / f"sae_{i}.safetensors"))
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), i
+    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert [r["held_out_fvu"] for r in one["saes"]] == [r["held_out_fvu"] for r in two["saes"]]
+    metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({(r["step"], r["sae"]) for r in metrics}) == [(r["step"], r["sae"]) for r in metrics]
+    assert {r["sae"] for r in metrics} == {0, 1, 2}
+
+
+def test_ranks_get_balanced_whole_saes():
+    from itertools import product
+
+    from pipeline.ranks import assign
+
+    assert assign([5.0] * 7, 3) == [0, 1, 2, 0, 1, 2, 0]  # equal tokens per SAE: counts differ by one at most
+    rng = np.random.default_rng(0)
+    for _ in range(30):  # longest-first greedy against the best split found by brute force: within 4/3
+        costs = rng.integers(1, 20, size=int(rng.integers(1, 8))).tolist()
+        owner = assign(costs, 3)
+        load = max(sum(c for c, o in zip(costs, owner) if o == r) for r in range(3))
+        best = min(max(sum(c for c, o in zip(costs, split) if o == r) for r in range(3))
+                   for split in product(range(3), repeat=len(costs)))
+        assert load <= 4 / 3 * best + 1e-9

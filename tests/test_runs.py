@@ -16,7 +16,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
 from conftest import ROOT, make_cache, run_cli
-from pipeline.run import Run
+from pipeline.run import Run, pack_training_state
 from stores import ActivationStore, to_float32
 
 STEPS_ARGS = ["--groups", 2, "--tokens", 3072, "--batch-size", 256, "--checkpoint-every", 4]  # 12 steps
@@ -242,10 +242,10 @@ def test_a_checkpoint_saved_again_at_the_same_step_keeps_one_complete(whole, tmp
     run = Run.open(shutil.copytree(whole, tmp_path / "r"))
     first = Path(run.latest_checkpoint())
     saes = [sae.train() for sae, _ in run.load_saes()]
-    optimizers = [torch.optim.Adam(sae.parameters()) for sae in saes]
-    fired = [torch.zeros(sae.n_latents, dtype=torch.int64) for sae in saes]
+    packed = {i: pack_training_state(sae, torch.optim.Adam(sae.parameters()), torch.zeros(sae.n_latents, dtype=torch.int64))
+              for i, sae in enumerate(saes)}
     state = json.loads((first / "state.json").read_text())
-    second = Path(run.save_checkpoint(state["step"], saes, optimizers, fired, state))
+    second = Path(run.save_checkpoint(state["step"], packed, state))
     assert second != first and Path(run.latest_checkpoint()) == second and not first.exists()
     assert sorted(p.name for p in (Path(run.path) / "checkpoints").iterdir()) == sorted(["latest", second.name])
 

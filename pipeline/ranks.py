@@ -1,0 +1,83 @@
+"""Several processes started by torchrun (``torchrun --nproc-per-node N gsae train ...``).
+
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` and the rendezvous address;
+without them everything here is the single-process identity.  Only small Python objects travel between
+ranks (SAE states at checkpoints, metrics records), over gloo, which works on CPUs and beside CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    def gather_to_first(self, part: dict[int, Any]) -> dict[int, Any] | None:
+        """Every rank's ``part`` merged into one dict on rank 0 (None on the others)."""
+        if self.world == 1:
+            return dict(part)
+        import torch.distributed as dist
+
+        parts: list[Any] | None = [None] * self.world if self.first else None
+        dist.gather_object(part, parts, dst=0)
+        if not self.first:
+            return None
+        merged: dict[int, Any] = {}
+        for item in parts:
+            merged.update(item)
+        return merged
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def device(self, device: torch.device) -> torch.device:
+        """Each rank's own GPU (``cuda:LOCAL_RANK``); the CPU stays the CPU."""
+        if device.type == "cuda" and self.world > 1:
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def threads(self) -> int:
+        """This rank's share of the machine's cores (ranks on one machine split them)."""
+        return max(1, (os.cpu_count() or 1) // self.local_world)
+
+
+def current() -> Ranks:
+    """The ranks of this process: torchrun's, with the process group started, or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Ranks(rank=dist.get_rank(), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                 local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def assign(costs: list[float], world: int) -> list[int]:
+    """The rank of each job: longest first, each to the least loaded rank (ties: the lowest rank), so the
+    ranks' total costs are balanced and every job is wholly on one rank."""
+    loads = [0.0] * world
+    owner = [0] * len(costs)
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        owner[job] = rank
+        loads[rank] += costs[job]
+    return owner
