@@ -146,3 +146,15 @@ def test_an_option_value_outside_its_choices_exits_2_with_the_usage_line(args, c
     code, out, err = run_cli(args, capsys)
     assert code == 2 and "Traceback" not in out + err
     assert "Usage: gsae" in err and "Invalid value" in err
+
+
+def test_debug_shows_the_traceback_that_the_one_line_error_hides(tmp_path, capsys, monkeypatch):
+    from stores import StoreError
+
+    args = ["info", "--cache", tmp_path / "none"]
+    assert "no gsae cache" in _one_line_error(*run_cli(args, capsys)[::2])
+    with pytest.raises(StoreError, match="no gsae cache"):  # the exception itself, with its traceback
+        run_cli(["--debug", *args], capsys)
+    monkeypatch.setenv("GSAE_DEBUG", "1")
+    with pytest.raises(StoreError, match="no gsae cache"):
+        run_cli(args, capsys)
