@@ -3,19 +3,25 @@ writer with 1, 2 and all threads, beside a plain sequential write of the same ra
 
     python benchmarks/cache_write.py --cache gsae-cache/smollm2-135m --chunks 8
     python benchmarks/cache_write.py --layers 6 --d-model 512 --chunks 16        # no cache: Gaussian rows
+    python benchmarks/cache_write.py --cache gsae-cache/smollm2-135m --chunks 4 --folder /dev/shm  # memory
 
 With ``--cache``, real activations are read once (``--chunks`` chunks of every layer) and written again
 into temporary stores with the cache's own codec; without it, Gaussian float16 rows of the given shape.
 Each configuration writes the same chunks through ``pipeline.cache.ChunkWriter`` (the writer of
 `gsae cache`: a job per layer's chunk, several chunks in flight, commits in order), timed from the first
-chunk to the last commit.  Prints tok/s and GB/s of float16 and the 2-thread ÷ 1-thread ratio
-(target ≥ 1.7 on a 2-core CPU; ≥ 4 GB/s with all threads on the 16-core GPU machine).
+chunk to the last commit.  Prints tok/s and GB/s of float16, the cores the process kept busy (CPU
+seconds ÷ wall seconds: "1 thread" must stay near one core, or the ratio flatters) and the 2-thread ÷
+1-thread ratio (target ≥ 1.7 on a 2-core CPU; ≥ 4 GB/s with all threads on the 16-core GPU machine).
+
+The stores go under ``--folder`` (default: here, the disk).  ``--folder /dev/shm`` writes into memory
+instead, which separates the writer's own scaling from what the file system's page cache costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -23,6 +29,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import numcodecs.blosc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.cache import ChunkWriter, _Chunk  # noqa: E402
@@ -49,13 +56,15 @@ def source_chunks(args: argparse.Namespace) -> tuple[list[_Chunk], int, int, str
 
 
 def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
-              folder: str) -> float:
-    """Seconds to write and commit every chunk into a fresh store with ``threads`` writer threads."""
+              folder: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process) to write and commit every chunk into a fresh
+    store with ``threads`` writer threads."""
     rows = len(chunks[0].tokens)
     store = ActivationStore.create(os.path.join(folder, f"t{threads}"), n_layers=n_layers, d_model=d_model,
                                    n_tokens=rows * len(chunks), chunk_tokens=rows, dtype=dtype,
                                    compression=compression)
     writer = ChunkWriter(store, threads, 0.0)
+    cpu = _cpu_seconds()
     start = time.perf_counter()
     try:
         for chunk in chunks:
@@ -63,7 +72,12 @@ def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, com
         writer.drain()
     finally:
         writer.close()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu_seconds() - cpu
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def sequential_raw(chunks: list[_Chunk], folder: str) -> float:
@@ -84,8 +98,12 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the best is kept")
+    parser.add_argument("--folder", default=".", help="where the stores are written (/dev/shm: memory)")
     args = parser.parse_args()
+    # zarr turns blosc's own threads off (its codec sets this on import); were they on, "1 thread"
+    # would compress on every core and the ratio would mean nothing
+    assert numcodecs.blosc.use_threads is False, "blosc's internal threads are on"
 
     chunks, n_layers, d_model, dtype, compression = source_chunks(args)
     tokens = sum(len(c.tokens) for c in chunks)
@@ -94,17 +112,18 @@ def main() -> None:
     print(f"{len(chunks)} chunks × {n_layers} layers × {len(chunks[0].tokens):,} rows × {d_model} "
           f"({dtype}, {compression}): {tokens:,} tokens, {gigabytes:.2f} GB raw; {cores} cores")
     results = {}
-    with tempfile.TemporaryDirectory(dir=".") as folder:
+    with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         disk = min(sequential_raw(chunks, folder) for _ in range(args.repeats))
-        print(f"sequential raw write  {tokens / disk:12,.0f} tok/s  {gigabytes / disk:6.2f} GB/s")
+        print(f"sequential raw write  {tokens / disk:12,.0f} tok/s  {gigabytes / disk:6.2f} GB/s   (into {args.folder})")
         with tempfile.TemporaryDirectory(dir=folder) as run_folder:  # warm-up: codecs, zarr's event loop
             write_all(chunks[:1], n_layers, d_model, dtype, compression, cores, run_folder)
         for threads in sorted({1, 2, cores}):
             with tempfile.TemporaryDirectory(dir=folder) as run_folder:
-                seconds = min(write_all(chunks, n_layers, d_model, dtype, compression, threads, run_folder)
-                              for _ in range(args.repeats))
+                seconds, cpu = min(write_all(chunks, n_layers, d_model, dtype, compression, threads, run_folder)
+                                   for _ in range(args.repeats))
             results[threads] = seconds
-            print(f"gsae writer {threads:2d} thr  {tokens / seconds:12,.0f} tok/s  {gigabytes / seconds:6.2f} GB/s")
+            print(f"gsae writer {threads:2d} thr  {tokens / seconds:12,.0f} tok/s  {gigabytes / seconds:6.2f} GB/s"
+                  f"  {cpu / seconds:4.2f} cores busy")
     if 2 in results:
         print(f"ratio 2 threads / 1 thread = {results[1] / results[2]:.2f}   (target >= 1.7)")
     print(f"all {cores} threads: {gigabytes / results[cores]:.2f} GB/s of float16 (target on the GPU machine >= 4)")

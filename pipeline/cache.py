@@ -267,8 +267,14 @@ class ChunkWriter:
         self.started = time.perf_counter()
 
     def submit(self, item: _Chunk) -> None:
+        """Commit the chunks already written, start writing ``item``, and wait while too many are in flight."""
+        # Commit first: a chunk that finished before ``item`` starts is committed before any of
+        # ``item``'s writes can land, whatever the speed of the pool (a disk that fills up after a
+        # commit then leaves exactly the chunks committed so far, see test_cache_errors).
+        while self.pending and self.pending[0].done():
+            self._commit_oldest()
         self.pending.append(self.store.start_chunk(item.index, list(item.layers), item.tokens, item.stats, self.pool))
-        while len(self.pending) > self.max_pending or (self.pending and self.pending[0].done()):
+        while len(self.pending) > self.max_pending:
             self._commit_oldest()
 
     def drain(self) -> None:

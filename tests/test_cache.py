@@ -254,3 +254,106 @@ def test_embedded_model_on_embedded_corpus(tmp_path, capsys):
     norms = store.norm
     assert np.all(np.isfinite(norms)) and norms[-1] > norms[0]  # the residual stream grows with depth
     assert "bytes per value" in out
+
+
+def _writer_chunks(n_layers: int, d_model: int, sizes: list[int]):
+    """Chunks for ChunkWriter: random rows, one all-zero layer chunk (zarr leaves it out) and one of
+    -0.0 only (zero by value, not by bits: zarr keeps it)."""
+    from pipeline.cache import _Chunk
+    from stores import compute_chunk_stats
+
+    rng = np.random.default_rng(3)
+    chunks = []
+    for index, rows in enumerate(sizes):
+        layers = rng.standard_normal((n_layers, rows, d_model), dtype=np.float32).astype(np.float16)
+        if index == 1:
+            layers[0] = 0.0
+            layers[1] = -0.0
+        tokens = rng.integers(0, 1000, rows, dtype=np.int32)
+        chunks.append(_Chunk(index, layers, tokens, compute_chunk_stats(list(layers), "float16")))
+    return chunks
+
+
+def _new_store(path: Path, sizes: list[int]) -> ActivationStore:
+    return ActivationStore.create(str(path), n_layers=3, d_model=16, n_tokens=sum(sizes), chunk_tokens=sizes[0])
+
+
+def test_chunk_writer_writes_the_bytes_of_plain_zarr_writes(tmp_path):
+    """The writer threads run zarr's write path on their own event loops and skip zarr's empty-chunk
+    test for chunks with a non-zero byte; the files must be those of plain ``array[...] = values``."""
+    from pipeline.cache import ChunkWriter
+
+    sizes = [40, 40, 40, 17]  # the last chunk short, as when the corpus runs out
+    chunks = _writer_chunks(3, 16, sizes)
+    reference = _new_store(tmp_path / "zarr", sizes)
+    for chunk in chunks:
+        start, stop = chunk.index * sizes[0], chunk.index * sizes[0] + len(chunk.tokens)
+        for layer in range(3):
+            reference.layer_array(layer)[start:stop] = chunk.layers[layer]
+        reference.group["tokens"][start:stop] = chunk.tokens
+        for name, values in [("chunk_sum", chunk.stats.sums), ("chunk_norm_sum", chunk.stats.norm_sums),
+                             ("chunk_overflow", chunk.stats.overflow)]:
+            reference.group[f"stats/{name}"][chunk.index] = values
+        reference.group.update_attributes({"chunks_written": chunk.index + 1, "tokens_written": stop})
+    for threads in (1, 2):
+        store = _new_store(tmp_path / f"t{threads}", sizes)
+        writer = ChunkWriter(store, threads, 0.0)
+        try:
+            for chunk in chunks:
+                writer.submit(chunk)
+            writer.drain()
+        finally:
+            writer.close()
+        assert _tree_bytes(tmp_path / f"t{threads}") == _tree_bytes(tmp_path / "zarr")
+    files = _tree_bytes(tmp_path / "t2")
+    assert "layers/0/c/1/0" not in files and "layers/1/c/1/0" in files  # all-zero left out, -0.0 kept
+    assert "stats/chunk_overflow/c/0/0/0" not in files
+
+
+def test_chunk_writer_encodes_on_its_own_threads(tmp_path, monkeypatch):
+    """Compression runs on the writer's threads, not zarr's event loop or pool: "1 thread" in
+    benchmarks/cache_write.py is then one core of encoding, and N threads are N cores."""
+    import threading
+
+    from zarr.codecs import BloscCodec
+
+    from pipeline.cache import ChunkWriter
+
+    seen: set[str] = set()
+    encode = BloscCodec._encode_sync
+
+    def spy(self, *args):
+        seen.add(threading.current_thread().name)
+        return encode(self, *args)
+
+    monkeypatch.setattr(BloscCodec, "_encode_sync", spy)
+    sizes = [40, 40, 40]
+    writer = ChunkWriter(_new_store(tmp_path / "c", sizes), 2, 0.0)
+    try:
+        for chunk in _writer_chunks(3, 16, sizes):
+            writer.submit(chunk)
+        writer.drain()
+    finally:
+        writer.close()
+    assert seen and all(name.startswith("gsae-writer") for name in seen), seen
+
+
+def test_chunk_writer_on_a_store_outside_local_files(tmp_path):
+    """fsspec stores keep zarr's own event loop (their file systems are bound to it)."""
+    from pipeline.cache import ChunkWriter
+
+    sizes = [40, 40, 17]
+    chunks = _writer_chunks(3, 16, sizes)
+    store = ActivationStore.create(f"memory://gsae-test-{os.getpid()}-{time.time_ns()}/c", n_layers=3, d_model=16,
+                                   n_tokens=sum(sizes), chunk_tokens=sizes[0])
+    writer = ChunkWriter(store, 2, 0.0)
+    try:
+        for chunk in chunks:
+            writer.submit(chunk)
+        writer.drain()
+    finally:
+        writer.close()
+    assert store.chunks_written == 3
+    for layer in range(3):
+        np.testing.assert_array_equal(store.read_rows(layer, 0, sum(sizes)),
+                                      np.concatenate([c.layers[layer] for c in chunks]))
