@@ -10,8 +10,12 @@ steps twice: once pulling batches from the store's prefetching stream, once from
 already in memory; the two alternate and the best of each is kept.
 
 "stream" pulls batches from the training stream with nothing else running, and compares its rows/s with
-a plain ``ThreadPoolExecutor`` (one thread per core) decoding the same (layer, chunk) pairs to float32;
-the two alternate and the best of each is kept.
+a plain ``ThreadPoolExecutor`` (one thread per core) decoding the same (layer, chunk) pairs to scaled
+float32 with the same torch conversion; the two alternate and the best of each is kept.  The ratio is
+taken in the steady state training runs in: a stream that has already handed out one epoch (its window
+buffers exist, the next window is decoding) hands out ``--epochs`` more, against the plain decode of the
+pairs as many times.  The stream's first epoch (its start-up: nothing can be handed out before its
+whole first window is decoded, into buffers it first has to fault in) is printed too.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def feed(args) -> None:
 def stream_rate(args) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from stores import to_float32
+    from stores.stream import as_tensor
 
     store = ActivationStore.open(args.cache)
     layers = list(range(args.first_layer, args.first_layer + args.group_size))
@@ -105,35 +109,44 @@ def stream_rate(args) -> None:
     cores = os.cpu_count() or 1
 
     def plain() -> float:
+        # torch's float16 -> float32 conversion, as the stream's: numpy's is ~10x slower on this CPU and
+        # would make the reference slow
         def decode(pair):
             layer, chunk = pair
-            return to_float32(store.read_chunk(layer, chunk), store.dtype) * scales[layers.index(layer)]
+            return as_tensor(store.read_chunk(layer, chunk), store.dtype).float().mul_(scales[layers.index(layer)])
 
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=cores) as pool:
-            for _ in pool.map(decode, [(l, c) for l in layers for c in chunks]):
+            for _ in pool.map(decode, [(l, c) for _ in range(args.epochs) for l in layers for c in chunks]):
                 pass
-        return rows / (time.perf_counter() - start)
+        return args.epochs * rows / (time.perf_counter() - start)
 
-    def streamed() -> float:
+    def streamed() -> tuple[float, float]:
+        """(rows/s of a fresh stream's first epoch, rows/s of the ``args.epochs`` after it)."""
         stream = TrainingStream(store, layers, scales, chunks, args.batch_size, seed=0)
-        n_batches = rows // args.batch_size
-        start = time.perf_counter()
-        for _ in range(n_batches):
-            stream.next_batch()
-        seconds = time.perf_counter() - start
+        rates, handed = [], 0
+        for epochs in (1, args.epochs):
+            n_batches = (handed + epochs * rows) // args.batch_size - handed // args.batch_size
+            start = time.perf_counter()
+            for _ in range(n_batches):
+                stream.next_batch()
+            rates.append(n_batches * args.batch_size / (time.perf_counter() - start))
+            handed += epochs * rows
         stream.close()
-        return n_batches * args.batch_size / seconds
+        return rates[0], rates[1]
 
     plain(), streamed()  # warm-up
-    plains, streams = [], []
+    plains, colds, streams = [], [], []
     for _ in range(args.repeats):
         plains.append(plain())
-        streams.append(streamed())
+        cold, warm = streamed()
+        colds.append(cold)
+        streams.append(warm)
     print(f"{len(layers)} layers × {len(chunks)} chunks = {rows:,} rows of d = {store.d_model}, batch {args.batch_size}, "
-          f"{cores} cores")
+          f"{cores} cores, {args.epochs} epochs timed")
     print(f"plain thread-pool decode to float32 {max(plains):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in plains)})")
     print(f"training stream                     {max(streams):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in streams)})")
+    print(f"  its first epoch (start-up)        {max(colds):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in colds)})")
     print(f"ratio stream / plain decode = {max(streams) / max(plains):.3f}   (target >= 0.9)")
 
 
@@ -215,6 +228,7 @@ if __name__ == "__main__":
     parser.add_argument("--tmp", default=".")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="feed: where to train")
     parser.add_argument("--chunks", type=int, default=8, help="stream: training chunks to read per layer")
+    parser.add_argument("--epochs", type=int, default=3, help="stream: epochs timed after the first")
     arguments = parser.parse_args()
     arguments.cache = os.path.abspath(arguments.cache)  # the subprocesses run from the repository root
     {"feed": feed, "stream": stream_rate, "groups": groups, "memory": memory}[arguments.what](arguments)

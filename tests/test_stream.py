@@ -1,0 +1,94 @@
+"""The training stream's window buffers: decoded in place for every storage dtype, reused, and safe to
+reuse across a resume while decodes are still running."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from stores import ActivationStore, compute_chunk_stats, to_float32
+from stores.stream import TrainingStream, split_chunks
+
+
+def _store(path, dtype: str) -> ActivationStore:
+    n_layers, d, chunk, n_tokens = 3, 8, 100, 1450  # a short last chunk
+    store = ActivationStore.create(str(path), n_layers=n_layers, d_model=d, n_tokens=n_tokens, chunk_tokens=chunk,
+                                   dtype=dtype)
+    rng = np.random.default_rng(0)
+    for c in range(-(-n_tokens // chunk)):
+        rows = min(chunk, n_tokens - c * chunk)
+        values = [rng.standard_normal((rows, d), dtype=np.float32) for _ in range(n_layers)]
+        if dtype == "bfloat16":
+            layers = [(torch.from_numpy(v).bfloat16().view(torch.int16).numpy().view(np.uint16)) for v in values]
+        else:
+            layers = [v.astype(dtype) for v in values]
+        store.write_chunk(c, layers, np.zeros(rows, dtype=np.int32), compute_chunk_stats(layers, dtype))
+    store.finalize()
+    return ActivationStore.open(str(path))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> ActivationStore:
+    return _store(tmp_path_factory.mktemp("stream") / "c", "float16")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_batches_are_the_stored_rows_scaled_for_every_dtype(tmp_path, dtype):
+    store = _store(tmp_path / "c", dtype)
+    train_chunks, _ = split_chunks(store, 0.1)
+    layers, scales = [0, 2], [0.5, 3.0]
+    stream = TrainingStream(store, layers, scales, train_chunks, batch_size=128, seed=2, window_chunks=4)
+    for _ in range(30):  # more than an epoch: windows of both buffers, a short last window, carried rows
+        batch = stream.next_batch()
+        for layer, scale in zip(layers, scales):
+            mask = batch.layers == layer
+            stored = store.layer_array(layer).get_orthogonal_selection((batch.rows[mask], slice(None)))
+            np.testing.assert_array_equal(batch.x[torch.from_numpy(mask)].numpy(),
+                                          to_float32(stored, store.dtype) * np.float32(scale))
+    stream.close()
+
+
+def test_window_buffers_are_reused(store):
+    train_chunks, _ = split_chunks(store, 0.1)
+    stream = TrainingStream(store, [0, 1], [1.0, 1.0], train_chunks, batch_size=100, seed=0, window_chunks=3)
+    pointers = set()
+    for _ in range(40):  # about six windows
+        stream.next_batch()
+        pointers.add(stream._current.values.untyped_storage().data_ptr())
+    assert len(pointers) == 2
+    stream.close()
+
+
+def test_resume_with_decodes_in_flight_gives_the_same_batches(store, monkeypatch):
+    """A rewind waits for the decodes already running: they write into the buffers it reuses."""
+    train_chunks, _ = split_chunks(store, 0.1)
+    args = (store, [0, 1, 2], [1.0, 2.0, 0.5], train_chunks, 96)
+    reference = TrainingStream(*args, seed=4, window_chunks=2)
+    expected = [reference.next_batch() for _ in range(60)]
+    reference.close()
+    stream = TrainingStream(*args, seed=4, window_chunks=2, workers=8)
+    for _ in range(23):
+        stream.next_batch()
+    state = stream.state_dict()
+    gate, read_into = threading.Event(), TrainingStream._read_into
+
+    def held_read_into(self, *args):
+        gate.wait()
+        read_into(self, *args)
+
+    monkeypatch.setattr(TrainingStream, "_read_into", held_read_into)
+    stream._schedule(state["window"] + 2)  # into the buffer of the window it rewinds to, held mid-way
+    running = [future for _, futures in stream._pending.values() for future in futures]
+    threading.Timer(0.2, gate.set).start()
+    stream.load_state_dict(state)
+    assert all(future.done() for future in running)
+    monkeypatch.undo()
+    for want in expected[23:]:
+        got = stream.next_batch()
+        np.testing.assert_array_equal(got.layers, want.layers)
+        np.testing.assert_array_equal(got.rows, want.rows)
+        assert torch.equal(got.x, want.x)
+    stream.close()
