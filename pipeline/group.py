@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pipeline.grouping import (
     compute_distances,
     parse_layers,
 )
-from stores import ActivationStore, read_side_file, write_side_file
+from stores import ActivationStore, list_side_files, read_side_file, remove_side_files, write_side_file
 
 METRICS = ("amad", "uniform")
 # 2: true contiguous complete linkage (format 1 came from scikit-learn's connectivity-constrained
@@ -62,6 +63,27 @@ def grouping_record(store: ActivationStore, metric: str) -> dict[str, Any] | Non
     return record if record.get("format") == GROUPING_FORMAT else None
 
 
+def _users_folder(metric: str) -> str:
+    return f"groups/used_by/{metric}"
+
+
+def mark_used(store: ActivationStore, metric: str, run: str) -> None:
+    """Record that ``run`` trained on the ``metric`` grouping: one small file per run, written whole, so
+    runs started at the same time (torchrun, several jobs) never overwrite each other's mark."""
+    name = hashlib.sha256(run.encode()).hexdigest()[:16]
+    write_side_file(store, f"{_users_folder(metric)}/{name}.json", json.dumps({"run": run}).encode())
+
+
+def runs_using(store: ActivationStore, metric: str, record: dict[str, Any] | None = None) -> list[str]:
+    """The runs marked as using the ``metric`` grouping (and those an older record listed in ``used_by``)."""
+    runs = list((record or {}).get("used_by", []))
+    for name in list_side_files(store, _users_folder(metric)):
+        data = read_side_file(store, f"{_users_folder(metric)}/{name}")
+        if data is not None:
+            runs.append(json.loads(data)["run"])
+    return sorted(set(runs))
+
+
 def load_grouping(store: ActivationStore, metric: str) -> Grouping | None:
     """The grouping saved next to the cache for ``metric``, if any."""
     record = grouping_record(store, metric)
@@ -103,10 +125,11 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
             grouping = Grouping.from_json(existing)
             return GroupResult(grouping, f"{store.path}/{result_name(request.metric)}",
                                existing.get("pictures", []), True, 0.0, notes)
-        if existing.get("used_by") and not request.force:
+        users = runs_using(store, request.metric, existing)
+        if users and not request.force:
             raise GsaeError(
                 f"{store.path}/{result_name(request.metric)} was made with other arguments and training runs "
-                f"use it ({', '.join(existing['used_by'][:3])}); pass --force to replace it"
+                f"use it ({', '.join(users[:3])}); pass --force to replace it"
             )
 
     started = time.perf_counter()
@@ -123,6 +146,7 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
         write_side_file(store, f"groups/{request.metric}-amad.png", amad_curve(grouping, title)),
     ]
     record = {"format": GROUPING_FORMAT, **grouping.to_json(), "arguments": arguments, "seconds": round(seconds, 3),
-              "pictures": pictures, "gsae_version": __version__, "used_by": []}
+              "pictures": pictures, "gsae_version": __version__}
     path = write_side_file(store, result_name(request.metric), json.dumps(record, indent=1).encode())
+    remove_side_files(store, _users_folder(request.metric))  # the runs keep their own record of the old one
     return GroupResult(grouping, path, pictures, False, seconds, notes)

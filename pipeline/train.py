@@ -19,14 +19,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline import __version__
 from pipeline.errors import GsaeError
 from pipeline.evaluate import layer_reconstruction
-from pipeline.group import grouping_record, result_name
+from pipeline.group import grouping_record, mark_used, result_name
 from pipeline.grouping import Grouping, layer_span, parse_layers
 from pipeline.models import pick_device
 from pipeline.progress import RateColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
 from pipeline.run import Run, RunConfig, cache_fingerprint, join, pack_training_state
 from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr
-from stores import ActivationStore, read_side_file, write_side_file
+from stores import ActivationStore
 from stores.stream import TrainingStream, split_chunks
 
 RUNS_ROOT = "runs"
@@ -162,16 +162,6 @@ def argument_changes(run: RunConfig, request: TrainRequest) -> list[str]:
     return [f"--{key.replace('_', '-')} {old.get(key)} → {new[key]}" for key in new if old.get(key) != new[key]]
 
 
-def _mark_grouping_used(store: ActivationStore, metric: str, run: str) -> None:
-    raw = read_side_file(store, result_name(metric))
-    if raw is None:
-        return
-    record = json.loads(raw)
-    if str(run) not in record.setdefault("used_by", []):
-        record["used_by"].append(str(run))
-        write_side_file(store, result_name(metric), json.dumps(record, indent=1).encode())
-
-
 def _store_of(config: RunConfig, cache: str, run: str) -> ActivationStore:
     store = ActivationStore.open(cache)
     if config.cache_fingerprint != cache_fingerprint(store):
@@ -207,7 +197,7 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
         return run, _store_of(existing, request.cache, path)
     run = Run.create(path, config)
     if config.grouping:
-        _mark_grouping_used(store, request.metric, path)
+        mark_used(store, request.metric, str(path))
     return run, store
 
 

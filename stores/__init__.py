@@ -10,9 +10,11 @@ from stores.activation_store import (
     compute_chunk_stats,
     default_chunk_tokens,
     is_local,
+    list_side_files,
     probe,
     read_seconds_writing,
     read_side_file,
+    remove_side_files,
     to_float32,
     write_seconds_writing,
     write_side_file,
@@ -21,6 +23,7 @@ from stores.codecs import STORAGE_DTYPES, activation_codecs
 
 __all__ = [
     "FLOAT16_MAX", "STORAGE_DTYPES", "ActivationStore", "ChunkStats", "PendingChunk", "StatsAccumulator", "StoreError", "activation_codecs",
-    "compute_chunk_stats", "default_chunk_tokens", "is_local", "probe", "read_seconds_writing", "read_side_file", "to_float32",
+    "compute_chunk_stats", "default_chunk_tokens", "is_local", "list_side_files", "probe", "read_seconds_writing",
+    "read_side_file", "remove_side_files", "to_float32",
     "write_seconds_writing", "write_side_file",
 ]

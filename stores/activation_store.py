@@ -13,7 +13,6 @@ import errno
 import json
 import math
 import threading
-import warnings
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,12 @@ import fsspec
 import numpy as np
 import torch
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
-from stores.codecs import STORAGE_DTYPES, activation_codecs, small_array_codecs
+from stores.codecs import STORAGE_DTYPES, activation_codecs, quiet_numcodecs, small_array_codecs
 
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 
 FORMAT_NAME = "gsae-activations"
 FORMAT_VERSION = 1
@@ -168,7 +167,8 @@ class ActivationStore:
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
         # opened once: indexing the group re-reads an array's metadata every time
-        self._layers = [group[f"layers/{layer}"] for layer in range(self.n_layers)]
+        with quiet_numcodecs():
+            self._layers = [group[f"layers/{layer}"] for layer in range(self.n_layers)]
         self._tokens = group["tokens"]
         self._chunk_stats = {name: group[f"stats/{name}"] for name in ("chunk_sum", "chunk_norm_sum", "chunk_overflow")}
         self._next_to_start = self.chunks_written
@@ -190,7 +190,8 @@ class ActivationStore:
         attributes: dict[str, Any] | None = None,
     ) -> "ActivationStore":
         """Create an empty, incomplete store at ``path`` (which must be absent or empty)."""
-        chain = activation_codecs(compression, dtype, *([keep_bits] if keep_bits is not None else []))
+        with quiet_numcodecs():
+            chain = activation_codecs(compression, dtype, *([keep_bits] if keep_bits is not None else []))
         n_chunks = math.ceil(n_tokens / chunk_tokens)
         array_dtype = STORAGE_DTYPES[dtype][0]
         attrs = {
@@ -217,10 +218,11 @@ class ActivationStore:
             )
             layers = group.create_group("layers")
             for layer in range(n_layers):
-                layers.create_array(
-                    str(layer), shape=(n_tokens, d_model), chunks=(chunk_tokens, d_model), dtype=array_dtype,
-                    filters=chain.filters, compressors=chain.compressors, fill_value=0, config=write_cfg,
-                )
+                with quiet_numcodecs():
+                    layers.create_array(
+                        str(layer), shape=(n_tokens, d_model), chunks=(chunk_tokens, d_model), dtype=array_dtype,
+                        filters=chain.filters, compressors=chain.compressors, fill_value=0, config=write_cfg,
+                    )
             stats = group.create_group("stats")
             for name, shape, dt in [
                 ("chunk_sum", (n_chunks, n_layers, d_model), "float64"),
@@ -324,7 +326,8 @@ class ActivationStore:
                    (self._chunk_stats["chunk_norm_sum"], chunk, stats.norm_sums),
                    (self._chunk_stats["chunk_overflow"], chunk, stats.overflow)]
         if self._unchecked is None:  # opened once, like the arrays: with_config builds a codec pipeline
-            self._unchecked = {array.path: array.with_config({"write_empty_chunks": True}) for array, _, _ in writes}
+            with quiet_numcodecs():
+                self._unchecked = {array.path: array.with_config({"write_empty_chunks": True}) for array, _, _ in writes}
         self._next_to_start = chunk + 1
         return start + n, [(array, self._unchecked[array.path], key, values) for array, key, values in writes]
 
@@ -391,8 +394,43 @@ class ActivationStore:
         return self._layers[layer]
 
     def read_rows(self, layer: int, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` of one layer as stored (bfloat16 comes back as uint16 bits)."""
-        return self._layers[layer][start:stop]
+        """Rows ``[start, stop)`` of one layer as stored (bfloat16 comes back as uint16 bits).
+
+        A chunk that fails its checksum or does not decode, and a chunk that is missing (zarr would
+        hand back zeros), raise :class:`StoreError` naming the cache, the layer and the rows."""
+        try:
+            values = self._layers[layer][start:stop]
+        except Exception as exc:  # a corrupt chunk fails its checksum or decompression; a disk read fails
+            raise self._read_error(layer, start, stop, _describe_decode_error(exc)) from None
+        self._check_chunks_present(layer, start, stop, values)
+        return values
+
+    def read_into(self, layer: int, start: int, stop: int, out: np.ndarray) -> None:
+        """:meth:`read_rows` decoded by zarr straight into ``out`` ((stop − start, d_model), the stored
+        array dtype): no allocation and copy per chunk.  The same errors."""
+        try:
+            self._layers[layer].get_basic_selection(
+                slice(start, stop), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+        except Exception as exc:  # a corrupt chunk fails its checksum or decompression; a disk read fails
+            raise self._read_error(layer, start, stop, _describe_decode_error(exc)) from None
+        self._check_chunks_present(layer, start, stop, out)
+
+    def _check_chunks_present(self, layer: int, start: int, stop: int, values: np.ndarray) -> None:
+        """zarr reads a missing chunk as its fill value (0; zarr-python issue #486). An activation row is
+        never all zeros, so only a chunk whose first row read is all zeros is looked up in the store."""
+        array = self._layers[layer]
+        for chunk in range(start // self.chunk_tokens, -(-stop // self.chunk_tokens)):
+            first = max(start, chunk * self.chunk_tokens)
+            if values[first - start].any():
+                continue
+            key = f"{array.path}/{array.metadata.encode_chunk_key((chunk, 0))}"
+            if not sync(array.store.exists(key)):
+                chunk_stop = min(stop, (chunk + 1) * self.chunk_tokens)
+                raise self._read_error(layer, first, chunk_stop, "chunk missing")
+
+    def _read_error(self, layer: int, start: int, stop: int, problem: str) -> StoreError:
+        return StoreError(f"cache {self.path}: layer {layer} rows {start:,}–{stop - 1:,} cannot be read ({problem}); "
+                          f"run `gsae verify --cache {self.path}` to list every damaged chunk")
 
     def read_chunk(self, layer: int, chunk: int) -> np.ndarray:
         return self.read_rows(layer, *self.readable_rows(chunk))
@@ -524,6 +562,22 @@ def read_side_file(store: ActivationStore, relative: str) -> bytes | None:
         return None
     with fs.open(path, "rb") as handle:
         return handle.read()
+
+
+def list_side_files(store: ActivationStore, relative: str) -> list[str]:
+    """Names of the files in a folder next to the arrays (none when it does not exist)."""
+    fs, path = fsspec.core.url_to_fs(_side_file(store, relative))
+    if not fs.exists(path):
+        return []
+    fs.invalidate_cache(path)  # s3fs caches listings: a marker written a moment ago must show
+    return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
+
+
+def remove_side_files(store: ActivationStore, relative: str) -> None:
+    """Remove a folder next to the arrays, and what it holds."""
+    fs, path = fsspec.core.url_to_fs(_side_file(store, relative))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 TIMING_FILE = "timing.json"

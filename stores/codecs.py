@@ -22,13 +22,25 @@ chain ends in CRC32C so a corrupt chunk is detected on read.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import BitRound
 
 COMPRESSIONS = ("lossless", "lossy")
+
+
+@contextlib.contextmanager
+def quiet_numcodecs() -> Iterator[None]:
+    """Silence zarr's warning that numcodecs codecs (BitRound, in lossy stores) are outside the Zarr v3
+    spec, where gsae builds or parses them: every lossy store open would print it.  Scoped, so the
+    process's own warning filters stay as they were."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+        yield
 ZSTD_LEVEL = 1
 BLOSC_BLOCK_BYTES = 256 * 1024
 DEFAULT_KEEP_BITS = 3

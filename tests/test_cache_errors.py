@@ -158,3 +158,43 @@ def test_debug_shows_the_traceback_that_the_one_line_error_hides(tmp_path, capsy
     monkeypatch.setenv("GSAE_DEBUG", "1")
     with pytest.raises(StoreError, match="no gsae cache"):
         run_cli(args, capsys)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tmp_path_factory):
+    """A cache with its grouping and a trained run, to damage copies of."""
+    root = tmp_path_factory.mktemp("damage")
+    assert run_cli(["cache", "--model", tiny_llama, "--cache", root / "c", "--tokens", 3000, "--context-length", 64,
+                    "--batch-size", 8, "--chunk-tokens", 500])[0] == 0
+    assert run_cli(["group", "--cache", root / "c"])[0] == 0
+    assert run_cli(["train", "--cache", root / "c", "--out", root / "r", "--groups", 1, "--tokens", 512,
+                    "--batch-size", 256])[0] == 0
+    return root
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+@pytest.mark.parametrize("command", ["train", "group", "eval"])
+def test_a_damaged_chunk_stops_with_one_line_naming_cache_layer_and_rows(damage, command, trained, tmp_path, capsys):
+    import shutil
+
+    cache = tmp_path / "c"
+    shutil.copytree(trained / "c", cache)
+    for chunk in (cache / "layers" / "1" / "c").iterdir():  # every chunk of layer 1: any reader meets one
+        target = chunk / "0"
+        if damage == "missing":
+            target.unlink()
+        else:
+            data = bytearray(target.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            target.write_bytes(bytes(data))
+    run = tmp_path / "r"
+    shutil.copytree(trained / "r", run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "cache": str(cache)}))
+    args = {"train": ["train", "--cache", cache, "--out", tmp_path / "new", "--groups", 1, "--tokens", 512,
+                      "--batch-size", 256],
+            "group": ["group", "--cache", cache, "--force", "--tokens", 1000],
+            "eval": ["eval", "--run", run, "--windows", 0]}[command]
+    line = _one_line_error(*run_cli(args, capsys)[::2])
+    assert f"cache {cache}: layer 1 rows" in line and "gsae verify" in line
+    assert ("chunk missing" if damage == "missing" else "checksum mismatch") in line

@@ -215,3 +215,22 @@ def test_group_refuses_missing_or_incomplete_cache(llama_cache, tmp_path, capsys
     assert code == 1 and "incomplete" in err and "--allow-partial" in err
     code, _, err = run_cli(["group", "--cache", partial, "--allow-partial", "--tokens", 300], capsys)
     assert code == 0, err
+
+
+def test_runs_marking_a_grouping_at_once_are_all_kept(llama_cache, capsys):
+    """Each run writes its own mark: 16 threads marking at once lose none (a shared list would)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.group import mark_used, runs_using
+
+    args = ["group", "--cache", llama_cache, "--tokens", 400, "--metric", "uniform", "--force"]
+    assert run_cli(args, capsys)[0] == 0
+    store = ActivationStore.open(str(llama_cache))
+    runs = [f"runs/r{i}" for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda run: mark_used(store, "uniform", run), runs))
+    assert runs_using(store, "uniform") == sorted(runs)
+    code, _, err = run_cli(["group", "--cache", llama_cache, "--tokens", 300, "--metric", "uniform"], capsys)
+    assert code == 1 and "training runs use it" in err and "runs/r0" in err
+    assert run_cli([*args[:-1], "--tokens", 300, "--force"], capsys)[0] == 0
+    assert runs_using(store, "uniform") == []  # a replaced grouping is used by nothing yet
