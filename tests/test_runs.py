@@ -280,3 +280,24 @@ def test_a_run_on_an_fsspec_url_equals_a_local_one(cache, tmp_path, capsys):
     assert fs.exists("/gsae-test/runs/r/export-saelens/blocks.0.hook_resid_post/sae_weights.safetensors")
     assert run_cli(["report", "--runs", remote, "--out", "memory://gsae-test/report"], capsys)[0] == 0
     assert "| amad-g2 |" in fs.cat_file("/gsae-test/report/report.md").decode()
+
+
+def test_the_install_declares_only_what_runs_and_extras_for_the_rest():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {dep.split(">")[0].split("=")[0].split("[")[0].strip().lower() for dep in project["dependencies"]}
+    assert "pytest" not in names and "psutil" not in names  # a test tool and an unused package
+    extras = project["optional-dependencies"]
+    assert {"test", "s3", "distributed", "saelens"} <= set(extras)
+    assert any(dep.startswith("pytest") for dep in extras["test"])
+
+
+def test_train_without_a_grouping_says_to_run_gsae_group(tiny_models, tmp_path, capsys):
+    cache = make_cache(tiny_models["neox"], tmp_path / "c", tokens=2000, context_length=32, batch_size=8,
+                       chunk_tokens=400)
+    code, _, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "r", "--tokens", 512], capsys)
+    assert code == 1 and "gsae group" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing half-made
+    assert run_cli(["train", "--cache", cache, "--out", tmp_path / "r", "--tokens", 512, "--batch-size", 256,
+                    "--baseline"], capsys)[0] == 0  # the baseline needs no grouping
