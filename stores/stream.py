@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from zarr.core.buffer import default_buffer_prototype
 
 from stores.activation_store import ActivationStore
 
@@ -119,9 +118,7 @@ class TrainingStream:
 
         zarr writes the decoded chunk into ``out`` itself: reading an array and copying it would cost a
         4 MiB allocation and copy per chunk, 5-10% of its decode."""
-        array = self.store.layer_array(layer)
-        target = out.view(torch.uint8).numpy().view(array.dtype)  # the stored bits (bfloat16 as uint16)
-        array.get_basic_selection(slice(start, stop), out=default_buffer_prototype().nd_buffer.from_numpy_array(target))
+        self.store.read_into(layer, start, stop, out.view(torch.uint8).numpy().view(self.store.layer_array(layer).dtype))
 
     def _schedule(self, window: int) -> None:
         """Start decoding ``window``: every (layer, chunk) of it into its slice of one buffer."""
