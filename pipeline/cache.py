@@ -5,6 +5,12 @@ statistics; compression and writing run on a pool of threads (every layer's chun
 several chunks in flight, bounded), so they overlap the next forward pass and use every core.  Chunks
 are committed in order, one by one, which makes a killed run resumable to the same bytes (see
 docs/store-format.md).
+
+Under torchrun (``torchrun --nproc-per-node N gsae cache ...``) every rank runs this: rank 0 creates or
+checks the store, then each rank writes a contiguous range of chunks, committing each with a marker,
+and rank 0 finalizes after a barrier.  Every rank cuts the corpus into the same windows and runs the
+same forward batches as one process would, skipping the batches that hold none of its rows, so the
+store is byte-identical to one written by a single process.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +33,7 @@ from pipeline.corpus import Corpus, WindowPlan, iter_windows, open_corpus, windo
 from pipeline.errors import GsaeError
 from pipeline.models import LoadedModel, block_output, load_model, pick_device, resolve_model_spec
 from pipeline.progress import make_progress
+from pipeline.ranks import Ranks, current as current_ranks
 from stores import (
     FLOAT16_MAX,
     STORAGE_DTYPES,
@@ -40,6 +47,7 @@ from stores import (
     read_seconds_writing,
     write_seconds_writing,
 )
+from stores.activation_store import fold_seconds_writing
 
 DEFAULT_TOKENS = 100_000
 DEFAULT_CONTEXT_LENGTH = 256
@@ -88,6 +96,7 @@ class CacheResult:
     already_complete: bool = False
     corpus_exhausted: bool = False
     overflow_values: list[int] = field(default_factory=list)
+    rank: int = 0  # under torchrun rank 0 reports for every rank; the others print nothing
 
     @property
     def bytes_per_value(self) -> float:
@@ -196,53 +205,70 @@ class _ForwardCapture:
 class _ChunkAssembler:
     """Collects rows from batches into whole chunks of the store, with their statistics.
 
-    Statistics are computed here, on the forward thread with torch's threads, segment by segment:
-    the segments of a chunk are the same in a resumed run, so the sums come out bit-identical."""
+    Only the chunks in ``chunks`` are assembled (this rank's uncommitted ones; default: every chunk from
+    the committed prefix on).  Statistics are computed here, on the forward thread with torch's threads,
+    segment by segment, a segment being a forward batch's rows inside one chunk: the batches are the
+    same in every run and on every rank, so the sums come out bit-identical."""
 
-    def __init__(self, store: ActivationStore, np_dtype: np.dtype):
+    def __init__(self, store: ActivationStore, np_dtype: np.dtype, chunks: Iterable[int] | None = None):
         self.store = store
         self.np_dtype = np_dtype
-        self.next_chunk = store.chunks_written
-        self.buffer: np.ndarray | None = None
-        self.tokens: np.ndarray | None = None
-        self.stats: StatsAccumulator | None = None
-        self.filled = 0
+        self.chunks = set(range(store.chunks_written, store.n_chunks_planned) if chunks is None else chunks)
+        self.open: dict[int, _Open] = {}
 
-    def add(self, layers: list[torch.Tensor], tokens: np.ndarray) -> Iterator[_Chunk]:
-        position = 0
-        while position < len(tokens):
-            if self.buffer is None:
-                start, stop = self.store.chunk_rows(self.next_chunk)
-                self.buffer = np.empty((len(layers), stop - start, self.store.d_model), dtype=self.np_dtype)
-                self.tokens = np.empty(stop - start, dtype=np.int32)
-                self.stats = StatsAccumulator(len(layers), self.store.d_model, self.store.dtype)
-                self.filled = 0
-            take = min(len(tokens) - position, self.buffer.shape[1] - self.filled)
-            target = torch.from_numpy(self.buffer)
+    def add(self, row: int, layers: list[torch.Tensor], tokens: np.ndarray) -> Iterator[_Chunk]:
+        """Take the rows ``[row, row + len(tokens))`` of one batch; yield the chunks they complete."""
+        step = self.store.chunk_tokens
+        stop = row + len(tokens)
+        for chunk in range(row // step, -(-stop // step)):
+            if chunk not in self.chunks:
+                continue
+            chunk_start, chunk_stop = self.store.chunk_rows(chunk)
+            first, last = max(row, chunk_start), min(stop, chunk_stop)
+            if first >= last:
+                continue
+            part = self.open.get(chunk)
+            if part is None:
+                part = self.open[chunk] = _Open(
+                    np.empty((len(layers), chunk_stop - chunk_start, self.store.d_model), dtype=self.np_dtype),
+                    np.empty(chunk_stop - chunk_start, dtype=np.int32),
+                    StatsAccumulator(len(layers), self.store.d_model, self.store.dtype))
+            if first - chunk_start != part.filled:
+                raise RuntimeError(f"chunk {chunk}: rows from {first} given, {chunk_start + part.filled} expected")
+            take = last - first
+            target = torch.from_numpy(part.buffer)
             if self.store.dtype == "bfloat16":
                 target = target.view(torch.int16)
             for layer, values in enumerate(layers):
-                segment = values[position : position + take]
-                target[layer, self.filled : self.filled + take].copy_(segment)
-                self.stats.add(layer, segment)
-            self.tokens[self.filled : self.filled + take] = tokens[position : position + take]
-            self.filled += take
-            position += take
-            if self.filled == self.buffer.shape[1]:
-                yield self._emit()
+                segment = values[first - row : last - row]
+                target[layer, part.filled : part.filled + take].copy_(segment)
+                part.stats.add(layer, segment)
+            part.tokens[part.filled : part.filled + take] = tokens[first - row : last - row]
+            part.filled += take
+            if part.filled == part.buffer.shape[1]:
+                yield self._emit(chunk)
 
     def flush(self) -> _Chunk | None:
         """The last, short chunk when the corpus ran out before the planned tokens."""
-        if self.buffer is None or self.filled == 0:
-            return None
-        self.buffer, self.tokens = self.buffer[:, : self.filled], self.tokens[: self.filled]
-        return self._emit()
+        for chunk, part in sorted(self.open.items()):
+            if part.filled:
+                part.buffer, part.tokens = part.buffer[:, : part.filled], part.tokens[: part.filled]
+                return self._emit(chunk)
+        return None
 
-    def _emit(self) -> _Chunk:
-        chunk = _Chunk(self.next_chunk, self.buffer, self.tokens, self.stats.result())
-        self.next_chunk += 1
-        self.buffer = self.tokens = self.stats = None
-        return chunk
+    def _emit(self, chunk: int) -> _Chunk:
+        part = self.open.pop(chunk)
+        return _Chunk(chunk, part.buffer, part.tokens, part.stats.result())
+
+
+@dataclass
+class _Open:
+    """A chunk being assembled."""
+
+    buffer: np.ndarray  # (n_layers, rows, d_model) in the storage dtype
+    tokens: np.ndarray
+    stats: StatsAccumulator
+    filled: int = 0
 
 
 @dataclass
@@ -258,8 +284,8 @@ class ChunkWriter:
     commits them in order on the calling thread.  At most ``max_pending`` chunks are in flight: the
     forward pass waits (back-pressure) rather than letting memory grow."""
 
-    def __init__(self, store: ActivationStore, threads: int, seconds_before: float):
-        self.store, self.seconds_before = store, seconds_before
+    def __init__(self, store: ActivationStore, threads: int, seconds_before: float, rank: int | None = None):
+        self.store, self.seconds_before, self.rank = store, seconds_before, rank  # rank: several writers
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-writer")
         # enough chunks in flight to keep every thread busy, and at least two to overlap the forward
         self.max_pending = max(2, -(-2 * threads // (store.n_layers + 4)))
@@ -284,7 +310,8 @@ class ChunkWriter:
     def _commit_oldest(self) -> None:
         self.store.finish_chunk(self.pending.popleft())  # re-raises a write error (disk full) here
         # time spent producing activations so far, summed over resumed runs: the "A" of the paper's cost
-        write_seconds_writing(self.store, self.seconds_before + time.perf_counter() - self.started)
+        # (with several writers, each rank's own seconds in a part of its own: see write_seconds_writing)
+        write_seconds_writing(self.store, self.seconds_before + time.perf_counter() - self.started, self.rank)
 
     def close(self) -> None:
         for pending in self.pending:
@@ -360,37 +387,51 @@ def _check_recipe(path: str, stored: dict[str, Any], wanted: dict[str, Any]) -> 
 
 
 class _TokenCheck:
-    """On resume, compares the regenerated tokens of already-written rows with the stored ones,
-    so a changed corpus or tokenizer is caught instead of mixing two caches."""
+    """On resume, compares the regenerated tokens of already-committed rows with the stored ones,
+    so a changed corpus or tokenizer is caught instead of mixing two caches.
 
-    def __init__(self, store: ActivationStore, block: int = 1 << 16):
+    ``chunks`` (chunk -> committed rows) are the chunks to check: this rank's committed ones, so that
+    every committed chunk is checked by the rank that owns it."""
+
+    def __init__(self, store: ActivationStore, chunks: dict[int, int], block: int = 1 << 16):
         self.store = store
-        self.position = 0
-        self.limit = store.tokens_written
+        self.chunks = chunks
         self.block = block
+        self.start = 0  # first row of the pending run
         self.pending: list[np.ndarray] = []
         self.pending_rows = 0
 
-    def feed(self, tokens: np.ndarray) -> None:
-        tokens = tokens[: self.limit - self.position - self.pending_rows]
-        if len(tokens):
-            self.pending.append(tokens)
-            self.pending_rows += len(tokens)
-        if self.pending_rows >= self.block or self.position + self.pending_rows >= self.limit:
-            self._compare()
+    def feed(self, row: int, tokens: np.ndarray) -> None:
+        """The regenerated tokens of rows ``[row, row + len(tokens))``; committed ones are compared."""
+        step = self.store.chunk_tokens
+        stop = row + len(tokens)
+        for chunk in range(row // step, -(-stop // step)):
+            if chunk not in self.chunks:
+                continue
+            first, last = max(row, chunk * step), min(stop, chunk * step + self.chunks[chunk])
+            if first >= last:
+                continue
+            if self.pending_rows and self.start + self.pending_rows != first:
+                self.flush()  # a gap: compare the run so far
+            if not self.pending_rows:
+                self.start = first
+            self.pending.append(tokens[first - row : last - row])
+            self.pending_rows += last - first
+            if self.pending_rows >= self.block:
+                self.flush()
 
-    def _compare(self) -> None:
+    def flush(self) -> None:
+        """Compare what was fed so far (before any new chunk is written, so a mismatch writes nothing)."""
         if not self.pending_rows:
             return
         regenerated = np.concatenate(self.pending)
-        stored = self.store.tokens(self.position, self.position + len(regenerated))
+        stored = self.store.tokens(self.start, self.start + len(regenerated))
         if not np.array_equal(regenerated, stored):
-            row = self.position + int(np.argmax(regenerated != stored))
+            row = self.start + int(np.argmax(regenerated != stored))
             raise GsaeError(
                 f"{self.store.path} was made from other tokens (first difference at row {row:,}); the corpus "
                 "or tokenizer changed since, so it cannot be resumed: choose another --cache"
             )
-        self.position += len(regenerated)
         self.pending, self.pending_rows = [], 0
 
 
@@ -408,17 +449,27 @@ def _corpus_too_short_error(corpus: Corpus, tokenizer: Any, plan: WindowPlan) ->
 
 
 def build_cache(request: CacheRequest, console: Any) -> CacheResult:
-    """Stage one. Creates or resumes the store and fills it; returns what was done."""
+    """Stage one. Creates or resumes the store and fills it; returns what was done.
+
+    Under torchrun every rank calls this: rank 0 creates or checks the store while the others wait,
+    each rank fills its own chunks (:func:`fill_store`), and rank 0 finalizes.  Only rank 0 prints."""
+    ranks = current_ranks()
+    if not ranks.first:
+        from rich.console import Console
+
+        console = Console(quiet=True)  # progress and notes from rank 0 only
     _validate(request)
     spec = resolve_model_spec(request.model, request.revision)
     path = request.cache or default_cache_path(spec.slug)
-    state = probe(path)
+    if ranks.world > 1:
+        torch.set_num_threads(ranks.threads())  # ranks on one machine share its cores
+    state = probe(path) if ranks.first else "shared"
     created_folder = _prepare_folder(path) if state == "absent" else False
     store: ActivationStore | None = None
     try:
         corpus = open_corpus(request.dataset, text_field=request.text_field, split=request.split,
                              config=request.dataset_config)
-        device = pick_device(request.device)
+        device = ranks.device(pick_device(request.device))
         with console.status(f"loading {spec.model_id} ..."):
             lm = load_model(spec, device)
         plan = window_plan(lm.tokenizer, request.context_length, request.prepend_bos)
@@ -432,21 +483,37 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
             raise _corpus_too_short_error(corpus, lm.tokenizer, plan)
         windows = itertools.chain([first_window], windows)
 
+        complete = False
         if state == "store":
             store = ActivationStore.open(path, mode="r+", allow_partial=True)
             _check_recipe(path, store.attrs.get("recipe", {}), recipe)
-            if store.complete:
-                return _result(store, 0.0, 0, store.tokens_written, already_complete=True)
-            store.remove_stale_temporaries()
-        else:
+            complete = store.complete
+            if complete:  # a run killed inside finalize may have left its markers and timing parts
+                store.remove_markers()
+                fold_seconds_writing(store)
+            else:
+                store.remove_stale_temporaries()  # no rank writes yet: the others wait below
+        elif state == "absent":
             chunk_tokens = request.chunk_tokens or default_chunk_tokens(lm.d_model, request.dtype)
             store = ActivationStore.create(
                 path, n_layers=lm.n_layers, d_model=lm.d_model, n_tokens=request.tokens,
                 chunk_tokens=chunk_tokens, dtype=request.dtype, compression=request.compression,
                 keep_bits=request.keep_bits, attributes=attributes,
             )
+        # the other ranks wait here until rank 0 has created or checked the store (one rank creating:
+        # several creating with mode="w" crash or deadlock), then open it r+
+        complete = ranks.broadcast_from_first(complete)
+        if not ranks.first:
+            store = ActivationStore.open(path, mode="r+", allow_partial=True)
+        if complete:
+            if not ranks.first:
+                return _rank_result(store, ranks)
+            return _result(store, 0.0, 0, store.tokens_written, already_complete=True)
+        if ranks.world > 1:
+            store.use_markers()
         return fill_store(store, lm, windows, batch_size=request.batch_size, first_row=first_row,
-                          rows_per_window=rows_per_window, console=console, write_threads=request.write_threads)
+                          rows_per_window=rows_per_window, console=console, write_threads=request.write_threads,
+                          ranks=ranks)
     finally:
         if store is None and created_folder:
             _remove_if_empty(path)
@@ -459,65 +526,108 @@ def _remove_if_empty(path: str) -> None:
         pass
 
 
+def rank_chunks(n_chunks: int, ranks: Ranks) -> range:
+    """The chunks a rank writes: a contiguous range, the ranks in order, sizes differing by at most one.
+
+    Contiguous, because a forward batch that straddles two ranks' chunks is run by both (each keeps its
+    own rows): one such batch per boundary, where chunks dealt round-robin would cost one per chunk
+    whenever a chunk is smaller than a batch (the default 4 MiB chunk of SmolLM2 is 3,640 rows, a batch
+    of 16 windows of 256 is 4,080)."""
+    return range(ranks.rank * n_chunks // ranks.world, (ranks.rank + 1) * n_chunks // ranks.world)
+
+
 def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[int]], *, batch_size: int,
-               first_row: int, rows_per_window: int, console: Any, write_threads: int | None = None) -> CacheResult:
-    """Run ``windows`` through the model in batches and write the stored rows until the store holds
-    its planned tokens or the windows run out; resumes after the rows already committed."""
-    start_row = store.tokens_written
-    batch = batch_size
-    # Resume at the batch that holds the first unwritten row, with the same batch boundaries as the
-    # first run: the forward pass then sees identical inputs and produces identical bytes.
-    first_batch = (start_row // rows_per_window) // batch
-    skip_rows = start_row - first_batch * batch * rows_per_window
-    check = _TokenCheck(store)
-    for window in itertools.islice(windows, first_batch * batch):
-        check.feed(np.asarray(window[first_row:], dtype=np.int32))
+               first_row: int, rows_per_window: int, console: Any, write_threads: int | None = None,
+               ranks: Ranks = Ranks()) -> CacheResult:
+    """Run ``windows`` through the model in batches and write this rank's uncommitted chunks until the
+    store holds its planned tokens or the windows run out, then (rank 0) finalize.
+
+    Every run and every rank cuts the windows into the same batches as an uninterrupted single process
+    (batch ``b`` is windows ``[b·batch_size, (b+1)·batch_size)``): the forward pass sees identical inputs
+    and produces identical bytes.  A batch holding none of this rank's uncommitted rows is not run, its
+    tokens only compared with the stored ones where they are committed."""
+    world = ranks.world > 1
+    if not world:
+        fold_seconds_writing(store)  # one writer after several: their parts into timing.json first
+    committed = store.committed_chunks()
+    resumed_from = sum(committed.values())
+    mine = rank_chunks(store.n_chunks_planned, ranks)
+    todo = [chunk for chunk in mine if chunk not in committed]
+    check = _TokenCheck(store, {chunk: rows for chunk, rows in committed.items() if chunk in mine})
+    first_mine = store.chunk_rows(mine.start)[0] if mine else 0
+    end_row = store.chunk_rows(mine.stop - 1)[1] if mine else 0  # windows are needed up to here
 
     np_dtype = np.dtype(STORAGE_DTYPES[store.dtype][0])
-    assembler = _ChunkAssembler(store, np_dtype)
+    assembler = _ChunkAssembler(store, np_dtype, todo)
     capture = _ForwardCapture(lm, first_row, store.dtype)
-    seconds_before = read_seconds_writing(store) or 0.0
-    writer = ChunkWriter(store, write_threads or os.cpu_count() or 1, seconds_before)
-    rows_done = start_row
+    part = ranks.rank if world else None
+    seconds_before = read_seconds_writing(store, part) or 0.0
+    writer = ChunkWriter(store, write_threads or ranks.threads(), seconds_before, part)
+    row = 0  # first row of the next batch
+    rows_this_run = 0
+    next_todo = 0  # index in todo of the first chunk not wholly before ``row``
     exhausted = False
     started = time.perf_counter()
 
     progress = make_progress(console)
     try:
         with progress:
-            task = progress.add_task("caching", total=store.tokens_planned, completed=start_row)
-            while rows_done < store.tokens_planned:
-                group = list(itertools.islice(windows, batch))
-                if len(group) < batch and not group:
+            task = progress.add_task("caching", total=end_row - first_mine,
+                                     completed=sum(rows for chunk, rows in committed.items() if chunk in mine))
+            while row < end_row:
+                group = list(itertools.islice(windows, batch_size))
+                if not group:
                     exhausted = True
                     break
-                input_ids = torch.tensor(group, dtype=torch.long, device=lm.device)
-                layers = capture.run(input_ids)
-                tokens = input_ids[:, first_row:].reshape(-1).to(torch.int32).cpu().numpy()
-                if skip_rows:
-                    check.feed(tokens[:skip_rows])
-                    layers = [values[skip_rows:] for values in layers]
-                    tokens, skip_rows = tokens[skip_rows:], 0
-                keep = min(len(tokens), store.tokens_planned - rows_done)
-                for item in assembler.add([values[:keep] for values in layers], tokens[:keep]):
-                    writer.submit(item)
-                rows_done += keep
-                progress.update(task, completed=rows_done)
-                if len(group) < batch:
-                    exhausted = rows_done < store.tokens_planned
+                stop = min(row + len(group) * rows_per_window, store.tokens_planned)
+                while next_todo < len(todo) and store.chunk_rows(todo[next_todo])[1] <= row:
+                    next_todo += 1
+                if next_todo < len(todo) and store.chunk_rows(todo[next_todo])[0] < stop:
+                    input_ids = torch.tensor(group, dtype=torch.long, device=lm.device)
+                    layers = capture.run(input_ids)
+                    tokens = input_ids[:, first_row:].reshape(-1).to(torch.int32).cpu().numpy()[: stop - row]
+                    check.feed(row, tokens)
+                    check.flush()  # before any new chunk of this batch is written
+                    for item in assembler.add(row, [values[: stop - row] for values in layers], tokens):
+                        writer.submit(item)
+                        rows_this_run += len(item.tokens)
+                else:  # none of this rank's rows to write: only check the committed ones
+                    check.feed(row, np.asarray(group, dtype=np.int32)[:, first_row:].reshape(-1)[: stop - row])
+                progress.update(task, completed=max(0, min(stop, end_row) - first_mine))
+                row = stop
+                if len(group) < batch_size:
+                    exhausted = row < end_row
                     break
             if exhausted and (last := assembler.flush()) is not None:
                 writer.submit(last)
+                rows_this_run += len(last.tokens)
+            check.flush()
             writer.drain()
     finally:
         capture.close()
         writer.close()
+    if world and not ranks.first:  # this rank's seconds, then rank 0 finalizes once every rank is here
+        write_seconds_writing(store, seconds_before + time.perf_counter() - started, part)
+    outcomes = ranks.gather_to_first({ranks.rank: (exhausted, rows_this_run)})
+    if not ranks.first:
+        return _rank_result(store, ranks)
+    if world:
+        store.refresh_commits()  # the other ranks' markers
     if store.tokens_written == 0:
         raise GsaeError("the corpus gave no rows to write")
-    store.finalize()
+    store.finalize(exhausted=any(ran_out for ran_out, _ in outcomes.values()))
     elapsed = time.perf_counter() - started
-    write_seconds_writing(store, seconds_before + elapsed)
-    return _result(store, elapsed, rows_done - start_row, start_row, corpus_exhausted=exhausted)
+    write_seconds_writing(store, seconds_before + elapsed, part)
+    fold_seconds_writing(store)
+    return _result(store, elapsed, sum(rows for _, rows in outcomes.values()), resumed_from,
+                   corpus_exhausted=store.tokens_written < store.tokens_planned)
+
+
+def _rank_result(store: ActivationStore, ranks: Ranks) -> CacheResult:
+    """What a rank other than 0 returns: rank 0 reports for all (nothing here is printed)."""
+    return CacheResult(path=store.path, tokens_written=0, tokens_planned=store.tokens_planned,
+                       n_layers=store.n_layers, d_model=store.d_model, bytes_on_disk=0, raw_bytes=0, elapsed=0.0,
+                       tokens_this_run=0, resumed_from=0, rank=ranks.rank)
 
 
 def _result(store: ActivationStore, elapsed: float, tokens_this_run: int, resumed_from: int,

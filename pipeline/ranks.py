@@ -40,6 +40,16 @@ class Ranks:
             merged.update(item)
         return merged
 
+    def broadcast_from_first(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank; the others wait here until rank 0 sends it."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.first else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist

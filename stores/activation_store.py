@@ -1,9 +1,11 @@
 """The on-disk activation store: one Zarr v3 group per cache (layout in docs/store-format.md).
 
 Writers create the store, write whole chunks (every layer's chunk, the tokens and the per-chunk
-statistics) and then commit the chunk by advancing ``chunks_written`` in the group attributes.
-Zarr's local store replaces files atomically, so a killed writer leaves at worst an uncommitted
-chunk that the resumed run overwrites with the same bytes.
+statistics) and then commit the chunk.  One writer commits by advancing ``chunks_written`` in the group
+attributes; several writers (``gsae cache`` under torchrun) each write a commit marker per chunk,
+``commits/<chunk>_<rows>.json``, and only the first rank touches the attributes, at :meth:`finalize`.
+Zarr's local store replaces files atomically and object stores write an object whole, so a killed
+writer leaves at worst an uncommitted chunk that the resumed run overwrites with the same bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import errno
 import json
 import math
+import re
 import threading
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +36,8 @@ FORMAT_NAME = "gsae-activations"
 FORMAT_VERSION = 1
 TARGET_CHUNK_BYTES = 4 * 2**20
 FLOAT16_MAX = 65504.0
+COMMITS = "commits"  # the folder of per-chunk commit markers (stores written by several writers)
+_MARKER = re.compile(r"^(\d+)_(\d+)\.json$")  # commits/<chunk>_<rows>.json: a listing alone tells the rows
 
 
 class StoreError(Exception):
@@ -171,8 +176,13 @@ class ActivationStore:
             self._layers = [group[f"layers/{layer}"] for layer in range(self.n_layers)]
         self._tokens = group["tokens"]
         self._chunk_stats = {name: group[f"stats/{name}"] for name in ("chunk_sum", "chunk_norm_sum", "chunk_overflow")}
-        self._next_to_start = self.chunks_written
         self._unchecked: dict[str, zarr.Array] | None = None  # write handles, see _write_target
+        # chunk -> rows of every committed chunk; a complete store needs no list (all rows are committed)
+        self._committed: dict[int, int] = {}
+        self.markers = False  # commits are per-chunk markers (several writers), not the attribute counter
+        if not self.complete:
+            self.refresh_commits()
+        self._next_to_start = self.chunks_written
 
     # ---------------------------------------------------------------- creation and opening
     @classmethod
@@ -260,9 +270,73 @@ class ActivationStore:
     dtype = property(lambda self: str(self.attrs["dtype"]))
     chunk_tokens = property(lambda self: int(self.attrs["chunk_tokens"]))
     tokens_planned = property(lambda self: int(self.attrs["tokens_planned"]))
-    tokens_written = property(lambda self: int(self.attrs["tokens_written"]))
-    chunks_written = property(lambda self: int(self.attrs["chunks_written"]))
     complete = property(lambda self: bool(self.attrs["complete"]))
+
+    @property
+    def chunks_written(self) -> int:
+        """Chunks of the committed prefix: every chunk before it is committed (all chunks when complete).
+
+        With several writers the committed chunks need not be a prefix while the store is written;
+        partial readers see the prefix only, and :meth:`committed_chunks` lists them all."""
+        if self.complete:
+            return int(self.attrs["chunks_written"])
+        return self._prefix()[0]
+
+    @property
+    def tokens_written(self) -> int:
+        """Rows of the committed prefix (all rows when complete)."""
+        if self.complete:
+            return int(self.attrs["tokens_written"])
+        return self._prefix()[1]
+
+    def _prefix(self) -> tuple[int, int]:
+        chunks, rows = 0, 0
+        while chunks in self._committed:
+            start, stop = self.chunk_rows(chunks)
+            rows = start + self._committed[chunks]
+            chunks += 1
+            if rows < stop:  # a short chunk (the corpus ran out) ends the store
+                break
+        return chunks, rows
+
+    def committed_chunks(self) -> dict[int, int]:
+        """Every committed chunk and its rows, as known since the last :meth:`refresh_commits`."""
+        if self.complete:
+            return {chunk: min(self.chunk_rows(chunk)[1], self.tokens_written) - chunk * self.chunk_tokens
+                    for chunk in range(self.chunks_written)}
+        return dict(self._committed)
+
+    def refresh_commits(self) -> None:
+        """Re-read which chunks are committed: the attribute counter (one writer, and stores written before
+        markers existed) and the markers under ``commits/`` (several writers); a chunk is committed if
+        either says so."""
+        counted, written = int(self.attrs["chunks_written"]), int(self.attrs["tokens_written"])
+        committed = {chunk: min(self.chunk_rows(chunk)[1], written) - chunk * self.chunk_tokens
+                     for chunk in range(counted)}
+        markers = self._list_markers()
+        committed.update(markers)
+        self._committed = committed
+        self.markers = self.markers or bool(markers)
+
+    def _list_markers(self) -> dict[int, int]:
+        fs, root = fsspec.core.url_to_fs(self.path)
+        folder = f"{root.rstrip('/')}/{COMMITS}"
+        fs.invalidate_cache(folder)  # s3fs caches listings: markers other ranks wrote a moment ago must show
+        try:
+            names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            return {}
+        found = {}
+        for name in names:
+            match = _MARKER.match(name)
+            if match:  # anything else (a *.partial temporary of a killed writer) is not a commit
+                found[int(match[1])] = int(match[2])
+        return found
+
+    def use_markers(self) -> None:
+        """Commit by per-chunk markers from now on (for several writers); the attributes stay untouched
+        until :meth:`finalize`, which only the first rank runs."""
+        self.markers = True
 
     @property
     def n_tokens(self) -> int:
@@ -312,10 +386,13 @@ class ActivationStore:
         """The ``_put`` arguments (array, the same with empty chunks written, key, values) of one chunk's
         writes, and the row after its last.
 
-        Chunks are started in order: ``chunk`` must be the next one not yet started.  A chunk holds its
-        planned rows, except a last, short one when the source ran out (then :meth:`finalize`)."""
-        if chunk != self._next_to_start:
+        Chunks are started in increasing order (with the attribute counter: each the next one not yet
+        started), and never one already committed.  A chunk holds its planned rows, except a last, short
+        one when the source ran out (then :meth:`finalize`)."""
+        if chunk < self._next_to_start or (not self.markers and chunk != self._next_to_start):
             raise RuntimeError(f"chunk {chunk} written out of order (next is {self._next_to_start})")
+        if chunk in self._committed:
+            raise RuntimeError(f"chunk {chunk} is already committed")
         start, planned_stop = self.chunk_rows(chunk)
         n = len(tokens)
         if not 0 < n <= planned_stop - start or any(a.shape != (n, self.d_model) for a in layers):
@@ -332,22 +409,61 @@ class ActivationStore:
         return start + n, [(array, self._unchecked[array.path], key, values) for array, key, values in writes]
 
     def finish_chunk(self, pending: PendingChunk) -> None:
-        """Wait for a started chunk's writes, then commit it (advance ``chunks_written``)."""
-        if pending.chunk != self.chunks_written:
+        """Wait for a started chunk's writes, then commit it: write its marker (several writers) or
+        advance ``chunks_written`` (one writer)."""
+        if not self.markers and pending.chunk != self.chunks_written:
             raise RuntimeError(f"chunk {pending.chunk} committed out of order (next is {self.chunks_written})")
+        rows = pending.stop - pending.chunk * self.chunk_tokens
         try:
             for future in pending.futures:
                 future.result()
-            self._set_attrs(chunks_written=pending.chunk + 1, tokens_written=pending.stop)
+            if self.markers:
+                self._write_marker(pending.chunk, rows)
+            else:
+                self._set_attrs(chunks_written=pending.chunk + 1, tokens_written=pending.stop)
         except OSError as exc:
             raise _write_error(self.path, exc) from None
+        self._committed[pending.chunk] = rows
 
-    def finalize(self, extra_attributes: dict[str, Any] | None = None) -> None:
-        """Write the exact mean and mean norm, shrink to the rows written, and mark complete."""
-        n = self.tokens_written
+    def _write_marker(self, chunk: int, rows: int) -> None:
+        """One small object per chunk, written whole through the group's zarr store: a temporary file
+        renamed into place on local disks (LocalStore), a single PUT on object storage (FsspecStore).
+        No writer ever rewrites a file another one writes, so nothing is lost between ranks (the
+        attributes, one ``zarr.json`` rewritten whole from each process's copy, would lose commits)."""
+        body = json.dumps({"chunk": chunk, "rows": rows}).encode()
+        prefix = f"{self.group.path}/" if self.group.path else ""
+        key = f"{prefix}{COMMITS}/{chunk}_{rows}.json"
+        sync(self.group.store.set(key, default_buffer_prototype().buffer.from_bytes(body)))
+
+    def remove_markers(self) -> None:
+        """Delete the commit markers of a complete store (they only record progress while it is written,
+        and a store written by several writers then has the same files as one written by one)."""
+        fs, root = fsspec.core.url_to_fs(self.path)
+        folder = f"{root.rstrip('/')}/{COMMITS}"
+        fs.invalidate_cache(folder)
+        try:
+            fs.rm(folder, recursive=True)
+        except FileNotFoundError:
+            pass
+        fs.invalidate_cache(folder)
+
+    def finalize(self, extra_attributes: dict[str, Any] | None = None, *, exhausted: bool = False) -> None:
+        """Write the exact mean and mean norm, shrink to the rows written, and mark complete.
+
+        Run by one process (the first rank) after every writer has finished.  The store is the committed
+        prefix: it must be every planned row, or end where the source ran out (a short last chunk, or
+        ``exhausted`` when it ran out at a chunk boundary); committed chunks past it are an error."""
+        if self.markers:
+            self.refresh_commits()  # the other ranks' markers
+        n_chunks, n = self._prefix()
         if n == 0:
             raise StoreError(f"cache {self.path} has no rows to finalize")
-        n_chunks = self.chunks_written
+        short = n < self.chunk_rows(n_chunks - 1)[1]
+        if n < self.tokens_planned and not (short or exhausted):
+            raise StoreError(f"cache {self.path}: chunk {n_chunks} was not written; re-run the same command to resume")
+        if any(chunk >= n_chunks for chunk in self._committed):
+            raise StoreError(f"cache {self.path} has chunks committed past row {n:,}, where the source ran out; "
+                             "choose another --cache")
         try:
             if n < self.tokens_planned:  # the corpus ran out: shrink every array to what was written
                 self._unchecked = None  # its handles hold the old shape
@@ -368,8 +484,13 @@ class ActivationStore:
                                overwrite=True)[:] = (sums / n).astype(np.float32)
             stats.create_array("norm", shape=norm_sums.shape, dtype="float32", compressors=small_array_codecs(),
                                overwrite=True)[:] = (norm_sums / n).astype(np.float32)
-            self._set_attrs(**(extra_attributes or {}), overflow_values=overflow.tolist())
+            # the committed prefix becomes the counter (several writers never advanced it), with the rest
+            # in one metadata write: the same zarr.json whatever wrote the chunks
+            self._set_attrs(**(extra_attributes or {}), chunks_written=n_chunks, tokens_written=n,
+                            overflow_values=overflow.tolist())
             self._set_attrs(complete=True)  # last, so nothing incomplete ever looks complete
+            if self.markers:
+                self.remove_markers()
         except OSError as exc:
             raise _write_error(self.path, exc) from None
 
@@ -581,17 +702,41 @@ def remove_side_files(store: ActivationStore, relative: str) -> None:
 
 
 TIMING_FILE = "timing.json"
+TIMING_PARTS = "timing"  # timing/<rank>.json: each rank's own seconds while several ranks write
 
 
-def write_seconds_writing(store: ActivationStore, seconds: float) -> None:
+def write_seconds_writing(store: ActivationStore, seconds: float, rank: int | None = None) -> None:
     """Record the seconds spent producing the activations (summed over resumed runs).
 
     Kept in a side file, not the attributes: wall-clock time differs between a resumed and an
-    uninterrupted run, and the store itself must end byte-identical."""
-    write_side_file(store, TIMING_FILE, json.dumps({"seconds_writing": round(seconds, 3)}).encode())
+    uninterrupted run, and the store itself must end byte-identical.  With several writers each rank
+    records its own seconds in ``timing/<rank>.json`` (no two processes write one file), and
+    :func:`fold_seconds_writing` sums them into ``timing.json`` when the store is finalized."""
+    relative = TIMING_FILE if rank is None else f"{TIMING_PARTS}/{rank}.json"
+    write_side_file(store, relative, json.dumps({"seconds_writing": round(seconds, 3)}).encode())
 
 
-def read_seconds_writing(store: ActivationStore) -> float | None:
-    """The recorded seconds spent producing the activations, or None for a cache that has none."""
-    data = read_side_file(store, TIMING_FILE)
+def _seconds_in(store: ActivationStore, relative: str) -> float | None:
+    data = read_side_file(store, relative)
     return float(json.loads(data)["seconds_writing"]) if data is not None else None
+
+
+def read_seconds_writing(store: ActivationStore, rank: int | None = None) -> float | None:
+    """The recorded seconds spent producing the activations (``timing.json`` plus any ranks' parts not
+    yet folded in), or one rank's part; None for a cache that has none."""
+    if rank is not None:
+        return _seconds_in(store, f"{TIMING_PARTS}/{rank}.json")
+    found = [_seconds_in(store, TIMING_FILE)]
+    found += [_seconds_in(store, f"{TIMING_PARTS}/{name}") for name in list_side_files(store, TIMING_PARTS)
+              if name.endswith(".json")]
+    known = [seconds for seconds in found if seconds is not None]
+    return round(sum(known), 3) if known else None
+
+
+def fold_seconds_writing(store: ActivationStore) -> None:
+    """Sum the ranks' parts into ``timing.json`` and delete them (nothing to do when there are none)."""
+    if not list_side_files(store, TIMING_PARTS):
+        return
+    total = read_seconds_writing(store) or 0.0
+    write_side_file(store, TIMING_FILE, json.dumps({"seconds_writing": round(total, 3)}).encode())
+    remove_side_files(store, TIMING_PARTS)
