@@ -21,6 +21,7 @@ whole first window is decoded, into buffers it first has to fault in) is printed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the gsae command sets it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.sae import SparseAutoencoder, default_lr  # noqa: E402
-from pipeline.train import train_step  # noqa: E402
+from pipeline.ranks import Ranks  # noqa: E402
+from pipeline.train import decode_threads, train_step  # noqa: E402
 from stores import ActivationStore, compute_chunk_stats  # noqa: E402
 from stores.stream import TrainingStream, split_chunks  # noqa: E402
 
@@ -45,6 +48,15 @@ from stores.stream import TrainingStream, split_chunks  # noqa: E402
 def feed(args) -> None:
     store = ActivationStore.open(args.cache)
     layers = list(range(args.first_layer, args.first_layer + args.group_size))
+    _feed_ratio(store, layers, args, "")
+    if args.s3:  # the same layers and chunks copied into moto's S3 server on loopback
+        with _moto_bucket() as bucket:
+            remote = _copy_store(store, layers, args.chunks, f"{bucket}/feed")
+            _feed_ratio(remote, list(range(len(layers))), args, f"S3 (moto on loopback, {args.chunks} chunks) ")
+
+
+def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> None:
+    """Steps fed by the store's stream ÷ the same steps fed from batches already in memory."""
     scales = [float(1 / store.norm[l]) for l in layers]
     train_chunks, _ = split_chunks(store, 0.05)
     n_latents = int(store.d_model * args.expansion)
@@ -65,13 +77,17 @@ def feed(args) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    stream = TrainingStream(store, layers, scales, train_chunks, args.batch_size, seed=0, device=device)
+    def new_stream() -> TrainingStream:  # as gsae train makes it: its decode threads (more for remote stores)
+        return TrainingStream(store, layers, scales, train_chunks, args.batch_size, seed=0, device=device,
+                              workers=decode_threads(store.path, Ranks()))
+
+    stream = new_stream()
     batches = [stream.next_batch().x.clone() for _ in range(args.steps)]
     stream.close()
     from_store, in_memory = [], []
     for _ in range(args.repeats):
         sae, opt, fired = fresh()
-        stream = TrainingStream(store, layers, scales, train_chunks, args.batch_size, seed=0, device=device)
+        stream = new_stream()
         step(sae, opt, fired, stream.next_batch().x)  # warm-up (first window decode)
         sync()
         start = time.perf_counter()
@@ -88,11 +104,49 @@ def feed(args) -> None:
             step(sae, opt, fired, x)
         sync()
         in_memory.append((time.perf_counter() - start) / args.steps)
-    print(f"SAE {store.d_model}→{n_latents}, k={args.k}, batch {args.batch_size}, layers {layers}, {args.steps} steps, "
-          f"on {device}")
+    print(f"{label}SAE {store.d_model}→{n_latents}, k={args.k}, batch {args.batch_size}, layers {layers}, "
+          f"{args.steps} steps, on {device}, {decode_threads(store.path, Ranks())} decode threads")
     print(f"fed by the store   {1000 * min(from_store):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in from_store)})")
     print(f"fed from memory    {1000 * min(in_memory):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in in_memory)})")
-    print(f"ratio store / memory = {min(from_store) / min(in_memory):.3f}   (target <= 1.10)")
+    print(f"{label}ratio store / memory = {min(from_store) / min(in_memory):.3f}   (target <= 1.10)")
+
+
+@contextlib.contextmanager
+def _moto_bucket() -> Iterator[str]:
+    """moto's S3 server on a free loopback port, with dummy credentials in the environment: ``s3://bench``."""
+    import logging
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+        yield "s3://bench"
+    finally:
+        server.stop()
+
+
+def _copy_store(store: ActivationStore, layers: list[int], n_chunks: int, target: str) -> ActivationStore:
+    """A store at ``target`` holding ``layers`` (renumbered from 0) for the first ``n_chunks`` chunks."""
+    rows = store.readable_rows(n_chunks - 1)[1]
+    copy = ActivationStore.create(target, n_layers=len(layers), d_model=store.d_model, n_tokens=rows,
+                                  chunk_tokens=store.chunk_tokens, dtype=store.dtype,
+                                  compression=store.attrs["codec"]["compression"])
+    for chunk in range(n_chunks):
+        start, stop = store.readable_rows(chunk)
+        values = [store.read_rows(layer, start, stop) for layer in layers]
+        copy.write_chunk(chunk, values, store.tokens(start, stop), compute_chunk_stats(values, store.dtype))
+    copy.finalize()
+    return ActivationStore.open(target)
 
 
 def stream_rate(args) -> None:
@@ -162,6 +216,7 @@ def groups(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--cache", args.cache, "--tokens", str(args.tokens), "--expansion", str(args.expansion),
                   "--batch-size", str(args.batch_size), "--checkpoint-every", "100000"]
+        _gsae("group", "--cache", args.cache)  # the grouping --groups takes its partition from (reused if made)
         baseline = _gsae("train", *common, "--baseline", "--out", f"{tmp}/baseline")
         grouped = _gsae("train", *common, "--groups", str(args.groups), "--out", f"{tmp}/groups")
         per_sae = {name: json.load(open(f"{tmp}/{name}/summary.json"))["train_seconds"] for name in ("baseline", "groups")}
@@ -229,6 +284,8 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="feed: where to train")
     parser.add_argument("--chunks", type=int, default=8, help="stream: training chunks to read per layer")
     parser.add_argument("--epochs", type=int, default=3, help="stream: epochs timed after the first")
+    parser.add_argument("--s3", action="store_true", help="feed: also from a copy of --chunks chunks in moto's S3 "
+                        "server on loopback (needs s3fs and moto: pip install -e '.[test]')")
     arguments = parser.parse_args()
     arguments.cache = os.path.abspath(arguments.cache)  # the subprocesses run from the repository root
     {"feed": feed, "stream": stream_rate, "groups": groups, "memory": memory}[arguments.what](arguments)
