@@ -60,6 +60,7 @@ def _local_path(path: str) -> Path:
 def probe(path: str) -> str:
     """``"absent"`` (nothing there, or an empty folder), ``"store"`` (a gsae cache), else raise."""
     fs, root = fsspec.core.url_to_fs(str(path))
+    fs.invalidate_cache(root)  # s3fs caches listings: a store another process wrote since must show
     if not fs.exists(root):
         return "absent"
     if fs.isfile(root):
@@ -386,10 +387,10 @@ class ActivationStore:
         """The ``_put`` arguments (array, the same with empty chunks written, key, values) of one chunk's
         writes, and the row after its last.
 
-        Chunks are started in increasing order (with the attribute counter: each the next one not yet
-        started), and never one already committed.  A chunk holds its planned rows, except a last, short
-        one when the source ran out (then :meth:`finalize`)."""
-        if chunk < self._next_to_start or (not self.markers and chunk != self._next_to_start):
+        With the attribute counter chunks are started in order: ``chunk`` must be the next one not yet
+        started; with markers in any order.  Never a chunk already committed.  A chunk holds its planned
+        rows, except a last, short one when the source ran out (then :meth:`finalize`)."""
+        if not self.markers and chunk != self._next_to_start:
             raise RuntimeError(f"chunk {chunk} written out of order (next is {self._next_to_start})")
         if chunk in self._committed:
             raise RuntimeError(f"chunk {chunk} is already committed")
@@ -456,14 +457,16 @@ class ActivationStore:
         if self.markers:
             self.refresh_commits()  # the other ranks' markers
         n_chunks, n = self._prefix()
+        short = n_chunks > 0 and n < self.chunk_rows(n_chunks - 1)[1]
+        if any(chunk >= n_chunks for chunk in self._committed):
+            if short:
+                raise StoreError(f"cache {self.path} has chunks committed past row {n:,}, where the source ran "
+                                 "out; choose another --cache")
+            raise StoreError(f"cache {self.path}: chunk {n_chunks} was not written; re-run the same command to resume")
         if n == 0:
             raise StoreError(f"cache {self.path} has no rows to finalize")
-        short = n < self.chunk_rows(n_chunks - 1)[1]
         if n < self.tokens_planned and not (short or exhausted):
             raise StoreError(f"cache {self.path}: chunk {n_chunks} was not written; re-run the same command to resume")
-        if any(chunk >= n_chunks for chunk in self._committed):
-            raise StoreError(f"cache {self.path} has chunks committed past row {n:,}, where the source ran out; "
-                             "choose another --cache")
         try:
             if n < self.tokens_planned:  # the corpus ran out: shrink every array to what was written
                 self._unchecked = None  # its handles hold the old shape
@@ -538,14 +541,16 @@ class ActivationStore:
 
     def _check_chunks_present(self, layer: int, start: int, stop: int, values: np.ndarray) -> None:
         """zarr reads a missing chunk as its fill value (0; zarr-python issue #486). An activation row is
-        never all zeros, so only a chunk whose first row read is all zeros is looked up in the store."""
+        almost never all zeros, so only a chunk whose first row read is all zeros is looked up in the
+        store; an absent chunk is damage when its recorded statistics say it held non-zero values (an
+        all-zero chunk is legitimately absent: zarr does not store chunks equal to the fill value)."""
         array = self._layers[layer]
         for chunk in range(start // self.chunk_tokens, -(-stop // self.chunk_tokens)):
             first = max(start, chunk * self.chunk_tokens)
             if values[first - start].any():
                 continue
             key = f"{array.path}/{array.metadata.encode_chunk_key((chunk, 0))}"
-            if not sync(array.store.exists(key)):
+            if not sync(array.store.exists(key)) and self._chunk_stats["chunk_norm_sum"][chunk, layer] > 0:
                 chunk_stop = min(stop, (chunk + 1) * self.chunk_tokens)
                 raise self._read_error(layer, first, chunk_stop, "chunk missing")
 
@@ -679,6 +684,7 @@ def write_side_file(store: ActivationStore, relative: str, data: bytes) -> str:
 def read_side_file(store: ActivationStore, relative: str) -> bytes | None:
     """The bytes of a file next to the arrays, or None if it does not exist."""
     fs, path = fsspec.core.url_to_fs(_side_file(store, relative))
+    fs.invalidate_cache(path)  # s3fs caches listings (and answers exists() from them)
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as handle:
@@ -688,17 +694,19 @@ def read_side_file(store: ActivationStore, relative: str) -> bytes | None:
 def list_side_files(store: ActivationStore, relative: str) -> list[str]:
     """Names of the files in a folder next to the arrays (none when it does not exist)."""
     fs, path = fsspec.core.url_to_fs(_side_file(store, relative))
+    fs.invalidate_cache(path)  # s3fs caches listings: a marker written a moment ago must show
     if not fs.exists(path):
         return []
-    fs.invalidate_cache(path)  # s3fs caches listings: a marker written a moment ago must show
     return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
 
 
 def remove_side_files(store: ActivationStore, relative: str) -> None:
     """Remove a folder next to the arrays, and what it holds."""
     fs, path = fsspec.core.url_to_fs(_side_file(store, relative))
+    fs.invalidate_cache(path)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+    fs.invalidate_cache(path)
 
 
 TIMING_FILE = "timing.json"

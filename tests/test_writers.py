@@ -1,0 +1,227 @@
+"""Several writers of one store: `gsae cache` under torchrun (2 CPU ranks over gloo), per-chunk commit
+markers, per-writer resume after kill -9, old stores with only the attribute counter, and S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+from stores import ActivationStore, read_seconds_writing
+
+CONTEXT = 32
+
+
+def _args(model: Path, cache: str | Path, tokens: int, chunk_tokens: int = 50) -> list[str]:
+    return ["cache", "--model", str(model), "--cache", str(cache), "--tokens", str(tokens), "--context-length",
+            str(CONTEXT), "--batch-size", "4", "--chunk-tokens", str(chunk_tokens), "--write-threads", "1"]
+
+
+def _torchrun(args: list[str], ranks: int = 2) -> subprocess.Popen:
+    """``torchrun --standalone --nproc-per-node N cli.py ARGS`` (a free rendezvous port of its own)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               "cli.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-4000:]
+    return out, err
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file of a cache but timing.json (wall-clock time differs between runs by nature)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "timing.json"}
+
+
+def _markers(cache: Path) -> int:
+    return len(list((cache / "commits").glob("*.json"))) if (cache / "commits").is_dir() else 0
+
+
+def test_torchrun_two_ranks_give_the_bytes_of_one_process(tiny_neox, tmp_path, capsys):
+    # 1500 rows, chunks of 50 rows, batches of 4 windows of 31 rows: batches straddle chunks and the
+    # ranks' boundary (chunk 15, row 750 is inside batch 6), and the last chunk is whole
+    assert run_cli(_args(tiny_neox, tmp_path / "one", 1500), capsys)[0] == 0
+    out, err = _finish(_torchrun(_args(tiny_neox, tmp_path / "two", 1500)))
+    assert _tree_bytes(tmp_path / "two") == _tree_bytes(tmp_path / "one")
+    assert not (tmp_path / "two" / "commits").exists() and not (tmp_path / "two" / "timing").exists()
+    assert "1,500" in out  # rank 0's summary counts every rank's rows
+    store = ActivationStore.open(str(tmp_path / "two"))
+    assert store.complete and store.n_tokens == 1500 and read_seconds_writing(store) > 0
+
+
+def test_torchrun_when_the_corpus_runs_out(tiny_neox, tmp_path, capsys):
+    """The corpus ends inside rank 0's chunks: rank 1 has nothing to write, rank 0 writes a short chunk."""
+    text = tmp_path / "short.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    args = [*_args(tiny_neox, tmp_path / "one", 100000, chunk_tokens=96), "--dataset", str(text)]
+    assert run_cli(args, capsys)[0] == 0
+    args[args.index(str(tmp_path / "one"))] = str(tmp_path / "two")
+    _, err = _finish(_torchrun(args))
+    assert _tree_bytes(tmp_path / "two") == _tree_bytes(tmp_path / "one")
+    assert 0 < ActivationStore.open(str(tmp_path / "two")).n_tokens < 100000
+
+
+def test_killed_rank_resumes_to_identical_bytes(tiny_neox, tmp_path, capsys):
+    args = _args(tiny_neox, tmp_path / "whole", 12000)
+    assert run_cli(args, capsys)[0] == 0
+    killed = tmp_path / "killed"
+    args[args.index(str(tmp_path / "whole"))] = str(killed)
+    process = _torchrun(args)
+    deadline = time.time() + 180
+    while _markers(killed) < 30 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "the run finished before it could be killed; raise --tokens"
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "no torchrun workers found"
+    os.kill(int(workers[-1]), signal.SIGKILL)  # one rank; torchrun then stops the other
+    process.communicate(timeout=60)
+    assert process.returncode != 0
+
+    partial = ActivationStore.open(str(killed), allow_partial=True)
+    committed = partial.committed_chunks()
+    assert not partial.complete and 0 < len(committed) < partial.n_chunks_planned
+    assert partial.attrs["chunks_written"] == 0  # several writers never touch the attribute counter
+    # partial readers see the committed prefix only
+    assert partial.n_tokens == partial.tokens_written <= sum(committed.values())
+    with pytest.raises(Exception, match="incomplete"):
+        ActivationStore.open(str(killed))
+    before = {name: (killed / name).stat().st_mtime_ns for name in
+              [f"layers/0/c/{chunk}/0" for chunk in committed]}
+
+    _finish(_torchrun(args))
+    assert _tree_bytes(killed) == _tree_bytes(tmp_path / "whole")
+    # a committed chunk is not written again: each rank redoes only its own uncommitted chunks
+    assert before == {name: (killed / name).stat().st_mtime_ns for name in before}
+
+
+def test_old_store_with_only_the_attribute_counter_opens_and_resumes(tiny_neox, tmp_path, capsys):
+    """A store written by one process (attribute counter, no markers), killed half way, resumed by a
+    single process and by two ranks."""
+    args = _args(tiny_neox, tmp_path / "whole", 3000)
+    assert run_cli(args, capsys)[0] == 0
+    whole = _tree_bytes(tmp_path / "whole")
+    for name, resume in [("single", run_cli), ("torchrun", None)]:
+        old = tmp_path / name
+        assert run_cli(_args(tiny_neox, old, 3000), capsys)[0] == 0
+        _rewind_to(old, chunks=23)  # as a killed single writer leaves it
+        partial = ActivationStore.open(str(old), allow_partial=True)
+        assert not partial.markers and partial.tokens_written == 23 * 50 and partial.n_chunks == 23
+        assert np.array_equal(partial.tokens(), ActivationStore.open(str(tmp_path / "whole")).tokens(0, 1150))
+        if resume is not None:
+            assert resume(_args(tiny_neox, old, 3000), capsys)[0] == 0
+        else:
+            _finish(_torchrun(_args(tiny_neox, old, 3000)))
+        assert _tree_bytes(old) == whole, name
+
+
+def _rewind_to(cache: Path, chunks: int) -> None:
+    """Turn a complete single-writer store back into one killed after ``chunks`` commits: the attribute
+    counter, no statistics, chunk files beyond the counter left in place (as a killed run leaves them)."""
+    meta = json.loads((cache / "zarr.json").read_text())
+    attributes = meta["attributes"]
+    attributes.update(chunks_written=chunks, tokens_written=chunks * attributes["chunk_tokens"], complete=False)
+    for key in ("overflow_values",):
+        attributes.pop(key, None)
+    (cache / "zarr.json").write_text(json.dumps(meta, indent=2))
+    import shutil
+
+    for name in ("mean", "norm"):
+        shutil.rmtree(cache / "stats" / name)
+
+
+def test_markers_commit_chunks_out_of_order(tmp_path):
+    """Chunks committed by markers need not be a prefix; readers see the prefix; finalize needs all."""
+    from stores import StoreError, compute_chunk_stats
+
+    sizes = [40, 40, 40, 17]
+    store = ActivationStore.create(str(tmp_path / "c"), n_layers=2, d_model=8, n_tokens=sum(sizes), chunk_tokens=40)
+    store.use_markers()
+    rng = np.random.default_rng(0)
+    layers = [rng.standard_normal((sum(sizes), 8)).astype(np.float16) for _ in range(2)]
+    tokens = rng.integers(0, 100, sum(sizes), dtype=np.int32)
+
+    def write(chunk: int, target: ActivationStore) -> None:
+        rows = slice(chunk * 40, chunk * 40 + sizes[chunk])
+        values = [layer[rows] for layer in layers]
+        target.write_chunk(chunk, values, tokens[rows], compute_chunk_stats(values, "float16"))
+
+    other = ActivationStore.open(str(tmp_path / "c"), mode="r+", allow_partial=True)
+    other.use_markers()
+    write(1, store)
+    write(3, store)
+    write(2, other)  # a second writer of the same store
+    reader = ActivationStore.open(str(tmp_path / "c"), allow_partial=True)
+    assert sorted(reader.committed_chunks()) == [1, 2, 3] and reader.n_tokens == 0
+    with pytest.raises(StoreError, match="chunk 0 was not written"):
+        store.finalize()
+    write(0, other)
+    reader = ActivationStore.open(str(tmp_path / "c"), allow_partial=True)
+    assert reader.n_tokens == 137 and reader.chunks_written == 4
+    store.finalize()
+    done = ActivationStore.open(str(tmp_path / "c"))
+    assert done.attrs["chunks_written"] == 4 and done.attrs["tokens_written"] == 137
+    assert not (tmp_path / "c" / "commits").exists()
+    np.testing.assert_array_equal(done.read_rows(1, 0, 137), layers[1])
+
+
+def _s3_objects(url: str) -> dict[str, bytes]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    root = url.removeprefix("s3://")
+    return {path[len(root):]: fs.cat_file(path) for path in sorted(fs.find(root))
+            if not path.endswith("/timing.json")}
+
+
+def test_remote_cache_killed_with_kill_9_resumes_to_identical_bytes(tiny_neox, bucket, tmp_path, capsys):
+    args = _args(tiny_neox, f"{bucket}/whole", 6000)
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    killed = f"{bucket}/killed"
+    args[args.index(f"{bucket}/whole")] = killed
+    command = [sys.executable, "-c", "import cli; cli.main()", *args]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    zarr_json = f"{killed.removeprefix('s3://')}/zarr.json"
+    deadline = time.time() + 180
+
+    def chunks_written() -> int:
+        try:
+            return json.loads(fs.cat_file(zarr_json))["attributes"]["chunks_written"]
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    while chunks_written() < 20 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed; raise --tokens"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = ActivationStore.open(killed, allow_partial=True)
+    assert not partial.complete and 0 < partial.tokens_written < 6000
+
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert _s3_objects(killed) == _s3_objects(f"{bucket}/whole")
+
+
+def test_remote_torchrun_gives_the_bytes_of_one_process(tiny_neox, bucket, capsys):
+    args = _args(tiny_neox, f"{bucket}/one", 1500)
+    assert run_cli(args, capsys)[0] == 0
+    args[args.index(f"{bucket}/one")] = f"{bucket}/two"
+    _finish(_torchrun(args))
+    assert _s3_objects(f"{bucket}/two") == _s3_objects(f"{bucket}/one")
