@@ -114,20 +114,14 @@ def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> 
 @contextlib.contextmanager
 def _moto_bucket() -> Iterator[str]:
     """moto's S3 server on a free loopback port, with dummy credentials in the environment: ``s3://bench``."""
-    import logging
-    import socket
-
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from s3_local import start_moto
+
+    server, endpoint = start_moto()
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1")
     try:
         s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
         yield "s3://bench"

@@ -134,19 +134,10 @@ def make_cache(model: Path, path: Path, tokens: int, context_length: int, batch_
 def s3_server():
     """moto's S3 server on a free loopback port for the whole session; every process started from the
     tests (subprocesses, Dask workers) finds it and its dummy credentials through the environment."""
-    import logging
-    import socket
-
     pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
+    from s3_local import start_moto
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    server, endpoint = start_moto()
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="gsae-test", AWS_SECRET_ACCESS_KEY="gsae-test",
