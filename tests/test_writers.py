@@ -164,6 +164,8 @@ def test_markers_commit_chunks_out_of_order(tmp_path):
     write(2, other)  # a second writer of the same store
     reader = ActivationStore.open(str(tmp_path / "c"), allow_partial=True)
     assert sorted(reader.committed_chunks()) == [1, 2, 3] and reader.n_tokens == 0
+    assert reader.markers  # a store holding markers is committed by markers, whoever opens it
+    assert reader.attrs["chunks_written"] == 0  # several writers leave the attributes to finalize
     with pytest.raises(StoreError, match="chunk 0 was not written"):
         store.finalize()
     write(0, other)
@@ -186,7 +188,7 @@ def _s3_objects(url: str) -> dict[str, bytes]:
 
 
 def test_remote_cache_killed_with_kill_9_resumes_to_identical_bytes(tiny_neox, bucket, tmp_path, capsys):
-    args = _args(tiny_neox, f"{bucket}/whole", 6000)
+    args = _args(tiny_neox, f"{bucket}/whole", 3000)
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
     killed = f"{bucket}/killed"
@@ -206,13 +208,13 @@ def test_remote_cache_killed_with_kill_9_resumes_to_identical_bytes(tiny_neox, b
         except (OSError, ValueError, KeyError):
             return 0
 
-    while chunks_written() < 20 and process.poll() is None and time.time() < deadline:
+    while chunks_written() < 15 and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert process.poll() is None, "the run finished before it could be killed; raise --tokens"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     partial = ActivationStore.open(killed, allow_partial=True)
-    assert not partial.complete and 0 < partial.tokens_written < 6000
+    assert not partial.complete and 0 < partial.tokens_written < 3000
 
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
