@@ -145,6 +145,8 @@ def cache(
         write_threads=write_threads,
     )
     result = build_cache(request, console)
+    if result.rank:  # under torchrun rank 0 reports for every rank
+        return
     if result.already_complete:
         console.print(f"[green]cache {result.path} is already complete[/]; nothing to do")
     if result.corpus_exhausted:

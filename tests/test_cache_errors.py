@@ -127,7 +127,9 @@ def test_disk_full_leaves_a_resumable_incomplete_cache(tiny_neox, tmp_path, caps
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c"), capsys)[::2])
     assert "disk full" in line
     attrs = json.loads((tmp_path / "c" / "zarr.json").read_text())["attributes"]
-    assert attrs["complete"] is False and attrs["chunks_written"] == 1
+    # chunk 0 committed before the disk filled; a chunk written in parallel before that may be committed
+    # too (its data reached the disk), but never the chunks after the disk filled: 4 are planned
+    assert attrs["complete"] is False and 1 <= attrs["chunks_written"] < 4
 
     monkeypatch.setattr(LocalStore, "set", real_set)
     assert run_cli(_args(tiny_neox, tmp_path / "c"), capsys)[0] == 0
