@@ -66,12 +66,7 @@ def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, com
     writer = ChunkWriter(store, threads, 0.0)
     cpu = _cpu_seconds()
     start = time.perf_counter()
-    try:
-        for chunk in chunks:
-            writer.submit(chunk)
-        writer.drain()
-    finally:
-        writer.close()
+    writer.write_all(chunks)
     return time.perf_counter() - start, _cpu_seconds() - cpu
 
 

@@ -319,6 +319,15 @@ class ChunkWriter:
                 future.cancel()
         self.pool.shutdown(wait=True)
 
+    def write_all(self, chunks: Iterable[_Chunk]) -> None:
+        """Write and commit every chunk, then stop the pool (also when a write fails)."""
+        try:
+            for chunk in chunks:
+                self.submit(chunk)
+            self.drain()
+        finally:
+            self.close()
+
 
 def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: WindowPlan,
                 rows_per_window: int, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:

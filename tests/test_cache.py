@@ -297,13 +297,7 @@ def test_chunk_writer_writes_the_bytes_of_plain_zarr_writes(tmp_path):
         reference.group.update_attributes({"chunks_written": chunk.index + 1, "tokens_written": stop})
     for threads in (1, 2):
         store = _new_store(tmp_path / f"t{threads}", sizes)
-        writer = ChunkWriter(store, threads, 0.0)
-        try:
-            for chunk in chunks:
-                writer.submit(chunk)
-            writer.drain()
-        finally:
-            writer.close()
+        ChunkWriter(store, threads, 0.0).write_all(chunks)
         assert _tree_bytes(tmp_path / f"t{threads}") == _tree_bytes(tmp_path / "zarr")
     files = _tree_bytes(tmp_path / "t2")
     assert "layers/0/c/1/0" not in files and "layers/1/c/1/0" in files  # all-zero left out, -0.0 kept
@@ -346,13 +340,7 @@ def test_chunk_writer_on_a_store_outside_local_files(tmp_path):
     chunks = _writer_chunks(3, 16, sizes)
     store = ActivationStore.create(f"memory://gsae-test-{os.getpid()}-{time.time_ns()}/c", n_layers=3, d_model=16,
                                    n_tokens=sum(sizes), chunk_tokens=sizes[0])
-    writer = ChunkWriter(store, 2, 0.0)
-    try:
-        for chunk in chunks:
-            writer.submit(chunk)
-        writer.drain()
-    finally:
-        writer.close()
+    ChunkWriter(store, 2, 0.0).write_all(chunks)
     assert store.chunks_written == 3
     for layer in range(3):
         np.testing.assert_array_equal(store.read_rows(layer, 0, sum(sizes)),
