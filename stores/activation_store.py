@@ -539,6 +539,16 @@ class ActivationStore:
             raise self._read_error(layer, start, stop, _describe_decode_error(exc)) from None
         self._check_chunks_present(layer, start, stop, out)
 
+    def read_selected(self, layer: int, rows: np.ndarray) -> np.ndarray:
+        """The given rows of one layer, in the given order (as stored): :meth:`read_rows`' errors."""
+        try:
+            values = self._layers[layer].get_orthogonal_selection((rows, slice(None)))
+        except Exception as exc:  # a corrupt chunk fails its checksum or decompression; a disk read fails
+            raise self._read_error(layer, int(rows.min()), int(rows.max()) + 1, _describe_decode_error(exc)) from None
+        for i in np.flatnonzero(~values.any(axis=1)):  # a zero row may come from a missing chunk
+            self._check_chunks_present(layer, int(rows[i]), int(rows[i]) + 1, values[i : i + 1])
+        return values
+
     def _check_chunks_present(self, layer: int, start: int, stop: int, values: np.ndarray) -> None:
         """zarr reads a missing chunk as its fill value (0; zarr-python issue #486). An activation row is
         almost never all zeros, so only a chunk whose first row read is all zeros is looked up in the

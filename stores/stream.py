@@ -149,7 +149,7 @@ class TrainingStream:
         out = torch.empty(len(ids), self.store.d_model, dtype=self._dtype)
         for layer in np.unique(ids[:, 0]):
             mask = ids[:, 0] == layer
-            block = self.store.layer_array(int(layer)).get_orthogonal_selection((ids[mask, 1], slice(None)))
+            block = self.store.read_selected(int(layer), ids[mask, 1])
             out[torch.from_numpy(mask)] = as_tensor(block, self.store.dtype)
         return out
 
