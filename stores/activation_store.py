@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.indexing import BasicIndexer
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
@@ -98,7 +99,7 @@ class _InlineExecutor(ThreadPoolExecutor):
 
 
 class _ThreadLoop:
-    """One writer thread's own event loop; closed when the thread ends and drops its locals."""
+    """One thread's own event loop (writers, decoders); closed when the thread ends and drops its locals."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -109,6 +110,30 @@ class _ThreadLoop:
 
 
 _thread_loops = threading.local()
+
+
+def _own_loop(array: zarr.Array) -> asyncio.AbstractEventLoop | None:
+    """The calling thread's own event loop for ``array``'s I/O, or None where zarr's loop must do it:
+    stores whose file systems are bound to zarr's loop (fsspec), and threads already running a loop
+    (a notebook's main thread cannot run another one)."""
+    if not isinstance(array.store, (LocalStore, MemoryStore)) or asyncio._get_running_loop() is not None:
+        return None
+    holder = getattr(_thread_loops, "holder", None)
+    if holder is None:
+        holder = _thread_loops.holder = _ThreadLoop()
+    return holder.loop
+
+
+def _get(array: zarr.Array, rows: slice, out: np.ndarray | None = None) -> np.ndarray:
+    """``array[rows]`` (into ``out`` when given), decoded on the calling thread: on its own event loop,
+    as :func:`_put` writes (zarr's one loop thread capped a thread-pool decode at ~70% of 2 cores)."""
+    buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out) if out is not None else None
+    loop = _own_loop(array)
+    if loop is None:
+        return array.get_basic_selection(rows, out=buffer)
+    indexer = BasicIndexer(rows, array.shape, array.metadata.chunk_grid)
+    return loop.run_until_complete(array.async_array._get_selection(
+        indexer, out=buffer, prototype=default_buffer_prototype()))
 
 
 def _put(array: zarr.Array, unchecked: zarr.Array, key: Any, values: np.ndarray) -> None:
@@ -122,13 +147,11 @@ def _put(array: zarr.Array, unchecked: zarr.Array, key: Any, values: np.ndarray)
     stores with no state tied to zarr's loop (local files, memory); fsspec stores keep zarr's loop.
     ``unchecked`` is ``array`` with ``write_empty_chunks`` on, see :func:`_write_target`."""
     target = _write_target(array, unchecked, values)
-    if not isinstance(array.store, (LocalStore, MemoryStore)):
+    loop = _own_loop(array)
+    if loop is None:
         target[key] = values
         return
-    holder = getattr(_thread_loops, "holder", None)
-    if holder is None:
-        holder = _thread_loops.holder = _ThreadLoop()
-    holder.loop.run_until_complete(target._async_array.setitem(key, values))
+    loop.run_until_complete(target._async_array.setitem(key, values))
 
 
 def _write_target(array: zarr.Array, unchecked: zarr.Array, values: np.ndarray) -> zarr.Array:
@@ -523,7 +546,7 @@ class ActivationStore:
         A chunk that fails its checksum or does not decode, and a chunk that is missing (zarr would
         hand back zeros), raise :class:`StoreError` naming the cache, the layer and the rows."""
         try:
-            values = self._layers[layer][start:stop]
+            values = _get(self._layers[layer], slice(start, stop))
         except Exception as exc:  # a corrupt chunk fails its checksum or decompression; a disk read fails
             raise self._read_error(layer, start, stop, _describe_decode_error(exc)) from None
         self._check_chunks_present(layer, start, stop, values)
@@ -533,8 +556,7 @@ class ActivationStore:
         """:meth:`read_rows` decoded by zarr straight into ``out`` ((stop − start, d_model), the stored
         array dtype): no allocation and copy per chunk.  The same errors."""
         try:
-            self._layers[layer].get_basic_selection(
-                slice(start, stop), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+            _get(self._layers[layer], slice(start, stop), out)
         except Exception as exc:  # a corrupt chunk fails its checksum or decompression; a disk read fails
             raise self._read_error(layer, start, stop, _describe_decode_error(exc)) from None
         self._check_chunks_present(layer, start, stop, out)
