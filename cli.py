@@ -305,7 +305,7 @@ def train(
 
     _storage(storage_option, cache, out)
     request = TrainRequest(
-        cache=_resolve_cache(cache), groups=groups, baseline=baseline, metric=metric.value, tokens=tokens,
+        cache=cache if resume and cache is None else _resolve_cache(cache), groups=groups, baseline=baseline, metric=metric.value, tokens=tokens,
         expansion=expansion, k=k, architecture=architecture.value, batch_size=batch_size, lr=lr, out=out,
         resume=resume, device=device.value, seed=seed, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every,
         tf32=tf32, precision=precision.value)

@@ -7,6 +7,7 @@ ranks (SAE states at checkpoints, metrics records), over gloo, which works on CP
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -76,7 +77,9 @@ def current() -> Ranks:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        # torch's default 30-minute timeout would fail a rank that waits at a gather while another still
+        # works (a resumed cache where one rank has most chunks left); torchrun stops the job if one dies
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     return Ranks(rank=dist.get_rank(), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                  local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 from pipeline.plots import png_bytes  # noqa: E402
 from pipeline.run import Run, RunConfig, join, write_atomic  # noqa: E402
 from stores import ActivationStore, StoreError, read_seconds_writing  # noqa: E402
+from stores.remote import describe_storage_error  # noqa: E402
 
 # The paper's figures (DESIGN section 1): mean over layers, per-layer baseline vs group SAEs at G*.
 PAPER = [
@@ -78,8 +79,10 @@ def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
     if cache_seconds is None:
         try:
             cache_seconds = read_seconds_writing(ActivationStore.open(config.cache))
-        except StoreError:
-            cache_seconds = None  # the cache moved or is gone: the total cost is left open
+        except Exception as exc:  # the cache moved, is gone or out of reach: the total cost is left open
+            if not isinstance(exc, (StoreError, OSError)) and describe_storage_error(exc) is None:
+                raise
+            cache_seconds = None
     return RunSummary(run.path, config.label, config.metric, config.groups,
                       sorted(run.eval_records, key=lambda r: r["layer"]), float(run.summary["train_seconds"]),
                       grouping_seconds, amad, config.tokens_per_sae, cache_seconds,

@@ -23,13 +23,15 @@ file and the summary), ``evaluated`` (eval.json as well).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 import fsspec
 import torch
@@ -139,13 +141,25 @@ def write_atomic(url: str | Path, data: bytes | str) -> None:
     never half of it: a rename on a local disk, one PUT (atomic) on object storage."""
     fs, path = fsspec.core.url_to_fs(str(url))
     payload = data.encode() if isinstance(data, str) else data
-    if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, payload)
-        return
-    partial = f"{os.path.dirname(path)}/.{os.path.basename(path)}.partial"
-    with open(partial, "wb") as handle:
-        handle.write(payload)
-    os.replace(partial, path)
+    with _one_line_errors(str(url)):
+        if not isinstance(fs, LocalFileSystem):
+            fs.pipe_file(path, payload)
+            return
+        partial = f"{os.path.dirname(path)}/.{os.path.basename(path)}.partial"
+        with open(partial, "wb") as handle:
+            handle.write(payload)
+        os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def _one_line_errors(where: str) -> Iterator[None]:
+    """An OSError while writing a run's files (disk full, not a folder, no permission) as one line."""
+    try:
+        yield
+    except OSError as exc:
+        reason = "disk full: free some space and re-run the same command" if exc.errno == errno.ENOSPC \
+            else (exc.strerror or str(exc))
+        raise GsaeError(f"cannot write {where}: {reason}") from None
 
 
 def join(url: str, *parts: str) -> str:
@@ -175,7 +189,8 @@ class Run:
         return self.fs.exists(join(self._root, *parts))
 
     def _write(self, data: bytes | str, *parts: str) -> None:
-        self.fs.makedirs(join(self._root, *parts[:-1]), exist_ok=True)
+        with _one_line_errors(self.url(*parts)):
+            self.fs.makedirs(join(self._root, *parts[:-1]), exist_ok=True)
         write_atomic(self.url(*parts), data)
 
     def _read_json(self, *parts: str) -> Any:
@@ -189,7 +204,7 @@ class Run:
         fs, root = fsspec.core.url_to_fs(str(path))
         try:
             raw = fs.cat_file(join(root, CONFIG))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         where = join(str(path), CONFIG)
         try:
@@ -200,7 +215,8 @@ class Run:
     @classmethod
     def create(cls, path: str | Path, config: RunConfig) -> "Run":
         run = cls(path, config)
-        run.fs.makedirs(run._root, exist_ok=True)
+        with _one_line_errors(str(path)):
+            run.fs.makedirs(run._root, exist_ok=True)
         run.write_config()
         return run
 
@@ -257,6 +273,10 @@ class Run:
         any moment leaves one complete checkpoint (re-saving the same step gets a new name).  Locally
         the new one is written into a hidden folder and renamed; on object storage its files are PUT
         under the new name, which nothing names until ``latest`` is written last."""
+        with _one_line_errors(self.url(CHECKPOINTS)):
+            return self._save_checkpoint(step, packed, state)
+
+    def _save_checkpoint(self, step: int, packed: dict[int, dict[str, torch.Tensor]], state: dict[str, Any]) -> str:
         root = join(self._root, CHECKPOINTS)
         self.fs.makedirs(root, exist_ok=True)
         existing = set(self._listdir(CHECKPOINTS))
@@ -377,10 +397,12 @@ def unpack_training_state(tensors: dict[str, torch.Tensor], sae: torch.nn.Module
         for name, p in sae.named_parameters():
             p.copy_(tensors[f"param.{name}"])
         for name, b in sae.named_buffers():
-            b.copy_(tensors[f"buffer.{name}"])
+            if f"buffer.{name}" in tensors:  # checkpoints of gsae before buffers keep the initial value
+                b.copy_(tensors[f"buffer.{name}"])
     for name, p in sae.named_parameters():
-        state = {key.rsplit(".", 1)[1]: value.to(p.device) for key, value in tensors.items()
-                 if key.startswith(f"adam.{name}.")}
+        # Adam keeps its step count on the CPU (unless capturable): a CUDA one costs a host sync per step
+        state = {key.rsplit(".", 1)[1]: value if key.endswith(".step") else value.to(p.device)
+                 for key, value in tensors.items() if key.startswith(f"adam.{name}.")}
         if state:
             optimizer.state[p] = state
     since_fired.copy_(tensors["since_fired"])

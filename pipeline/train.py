@@ -35,7 +35,7 @@ _SUMMARY_EVAL_ROWS = 16384  # held-out rows per layer for the summary's FVU
 
 @dataclass
 class TrainRequest:
-    cache: str
+    cache: str | None  # None only with --resume: the cache the run recorded
     groups: int | None = None
     baseline: bool = False
     metric: str = "amad"
@@ -179,7 +179,8 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
         config = Run.read_config(request.out)
         if config is None:
             raise GsaeError(f"nothing to resume at {request.out}: no config.json there")
-        return Run(request.out, config), _store_of(config, request.cache, request.out)
+        # without --cache, the cache the run recorded
+        return Run(request.out, config), _store_of(config, request.cache or config.cache, request.out)
     _validate(request)
     store = ActivationStore.open(request.cache)
     config = _plan(request, store)
@@ -194,11 +195,12 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
             raise GsaeError(f"{path} holds an unfinished run made with other arguments ({'; '.join(changes)}); "
                             f"continue it with `gsae train --out {path} --resume`, or pass --out for a new one")
         console.print(f"continuing the unfinished run in {path} (same arguments)")
+        if existing.grouping:  # again: a kill may have come between creating the run and marking
+            mark_used(store, request.metric, str(path))
         return run, _store_of(existing, request.cache, path)
-    run = Run.create(path, config)
-    if config.grouping:
+    if config.grouping:  # marked first: a kill after creating the run leaves no run unmarked
         mark_used(store, request.metric, str(path))
-    return run, store
+    return Run.create(path, config), store
 
 
 def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool: ThreadPoolExecutor,
@@ -262,15 +264,15 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
     streams only its SAEs' layers, and rank 0 writes the run: the same files, and the same weights, as
     one process."""
     ranks = current_ranks()
+    if ranks.world > 1 and not request.out:  # every rank refuses before anything is made
+        raise GsaeError("under torchrun, pass --out DIR: every rank must find the run")
     if ranks.first:
         run, store = _open_run(request, console)
         ranks.barrier()
     else:
         ranks.barrier()  # rank 0 has created or checked the run
-        run = Run.open(request.out) if request.out else None
-        if run is None:
-            raise GsaeError("under torchrun, pass --out DIR: every rank must find the run")
-        store = _store_of(run.config, request.cache, run.path)
+        run = Run.open(request.out)
+        store = _store_of(run.config, request.cache or run.config.cache, run.path)
         console = Console(quiet=True)
     config = run.config
     n = len(config.groups)

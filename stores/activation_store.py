@@ -58,6 +58,9 @@ def _local_path(path: str) -> Path:
     return Path(str(path).removeprefix("file://"))
 
 
+CREATING = "creating"  # attribute of a store whose arrays are not all made yet
+
+
 def probe(path: str) -> str:
     """``"absent"`` (nothing there, or an empty folder), ``"store"`` (a gsae cache), else raise."""
     fs, root = fsspec.core.url_to_fs(str(path))
@@ -74,6 +77,8 @@ def probe(path: str) -> str:
         raise StoreError(f"{path} holds something that is not a gsae cache; choose another --cache") from None
     if group.attrs.get("format") != FORMAT_NAME:
         raise StoreError(f"{path} is a Zarr group but not a gsae cache; choose another --cache")
+    if group.attrs.get(CREATING):  # a creation killed before its arrays were all made
+        return "absent"
     return "store"
 
 
@@ -245,7 +250,9 @@ class ActivationStore:
         }
         write_cfg = {"write_empty_chunks": True}
         try:
-            group = zarr.open_group(str(path), mode="w", attributes=attrs)
+            # marked as being created until every array exists: a kill in between leaves a folder that
+            # probe() reports absent, so the same command creates it again
+            group = zarr.open_group(str(path), mode="w", attributes={"format": FORMAT_NAME, CREATING: True})
             group.create_array(
                 "tokens", shape=(n_tokens,), chunks=(chunk_tokens,), dtype="int32",
                 compressors=small_array_codecs(), fill_value=0, config=write_cfg,
@@ -267,6 +274,7 @@ class ActivationStore:
                     name, shape=shape, chunks=(1, *shape[1:]), dtype=dt,
                     compressors=small_array_codecs(), fill_value=0, config=write_cfg,
                 )
+            group.attrs.put(attrs)  # the whole set at once, CREATING gone
         except OSError as exc:
             raise _write_error(str(path), exc) from None
         return cls(str(path), group)

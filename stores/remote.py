@@ -4,7 +4,8 @@ Credentials and endpoints are never written into a store, a run, a log or a Dask
 from where each process finds them itself: the environment (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, or fsspec's ``FSSPEC_S3='{"key": ...}'``), fsspec's
 config files, and ``--storage-option key=value``, which :func:`use_storage_options` hands to fsspec's
-in-process configuration only (so Dask workers and torchrun ranks need the environment).
+in-process configuration only (torchrun ranks parse the same command line; Dask workers need the
+environment).
 """
 
 from __future__ import annotations

@@ -200,3 +200,43 @@ def test_a_damaged_chunk_stops_with_one_line_naming_cache_layer_and_rows(damage,
     line = _one_line_error(*run_cli(args, capsys)[::2])
     assert f"cache {cache}: layer 1 rows" in line and "gsae verify" in line
     assert ("chunk missing" if damage == "missing" else "checksum mismatch") in line
+
+
+def test_a_cache_killed_while_its_store_is_created_is_made_by_the_same_command(tiny_neox, tmp_path, capsys):
+    """kill -9 between the store's group and its arrays: the same command makes it, with the bytes of a
+    run never killed."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    program = ("import os, signal, sys, zarr\n"
+               "real = zarr.Group.create_group\n"
+               "def hit(self, *args, **kwargs):\n"
+               "    if args and args[0] == 'stats':\n"
+               "        os.kill(os.getpid(), signal.SIGKILL)\n"
+               "    return real(self, *args, **kwargs)\n"
+               "zarr.Group.create_group = hit\n"
+               "import cli\nsys.argv = ['gsae', *sys.argv[1:]]\ncli.main()\n")
+    args = _args(tiny_neox, tmp_path / "killed")
+    result = subprocess.run([sys.executable, "-c", program, *map(str, args)], cwd=ROOT, capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert run_cli(args, capsys)[0] == 0
+    assert run_cli(_args(tiny_neox, tmp_path / "whole"), capsys)[0] == 0
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()
+                and p.name != "timing.json"}
+
+    assert files(tmp_path / "killed") == files(tmp_path / "whole")
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line(tiny_neox, tmp_path, capsys):
+    cache = tmp_path / "c"
+    assert run_cli(_args(tiny_neox, cache), capsys)[0] == 0
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = _one_line_error(*run_cli(["train", "--cache", cache, "--baseline", "--tokens", 256, "--batch-size", 64,
+                                     "--out", blocker / "run"], capsys)[::2])
+    assert "cannot write" in line and str(blocker) in line

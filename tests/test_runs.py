@@ -301,3 +301,26 @@ def test_train_without_a_grouping_says_to_run_gsae_group(tiny_models, tmp_path, 
     assert not (tmp_path / "r").exists()  # nothing half-made
     assert run_cli(["train", "--cache", cache, "--out", tmp_path / "r", "--tokens", 512, "--batch-size", 256,
                     "--baseline"], capsys)[0] == 0  # the baseline needs no grouping
+
+
+def test_resume_without_cache_uses_the_recorded_one(cache, tmp_path, capsys):
+    out = tmp_path / "r"
+    _run_killed(_train(cache, out), _KILL_POINTS["between checkpoints"])
+    code, _, err = run_cli(["train", "--out", out, "--resume"], capsys)  # no --cache
+    assert code == 0, err
+    assert Run.open(out).state == "trained"
+
+
+def test_a_checkpoint_from_before_buffers_resumes_a_batchtopk_run():
+    """Checkpoints written before buffers were saved lack BatchTopK's threshold: it restarts from 0."""
+    from pipeline.run import unpack_training_state
+    from pipeline.sae import SparseAutoencoder
+
+    sae = SparseAutoencoder(8, 32, "batchtopk", k=2)
+    optimizer = torch.optim.Adam(sae.parameters())
+    fired = torch.zeros(32, dtype=torch.int64)
+    packed = pack_training_state(sae, optimizer, fired)
+    old = {key: value for key, value in packed.items() if not key.startswith("buffer.")}
+    sae.threshold.fill_(0.5)
+    unpack_training_state(old, sae, optimizer, fired)
+    assert float(sae.threshold) == 0.5  # left as it was
