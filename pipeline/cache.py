@@ -15,6 +15,7 @@ store is byte-identical to one written by a single process.
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import os
 import time
@@ -26,7 +27,6 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-import transformers
 
 from pipeline import __version__
 from pipeline.corpus import Corpus, WindowPlan, iter_windows, open_corpus, window_plan
@@ -380,7 +380,7 @@ def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: Wi
         "batch_size": request.batch_size,
         "device": device.type,
         "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
+        "transformers_version": importlib.metadata.version("transformers"),
         "recipe": recipe,
     }
     return attributes, recipe

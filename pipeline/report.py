@@ -7,16 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pipeline.plots import png_bytes  # noqa: E402
-from pipeline.run import Run, RunConfig, join, write_atomic  # noqa: E402
-from stores import ActivationStore, StoreError, read_seconds_writing  # noqa: E402
-from stores.remote import describe_storage_error  # noqa: E402
+from pipeline.run import Run, RunConfig, join, write_atomic
+from stores import ActivationStore, StoreError, read_seconds_writing
+from stores.remote import describe_storage_error
 
 # The paper's figures (DESIGN section 1): mean over layers, per-layer baseline vs group SAEs at G*.
 PAPER = [
@@ -109,6 +104,8 @@ def _grouping_figures(config: RunConfig) -> tuple[float | None, float]:
 
 
 def per_layer_plot(runs: list[RunSummary]) -> bytes:
+    from pipeline.plots import plt, png_bytes  # matplotlib only when a report is drawn
+
     figure, axes = plt.subplots(2, 1, figsize=(8, 6.4), sharex=True)
     for run in runs:
         layers = [r["layer"] for r in run.records]
@@ -131,6 +128,8 @@ def per_layer_plot(runs: list[RunSummary]) -> bytes:
 
 
 def cost_plot(runs: list[RunSummary], baseline: RunSummary | None) -> bytes:
+    from pipeline.plots import plt, png_bytes
+
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for run in runs:
         cost = run.cost(baseline) if baseline else run.train_seconds
