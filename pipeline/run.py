@@ -41,6 +41,7 @@ from safetensors.torch import load, save
 from pipeline.errors import GsaeError
 from pipeline.sae import SparseAutoencoder, load_sae, save_sae
 from stores import ActivationStore
+from stores.remote import join, write_whole
 
 RUN_FORMAT = 1
 STATES = ("planned", "training", "trained", "evaluated")
@@ -137,18 +138,9 @@ def cache_fingerprint(store: ActivationStore) -> dict[str, Any]:
 
 
 def write_atomic(url: str | Path, data: bytes | str) -> None:
-    """Write a file (a path or an fsspec URL) so that a kill leaves either the old one or the new one,
-    never half of it: a rename on a local disk, one PUT (atomic) on object storage."""
-    fs, path = fsspec.core.url_to_fs(str(url))
-    payload = data.encode() if isinstance(data, str) else data
+    """:func:`stores.remote.write_whole` (never half a file), with a failure as one line."""
     with _one_line_errors(str(url)):
-        if not isinstance(fs, LocalFileSystem):
-            fs.pipe_file(path, payload)
-            return
-        partial = f"{os.path.dirname(path)}/.{os.path.basename(path)}.partial"
-        with open(partial, "wb") as handle:
-            handle.write(payload)
-        os.replace(partial, path)
+        write_whole(str(url), data)
 
 
 @contextlib.contextmanager
@@ -160,11 +152,6 @@ def _one_line_errors(where: str) -> Iterator[None]:
         reason = "disk full: free some space and re-run the same command" if exc.errno == errno.ENOSPC \
             else (exc.strerror or str(exc))
         raise GsaeError(f"cannot write {where}: {reason}") from None
-
-
-def join(url: str, *parts: str) -> str:
-    """``url/part/...`` for a folder or an fsspec URL."""
-    return "/".join([str(url).rstrip("/"), *parts])
 
 
 class Run:

@@ -11,6 +11,7 @@ writer leaves at worst an uncommitted chunk that the resumed run overwrites with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import math
@@ -31,6 +32,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
 from stores.codecs import STORAGE_DTYPES, activation_codecs, quiet_numcodecs, small_array_codecs
+from stores.remote import join, write_whole
 
 
 FORMAT_NAME = "gsae-activations"
@@ -351,15 +353,8 @@ class ActivationStore:
         self.markers = self.markers or bool(markers)
 
     def _list_markers(self) -> dict[int, int]:
-        fs, root = fsspec.core.url_to_fs(self.path)
-        folder = f"{root.rstrip('/')}/{COMMITS}"
-        fs.invalidate_cache(folder)  # s3fs caches listings: markers other ranks wrote a moment ago must show
-        try:
-            names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(folder, detail=False)]
-        except FileNotFoundError:
-            return {}
         found = {}
-        for name in names:
+        for name in list_side_files(self, COMMITS):  # listed afresh: markers other ranks wrote a moment ago
             match = _MARKER.match(name)
             if match:  # anything else (a *.partial temporary of a killed writer) is not a commit
                 found[int(match[1])] = int(match[2])
@@ -470,14 +465,7 @@ class ActivationStore:
     def remove_markers(self) -> None:
         """Delete the commit markers of a complete store (they only record progress while it is written,
         and a store written by several writers then has the same files as one written by one)."""
-        fs, root = fsspec.core.url_to_fs(self.path)
-        folder = f"{root.rstrip('/')}/{COMMITS}"
-        fs.invalidate_cache(folder)
-        try:
-            fs.rm(folder, recursive=True)
-        except FileNotFoundError:
-            pass
-        fs.invalidate_cache(folder)
+        remove_side_files(self, COMMITS)
 
     def finalize(self, extra_attributes: dict[str, Any] | None = None, *, exhausted: bool = False) -> None:
         """Write the exact mean and mean norm, shrink to the rows written, and mark complete.
@@ -553,28 +541,22 @@ class ActivationStore:
 
         A chunk that fails its checksum or does not decode, and a chunk that is missing (zarr would
         hand back zeros), raise :class:`StoreError` naming the cache, the layer and the rows."""
-        try:
+        with self._decoding(layer, start, stop):
             values = _get(self._layers[layer], slice(start, stop))
-        except Exception as exc:  # a corrupt chunk fails its checksum or decompression; a disk read fails
-            raise self._read_error(layer, start, stop, _describe_decode_error(exc)) from None
         self._check_chunks_present(layer, start, stop, values)
         return values
 
     def read_into(self, layer: int, start: int, stop: int, out: np.ndarray) -> None:
         """:meth:`read_rows` decoded by zarr straight into ``out`` ((stop − start, d_model), the stored
         array dtype): no allocation and copy per chunk.  The same errors."""
-        try:
+        with self._decoding(layer, start, stop):
             _get(self._layers[layer], slice(start, stop), out)
-        except Exception as exc:  # a corrupt chunk fails its checksum or decompression; a disk read fails
-            raise self._read_error(layer, start, stop, _describe_decode_error(exc)) from None
         self._check_chunks_present(layer, start, stop, out)
 
     def read_selected(self, layer: int, rows: np.ndarray) -> np.ndarray:
         """The given rows of one layer, in the given order (as stored): :meth:`read_rows`' errors."""
-        try:
+        with self._decoding(layer, int(rows.min()), int(rows.max()) + 1):
             values = self._layers[layer].get_orthogonal_selection((rows, slice(None)))
-        except Exception as exc:  # a corrupt chunk fails its checksum or decompression; a disk read fails
-            raise self._read_error(layer, int(rows.min()), int(rows.max()) + 1, _describe_decode_error(exc)) from None
         for i in np.flatnonzero(~values.any(axis=1)):  # a zero row may come from a missing chunk
             self._check_chunks_present(layer, int(rows[i]), int(rows[i]) + 1, values[i : i + 1])
         return values
@@ -593,6 +575,15 @@ class ActivationStore:
             if not sync(array.store.exists(key)) and self._chunk_stats["chunk_norm_sum"][chunk, layer] > 0:
                 chunk_stop = min(stop, (chunk + 1) * self.chunk_tokens)
                 raise self._read_error(layer, first, chunk_stop, "chunk missing")
+
+    @contextlib.contextmanager
+    def _decoding(self, layer: int, start: int, stop: int) -> Iterator[None]:
+        """A read of rows [start, stop) of ``layer``: a chunk that fails its checksum or decompression, or a
+        failed disk read, becomes one :class:`StoreError` naming them."""
+        try:
+            yield
+        except Exception as exc:
+            raise self._read_error(layer, start, stop, _describe_decode_error(exc)) from None
 
     def _read_error(self, layer: int, start: int, stop: int, problem: str) -> StoreError:
         return StoreError(f"cache {self.path}: layer {layer} rows {start:,}–{stop - 1:,} cannot be read ({problem}); "
@@ -703,19 +694,16 @@ def compute_chunk_stats(layers: list[np.ndarray], dtype: str) -> ChunkStats:
 
 
 def _side_file(store: ActivationStore, relative: str) -> str:
-    return f"{store.path.rstrip('/')}/{relative}"
+    return join(store.path, relative)
 
 
 def write_side_file(store: ActivationStore, relative: str, data: bytes) -> str:
-    """Write a file next to the arrays (grouping results, pictures); atomic on local disks."""
+    """Write a file next to the arrays (grouping results, pictures), whole (see ``write_whole``)."""
     target = _side_file(store, relative)
     fs, path = fsspec.core.url_to_fs(target)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    temporary = f"{path}.tmp"
     try:
-        with fs.open(temporary, "wb") as handle:
-            handle.write(data)
-        fs.mv(temporary, path)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        write_whole(target, data)
     except OSError as exc:
         raise _write_error(target, exc) from None
     return target

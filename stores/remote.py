@@ -10,14 +10,36 @@ environment).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
 #: the extra of gsae that installs each protocol's file system (`pip install 'gsae[s3]'`)
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 _LOCAL = ("file", "local")
+
+
+def join(url: str, *parts: str) -> str:
+    """``url/part/...`` for a folder or an fsspec URL."""
+    return "/".join([str(url).rstrip("/"), *parts])
+
+
+def write_whole(url: str, data: bytes | str) -> None:
+    """Write a file (a path or an fsspec URL) so that a kill leaves either the old one or the new one,
+    never half of it: a hidden temporary renamed into place on a local disk, one PUT (atomic) on object
+    storage, which has no rename (fsspec's mv there is a copy and a delete).  OSError passes through."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    payload = data.encode() if isinstance(data, str) else data
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, payload)
+        return
+    partial = f"{os.path.dirname(path)}/.{os.path.basename(path)}.partial"
+    with open(partial, "wb") as handle:
+        handle.write(payload)
+    os.replace(partial, path)
 
 
 class RemoteError(Exception):
