@@ -78,6 +78,8 @@ def runs_using(store: ActivationStore, metric: str, record: dict[str, Any] | Non
     """The runs marked as using the ``metric`` grouping (and those an older record listed in ``used_by``)."""
     runs = list((record or {}).get("used_by", []))
     for name in list_side_files(store, _users_folder(metric)):
+        if not name.endswith(".json"):  # a mark being written by another run (its hidden temporary)
+            continue
         data = read_side_file(store, f"{_users_folder(metric)}/{name}")
         if data is not None:
             runs.append(json.loads(data)["run"])

@@ -172,11 +172,15 @@ class Grouping:
     chosen: int
     sample: dict[str, Any]
 
-    def groups_for(self, n_groups: int) -> list[list[int]]:
+    def point(self, n_groups: int) -> dict[str, Any]:
+        """The curve's entry for ``n_groups``: its partition and AMAD."""
         for point in self.curve:
             if point["n_groups"] == n_groups:
-                return point["groups"]
+                return point
         raise GsaeError(f"no partition with {n_groups} groups (1 to {len(self.layers)} exist)")
+
+    def groups_for(self, n_groups: int) -> list[list[int]]:
+        return self.point(n_groups)["groups"]
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -102,7 +102,7 @@ def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list
     n = request.groups if request.groups is not None else grouping.chosen
     if not 1 <= n <= len(grouping.layers):
         raise GsaeError(f"--groups must be between 1 and {len(grouping.layers)} (the grouped layers); got {n}")
-    point = next(p for p in grouping.curve if p["n_groups"] == n)
+    point = grouping.point(n)
     # the run keeps what it was trained on: a later `gsae group --force` does not change its report
     snapshot = {"file": f"{store.path}/{result_name(request.metric)}", "n_groups": n, "amad": point["amad"],
                 "seconds": record.get("seconds"), "arguments": record.get("arguments")}
@@ -379,18 +379,18 @@ def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder]
                "held_out_fvu": float(np.mean(list(per_layer.values()))),
                "held_out_fvu_per_layer": {str(k): v for k, v in per_layer.items()},
                "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")}
-        parts[i] = (row, {name: t.detach().cpu() for name, t in sae.state_dict().items()}, elapsed[i])
+        parts[i] = (row, {name: t.detach().cpu() for name, t in sae.state_dict().items()})
     merged = ranks.gather_to_first(parts)
     rows = []
     if merged is not None:
         for i, group in enumerate(config.groups):
-            row, weights, _ = merged[i]
+            row, weights = merged[i]
             sae = SparseAutoencoder(config.d_in, config.n_latents, config.architecture, k=config.k)
             sae.load_state_dict(weights)
             run.save_sae(i, sae, {"layers": group, "scales": {str(layer): config.scales[layer] for layer in group},
                                   "hook_names": [f"blocks.{l}.hook_resid_post" for l in group],
                                   "model_id": store.attrs.get("model_id"), "tokens": config.tokens_per_sae})
             rows.append(row)
-        run.write_summary({"label": config.label, "saes": rows, "train_seconds": sum(merged[i][2] for i in merged)})
+        run.write_summary({"label": config.label, "saes": rows, "train_seconds": sum(row["seconds"] for row in rows)})
     ranks.barrier()
     return rows
