@@ -109,7 +109,7 @@ if [ $SMOKE = 1 ]; then
   THROUGHPUT_ARGS=(--tokens 4000 --batch-size 8 --context-length 64)
   SPEED_SHAPES=("64 8 8" "96 8 8 16")   # d_in expansion k...
   SPEED_ARGS=(--batch-size 1024 --warmup 1 --steps 2 --repeats 1)
-  T_E2E=600 T_WRITE=120 T_CACHE=120 T_STREAM=120 T_FEED=120 T_THROUGHPUT=120 T_SPEED=180
+  T_E2E=600 T_WRITE=120 T_CACHE=120 T_STREAM=120 T_FEED=120 T_THROUGHPUT=120 T_SPEED=180 T_COMPILE=180
 else
   MODEL_ARGS=()   # Pythia-70M's shape: 6 layers, d 512, 8 heads, intermediate 2048, rotary_pct 0.25
   CORPUS_TOKENS=1000000
@@ -121,7 +121,7 @@ else
   THROUGHPUT_ARGS=(--tokens 500000 --batch-size 32 --context-length 1024)
   SPEED_SHAPES=("512 16 32" "768 16 32 128" "2048 16 64")
   SPEED_ARGS=(--batch-size 8192)
-  T_E2E=240 T_WRITE=75 T_CACHE=60 T_STREAM=45 T_FEED=75 T_THROUGHPUT=60 T_SPEED=45
+  T_E2E=240 T_WRITE=75 T_CACHE=60 T_STREAM=45 T_FEED=75 T_THROUGHPUT=60 T_SPEED=45 T_COMPILE=90
 fi
 
 # the model (Pythia-70M-shaped, random weights) and the repeated pydoc corpus, shared by the steps
@@ -171,7 +171,16 @@ for shape in "${SPEED_SHAPES[@]}"; do
       ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} ${SPEED_DEVICE[@]+"${SPEED_DEVICE[@]}"}
 done
 
-# 6. if time is left: end to end again with gsae's SAE forward under bfloat16 autocast (sparsify's
+# 6. torch.compile of gsae's forward (default mode, then CUDA graphs through reduce-overhead) at the first
+#    shape: kept in `gsae train` only if measured faster
+set -- ${SPEED_SHAPES[0]}
+for mode in default reduce-overhead; do
+  [ $SMOKE = 1 ] && [ $mode = reduce-overhead ] && continue  # CUDA graphs need CUDA
+  step "compile_$mode" "$T_COMPILE" "$PY" benchmarks/sparsify_speed.py --d-in "$1" --expansion "$2" --k "$3" \
+      ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} --repeats 1 --compile "$mode" ${SPEED_DEVICE[@]+"${SPEED_DEVICE[@]}"}
+done
+
+# 7. if time is left: end to end again with gsae's SAE forward under bfloat16 autocast (sparsify's
 #    SparseCoder always autocasts to bfloat16 on such a GPU)
 if [ $SMOKE = 0 ]; then
   step end_to_end_bf16 180 "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --precision bfloat16 \
@@ -183,7 +192,7 @@ fi
 echo
 echo "== summary (session $((SECONDS - START)) s of ${BUDGET})"
 for name in "${ORDER[@]}"; do
-  grep -h -E "ratio|÷|GB/s|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)? +[0-9,]+ +[0-9,]+|SKIPPED|TIMED OUT|FAILED|failed" \
+  grep -h -E "ratio|÷|compile|GB/s|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)? +[0-9,]+ +[0-9,]+|SKIPPED|TIMED OUT|FAILED|failed" \
       "$W/logs/$name.log" 2>/dev/null | grep -v '│' | sed "s/^/$name: /"
 done
-if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then cp -r "$W/logs" "$OUT/gpu_session_logs" 2>/dev/null; fi
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then tar czf "$OUT/gpu_session_logs.tgz" -C "$W" logs 2>/dev/null; fi  # one file: $OUT takes 8

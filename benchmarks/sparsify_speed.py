@@ -70,14 +70,18 @@ def load_batches(args: argparse.Namespace) -> tuple[list[torch.Tensor], str]:
 
 def gsae_step(d_in: int, n_latents: int, k: int, mean: torch.Tensor, dead_tokens: int,
               since_fired: torch.Tensor | None = None, init_seed: int = 0,
-              bf16: bool = False) -> tuple[Step, SparseAutoencoder]:
+              bf16: bool = False, compile_mode: str | None = None) -> tuple[Step, SparseAutoencoder]:
     """`gsae train`'s step: b_dec at the data mean, Adam, dead counters (AuxK when latents are dead).
     ``since_fired`` (n_latents, long zeros), when given, is the step's tokens-since-fired counter.
+    ``compile_mode``: the SAE's forward and loss under torch.compile(mode=compile_mode) (an experiment:
+    `gsae train` runs eagerly).
     On CUDA the step returns its FVU as a device tensor and never waits for the device, as in `gsae train`."""
     device = mean.device
     sae = SparseAutoencoder(d_in, n_latents, "topk", k=k, seed=init_seed).to(device)
     with torch.no_grad():
         sae.b_dec.copy_(mean)
+    if compile_mode:
+        sae.loss = torch.compile(sae.loss, mode=compile_mode)
     optimizer = torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents))
     since_fired = torch.zeros(n_latents, dtype=torch.long, device=device) if since_fired is None else since_fired
     if device.type == "cpu":
@@ -213,6 +217,18 @@ def main(args: argparse.Namespace) -> None:
               f"{target:<6}  {fvus['gsae']:.4f} / {fvus['sparsify']:.4f}   "
               + " | ".join(", ".join(f"{1000 * t:.0f}" for t in runs[tool]) for tool in runs)
               + f"   (median ratio {statistics.median(runs['sparsify']) / statistics.median(runs['gsae']):.3f})")
+        if args.compile:
+            compiled_step = gsae_step(d_in, n_latents, k, mean, dead_tokens, bf16=args.precision == "bfloat16",
+                                      compile_mode=args.compile)[0]
+            started = time.perf_counter()
+            with matmul_precision("gsae", args.device):
+                compiled_step(batches[0])  # the compilation
+            _sync(args.device)
+            compile_seconds = time.perf_counter() - started
+            seconds, fvu = timed(compiled_step, batches, args.warmup, "gsae")
+            print(f"{label:>12}  gsae under torch.compile(mode={args.compile!r}): {args.batch_size / seconds:,.0f} tok/s, "
+                  f"÷ gsae eager = {min(runs['gsae']) / seconds:.3f}, ÷ sparsify = {min(runs['sparsify']) / seconds:.3f} "
+                  f"(compiling took {compile_seconds:.1f} s; FVU {fvu:.4f})")
     if args.auxk:
         print("+AuxK: every latent counted dead (gsae dead_tokens = sparsify dead_feature_threshold = -1, "
               "auxk_alpha 1/32): AuxK's full cost on both sides")
@@ -241,6 +257,9 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                         help="gsae's forward: float32 (gsae train's default) or bfloat16 autocast")
+    parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="also time gsae's step with its forward under torch.compile(mode=...); "
+                             "reduce-overhead replays it as CUDA graphs")
     parsed = parser.parse_args()
     parsed.device = torch.device(parsed.device)
     main(parsed)
