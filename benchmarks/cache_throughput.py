@@ -1,6 +1,6 @@
 """Cache throughput ÷ bare forward throughput, same model, windows and batch, in one run.
 
-    python benchmarks/cache_throughput.py [--model M] [--tokens N] [--batch-size B]
+    python benchmarks/cache_throughput.py [--model M] [--tokens N] [--batch-size B] [--folder /dev/shm]
 
 "bare forward" runs the same base model (all blocks, no LM head) on the same windows with no hooks
 and nothing stored; "cache" is gsae's stage-one loop (hooks, float16 conversion, chunk statistics,
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--context-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--compression", default="lossless")
+    parser.add_argument("--folder", default=".", help="where the temporary store goes (/dev/shm: memory, not the disk)")
     args = parser.parse_args()
 
     console = Console(stderr=True)
@@ -64,7 +65,7 @@ def main() -> None:
     bare_forward(lm, windows[: args.batch_size], args.batch_size)  # warm-up
 
     bare_before = bare_forward(lm, windows, args.batch_size)
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
         store = ActivationStore.create(
             os.path.join(tmp, "cache"), n_layers=lm.n_layers, d_model=lm.d_model, n_tokens=tokens,
             chunk_tokens=default_chunk_tokens(lm.d_model, "float16"), compression=args.compression,

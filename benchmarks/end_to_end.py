@@ -347,6 +347,7 @@ def main() -> None:
                    help="matched: auxk_alpha 1/32 and gsae's dead threshold; default: sparsify's auxk_alpha 0")
     p.add_argument("--sparsify-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="model dtype for sparsify (auto: as its CLI, bfloat16 on CUDA with bf16, else float32)")
+    p.add_argument("--sparsify-runs", type=int, default=1, help="time sparsify live this many times, keep the fastest")
     p.add_argument("--no-warmup", action="store_true", help="no untimed tiny run of each tool first")
     p.add_argument("--workdir", help="where caches, runs and logs go (default: a temporary folder, removed)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -517,8 +518,16 @@ def run(args: argparse.Namespace, work: Path, cache_tokens: int) -> None:
     # --- 3. sparsify live
     try:
         dataset, kind = sparsify_dataset(windows)
-        times = run_sparsify(model_dir, dataset, layers, seqs, n_latents, args.k, auxk_alpha, threshold,
-                             sparsify_dtype, device, work / "sparsify", work / "logs" / "sparsify.log", args.verbose)
+        runs = []
+        for run in range(args.sparsify_runs):  # the fastest is kept: fair to the peer
+            shutil.rmtree(work / "sparsify", ignore_errors=True)
+            runs.append(run_sparsify(model_dir, dataset, layers, seqs, n_latents, args.k, auxk_alpha, threshold,
+                                     sparsify_dtype, device, work / "sparsify", work / "logs" / f"sparsify-{run}.log",
+                                     args.verbose))
+        times = min(runs, key=lambda t: t["total"])
+        if len(runs) > 1:
+            seconds = ", ".join(f"{t['total']:.2f}" for t in runs)
+            say(f"[sparsify live] {len(runs)} runs: {seconds} s; the fastest is kept")
         results["sparsify"] = times["total"]
         total = int(times["steps"]) * seqs * C
         say(f"[sparsify live] {times['total']:.2f} s: {int(times['hookpoints'])} SAEs × {total:,} tokens "

@@ -163,8 +163,8 @@ def timed(step: Step, batches: list[torch.Tensor], warmup: int, tool: str) -> tu
 
 
 def same_weights_check(x: torch.Tensor, n_latents: int, k: int) -> str:
-    """Load one gsae SAE's weights into sparsify's SparseCoder; compare their TopK codes and FVU on x."""
-    x = x.cpu()
+    """Load one gsae SAE's weights into sparsify's SparseCoder; compare their TopK codes and FVU on x
+    (on x's device: sparsify's Triton decoder runs only on CUDA tensors)."""
     _, sae = gsae_step(x.shape[1], n_latents, k, x.mean(0), NEVER_DEAD)
     _, coder = sparsify_step(x.shape[1], n_latents, k, x.mean(0), NEVER_DEAD)
     with torch.no_grad():
@@ -175,7 +175,7 @@ def same_weights_check(x: torch.Tensor, n_latents: int, k: int) -> str:
         ours, theirs = sae.loss(x), coder(x)
 
     def active(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(x.shape[0], n_latents, dtype=torch.bool).scatter_(1, indices, values > 0)
+        return torch.zeros(x.shape[0], n_latents, dtype=torch.bool, device=x.device).scatter_(1, indices, values > 0)
 
     same = (active(ours.codes.indices, ours.codes.values) == active(theirs.latent_indices, theirs.latent_acts)).all(1)
     return (f"same weights, k={k}: active latents/token gsae {ours.codes.l0():.2f}, sparsify "

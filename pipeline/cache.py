@@ -153,8 +153,8 @@ class _ForwardCapture:
         self.first_row = first_row  # 1 drops the BOS position
         self.dtype = dtype
         self.captured: list[torch.Tensor | None] = [None] * lm.n_layers
+        self.on_device: list[torch.Tensor | None] = [None] * lm.n_layers  # the stored rows where the model runs
         self.pinned: list[torch.Tensor | None] = [None] * lm.n_layers  # reused device→host buffers
-        self.overflowed = False
         self.handles = [block.register_forward_hook(self._hook(layer)) for layer, block in enumerate(lm.blocks)]
 
     def _hook(self, layer: int):
@@ -171,13 +171,15 @@ class _ForwardCapture:
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if self.dtype == "float16":
             stored = hidden.to(torch.float16)
-            if torch.isinf(stored).any():  # beyond the float16 range: clip, counted in the chunk stats
-                self.overflowed = True
+            if stored.is_cuda:  # beyond the float16 range: clip, counted in the chunk stats
+                stored.clamp_(-FLOAT16_MAX, FLOAT16_MAX)  # always: testing first would wait for the GPU
+            elif torch.isinf(stored).any():
                 stored.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
         elif self.dtype == "bfloat16":
             stored = hidden.to(torch.bfloat16).view(torch.int16)
         else:
             stored = hidden.to(torch.float32)
+        self.on_device[layer] = stored
         if stored.device.type == "cuda":  # async copy into a reused pinned buffer; synchronised in run()
             host = self.pinned[layer]
             if host is None or host.shape != stored.shape or host.dtype != stored.dtype:
@@ -186,7 +188,9 @@ class _ForwardCapture:
             return host  # the assembler copies it into a chunk before the next forward overwrites it
         return stored
 
-    def run(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def run(self, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each layer's stored rows of the batch: on the host (reused buffers), and where the model ran
+        (the same tensors on a CPU), on which the chunk statistics are computed."""
         with torch.inference_mode():
             try:
                 self.lm.model.base_model(input_ids=input_ids, use_cache=False)
@@ -195,7 +199,8 @@ class _ForwardCapture:
         if input_ids.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         captured, self.captured = self.captured, [None] * self.lm.n_layers
-        return captured  # type: ignore[return-value]
+        on_device, self.on_device = self.on_device, [None] * self.lm.n_layers
+        return captured, on_device  # type: ignore[return-value]
 
     def close(self) -> None:
         for handle in self.handles:
@@ -216,8 +221,11 @@ class _ChunkAssembler:
         self.chunks = set(range(store.chunks_written, store.n_chunks_planned) if chunks is None else chunks)
         self.open: dict[int, _Open] = {}
 
-    def add(self, row: int, layers: list[torch.Tensor], tokens: np.ndarray) -> Iterator[_Chunk]:
-        """Take the rows ``[row, row + len(tokens))`` of one batch; yield the chunks they complete."""
+    def add(self, row: int, layers: list[torch.Tensor], tokens: np.ndarray,
+            on_device: list[torch.Tensor] | None = None) -> Iterator[_Chunk]:
+        """Take the rows ``[row, row + len(tokens))`` of one batch; yield the chunks they complete.
+        ``on_device``: the same rows where the model ran, for the statistics (default ``layers``)."""
+        on_device = layers if on_device is None else on_device
         step = self.store.chunk_tokens
         stop = row + len(tokens)
         for chunk in range(row // step, -(-stop // step)):
@@ -232,7 +240,7 @@ class _ChunkAssembler:
                 part = self.open[chunk] = _Open(
                     np.empty((len(layers), chunk_stop - chunk_start, self.store.d_model), dtype=self.np_dtype),
                     np.empty(chunk_stop - chunk_start, dtype=np.int32),
-                    StatsAccumulator(len(layers), self.store.d_model, self.store.dtype))
+                    StatsAccumulator(len(layers), self.store.d_model, self.store.dtype, on_device[0].device))
             if first - chunk_start != part.filled:
                 raise RuntimeError(f"chunk {chunk}: rows from {first} given, {chunk_start + part.filled} expected")
             take = last - first
@@ -240,9 +248,8 @@ class _ChunkAssembler:
             if self.store.dtype == "bfloat16":
                 target = target.view(torch.int16)
             for layer, values in enumerate(layers):
-                segment = values[first - row : last - row]
-                target[layer, part.filled : part.filled + take].copy_(segment)
-                part.stats.add(layer, segment)
+                target[layer, part.filled : part.filled + take].copy_(values[first - row : last - row])
+                part.stats.add(layer, on_device[layer][first - row : last - row])
             part.tokens[part.filled : part.filled + take] = tokens[first - row : last - row]
             part.filled += take
             if part.filled == part.buffer.shape[1]:
@@ -592,12 +599,12 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                 while next_todo < len(todo) and store.chunk_rows(todo[next_todo])[1] <= row:
                     next_todo += 1
                 if next_todo < len(todo) and store.chunk_rows(todo[next_todo])[0] < stop:
-                    input_ids = torch.tensor(group, dtype=torch.long, device=lm.device)
-                    layers = capture.run(input_ids)
-                    tokens = input_ids[:, first_row:].reshape(-1).to(torch.int32).cpu().numpy()[: stop - row]
+                    layers, on_device = capture.run(torch.tensor(group, dtype=torch.long, device=lm.device))
+                    tokens = np.asarray(group, dtype=np.int32)[:, first_row:].reshape(-1)[: stop - row]
                     check.feed(row, tokens)
                     check.flush()  # before any new chunk of this batch is written
-                    for item in assembler.add(row, [values[: stop - row] for values in layers], tokens):
+                    for item in assembler.add(row, [values[: stop - row] for values in layers], tokens,
+                                              [values[: stop - row] for values in on_device]):
                         writer.submit(item)
                         rows_this_run += len(item.tokens)
                 else:  # none of this rank's rows to write: only check the committed ones

@@ -58,10 +58,12 @@ class Ranks:
             dist.barrier()
 
     def device(self, device: torch.device) -> torch.device:
-        """Each rank's own GPU (``cuda:LOCAL_RANK``); the CPU stays the CPU."""
+        """Each rank's own GPU (``cuda:LOCAL_RANK``, ranks sharing the GPUs in turn when a machine runs
+        more ranks than it has GPUs); the CPU stays the CPU."""
         if device.type == "cuda" and self.world > 1:
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
+            index = self.local_rank % torch.cuda.device_count()
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
         return device
 
     def threads(self) -> int:

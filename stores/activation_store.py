@@ -661,14 +661,15 @@ class StatsAccumulator:
 
     BLOCK = 16
 
-    def __init__(self, n_layers: int, d_model: int, dtype: str):
+    def __init__(self, n_layers: int, d_model: int, dtype: str, device: torch.device | str = "cpu"):
         self.dtype = dtype
-        self.sums = torch.zeros(n_layers, d_model, dtype=torch.float64)
-        self.norm_sums = torch.zeros(n_layers, dtype=torch.float64)
-        self.overflow = torch.zeros(n_layers, dtype=torch.int64)
+        self.sums = torch.zeros(n_layers, d_model, dtype=torch.float64, device=device)
+        self.norm_sums = torch.zeros(n_layers, dtype=torch.float64, device=device)
+        self.overflow = torch.zeros(n_layers, dtype=torch.int64, device=device)
 
     def add(self, layer: int, stored: torch.Tensor) -> None:
-        """Add rows of one layer, as stored (float16, bfloat16 bits as int16, or float32)."""
+        """Add rows of one layer, as stored (float16, bfloat16 bits as int16, or float32), on the
+        accumulator's device: on a GPU nothing here waits for it (one transfer in ``result``)."""
         values = stored.view(torch.bfloat16).float() if self.dtype == "bfloat16" else stored.float()
         full = values.shape[0] - values.shape[0] % self.BLOCK
         if full:
@@ -677,11 +678,14 @@ class StatsAccumulator:
         if full < values.shape[0]:
             self.sums[layer] += values[full:].sum(dim=0, dtype=torch.float64)
         self.norm_sums[layer] += torch.linalg.vector_norm(values, dim=1).sum(dtype=torch.float64)
-        if self.dtype == "float16" and float(values.abs().amax()) >= FLOAT16_MAX:
-            self.overflow[layer] += int((values.abs() >= FLOAT16_MAX).sum())
+        if self.dtype == "float16":
+            if values.is_cuda:  # counted without reading anything back
+                self.overflow[layer] += (values.abs() >= FLOAT16_MAX).sum()
+            elif float(values.abs().amax()) >= FLOAT16_MAX:  # on a CPU one pass, the count only when needed
+                self.overflow[layer] += int((values.abs() >= FLOAT16_MAX).sum())
 
     def result(self) -> ChunkStats:
-        return ChunkStats(self.sums.numpy(), self.norm_sums.numpy(), self.overflow.numpy())
+        return ChunkStats(self.sums.cpu().numpy(), self.norm_sums.cpu().numpy(), self.overflow.cpu().numpy())
 
 
 def compute_chunk_stats(layers: list[np.ndarray], dtype: str) -> ChunkStats:

@@ -75,3 +75,33 @@ def test_cuda_training_step_needs_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_more_ranks_than_gpus_share_them():
+    from pipeline.ranks import Ranks
+
+    n = torch.cuda.device_count()
+    extra = Ranks(rank=n, world=n + 1, local_rank=n, local_world=n + 1)
+    assert extra.device(torch.device("cuda")) == torch.device("cuda", 0)
+
+
+def test_cuda_training_killed_between_checkpoints_finishes_each_step_once(tiny_models, tmp_path):
+    """On CUDA a resumed run is the uninterrupted one up to the order of float additions (the CPU
+    tests compare weights bit for bit): the same steps logged once each, the same FVU to 5%."""
+    from conftest import make_cache, run_cli
+    from pipeline.run import Run
+    from test_runs import _KILL_POINTS, _run_killed
+
+    cache = make_cache(tiny_models["llama"], tmp_path / "c", tokens=8000, context_length=64, batch_size=8,
+                       chunk_tokens=500)
+    assert run_cli(["group", "--cache", cache])[0] == 0
+    args = ["train", "--cache", cache, "--groups", 2, "--tokens", 3072, "--batch-size", 256, "--checkpoint-every", 4,
+            "--device", "cuda"]
+    assert run_cli([*args, "--out", tmp_path / "whole"])[0] == 0
+    _run_killed([*args, "--out", tmp_path / "r"], _KILL_POINTS["between checkpoints"])
+    code, _, err = run_cli([*args, "--out", tmp_path / "r"])
+    assert code == 0, err
+    whole, resumed = Run.open(tmp_path / "whole").metrics(), Run.open(tmp_path / "r").metrics()
+    assert [(r["sae"], r["step"]) for r in resumed] == [(r["sae"], r["step"]) for r in whole]
+    for a, b in zip(whole, resumed):
+        assert b["fvu"] == pytest.approx(a["fvu"], rel=0.05) and b["l0"] == a["l0"]
