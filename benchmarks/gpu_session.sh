@@ -2,13 +2,14 @@
 # One prepared benchmark session for the GPU machine (one H100/H200, 16 cores, no internet), run from
 # the repository root:
 #
-#     bash benchmarks/gpu_session.sh           # GPU sizes, about 9 minutes in all (BUDGET_S=540)
+#     bash benchmarks/gpu_session.sh           # GPU sizes, about 9 minutes in all (BUDGET_S=540; the H200 needed 7)
 #     bash benchmarks/gpu_session.sh --smoke   # tiny sizes: runs on a CPU in a few minutes (a test)
 #
 # (a) installs the wheels in .whl (made here by ../shared/gpu/wheels.sh) into /tmp/site, as
 #     /work/shared/gpu/README.md says; without .whl it uses this Python's packages;
-# (b) runs each benchmark under its own `timeout`, most important first (end_to_end, cache_write, the
-#     stream and feed ratios, cache_throughput, sparsify_speed); every script prints its figures as they
+# (b) runs each benchmark under its own `timeout`, most important first (end_to_end, the test suite with
+#     CUDA visible, cache_write, the stream and feed ratios, cache_throughput, sparsify_speed, torch.compile;
+#     SKIP_TESTS=1 leaves the suite out); every script prints its figures as they
 #     exist; a step that fails or times out does not stop the others; a step whose time is not left in
 #     the budget is skipped; at the end the key lines are printed again together.
 # Environment: PYTHON (default python3), BUDGET_S (seconds for the whole script), GSAE_SESSION_DIR (work
@@ -109,7 +110,7 @@ if [ $SMOKE = 1 ]; then
   THROUGHPUT_ARGS=(--tokens 4000 --batch-size 8 --context-length 64)
   SPEED_SHAPES=("64 8 8" "96 8 8 16")   # d_in expansion k...
   SPEED_ARGS=(--batch-size 1024 --warmup 1 --steps 2 --repeats 1)
-  T_E2E=600 T_WRITE=120 T_CACHE=120 T_STREAM=120 T_FEED=120 T_THROUGHPUT=120 T_SPEED=180 T_COMPILE=180
+  T_E2E=600 T_WRITE=120 T_CACHE=120 T_STREAM=120 T_FEED=120 T_THROUGHPUT=120 T_SPEED=180 T_COMPILE=180 T_TESTS=600
 else
   MODEL_ARGS=()   # Pythia-70M's shape: 6 layers, d 512, 8 heads, intermediate 2048, rotary_pct 0.25
   CORPUS_TOKENS=1000000
@@ -121,7 +122,7 @@ else
   THROUGHPUT_ARGS=(--tokens 500000 --batch-size 32 --context-length 1024)
   SPEED_SHAPES=("512 16 32" "768 16 32 128" "2048 16 64")
   SPEED_ARGS=(--batch-size 8192)
-  T_E2E=240 T_WRITE=75 T_CACHE=60 T_STREAM=45 T_FEED=75 T_THROUGHPUT=60 T_SPEED=45 T_COMPILE=90
+  T_E2E=240 T_WRITE=75 T_CACHE=60 T_STREAM=45 T_FEED=75 T_THROUGHPUT=60 T_SPEED=45 T_COMPILE=90 T_TESTS=150
 fi
 
 # the model (Pythia-70M-shaped, random weights) and the repeated pydoc corpus, shared by the steps
@@ -129,13 +130,21 @@ step model 90 "$PY" benchmarks/end_to_end.py --only-build-model "$W/model" --cor
     --cache-tokens "$CORPUS_TOKENS" ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"}
 
 # 1. end to end: gsae cache + baseline / + group + G*, against sparsify live (the headline ratios)
-step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" ${E2E_ARGS[@]+"${E2E_ARGS[@]}"}
+step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --sparsify-runs 2 \
+    ${E2E_ARGS[@]+"${E2E_ARGS[@]}"}
 rm -rf "$W/e2e"
 
-# 2. the cache writer alone (GB/s of float16 with 1, 2 and all threads)
-step cache_write "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"}
+# 2. the suite with CUDA visible (pytest-xdist where it is installed, as on the GPU machine's image)
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$([ $SMOKE = 1 ] && echo 2 || echo 14)")
+[ "${SKIP_TESTS:-0}" = 1 ] || step tests_cuda "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"} tests
 
-# 3. a small cache of the model, then the training stream ÷ plain decode, and store-fed ÷ memory-fed steps
+# 3. the cache writer alone (GB/s of float16 with 1, 2 and all threads, and the cache's host side), into
+#    the disk and into memory (/dev/shm): what the machine's memory gives as well as what its disk gives
+step cache_write "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"}
+step cache_write_memory "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --folder /dev/shm
+
+# 4. a small cache of the model, then the training stream ÷ plain decode, and store-fed ÷ memory-fed steps
 step small_cache "$T_CACHE" gsae cache --model "$W/model" --dataset "$W/corpus.jsonl" --cache "$W/cache" ${CACHE_ARGS[@]+"${CACHE_ARGS[@]}"}
 if [ -f "$W/cache/zarr.json" ]; then
   step stream "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"}
@@ -150,11 +159,13 @@ else
   echo "== stream, feed: SKIPPED (no cache)"
 fi
 
-# 4. stage one: cache throughput ÷ bare forward, same model, windows and batch
+# 5. stage one: cache throughput ÷ bare forward, same model, windows and batch (into the disk, into memory)
 step cache_throughput "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"}
+step cache_throughput_memory "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
+    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm
 
-# 5. gsae's TopK step ÷ sparsify's, per shape
+# 6. gsae's TopK step ÷ sparsify's, per shape
 SPEED_DEVICE=()
 if "$PY" benchmarks/sparsify_speed.py --help 2>/dev/null | grep -q -- '--device'; then
   SPEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
@@ -171,7 +182,7 @@ for shape in "${SPEED_SHAPES[@]}"; do
       ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} ${SPEED_DEVICE[@]+"${SPEED_DEVICE[@]}"}
 done
 
-# 6. torch.compile of gsae's forward (default mode, then CUDA graphs through reduce-overhead) at the first
+# 7. torch.compile of gsae's forward (default mode, then CUDA graphs through reduce-overhead) at the first
 #    shape: kept in `gsae train` only if measured faster
 set -- ${SPEED_SHAPES[0]}
 for mode in default reduce-overhead; do
@@ -180,7 +191,7 @@ for mode in default reduce-overhead; do
       ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} --repeats 1 --compile "$mode" ${SPEED_DEVICE[@]+"${SPEED_DEVICE[@]}"}
 done
 
-# 7. if time is left: end to end again with gsae's SAE forward under bfloat16 autocast (sparsify's
+# 8. if time is left: end to end again with gsae's SAE forward under bfloat16 autocast (sparsify's
 #    SparseCoder always autocasts to bfloat16 on such a GPU)
 if [ $SMOKE = 0 ]; then
   step end_to_end_bf16 180 "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --precision bfloat16 \
@@ -192,7 +203,7 @@ fi
 echo
 echo "== summary (session $((SECONDS - START)) s of ${BUDGET})"
 for name in "${ORDER[@]}"; do
-  grep -h -E "ratio|÷|compile|GB/s|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)? +[0-9,]+ +[0-9,]+|SKIPPED|TIMED OUT|FAILED|failed" \
+  grep -h -E "ratio|÷|compile|GB/s|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)? +[0-9,]+ +[0-9,]+|SKIPPED|TIMED OUT|FAILED|failed" \
       "$W/logs/$name.log" 2>/dev/null | grep -v '│' | sed "s/^/$name: /"
 done
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then tar czf "$OUT/gpu_session_logs.tgz" -C "$W" logs 2>/dev/null; fi  # one file: $OUT takes 8

@@ -92,7 +92,9 @@ class _GatherLatents(torch.autograd.Function):
     A dense TopK backward scatters the B×k gradient into B×M and runs two B×M×d matmuls. Here one
     sparse (M×B CSR) × dense (B×(d+1)) product gives W_enc's gradient and the per-latent gradient sums
     (b_enc's gradient); b_dec's is one matrix-vector product. There is no B×k×d temporary (sparsify's
-    backward builds one) and no float atomics, so the step stays deterministic on CUDA too.
+    backward builds one) and no float atomics.  The step is bit-reproducible on the CPU; on CUDA the
+    CSR product (cuSPARSE) sums in a varying order, so two runs agree to ~1e-8 per gradient entry, not
+    bit for bit (measured on an H200; docs/benchmarks.md, GPU section).
     Timings: docs/benchmarks.md.
     """
 
