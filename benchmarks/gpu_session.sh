@@ -117,7 +117,7 @@ else
   E2E_ARGS=()     # 1M tokens per SAE, batch 8192 (32 × 256), 512 → 8192, k 32
   WRITE_ARGS=(--layers 6 --d-model 512 --chunks 32)
   CACHE_ARGS=(--tokens 300000 --context-length 256 --batch-size 32)
-  STREAM_ARGS=(--chunks 32 --batch-size 8192)
+  STREAM_ARGS=(--chunks 32 --batch-size 8192 --scaling)
   FEED_ARGS=(--expansion 16 --k 32 --batch-size 8192 --steps 12)
   THROUGHPUT_ARGS=(--tokens 500000 --batch-size 32 --context-length 1024)
   SPEED_SHAPES=("512 16 32" "768 16 32 128" "2048 16 64")

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Iterator
 
@@ -156,15 +157,24 @@ def stream_rate(args) -> None:
     rows = len(layers) * sum(b - a for a, b in map(store.readable_rows, chunks))
     cores = os.cpu_count() or 1
 
-    def plain() -> float:
+    def plain(threads: int = cores) -> float:
         # torch's float16 -> float32 conversion, as the stream's: numpy's is ~10x slower on this CPU and
         # would make the reference slow
+        # (each thread decodes into a buffer of its own, as the stream decodes into its window: the
+        # store's fastest read)
+        local = threading.local()
+
         def decode(pair):
             layer, chunk = pair
-            return as_tensor(store.read_chunk(layer, chunk), store.dtype).float().mul_(scales[layers.index(layer)])
+            start, stop = store.readable_rows(chunk)
+            out = getattr(local, "out", None)
+            if out is None:
+                out = local.out = np.empty((store.chunk_tokens, store.d_model), store.layer_array(layer).dtype)
+            store.read_into(layer, start, stop, out[: stop - start])
+            return as_tensor(out[: stop - start], store.dtype).float().mul_(scales[layers.index(layer)])
 
         start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=cores) as pool:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
             for _ in pool.map(decode, [(l, c) for _ in range(args.epochs) for l in layers for c in chunks]):
                 pass
         return args.epochs * rows / (time.perf_counter() - start)
@@ -196,6 +206,10 @@ def stream_rate(args) -> None:
     print(f"training stream                     {max(streams):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in streams)})")
     print(f"  its first epoch (start-up)        {max(colds):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in colds)})")
     print(f"ratio stream / plain decode = {max(streams) / max(plains):.3f}   (target >= 0.9)")
+    if args.scaling:  # how the plain decode grows with threads: a GIL or memory-bound decode flattens early
+        counts = sorted({1, 2, *range(4, cores + 1, 4), cores})
+        rates = {t: max(plain(t) for _ in range(args.repeats)) for t in counts}
+        print("plain decode by threads: " + ", ".join(f"{t}: {r:,.0f} rows/s ({r / rates[1]:.1f}×)" for t, r in rates.items()))
 
 
 def _gsae(*args: str) -> float:
@@ -278,6 +292,7 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="feed: where to train")
     parser.add_argument("--chunks", type=int, default=8, help="stream: training chunks to read per layer")
     parser.add_argument("--epochs", type=int, default=3, help="stream: epochs timed after the first")
+    parser.add_argument("--scaling", action="store_true", help="stream: also the plain decode with 1, 2, 4, 8, ... threads")
     parser.add_argument("--s3", action="store_true", help="feed: also from a copy of --chunks chunks in moto's S3 "
                         "server on loopback (needs s3fs and moto: pip install -e '.[test]')")
     arguments = parser.parse_args()

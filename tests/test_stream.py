@@ -13,10 +13,10 @@ from stores import ActivationStore, compute_chunk_stats, to_float32
 from stores.stream import TrainingStream, split_chunks
 
 
-def _store(path, dtype: str) -> ActivationStore:
+def _store(path, dtype: str, compression: str = "lossless") -> ActivationStore:
     n_layers, d, chunk, n_tokens = 3, 8, 100, 1450  # a short last chunk
     store = ActivationStore.create(str(path), n_layers=n_layers, d_model=d, n_tokens=n_tokens, chunk_tokens=chunk,
-                                   dtype=dtype)
+                                   dtype=dtype, compression=compression)
     rng = np.random.default_rng(0)
     for c in range(-(-n_tokens // chunk)):
         rows = min(chunk, n_tokens - c * chunk)
@@ -92,3 +92,45 @@ def test_resume_with_decodes_in_flight_gives_the_same_batches(store, monkeypatch
         np.testing.assert_array_equal(got.rows, want.rows)
         assert torch.equal(got.x, want.x)
     stream.close()
+
+
+@pytest.mark.parametrize("dtype, compression", [("float16", "lossless"), ("bfloat16", "lossless"),
+                                                ("float32", "lossless"), ("float16", "lossy")])
+def test_whole_chunks_read_from_their_files_equal_zarrs_read(tmp_path, dtype, compression):
+    """read_into decodes a whole local chunk from its file (not through zarr): byte for byte zarr's read,
+    for every layer and chunk; a short last chunk, and codecs other than bytes → blosc → crc32c, go
+    through zarr."""
+    from stores.activation_store import _whole_chunk_file
+
+    store = _store(tmp_path / "c", dtype, compression)
+    fast = 0
+    for layer in range(store.n_layers):
+        array = store.layer_array(layer)
+        for chunk in range(store.n_chunks):
+            start, stop = store.readable_rows(chunk)
+            out = np.full((stop - start, store.d_model), 7, dtype=array.dtype)
+            store.read_into(layer, start, stop, out)
+            np.testing.assert_array_equal(out.view(np.uint8), array[start:stop].view(np.uint8))
+            fast += _whole_chunk_file(array, slice(start, stop), out) is not None
+    whole_chunks = store.n_layers * (store.n_chunks - 1)
+    assert fast == (whole_chunks if compression == "lossless" else 0)
+
+
+def test_a_damaged_chunk_file_is_one_store_error(store, tmp_path):
+    import shutil
+
+    from stores.activation_store import StoreError
+
+    copy = tmp_path / "c"
+    shutil.copytree(store.path, copy)
+    damaged = ActivationStore.open(str(copy))
+    chunk_file = copy / "layers" / "1" / "c" / "3" / "0"
+    data = bytearray(chunk_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk_file.write_bytes(bytes(data))
+    out = np.empty((damaged.chunk_tokens, damaged.d_model), np.float16)
+    with pytest.raises(StoreError, match="layer 1 rows 300–399 cannot be read \\(checksum mismatch\\)"):
+        damaged.read_into(1, 300, 400, out)
+    chunk_file.write_bytes(bytes(data[:3]))  # cut short
+    with pytest.raises(StoreError, match="layer 1 rows 300–399 cannot be read"):
+        damaged.read_into(1, 300, 400, out)
