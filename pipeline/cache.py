@@ -153,7 +153,9 @@ class _ForwardCapture:
         self.first_row = first_row  # 1 drops the BOS position
         self.dtype = dtype
         self.captured: list[torch.Tensor | None] = [None] * lm.n_layers
-        self.on_device: list[torch.Tensor | None] = [None] * lm.n_layers  # the stored rows where the model runs
+        # the stored rows where the model runs, kept until the batch's statistics are taken from them (on
+        # a GPU: n_layers × batch rows × d_model in the storage dtype beside the forward's own memory)
+        self.on_device: list[torch.Tensor | None] = [None] * lm.n_layers
         self.pinned: list[torch.Tensor | None] = [None] * lm.n_layers  # reused device→host buffers
         self.handles = [block.register_forward_hook(self._hook(layer)) for layer, block in enumerate(lm.blocks)]
 

@@ -139,11 +139,12 @@ def _whole_chunk_file(array: zarr.Array, rows: slice, out: np.ndarray | None) ->
     """The file of the one whole chunk that ``rows`` are, where :func:`_decode_chunk_file` can decode it
     into ``out``: a local array of full-width row chunks whose codecs are exactly bytes (little-endian)
     → blosc → crc32c (what `gsae cache` writes losslessly), ``out`` C-contiguous and the chunk's size."""
-    if out is None or not isinstance(array.store, LocalStore) or not out.flags.c_contiguous:
+    if (out is None or not isinstance(array.store, LocalStore) or not out.flags.c_contiguous or array.ndim != 2
+            or rows.step not in (None, 1) or rows.stop is None):
         return None
     chunk_rows, width = array.metadata.chunk_grid.chunk_shape
     start, stop = rows.start or 0, rows.stop
-    if (stop is None or start % chunk_rows or stop - start != chunk_rows or width != array.shape[1]
+    if (start % chunk_rows or stop - start != chunk_rows or stop > array.shape[0] or width != array.shape[1]
             or out.dtype != array.dtype or out.shape != (chunk_rows, width) or not _fast_codecs(array.metadata.codecs)):
         return None
     return Path(array.store.root) / array.path / array.metadata.encode_chunk_key((start // chunk_rows, 0))
@@ -172,7 +173,7 @@ def _decode_chunk_file(path: Path, out: np.ndarray) -> bool:
 
     try:
         handle = open(path, "rb")
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # what zarr's LocalStore reads as absent
         return False
     with handle:
         size = os.fstat(handle.fileno()).st_size
@@ -187,6 +188,11 @@ def _decode_chunk_file(path: Path, out: np.ndarray) -> bool:
     payload = np.frombuffer(buffer, dtype=np.uint8, count=size - 4)  # google_crc32c takes arrays, not memoryviews
     if google_crc32c.value(payload) != int.from_bytes(view[-4:], "little"):
         raise ValueError("Stored and computed checksum do not match")
+    # blosc fills only what the chunk holds: one of another size would leave stale rows in ``out``
+    # (bytes 4-8 of blosc's header: the uncompressed size)
+    if size < 20 or int.from_bytes(view[4:8], "little") != out.nbytes:
+        raise ValueError(f"the chunk decodes to {int.from_bytes(view[4:8], 'little') if size >= 20 else 0:,} bytes, "
+                         f"not the {out.nbytes:,} of a chunk")
     numcodecs.blosc.decompress(payload, out)
     return True
 

@@ -87,7 +87,7 @@ def test_more_ranks_than_gpus_share_them():
 
 def test_cuda_training_killed_between_checkpoints_finishes_each_step_once(tiny_models, tmp_path):
     """On CUDA a resumed run is the uninterrupted one up to the order of float additions (the CPU
-    tests compare weights bit for bit): the same steps logged once each, the same FVU to 5%."""
+    tests compare weights bit for bit): the same steps logged once each, the same L0 and FVU to 5%."""
     from conftest import make_cache, run_cli
     from pipeline.run import Run
     from test_runs import _KILL_POINTS, _run_killed
@@ -104,4 +104,4 @@ def test_cuda_training_killed_between_checkpoints_finishes_each_step_once(tiny_m
     whole, resumed = Run.open(tmp_path / "whole").metrics(), Run.open(tmp_path / "r").metrics()
     assert [(r["sae"], r["step"]) for r in resumed] == [(r["sae"], r["step"]) for r in whole]
     for a, b in zip(whole, resumed):
-        assert b["fvu"] == pytest.approx(a["fvu"], rel=0.05) and b["l0"] == a["l0"]
+        assert b["fvu"] == pytest.approx(a["fvu"], rel=0.05) and b["l0"] == pytest.approx(a["l0"], abs=0.05)

@@ -134,3 +134,11 @@ def test_a_damaged_chunk_file_is_one_store_error(store, tmp_path):
     chunk_file.write_bytes(bytes(data[:3]))  # cut short
     with pytest.raises(StoreError, match="layer 1 rows 300–399 cannot be read"):
         damaged.read_into(1, 300, 400, out)
+    # a valid chunk of a narrower store (its own checksum right): an error, not stale rows left in out
+    other = ActivationStore.create(str(tmp_path / "wide"), n_layers=1, d_model=4, n_tokens=100, chunk_tokens=100)
+    values = np.ones((100, 4), np.float16)
+    other.write_chunk(0, [values], np.zeros(100, np.int32), compute_chunk_stats([values], "float16"))
+    chunk_file.write_bytes((tmp_path / "wide" / "layers" / "0" / "c" / "0" / "0").read_bytes())
+    out[:] = 7
+    with pytest.raises(StoreError, match="layer 1 rows 300–399 cannot be read \\(cannot decode"):
+        damaged.read_into(1, 300, 400, out)
