@@ -227,3 +227,51 @@ def test_remote_torchrun_gives_the_bytes_of_one_process(tiny_neox, bucket, capsy
     args[args.index(f"{bucket}/one")] = f"{bucket}/two"
     _finish(_torchrun(args))
     assert _s3_objects(f"{bucket}/two") == _s3_objects(f"{bucket}/one")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("pooled", [False, True], ids=["write_chunk", "start_chunk"])
+def test_chunk_files_written_directly_are_zarrs_bytes(tmp_path, monkeypatch, dtype, pooled):
+    """A whole local chunk is encoded and written without zarr's write path (_encode_chunk_file); the
+    store it makes is zarr's, file for file and byte for byte: short chunks, all-zero chunks (not stored)
+    and the tokens and statistics arrays still go through zarr."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    import stores.activation_store as module
+    from stores import compute_chunk_stats
+
+    direct = []
+    real = module._encode_chunk_file
+
+    def counted(*args):
+        direct.append(real(*args))
+        return direct[-1]
+
+    def make(path: Path, writer) -> dict[str, bytes]:
+        monkeypatch.setattr(module, "_encode_chunk_file", writer)
+        store = ActivationStore.create(str(path), n_layers=2, d_model=8, n_tokens=450, chunk_tokens=100, dtype=dtype)
+        rng = np.random.default_rng(0)
+        with ThreadPoolExecutor(2) as pool:
+            for chunk in range(5):
+                rows = min(100, 450 - chunk * 100)
+                values = [rng.standard_normal((rows, 8), dtype=np.float32) for _ in range(2)]
+                layers = ([torch.from_numpy(v).bfloat16().view(torch.int16).numpy().view(np.uint16) for v in values]
+                          if dtype == "bfloat16" else [v.astype(dtype) for v in values])
+                if chunk == 2:
+                    layers[1][:] = 0  # equal to the fill value: zarr does not store it
+                stats, tokens = compute_chunk_stats(layers, dtype), np.arange(rows, dtype=np.int32)
+                if pooled:
+                    store.finish_chunk(store.start_chunk(chunk, layers, tokens, stats, pool))
+                else:
+                    store.write_chunk(chunk, layers, tokens, stats)
+        store.finalize()
+        return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+                if p.is_file() and p.name != "timing.json"}
+
+    ours = make(tmp_path / "direct", counted)
+    zarrs = make(tmp_path / "zarr", lambda *args: False)
+    assert ours.keys() == zarrs.keys() and all(ours[name] == zarrs[name] for name in ours)
+    assert sum(direct) == 7  # chunks 0, 1, 3 of both layers and chunk 2 of layer 0
+    assert not any(name.endswith(".partial") for name in ours)
