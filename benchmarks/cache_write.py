@@ -101,7 +101,9 @@ def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype:
     start = time.perf_counter()
     try:
         for row, host, on_device, batch_tokens in batches:
-            for item in assembler.add(row, host, batch_tokens, on_device):
+            for layer, values in enumerate(on_device):  # as the forward hooks hand each layer over
+                assembler.add_stats(row, row + len(batch_tokens), layer, values)
+            for item in assembler.add(row, host, batch_tokens):
                 writer.submit(item)
         writer.drain()
     finally:

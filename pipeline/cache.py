@@ -15,6 +15,7 @@ store is byte-identical to one written by a single process.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import itertools
 import os
@@ -23,7 +24,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -153,10 +154,8 @@ class _ForwardCapture:
         self.first_row = first_row  # 1 drops the BOS position
         self.dtype = dtype
         self.captured: list[torch.Tensor | None] = [None] * lm.n_layers
-        # the stored rows where the model runs, kept until the batch's statistics are taken from them (on
-        # a GPU: n_layers × batch rows × d_model in the storage dtype beside the forward's own memory)
-        self.on_device: list[torch.Tensor | None] = [None] * lm.n_layers
         self.pinned: list[torch.Tensor | None] = [None] * lm.n_layers  # reused device→host buffers
+        self.on_stored: Callable[[int, torch.Tensor], None] | None = None  # set by run()
         self.handles = [block.register_forward_hook(self._hook(layer)) for layer, block in enumerate(lm.blocks)]
 
     def _hook(self, layer: int):
@@ -181,7 +180,8 @@ class _ForwardCapture:
             stored = hidden.to(torch.bfloat16).view(torch.int16)
         else:
             stored = hidden.to(torch.float32)
-        self.on_device[layer] = stored
+        if self.on_stored is not None:  # the statistics, from the rows where the model runs, while they exist
+            self.on_stored(layer, stored)
         if stored.device.type == "cuda":  # async copy into a reused pinned buffer; synchronised in run()
             host = self.pinned[layer]
             if host is None or host.shape != stored.shape or host.dtype != stored.dtype:
@@ -190,19 +190,22 @@ class _ForwardCapture:
             return host  # the assembler copies it into a chunk before the next forward overwrites it
         return stored
 
-    def run(self, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each layer's stored rows of the batch: on the host (reused buffers), and where the model ran
-        (the same tensors on a CPU), on which the chunk statistics are computed."""
+    def run(self, input_ids: torch.Tensor, on_stored: Callable[[int, torch.Tensor], None]) -> list[torch.Tensor]:
+        """Each layer's stored rows of the batch, on the host (reused buffers).  ``on_stored(layer, rows)``
+        gets each layer's rows where the model runs as soon as they exist (on a GPU, before their copy to
+        the host; no layer's device copy outlives its hook)."""
+        self.on_stored = on_stored
         with torch.inference_mode():
             try:
                 self.lm.model.base_model(input_ids=input_ids, use_cache=False)
             except self._Stop:
                 pass
+            finally:
+                self.on_stored = None
         if input_ids.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         captured, self.captured = self.captured, [None] * self.lm.n_layers
-        on_device, self.on_device = self.on_device, [None] * self.lm.n_layers
-        return captured, on_device  # type: ignore[return-value]
+        return captured  # type: ignore[return-value]
 
     def close(self) -> None:
         for handle in self.handles:
@@ -223,13 +226,10 @@ class _ChunkAssembler:
         self.chunks = set(range(store.chunks_written, store.n_chunks_planned) if chunks is None else chunks)
         self.open: dict[int, _Open] = {}
 
-    def add(self, row: int, layers: list[torch.Tensor], tokens: np.ndarray,
-            on_device: list[torch.Tensor] | None = None) -> Iterator[_Chunk]:
-        """Take the rows ``[row, row + len(tokens))`` of one batch; yield the chunks they complete.
-        ``on_device``: the same rows where the model ran, for the statistics (default ``layers``)."""
-        on_device = layers if on_device is None else on_device
+    def _segments(self, row: int, stop: int) -> Iterator[tuple[int, _Open, int, int]]:
+        """(chunk, its open part, first row, row after the last) for each of this assembler's chunks that
+        the rows ``[row, stop)`` fall in, opening the parts they start."""
         step = self.store.chunk_tokens
-        stop = row + len(tokens)
         for chunk in range(row // step, -(-stop // step)):
             if chunk not in self.chunks:
                 continue
@@ -240,9 +240,24 @@ class _ChunkAssembler:
             part = self.open.get(chunk)
             if part is None:
                 part = self.open[chunk] = _Open(
-                    np.empty((len(layers), chunk_stop - chunk_start, self.store.d_model), dtype=self.np_dtype),
-                    np.empty(chunk_stop - chunk_start, dtype=np.int32),
-                    StatsAccumulator(len(layers), self.store.d_model, self.store.dtype, on_device[0].device))
+                    np.empty((self.store.n_layers, chunk_stop - chunk_start, self.store.d_model), dtype=self.np_dtype),
+                    np.empty(chunk_stop - chunk_start, dtype=np.int32))
+            yield chunk, part, first, last
+
+    def add_stats(self, row: int, stop: int, layer: int, values: torch.Tensor) -> None:
+        """Add one layer's rows ``[row, stop)`` of a batch (``values[i]`` is row ``row + i``, on whatever
+        device the model runs) to the statistics of the chunks they fall in."""
+        for _, part, first, last in self._segments(row, stop):
+            if part.stats is None:
+                part.stats = StatsAccumulator(self.store.n_layers, self.store.d_model, self.store.dtype, values.device)
+            part.stats.add(layer, values[first - row : last - row])
+
+    def add(self, row: int, layers: list[torch.Tensor], tokens: np.ndarray) -> Iterator[_Chunk]:
+        """Take the rows ``[row, row + len(tokens))`` of one batch, whose statistics :meth:`add_stats` has
+        taken; yield the chunks they complete."""
+        stop = row + len(tokens)
+        for chunk, part, first, last in list(self._segments(row, stop)):
+            chunk_start = self.store.chunk_rows(chunk)[0]
             if first - chunk_start != part.filled:
                 raise RuntimeError(f"chunk {chunk}: rows from {first} given, {chunk_start + part.filled} expected")
             take = last - first
@@ -251,7 +266,6 @@ class _ChunkAssembler:
                 target = target.view(torch.int16)
             for layer, values in enumerate(layers):
                 target[layer, part.filled : part.filled + take].copy_(values[first - row : last - row])
-                part.stats.add(layer, on_device[layer][first - row : last - row])
             part.tokens[part.filled : part.filled + take] = tokens[first - row : last - row]
             part.filled += take
             if part.filled == part.buffer.shape[1]:
@@ -276,7 +290,7 @@ class _Open:
 
     buffer: np.ndarray  # (n_layers, rows, d_model) in the storage dtype
     tokens: np.ndarray
-    stats: StatsAccumulator
+    stats: StatsAccumulator | None = None  # made on the device of the first rows added
     filled: int = 0
 
 
@@ -601,12 +615,12 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                 while next_todo < len(todo) and store.chunk_rows(todo[next_todo])[1] <= row:
                     next_todo += 1
                 if next_todo < len(todo) and store.chunk_rows(todo[next_todo])[0] < stop:
-                    layers, on_device = capture.run(torch.tensor(group, dtype=torch.long, device=lm.device))
+                    layers = capture.run(torch.tensor(group, dtype=torch.long, device=lm.device),
+                                         functools.partial(assembler.add_stats, row, stop))
                     tokens = np.asarray(group, dtype=np.int32)[:, first_row:].reshape(-1)[: stop - row]
                     check.feed(row, tokens)
                     check.flush()  # before any new chunk of this batch is written
-                    for item in assembler.add(row, [values[: stop - row] for values in layers], tokens,
-                                              [values[: stop - row] for values in on_device]):
+                    for item in assembler.add(row, [values[: stop - row] for values in layers], tokens):
                         writer.submit(item)
                         rows_this_run += len(item.tokens)
                 else:  # none of this rank's rows to write: only check the committed ones
