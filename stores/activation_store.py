@@ -228,7 +228,7 @@ def _encode_chunk_file(array: zarr.Array, key: Any, values: np.ndarray) -> bool:
 
     import google_crc32c
 
-    if (not isinstance(array.store, LocalStore) or array.ndim != 2 or not isinstance(key, slice)
+    if (not isinstance(array.store, LocalStore) or array.store.read_only or array.ndim != 2 or not isinstance(key, slice)
             or key.step not in (None, 1) or key.stop is None or not _fast_codecs(array.metadata.codecs)):
         return False
     chunk_rows, width = array.metadata.chunk_grid.chunk_shape
