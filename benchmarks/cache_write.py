@@ -58,9 +58,9 @@ def source_chunks(args: argparse.Namespace) -> tuple[list[_Chunk], int, int, str
 
 
 def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
-              folder: str) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the whole process) to write and commit every chunk into a fresh
-    store with ``threads`` writer threads."""
+              folder: str) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of the whole process, bytes of memory first touched: minor page faults)
+    to write and commit every chunk into a fresh store with ``threads`` writer threads."""
     rows = len(chunks[0].tokens)
     store = ActivationStore.create(os.path.join(folder, f"t{threads}"), n_layers=n_layers, d_model=d_model,
                                    n_tokens=rows * len(chunks), chunk_tokens=rows, dtype=dtype,
@@ -70,12 +70,8 @@ def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, com
     start = time.perf_counter()
     writer.write_all(chunks)
     seconds = time.perf_counter() - start
-    global FRESH_BYTES  # noqa: PLW0603 - the last run's figure, printed once
-    FRESH_BYTES = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) * resource.getpagesize()
-    return seconds, _cpu_seconds() - cpu
-
-
-FRESH_BYTES = 0  # memory first touched (minor page faults) by the last write_all
+    fresh = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) * resource.getpagesize()
+    return seconds, _cpu_seconds() - cpu, fresh
 
 
 def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
@@ -156,8 +152,8 @@ def main() -> None:
             write_all(chunks[:1], n_layers, d_model, dtype, compression, cores, run_folder)
         for threads in sorted({1, 2, cores}):
             with tempfile.TemporaryDirectory(dir=folder) as run_folder:
-                seconds, cpu = min(write_all(chunks, n_layers, d_model, dtype, compression, threads, run_folder)
-                                   for _ in range(args.repeats))
+                seconds, cpu, fresh = min(write_all(chunks, n_layers, d_model, dtype, compression, threads,
+                                                    run_folder) for _ in range(args.repeats))
             results[threads] = seconds
             print(f"gsae writer {threads:2d} thr  {tokens / seconds:12,.0f} tok/s  {gigabytes / seconds:6.2f} GB/s"
                   f"  {cpu / seconds:4.2f} cores busy")
@@ -167,7 +163,7 @@ def main() -> None:
         print(f"assembler + writer {cores:2d} thr {tokens / host:10,.0f} tok/s  {gigabytes / host:6.2f} GB/s   (the cache's "
               f"host side: batches of {args.batch_rows:,} rows, statistics on {where}); ÷ writer alone = "
               f"{results[cores] / host:.2f}")
-    print(f"fresh memory touched while writing: {FRESH_BYTES / (gigabytes * 1e9):.2f} × the float16 bytes (minor page "
+    print(f"fresh memory touched while writing: {fresh / (gigabytes * 1e9):.2f} × the float16 bytes (minor page "
           f"faults; dear where memory is backed lazily, as in the GPU machine's VM)")
     if 2 in results:
         print(f"ratio 2 threads / 1 thread = {results[1] / results[2]:.2f}   (target >= 1.7)")

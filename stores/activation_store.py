@@ -135,17 +135,18 @@ def _own_loop(array: zarr.Array) -> asyncio.AbstractEventLoop | None:
 _read_buffers = threading.local()  # each decoding thread's reused buffer for compressed chunk files
 
 
-def _whole_chunk_file(array: zarr.Array, rows: slice, out: np.ndarray | None) -> Path | None:
-    """The file of the one whole chunk that ``rows`` are, where :func:`_decode_chunk_file` can decode it
-    into ``out``: a local array of full-width row chunks whose codecs are exactly bytes (little-endian)
-    → blosc → crc32c (what `gsae cache` writes losslessly), ``out`` C-contiguous and the chunk's size."""
-    if (out is None or not isinstance(array.store, LocalStore) or not out.flags.c_contiguous or array.ndim != 2
+def _whole_chunk_file(array: zarr.Array, rows: Any, shape: tuple[int, ...], dtype: np.dtype) -> Path | None:
+    """The file of the one whole chunk that ``rows`` are, where gsae encodes and decodes it itself
+    (:func:`_encode_chunk_file`, :func:`_decode_chunk_file`): a local array of full-width row chunks whose
+    codecs are exactly bytes (little-endian) → blosc → crc32c (what `gsae cache` writes losslessly), and
+    values of the chunk's ``shape`` and ``dtype``.  None where zarr must do it."""
+    if (not isinstance(array.store, LocalStore) or array.ndim != 2 or not isinstance(rows, slice)
             or rows.step not in (None, 1) or rows.stop is None):
         return None
     chunk_rows, width = array.metadata.chunk_grid.chunk_shape
     start, stop = rows.start or 0, rows.stop
     if (start % chunk_rows or stop - start != chunk_rows or stop > array.shape[0] or width != array.shape[1]
-            or out.dtype != array.dtype or out.shape != (chunk_rows, width) or not _fast_codecs(array.metadata.codecs)):
+            or dtype != array.dtype or shape != (chunk_rows, width) or not _fast_codecs(array.metadata.codecs)):
         return None
     return Path(array.store.root) / array.path / array.metadata.encode_chunk_key((start // chunk_rows, 0))
 
@@ -201,7 +202,8 @@ def _get(array: zarr.Array, rows: slice, out: np.ndarray | None = None) -> np.nd
     """``array[rows]`` (into ``out`` when given), decoded on the calling thread: on its own event loop,
     as :func:`_put` writes (zarr's one loop thread capped a thread-pool decode at ~70% of 2 cores);
     one whole local chunk by :func:`_decode_chunk_file`."""
-    chunk_file = _whole_chunk_file(array, rows, out)
+    chunk_file = (_whole_chunk_file(array, rows, out.shape, out.dtype)
+                  if out is not None and out.flags.c_contiguous else None)
     if chunk_file is not None and _decode_chunk_file(chunk_file, out):
         return out
     buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out) if out is not None else None
@@ -228,21 +230,13 @@ def _encode_chunk_file(array: zarr.Array, key: Any, values: np.ndarray) -> bool:
 
     import google_crc32c
 
-    if (not isinstance(array.store, LocalStore) or array.store.read_only or array.ndim != 2 or not isinstance(key, slice)
-            or key.step not in (None, 1) or key.stop is None or not _fast_codecs(array.metadata.codecs)):
-        return False
-    chunk_rows, width = array.metadata.chunk_grid.chunk_shape
-    start = key.start or 0
-    if (start % chunk_rows or key.stop - start != chunk_rows or key.stop > array.shape[0] or width != array.shape[1]
-            or values.shape != (chunk_rows, width) or values.dtype != array.dtype):
-        return False
-    blosc = getattr(array.metadata.codecs[1], "_blosc_codec", None)
-    if blosc is None:
+    path = _whole_chunk_file(array, key, values.shape, values.dtype)
+    blosc = getattr(array.metadata.codecs[1], "_blosc_codec", None) if path is not None else None
+    if blosc is None or array.store.read_only:  # zarr refuses a read-only store
         return False
     raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)  # what zarr's bytes codec hands blosc
     encoded = np.frombuffer(blosc.encode(raw), dtype=np.uint8)
     checksum = np.uint32(google_crc32c.value(encoded)).tobytes()
-    path = Path(array.store.root) / array.path / array.metadata.encode_chunk_key((start // chunk_rows, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{uuid.uuid4().hex}.partial")
     try:
