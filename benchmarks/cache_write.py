@@ -75,11 +75,17 @@ def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, com
 
 
 def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
-                       folder: str, batch_rows: int) -> tuple[float, str]:
+                       folder: str, batch_rows: int, forward_ms: float = 0.0,
+                       stats: bool = True) -> tuple[float, str]:
     """(wall seconds, where the statistics ran) for the cache's host side without the model: batches of
     ``batch_rows`` rows (as the forward hooks hand them over, already on the host) cut into chunks with
     their statistics by the cache's assembler, then written as above.  With CUDA the statistics run on
-    the GPU from a device copy of each batch, as `gsae cache` computes them there."""
+    the GPU from a device copy of each batch, as `gsae cache` computes them there.
+
+    ``forward_ms``: before each batch the host waits that long with the GIL released, as `gsae cache`
+    waits for a GPU's forward pass (``torch.cuda.synchronize``), so that what the writer does meanwhile
+    shows; ``stats=False`` leaves the statistics out (where the GPU computes them, they cost the host
+    nothing)."""
     rows = len(chunks[0].tokens)
     store = ActivationStore.create(os.path.join(folder, f"a{threads}"), n_layers=n_layers, d_model=d_model,
                                    n_tokens=rows * len(chunks), chunk_tokens=rows, dtype=dtype, compression=compression)
@@ -93,11 +99,13 @@ def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype:
         host = [torch.from_numpy(values[layer, start : start + batch_rows]) for layer in range(n_layers)]
         batches.append((start, host, [t.to(device) for t in host], tokens[start : start + batch_rows]))
     writer = ChunkWriter(store, threads, 0.0)
-    assembler = _ChunkAssembler(store, chunks[0].layers.dtype)
+    assembler = _ChunkAssembler(store, chunks[0].layers.dtype) if stats else _KnownStats(store, chunks)
     start = time.perf_counter()
     try:
         for row, host, on_device, batch_tokens in batches:
-            for layer, values in enumerate(on_device):  # as the forward hooks hand each layer over
+            if forward_ms:
+                time.sleep(forward_ms / 1000)
+            for layer, values in enumerate(on_device if stats else []):  # as the forward hooks hand them over
                 assembler.add_stats(row, row + len(batch_tokens), layer, values)
             for item in assembler.add(row, host, batch_tokens):
                 writer.submit(item)
@@ -105,6 +113,18 @@ def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype:
     finally:
         writer.close()
     return time.perf_counter() - start, device.type
+
+
+class _KnownStats(_ChunkAssembler):
+    """The cache's assembler with the statistics left out: each chunk gets those computed beforehand."""
+
+    def __init__(self, store: ActivationStore, chunks: list[_Chunk]):
+        super().__init__(store, chunks[0].layers.dtype)
+        self.known = {chunk.index: chunk.stats for chunk in chunks}
+
+    def _emit(self, chunk: int) -> _Chunk:
+        part = self.open.pop(chunk)
+        return _Chunk(chunk, part.buffer, part.tokens, self.known[chunk])
 
 
 def _cpu_seconds() -> float:

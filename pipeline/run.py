@@ -363,12 +363,15 @@ class _RewrittenLog(io.StringIO):
 
 
 def pack_training_state(sae: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        since_fired: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One SAE's weights, buffers, Adam moments and dead counters as CPU tensors (a checkpoint file)."""
+                        since_fired: torch.Tensor, moments: bool = True) -> dict[str, torch.Tensor]:
+    """One SAE's weights, buffers, Adam moments and dead counters as CPU tensors (a checkpoint file).
+
+    ``moments=False`` leaves Adam's state out: the checkpoint after the last step, from which a resume
+    only writes the SAE files (the moments are twice the weights' bytes)."""
     tensors = {f"param.{name}": p.detach().cpu().contiguous() for name, p in sae.named_parameters()}
     tensors.update({f"buffer.{name}": b.detach().cpu().contiguous() for name, b in sae.named_buffers()})
     names = {id(p): name for name, p in sae.named_parameters()}
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups if moments else []:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 value = value if torch.is_tensor(value) else torch.tensor(value)

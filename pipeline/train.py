@@ -310,7 +310,7 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
 
     def checkpoint_now(step: int) -> None:
         check_finite(step)  # never checkpoint a diverged SAE
-        parts = ranks.gather_to_first({i: (pack_training_state(saes[i], optimizers[i], fired[i]),
+        parts = ranks.gather_to_first({i: (pack_training_state(saes[i], optimizers[i], fired[i], moments=step < steps),
                                            streams[i].state_dict(), elapsed[i], n_dead[i], latest[i]) for i in mine})
         if parts is not None:
             run.save_checkpoint(step, {i: parts[i][0] for i in range(n)},

@@ -652,8 +652,14 @@ class ActivationStore:
 
         A chunk that fails its checksum or does not decode, and a chunk that is missing (zarr would
         hand back zeros), raise :class:`StoreError` naming the cache, the layer and the rows."""
+        array = self._layers[layer]
+        rows = range(*slice(start, stop).indices(array.shape[0]))
+        # into a buffer of our own, so that a whole local chunk takes the direct path of _get (about
+        # twice zarr's speed here); zarr fills it for any other range
+        start, stop = rows.start, rows.start + len(rows)
+        values = np.empty((len(rows), array.shape[1]), dtype=array.dtype)
         with self._decoding(layer, start, stop):
-            values = _get(self._layers[layer], slice(start, stop))
+            _get(array, slice(start, stop), values)
         self._check_chunks_present(layer, start, stop, values)
         return values
 

@@ -115,6 +115,11 @@ def test_kill_9_anywhere_then_the_same_command_finishes_the_run(point, cache, wh
     out = tmp_path / "r"
     _run_killed(_train(cache, out), _KILL_POINTS[point])
     assert Run.open(out).state in ("planned", "training")
+    if point == "during the final write":  # the checkpoint after the last step: weights, no Adam moments
+        final = Path(Run.open(out).latest_checkpoint())
+        assert final.name == "step-000000012"
+        kept = load_file(str(final / "sae_0.safetensors")).keys()
+        assert "param.W_enc" in kept and not any(key.startswith("adam.") for key in kept)
     code, _, err = run_cli(_train(cache, out), capsys)
     assert code == 0, err
     assert Run.open(out).state == "trained"
