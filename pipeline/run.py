@@ -39,7 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load, save
 
 from pipeline.errors import GsaeError
-from pipeline.sae import SparseAutoencoder, load_sae, save_sae
+from pipeline.sae import SparseAutoencoder, load_sae, sae_files
 from stores import ActivationStore
 from stores.remote import join, write_whole
 
@@ -309,11 +309,9 @@ class Run:
     # ------------------------------------------------------------------ SAE files
     def save_sae(self, i: int, sae: SparseAutoencoder, extra: dict[str, Any]) -> None:
         """Save SAE ``i``: the weights first, its JSON (which marks it present) last, each written whole."""
-        with tempfile.TemporaryDirectory() as scratch:
-            weights, config = f"{scratch}/w.safetensors", f"{scratch}/c.json"
-            save_sae(sae, weights, config, extra)
-            self._write(Path(weights).read_bytes(), f"sae_{i}.safetensors")
-            self._write(Path(config).read_bytes(), f"sae_{i}.json")
+        weights, config = sae_files(sae, extra)
+        self._write(weights, f"sae_{i}.safetensors")
+        self._write(config, f"sae_{i}.json")
 
     def load_saes(self, device: torch.device | str = "cpu") -> list[tuple[SparseAutoencoder, dict[str, Any]]]:
         """Every trained SAE with its config, in evaluation mode."""

@@ -266,20 +266,19 @@ class SparseAutoencoder(nn.Module):
                 "k_aux": self.k_aux, "l1_coefficient": self.l1_coefficient, "jump_bandwidth": self.jump_bandwidth}
 
 
-def save_sae(sae: SparseAutoencoder, weights_path: str, config_path: str, extra: dict) -> None:
-    """Weights as safetensors (W_enc [d, M], W_dec [M, d], b_enc, b_dec[, log_threshold | threshold]),
-    config as JSON."""
+def sae_files(sae: SparseAutoencoder, extra: dict) -> tuple[bytes, str]:
+    """(weights as safetensors: W_enc [d, M], W_dec [M, d], b_enc, b_dec[, log_threshold | threshold];
+    config as JSON) of a trained SAE's two files."""
     import json
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    save_file({name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}, weights_path)
-    with open(config_path, "w") as handle:
-        json.dump({**sae.config(), **extra}, handle, indent=1)
+    weights = save({name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()})
+    return weights, json.dumps({**sae.config(), **extra}, indent=1)
 
 
 def load_sae(weights_path: str, config_path: str) -> tuple[SparseAutoencoder, dict]:
-    """The SAE saved by :func:`save_sae` and its JSON config."""
+    """The SAE whose :func:`sae_files` were written to these paths, and its JSON config."""
     import json
 
     from safetensors.torch import load_file
