@@ -20,6 +20,7 @@ instead, which separates the writer's own scaling from what the file system's pa
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import sys
@@ -75,12 +76,12 @@ def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, com
 
 
 def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
-                       folder: str, batch_rows: int, forward_ms: float = 0.0,
-                       stats: bool = True) -> tuple[float, str]:
-    """(wall seconds, where the statistics ran) for the cache's host side without the model: batches of
-    ``batch_rows`` rows (as the forward hooks hand them over, already on the host) cut into chunks with
-    their statistics by the cache's assembler, then written as above.  With CUDA the statistics run on
-    the GPU from a device copy of each batch, as `gsae cache` computes them there.
+                       folder: str, batch_rows: int, forward_ms: float = 0.0, stats: bool = True,
+                       pending: int | None = None) -> tuple[float, str]:
+    """(wall seconds, where the rows came from) for the cache's host side without the model: batches of
+    ``batch_rows`` rows, each block's rows handed to the cache's assembler as its forward hooks hand them
+    over (from the GPU's memory where there is one: copied into the pinned chunk buffers, statistics on
+    the GPU, as `gsae cache` does), the chunks then written as above.
 
     ``forward_ms``: before each batch the host waits that long with the GIL released, as `gsae cache`
     waits for a GPU's forward pass (``torch.cuda.synchronize``), so that what the writer does meanwhile
@@ -96,18 +97,23 @@ def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = []
     for start in range(0, values.shape[1], batch_rows):
-        host = [torch.from_numpy(values[layer, start : start + batch_rows]) for layer in range(n_layers)]
-        batches.append((start, host, [t.to(device) for t in host], tokens[start : start + batch_rows]))
-    writer = ChunkWriter(store, threads, 0.0)
-    assembler = _ChunkAssembler(store, chunks[0].layers.dtype) if stats else _KnownStats(store, chunks)
+        layers = [torch.from_numpy(values[layer, start : start + batch_rows]).to(device) for layer in range(n_layers)]
+        batches.append((start, layers, tokens[start : start + batch_rows]))
+    writer = ChunkWriter(store, threads, 0.0, batch_rows=batch_rows)
+    writer.max_pending = pending or writer.max_pending
+    kind = _ChunkAssembler if stats else _KnownStats
+    assembler = kind(store, chunks[0].layers.dtype, pinned=device.type == "cuda")
+    assembler.known = {chunk.index: chunk.stats for chunk in chunks}
     start = time.perf_counter()
     try:
-        for row, host, on_device, batch_tokens in batches:
+        for row, layers, batch_tokens in batches:
             if forward_ms:
                 time.sleep(forward_ms / 1000)
-            for layer, values in enumerate(on_device if stats else []):  # as the forward hooks hand them over
-                assembler.add_stats(row, row + len(batch_tokens), layer, values)
-            for item in assembler.add(row, host, batch_tokens):
+            for layer, rows_of_layer in enumerate(layers):  # as the forward hooks hand them over
+                assembler.take(row, row + len(batch_tokens), layer, rows_of_layer)
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # as the cache waits for the forward and its copies
+            for item in assembler.add(row, batch_tokens):
                 writer.submit(item)
         writer.drain()
     finally:
@@ -118,13 +124,15 @@ def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype:
 class _KnownStats(_ChunkAssembler):
     """The cache's assembler with the statistics left out: each chunk gets those computed beforehand."""
 
-    def __init__(self, store: ActivationStore, chunks: list[_Chunk]):
-        super().__init__(store, chunks[0].layers.dtype)
-        self.known = {chunk.index: chunk.stats for chunk in chunks}
+    known: dict
+
+    def _add_stats(self, part, layer: int, rows: torch.Tensor) -> None:
+        pass
 
     def _emit(self, chunk: int) -> _Chunk:
         part = self.open.pop(chunk)
-        return _Chunk(chunk, part.buffer, part.tokens, self.known[chunk])
+        return _Chunk(chunk, part.buffer, part.tokens, self.known[chunk],
+                      release=lambda: self.buffers.give_back(part.whole))
 
 
 def _cpu_seconds() -> float:
@@ -144,6 +152,28 @@ def sequential_raw(chunks: list[_Chunk], folder: str) -> float:
     return time.perf_counter() - start
 
 
+def parallel_raw(chunks: list[_Chunk], folder: str, threads: int) -> float:
+    """Seconds for ``threads`` threads to write the same raw bytes, a file per chunk and layer as the
+    writer's jobs are, then fsync them: what the file system gives several writers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job: tuple[int, int]) -> None:
+        c, layer = job
+        with open(os.path.join(folder, f"raw-{c}-{layer}.bin"), "wb") as handle:
+            handle.write(chunks[c].layers[layer].tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(one, [(c, layer) for c in range(len(chunks)) for layer in range(chunks[c].layers.shape[0])]))
+    return time.perf_counter() - start
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=None)
@@ -153,6 +183,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the best is kept")
     parser.add_argument("--batch-rows", type=int, default=8192, help="rows per forward batch for the assembler line")
     parser.add_argument("--folder", default=".", help="where the stores are written (/dev/shm: memory)")
+    parser.add_argument("--forward-ms", type=float, default=0.0,
+                        help="also time the host side with the host idle this long per batch, as while a GPU runs "
+                             "the forward pass (e.g. 37 for a Pythia-70M batch of 32 × 1024 on an H200)")
+    parser.add_argument("--writer-pending", type=int, default=None,
+                        help="also time the host side with this many chunks in flight (beside gsae's own rule)")
     args = parser.parse_args()
     # zarr turns blosc's own threads off (its codec sets this on import); were they on, "1 thread"
     # would compress on every core and the ratio would mean nothing
@@ -168,6 +203,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         disk = min(sequential_raw(chunks, folder) for _ in range(args.repeats))
         print(f"sequential raw write  {tokens / disk:12,.0f} tok/s  {gigabytes / disk:6.2f} GB/s   (into {args.folder})")
+        with tempfile.TemporaryDirectory(dir=folder) as raw_folder:
+            several = min(parallel_raw(chunks, raw_folder, cores) for _ in range(args.repeats))
+        print(f"raw write, {cores:2d} thr    {tokens / several:12,.0f} tok/s  {gigabytes / several:6.2f} GB/s   "
+              f"(a file per chunk and layer, as the writer's jobs)")
         with tempfile.TemporaryDirectory(dir=folder) as run_folder:  # warm-up: codecs, zarr's event loop
             write_all(chunks[:1], n_layers, d_model, dtype, compression, cores, run_folder)
         for threads in sorted({1, 2, cores}):
@@ -177,12 +216,29 @@ def main() -> None:
             results[threads] = seconds
             print(f"gsae writer {threads:2d} thr  {tokens / seconds:12,.0f} tok/s  {gigabytes / seconds:6.2f} GB/s"
                   f"  {cpu / seconds:4.2f} cores busy")
-        with tempfile.TemporaryDirectory(dir=folder) as run_folder:
-            host, where = min(assemble_and_write(chunks, n_layers, d_model, dtype, compression, cores, run_folder,
-                                                 args.batch_rows) for _ in range(args.repeats))
-        print(f"assembler + writer {cores:2d} thr {tokens / host:10,.0f} tok/s  {gigabytes / host:6.2f} GB/s   (the cache's "
-              f"host side: batches of {args.batch_rows:,} rows, statistics on {where}); ÷ writer alone = "
-              f"{results[cores] / host:.2f}")
+        for pending in [None] + ([args.writer_pending] if args.writer_pending else []):
+            host_side = functools.partial(assemble_and_write, chunks, n_layers, d_model, dtype, compression, cores,
+                                          batch_rows=args.batch_rows, pending=pending)
+            in_flight = f"{pending} chunks in flight" if pending else "gsae's chunks in flight"
+            with tempfile.TemporaryDirectory(dir=folder) as run_folder:
+                faults = _minor_faults()
+                host, where = min(host_side(run_folder) for _ in range(args.repeats))
+                host_fresh = (_minor_faults() - faults) * resource.getpagesize() / args.repeats
+            print(f"assembler + writer {cores:2d} thr {tokens / host:10,.0f} tok/s  {gigabytes / host:6.2f} GB/s   (the "
+                  f"cache's host side: batches of {args.batch_rows:,} rows from {where}, {in_flight}); ÷ writer alone = "
+                  f"{results[cores] / host:.2f}; fresh memory {host_fresh / (gigabytes * 1e9):.2f} × the bytes")
+            if args.forward_ms:
+                # statistics where a GPU computes them (on the device), left out on a CPU: they would be host
+                # work that a GPU run does not have
+                n_batches = -(-tokens // args.batch_rows)
+                gaps = n_batches * args.forward_ms / 1000
+                with tempfile.TemporaryDirectory(dir=folder) as run_folder:
+                    overlapped, _ = min(host_side(run_folder, forward_ms=args.forward_ms, stats=where == "cuda")
+                                        for _ in range(args.repeats))
+                ideal = max(results[cores], gaps)
+                print(f"  + host idle {args.forward_ms:g} ms a batch {tokens / overlapped:8,.0f} tok/s   ({n_batches} "
+                      f"batches: {gaps:.2f} s idle, writer alone {results[cores]:.2f} s, this {overlapped:.2f} s); "
+                      f"max(writer, idle) ÷ this = {ideal / overlapped:.2f} (1: the writer works while the GPU runs)")
     print(f"fresh memory touched while writing: {fresh / (gigabytes * 1e9):.2f} × the float16 bytes (minor page "
           f"faults; dear where memory is backed lazily, as in the GPU machine's VM)")
     if 2 in results:

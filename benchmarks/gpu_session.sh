@@ -103,7 +103,7 @@ if [ $SMOKE = 1 ]; then
   MODEL_ARGS=(--layers 3 --hidden 64 --heads 4 --context-length 64)
   CORPUS_TOKENS=40000
   E2E_ARGS=(--tokens 8192 --batch-size 1024 --context-length 64 --expansion 8 --k 8)
-  WRITE_ARGS=(--layers 3 --d-model 64 --chunks 4 --repeats 1)
+  WRITE_ARGS=(--layers 3 --d-model 64 --chunks 4 --repeats 1 --batch-rows 1000 --forward-ms 5 --writer-pending 2)
   CACHE_ARGS=(--tokens 30000 --context-length 64 --batch-size 16 --chunk-tokens 500)
   STREAM_ARGS=(--chunks 8 --group-size 2 --batch-size 1024 --repeats 1)
   FEED_ARGS=(--group-size 2 --expansion 8 --k 8 --batch-size 1024 --steps 3 --repeats 1)
@@ -115,14 +115,16 @@ else
   MODEL_ARGS=()   # Pythia-70M's shape: 6 layers, d 512, 8 heads, intermediate 2048, rotary_pct 0.25
   CORPUS_TOKENS=1000000
   E2E_ARGS=()     # 1M tokens per SAE, batch 8192 (32 × 256), 512 → 8192, k 32
-  WRITE_ARGS=(--layers 6 --d-model 512 --chunks 32)
+  # 64 chunks: 8 batches of 32 × 1023 rows; the host idles 37 ms a batch, the bare forward's time for one on
+  # the H200; 4 in flight is the writer's rule before it kept a whole batch's chunks
+  WRITE_ARGS=(--layers 6 --d-model 512 --chunks 64 --batch-rows 32736 --forward-ms 37 --writer-pending 4)
   CACHE_ARGS=(--tokens 300000 --context-length 256 --batch-size 32)
   STREAM_ARGS=(--chunks 32 --batch-size 8192 --scaling)
   FEED_ARGS=(--expansion 16 --k 32 --batch-size 8192 --steps 12)
   THROUGHPUT_ARGS=(--tokens 500000 --batch-size 32 --context-length 1024)
   SPEED_SHAPES=("512 16 32" "768 16 32 128" "2048 16 64")
   SPEED_ARGS=(--batch-size 8192)
-  T_E2E=240 T_WRITE=75 T_CACHE=60 T_STREAM=45 T_FEED=75 T_THROUGHPUT=60 T_SPEED=45 T_COMPILE=90 T_TESTS=150
+  T_E2E=240 T_WRITE=100 T_CACHE=60 T_STREAM=45 T_FEED=75 T_THROUGHPUT=60 T_SPEED=45 T_COMPILE=90 T_TESTS=150
 fi
 
 # the model (Pythia-70M-shaped, random weights) and the repeated pydoc corpus, shared by the steps

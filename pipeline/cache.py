@@ -144,7 +144,7 @@ def _prepare_folder(path: str) -> bool:
 
 
 class _ForwardCapture:
-    """Forward hooks on every block that hand back the stored rows of each block's output."""
+    """Forward hooks on every block that hand each block's stored rows to a callback, where the model runs."""
 
     class _Stop(Exception):
         """Raised by the last block's hook: nothing after it is needed."""
@@ -153,8 +153,6 @@ class _ForwardCapture:
         self.lm = lm
         self.first_row = first_row  # 1 drops the BOS position
         self.dtype = dtype
-        self.captured: list[torch.Tensor | None] = [None] * lm.n_layers
-        self.pinned: list[torch.Tensor | None] = [None] * lm.n_layers  # reused device→host buffers
         self.on_stored: Callable[[int, torch.Tensor], None] | None = None  # set by run()
         self.handles = [block.register_forward_hook(self._hook(layer)) for layer, block in enumerate(lm.blocks)]
 
@@ -162,13 +160,15 @@ class _ForwardCapture:
         last = layer == self.lm.n_layers - 1
 
         def hook(module: Any, inputs: Any, output: Any) -> None:
-            self.captured[layer] = self._to_host(layer, block_output(output)[:, self.first_row :])
+            if self.on_stored is not None:
+                self.on_stored(layer, self._stored(block_output(output)[:, self.first_row :]))
             if last:
                 raise self._Stop
 
         return hook
 
-    def _to_host(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def _stored(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A block's rows (batch × positions flattened) in the storage dtype, still where the model runs."""
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if self.dtype == "float16":
             stored = hidden.to(torch.float16)
@@ -176,24 +176,15 @@ class _ForwardCapture:
                 stored.clamp_(-FLOAT16_MAX, FLOAT16_MAX)  # always: testing first would wait for the GPU
             elif torch.isinf(stored).any():
                 stored.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
-        elif self.dtype == "bfloat16":
-            stored = hidden.to(torch.bfloat16).view(torch.int16)
-        else:
-            stored = hidden.to(torch.float32)
-        if self.on_stored is not None:  # the statistics, from the rows where the model runs, while they exist
-            self.on_stored(layer, stored)
-        if stored.device.type == "cuda":  # async copy into a reused pinned buffer; synchronised in run()
-            host = self.pinned[layer]
-            if host is None or host.shape != stored.shape or host.dtype != stored.dtype:
-                host = self.pinned[layer] = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=True)
-            host.copy_(stored, non_blocking=True)
-            return host  # the assembler copies it into a chunk before the next forward overwrites it
-        return stored
+            return stored
+        if self.dtype == "bfloat16":
+            return hidden.to(torch.bfloat16).view(torch.int16)
+        return hidden.to(torch.float32)
 
-    def run(self, input_ids: torch.Tensor, on_stored: Callable[[int, torch.Tensor], None]) -> list[torch.Tensor]:
-        """Each layer's stored rows of the batch, on the host (reused buffers).  ``on_stored(layer, rows)``
-        gets each layer's rows where the model runs as soon as they exist (on a GPU, before their copy to
-        the host; no layer's device copy outlives its hook)."""
+    def run(self, input_ids: torch.Tensor, on_stored: Callable[[int, torch.Tensor], None]) -> None:
+        """Run the model on ``input_ids``; ``on_stored(layer, rows)`` gets each block's stored rows as
+        soon as they exist (on a GPU: before any later block runs, so no layer's rows outlive its hook).
+        On a GPU this returns once the device has done all the work queued, copies included."""
         self.on_stored = on_stored
         with torch.inference_mode():
             try:
@@ -204,27 +195,50 @@ class _ForwardCapture:
                 self.on_stored = None
         if input_ids.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
-        captured, self.captured = self.captured, [None] * self.lm.n_layers
-        return captured  # type: ignore[return-value]
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
 
 
+class _ChunkBuffers:
+    """Reused (n_layers, chunk rows, d_model) chunk buffers: pinned where the model runs on a GPU, so the
+    hooks copy rows from the device straight into the chunk (no staging buffer, no second copy on the
+    host), and never fresh memory per chunk."""
+
+    def __init__(self, shape: tuple[int, int, int], np_dtype: np.dtype, pinned: bool):
+        self.shape, self.np_dtype, self.pinned = shape, np_dtype, pinned
+        self.free: list[np.ndarray] = []
+
+    def take(self) -> np.ndarray:
+        if self.free:
+            return self.free.pop()
+        if not self.pinned:
+            return np.empty(self.shape, dtype=self.np_dtype)
+        # torch has no uint16 for pinned allocation in every version: pin bytes, view them as the dtype
+        raw = torch.empty(int(np.prod(self.shape)) * self.np_dtype.itemsize, dtype=torch.uint8, pin_memory=True)
+        return raw.numpy().view(self.np_dtype).reshape(self.shape)
+
+    def give_back(self, buffer: np.ndarray) -> None:
+        self.free.append(buffer)
+
+
 class _ChunkAssembler:
     """Collects rows from batches into whole chunks of the store, with their statistics.
 
     Only the chunks in ``chunks`` are assembled (this rank's uncommitted ones; default: every chunk from
-    the committed prefix on).  Statistics are computed here, on the forward thread with torch's threads,
-    segment by segment, a segment being a forward batch's rows inside one chunk: the batches are the
-    same in every run and on every rank, so the sums come out bit-identical."""
+    the committed prefix on).  Each block's rows are taken in its forward hook (:meth:`take`), segment by
+    segment, a segment being a forward batch's rows inside one chunk: copied into the chunk's buffer and
+    added to its statistics there, on the model's device with torch's threads.  The batches are the same
+    in every run and on every rank, so the sums come out bit-identical."""
 
-    def __init__(self, store: ActivationStore, np_dtype: np.dtype, chunks: Iterable[int] | None = None):
+    def __init__(self, store: ActivationStore, np_dtype: np.dtype, chunks: Iterable[int] | None = None,
+                 pinned: bool = False):
         self.store = store
         self.np_dtype = np_dtype
         self.chunks = set(range(store.chunks_written, store.n_chunks_planned) if chunks is None else chunks)
         self.open: dict[int, _Open] = {}
+        self.buffers = _ChunkBuffers((store.n_layers, store.chunk_tokens, store.d_model), np_dtype, pinned)
 
     def _segments(self, row: int, stop: int) -> Iterator[tuple[int, _Open, int, int]]:
         """(chunk, its open part, first row, row after the last) for each of this assembler's chunks that
@@ -239,33 +253,34 @@ class _ChunkAssembler:
                 continue
             part = self.open.get(chunk)
             if part is None:
-                part = self.open[chunk] = _Open(
-                    np.empty((self.store.n_layers, chunk_stop - chunk_start, self.store.d_model), dtype=self.np_dtype),
-                    np.empty(chunk_stop - chunk_start, dtype=np.int32))
+                whole = self.buffers.take()
+                part = self.open[chunk] = _Open(whole, whole[:, : chunk_stop - chunk_start],
+                                                np.empty(chunk_stop - chunk_start, dtype=np.int32), chunk_start)
             yield chunk, part, first, last
 
-    def add_stats(self, row: int, stop: int, layer: int, values: torch.Tensor) -> None:
-        """Add one layer's rows ``[row, stop)`` of a batch (``values[i]`` is row ``row + i``, on whatever
-        device the model runs) to the statistics of the chunks they fall in."""
+    def take(self, row: int, stop: int, layer: int, values: torch.Tensor) -> None:
+        """One block's rows ``[row, stop)`` of a batch (``values[i]`` is row ``row + i``, stored dtype, on
+        whatever device the model runs): into the chunks they fall in and their statistics.  From a GPU
+        the copy is asynchronous; :meth:`_ForwardCapture.run` returns once it is done."""
         for _, part, first, last in self._segments(row, stop):
-            if part.stats is None:
-                part.stats = StatsAccumulator(self.store.n_layers, self.store.d_model, self.store.dtype, values.device)
-            part.stats.add(layer, values[first - row : last - row])
+            rows = values[first - row : last - row]
+            self._add_stats(part, layer, rows)
+            target = torch.from_numpy(part.buffer[layer, first - part.start : last - part.start])
+            target.copy_(rows.view(target.dtype), non_blocking=values.is_cuda)
 
-    def add(self, row: int, layers: list[torch.Tensor], tokens: np.ndarray) -> Iterator[_Chunk]:
-        """Take the rows ``[row, row + len(tokens))`` of one batch, whose statistics :meth:`add_stats` has
-        taken; yield the chunks they complete."""
+    def _add_stats(self, part: _Open, layer: int, rows: torch.Tensor) -> None:
+        if part.stats is None:
+            part.stats = StatsAccumulator(self.store.n_layers, self.store.d_model, self.store.dtype, rows.device)
+        part.stats.add(layer, rows)
+
+    def add(self, row: int, tokens: np.ndarray) -> Iterator[_Chunk]:
+        """Close the rows ``[row, row + len(tokens))`` of one batch, whose every block :meth:`take` has
+        taken (and whose device copies have finished); yield the chunks they complete."""
         stop = row + len(tokens)
         for chunk, part, first, last in list(self._segments(row, stop)):
-            chunk_start = self.store.chunk_rows(chunk)[0]
-            if first - chunk_start != part.filled:
-                raise RuntimeError(f"chunk {chunk}: rows from {first} given, {chunk_start + part.filled} expected")
+            if first - part.start != part.filled:
+                raise RuntimeError(f"chunk {chunk}: rows from {first} given, {part.start + part.filled} expected")
             take = last - first
-            target = torch.from_numpy(part.buffer)
-            if self.store.dtype == "bfloat16":
-                target = target.view(torch.int16)
-            for layer, values in enumerate(layers):
-                target[layer, part.filled : part.filled + take].copy_(values[first - row : last - row])
             part.tokens[part.filled : part.filled + take] = tokens[first - row : last - row]
             part.filled += take
             if part.filled == part.buffer.shape[1]:
@@ -281,15 +296,18 @@ class _ChunkAssembler:
 
     def _emit(self, chunk: int) -> _Chunk:
         part = self.open.pop(chunk)
-        return _Chunk(chunk, part.buffer, part.tokens, part.stats.result())
+        return _Chunk(chunk, part.buffer, part.tokens, part.stats.result(),
+                      release=functools.partial(self.buffers.give_back, part.whole))
 
 
 @dataclass
 class _Open:
     """A chunk being assembled."""
 
-    buffer: np.ndarray  # (n_layers, rows, d_model) in the storage dtype
+    whole: np.ndarray  # the reused buffer it lives in
+    buffer: np.ndarray  # (n_layers, rows, d_model) in the storage dtype: the chunk's part of ``whole``
     tokens: np.ndarray
+    start: int  # the chunk's first row in the store
     stats: StatsAccumulator | None = None  # made on the device of the first rows added
     filled: int = 0
 
@@ -300,6 +318,7 @@ class _Chunk:
     layers: np.ndarray  # (n_layers, rows, d_model) in the storage dtype
     tokens: np.ndarray
     stats: ChunkStats
+    release: Callable[[], None] | None = None  # hands its buffer back for reuse once it is written
 
 
 class ChunkWriter:
@@ -307,12 +326,20 @@ class ChunkWriter:
     commits them in order on the calling thread.  At most ``max_pending`` chunks are in flight: the
     forward pass waits (back-pressure) rather than letting memory grow."""
 
-    def __init__(self, store: ActivationStore, threads: int, seconds_before: float, rank: int | None = None):
+    def __init__(self, store: ActivationStore, threads: int, seconds_before: float, rank: int | None = None,
+                 batch_rows: int = 0):
         self.store, self.seconds_before, self.rank = store, seconds_before, rank  # rank: several writers
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-writer")
-        # enough chunks in flight to keep every thread busy, and at least two to overlap the forward
-        self.max_pending = max(2, -(-2 * threads // (store.n_layers + 4)))
-        self.pending: deque[PendingChunk] = deque()
+        # Enough chunks in flight to keep every thread busy, at least two, and a whole forward batch's
+        # chunks (``batch_rows`` rows) plus one: with fewer, the forward thread waits for the writer
+        # before the next batch, and the writer then idles while the model runs (on a GPU, the host
+        # waits there).  benchmarks/cache_write.py --forward-ms times this: with the host idle 100 ms per
+        # batch of 32,736 rows (8 chunks), 9 in flight reached 0.65-0.67 of max(writer, idle time) on this
+        # 2-core machine where 2 reached 0.40-0.57 in the same processes (noisy: the writer alone took
+        # 1.1-2.0 s); a 16-core GPU host, whose cores the writer does not fill, is where it matters.
+        per_batch = -(-batch_rows // store.chunk_tokens) + 1 if batch_rows else 0
+        self.max_pending = max(2, -(-2 * threads // (store.n_layers + 4)), per_batch)
+        self.pending: deque[tuple[PendingChunk, Callable[[], None] | None]] = deque()  # with its release
         self.started = time.perf_counter()
 
     def submit(self, item: _Chunk) -> None:
@@ -320,9 +347,10 @@ class ChunkWriter:
         # Commit first: a chunk that finished before ``item`` starts is committed before any of
         # ``item``'s writes can land, whatever the speed of the pool (a disk that fills up after a
         # commit then leaves exactly the chunks committed so far, see test_cache_errors).
-        while self.pending and self.pending[0].done():
+        while self.pending and self.pending[0][0].done():
             self._commit_oldest()
-        self.pending.append(self.store.start_chunk(item.index, list(item.layers), item.tokens, item.stats, self.pool))
+        self.pending.append((self.store.start_chunk(item.index, list(item.layers), item.tokens, item.stats, self.pool),
+                             item.release))
         while len(self.pending) > self.max_pending:
             self._commit_oldest()
 
@@ -331,13 +359,16 @@ class ChunkWriter:
             self._commit_oldest()
 
     def _commit_oldest(self) -> None:
-        self.store.finish_chunk(self.pending.popleft())  # re-raises a write error (disk full) here
+        pending, release = self.pending.popleft()
+        self.store.finish_chunk(pending)  # re-raises a write error (disk full) here
+        if release is not None:  # written: its buffer can take another chunk
+            release()
         # time spent producing activations so far, summed over resumed runs: the "A" of the paper's cost
         # (with several writers, each rank's own seconds in a part of its own: see write_seconds_writing)
         write_seconds_writing(self.store, self.seconds_before + time.perf_counter() - self.started, self.rank)
 
     def close(self) -> None:
-        for pending in self.pending:
+        for pending, _ in self.pending:
             for future in pending.futures:
                 future.cancel()
         self.pool.shutdown(wait=True)
@@ -590,11 +621,12 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     end_row = store.chunk_rows(mine.stop - 1)[1] if mine else 0  # windows are needed up to here
 
     np_dtype = np.dtype(STORAGE_DTYPES[store.dtype][0])
-    assembler = _ChunkAssembler(store, np_dtype, todo)
+    assembler = _ChunkAssembler(store, np_dtype, todo, pinned=lm.device.type == "cuda")
     capture = _ForwardCapture(lm, first_row, store.dtype)
     part = ranks.rank if world else None
     seconds_before = read_seconds_writing(store, part) or 0.0
-    writer = ChunkWriter(store, write_threads or ranks.threads(), seconds_before, part)
+    writer = ChunkWriter(store, write_threads or ranks.threads(), seconds_before, part,
+                         batch_rows=batch_size * rows_per_window)
     row = 0  # first row of the next batch
     rows_this_run = 0
     next_todo = 0  # index in todo of the first chunk not wholly before ``row``
@@ -615,12 +647,12 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                 while next_todo < len(todo) and store.chunk_rows(todo[next_todo])[1] <= row:
                     next_todo += 1
                 if next_todo < len(todo) and store.chunk_rows(todo[next_todo])[0] < stop:
-                    layers = capture.run(torch.tensor(group, dtype=torch.long, device=lm.device),
-                                         functools.partial(assembler.add_stats, row, stop))
+                    capture.run(torch.tensor(group, dtype=torch.long, device=lm.device),
+                                functools.partial(assembler.take, row, stop))
                     tokens = np.asarray(group, dtype=np.int32)[:, first_row:].reshape(-1)[: stop - row]
                     check.feed(row, tokens)
                     check.flush()  # before any new chunk of this batch is written
-                    for item in assembler.add(row, [values[: stop - row] for values in layers], tokens):
+                    for item in assembler.add(row, tokens):
                         writer.submit(item)
                         rows_this_run += len(item.tokens)
                 else:  # none of this rank's rows to write: only check the committed ones

@@ -353,3 +353,36 @@ def test_chunk_writer_on_a_store_outside_local_files(tmp_path):
     for layer in range(3):
         np.testing.assert_array_equal(store.read_rows(layer, 0, sum(sizes)),
                                       np.concatenate([c.layers[layer] for c in chunks]))
+
+
+def test_chunk_buffers_are_reused_once_their_chunk_is_written(tmp_path):
+    """The assembler cuts batches that straddle chunks into exactly the rows given (a short last chunk
+    too), and a chunk's buffer takes another chunk only once the writer has committed it: the buffers
+    made stay at the chunks in flight, not one per chunk."""
+    from pipeline.cache import ChunkWriter, _ChunkAssembler
+
+    n_layers, d, chunk, n, batch = 3, 8, 50, 1030, 70
+    store = ActivationStore.create(str(tmp_path / "c"), n_layers=n_layers, d_model=d, n_tokens=n, chunk_tokens=chunk)
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((n_layers, n, d)).astype(np.float16)
+    tokens = rng.integers(0, 500, n).astype(np.int32)
+    assembler = _ChunkAssembler(store, np.dtype(np.float16))
+    writer = ChunkWriter(store, 2, 0.0, batch_rows=batch)
+    try:
+        for row in range(0, n, batch):
+            stop = min(row + batch, n)
+            for layer in range(n_layers):
+                assembler.take(row, stop, layer, torch.from_numpy(values[layer, row:stop]))
+            for item in assembler.add(row, tokens[row:stop]):
+                writer.submit(item)
+        assert assembler.flush() is None and not assembler.open
+        writer.drain()
+    finally:
+        writer.close()
+    store.finalize()
+    store = ActivationStore.open(str(tmp_path / "c"))
+    for layer in range(n_layers):
+        np.testing.assert_array_equal(store.read_rows(layer, 0, n), values[layer])
+    np.testing.assert_array_equal(store.tokens(), tokens)
+    made = len(assembler.buffers.free)  # every buffer is back in the pool
+    assert made <= writer.max_pending + 3 < store.n_chunks
