@@ -14,9 +14,11 @@ releases the GIL), while the previous one is trained on, by zarr straight into o
 dtype (float16: half the memory of float32).  A window takes ``window_chunks × n_layers`` chunks of
 memory (about 4 MiB each), two windows at a time, in two buffers reused from window to window.
 
-On CUDA, each batch is gathered into one of a ring of reused pinned host buffers, still float16, and
-copied with ``non_blocking=True`` on a side stream one batch ahead; the device converts and scales it.
-On the CPU the batch is converted and scaled in place.
+On CUDA the window buffers are pinned, and each window goes to the device whole, still float16, with its
+shuffle and its rows' scales, in one ``non_blocking`` copy on a side stream; batches are then gathered,
+converted and scaled by the device, so the training thread only launches a few kernels per batch and
+each row crosses PCIe once (two device windows, reused, like the host ones).  On the CPU the batch is
+gathered from the window, converted and scaled there.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import torch
 
 from stores.activation_store import ActivationStore
 
-_RING = 3  # pinned buffers in flight: the batch in use, the one being copied, one being gathered
 
 
 def split_chunks(store: ActivationStore, eval_fraction: float) -> tuple[list[int], list[int]]:
@@ -65,12 +66,24 @@ class Batch:
 
 
 @dataclass
+class _OnDevice:
+    """A window's copy on the device: values (stored dtype), shuffle, per-row scales, and the event
+    that marks the copy done."""
+
+    values: torch.Tensor
+    order: torch.Tensor
+    scales: torch.Tensor
+    ready: Any
+
+
+@dataclass
 class _Window:
     values: torch.Tensor  # (rows, d), stored dtype
     layers: np.ndarray  # (rows,) layer of each row
     rows: np.ndarray  # (rows,) row index in the store
     order: np.ndarray  # the window's shuffle
     n_batches: int
+    on_device: _OnDevice | None = None
 
 
 class TrainingStream:
@@ -78,9 +91,12 @@ class TrainingStream:
 
     def __init__(self, store: ActivationStore, layers: list[int], scales: list[float], chunks: list[int],
                  batch_size: int, seed: int, stream_id: int = 0, window_chunks: int = 8,
-                 device: torch.device | str = "cpu", workers: int | None = None, pool: Executor | None = None):
+                 device: torch.device | str = "cpu", workers: int | None = None, pool: Executor | None = None,
+                 device_windows: bool | None = None):
         """``pool``: decode threads shared with other streams (the SAEs of one run); without it the
-        stream starts ``workers`` threads of its own (default: one per core)."""
+        stream starts ``workers`` threads of its own (default: one per core).  ``device_windows``: batches
+        gathered from a copy of the window on the device (default: on CUDA; on the CPU, for tests, a
+        second copy in memory)."""
         self.store, self.layers, self.chunks = store, list(layers), list(chunks)
         self.scales = {layer: float(scale) for layer, scale in zip(layers, scales)}
         self.batch_size, self.seed, self.stream_id = batch_size, seed, stream_id
@@ -101,11 +117,10 @@ class TrainingStream:
         self._dtype = _torch_dtype(store.dtype)
         self._scale_of = np.zeros(max(self.layers) + 1, dtype=np.float32)
         self._scale_of[self.layers] = [self.scales[layer] for layer in self.layers]
+        self._device_windows = self._cuda if device_windows is None else device_windows
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._ring: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
-        self._ring_next = 0
-        self._ahead: tuple[Batch, Any] | None = None
-        self._ahead_state: tuple[int, int, np.ndarray] | None = None
+        self._device_buffers: list[torch.Tensor | None] = [None, None]  # the windows' device copies, reused
+        self._uploaded: list[Any] = [None, None]  # per host buffer: its last copy to the device (an event)
 
     # ------------------------------------------------------------------ windows
     def _window_chunk_ids(self, window: int) -> list[int]:
@@ -129,9 +144,14 @@ class TrainingStream:
         # room in front for the rows carried from the previous window (fewer than a batch): the window
         # is then used in place, never concatenated
         size = self.batch_size + total
-        buffer = self._buffers[window % 2]
+        slot = window % 2
+        if self._uploaded[slot] is not None:  # the copy to the device out of this buffer has finished
+            self._uploaded[slot].synchronize()
+            self._uploaded[slot] = None
+        buffer = self._buffers[slot]
         if buffer is None or len(buffer) < size:
-            buffer = self._buffers[window % 2] = torch.empty(size, self.store.d_model, dtype=self._dtype)
+            buffer = torch.empty(size, self.store.d_model, dtype=self._dtype, pin_memory=self._cuda)
+            self._buffers[slot] = buffer
         values = buffer[:size]
         layers, rows, futures, offset = [], [], [], self.batch_size
         for layer in self.layers:
@@ -170,10 +190,49 @@ class TrainingStream:
             data.rows = np.concatenate([self._carry_ids[:, 1], data.rows])
         data.order = np.random.default_rng([self.seed, self.stream_id, window, 1]).permutation(len(data.values))
         data.n_batches = len(data.values) // self.batch_size
+        if self._device_windows:
+            data.on_device = self._upload(data, window % 2)
         self._current = data
 
-    def _next_picked(self) -> tuple[_Window, np.ndarray]:
-        """The current window and the positions in it of the next batch's rows."""
+    def _upload(self, data: _Window, slot: int) -> _OnDevice:
+        """Copy the window (values, shuffle, row scales) into device buffer ``slot``, after every batch
+        already handed out (the last use of that buffer) in the training thread's stream."""
+        n, d = data.values.shape
+        order = torch.from_numpy(data.order)
+        scales = torch.from_numpy(self._scale_of[data.layers])
+        if not self._cuda:  # the same steps in memory, so that the CPU tests cover them
+            target = self._device_buffer(slot, n, d)
+            target.copy_(data.values)
+            return _OnDevice(target, order, scales, None)
+        training = torch.cuda.current_stream(self.device)
+        handed_out = torch.cuda.Event()
+        handed_out.record(training)
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(handed_out)
+            target = self._device_buffer(slot, n, d)
+            target.copy_(data.values, non_blocking=True)  # pinned: asynchronous
+            # from pinned copies: a copy from pageable memory would first wait for the copy stream, and so
+            # for everything the training stream had queued (one host sync per window)
+            order = order.pin_memory().to(self.device, non_blocking=True)
+            scales = scales.pin_memory().to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        for tensor in (target, order, scales):  # made on the copy stream, read on the training stream:
+            tensor.record_stream(training)  # their memory is not reused before that stream is done
+        self._uploaded[slot] = ready
+        return _OnDevice(target, order, scales, ready)
+
+    def _device_buffer(self, slot: int, n: int, d: int) -> torch.Tensor:
+        """The first ``n`` rows of device window ``slot``, as large as its host window (so a short window
+        or one with fewer carried rows reuses it)."""
+        buffer = self._device_buffers[slot]
+        if buffer is None or len(buffer) < n:
+            rows = max(n, len(self._buffers[slot]))
+            buffer = self._device_buffers[slot] = torch.empty(rows, d, dtype=self._dtype, device=self.device)
+        return buffer[:n]
+
+    def _next_picked(self) -> tuple[_Window, slice]:
+        """The current window and the slice of its shuffle that is the next batch."""
         while True:
             if self._current is None:  # first batch, or just resumed: carried rows are re-read by id
                 self._open_window(None)
@@ -181,7 +240,7 @@ class TrainingStream:
             if self.batch_in_window < current.n_batches:
                 b = self.batch_in_window
                 self.batch_in_window += 1
-                return current, current.order[b * self.batch_size : (b + 1) * self.batch_size]
+                return current, slice(b * self.batch_size, (b + 1) * self.batch_size)
             leftover = current.order[current.n_batches * self.batch_size :]
             self._carry_ids = np.stack([current.layers[leftover], current.rows[leftover]], axis=1)
             carry_values = current.values[torch.from_numpy(leftover)]
@@ -189,70 +248,30 @@ class TrainingStream:
             self._open_window(carry_values)
 
     # ------------------------------------------------------------------ batches
-    def _host_batch(self) -> Batch:
-        current, picked = self._next_picked()
-        layers, rows = current.layers[picked], current.rows[picked]
-        x = current.values.index_select(0, torch.from_numpy(picked)).float()
-        x.mul_(torch.from_numpy(self._scale_of[layers])[:, None])
-        return Batch(x, layers, rows)
-
-    def _pinned_slot(self, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reused pinned (values, scales) pair whose previous copy has finished."""
-        if len(self._ring) < _RING:
-            self._ring.append((torch.empty(self.batch_size, self.store.d_model, dtype=self._dtype).pin_memory(),
-                               torch.empty(self.batch_size, dtype=torch.float32).pin_memory(), None))
-        values, scales, copied = self._ring[self._ring_next]
-        if copied is not None:
-            copied.synchronize()  # the copy out of this buffer has finished: safe to overwrite
-        return values[:n_rows], scales[:n_rows]
-
-    def _device_batch(self) -> tuple[Batch, Any]:
-        current, picked = self._next_picked()
-        layers, rows = current.layers[picked], current.rows[picked]
-        values, scales = self._pinned_slot(len(picked))
-        torch.index_select(current.values, 0, torch.from_numpy(picked), out=values)
-        scales.copy_(torch.from_numpy(self._scale_of[layers]))
-        with torch.cuda.stream(self._copy_stream):
-            raw = values.to(self.device, non_blocking=True)
-            row_scales = scales.to(self.device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(self._copy_stream)
-        slot = self._ring_next
-        self._ring[slot] = (*self._ring[slot][:2], ready)
-        self._ring_next = (slot + 1) % _RING
-        return Batch(raw, layers, rows), (ready, row_scales)
-
     def next_batch(self) -> Batch:
-        """The next batch; on CUDA the one after it is already being copied."""
-        if not self._cuda:
-            return self._host_batch()
-        if self._ahead is None:
-            self._ahead = self._device_batch()
-        batch, (ready, row_scales) = self._ahead
-        current_stream = torch.cuda.current_stream(self.device)
-        current_stream.wait_event(ready)
-        batch.x.record_stream(current_stream)
-        row_scales.record_stream(current_stream)
-        batch.x = batch.x.float().mul_(row_scales[:, None])  # converted and scaled on the device
-        # the position before the batch copied ahead; its carried ids are spelled out only by state_dict():
-        # a list of up to a batch of ids per step cost ~1.5 ms here
-        self._ahead_state = (self.window, self.batch_in_window, self._carry_ids)
-        self._ahead = self._device_batch()
-        return batch
+        """The next batch: ``x`` float32 on the stream's device, scaled."""
+        current, part = self._next_picked()
+        picked = current.order[part]
+        layers, rows = current.layers[picked], current.rows[picked]
+        window = current.on_device
+        if window is None:
+            x = current.values.index_select(0, torch.from_numpy(picked)).float()
+            return Batch(x.mul_(torch.from_numpy(self._scale_of[layers])[:, None]), layers, rows)
+        if window.ready is not None:  # the training stream waits for the copy on the device, not here
+            torch.cuda.current_stream(self.device).wait_event(window.ready)
+        index = window.order[part]
+        x = window.values.index_select(0, index).float()
+        return Batch(x.mul_(window.scales.index_select(0, index)[:, None]), layers, rows)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Where the stream is: the next batch to hand out (a prefetched batch is handed out again)."""
-        if self._ahead is not None and self._ahead_state is not None:
-            window, batch, carry = self._ahead_state  # _carry_ids is replaced, never changed in place
-        else:
-            window, batch, carry = self.window, self.batch_in_window, self._carry_ids
-        return {"window": int(window), "batch": int(batch), "carry": carry.tolist()}
+        """Where the stream is: the next batch to hand out."""
+        return {"window": int(self.window), "batch": int(self.batch_in_window), "carry": self._carry_ids.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.window, self.batch_in_window = int(state["window"]), int(state["batch"])
         self._carry_ids = np.asarray(state["carry"], dtype=np.int64).reshape(-1, 2)
-        self._current, self._ahead, self._ahead_state = None, None, None
+        self._current = None
         self._drain()
 
     def _drain(self) -> None:

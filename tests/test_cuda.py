@@ -25,19 +25,23 @@ def store(tmp_path_factory) -> ActivationStore:
     return ActivationStore.open(str(path))
 
 
-def test_cuda_stream_gives_the_cpu_batches_through_a_ring_of_pinned_float16_buffers(store):
+def test_cuda_stream_gives_the_cpu_batches_from_float16_windows_copied_to_the_device(store):
     train_chunks, _ = split_chunks(store, 0.1)
     args = (store, [0, 1, 2], [0.5, 1.0, 2.0], train_chunks, 128)
-    on_cpu = TrainingStream(*args, seed=3)
-    on_gpu = TrainingStream(*args, seed=3, device="cuda")
-    for _ in range(40):
+    on_cpu = TrainingStream(*args, seed=3, window_chunks=2)
+    on_gpu = TrainingStream(*args, seed=3, window_chunks=2, device="cuda")
+    copies = set()
+    for _ in range(40):  # several windows: both device copies in turn
         expected, got = on_cpu.next_batch(), on_gpu.next_batch()
         assert got.x.is_cuda and got.x.dtype == torch.float32
         np.testing.assert_array_equal(expected.layers, got.layers)
         np.testing.assert_array_equal(expected.rows, got.rows)
-        torch.testing.assert_close(got.x.cpu(), expected.x)
-    assert len(on_gpu._ring) == 3  # reused, not a new pinned buffer per batch
-    assert all(values.is_pinned() and values.dtype == torch.float16 for values, _, _ in on_gpu._ring)
+        assert torch.equal(got.x.cpu(), expected.x)  # the same float32 conversion and product
+        window = on_gpu._current.on_device
+        assert window.values.is_cuda and window.values.dtype == torch.float16
+        copies.add(window.values.untyped_storage().data_ptr())
+    assert len(copies) == 2  # reused, not a new device window each time
+    assert all(buffer.is_pinned() for buffer in on_gpu._buffers if buffer is not None)  # the host windows
     on_cpu.close()
     on_gpu.close()
 

@@ -51,6 +51,35 @@ def test_batches_are_the_stored_rows_scaled_for_every_dtype(tmp_path, dtype):
     stream.close()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_batches_gathered_from_a_window_copy_equal_the_host_batches(tmp_path, dtype):
+    """The CUDA path's steps (each window copied whole with its shuffle and row scales, batches gathered,
+    converted and scaled from the copy; two copies reused), run in memory: the host path's batches bit for
+    bit, across windows, epochs and carried rows, and after a resume."""
+    store = _store(tmp_path / "c", dtype)
+    train_chunks, _ = split_chunks(store, 0.1)
+    args = (store, [0, 2], [0.5, 3.0], train_chunks, 96)
+    host = TrainingStream(*args, seed=5, window_chunks=3)
+    copied = TrainingStream(*args, seed=5, window_chunks=3, device_windows=True)
+    expected, state, copies = [], None, set()
+    for i in range(40):
+        want, got = host.next_batch(), copied.next_batch()
+        np.testing.assert_array_equal(got.layers, want.layers)
+        np.testing.assert_array_equal(got.rows, want.rows)
+        assert torch.equal(got.x, want.x)
+        copies.add(copied._current.on_device.values.untyped_storage().data_ptr())
+        expected.append(want)
+        if i == 16:
+            state = copied.state_dict()
+    assert len(copies) == 2
+    resumed = TrainingStream(*args, seed=5, window_chunks=3, device_windows=True)
+    resumed.load_state_dict(state)
+    for want in expected[17:]:
+        assert torch.equal(resumed.next_batch().x, want.x)
+    for stream in (host, copied, resumed):
+        stream.close()
+
+
 def test_window_buffers_are_reused(store):
     train_chunks, _ = split_chunks(store, 0.1)
     stream = TrainingStream(store, [0, 1], [1.0, 1.0], train_chunks, batch_size=100, seed=0, window_chunks=3)
