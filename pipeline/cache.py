@@ -193,8 +193,8 @@ class _ForwardCapture:
                 pass
             finally:
                 self.on_stored = None
-        if input_ids.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
+                if input_ids.device.type == "cuda":  # also after an error: no copy still lands in a chunk buffer
+                    torch.cuda.current_stream().synchronize()
 
     def close(self) -> None:
         for handle in self.handles:

@@ -95,7 +95,7 @@ class TrainingStream:
                  device_windows: bool | None = None):
         """``pool``: decode threads shared with other streams (the SAEs of one run); without it the
         stream starts ``workers`` threads of its own (default: one per core).  ``device_windows``: batches
-        gathered from a copy of the window on the device (default: on CUDA; on the CPU, for tests, a
+        gathered from a copy of the window on the device (always on CUDA; on the CPU, for tests, a
         second copy in memory)."""
         self.store, self.layers, self.chunks = store, list(layers), list(chunks)
         self.scales = {layer: float(scale) for layer, scale in zip(layers, scales)}
@@ -117,10 +117,11 @@ class TrainingStream:
         self._dtype = _torch_dtype(store.dtype)
         self._scale_of = np.zeros(max(self.layers) + 1, dtype=np.float32)
         self._scale_of[self.layers] = [self.scales[layer] for layer in self.layers]
-        self._device_windows = self._cuda if device_windows is None else device_windows
+        self._device_windows = self._cuda or bool(device_windows)  # on CUDA always: batches live there
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._device_buffers: list[torch.Tensor | None] = [None, None]  # the windows' device copies, reused
         self._uploaded: list[Any] = [None, None]  # per host buffer: its last copy to the device (an event)
+        self._released: list[Any] = [None, None]  # per device window: after the last batch gathered from it
 
     # ------------------------------------------------------------------ windows
     def _window_chunk_ids(self, window: int) -> list[int]:
@@ -190,13 +191,18 @@ class TrainingStream:
             data.rows = np.concatenate([self._carry_ids[:, 1], data.rows])
         data.order = np.random.default_rng([self.seed, self.stream_id, window, 1]).permutation(len(data.values))
         data.n_batches = len(data.values) // self.batch_size
-        if self._device_windows:
+        if self._cuda:  # every batch of the previous window is queued: the window before it is free
+            released = torch.cuda.Event()
+            released.record(torch.cuda.current_stream(self.device))
+            self._released[(window + 1) % 2] = released
+        if self._device_windows and data.n_batches:  # (a window of carried rows only is never gathered from)
             data.on_device = self._upload(data, window % 2)
         self._current = data
 
     def _upload(self, data: _Window, slot: int) -> _OnDevice:
-        """Copy the window (values, shuffle, row scales) into device buffer ``slot``, after every batch
-        already handed out (the last use of that buffer) in the training thread's stream."""
+        """Copy the window (values, shuffle, row scales) into device buffer ``slot`` once the training
+        thread's stream has gathered the last batch of the window that used it before (two windows ago),
+        so the copy overlaps the steps of the window in between that are still queued."""
         n, d = data.values.shape
         order = torch.from_numpy(data.order)
         scales = torch.from_numpy(self._scale_of[data.layers])
@@ -205,17 +211,16 @@ class TrainingStream:
             target.copy_(data.values)
             return _OnDevice(target, order, scales, None)
         training = torch.cuda.current_stream(self.device)
-        handed_out = torch.cuda.Event()
-        handed_out.record(training)
         with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_event(handed_out)
+            if self._released[slot] is not None:
+                self._copy_stream.wait_event(self._released[slot])
             target = self._device_buffer(slot, n, d)
             target.copy_(data.values, non_blocking=True)  # pinned: asynchronous
             # from pinned copies: a copy from pageable memory would first wait for the copy stream, and so
             # for everything the training stream had queued (one host sync per window)
             order = order.pin_memory().to(self.device, non_blocking=True)
             scales = scales.pin_memory().to(self.device, non_blocking=True)
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event(blocking=True)  # waited for on the host too: block, do not spin a core
             ready.record(self._copy_stream)
         for tensor in (target, order, scales):  # made on the copy stream, read on the training stream:
             tensor.record_stream(training)  # their memory is not reused before that stream is done

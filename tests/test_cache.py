@@ -355,24 +355,21 @@ def test_chunk_writer_on_a_store_outside_local_files(tmp_path):
                                       np.concatenate([c.layers[layer] for c in chunks]))
 
 
-def test_chunk_buffers_are_reused_once_their_chunk_is_written(tmp_path):
-    """The assembler cuts batches that straddle chunks into exactly the rows given (a short last chunk
-    too), and a chunk's buffer takes another chunk only once the writer has committed it: the buffers
-    made stay at the chunks in flight, not one per chunk."""
+def assemble_and_write(store: ActivationStore, values: torch.Tensor, tokens: np.ndarray, batch: int,
+                       pinned: bool = False):
+    """Hand the rows ``values`` (n_layers, n, d; float16, on any device) to the cache's assembler batch by
+    batch as the forward hooks do, write the chunks with its writer, finalize; (assembler, writer)."""
     from pipeline.cache import ChunkWriter, _ChunkAssembler
 
-    n_layers, d, chunk, n, batch = 3, 8, 50, 1030, 70
-    store = ActivationStore.create(str(tmp_path / "c"), n_layers=n_layers, d_model=d, n_tokens=n, chunk_tokens=chunk)
-    rng = np.random.default_rng(0)
-    values = rng.standard_normal((n_layers, n, d)).astype(np.float16)
-    tokens = rng.integers(0, 500, n).astype(np.int32)
-    assembler = _ChunkAssembler(store, np.dtype(np.float16))
+    assembler = _ChunkAssembler(store, np.dtype(np.float16), pinned=pinned)
     writer = ChunkWriter(store, 2, 0.0, batch_rows=batch)
     try:
-        for row in range(0, n, batch):
-            stop = min(row + batch, n)
-            for layer in range(n_layers):
-                assembler.take(row, stop, layer, torch.from_numpy(values[layer, row:stop]))
+        for row in range(0, len(tokens), batch):
+            stop = min(row + batch, len(tokens))
+            for layer in range(store.n_layers):
+                assembler.take(row, stop, layer, values[layer, row:stop])
+            if values.is_cuda:  # as _ForwardCapture.run waits for the device before the rows are used
+                torch.cuda.current_stream().synchronize()
             for item in assembler.add(row, tokens[row:stop]):
                 writer.submit(item)
         assert assembler.flush() is None and not assembler.open
@@ -380,6 +377,19 @@ def test_chunk_buffers_are_reused_once_their_chunk_is_written(tmp_path):
     finally:
         writer.close()
     store.finalize()
+    return assembler, writer
+
+
+def test_chunk_buffers_are_reused_once_their_chunk_is_written(tmp_path):
+    """The assembler cuts batches that straddle chunks into exactly the rows given (a short last chunk
+    too), and a chunk's buffer takes another chunk only once the writer has committed it: the buffers
+    made stay at the chunks in flight, not one per chunk."""
+    n_layers, d, chunk, n, batch = 3, 8, 50, 1030, 70
+    store = ActivationStore.create(str(tmp_path / "c"), n_layers=n_layers, d_model=d, n_tokens=n, chunk_tokens=chunk)
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((n_layers, n, d)).astype(np.float16)
+    tokens = rng.integers(0, 500, n).astype(np.int32)
+    assembler, writer = assemble_and_write(store, torch.from_numpy(values), tokens, batch)
     store = ActivationStore.open(str(tmp_path / "c"))
     for layer in range(n_layers):
         np.testing.assert_array_equal(store.read_rows(layer, 0, n), values[layer])

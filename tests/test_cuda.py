@@ -112,26 +112,12 @@ def test_cuda_training_killed_between_checkpoints_finishes_each_step_once(tiny_m
 
 
 def test_cuda_cache_rows_go_from_the_device_into_reused_pinned_chunk_buffers(tmp_path):
-    from pipeline.cache import ChunkWriter, _ChunkAssembler
+    from test_cache import assemble_and_write
 
     n_layers, d, chunk, n, batch = 3, 16, 64, 1000, 96
     store = ActivationStore.create(str(tmp_path / "c"), n_layers=n_layers, d_model=d, n_tokens=n, chunk_tokens=chunk)
     values = torch.randn(n_layers, n, d, device="cuda").half()
-    tokens = np.arange(n, dtype=np.int32)
-    assembler = _ChunkAssembler(store, np.dtype(np.float16), pinned=True)
-    writer = ChunkWriter(store, 2, 0.0, batch_rows=batch)
-    try:
-        for row in range(0, n, batch):
-            stop = min(row + batch, n)
-            for layer in range(n_layers):  # as the forward hooks hand them over, asynchronously
-                assembler.take(row, stop, layer, values[layer, row:stop])
-            torch.cuda.current_stream().synchronize()  # as _ForwardCapture.run does before the rows are used
-            for item in assembler.add(row, tokens[row:stop]):
-                writer.submit(item)
-        writer.drain()
-    finally:
-        writer.close()
-    store.finalize()
+    assembler, _ = assemble_and_write(store, values, np.arange(n, dtype=np.int32), batch, pinned=True)
     store = ActivationStore.open(str(tmp_path / "c"))
     for layer in range(n_layers):
         np.testing.assert_array_equal(store.read_rows(layer, 0, n), values[layer].cpu().numpy())
