@@ -10,8 +10,8 @@ window, so an epoch yields every training (layer, row) exactly once.  The stream
 batch, carried rows) is a small state that a checkpoint stores; resuming rebuilds the same batches.
 
 A window is decoded in worker threads, one per core and shared by the streams of a run (numcodecs
-releases the GIL), while the previous one is trained on, by zarr straight into one buffer in the stored
-dtype (float16: half the memory of float32).  A window takes ``window_chunks × n_layers`` chunks of
+releases the GIL), while the previous one is trained on, straight into one buffer in the stored dtype
+(float16: half the memory of float32; a whole local chunk from its file, anything else through zarr).  A window takes ``window_chunks × n_layers`` chunks of
 memory (about 4 MiB each), two windows at a time, in two buffers reused from window to window.
 
 On CUDA the window buffers are pinned, and each window goes to the device whole, still float16, with its
@@ -146,7 +146,7 @@ class TrainingStream:
         # is then used in place, never concatenated
         size = self.batch_size + total
         slot = window % 2
-        if self._uploaded[slot] is not None:  # the copy to the device out of this buffer has finished
+        if self._uploaded[slot] is not None:  # wait until the copy to the device out of this buffer is done
             self._uploaded[slot].synchronize()
             self._uploaded[slot] = None
         buffer = self._buffers[slot]
