@@ -26,7 +26,8 @@ from pipeline.errors import GsaeError
 from pipeline.models import LoadedModel, ModelSpec, block_output, load_model, pick_device, resolve_model_spec
 from pipeline.run import Run, cache_fingerprint
 from pipeline.sae import SparseAutoencoder
-from stores import ActivationStore, to_float32
+from stores import ActivationStore
+from stores.stream import as_tensor
 
 _EVAL_BATCH = 4096
 DEFAULT_TOKENS = 16384  # held-out rows per layer for reconstruction and sparsity
@@ -80,7 +81,8 @@ def layer_reconstruction(sae: SparseAutoencoder, store: ActivationStore, layer: 
     mean = torch.from_numpy(store.mean[layer]).to(device)
     for begin in range(start, stop, _EVAL_BATCH):
         end = min(stop, begin + _EVAL_BATCH)
-        x = torch.from_numpy(to_float32(store.read_rows(layer, begin, end), store.dtype)).to(device)
+        # stored precision to the device, converted there (numpy's float16 conversion is ~3x slower here)
+        x = as_tensor(store.read_rows(layer, begin, end), store.dtype).to(device).float()
         codes = sae.encode(x * scale)
         totals.add(x, sae.decode(codes) / scale, mean)
         l0_sum += codes.l0() * x.shape[0]
