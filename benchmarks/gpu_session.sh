@@ -117,7 +117,7 @@ else
   E2E_ARGS=()     # 1M tokens per SAE, batch 8192 (32 × 256), 512 → 8192, k 32
   # 64 chunks: 8 batches of 32 × 1023 rows; the host idles 37 ms a batch, the bare forward's time for one on
   # the H200; 4 in flight is the writer's rule before it kept a whole batch's chunks
-  WRITE_ARGS=(--layers 6 --d-model 512 --chunks 64 --batch-rows 32736 --forward-ms 37 --writer-pending 4)
+  WRITE_ARGS=(--layers 6 --d-model 512 --chunks 64 --repeats 2 --batch-rows 32736 --forward-ms 37 --writer-pending 4)
   CACHE_ARGS=(--tokens 300000 --context-length 256 --batch-size 32)
   STREAM_ARGS=(--chunks 32 --batch-size 8192 --scaling)
   FEED_ARGS=(--expansion 16 --k 32 --batch-size 8192 --steps 12)
