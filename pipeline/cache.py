@@ -321,6 +321,9 @@ class _Chunk:
     release: Callable[[], None] | None = None  # hands its buffer back for reuse once it is written
 
 
+_IN_FLIGHT_BYTES = 2 << 30  # the most chunks in flight a forward batch may ask for (see ChunkWriter)
+
+
 class ChunkWriter:
     """Compresses and writes chunks on a pool of threads, every layer's chunk a job of its own, and
     commits them in order on the calling thread.  At most ``max_pending`` chunks are in flight: the
@@ -337,7 +340,10 @@ class ChunkWriter:
         # batch of 32,736 rows (8 chunks), 9 in flight reached 0.65-0.67 of max(writer, idle time) on this
         # 2-core machine where 2 reached 0.40-0.57 in the same processes (noisy: the writer alone took
         # 1.1-2.0 s); a 16-core GPU host, whose cores the writer does not fill, is where it matters.
-        per_batch = -(-batch_rows // store.chunk_tokens) + 1 if batch_rows else 0
+        # At most _IN_FLIGHT_BYTES of chunks for that (a 32-layer d 4096 model's batch of 32 × 1024 rows
+        # is 64 chunks, 8 GiB).
+        chunk_bytes = store.n_layers * store.chunk_tokens * store.d_model * STORAGE_DTYPES[store.dtype][1]
+        per_batch = min(-(-batch_rows // store.chunk_tokens) + 1, _IN_FLIGHT_BYTES // chunk_bytes) if batch_rows else 0
         self.max_pending = max(2, -(-2 * threads // (store.n_layers + 4)), per_batch)
         self.pending: deque[tuple[PendingChunk, Callable[[], None] | None]] = deque()  # with its release
         self.started = time.perf_counter()
@@ -625,8 +631,10 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     capture = _ForwardCapture(lm, first_row, store.dtype)
     part = ranks.rank if world else None
     seconds_before = read_seconds_writing(store, part) or 0.0
+    # a batch's chunks in flight where the host waits while the model runs (a GPU); on a CPU the forward
+    # keeps the cores busy itself, and more chunks in flight would only hold more memory
     writer = ChunkWriter(store, write_threads or ranks.threads(), seconds_before, part,
-                         batch_rows=batch_size * rows_per_window)
+                         batch_rows=batch_size * rows_per_window if lm.device.type == "cuda" else 0)
     row = 0  # first row of the next batch
     rows_this_run = 0
     next_todo = 0  # index in todo of the first chunk not wholly before ``row``
