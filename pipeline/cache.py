@@ -366,7 +366,12 @@ class ChunkWriter:
 
     def _commit_oldest(self) -> None:
         pending, release = self.pending.popleft()
-        self.store.finish_chunk(pending)  # re-raises a write error (disk full) here
+        try:
+            self.store.finish_chunk(pending)  # re-raises a write error (disk full) here
+        except BaseException:
+            for future in pending.futures:  # the failed chunk's writes not yet started: none of them
+                future.cancel()
+            raise
         if release is not None:  # written: its buffer can take another chunk
             release()
         # time spent producing activations so far, summed over resumed runs: the "A" of the paper's cost

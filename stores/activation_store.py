@@ -658,6 +658,8 @@ class ActivationStore:
         # twice zarr's speed here); zarr fills it for any other range
         start, stop = rows.start, rows.start + len(rows)
         values = np.empty((len(rows), array.shape[1]), dtype=array.dtype)
+        if not len(rows):  # empty, or wholly past the end
+            return values
         with self._decoding(layer, start, stop):
             _get(array, slice(start, stop), values)
         self._check_chunks_present(layer, start, stop, values)

@@ -240,3 +240,46 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tiny_neox, tmp_path,
     line = _one_line_error(*run_cli(["train", "--cache", cache, "--baseline", "--tokens", 256, "--batch-size", 64,
                                      "--out", blocker / "run"], capsys)[::2])
     assert "cannot write" in line and str(blocker) in line
+
+
+def test_a_chunk_whose_write_fails_starts_none_of_its_other_writes(tmp_path, monkeypatch):
+    """A write error (disk full) stops the chunk it belongs to: its writes not yet started never run (the
+    writer thread may have taken one more), nor do the later chunks'; no buffer is handed back."""
+    import threading
+    import time
+
+    import numpy as np
+
+    import stores.activation_store as store_module
+    from pipeline.cache import ChunkWriter, _Chunk
+    from stores import compute_chunk_stats
+    from stores.activation_store import StoreError
+
+    n_layers, d, rows = 6, 8, 10
+    store = ActivationStore.create(str(tmp_path / "c"), n_layers=n_layers, d_model=d, n_tokens=4 * rows,
+                                   chunk_tokens=rows)
+    failed, after, released = threading.Event(), [], []
+    real_put = store_module._put
+
+    def put(array, unchecked, key, values):
+        if failed.is_set():  # slow from here: the error reaches the caller before this write ends
+            time.sleep(0.05)
+            after.append((array.path, key))
+        if array.path == "layers/0" and isinstance(key, slice) and key.start == 0:
+            failed.set()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_put(array, unchecked, key, values)
+
+    monkeypatch.setattr(store_module, "_put", put)
+    writer = ChunkWriter(store, 1, 0.0)
+    with pytest.raises(StoreError, match="disk full"):
+        try:
+            for c in range(4):
+                layers = np.random.default_rng(c).standard_normal((n_layers, rows, d)).astype(np.float16)
+                writer.submit(_Chunk(c, layers, np.zeros(rows, np.int32), compute_chunk_stats(list(layers), "float16"),
+                                     release=lambda c=c: released.append(c)))
+            writer.drain()
+        finally:
+            writer.close()
+    # at most one write had been taken by the writer thread before the error reached the caller
+    assert len(after) <= 1 and released == [], after
