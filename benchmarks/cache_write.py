@@ -99,7 +99,9 @@ def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype:
     for start in range(0, values.shape[1], batch_rows):
         layers = [torch.from_numpy(values[layer, start : start + batch_rows]).to(device) for layer in range(n_layers)]
         batches.append((start, layers, tokens[start : start + batch_rows]))
-    writer = ChunkWriter(store, threads, 0.0, batch_rows=batch_rows)
+    # gsae keeps a batch's chunks in flight where the host waits for a GPU's forward; so here with CUDA,
+    # or with the host idle as if it did
+    writer = ChunkWriter(store, threads, 0.0, batch_rows=batch_rows if device.type == "cuda" or forward_ms else 0)
     writer.max_pending = pending or writer.max_pending
     kind = _ChunkAssembler if stats else _KnownStats
     assembler = kind(store, chunks[0].layers.dtype, pinned=device.type == "cuda")
