@@ -278,6 +278,10 @@ class TrainingStream:
         self._carry_ids = np.asarray(state["carry"], dtype=np.int64).reshape(-1, 2)
         self._current = None
         self._drain()
+        if self._cuda:  # both device windows may still be read by batches already handed out
+            handed_out = torch.cuda.Event()
+            handed_out.record(torch.cuda.current_stream(self.device))
+            self._released = [handed_out, handed_out]
 
     def _drain(self) -> None:
         """Cancel the pending decodes and wait for those already running (they write into the buffers)."""

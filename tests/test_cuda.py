@@ -62,6 +62,21 @@ def test_cuda_resume_hands_out_the_same_batches(store):
     resumed.close()
 
 
+def test_cuda_rewinding_a_stream_that_handed_out_batches_gives_the_same_batches(store):
+    """A rewind reuses device windows that batches already handed out may still be read from."""
+    train_chunks, _ = split_chunks(store, 0.1)
+    stream = TrainingStream(store, [0, 1], [1.0, 2.0], train_chunks, 100, seed=2, window_chunks=2, device="cuda")
+    handed_out = []
+    for i in range(30):  # several windows
+        if i == 5:
+            state = stream.state_dict()
+        handed_out.append(stream.next_batch().x)
+    stream.load_state_dict(state)
+    for expected in handed_out[5:]:
+        assert torch.equal(stream.next_batch().x, expected)
+    stream.close()
+
+
 def test_cuda_training_step_needs_no_host_sync():
     from pipeline.sae import SparseAutoencoder
     from pipeline.train import train_step
