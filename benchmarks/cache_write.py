@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.cache import ChunkWriter, _Chunk, _ChunkAssembler  # noqa: E402
-from stores import ActivationStore, compute_chunk_stats  # noqa: E402
+from stores import ActivationStore, ChunkStats, compute_chunk_stats  # noqa: E402
 
 
 def source_chunks(args: argparse.Namespace) -> tuple[list[_Chunk], int, int, str, str]:
@@ -103,9 +103,9 @@ def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype:
     # or with the host idle as if it did
     writer = ChunkWriter(store, threads, 0.0, batch_rows=batch_rows if device.type == "cuda" or forward_ms else 0)
     writer.max_pending = pending or writer.max_pending
-    kind = _ChunkAssembler if stats else _KnownStats
-    assembler = kind(store, chunks[0].layers.dtype, pinned=device.type == "cuda")
-    assembler.known = {chunk.index: chunk.stats for chunk in chunks}
+    pinned = device.type == "cuda"
+    assembler = (_ChunkAssembler(store, chunks[0].layers.dtype, pinned=pinned) if stats
+                 else _KnownStats(store, chunks, pinned))
     start = time.perf_counter()
     try:
         for row, layers, batch_tokens in batches:
@@ -126,15 +126,15 @@ def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype:
 class _KnownStats(_ChunkAssembler):
     """The cache's assembler with the statistics left out: each chunk gets those computed beforehand."""
 
-    known: dict
+    def __init__(self, store: ActivationStore, chunks: list[_Chunk], pinned: bool):
+        super().__init__(store, chunks[0].layers.dtype, pinned=pinned)
+        self.known = {chunk.index: chunk.stats for chunk in chunks}
 
     def _add_stats(self, part, layer: int, rows: torch.Tensor) -> None:
         pass
 
-    def _emit(self, chunk: int) -> _Chunk:
-        part = self.open.pop(chunk)
-        return _Chunk(chunk, part.buffer, part.tokens, self.known[chunk],
-                      release=lambda: self.buffers.give_back(part.whole))
+    def _stats_of(self, chunk: int, part) -> ChunkStats:
+        return self.known[chunk]
 
 
 def _cpu_seconds() -> float:

@@ -296,8 +296,11 @@ class _ChunkAssembler:
 
     def _emit(self, chunk: int) -> _Chunk:
         part = self.open.pop(chunk)
-        return _Chunk(chunk, part.buffer, part.tokens, part.stats.result(),
+        return _Chunk(chunk, part.buffer, part.tokens, self._stats_of(chunk, part),
                       release=functools.partial(self.buffers.give_back, part.whole))
+
+    def _stats_of(self, chunk: int, part: _Open) -> ChunkStats:
+        return part.stats.result()
 
 
 @dataclass

@@ -503,10 +503,8 @@ class ActivationStore:
         """Write one chunk of every layer, its tokens and statistics, then commit it (sequentially)."""
         stop, jobs = self._chunk_jobs(chunk, layers, tokens, stats)
         try:
-            for array, unchecked, key, values in jobs:  # zarr's own loop: the caller may run an event loop
-                target = _write_target(array, unchecked, values)
-                if not (target is unchecked and _encode_chunk_file(array, key, values)):
-                    target[key] = values
+            for job in jobs:  # on this thread (zarr's loop where the caller runs an event loop: see _own_loop)
+                _put(*job)
         except OSError as exc:
             raise _write_error(self.path, exc) from None
         self.finish_chunk(PendingChunk(chunk, stop, []))
@@ -656,13 +654,9 @@ class ActivationStore:
         rows = range(*slice(start, stop).indices(array.shape[0]))
         # into a buffer of our own, so that a whole local chunk takes the direct path of _get (about
         # twice zarr's speed here); zarr fills it for any other range
-        start, stop = rows.start, rows.start + len(rows)
         values = np.empty((len(rows), array.shape[1]), dtype=array.dtype)
-        if not len(rows):  # empty, or wholly past the end
-            return values
-        with self._decoding(layer, start, stop):
-            _get(array, slice(start, stop), values)
-        self._check_chunks_present(layer, start, stop, values)
+        if len(rows):  # (empty, or wholly past the end: nothing to read)
+            self.read_into(layer, rows.start, rows.start + len(rows), values)
         return values
 
     def read_into(self, layer: int, start: int, stop: int, out: np.ndarray) -> None:
