@@ -234,3 +234,30 @@ def test_runs_marking_a_grouping_at_once_are_all_kept(llama_cache, capsys):
     assert code == 1 and "training runs use it" in err and "runs/r0" in err
     assert run_cli([*args[:-1], "--tokens", 300, "--force"], capsys)[0] == 0
     assert runs_using(store, "uniform") == []  # a replaced grouping is used by nothing yet
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_chunk_distance_sums_match_float64_on_every_stored_dtype(dtype):
+    """The per-chunk kernel against the definition in float64, on a chunk that is not a whole number of
+    its 256-row steps, with a layer that is a copy (distance 0) and one that is negated (distance 1)."""
+    import torch
+
+    from pipeline.grouping import _chunk_distance_sums
+
+    rng = np.random.default_rng(0)
+    rows, d = 300, 24
+    base = rng.normal(size=(rows, d)).astype(np.float32)
+    layers = [base, base.copy(), -base, base + rng.normal(scale=0.5, size=(rows, d)).astype(np.float32),
+              rng.normal(size=(rows, d)).astype(np.float32) * 50 + 7]
+    mean = np.zeros((len(layers), d), dtype=np.float32)  # centred on 0: -base is then exactly opposite
+    if dtype == "bfloat16":
+        stored = [torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) for x in layers]
+    else:
+        stored = [x.astype(dtype) for x in layers]
+    values = [to_float32(s, dtype).astype(np.float64) for s in stored]
+    unit = [v / np.linalg.norm(v, axis=1, keepdims=True) for v in values]
+    expected = np.array([[0.0 if i == j else np.arccos(np.clip((unit[i] * unit[j]).sum(1), -1, 1)).sum() / np.pi
+                          for j in range(len(layers))] for i in range(len(layers))])
+    sums = _chunk_distance_sums(mean, dtype, *stored)[0]
+    np.testing.assert_allclose(sums / rows, expected / rows, atol=1e-4)
+    assert sums[0, 1] / rows < 1e-3 and sums[0, 2] / rows > 1 - 1e-3
