@@ -16,6 +16,8 @@ The BOS position is left as it is when splicing (the SAEs were not trained on it
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -72,17 +74,17 @@ def reconstruction_metrics(x: torch.Tensor, reconstruction: torch.Tensor) -> dic
 
 @torch.no_grad()
 def layer_reconstruction(sae: SparseAutoencoder, store: ActivationStore, layer: int, scale: float, start: int,
-                         stop: int, device: torch.device) -> dict[str, Any]:
+                         stop: int, device: torch.device, pool: Executor | None = None, ahead: int = 0
+                         ) -> dict[str, Any]:
     """Reconstruction and sparsity metrics of ``sae`` on rows [start, stop) of ``layer`` (raw activations;
-    the SAE sees them times ``scale``), a batch at a time so memory stays flat in the number of rows."""
-    stop = min(stop, store.n_tokens)
+    the SAE sees them times ``scale``), a batch at a time so memory stays flat in the number of rows.
+    With ``pool``, up to ``ahead`` next batches are decoded on its threads while one is evaluated."""
     totals, l0_sum = ReconstructionTotals(), 0.0
     active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     mean = torch.from_numpy(store.mean[layer]).to(device)
-    for begin in range(start, stop, _EVAL_BATCH):
-        end = min(stop, begin + _EVAL_BATCH)
+    for values in store.iter_rows(layer, start, stop, _EVAL_BATCH, pool, ahead):
         # stored precision to the device, converted there (numpy's float16 conversion is ~3x slower here)
-        x = as_tensor(store.read_rows(layer, begin, end), store.dtype).to(device).float()
+        x = as_tensor(values, store.dtype).to(device).float()
         codes = sae.encode(x * scale)
         totals.add(x, sae.decode(codes) / scale, mean)
         l0_sum += codes.l0() * x.shape[0]
@@ -183,27 +185,30 @@ def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_
         clean_logits = _run_with_block_output(lm, input_ids, 0, None)
         first = 1 if store.attrs.get("prepend_bos") else 0
     records = []
-    for sae, sae_config in saes:
-        for layer in sae_config["layers"]:
-            scale = sae_config["scales"][str(layer)]
-            record = {"layer": layer, "sae_layers": sae_config["layers"],
-                      **layer_reconstruction(sae, store, layer, scale, start_row, start_row + tokens, torch_device)}
-            if lm is not None:
-                def splice(hidden: torch.Tensor) -> torch.Tensor:
-                    out = hidden.clone()
-                    body = hidden[:, first:]
-                    flat = body.reshape(-1, body.shape[-1])
-                    out[:, first:] = (sae(flat * scale) / scale).reshape(body.shape)
-                    return out
+    threads = os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-eval") as reader:
+        for sae, sae_config in saes:
+            for layer in sae_config["layers"]:
+                scale = sae_config["scales"][str(layer)]
+                record = {"layer": layer, "sae_layers": sae_config["layers"],
+                          **layer_reconstruction(sae, store, layer, scale, start_row, start_row + tokens, torch_device,
+                                                 reader, threads)}
+                if lm is not None:
+                    def splice(hidden: torch.Tensor) -> torch.Tensor:
+                        out = hidden.clone()
+                        body = hidden[:, first:]
+                        flat = body.reshape(-1, body.shape[-1])
+                        out[:, first:] = (sae(flat * scale) / scale).reshape(body.shape)
+                        return out
 
-                def zero(hidden: torch.Tensor) -> torch.Tensor:
-                    out = hidden.clone()
-                    out[:, first:] = 0
-                    return out
+                    def zero(hidden: torch.Tensor) -> torch.Tensor:
+                        out = hidden.clone()
+                        out[:, first:] = 0
+                        return out
 
-                record.update(downstream_metrics(clean_logits, _run_with_block_output(lm, input_ids, layer, splice),
-                                                 _run_with_block_output(lm, input_ids, layer, zero), input_ids))
-                record["eval_windows"] = int(input_ids.shape[0])
-            records.append(record)
+                    record.update(downstream_metrics(clean_logits, _run_with_block_output(lm, input_ids, layer, splice),
+                                                     _run_with_block_output(lm, input_ids, layer, zero), input_ids))
+                    record["eval_windows"] = int(input_ids.shape[0])
+                records.append(record)
     trained.write_eval(records)
     return records

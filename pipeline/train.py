@@ -369,17 +369,20 @@ def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder]
     """Each rank measures its SAEs' held-out FVU per layer; rank 0 saves every SAE, then the summary (the
     file that marks the run trained).  Returns one row per SAE on rank 0."""
     config, parts = run.config, {}
-    for i, sae in saes.items():
-        sae.eval()  # BatchTopK: the per-token threshold, as evaluated and exported
-        start = config.eval_rows[0]
-        per_layer = {layer: layer_reconstruction(sae, store, layer, config.scales[layer], start,
-                                                 start + _SUMMARY_EVAL_ROWS, device)["fvu"] for layer in config.groups[i]}
-        row = {"sae": i, "layers": config.groups[i], "train_fvu": latest[i].get("fvu"), "l0": latest[i].get("l0"),
-               "dead_fraction": latest[i].get("dead_fraction"),
-               "held_out_fvu": float(np.mean(list(per_layer.values()))),
-               "held_out_fvu_per_layer": {str(k): v for k, v in per_layer.items()},
-               "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")}
-        parts[i] = (row, {name: t.detach().cpu() for name, t in sae.state_dict().items()})
+    threads = decode_threads(store.path, ranks)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-eval") as pool:
+        for i, sae in saes.items():
+            sae.eval()  # BatchTopK: the per-token threshold, as evaluated and exported
+            start = config.eval_rows[0]
+            per_layer = {layer: layer_reconstruction(sae, store, layer, config.scales[layer], start,
+                                                     start + _SUMMARY_EVAL_ROWS, device, pool, threads)["fvu"]
+                         for layer in config.groups[i]}
+            row = {"sae": i, "layers": config.groups[i], "train_fvu": latest[i].get("fvu"), "l0": latest[i].get("l0"),
+                   "dead_fraction": latest[i].get("dead_fraction"),
+                   "held_out_fvu": float(np.mean(list(per_layer.values()))),
+                   "held_out_fvu_per_layer": {str(k): v for k, v in per_layer.items()},
+                   "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")}
+            parts[i] = (row, {name: t.detach().cpu() for name, t in sae.state_dict().items()})
     merged = ranks.gather_to_first(parts)
     rows = []
     if merged is not None:

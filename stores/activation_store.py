@@ -659,6 +659,28 @@ class ActivationStore:
             self.read_into(layer, rows.start, rows.start + len(rows), values)
         return values
 
+    def iter_rows(self, layer: int, start: int, stop: int, batch_rows: int, pool: Executor | None = None,
+                  ahead: int = 0) -> Iterator[np.ndarray]:
+        """Rows ``[start, stop)`` of one layer as :meth:`read_rows` gives them, ``batch_rows`` at a time, in
+        order; with ``pool``, up to ``ahead`` further batches are decoded on its threads meanwhile."""
+        stop = min(stop, self.n_tokens)
+        bounds = [(begin, min(stop, begin + batch_rows)) for begin in range(start, stop, batch_rows)]
+        if pool is None or ahead < 1:
+            for begin, end in bounds:
+                yield self.read_rows(layer, begin, end)
+            return
+        pending: list[Future] = []
+        try:
+            for begin, end in bounds:
+                pending.append(pool.submit(self.read_rows, layer, begin, end))
+                if len(pending) > ahead:
+                    yield pending.pop(0).result()
+            while pending:
+                yield pending.pop(0).result()
+        finally:  # a consumer that stops early (or fails) leaves no decode queued behind it
+            for future in pending:
+                future.cancel()
+
     def read_into(self, layer: int, start: int, stop: int, out: np.ndarray) -> None:
         """:meth:`read_rows` decoded by zarr straight into ``out`` ((stop − start, d_model), the stored
         array dtype): no allocation and copy per chunk.  The same errors."""

@@ -154,6 +154,24 @@ def test_whole_chunks_read_from_their_files_equal_zarrs_read(tmp_path, dtype, co
             np.testing.assert_array_equal(got.view(np.uint8), array[start:stop].view(np.uint8))
 
 
+def test_iter_rows_gives_read_rows_batches_in_order_with_and_without_read_ahead(store):
+    """Batches that straddle chunks, a short last batch and a range past the end, decoded ahead on a pool
+    or one at a time: the same rows as one read_rows; a consumer that stops early leaves nothing queued."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for start, stop, batch in [(0, store.n_tokens, 70), (130, 1000, 256), (store.n_tokens - 5, store.n_tokens + 50, 4)]:
+            whole = store.read_rows(2, start, stop)
+            for reader, ahead in [(None, 0), (pool, 1), (pool, 3)]:
+                parts = list(store.iter_rows(2, start, stop, batch, reader, ahead))
+                assert all(len(p) == batch for p in parts[:-1]) and 0 < len(parts[-1]) <= batch
+                np.testing.assert_array_equal(np.concatenate(parts), whole)
+        early = store.iter_rows(1, 0, store.n_tokens, 10, pool, 3)
+        np.testing.assert_array_equal(next(early), store.read_rows(1, 0, 10))
+        early.close()  # the generator's finally cancels what is still queued
+    assert list(store.iter_rows(0, 10, 10, 4)) == []
+
+
 def test_a_damaged_chunk_file_is_one_store_error(store, tmp_path):
     import shutil
 
