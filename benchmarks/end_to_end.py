@@ -501,7 +501,8 @@ def run(args: argparse.Namespace, work: Path, cache_tokens: int) -> None:
             spans = ", ".join(f"[{g[0]}–{g[-1]}]" if len(g) > 1 else f"[{g[0]}]" for g in groups)
             results["g_star"] = g_star
             say(f"[gsae group] {seconds:.2f} s: G* = {g_star} of {len(layers)} layers: {spans} "
-                f"(AMAD {next(pt['amad'] for pt in record['curve'] if pt['n_groups'] == g_star):.3f})")
+                f"(AMAD {next(pt['amad'] for pt in record['curve'] if pt['n_groups'] == g_star):.3f}); "
+                f"{record['seconds']:.2f} s computing the distances over {record['sample']['tokens']:,} sampled tokens")
             n_groups = args.groups or g_star
             results["n_groups"] = n_groups
             seconds, _ = gsae("groups", "train", "--cache", cache, "--tokens", args.tokens, "--out",
@@ -572,11 +573,13 @@ def run(args: argparse.Namespace, work: Path, cache_tokens: int) -> None:
 
 
 def steps_note(run: Path) -> str:
-    """'; x s in training steps' from the run's summary.json, when it has one."""
+    """'; x s in training steps (wall: start …, steps …, …)' from the run's summary.json, when it has one."""
     try:
-        return f"; {json.loads((run / 'summary.json').read_text())['train_seconds']:.2f} s in training steps"
+        summary = json.loads((run / "summary.json").read_text())
     except Exception:
         return ""
+    wall = ", ".join(f"{name.replace('_', ' ')} {seconds:.2f}" for name, seconds in summary.get("wall_seconds", {}).items())
+    return f"; {summary['train_seconds']:.2f} s in training steps" + (f" (wall s: {wall})" if wall else "")
 
 
 if __name__ == "__main__":

@@ -263,6 +263,7 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
     Under torchrun the SAEs are spread over the ranks (each wholly on one, balanced by tokens); each rank
     streams only its SAEs' layers, and rank 0 writes the run: the same files, and the same weights, as
     one process."""
+    entered = time.perf_counter()
     ranks = current_ranks()
     if ranks.world > 1 and not request.out:  # every rank refuses before anything is made
         raise GsaeError("under torchrun, pass --out DIR: every rank must find the run")
@@ -358,17 +359,22 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
         for stream in streams.values():
             stream.close()
         pool.shutdown(wait=False, cancel_futures=True)
+    wall = {"start": started - entered, "steps": time.perf_counter() - started}
+    mark = time.perf_counter()
     if start_step < steps:  # the final state, so a kill while the SAE files are written loses no step
         checkpoint_now(steps)
-    rows = _finish(run, store, saes, latest, elapsed, device, ranks)
+    wall["final_checkpoint"] = time.perf_counter() - mark
+    rows = _finish(run, store, saes, latest, elapsed, device, ranks, wall)
     return TrainResult(run.path, rows, time.perf_counter() - started, start_step, ranks.rank)
 
 
 def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder], latest: list, elapsed: list[float],
-            device: torch.device, ranks: Ranks) -> list[dict[str, Any]]:
+            device: torch.device, ranks: Ranks, wall: dict[str, float]) -> list[dict[str, Any]]:
     """Each rank measures its SAEs' held-out FVU per layer; rank 0 saves every SAE, then the summary (the
-    file that marks the run trained).  Returns one row per SAE on rank 0."""
+    file that marks the run trained, with ``wall``: this process's seconds per phase).  Returns one row
+    per SAE on rank 0."""
     config, parts = run.config, {}
+    mark = time.perf_counter()
     threads = decode_threads(store.path, ranks)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-eval") as pool:
         for i, sae in saes.items():
@@ -384,6 +390,7 @@ def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder]
                    "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")}
             parts[i] = (row, {name: t.detach().cpu() for name, t in sae.state_dict().items()})
     merged = ranks.gather_to_first(parts)
+    wall["held_out_fvu"], mark = time.perf_counter() - mark, time.perf_counter()
     rows = []
     if merged is not None:
         for i, group in enumerate(config.groups):
@@ -394,6 +401,8 @@ def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder]
                                   "hook_names": [f"blocks.{l}.hook_resid_post" for l in group],
                                   "model_id": store.attrs.get("model_id"), "tokens": config.tokens_per_sae})
             rows.append(row)
-        run.write_summary({"label": config.label, "saes": rows, "train_seconds": sum(row["seconds"] for row in rows)})
+        wall["save_saes"] = time.perf_counter() - mark
+        run.write_summary({"label": config.label, "saes": rows, "train_seconds": sum(row["seconds"] for row in rows),
+                           "wall_seconds": {name: round(seconds, 3) for name, seconds in wall.items()}})
     ranks.barrier()
     return rows
