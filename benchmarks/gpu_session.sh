@@ -110,6 +110,7 @@ if [ $SMOKE = 1 ]; then
   THROUGHPUT_ARGS=(--tokens 4000 --batch-size 8 --context-length 64)
   SPEED_SHAPES=("64 8 8" "96 8 8 16")   # d_in expansion k...
   SPEED_ARGS=(--batch-size 1024 --warmup 1 --steps 2 --repeats 1)
+  FRESH_ARGS=(--gib 1 --file-gib 1)
   T_E2E=600 T_WRITE=120 T_CACHE=120 T_STREAM=120 T_FEED=120 T_THROUGHPUT=120 T_SPEED=180 T_COMPILE=180 T_TESTS=600
 else
   MODEL_ARGS=()   # Pythia-70M's shape: 6 layers, d 512, 8 heads, intermediate 2048, rotary_pct 0.25
@@ -124,6 +125,7 @@ else
   THROUGHPUT_ARGS=(--tokens 500000 --batch-size 32 --context-length 1024)
   SPEED_SHAPES=("512 16 32" "768 16 32 128" "2048 16 64")
   SPEED_ARGS=(--batch-size 8192)
+  FRESH_ARGS=(--gib 4 --file-gib 2)
   T_E2E=240 T_WRITE=100 T_CACHE=60 T_STREAM=45 T_FEED=75 T_THROUGHPUT=60 T_SPEED=45 T_COMPILE=90 T_TESTS=150
 fi
 
@@ -141,6 +143,10 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$([ $SMOKE = 1 ] && echo 2 || echo 14)")
 [ "${SKIP_TESTS:-0}" = 1 ] || step tests_cuda "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"} tests
 
+# 2b. what fresh memory costs in this VM (first touch against memory touched again, a file written once
+#     and again, and with O_DIRECT): is the 1.3 GB/s plain write the host backing new guest pages?
+step fresh_memory 60 "$PY" benchmarks/fresh_memory.py ${FRESH_ARGS[@]+"${FRESH_ARGS[@]}"} --folder "$W"
+
 # 3. the cache writer alone (GB/s of float16 with 1, 2 and all threads, and the cache's host side), into
 #    the disk and into memory (/dev/shm): what the machine's memory gives as well as what its disk gives
 step cache_write "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"}
@@ -157,6 +163,8 @@ if [ -f "$W/cache/zarr.json" ]; then
     echo "== note: train_speed.py has no --device: feed trains on the CPU (its SAE and batches are CPU tensors)"
   fi
   step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
+  # gsae group's distances ÷ reading their chunks, and with one torch thread per Dask task (16 × 16 threads?)
+  step group_speed 60 "$PY" benchmarks/group_speed.py --cache "$W/cache" --one-torch-thread --no-rss
 else
   echo "== stream, feed: SKIPPED (no cache)"
 fi
@@ -205,7 +213,7 @@ fi
 echo
 echo "== summary (session $((SECONDS - START)) s of ${BUDGET})"
 for name in "${ORDER[@]}"; do
-  grep -h -E "ratio|÷|compile|GB/s|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)? +[0-9,]+ +[0-9,]+|SKIPPED|TIMED OUT|FAILED|failed" \
+  grep -h -E "ratio|÷|compile|GB/s|group \(D\)|read only|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)? +[0-9,]+ +[0-9,]+|SKIPPED|TIMED OUT|FAILED|failed" \
       "$W/logs/$name.log" 2>/dev/null | grep -v '│' | sed "s/^/$name: /"
 done
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then tar czf "$OUT/gpu_session_logs.tgz" -C "$W" logs 2>/dev/null; fi  # one file: $OUT takes 8

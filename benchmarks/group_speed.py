@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dask  # noqa: E402
 import dask.array as da  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from pipeline.grouping import _opened, distance_matrix, parse_layers, sample_chunks  # noqa: E402
 from stores import ActivationStore  # noqa: E402
@@ -58,12 +59,17 @@ def main() -> None:
     parser.add_argument("--cache", default="gsae-cache/smollm2-135m")
     parser.add_argument("--tokens", type=int, default=300_000)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--one-torch-thread", action="store_true",
+                        help="also time D with torch limited to one thread (Dask already runs a task per core; "
+                             "each task's torch ops otherwise start a thread team of their own)")
+    parser.add_argument("--no-rss", action="store_true", help="leave out the peak-RSS subprocesses")
     args = parser.parse_args()
 
     store = ActivationStore.open(args.cache)
     layers = parse_layers(None, store.n_layers)
     chunks = sample_chunks(store, min(args.tokens, store.n_tokens), seed=0)
-    reads, groups = [], []
+    reads, groups, single = [], [], []
+    threads = torch.get_num_threads()
     with dask.config.set(scheduler="threads"):
         for _ in range(args.repeats):
             start = time.perf_counter()
@@ -72,11 +78,24 @@ def main() -> None:
             start = time.perf_counter()
             distance_matrix(store, layers, chunks)
             groups.append(time.perf_counter() - start)
+            if args.one_torch_thread:
+                torch.set_num_threads(1)
+                try:
+                    start = time.perf_counter()
+                    distance_matrix(store, layers, chunks)
+                    single.append(time.perf_counter() - start)
+                finally:
+                    torch.set_num_threads(threads)
     rows = sum(stop - start for start, stop in map(store.readable_rows, chunks))
     print(f"cache {args.cache}: {len(layers)} layers, {len(chunks)} chunks, {rows:,} tokens sampled")
     print(f"read only      {min(reads):7.2f} s   (runs: {', '.join(f'{r:.2f}' for r in reads)})")
     print(f"group (D)      {min(groups):7.2f} s   (runs: {', '.join(f'{g:.2f}' for g in groups)})")
     print(f"ratio group / read = {min(groups) / min(reads):.2f}   (target <= 1.5)")
+    if single:
+        print(f"group (D), 1 torch thread {min(single):7.2f} s   (runs: {', '.join(f'{g:.2f}' for g in single)}); "
+              f"÷ {threads} torch threads = {min(single) / min(groups):.2f}")
+    if args.no_rss:
+        return
 
     quarter = max(1, rows // 4)
     small, large = peak_rss_mib(args.cache, quarter), peak_rss_mib(args.cache, rows)
