@@ -32,6 +32,7 @@ from stores import ActivationStore
 from stores.stream import as_tensor
 
 _EVAL_BATCH = 4096
+_READ_AHEAD_BYTES = 256 << 20  # held-out rows decoded ahead at most (16 batches of d 2048 in float16)
 DEFAULT_TOKENS = 16384  # held-out rows per layer for reconstruction and sparsity
 DEFAULT_WINDOWS = 32  # held-out text windows for the downstream metrics
 
@@ -82,6 +83,8 @@ def layer_reconstruction(sae: SparseAutoencoder, store: ActivationStore, layer: 
     totals, l0_sum = ReconstructionTotals(), 0.0
     active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     mean = torch.from_numpy(store.mean[layer]).to(device)
+    batch_bytes = _EVAL_BATCH * store.d_model * np.dtype(store.layer_array(layer).dtype).itemsize
+    ahead = min(ahead, max(1, _READ_AHEAD_BYTES // batch_bytes))  # bounded memory whatever the width
     for values in store.iter_rows(layer, start, stop, _EVAL_BATCH, pool, ahead):
         # stored precision to the device, converted there (numpy's float16 conversion is ~3x slower here)
         x = as_tensor(values, store.dtype).to(device).float()
