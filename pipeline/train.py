@@ -204,9 +204,11 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
 
 
 def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool: ThreadPoolExecutor,
-           indices: list[int]) -> tuple[dict, dict, dict, dict]:
+           indices: list[int], prefetch: bool) -> tuple[dict, dict, dict, dict]:
     """SAE i, its optimizer, stream and dead counters for each i of ``indices`` (seeded by i, so an SAE
-    is the same whichever process trains it)."""
+    is the same whichever process trains it).  ``prefetch``: each stream starts decoding its first
+    window before the optimizer is made (the first Adam of a process imports torch._dynamo: 1.4 s of
+    Python on this CPU, while the decode threads release the GIL)."""
     saes, optimizers, streams, fired = {}, {}, {}, {}
     mean = store.mean
     for i in indices:
@@ -216,9 +218,11 @@ def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool
         with torch.no_grad():  # b_dec at the (scaled) data mean of the group
             sae.b_dec.copy_(torch.from_numpy(np.mean([mean[l] * s for l, s in zip(group, scales)], axis=0)))
         saes[i] = sae.to(device)
-        optimizers[i] = torch.optim.Adam(sae.parameters(), lr=config.lr)
         streams[i] = TrainingStream(store, group, scales, config.train_chunks, config.batch_size, config.seed,
                                     stream_id=i, window_chunks=config.window_chunks, device=device, pool=pool)
+        if prefetch:
+            streams[i].prefetch()
+        optimizers[i] = torch.optim.Adam(sae.parameters(), lr=config.lr)
         fired[i] = torch.zeros(config.n_latents, dtype=torch.int64, device=device)
     return saes, optimizers, streams, fired
 
@@ -283,12 +287,12 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
     if device.type == "cuda":  # TF32 for float32 matmuls, as sparsify's trainer sets it (--no-tf32: off)
         torch.backends.cuda.matmul.allow_tf32 = config.tf32
     pool = ThreadPoolExecutor(max_workers=decode_threads(store.path, ranks), thread_name_prefix="gsae-decode")
-    saes, optimizers, streams, fired = _build(config, store, device, pool, mine)
+    checkpoint = run.latest_checkpoint()
+    saes, optimizers, streams, fired = _build(config, store, device, pool, mine, prefetch=checkpoint is None)
     steps, batch_size = config.steps, config.batch_size
     start_step, elapsed = 0, [0.0] * n
     latest: list[dict[str, Any]] = [{} for _ in range(n)]  # each SAE's last metrics record
     n_dead = [0] * n
-    checkpoint = run.latest_checkpoint()
     if checkpoint is not None:
         state = Run.load_checkpoint(checkpoint, {i: (saes[i], optimizers[i], fired[i]) for i in mine})
         for i in mine:

@@ -165,6 +165,12 @@ class TrainingStream:
         window_data = _Window(values, np.concatenate(layers), np.concatenate(rows), np.empty(0, np.int64), 0)
         self._pending[window] = (window_data, futures)
 
+    def prefetch(self) -> None:
+        """Start decoding the window of the next batch now, on the pool, rather than at the first
+        :meth:`next_batch` (a rewind with :meth:`load_state_dict` cancels it)."""
+        if self._current is None:
+            self._schedule(self.window)
+
     def _read_ids(self, ids: np.ndarray) -> torch.Tensor:
         """Stored values of individual (layer, row) ids, for carried rows after a resume."""
         out = torch.empty(len(ids), self.store.d_model, dtype=self._dtype)

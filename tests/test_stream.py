@@ -198,3 +198,28 @@ def test_a_damaged_chunk_file_is_one_store_error(store, tmp_path):
     out[:] = 7
     with pytest.raises(StoreError, match="layer 1 rows 300–399 cannot be read \\(cannot decode"):
         damaged.read_into(1, 300, 400, out)
+
+
+def test_a_prefetched_stream_gives_the_same_batches(store):
+    """prefetch() only starts the first window's decode early: the batches, across windows, are those of a
+    stream that was not prefetched; a rewind after a prefetch drops it and starts where it says."""
+    def batches(stream, n):
+        out = [stream.next_batch() for _ in range(n)]
+        stream.close()
+        return out
+
+    kwargs = dict(layers=[0, 2], scales=[1.0, 0.5], chunks=list(range(store.n_chunks - 1)), batch_size=64, seed=3,
+                  window_chunks=2)
+    plain = batches(TrainingStream(store, **kwargs), 12)
+    early = TrainingStream(store, **kwargs)
+    early.prefetch()
+    for want, got in zip(plain, batches(early, 12)):
+        assert torch.equal(want.x, got.x) and np.array_equal(want.rows, got.rows)
+    rewound = TrainingStream(store, **kwargs)
+    rewound.prefetch()
+    position = TrainingStream(store, **kwargs)
+    [position.next_batch() for _ in range(5)]
+    rewound.load_state_dict(position.state_dict())
+    position.close()
+    for want, got in zip(plain[5:], batches(rewound, 7)):
+        assert torch.equal(want.x, got.x) and np.array_equal(want.layers, got.layers)
