@@ -28,7 +28,6 @@ import errno
 import io
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, TextIO
@@ -39,7 +38,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load, save
 
 from pipeline.errors import GsaeError
-from pipeline.sae import SparseAutoencoder, load_sae, sae_files
+from pipeline.sae import SparseAutoencoder, sae_files, sae_from_files
 from stores import ActivationStore
 from stores.remote import join, write_whole
 
@@ -316,13 +315,10 @@ class Run:
     def load_saes(self, device: torch.device | str = "cpu") -> list[tuple[SparseAutoencoder, dict[str, Any]]]:
         """Every trained SAE with its config, in evaluation mode."""
         loaded = []
-        with tempfile.TemporaryDirectory() as scratch:
-            for i in range(len(self.config.groups)):
-                weights, config = f"{scratch}/w{i}.safetensors", f"{scratch}/c{i}.json"
-                Path(weights).write_bytes(self._read(f"sae_{i}.safetensors"))
-                Path(config).write_bytes(self._read(f"sae_{i}.json"))
-                sae, sae_config = load_sae(weights, config)
-                loaded.append((sae.to(device).eval(), sae_config))
+        for i in range(len(self.config.groups)):
+            sae, sae_config = sae_from_files(self._read(f"sae_{i}.safetensors"), self._read(f"sae_{i}.json"),
+                                             join(self.path, f"sae_{i}.safetensors"))
+            loaded.append((sae.to(device).eval(), sae_config))
         return loaded
 
     # ------------------------------------------------------------------ summary and evaluation

@@ -279,18 +279,23 @@ def sae_files(sae: SparseAutoencoder, extra: dict) -> tuple[bytes, str]:
 
 def load_sae(weights_path: str, config_path: str) -> tuple[SparseAutoencoder, dict]:
     """The SAE whose :func:`sae_files` were written to these paths, and its JSON config."""
+    with open(weights_path, "rb") as weights, open(config_path, "rb") as config:
+        return sae_from_files(weights.read(), config.read(), weights_path)
+
+
+def sae_from_files(weights: bytes, config: bytes | str, name: str = "the SAE") -> tuple[SparseAutoencoder, dict]:
+    """The SAE of :func:`sae_files`' two files' contents, and its config; ``name`` says which in an error."""
     import json
 
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    with open(config_path) as handle:
-        config = json.load(handle)
+    config = json.loads(config)
     sae = SparseAutoencoder(config["d_in"], config["n_latents"], config["architecture"], k=config["k"],
                             l1_coefficient=config.get("l1_coefficient", 5.0),
                             jump_bandwidth=config.get("jump_bandwidth", 0.05))
-    tensors = load_file(weights_path)
+    tensors = load(weights)
     if config["architecture"] == "batchtopk" and "threshold" not in tensors:
-        raise GsaeError(f"{weights_path} is a BatchTopK SAE from a gsae that kept no inference threshold; "
+        raise GsaeError(f"{name} is a BatchTopK SAE from a gsae that kept no inference threshold; "
                         "train it again to evaluate or export it")
     sae.load_state_dict(tensors)
     return sae, config
