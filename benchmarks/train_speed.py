@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from pipeline.sae import SparseAutoencoder, default_lr  # noqa: E402
 from pipeline.ranks import Ranks  # noqa: E402
-from pipeline.train import decode_threads, train_step  # noqa: E402
+from pipeline.train import train_step  # noqa: E402
 from stores import ActivationStore, compute_chunk_stats  # noqa: E402
 from stores.stream import TrainingStream, split_chunks  # noqa: E402
 
@@ -80,7 +80,7 @@ def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> 
 
     def new_stream() -> TrainingStream:  # as gsae train makes it: its decode threads (more for remote stores)
         return TrainingStream(store, layers, scales, train_chunks, args.batch_size, seed=0, device=device,
-                              workers=decode_threads(store.path, Ranks()))
+                              workers=Ranks().decode_threads(store.path))
 
     stream = new_stream()
     batches = [stream.next_batch().x.clone() for _ in range(args.steps)]
@@ -106,7 +106,7 @@ def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> 
         sync()
         in_memory.append((time.perf_counter() - start) / args.steps)
     print(f"{label}SAE {store.d_model}→{n_latents}, k={args.k}, batch {args.batch_size}, layers {layers}, "
-          f"{args.steps} steps, on {device}, {decode_threads(store.path, Ranks())} decode threads")
+          f"{args.steps} steps, on {device}, {Ranks().decode_threads(store.path)} decode threads")
     print(f"fed by the store   {1000 * min(from_store):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in from_store)})")
     print(f"fed from memory    {1000 * min(in_memory):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in in_memory)})")
     print(f"{label}ratio store / memory = {min(from_store) / min(in_memory):.3f}   (target <= 1.10)")

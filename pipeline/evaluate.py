@@ -16,7 +16,6 @@ The BOS position is left as it is when splicing (the SAEs were not trained on it
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import GsaeError
 from pipeline.models import LoadedModel, ModelSpec, block_output, load_model, pick_device, resolve_model_spec
+from pipeline.ranks import Ranks
 from pipeline.run import Run, cache_fingerprint
 from pipeline.sae import SparseAutoencoder
 from stores import ActivationStore
@@ -188,7 +188,7 @@ def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_
         clean_logits = _run_with_block_output(lm, input_ids, 0, None)
         first = 1 if store.attrs.get("prepend_bos") else 0
     records = []
-    threads = os.cpu_count() or 1
+    threads = Ranks().decode_threads(store.path)  # as gsae train decodes (`gsae eval` is one process)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-eval") as reader:
         for sae, sae_config in saes:
             for layer in sae_config["layers"]:

@@ -70,6 +70,14 @@ class Ranks:
         """This rank's share of the machine's cores (ranks on one machine split them)."""
         return max(1, (os.cpu_count() or 1) // self.local_world)
 
+    def decode_threads(self, cache: str) -> int:
+        """Threads decoding chunks of ``cache`` (for every stream of a run, or an evaluation): this rank's
+        share of the cores, and four times as many for a remote cache, whose reads wait on the network
+        rather than on a core."""
+        from stores import is_local
+
+        return self.threads() * (1 if is_local(cache) else 4)
+
 
 def current() -> Ranks:
     """The ranks of this process: torchrun's, with the process group started, or a single process."""

@@ -26,7 +26,7 @@ from pipeline.progress import RateColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
 from pipeline.run import Run, RunConfig, cache_fingerprint, join, pack_training_state
 from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr
-from stores import ActivationStore, is_local
+from stores import ActivationStore
 from stores.stream import TrainingStream, split_chunks
 
 RUNS_ROOT = "runs"
@@ -251,12 +251,6 @@ def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torc
     return output
 
 
-def decode_threads(cache: str, ranks: Ranks) -> int:
-    """Threads decoding chunks for every stream of a run: this rank's share of the cores, and four
-    times as many for a remote cache, whose reads wait on the network rather than on a core."""
-    return ranks.threads() * (1 if is_local(cache) else 4)
-
-
 def _describe(group: list[int]) -> str:
     return f"L{layer_span(group)}"
 
@@ -286,7 +280,7 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
     device = ranks.device(pick_device(config.device))
     if device.type == "cuda":  # TF32 for float32 matmuls, as sparsify's trainer sets it (--no-tf32: off)
         torch.backends.cuda.matmul.allow_tf32 = config.tf32
-    pool = ThreadPoolExecutor(max_workers=decode_threads(store.path, ranks), thread_name_prefix="gsae-decode")
+    pool = ThreadPoolExecutor(max_workers=ranks.decode_threads(store.path), thread_name_prefix="gsae-decode")
     checkpoint = run.latest_checkpoint()
     saes, optimizers, streams, fired = _build(config, store, device, pool, mine, prefetch=checkpoint is None)
     steps, batch_size = config.steps, config.batch_size
@@ -379,7 +373,7 @@ def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder]
     per SAE on rank 0."""
     config, parts = run.config, {}
     mark = time.perf_counter()
-    threads = decode_threads(store.path, ranks)
+    threads = ranks.decode_threads(store.path)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-eval") as pool:
         for i, sae in saes.items():
             sae.eval()  # BatchTopK: the per-token threshold, as evaluated and exported

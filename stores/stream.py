@@ -34,7 +34,6 @@ import torch
 from stores.activation_store import ActivationStore
 
 
-
 def split_chunks(store: ActivationStore, eval_fraction: float) -> tuple[list[int], list[int]]:
     """(training chunks, held-out chunks): the held-out slice is the last chunks of the corpus."""
     n = store.n_chunks
