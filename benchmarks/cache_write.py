@@ -143,12 +143,16 @@ def _cpu_seconds() -> float:
 
 
 def sequential_raw(chunks: list[_Chunk], folder: str) -> float:
-    """Seconds to write the same raw bytes to one file, uncompressed, with fsync: what the disk gives."""
+    """Seconds to write the same raw bytes to one file, uncompressed, with fsync: what the disk gives.
+
+    The arrays are written from their own memory: a ``tobytes()`` copy per chunk (as this did until
+    2026-11-27) put a copy into fresh memory inside the time.  Best of 2 here, 2 runs each: 1.16-1.39
+    GB/s without it, 1.11-1.33 with it (within the noise)."""
     path = os.path.join(folder, "raw.bin")
     start = time.perf_counter()
     with open(path, "wb") as handle:
         for chunk in chunks:
-            handle.write(chunk.layers.tobytes())
+            handle.write(np.ascontiguousarray(chunk.layers))
         handle.flush()
         os.fsync(handle.fileno())
     return time.perf_counter() - start
@@ -162,7 +166,7 @@ def parallel_raw(chunks: list[_Chunk], folder: str, threads: int) -> float:
     def one(job: tuple[int, int]) -> None:
         c, layer = job
         with open(os.path.join(folder, f"raw-{c}-{layer}.bin"), "wb") as handle:
-            handle.write(chunks[c].layers[layer].tobytes())
+            handle.write(np.ascontiguousarray(chunks[c].layers[layer]))  # no copy: see sequential_raw
             handle.flush()
             os.fsync(handle.fileno())
 
