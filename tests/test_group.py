@@ -236,10 +236,12 @@ def test_runs_marking_a_grouping_at_once_are_all_kept(llama_cache, capsys):
     assert runs_using(store, "uniform") == []  # a replaced grouping is used by nothing yet
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_chunk_distance_sums_match_float64_on_every_stored_dtype(dtype):
+@pytest.mark.parametrize("dtype,padded", [("float16", None), ("bfloat16", None), ("float32", None), ("float16", 8),
+                                          ("float16", 16)])
+def test_chunk_distance_sums_match_float64_on_every_stored_dtype(dtype, padded):
     """The per-chunk kernel against the definition in float64, on a chunk that is not a whole number of
-    its 256-row steps, with a layer that is a copy (distance 0) and one that is negated (distance 1)."""
+    its 256-row steps, with a layer that is a copy (distance 0) and one that is negated (distance 1);
+    also with the Gram products padded by zero layers (gram_layers' choice on some machine)."""
     import torch
 
     from pipeline.grouping import _chunk_distance_sums
@@ -258,6 +260,16 @@ def test_chunk_distance_sums_match_float64_on_every_stored_dtype(dtype):
     unit = [v / np.linalg.norm(v, axis=1, keepdims=True) for v in values]
     expected = np.array([[0.0 if i == j else np.arccos(np.clip((unit[i] * unit[j]).sum(1), -1, 1)).sum() / np.pi
                           for j in range(len(layers))] for i in range(len(layers))])
-    sums = _chunk_distance_sums(mean, dtype, *stored)[0]
+    sums = _chunk_distance_sums(mean, dtype, *stored, padded=padded)[0]
     np.testing.assert_allclose(sums / rows, expected / rows, atol=1e-4)
     assert sums[0, 1] / rows < 1e-3 and sums[0, 2] / rows > 1 - 1e-3
+
+
+def test_gram_layers_pads_only_upwards_to_a_multiple():
+    """The padding is timed, so only its range is fixed: n itself up to 8 layers, above that n or n
+    rounded up to a multiple of 8, 16 or 32."""
+    from pipeline.grouping import gram_layers
+
+    assert [gram_layers(n, 64) for n in (1, 5, 8)] == [1, 5, 8]
+    for n in (9, 13, 29):
+        assert gram_layers(n, 64) in {n, -(-n // 8) * 8, -(-n // 16) * 16, -(-n // 32) * 32}
