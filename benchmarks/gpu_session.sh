@@ -165,6 +165,8 @@ if [ -f "$W/cache/zarr.json" ]; then
   step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
   # gsae group's distances ÷ reading their chunks, and with one torch thread per Dask task (16 × 16 threads?)
   step group_speed 60 "$PY" benchmarks/group_speed.py --cache "$W/cache" --one-torch-thread --no-rss
+  # does this host's CPU share the Gram product's steps in n that gram_layers pads around? (5 s)
+  step gram_sweep 30 "$PY" benchmarks/group_speed.py --gram-sweep --widths 512
 else
   echo "== stream, feed: SKIPPED (no cache)"
 fi

@@ -1,6 +1,8 @@
 """`gsae group` time ÷ time to just read its sampled chunks, and peak memory as the sample grows.
 
     python benchmarks/group_speed.py --cache gsae-cache/smollm2-135m [--tokens N]
+    python benchmarks/group_speed.py --gram-sweep     # the per-token Gram product's time against n
+
 
 Both timings use the same chunks, the same Dask threaded scheduler and the same graph (one task per
 chunk that reads every layer's chunk through the store, then a tree sum); "read" replaces the distance
@@ -24,7 +26,7 @@ import dask.array as da  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.grouping import _opened, distance_matrix, parse_layers, sample_chunks  # noqa: E402
+from pipeline.grouping import _opened, distance_matrix, gram_layers, parse_layers, sample_chunks  # noqa: E402
 from stores import ActivationStore  # noqa: E402
 
 
@@ -54,6 +56,32 @@ def peak_rss_mib(cache: str, tokens: int) -> float:
     return int(out.split()[-1]) / 1024
 
 
+def gram_seconds(slots: int, width: int, rows: int = 256, repeats: int = 5) -> float:
+    """Best time of one step's Gram products with ``slots`` layer slots, as the chunk task lays them out."""
+    layers = torch.ones(slots, rows, width).transpose(0, 1)
+    out = torch.empty(rows, slots, slots)
+    torch.bmm(layers, layers.transpose(1, 2), out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.bmm(layers, layers.transpose(1, 2), out=out)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gram_sweep(widths: list[int]) -> None:
+    """For each n: the product's time at n ÷ at gram_layers(n), and ÷ at n rounded up to a multiple of 8."""
+    torch.set_num_threads(1)
+    print("one thread, 256 tokens a step; per n: slots chosen, time unpadded ÷ chosen, rounded up to 8 ÷ chosen")
+    for width in widths:
+        cells = []
+        for n in range(9, 49):
+            chosen, eight = gram_layers(n), -(-n // 8) * 8
+            times = {slots: gram_seconds(slots, width) for slots in {n, chosen, eight}}
+            cells.append(f"{n}→{chosen}: {times[n] / times[chosen]:.2f} {times[eight] / times[chosen]:.2f}")
+        print(f"d = {width}:  " + " | ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default="gsae-cache/smollm2-135m")
@@ -63,7 +91,13 @@ def main() -> None:
                         help="also time D with torch limited to one thread (Dask already runs a task per core; "
                              "each task's torch ops otherwise start a thread team of their own)")
     parser.add_argument("--no-rss", action="store_true", help="leave out the peak-RSS subprocesses")
+    parser.add_argument("--gram-sweep", action="store_true",
+                        help="only time the per-token Gram product for 9-48 layers against its padding")
+    parser.add_argument("--widths", default="512,576,768,1024", help="d_model values of --gram-sweep")
     args = parser.parse_args()
+    if args.gram_sweep:
+        gram_sweep([int(w) for w in args.widths.split(",")])
+        return
 
     store = ActivationStore.open(args.cache)
     layers = parse_layers(None, store.n_layers)

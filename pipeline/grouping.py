@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,29 +65,19 @@ def sample_chunks(store: ActivationStore, tokens: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-@functools.lru_cache(maxsize=16)
-def gram_layers(n_layers: int, width: int) -> int:
-    """How many layer slots the per-token Gram products use: ``n_layers``, or that padded with zero
-    layers up to a multiple of 8, 16 or 32, whichever multiplies fastest on this machine (timed once).
+def gram_layers(n_layers: int) -> int:
+    """How many layer slots the per-token Gram products use: ``n_layers``, or from 12 layers on, where
+    n mod 8 is 3, 5, 6 or 7, that rounded up to a multiple of 8 with zero layers.
 
-    Why: the speed of a batched (n × d)·(d × n) product depends erratically on n. On this 2-core CPU, one
-    thread, 256 tokens, d = 576: n = 29 took 7.2 ms and n = 32 4.8 ms, n = 15 4.0 ms and n = 16 1.2 ms,
-    but n = 17 2.4 ms and n = 24 3.4 ms. The zero layers do not change the real entries (the same bits
-    here: each is the same dot product)."""
-    candidates = sorted({n_layers, *(-(-n_layers // m) * m for m in (8, 16, 32))}) if n_layers > 8 else [n_layers]
-    if len(candidates) == 1:
-        return n_layers
-    seconds = {}
-    for padded in candidates:
-        tokens = torch.randn(64, padded, width)
-        out = torch.empty(64, padded, padded)
-        times = []
-        for _ in range(4):
-            start = time.perf_counter()
-            torch.bmm(tokens, tokens.transpose(1, 2), out=out)
-            times.append(time.perf_counter() - start)
-        seconds[padded] = min(times[1:])  # the first call of a shape sets things up
-    return min(candidates, key=lambda padded: (seconds[padded], padded))
+    Why: torch's batched (n × d)·(d × n) product is slow when n mod 8 is not 0 or a power of two. On
+    this CPU (one thread, 256 tokens, the same at d = 512, 576, 768 and 1024), padding made it 1.2-1.3×
+    faster at n = 19 and 21-22, 1.6-2.7× at 13-15, 23 and 47, 1.4-1.9× at 27 and 29-31 (SmolLM2's 29
+    layers), and slower at n mod 8 of 1, 2 or 4 (1.04-1.6×). A fixed rule rather than a timing,
+    so that every run and worker multiplies alike; from 12 layers on the zero layers leave the real
+    entries' bits unchanged here (below, the small-matrix path rounds differently)."""
+    if n_layers >= 12 and n_layers % 8 in (3, 5, 6, 7):
+        return -(-n_layers // 8) * 8
+    return n_layers
 
 
 def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray, padded: int | None = None) -> np.ndarray:
@@ -98,7 +87,9 @@ def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray, padd
 
     Centring, normalising and the per-token Gram matrices run in float32 (float64 made the task 3×
     slower, mostly in memory traffic); the arccos and the sums run in float64.  Against a float64
-    NumPy computation the result agrees to ~1e-6 (tests/test_group.py asserts 1e-4)."""
+    NumPy computation the result agrees to ~1e-7 on typical rows and to ~3e-5 for nearly opposite
+    vectors, where arccos amplifies float32 rounding (tests/test_group.py asserts 1e-4).  A layer whose
+    centred rows are all zero is at distance 0.5 from every other (its cosines count as 0)."""
     n_layers, rows = len(blocks), blocks[0].shape[0]
     total = torch.zeros(n_layers, n_layers, dtype=torch.float64)
     if rows == 0:
@@ -159,7 +150,7 @@ def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int]
     import dask.array as da
 
     n = len(layers)
-    padded = gram_layers(n, store.d_model)  # chosen here, so that every worker multiplies alike
+    padded = gram_layers(n)
     task = dask.delayed(_chunk_task, pure=True)
     parts = [da.from_delayed(task(store.path, list(layers), chunk, not store.complete, store.n_tokens, padded), shape=(n, n),
                              dtype=np.float64) for chunk in chunks]
