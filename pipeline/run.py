@@ -35,10 +35,10 @@ from typing import Any, Iterator, TextIO
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
-from safetensors.torch import load, save
+from safetensors.torch import save
 
 from pipeline.errors import GsaeError
-from pipeline.sae import SparseAutoencoder, sae_files, sae_from_files
+from pipeline.sae import SparseAutoencoder, read_tensors, sae_files, sae_from_files
 from stores import ActivationStore
 from stores.remote import join, write_whole
 
@@ -301,9 +301,22 @@ class Run:
         """Restore SAE i, its optimizer and its counters in place for each ``i: (sae, optimizer,
         since_fired)`` of ``targets`` (a rank loads only its own); return the JSON state."""
         fs, root = fsspec.core.url_to_fs(url)
-        for i, (sae, optimizer, fired) in targets.items():
-            unpack_training_state(load(fs.cat_file(join(root, f"sae_{i}.safetensors"))), sae, optimizer, fired)
-        return json.loads(fs.cat_file(join(root, "state.json")))
+        advice = "the run cannot resume from it: train again into another --out"
+        try:
+            for i, (sae, optimizer, fired) in targets.items():
+                name = join(url, f"sae_{i}.safetensors")
+                tensors = read_tensors(fs.cat_file(join(root, f"sae_{i}.safetensors")), f"checkpoint file {name}")
+                try:
+                    unpack_training_state(tensors, sae, optimizer, fired)
+                except (KeyError, RuntimeError) as exc:  # a tensor missing, or of another shape
+                    raise GsaeError(f"checkpoint file {name} does not fit this run ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0]})") from None
+            try:
+                return json.loads(fs.cat_file(join(root, "state.json")))
+            except ValueError as exc:
+                raise GsaeError(f"checkpoint file {join(url, 'state.json')} is damaged ({exc})") from None
+        except GsaeError as exc:
+            raise GsaeError(f"{exc}; {advice}") from None
 
     # ------------------------------------------------------------------ SAE files
     def save_sae(self, i: int, sae: SparseAutoencoder, extra: dict[str, Any]) -> None:

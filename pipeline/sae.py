@@ -283,19 +283,33 @@ def load_sae(weights_path: str, config_path: str) -> tuple[SparseAutoencoder, di
         return sae_from_files(weights.read(), config.read(), weights_path)
 
 
+def read_tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file's bytes; a damaged file is a :class:`GsaeError` naming ``name``."""
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as exc:  # safetensors raises its own error type (a bad header, a short file)
+        raise GsaeError(f"{name} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
 def sae_from_files(weights: bytes, config: bytes | str, name: str = "the SAE") -> tuple[SparseAutoencoder, dict]:
     """The SAE of :func:`sae_files`' two files' contents, and its config; ``name`` says which in an error."""
     import json
 
-    from safetensors.torch import load
-
-    config = json.loads(config)
-    sae = SparseAutoencoder(config["d_in"], config["n_latents"], config["architecture"], k=config["k"],
-                            l1_coefficient=config.get("l1_coefficient", 5.0),
-                            jump_bandwidth=config.get("jump_bandwidth", 0.05))
-    tensors = load(weights)
+    try:
+        config = json.loads(config)
+        sae = SparseAutoencoder(config["d_in"], config["n_latents"], config["architecture"], k=config["k"],
+                                l1_coefficient=config.get("l1_coefficient", 5.0),
+                                jump_bandwidth=config.get("jump_bandwidth", 0.05))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GsaeError(f"the config of {name} is damaged ({type(exc).__name__}: {exc})") from None
+    tensors = read_tensors(weights, name)
     if config["architecture"] == "batchtopk" and "threshold" not in tensors:
         raise GsaeError(f"{name} is a BatchTopK SAE from a gsae that kept no inference threshold; "
                         "train it again to evaluate or export it")
-    sae.load_state_dict(tensors)
+    try:
+        sae.load_state_dict(tensors)
+    except RuntimeError as exc:  # missing keys or other shapes than its config says
+        raise GsaeError(f"{name} does not match its config ({str(exc).splitlines()[0]})") from None
     return sae, config

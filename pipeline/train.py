@@ -282,20 +282,27 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = config.tf32
     pool = ThreadPoolExecutor(max_workers=ranks.decode_threads(store.path), thread_name_prefix="gsae-decode")
     checkpoint = run.latest_checkpoint()
-    saes, optimizers, streams, fired = _build(config, store, device, pool, mine, prefetch=checkpoint is None)
     steps, batch_size = config.steps, config.batch_size
     start_step, elapsed = 0, [0.0] * n
     latest: list[dict[str, Any]] = [{} for _ in range(n)]  # each SAE's last metrics record
     n_dead = [0] * n
-    if checkpoint is not None:
-        state = Run.load_checkpoint(checkpoint, {i: (saes[i], optimizers[i], fired[i]) for i in mine})
-        for i in mine:
-            streams[i].load_state_dict(state["streams"][i])
-        start_step, elapsed = state["step"], state["elapsed"]
-        # Host-side dead counts, refreshed at every log step, so that AuxK's k is known without a
-        # per-step device sync; kept in checkpoints so a resume is exact.
-        n_dead = state.get("n_dead") or n_dead
-        latest = state.get("latest") or latest
+    streams: dict[int, TrainingStream] = {}
+    try:
+        saes, optimizers, streams, fired = _build(config, store, device, pool, mine, prefetch=checkpoint is None)
+        if checkpoint is not None:
+            state = Run.load_checkpoint(checkpoint, {i: (saes[i], optimizers[i], fired[i]) for i in mine})
+            for i in mine:
+                streams[i].load_state_dict(state["streams"][i])
+            start_step, elapsed = state["step"], state["elapsed"]
+            # Host-side dead counts, refreshed at every log step, so that AuxK's k is known without a
+            # per-step device sync; kept in checkpoints so a resume is exact.
+            n_dead = state.get("n_dead") or n_dead
+            latest = state.get("latest") or latest
+    except BaseException:  # a run that cannot start (a bad checkpoint, no memory) leaves no decode queued
+        for stream in streams.values():
+            stream.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
 
     dead_tokens = config.dead_tokens
     nonfinite = {i: torch.zeros((), dtype=torch.bool, device=device) for i in mine}  # read every log step

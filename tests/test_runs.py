@@ -331,3 +331,31 @@ def test_a_checkpoint_from_before_buffers_resumes_a_batchtopk_run():
     sae.threshold.fill_(0.5)
     unpack_training_state(old, sae, optimizer, fired)
     assert float(sae.threshold) == 0.5  # left as it was
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error_and_leaves_no_decode_running(cache, tmp_path, capsys):
+    """A resume that cannot load its checkpoint says which file, and the decode threads the start
+    already set going are stopped (in-process callers such as `gsae run` keep no stray threads)."""
+    import threading
+    import time
+
+    out = tmp_path / "r"
+    _run_killed(_train(cache, out), _KILL_POINTS["between checkpoints"])
+    weights = sorted((out / "checkpoints").glob("*/sae_0.safetensors"))[-1]
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--resume"], capsys)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("gsae-decode") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name.startswith("gsae-decode") for t in threading.enumerate())
+
+
+def test_a_damaged_sae_file_is_a_one_line_error(whole, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(whole, run)
+    (run / "sae_1.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    code, _, err = run_cli(["export", "--run", run, "--format", "saelens", "--out", tmp_path / "x"], capsys)
+    assert code == 1 and "Traceback" not in err and "sae_1.safetensors is damaged" in err, err
