@@ -31,8 +31,8 @@ from pipeline.sae import SparseAutoencoder
 from stores import ActivationStore
 from stores.stream import as_tensor
 
-_EVAL_BATCH = 4096
-_READ_AHEAD_BYTES = 256 << 20  # held-out rows decoded ahead at most (16 batches of d 2048 in float16)
+_EVAL_BATCH = 4096  # rows, rounded to whole chunks (each whole local chunk then skips zarr: ActivationStore.read_into)
+_READ_AHEAD_BYTES = 256 << 20  # held-out rows decoded ahead at most, besides the batch evaluated
 DEFAULT_TOKENS = 16384  # held-out rows per layer for reconstruction and sparsity
 DEFAULT_WINDOWS = 32  # held-out text windows for the downstream metrics
 
@@ -83,9 +83,10 @@ def layer_reconstruction(sae: SparseAutoencoder, store: ActivationStore, layer: 
     totals, l0_sum = ReconstructionTotals(), 0.0
     active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     mean = torch.from_numpy(store.mean[layer]).to(device)
-    batch_bytes = _EVAL_BATCH * store.d_model * np.dtype(store.layer_array(layer).dtype).itemsize
+    batch_rows = store.chunk_tokens * max(1, round(_EVAL_BATCH / store.chunk_tokens))
+    batch_bytes = batch_rows * store.d_model * np.dtype(store.layer_array(layer).dtype).itemsize
     ahead = min(ahead, max(1, _READ_AHEAD_BYTES // batch_bytes))  # bounded memory whatever the width
-    for values in store.iter_rows(layer, start, stop, _EVAL_BATCH, pool, ahead):
+    for values in store.iter_rows(layer, start, stop, batch_rows, pool, ahead):
         # stored precision to the device, converted there (numpy's float16 conversion is ~3x slower here)
         x = as_tensor(values, store.dtype).to(device).float()
         codes = sae.encode(x * scale)

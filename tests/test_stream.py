@@ -126,7 +126,7 @@ def test_resume_with_decodes_in_flight_gives_the_same_batches(store, monkeypatch
 
 @pytest.mark.parametrize("dtype, compression", [("float16", "lossless"), ("bfloat16", "lossless"),
                                                 ("float32", "lossless"), ("float16", "lossy")])
-def test_whole_chunks_read_from_their_files_equal_zarrs_read(tmp_path, dtype, compression):
+def test_whole_chunks_read_from_their_files_equal_zarrs_read(tmp_path, monkeypatch, dtype, compression):
     """read_into decodes a whole local chunk from its file (not through zarr): byte for byte zarr's read,
     for every layer and chunk; a short last chunk, and codecs other than bytes → blosc → crc32c, go
     through zarr."""
@@ -144,7 +144,14 @@ def test_whole_chunks_read_from_their_files_equal_zarrs_read(tmp_path, dtype, co
             fast += _whole_chunk_file(array, slice(start, stop), out.shape, out.dtype) is not None
     whole_chunks = store.n_layers * (store.n_chunks - 1)
     assert fast == (whole_chunks if compression == "lossless" else 0)
-    # read_rows takes the same path for a whole chunk, and zarr's for any other range (past the end too)
+    # read_rows takes the same path for each whole chunk of a range, and zarr's for the rest (past the end too)
+    import stores.activation_store as module
+
+    direct = []
+    real = module._decode_chunk_file
+    monkeypatch.setattr(module, "_decode_chunk_file", lambda path, out: direct.append(path) or real(path, out))
+    store.read_rows(0, 250, store.n_tokens)  # half a chunk, then whole ones, then the short last one
+    assert len(direct) == ((1400 - 300) // 100 if compression == "lossless" else 0)  # chunks 3-13 of 100 rows
     for start, stop in [(300, 400), (250, 420), (0, 1450), (1400, 2000), (1449, 1450), (500, 500), (501, 501),
                         (1450, 1460), (2000, 2100)]:
         for layer in range(store.n_layers):
