@@ -32,7 +32,7 @@ import torch
 from pipeline import __version__
 from pipeline.corpus import Corpus, WindowPlan, iter_windows, open_corpus, window_plan
 from pipeline.errors import GsaeError
-from pipeline.models import LoadedModel, block_output, load_model, pick_device, resolve_model_spec
+from pipeline.models import LoadedModel, block_output, load_model, max_positions, pick_device, resolve_model_spec
 from pipeline.progress import make_progress
 from pipeline.ranks import Ranks, current as current_ranks
 from stores import (
@@ -549,6 +549,10 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
         device = ranks.device(pick_device(request.device))
         with console.status(f"loading {spec.model_id} ..."):
             lm = load_model(spec, device)
+        limit = max_positions(lm.model)
+        if limit is not None and request.context_length > limit:
+            raise GsaeError(f"--context-length {request.context_length:,} is more than {spec.model_id} takes "
+                            f"({limit:,} positions); pass --context-length {limit:,} or less")
         plan = window_plan(lm.tokenizer, request.context_length, request.prepend_bos)
         first_row = 1 if plan.bos_token_id is not None and not request.keep_bos else 0
         rows_per_window = request.context_length - first_row

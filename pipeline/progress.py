@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -30,9 +33,51 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
 
 
+class LoggedProgress(Progress):
+    """A rich Progress that, where its console is not a terminal (a log file, a batch job), also prints
+    one plain line per task every ``every`` seconds: rich draws nothing there until the end."""
+
+    def __init__(self, *columns, unit: str = "tok", every: float = 15.0, **kwargs):
+        super().__init__(*columns, **kwargs)
+        self._unit, self._every = unit, every
+        self._stopped = threading.Event()
+        self._logger: threading.Thread | None = None
+
+    def start(self) -> None:
+        super().start()
+        if not self.disable and not self.console.is_terminal and not self.console.quiet:
+            self._stopped.clear()
+            self._logger = threading.Thread(target=self._log, name="gsae-progress-log", daemon=True)
+            self._logger.start()
+
+    def stop(self) -> None:
+        if self._logger is not None:
+            self._stopped.set()
+            self._logger.join()
+            self._logger = None
+        super().stop()
+
+    def _log(self) -> None:
+        while not self._stopped.wait(self._every):
+            for task in self.tasks:
+                if task.finished:
+                    continue
+                speed = task.speed or (task.completed / task.elapsed if task.elapsed else None)
+                eta = (task.total - task.completed) / speed if speed and task.total else None
+                self.console.print(
+                    f"{Text.from_markup(task.description).plain}: {task.completed:,.0f}"
+                    + (f"/{task.total:,.0f}" if task.total else "") + f" {self._unit}"
+                    + (f", {speed:,.0f} {self._unit}/s" if speed else "")
+                    + f", {time.strftime('%H:%M:%S', time.gmtime(task.elapsed or 0))} elapsed"
+                    + (f", ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}" if eta is not None else "")
+                    + (f", {task.fields['stats']}" if task.fields.get("stats") else ""),
+                    highlight=False, markup=False, soft_wrap=True)
+
+
 def make_progress(console: Console, unit: str = "tok") -> Progress:
-    """A progress bar with count, rate, elapsed time and ETA."""
-    return Progress(
+    """A progress bar with count, rate, elapsed time and ETA (and a line every 15 s where the console
+    is not a terminal)."""
+    return LoggedProgress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -42,4 +87,5 @@ def make_progress(console: Console, unit: str = "tok") -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        unit=unit,
     )

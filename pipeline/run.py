@@ -293,8 +293,12 @@ class Run:
         pointer = self._read(CHECKPOINTS, "latest")
         if pointer is None:
             return None
-        name = pointer.decode().strip()
-        return self.url(CHECKPOINTS, name) if self._exists(CHECKPOINTS, name, "state.json") else None
+        name = pointer.decode(errors="replace").strip()
+        if not (name and "/" not in name and self._exists(CHECKPOINTS, name, "state.json")):
+            # the pointer is written after its checkpoint and before the older one goes: this is damage
+            raise GsaeError(f"{join(self.path, CHECKPOINTS, 'latest')} names no complete checkpoint ({name[:40]!r}); "
+                            "the run cannot resume: train again into another --out")
+        return self.url(CHECKPOINTS, name)
 
     @staticmethod
     def load_checkpoint(url: str, targets: dict[int, tuple[Any, Any, torch.Tensor]]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline import __version__
 from pipeline.errors import GsaeError
@@ -22,7 +23,7 @@ from pipeline.evaluate import layer_reconstruction
 from pipeline.group import grouping_record, mark_used, result_name
 from pipeline.grouping import Grouping, layer_span, parse_layers
 from pipeline.models import pick_device
-from pipeline.progress import RateColumn
+from pipeline.progress import LoggedProgress, RateColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
 from pipeline.run import Run, RunConfig, cache_fingerprint, join, pack_training_state
 from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr
@@ -73,20 +74,23 @@ class TrainResult:
 def _validate(request: TrainRequest) -> None:
     if request.architecture not in ARCHITECTURES:
         raise GsaeError(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
-    if request.expansion <= 0:
-        raise GsaeError(f"--expansion must be positive (got {request.expansion})")
+    if not (math.isfinite(request.expansion) and request.expansion > 0):
+        raise GsaeError(f"--expansion must be a positive number (got {request.expansion})")
     if request.tokens <= 0 or request.batch_size <= 0:
         raise GsaeError("--tokens and --batch-size must be positive")
     if request.dead_tokens is not None and request.dead_tokens <= 0:
         raise GsaeError(f"--dead-tokens must be positive (got {request.dead_tokens})")
-    if request.lr is not None and request.lr <= 0:
-        raise GsaeError(f"--lr must be positive (got {request.lr})")
+    if request.lr is not None and not (math.isfinite(request.lr) and request.lr > 0):
+        raise GsaeError(f"--lr must be a positive number (got {request.lr})")
+    if request.seed < 0:
+        raise GsaeError(f"--seed must be 0 or more (got {request.seed})")
     if request.checkpoint_every <= 0:
         raise GsaeError(f"--checkpoint-every must be positive (got {request.checkpoint_every})")
     if request.precision not in PRECISIONS:
         raise GsaeError(f"--precision must be one of {', '.join(PRECISIONS)} (got {request.precision})")
     if request.groups is not None and request.baseline:
         raise GsaeError("give either --groups N or --baseline, not both")
+    pick_device(request.device)  # before the run folder is made: a run that cannot start leaves nothing
 
 
 def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list[int]], str, dict[str, Any] | None]:
@@ -125,7 +129,9 @@ def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
     attrs = store.attrs
     dead_tokens = request.dead_tokens if request.dead_tokens is not None else default_dead_tokens(request)
     return RunConfig(
-        label=label, cache=store.path, cache_fingerprint=cache_fingerprint(store),
+        # an absolute path for a local cache, so that eval, report and --resume find it from any folder
+        label=label, cache=os.path.abspath(store.path) if "://" not in store.path else store.path,
+        cache_fingerprint=cache_fingerprint(store),
         source={"model_id": attrs.get("model_id"), "context_length": attrs.get("context_length"),
                 "prepend_bos": attrs.get("prepend_bos"), "corpus": attrs.get("corpus", {}).get("spec")},
         groups=groups, scales={layer: float(1.0 / norms[layer]) for group in groups for layer in group},
@@ -179,8 +185,11 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
         config = Run.read_config(request.out)
         if config is None:
             raise GsaeError(f"nothing to resume at {request.out}: no config.json there")
+        run = Run(request.out, config)
+        if run.state in ("trained", "evaluated"):
+            raise GsaeError(f"{request.out} holds a finished run: nothing to resume (pass --out for a new one)")
         # without --cache, the cache the run recorded
-        return Run(request.out, config), _store_of(config, request.cache or config.cache, request.out)
+        return run, _store_of(config, request.cache or config.cache, request.out)
     _validate(request)
     store = ActivationStore.open(request.cache)
     config = _plan(request, store)
@@ -325,9 +334,9 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
         ranks.barrier()
 
     bf16 = config.precision == "bfloat16"
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("tok"),
-                        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=console)
+    progress = LoggedProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("tok"),
+                              TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                              TimeRemainingColumn(), console=console)
     started = time.perf_counter()
     metrics = run.open_metrics(start_step) if ranks.first else contextlib.nullcontext(io.StringIO())
     try:

@@ -396,3 +396,14 @@ def test_chunk_buffers_are_reused_once_their_chunk_is_written(tmp_path):
     np.testing.assert_array_equal(store.tokens(), tokens)
     made = len(assembler.buffers.free)  # every buffer is back in the pool
     assert made <= writer.max_pending + 3 < store.n_chunks
+
+
+def test_a_context_longer_than_the_model_takes_is_refused_before_anything_is_written(tiny_models, tmp_path, capsys):
+    """GPT-2's learned positions end at n_positions (256 here): a longer window was an IndexError deep in
+    the forward, after an empty store had been made that the corrected command could not reuse."""
+    out = tmp_path / "c"
+    code, _, err = run_cli(["cache", "--model", tiny_models["gpt2"], "--tokens", 2000, "--context-length", 512,
+                            "--cache", out], capsys)
+    assert code == 1 and "256 positions" in err and "Traceback" not in err and not out.exists(), err
+    assert run_cli(["cache", "--model", tiny_models["gpt2"], "--tokens", 2000, "--context-length", 256,
+                    "--cache", out], capsys)[0] == 0

@@ -359,3 +359,41 @@ def test_a_damaged_sae_file_is_a_one_line_error(whole, tmp_path, capsys):
     (run / "sae_1.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     code, _, err = run_cli(["export", "--run", run, "--format", "saelens", "--out", tmp_path / "x"], capsys)
     assert code == 1 and "Traceback" not in err and "sae_1.safetensors is damaged" in err, err
+
+
+def test_a_train_that_cannot_start_leaves_no_run_behind(cache, tmp_path, capsys):
+    """Options that fail their checks leave no run folder, so the corrected command is not refused."""
+    out = tmp_path / "r"
+    bad = [["--lr", "nan"], ["--expansion", "inf"], ["--seed", "-1"]]
+    if not torch.cuda.is_available():
+        bad.append(["--device", "cuda"])
+    for extra in bad:
+        code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--groups", 2, "--tokens", 512,
+                                "--batch-size", 256, *extra], capsys)
+        assert code in (1, 2) and "Traceback" not in err and not out.exists(), (extra, err)
+    assert run_cli(["train", "--cache", cache, "--out", out, "--groups", 2, "--tokens", 512, "--batch-size", 256,
+                    "--device", "cpu"], capsys)[0] == 0
+
+
+def test_a_run_finds_its_cache_from_any_folder_and_a_finished_one_is_not_resumed(cache, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """The run records its local cache as an absolute path (it was relative to the folder `train` ran
+    in); `--resume` of a finished run is refused like the same command without it."""
+    monkeypatch.chdir(Path(cache).parent)
+    out = tmp_path / "r"
+    assert run_cli(["train", "--cache", Path(cache).name, "--out", out, "--groups", 2, "--tokens", 512,
+                    "--batch-size", 256, "--device", "cpu"], capsys)[0] == 0
+    assert json.loads((out / "config.json").read_text())["cache"] == str(Path(cache).resolve())
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["eval", "--run", out, "--windows", 0], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["train", "--out", out, "--resume"], capsys)
+    assert code == 1 and "finished run" in err and "Traceback" not in err
+
+
+def test_a_garbled_latest_pointer_is_an_error_not_a_restart(cache, tmp_path, capsys):
+    out = tmp_path / "r"
+    _run_killed(_train(cache, out), _KILL_POINTS["between checkpoints"])
+    (out / "checkpoints" / "latest").write_bytes(b"\x00garbage")
+    code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--resume"], capsys)
+    assert code == 1 and "names no complete checkpoint" in err and "Traceback" not in err, err

@@ -184,7 +184,7 @@ def test_export_folds_the_scale(cache, tmp_path, capsys):
     (["--groups", 99], "--groups must be between 1 and"),
     (["--k", 0], "--k must be between 1 and"),
     (["--k", 512], "--k must be between 1 and"),
-    (["--expansion", 0], "--expansion must be positive"),
+    (["--expansion", 0], "--expansion must be a positive"),
     (["--dead-tokens", 0], "--dead-tokens must be positive"),
     (["--groups", 2, "--baseline"], "either --groups N or --baseline"),
 ])
@@ -197,6 +197,9 @@ def test_resume_errors(cache, tmp_path, tiny_models, capsys):
     code, _, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "none", "--resume"], capsys)
     assert code == 1 and "nothing to resume" in err
     assert run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--tokens", 5000), capsys)[0] == 0
+    code, _, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "r", "--resume"], capsys)
+    assert code == 1 and "holds a finished run" in err
+    (tmp_path / "r" / "summary.json").unlink()  # unfinished again: its last checkpoint is still there
     other = tmp_path / "other"
     assert run_cli(["cache", "--model", tiny_models["neox"], "--cache", other, "--tokens", 3000,
                     "--context-length", 64, "--chunk-tokens", 700], capsys)[0] == 0
@@ -236,3 +239,30 @@ def test_nan_loss_stops_clearly_and_keeps_the_checkpoint(cache, tmp_path, capsys
     latest = (tmp_path / "r" / "checkpoints" / "latest").read_text().strip()
     weights = load_file(str(tmp_path / "r" / "checkpoints" / latest / "sae_0.safetensors"))
     assert all(torch.isfinite(t.float()).all() for t in weights.values())
+
+
+def test_progress_prints_lines_where_its_console_is_not_a_terminal():
+    """rich draws nothing into a log file until the end; the progress then prints a plain line per
+    task every few seconds, with its count, rate and ETA, and none once stopped."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from pipeline.progress import LoggedProgress, make_progress
+
+    out = io.StringIO()
+    progress = LoggedProgress(console=Console(file=out, force_terminal=False), every=0.05)
+    with progress:
+        task = progress.add_task("SAE 0 L0-3", total=1000, stats="fvu 0.5")
+        progress.update(task, completed=250)
+        time.sleep(0.3)
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("SAE 0 L0-3: 250/1,000 tok")]
+    assert lines and "tok/s" in lines[0] and "ETA" in lines[0] and "fvu 0.5" in lines[0]
+    after = out.getvalue()
+    time.sleep(0.15)
+    assert out.getvalue() == after
+    terminal = io.StringIO()
+    with make_progress(Console(file=terminal, force_terminal=True)) as bar:
+        bar.add_task("cache", total=10)
+        assert bar._logger is None  # a terminal gets rich's bar only
