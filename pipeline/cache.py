@@ -656,8 +656,8 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     progress = make_progress(console)
     try:
         with progress:
-            task = progress.add_task("caching", total=end_row - first_mine,
-                                     completed=sum(rows for chunk, rows in committed.items() if chunk in mine))
+            done = sum(rows for chunk, rows in committed.items() if chunk in mine)
+            task = progress.add_task("caching", total=end_row - first_mine, completed=done, resumed_at=done)
             while row < end_row:
                 group = list(itertools.islice(windows, batch_size))
                 if not group:

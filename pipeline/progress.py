@@ -19,6 +19,14 @@ from rich.progress import (
 from rich.text import Text
 
 
+def _mean_speed(task: Task) -> float | None:
+    """Items per second since the task started; rich estimates over recent updates only, so slow rows
+    get none. ``task.fields["resumed_at"]``: where a resumed task started counting (not done in this process)."""
+    if not task.elapsed:
+        return None
+    return (task.completed - task.fields.get("resumed_at", 0)) / task.elapsed
+
+
 class RateColumn(ProgressColumn):
     """Items per second, e.g. ``512 tok/s``."""
 
@@ -27,9 +35,7 @@ class RateColumn(ProgressColumn):
         self.unit = unit
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        if speed is None and task.elapsed:  # rich estimates over recent updates only; slow rows get none
-            speed = task.completed / task.elapsed
+        speed = task.finished_speed or task.speed or _mean_speed(task)
         return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
 
 
@@ -62,7 +68,7 @@ class LoggedProgress(Progress):
             for task in self.tasks:
                 if task.finished:
                     continue
-                speed = task.speed or (task.completed / task.elapsed if task.elapsed else None)
+                speed = task.speed or _mean_speed(task)
                 eta = (task.total - task.completed) / speed if speed and task.total else None
                 self.console.print(
                     f"{Text.from_markup(task.description).plain}: {task.completed:,.0f}"

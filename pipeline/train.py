@@ -341,8 +341,9 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
     metrics = run.open_metrics(start_step) if ranks.first else contextlib.nullcontext(io.StringIO())
     try:
         with progress, metrics as log:
+            done = start_step * batch_size
             tasks = {i: progress.add_task(f"SAE {i} {_describe(config.groups[i])}", total=steps * batch_size,
-                                          completed=start_step * batch_size, stats="") for i in mine}
+                                          completed=done, resumed_at=done, stats="") for i in mine}
             for step in range(start_step, steps):
                 log_step = (step + 1) % config.log_every == 0 or step + 1 == steps
                 for i in mine:

@@ -266,3 +266,19 @@ def test_progress_prints_lines_where_its_console_is_not_a_terminal():
     with make_progress(Console(file=terminal, force_terminal=True)) as bar:
         bar.add_task("cache", total=10)
         assert bar._logger is None  # a terminal gets rich's bar only
+
+
+def test_a_resumed_task_rate_counts_only_this_process_rows():
+    """On resume the bar started at the checkpoint's count and showed it as done in the first second."""
+    import time
+
+    from rich.progress import Progress
+
+    from pipeline.progress import RateColumn
+
+    progress = Progress()
+    task = progress.add_task("SAE 0", total=10**9, completed=5 * 10**8, resumed_at=5 * 10**8)
+    time.sleep(0.05)
+    progress.update(task, advance=100)
+    rate = float(RateColumn("tok").render(progress.tasks[0]).plain.split()[0].replace(",", ""))
+    assert 0 < rate < 100 / 0.05 * 1.01
