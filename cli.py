@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from enum import Enum
@@ -16,7 +17,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
+from rich.console import Console, ConsoleDimensions  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 # Defaults and choices come from the stages (their request dataclasses and constants), never restated here.
@@ -39,8 +40,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-console = Console(stderr=True, soft_wrap=True)
-report = Console(soft_wrap=True)
+#: The width of a console writing to a file or a pipe. rich would take 80 columns there (or the width of
+#: whichever standard stream is a terminal) and cut every table to it, eval's to "0.…" in every cell;
+#: tables are not expanded, so they keep their natural width within this.
+NON_TERMINAL_WIDTH = 1000
+
+
+class _Console(Console):
+    """A rich Console that, when its stream is not a terminal and no width was given (by COLUMNS or in
+    code), is NON_TERMINAL_WIDTH columns wide, so a table in a log or a pipe is never cut. On a terminal
+    it is rich's own Console."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and not self.is_terminal:
+            return ConsoleDimensions(max(size.width, NON_TERMINAL_WIDTH), size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+console = _Console(stderr=True, soft_wrap=True)
+report = _Console(soft_wrap=True)
 
 
 def _choices(name: str, values: Iterable[str]) -> type[Enum]:
@@ -94,6 +118,36 @@ def _human_bytes(n: float) -> str:
             return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n} B"
+
+
+def _check_positive(option: str, value: Optional[float]) -> None:
+    """A float option (None: not given) must be a finite number above 0 (not nan or inf)."""
+    from pipeline.errors import GsaeError
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise GsaeError(f"{option} must be a positive finite number (got {value})")
+
+
+def _check_folder(option: str, location: Optional[str]) -> None:
+    """A local --out must not be, or lie under, a file (a URL is left to its file system)."""
+    from pipeline.errors import GsaeError
+
+    if not location:
+        return
+    path = location[len("file://"):] if location.startswith("file://") else location
+    if "://" in path:
+        return
+    wanted = Path(path)
+    for candidate in (wanted, *wanted.parents):
+        try:
+            if not candidate.exists():
+                continue
+            if candidate.is_dir():
+                return
+        except OSError:  # unreadable: the write says what is wrong
+            return
+        what = f"{option} {location} is a file" if candidate == wanted else f"{option} {location}: {candidate} is a file"
+        raise GsaeError(f"{what}, not a folder; choose another {option}")
 
 
 def _resolve_cache(cache: Optional[str]) -> str:
@@ -181,7 +235,8 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
     store = ActivationStore.open(_resolve_cache(cache), allow_partial=True)
     a = store.attrs
     on_disk = store.nbytes_on_disk()
-    values = max(1, store.n_tokens * store.n_layers * store.d_model)
+    activations = store.nbytes_on_disk("layers")  # bytes per value: the activations alone (not groups/, stats/)
+    values = store.n_tokens * store.n_layers * store.d_model
     status = "complete" if store.complete else (
         f"incomplete: {store.tokens_written:,} of {store.tokens_planned:,} tokens "
         f"({store.chunks_written} of {store.n_chunks_planned} chunks)")
@@ -190,17 +245,18 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
     for name, value in [
         ("status", status),
         ("model", f"{a.get('model_id')} ({a.get('architecture')}, {a.get('model_source')})"),
-        ("revision", str(a.get("model_revision"))),
+        ("revision", str(a.get("model_revision") or "–")),
         ("layers × d_model", f"{store.n_layers} × {store.d_model} ({a.get('hook_point')}, {a.get('blocks_path')})"),
-        ("tokens", f"{store.n_tokens:,} in {store.n_chunks} chunks of {store.chunk_tokens:,}"),
+        ("tokens", f"{store.n_tokens:,} in {store.n_chunks} chunk{'' if store.n_chunks == 1 else 's'} "
+                   f"of {store.chunk_tokens:,}"),
         ("windows", f"{a.get('context_length')} tokens, BOS {'prepended' if a.get('prepend_bos') else 'none'}"
                     f"{', stored' if a.get('bos_stored') else (', not stored' if a.get('prepend_bos') else '')}"),
         ("corpus", f"{corpus.get('description')} [{corpus.get('fingerprint')}]"),
         ("dtype", store.dtype),
         ("codec", " → ".join(a["codec"]["chain"]) + (f" (relative error ≤ {a['codec']['relative_error_bound']:g})" if a["codec"]["compression"] == "lossy" else "")),
-        ("bytes on disk", _human_bytes(on_disk)),
-        ("bytes per value", f"{on_disk / values:.3f}"),
-        ("compression ratio", f"{store.raw_activation_bytes() / max(1, on_disk):.2f}×"),
+        ("bytes on disk", f"{_human_bytes(on_disk)} (activations {_human_bytes(activations)})"),
+        ("bytes per value", f"{activations / values:.3f} (activations only)" if values else "–"),
+        ("compression ratio", f"{store.raw_activation_bytes() / activations:.2f}×" if values and activations else "–"),
         ("gsae version", str(a.get("gsae_version"))),
     ]:
         table.add_row(name, value)
@@ -366,8 +422,9 @@ def report_command(
     from pipeline.report import build_report
 
     _storage(storage_option, out, *runs)
-    if cache_seconds is not None and cache_seconds <= 0:
+    if cache_seconds is not None and not (math.isfinite(cache_seconds) and cache_seconds > 0):
         raise GsaeError(f"--cache-seconds must be positive (got {cache_seconds})")
+    _check_folder("--out", out)
     result = build_report(runs, out, cache_seconds)
     report.print(result.tables)
     report.print(f"wrote report.md and plots in {result.folder}")
@@ -393,7 +450,24 @@ def run_all(
         counts = [int(g) for g in groups.split(",")] if groups else []
     except ValueError:
         raise GsaeError(f"--groups {groups!r}: give comma-separated integers such as 3,4,5") from None
-    result = run_paper(PaperRequest(cache=_resolve_cache(cache), groups=counts, tokens=tokens, expansion=expansion,
+    if any(g < 1 for g in counts):
+        raise GsaeError(f"--groups {groups!r}: every G must be 1 or more (got {min(counts)})")
+    _check_positive("--expansion", expansion)
+    if tokens <= 0 or batch_size <= 0:
+        raise GsaeError("--tokens and --batch-size must be positive")
+    if windows < 0:
+        raise GsaeError(f"--windows must be 0 (skip the downstream metrics) or more (got {windows})")
+    _check_folder("--out", out)
+    cache = _resolve_cache(cache)
+    if counts:  # checked before anything trains: the layer count is in the cache's attributes
+        from pipeline.grouping import parse_layers
+        from stores import ActivationStore
+
+        n_grouped = len(parse_layers(None, ActivationStore.open(cache).n_layers))  # the layers run groups
+        if max(counts) > n_grouped:
+            raise GsaeError(f"--groups {groups!r}: G can be at most {n_grouped}, the number of grouped layers "
+                            f"of {cache} (got {max(counts)})")
+    result = run_paper(PaperRequest(cache=cache, groups=counts, tokens=tokens, expansion=expansion,
                                     batch_size=batch_size, windows=windows, out=out), console)
     report.print(result.tables)
     report.print(f"wrote report.md and plots in {result.folder}")
@@ -410,6 +484,7 @@ def export(
     from pipeline.export import export_saelens
 
     _storage(storage_option, run, out)
+    _check_folder("--out", out)
     folders = export_saelens(run, out)
     parent = folders[0].rsplit("/", 1)[0]
     report.print(f"wrote {len(folders)} SAELens folders under {parent}: "
@@ -446,11 +521,23 @@ def main() -> None:
         if isinstance(exc, _click_exceptions()):
             exc.show()
             sys.exit(exc.exit_code)
-        storage = describe_storage_error(exc)
-        if storage is None or _DEBUG:
+        if _DEBUG:
             raise
-        console.print(f"[red]error:[/] {escape(storage)}", highlight=False, soft_wrap=True)
+        storage = describe_storage_error(exc)
+        console.print(f"[red]error:[/] {escape(storage if storage is not None else _unexpected(exc))}",
+                      highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+def _unexpected(exc: BaseException) -> str:
+    """One line for an exception gsae has no message of its own for: what happened, and how to see more."""
+    if any(kind.__name__ == "OutOfMemoryError" for kind in type(exc).__mro__):  # torch's, on a GPU
+        return "the GPU ran out of memory (run with --debug for the traceback)"
+    if isinstance(exc, MemoryError):
+        return "ran out of memory (run with --debug for the traceback)"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    what = type(exc).__name__ + (f": {lines[0]}" if lines else "")
+    return f"{what} (an input gsae does not check, or a bug; run with --debug for the traceback)"
 
 
 def _click_exceptions() -> tuple[type, ...]:

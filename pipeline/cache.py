@@ -49,6 +49,7 @@ from stores import (
     write_seconds_writing,
 )
 from stores.activation_store import fold_seconds_writing
+from stores.codecs import activation_codecs
 
 DEFAULT_TOKENS = 100_000
 DEFAULT_CONTEXT_LENGTH = 256
@@ -125,6 +126,11 @@ def _validate(request: CacheRequest) -> None:
         raise GsaeError(f"--compression must be lossless or lossy (got {request.compression})")
     if request.compression == "lossy" and request.dtype == "bfloat16":
         raise GsaeError("--compression lossy works with --dtype float16 or float32, not bfloat16")
+    if request.compression == "lossy" and request.keep_bits is not None:
+        try:  # the codecs' own rule, before any folder is made
+            activation_codecs("lossy", request.dtype, request.keep_bits)
+        except ValueError as exc:
+            raise GsaeError(f"--keep-bits {exc}") from None
 
 
 def _prepare_folder(path: str) -> bool:

@@ -16,6 +16,7 @@ The BOS position is left as it is when splicing (the SAEs were not trained on it
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -24,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import GsaeError
+from pipeline.grouping import layer_span
 from pipeline.models import LoadedModel, ModelSpec, block_output, load_model, pick_device, resolve_model_spec
 from pipeline.ranks import Ranks
-from pipeline.run import Run, cache_fingerprint
+from pipeline.run import EVAL, Run, cache_fingerprint
 from pipeline.sae import SparseAutoencoder
 from stores import ActivationStore
 from stores.stream import as_tensor
@@ -35,6 +37,10 @@ _EVAL_BATCH = 4096  # rows, rounded to whole chunks (each whole local chunk then
 _READ_AHEAD_BYTES = 256 << 20  # held-out rows decoded ahead at most, besides the batch evaluated
 DEFAULT_TOKENS = 16384  # held-out rows per layer for reconstruction and sparsity
 DEFAULT_WINDOWS = 32  # held-out text windows for the downstream metrics
+# Fewest held-out rows per layer worth an FVU: its denominator is a sample variance, whose relative standard
+# error is about sqrt(2 / (n - 1)) when one direction dominates (as in residual streams): 14% at 100 rows,
+# and at 1 row it is 0 (FVU ~1e27). Sparsity (dead %) over fewer tokens says nothing either.
+MIN_TOKENS = 100
 
 
 class ReconstructionTotals:
@@ -158,17 +164,70 @@ def _run_with_block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int,
             handle.remove()
 
 
+def eval_arguments(tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_WINDOWS,
+                   context_length: int | None = None) -> dict[str, Any]:
+    """The arguments that decide what an evaluation measures, as eval.json records them (``arguments``)."""
+    return {"tokens": tokens, "windows": windows, "context_length": context_length}
+
+
+def eval_argument_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What differs between two :func:`eval_arguments`, as ``--windows 0 → 16`` (``none``: not given)."""
+    def show(value: Any) -> str:
+        return "none" if value is None else str(value)
+
+    return [f"--{key.replace('_', '-')} {show(recorded.get(key))} → {show(value)}"
+            for key, value in wanted.items() if recorded.get(key, "?") != value]
+
+
+def read_eval(run: Run) -> dict[str, Any] | None:
+    """``<run>/eval.json`` as written (None where there is none); a damaged one is one line naming it."""
+    url = run.url(EVAL)
+    raw = run._read(EVAL)  # through Run, which owns the run's files (until Run reads eval.json's arguments)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict) or not isinstance(data.get("records"), list) \
+                or not all(isinstance(r, dict) and isinstance(r.get("layer"), int) for r in data["records"]):
+            raise ValueError("no list of per-layer records")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GsaeError(f"{url} is damaged ({str(exc).splitlines()[0][:80]}); "
+                        f"run `gsae eval --run {run.path}` again") from None
+    return data
+
+
+def _check_arguments(tokens: int, windows: int, context_length: int | None) -> None:
+    """Refuse, before any work, arguments that cannot give meaningful metrics."""
+    if tokens < MIN_TOKENS:
+        raise GsaeError(f"--tokens must be at least {MIN_TOKENS} (got {tokens}): the FVU's variance over fewer "
+                        "held-out rows is noise")
+    if windows < 0:
+        raise GsaeError(f"--windows must be 0 (skip the downstream metrics) or more (got {windows})")
+    if context_length is not None and context_length < 2:
+        raise GsaeError(f"--context-length must be at least 2 tokens, a token and the next one it predicts "
+                        f"(got {context_length}; leave it out for whole windows)")
+
+
 def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_WINDOWS, context_length: int | None = None,
                  device: str = "auto", console: Any = None) -> list[dict[str, Any]]:
     """Evaluate every layer of a run; writes ``<run>/eval.json`` and returns its records."""
+    _check_arguments(tokens, windows, context_length)
     trained = Run.open(run, need="trained")
     config = trained.config
     store = ActivationStore.open(config.cache)
     if cache_fingerprint(store) != config.cache_fingerprint:
         raise GsaeError(f"the cache {config.cache} is no longer the one {run} was trained on; "
                         "evaluate with that cache in place")
-    torch_device = pick_device(device)
     start_row = int(config.eval_rows[0])
+    held_out = store.n_tokens - start_row
+    if held_out < MIN_TOKENS:
+        raise GsaeError(f"the held-out slice of {config.cache} holds {held_out} rows, fewer than the {MIN_TOKENS} "
+                        "an FVU needs; cache more tokens")
+    first = 1 if store.attrs.get("prepend_bos") else 0
+    if windows > 0 and context_length is not None and context_length < first + 2:
+        raise GsaeError(f"--context-length must be at least {first + 2} here: the BOS in front is not spliced, "
+                        f"so a window needs a spliced token and the next one it predicts (got {context_length})")
+    torch_device = pick_device(device)
     saes = trained.load_saes(torch_device)
     lm = None
     if windows > 0:
@@ -187,8 +246,7 @@ def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_
                 status.stop()
         input_ids = held_out_windows(store, start_row, windows, context_length).to(torch_device)
         clean_logits = _run_with_block_output(lm, input_ids, 0, None)
-        first = 1 if store.attrs.get("prepend_bos") else 0
-    records = []
+    records, notes = [], []
     threads = Ranks().decode_threads(store.path)  # as gsae train decodes (`gsae eval` is one process)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-eval") as reader:
         for sae, sae_config in saes:
@@ -214,5 +272,25 @@ def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_
                                                      _run_with_block_output(lm, input_ids, layer, zero), input_ids))
                     record["eval_windows"] = int(input_ids.shape[0])
                 records.append(record)
-    trained.write_eval(records)
+            notes += _threshold_note(sae, sae_config, records[-len(sae_config["layers"]):])
+    # eval.json as Run.write_eval writes it, plus the arguments, so that `gsae run` knows what it measured
+    # (through Run's writer: Run owns the run's files; Run.write_eval has no place for them yet)
+    arguments = eval_arguments(tokens, windows, context_length)
+    trained._write(json.dumps({"run": trained.path, "arguments": arguments, "records": records}, indent=1), EVAL)
+    for note in notes if console else []:
+        console.print(f"[yellow]{note}[/]")
     return records
+
+
+def _threshold_note(sae: SparseAutoencoder, sae_config: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    """A BatchTopK SAE is evaluated (as exported) with its inference threshold; when the L0 that threshold
+    gives is far from the k it trained with, its FVU is not comparable with training's: say so."""
+    if sae.architecture != "batchtopk":
+        return []
+    l0 = float(np.mean([r["l0"] for r in records]))
+    if sae.k / 2 <= l0 <= 2 * sae.k:
+        return []
+    return [f"note: the BatchTopK SAE of layers {layer_span(sae_config['layers'], '–')} is evaluated, as exported, "
+            f"with its inference threshold ({float(sae.threshold):.4g}), which keeps {l0:.1f} latents per token "
+            f"against k = {sae.k} in training: the threshold has not settled (train longer), so its held-out metrics "
+            f"are those of L0 {l0:.1f}, not k"]

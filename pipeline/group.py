@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import GsaeError
+from pipeline.errors import GsaeError, check_seed
 from pipeline.grouping import (
     DEFAULT_SAMPLE_TOKENS,
     DEFAULT_THRESHOLD,
@@ -55,14 +55,38 @@ def result_name(metric: str) -> str:
     return f"groups/{metric}.json"
 
 
-def grouping_record(store: ActivationStore, metric: str) -> dict[str, Any] | None:
-    """The record saved next to the cache for ``metric`` (grouping, arguments, seconds), if any of the
-    current format."""
+class DamagedGrouping(GsaeError):
+    """A grouping file that is not valid JSON, or of the current format but lacking what it must hold."""
+
+
+def _read_record(store: ActivationStore, metric: str) -> dict[str, Any] | None:
+    """The saved record for ``metric`` as it is (any format), None if there is none; a file that is not a
+    JSON object, or of the current format and incomplete, raises :class:`DamagedGrouping`."""
     data = read_side_file(store, result_name(metric))
     if data is None:
         return None
-    record = json.loads(data)
-    return record if record.get("format") == GROUPING_FORMAT else None
+    try:
+        record = json.loads(data)
+    except ValueError:  # not JSON, truncated, not UTF-8
+        record, problem = None, "not valid JSON"
+    else:
+        problem = None if isinstance(record, dict) else "not a JSON object"
+    if problem is None and record.get("format") == GROUPING_FORMAT:
+        try:
+            Grouping.from_json(record)
+        except ValueError as exc:
+            problem = str(exc)
+    if problem is not None:
+        raise DamagedGrouping(f"{store.path}/{result_name(metric)} is damaged ({problem}); re-run `gsae group "
+                              f"--cache {store.path} --metric {metric} --force` to recompute it")
+    return record
+
+
+def grouping_record(store: ActivationStore, metric: str) -> dict[str, Any] | None:
+    """The record saved next to the cache for ``metric`` (grouping, arguments, seconds), if any of the
+    current format; a damaged one is a one-line :class:`GsaeError` naming the file."""
+    record = _read_record(store, metric)
+    return record if record is not None and record.get("format") == GROUPING_FORMAT else None
 
 
 def _users_folder(metric: str) -> str:
@@ -83,8 +107,12 @@ def runs_using(store: ActivationStore, metric: str, record: dict[str, Any] | Non
         if not name.endswith(".json"):  # a mark being written by another run (its hidden temporary)
             continue
         data = read_side_file(store, f"{_users_folder(metric)}/{name}")
-        if data is not None:
-            runs.append(json.loads(data)["run"])
+        if data is None:
+            continue
+        try:
+            runs.append(str(json.loads(data)["run"]))
+        except (ValueError, KeyError, TypeError):  # a damaged mark still says that some run uses the grouping
+            runs.append(f"{_users_folder(metric)}/{name} (unreadable)")
     return sorted(set(runs))
 
 
@@ -107,12 +135,22 @@ def _import_quietly(module: str) -> None:
         pass
 
 
+def _sample_note(tokens: int, grouping: Grouping) -> list[str]:
+    """A note when the sample holds more rows than --tokens asked for: chunks are sampled whole."""
+    sampled, chunks = int(grouping.sample.get("tokens", 0)), len(grouping.sample.get("chunks", []))
+    if sampled <= tokens:
+        return []
+    return [f"--tokens {tokens:,}: whole chunks are sampled, so D is over {sampled:,} tokens "
+            f"({chunks:,} chunk{'s' if chunks != 1 else ''})"]
+
+
 def run_group(request: GroupRequest, console: Any) -> GroupResult:
     """Compute D from sampled chunks, the partitions for every G and the AMAD curve; save them."""
     if request.metric not in METRICS:
         raise GsaeError(f"--metric must be amad or uniform (got {request.metric})")
     if not 0 < request.threshold < 1:
         raise GsaeError(f"--threshold must be between 0 and 1 (got {request.threshold})")
+    check_seed(request.seed)
     if request.tokens <= 0:
         raise GsaeError(f"--tokens must be positive (got {request.tokens})")
     store = ActivationStore.open(request.cache, allow_partial=request.allow_partial)
@@ -126,8 +164,15 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
         tokens = store.n_tokens
     arguments = _arguments(request, layers, tokens, store)
 
-    existing_raw = read_side_file(store, result_name(request.metric))
-    existing = json.loads(existing_raw) if existing_raw is not None else None
+    try:
+        existing = _read_record(store, request.metric)
+    except DamagedGrouping as exc:  # recomputed like a file of an older format, but not under a run's feet
+        users = runs_using(store, request.metric)
+        if users and not request.force:
+            raise GsaeError(f"{store.path}/{result_name(request.metric)} is damaged and training runs use it "
+                            f"({', '.join(users[:3])}); pass --force to recompute it") from None
+        notes.append(f"{str(exc).split(';')[0]}; recomputing it")
+        existing = None
     if existing is not None and existing.get("format") != GROUPING_FORMAT:
         notes.append(f"{result_name(request.metric)} was made by an older gsae (grouping format "
                      f"{existing.get('format', 1)}, now {GROUPING_FORMAT}); recomputing it")
@@ -136,7 +181,7 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
         if existing.get("arguments") == arguments and not request.force:
             grouping = Grouping.from_json(existing)
             return GroupResult(grouping, f"{store.path}/{result_name(request.metric)}",
-                               existing.get("pictures", []), True, 0.0, notes)
+                               existing.get("pictures", []), True, 0.0, notes + _sample_note(tokens, grouping))
         users = runs_using(store, request.metric, existing)
         if users and not request.force:
             raise GsaeError(
@@ -152,6 +197,7 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
         distance, sample = compute_distances(store, layers, tokens, request.seed, request.scheduler)
     grouping = build_grouping(request.metric, layers, distance, request.threshold, sample)
     seconds = time.perf_counter() - started
+    notes += _sample_note(tokens, grouping)
 
     plotting.join()
     from pipeline.plots import amad_curve, distance_heatmap  # matplotlib: only when pictures are drawn

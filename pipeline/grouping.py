@@ -38,7 +38,10 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
             if high < low:
                 raise GsaeError(f"--layers {spec!r}: range {low}-{high} runs backwards")
             layers.extend(range(low, high + 1))
-        layers = sorted(set(layers))
+        repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+        if repeated:
+            raise GsaeError(f"--layers {spec!r}: layer {repeated[0]} is given twice; name each layer once")
+        layers = sorted(layers)
         out_of_range = [layer for layer in layers if layer >= n_layers]
         if out_of_range:
             raise GsaeError(f"--layers {spec!r}: the cache has layers 0-{n_layers - 1}, not {out_of_range[0]}")
@@ -225,8 +228,29 @@ class Grouping:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Grouping":
-        return cls(data["metric"], data["layers"], np.asarray(data["distance"]), data["threshold"],
-                   data["curve"], data["chosen"], data["sample"])
+        """The grouping of a ``groups/<metric>.json`` record; ValueError, saying what is wrong, for a record
+        that lacks a field or whose fields do not fit together (a damaged or hand-edited file)."""
+        missing = [key for key in ("metric", "layers", "distance", "threshold", "curve", "chosen", "sample")
+                   if key not in data]
+        if missing:
+            raise ValueError(f"no {missing[0]!r} field")
+        layers, curve, chosen = data["layers"], data["curve"], data["chosen"]
+        try:
+            distance = np.asarray(data["distance"], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError("'distance' is not a matrix of numbers") from None
+        if not isinstance(layers, list) or not all(isinstance(layer, int) for layer in layers):
+            raise ValueError("'layers' is not a list of layer indices")
+        if distance.shape != (len(layers), len(layers)):
+            raise ValueError(f"'distance' is not {len(layers)} × {len(layers)}")
+        if not isinstance(curve, list) or not all(isinstance(point, dict) and {"n_groups", "amad", "groups"} <= set(point)
+                                                  for point in curve):
+            raise ValueError("'curve' is not a list of {n_groups, amad, groups} entries")
+        if not any(point["n_groups"] == chosen for point in curve):
+            raise ValueError(f"'chosen' ({chosen!r}) is not a G of the curve")
+        if not isinstance(data["sample"], dict):
+            raise ValueError("'sample' is not an object")
+        return cls(data["metric"], layers, distance, data["threshold"], curve, chosen, data["sample"])
 
 
 def build_grouping(metric: str, layers: list[int], distance: np.ndarray, threshold: float,

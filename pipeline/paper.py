@@ -2,8 +2,8 @@
 
 Group (amad and uniform), train the per-layer baseline, AMAD partitions at G* and its neighbours and a
 uniform partition at G*, evaluate each run, and write the report. The cache is never rebuilt; a run
-with a summary.json is not retrained, one with a checkpoint is resumed, one with eval.json is not
-re-evaluated.
+with a summary.json is not retrained, one with a checkpoint is resumed, one with an eval.json made with
+this command's evaluation arguments is not re-evaluated (one made with others, or recording none, is).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import GsaeError
-from pipeline.evaluate import evaluate_run
+from pipeline.evaluate import DEFAULT_TOKENS as EVAL_TOKENS
+from pipeline.evaluate import eval_argument_changes, eval_arguments, evaluate_run, read_eval
 from pipeline.group import GroupRequest, run_group
 from pipeline.report import Report, build_report
 from pipeline.run import STATES, Run, join, write_atomic
@@ -32,6 +33,8 @@ class PaperRequest:
 
 
 def run_paper(request: PaperRequest, console: Any) -> Report:
+    if request.windows < 0:  # before any grouping or training
+        raise GsaeError(f"--windows must be 0 (skip the downstream metrics) or more (got {request.windows})")
     amad = run_group(GroupRequest(cache=request.cache, metric="amad"), console).grouping
     run_group(GroupRequest(cache=request.cache, metric="uniform"), console)
     chosen, n_layers = amad.chosen, len(amad.layers)
@@ -40,6 +43,7 @@ def run_paper(request: PaperRequest, console: Any) -> Report:
     plans += [(f"amad-g{n}", dict(groups=n, metric="amad")) for n in counts]
     plans += [(f"uniform-g{chosen}", dict(groups=chosen, metric="uniform"))]
     slug = request.cache.rstrip("/").rsplit("/", 1)[-1]
+    wanted = eval_arguments(tokens=EVAL_TOKENS, windows=request.windows)  # what evaluate_run below is asked
     runs = []
     for label, options in plans:
         path = join(request.out, f"{slug}-{label}")
@@ -56,10 +60,27 @@ def run_paper(request: PaperRequest, console: Any) -> Report:
             train(train_request, console)  # an unfinished run with the same arguments continues
         else:
             console.print(f"{label}: trained already ({path})")
-        if Run.open(path).state != "evaluated":
-            console.print(f"evaluating {label}")
-            evaluate_run(path, windows=request.windows, console=console)
+        reason = _evaluation_needed(Run.open(path), wanted)
+        if reason is not None:
+            console.print(f"evaluating {label}" + (f" again: {reason}" if reason else ""))
+            evaluate_run(path, tokens=wanted["tokens"], windows=wanted["windows"],
+                         context_length=wanted["context_length"], console=console)
         runs.append(path)
     report = build_report(runs, join(request.out, f"{slug}-report"))
     write_atomic(join(report.folder, "runs.json"), json.dumps(runs, indent=1))
     return report
+
+
+def _evaluation_needed(run: Run, wanted: dict[str, Any]) -> str | None:
+    """None when ``run`` holds an evaluation made with ``wanted``; otherwise why it is (re-)evaluated
+    ("" when it has none yet)."""
+    if run.state != "evaluated":
+        return ""
+    try:
+        recorded = (read_eval(run) or {}).get("arguments")
+    except GsaeError as exc:
+        return str(exc).split(";")[0]
+    if not isinstance(recorded, dict):
+        return "its eval.json does not record the arguments it was made with"
+    changes = eval_argument_changes(recorded, wanted)
+    return f"its eval.json was made with other arguments ({'; '.join(changes)})" if changes else None

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.run import Run, RunConfig, join, write_atomic
+from pipeline.errors import GsaeError
+from pipeline.evaluate import read_eval
+from pipeline.run import SUMMARY, Run, RunConfig, join, write_atomic
 from stores import ActivationStore, StoreError, read_seconds_writing
 from stores.remote import describe_storage_error
 
@@ -43,6 +48,8 @@ class RunSummary:
     tokens_per_sae: int
     cache_seconds: float | None  # producing the whole cache (timing.json), None when not recorded
     cache_tokens: int
+    cache_fingerprint: dict[str, Any]
+    cache_note: str | None = None  # why cache_seconds is None
 
     def cost(self, baseline: "RunSummary | None") -> float:
         """Training time ÷ the baseline's (NaN without a baseline)."""
@@ -68,20 +75,84 @@ class RunSummary:
 
 def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
     """A finished, evaluated run; ``cache_seconds`` stands in for a cache that recorded no time."""
+    config = Run.read_config(path)  # a damaged config.json is one line already
+    if config is not None:
+        _check_json_files(str(path), config)
     run = Run.open(path, need="evaluated")
     config = run.config
+    records = read_eval(run)["records"]
+    summary = run.summary
+    train_seconds = summary.get("train_seconds") if isinstance(summary, dict) else None
+    if not isinstance(train_seconds, (int, float)):
+        raise GsaeError(f"{join(run.path, SUMMARY)} is damaged (no train_seconds); train the run again")
     amad, grouping_seconds = (0.0, 0.0) if config.grouping is None else _grouping_figures(config)
+    cache_note = None
     if cache_seconds is None:
         try:
             cache_seconds = read_seconds_writing(ActivationStore.open(config.cache))
+            if cache_seconds is None:
+                cache_note = f"the cache {config.cache} recorded no time (no timing.json)"
         except Exception as exc:  # the cache moved, is gone or out of reach: the total cost is left open
             if not isinstance(exc, (StoreError, OSError)) and describe_storage_error(exc) is None:
                 raise
-            cache_seconds = None
+            cache_seconds, cache_note = None, f"the cache {config.cache} cannot be opened for its timing.json"
     return RunSummary(run.path, config.label, config.metric, config.groups,
-                      sorted(run.eval_records, key=lambda r: r["layer"]), float(run.summary["train_seconds"]),
+                      sorted(records, key=lambda r: r["layer"]), float(train_seconds),
                       grouping_seconds, amad, config.tokens_per_sae, cache_seconds,
-                      int(config.cache_fingerprint["tokens"]))
+                      int(config.cache_fingerprint["tokens"]), config.cache_fingerprint, cache_note)
+
+
+def _check_json_files(path: str, config: RunConfig) -> None:
+    """summary.json and every sae_<i>.json that exists must be a JSON object: one line naming the one
+    that is not (a missing one is left to Run.open, which says what state the run is in)."""
+    run = Run(path, config)
+    for name in [SUMMARY] + [f"sae_{i}.json" for i in range(len(config.groups))]:
+        try:
+            raw = run._read(name)  # through Run, which owns the run's files
+        except NotADirectoryError:
+            raw = None
+        if raw is None:
+            continue
+        try:
+            if not isinstance(json.loads(raw), dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
+            raise GsaeError(f"{join(path, name)} is damaged ({str(exc).splitlines()[0][:80]}); "
+                            "train the run again") from None
+
+
+def _identity(path: str) -> tuple[str, str]:
+    """What tells two spellings of one run folder apart from two folders."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+    if isinstance(fs, LocalFileSystem):
+        return "file", os.path.realpath(root)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, root.rstrip("/")
+
+
+def check_comparable(paths: list[str], runs: list["RunSummary"] | None = None) -> None:
+    """Refuse, in one line naming the runs, a run given twice, or runs from different caches or with
+    different tokens per SAE: their figures and cost ratios would not compare like with like."""
+    seen: dict[tuple[str, str], str] = {}
+    for path in paths:
+        key = _identity(path)
+        if key in seen:
+            same = "" if seen[key] == path else f" (as {seen[key]})"
+            raise GsaeError(f"the run {path} is given twice{same}; give each run once")
+        seen[key] = path
+    if not runs:
+        return
+    reference = next((r for r in runs if r.label == "baseline"), runs[0])
+    for run in runs:
+        a, b = reference.cache_fingerprint, run.cache_fingerprint
+        differ = [f"{key} {a.get(key)} vs {b.get(key)}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+        if differ:
+            raise GsaeError(f"cannot compare {reference.path} and {run.path}: they were trained on different caches "
+                            f"({'; '.join(differ)})")
+        if run.tokens_per_sae != reference.tokens_per_sae:
+            raise GsaeError(f"cannot compare {reference.path} and {run.path}: {reference.tokens_per_sae:,} vs "
+                            f"{run.tokens_per_sae:,} training tokens per SAE; train them with the same --tokens "
+                            "and --batch-size")
 
 
 def _grouping_figures(config: RunConfig) -> tuple[float | None, float]:
@@ -156,9 +227,17 @@ class Report:
         return self.markdown.split("\n\nThe paper")[0]
 
 
+def _cell(value: float | None, fmt: str) -> str:
+    """A number for the table; "–" for one that is not known (None or NaN)."""
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
 def build_report(paths: list[str], out: str, cache_seconds: float | None = None) -> Report:
     """Write ``report.md``, ``per-layer.png`` and ``cost.png`` under ``out`` (a folder or an fsspec URL)."""
+    paths = [str(p) for p in paths]
+    check_comparable(paths)
     runs = [load_run(p, cache_seconds) for p in paths]
+    check_comparable(paths, runs)
     baseline = next((r for r in runs if r.label == "baseline"), None)
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
@@ -169,11 +248,23 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
              "total ÷ baseline |", "|" + " --- |" * 15]
     for run in runs:
         amad = f"{run.amad:.3f}" if run.amad is not None else "-"
-        lines.append(f"| {run.label} | {len(run.groups)} | {amad} | {run.mean('explained_variance_per_token'):.3f} | "
-                     f"{run.mean('explained_variance'):.3f} | {run.mean('delta_ce_percent'):.2f} | "
-                     f"{run.mean('kl_divergence'):.4f} | {run.mean('l0'):.1f} | {100 * run.mean('dead_fraction'):.1f} | "
-                     f"{run.tokens_per_sae:,} | {run.activation_seconds():.1f} | {run.train_seconds:.1f} | "
-                     f"{run.grouping_seconds:.1f} | {run.cost(baseline):.3f} | {run.total_cost(baseline):.3f} |")
+        lines.append(f"| {run.label} | {len(run.groups)} | {amad} | "
+                     f"{_cell(run.mean('explained_variance_per_token'), '.3f')} | "
+                     f"{_cell(run.mean('explained_variance'), '.3f')} | {_cell(run.mean('delta_ce_percent'), '.2f')} | "
+                     f"{_cell(run.mean('kl_divergence'), '.4f')} | {_cell(run.mean('l0'), '.1f')} | "
+                     f"{_cell(100 * run.mean('dead_fraction'), '.1f')} | "
+                     f"{run.tokens_per_sae:,} | {_cell(run.activation_seconds(), '.1f')} | {run.train_seconds:.1f} | "
+                     f"{run.grouping_seconds:.1f} | {_cell(run.cost(baseline), '.3f')} | "
+                     f"{_cell(run.total_cost(baseline), '.3f')} |")
+    notes = []
+    if baseline is None:
+        notes.append("No baseline among the runs (a run of `gsae train --baseline`): the ÷ baseline columns are "
+                     "left empty.")
+    for note in dict.fromkeys(run.cache_note for run in runs if run.cache_note):
+        notes.append(f"A s and total ÷ baseline are left empty: {note}; pass --cache-seconds.")
+    if any(run.mean("delta_ce_percent") != run.mean("delta_ce_percent") for run in runs):
+        notes.append("ΔCE and KL are left empty for runs evaluated with `--windows 0`.")
+    lines += [""] + notes if notes else []
     lines += ["", COST_NOTE, "", "The paper (Pythia, mean over layers, per-token EV, baseline vs group SAEs at G*; "
               "compute is its total cost A + T·G over A + T·L):", "",
               "| model | EV baseline | EV group | ΔCE % baseline | ΔCE % group | compute ÷ baseline |",
@@ -187,8 +278,8 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
         cells = []
         for run in runs:
             record = next((r for r in run.records if r["layer"] == layer), None)
-            cells.append(f"{record.get('explained_variance_per_token', float('nan')):.3f} / "
-                         f"{record.get('delta_ce_percent', float('nan')):.2f}"
+            cells.append(f"{_cell(record.get('explained_variance_per_token'), '.3f')} / "
+                         f"{_cell(record.get('delta_ce_percent'), '.2f')}"
                          if record else "-")
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     lines += ["", "![EV and ΔCE per layer](per-layer.png)", "", "![quality against cost](cost.png)", ""]

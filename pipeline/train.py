@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline import __version__
-from pipeline.errors import GsaeError
+from pipeline.errors import GsaeError, check_seed
 from pipeline.evaluate import layer_reconstruction
 from pipeline.group import grouping_record, mark_used, result_name
 from pipeline.grouping import Grouping, layer_span, parse_layers
@@ -75,15 +75,14 @@ def _validate(request: TrainRequest) -> None:
     if request.architecture not in ARCHITECTURES:
         raise GsaeError(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
     if not (math.isfinite(request.expansion) and request.expansion > 0):
-        raise GsaeError(f"--expansion must be a positive number (got {request.expansion})")
+        raise GsaeError(f"--expansion must be a positive finite number (got {request.expansion})")
     if request.tokens <= 0 or request.batch_size <= 0:
         raise GsaeError("--tokens and --batch-size must be positive")
     if request.dead_tokens is not None and request.dead_tokens <= 0:
         raise GsaeError(f"--dead-tokens must be positive (got {request.dead_tokens})")
     if request.lr is not None and not (math.isfinite(request.lr) and request.lr > 0):
-        raise GsaeError(f"--lr must be a positive number (got {request.lr})")
-    if request.seed < 0:
-        raise GsaeError(f"--seed must be 0 or more (got {request.seed})")
+        raise GsaeError(f"--lr must be a positive finite number (got {request.lr})")
+    check_seed(request.seed)
     if request.checkpoint_every <= 0:
         raise GsaeError(f"--checkpoint-every must be positive (got {request.checkpoint_every})")
     if request.precision not in PRECISIONS:

@@ -62,6 +62,10 @@ def _local_path(path: str) -> Path:
 
 
 CREATING = "creating"  # attribute of a store whose arrays are not all made yet
+CHUNK_STATS = ("chunk_sum", "chunk_norm_sum", "chunk_overflow")  # stats/<name>: one entry per chunk
+_STATS_BLOCK = 256  # chunks of per-chunk statistics read at a time (a block of SmolLM2's is 35 MB)
+_REQUIRED_ATTRIBUTES = ("n_layers", "d_model", "dtype", "chunk_tokens", "tokens_planned", "tokens_written",
+                        "chunks_written", "complete")
 
 
 def probe(path: str) -> str:
@@ -311,11 +315,14 @@ class ActivationStore:
         self.path = str(path)
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
+        missing = [key for key in _REQUIRED_ATTRIBUTES if key not in self.attrs]
+        if missing:
+            raise StoreError(f"cache {self.path}: zarr.json lacks the attribute {missing[0]!r}; the cache is damaged: "
+                             "restore it from a copy or re-create it with `gsae cache`")
         # opened once: indexing the group re-reads an array's metadata every time
-        with quiet_numcodecs():
-            self._layers = [group[f"layers/{layer}"] for layer in range(self.n_layers)]
-        self._tokens = group["tokens"]
-        self._chunk_stats = {name: group[f"stats/{name}"] for name in ("chunk_sum", "chunk_norm_sum", "chunk_overflow")}
+        self._layers = [self._open_array(f"layers/{layer}") for layer in range(self.n_layers)]
+        self._tokens = self._open_array("tokens")
+        self._chunk_stats = {name: self._open_array(f"stats/{name}") for name in CHUNK_STATS}
         self._unchecked: dict[str, zarr.Array] | None = None  # write handles, see _write_target
         # chunk -> rows of every committed chunk; a complete store needs no list (all rows are committed)
         self._committed: dict[int, int] = {}
@@ -323,6 +330,26 @@ class ActivationStore:
         if not self.complete:
             self.refresh_commits()
         self._next_to_start = self.chunks_written
+
+    def _open_array(self, name: str) -> zarr.Array:
+        """The array ``name`` of the store; damaged or missing metadata (``<name>/zarr.json``) is a
+        :class:`StoreError` naming it."""
+        try:
+            with quiet_numcodecs():
+                array = self.group[name]
+        except Exception as exc:  # JSON that does not parse, metadata that zarr refuses, a missing file
+            if isinstance(exc, KeyError):  # no such array, or metadata without a field zarr needs
+                problem = "is missing" if exc.args and exc.args[0] == name else f"lacks the field {exc.args[0]!r}"
+            elif isinstance(exc, json.JSONDecodeError):
+                problem = "is not valid JSON"
+            else:
+                problem = f"cannot be read ({_first_line(exc)})"
+            raise StoreError(f"cache {self.path}: {name}/zarr.json {problem}; the cache is damaged: restore it "
+                             "from a copy or re-create it with `gsae cache`") from None
+        if not isinstance(array, zarr.Array):
+            raise StoreError(f"cache {self.path}: {name}/zarr.json describes a group, not an array; the cache is "
+                             "damaged: restore it from a copy or re-create it with `gsae cache`")
+        return array
 
     # ---------------------------------------------------------------- creation and opening
     @classmethod
@@ -376,11 +403,8 @@ class ActivationStore:
                         filters=chain.filters, compressors=chain.compressors, fill_value=0, config=write_cfg,
                     )
             stats = group.create_group("stats")
-            for name, shape, dt in [
-                ("chunk_sum", (n_chunks, n_layers, d_model), "float64"),
-                ("chunk_norm_sum", (n_chunks, n_layers), "float64"),
-                ("chunk_overflow", (n_chunks, n_layers), "int64"),
-            ]:
+            for name, shape, dt in zip(CHUNK_STATS, [(n_chunks, n_layers, d_model), (n_chunks, n_layers),
+                                                     (n_chunks, n_layers)], ["float64", "float64", "int64"]):
                 stats.create_array(
                     name, shape=shape, chunks=(1, *shape[1:]), dtype=dt,
                     compressors=small_array_codecs(), fill_value=0, config=write_cfg,
@@ -395,15 +419,17 @@ class ActivationStore:
         """Open an existing cache; refuse an incomplete one unless ``allow_partial``."""
         if probe(path) != "store":
             raise StoreError(f"no gsae cache at {path}; create one with `gsae cache`")
-        store = cls(str(path), zarr.open_group(str(path), mode=mode))
-        if store.attrs.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"{path} has store format {store.attrs.get('format_version')}, this gsae reads {FORMAT_VERSION}"
-            )
+        group = zarr.open_group(str(path), mode=mode)
+        version = group.attrs.get("format_version")
+        if version != FORMAT_VERSION:  # before its arrays are opened: another format may lay them out otherwise
+            raise StoreError(f"{path} has store format {version}, this gsae reads {FORMAT_VERSION}")
+        store = cls(str(path), group)
         if not store.complete and not allow_partial:
+            # (only `gsae group` and `gsae verify` have --allow-partial: the hint must hold for every caller)
             raise StoreError(
                 f"cache {path} is incomplete ({store.tokens_written:,} of {store.tokens_planned:,} tokens); "
-                "re-run its `gsae cache` command to finish it, or pass --allow-partial"
+                "re-run its `gsae cache` command to finish it (`gsae group` and `gsae verify` can use its "
+                "committed part with --allow-partial)"
             )
         return store
 
@@ -600,16 +626,10 @@ class ActivationStore:
                 self._unchecked = None  # its handles hold the old shape
                 for array in [*self._layers, self._tokens]:
                     array.resize((n, *array.shape[1:]))
-                for name in ("chunk_sum", "chunk_norm_sum", "chunk_overflow"):
+                for name in CHUNK_STATS:
                     array = self._chunk_stats[name]
                     array.resize((n_chunks, *array.shape[1:]))
-            sums = np.zeros((self.n_layers, self.d_model), dtype=np.float64)
-            norm_sums = np.zeros(self.n_layers, dtype=np.float64)
-            overflow = np.zeros(self.n_layers, dtype=np.int64)
-            for chunk in range(n_chunks):  # chunk by chunk, in order, so the totals are reproducible
-                sums += self._chunk_stats["chunk_sum"][chunk]
-                norm_sums += self._chunk_stats["chunk_norm_sum"][chunk]
-                overflow += self._chunk_stats["chunk_overflow"][chunk]
+            sums, norm_sums, overflow = (self._sum_chunk_stats(name, n_chunks) for name in CHUNK_STATS)
             stats = self.group["stats"]
             stats.create_array("mean", shape=sums.shape, dtype="float32", compressors=small_array_codecs(),
                                overwrite=True)[:] = (sums / n).astype(np.float32)
@@ -715,7 +735,7 @@ class ActivationStore:
             if values[first - start].any():
                 continue
             key = f"{array.path}/{array.metadata.encode_chunk_key((chunk, 0))}"
-            if not sync(array.store.exists(key)) and self._chunk_stats["chunk_norm_sum"][chunk, layer] > 0:
+            if not sync(array.store.exists(key)) and self._read_stats("chunk_norm_sum", (chunk, layer)) > 0:
                 chunk_stop = min(stop, (chunk + 1) * self.chunk_tokens)
                 raise self._read_error(layer, first, chunk_stop, "chunk missing")
 
@@ -736,17 +756,92 @@ class ActivationStore:
         return self.read_rows(layer, *self.readable_rows(chunk))
 
     def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self._tokens[start : self.n_tokens if stop is None else stop]
+        stop = self.n_tokens if stop is None else stop
+        try:
+            return self._tokens[start:stop]
+        except Exception as exc:  # a chunk that fails its checksum or decompression
+            rows = range(*slice(start, stop).indices(self._tokens.shape[0]))
+            span = f"rows {rows.start:,}–{rows.stop - 1:,}" if len(rows) else "rows"
+            raise StoreError(f"cache {self.path}: tokens {span} cannot be read ({_describe_decode_error(exc)}); "
+                             f"run `gsae verify --cache {self.path}` to list every damaged chunk") from None
 
     @property
     def mean(self) -> np.ndarray:
-        """Exact per-layer mean of the stored rows, float32 (n_layers, d_model)."""
-        return self.group["stats/mean"][:]
+        """Exact per-layer mean of the stored rows, float32 (n_layers, d_model).
+
+        A complete store keeps it in ``stats/mean``; for an incomplete one (``allow_partial``) it is formed
+        from the committed prefix's chunk statistics, as :meth:`finalize` will form it."""
+        if self.complete:
+            return self._read_stats("mean")
+        return (self._sum_chunk_stats("chunk_sum", self._partial_chunks()) / self.n_tokens).astype(np.float32)
 
     @property
     def norm(self) -> np.ndarray:
-        """Mean L2 norm of the stored rows per layer, float32 (n_layers,)."""
-        return self.group["stats/norm"][:]
+        """Mean L2 norm of the stored rows per layer, float32 (n_layers,); as :attr:`mean` for an
+        incomplete store."""
+        if self.complete:
+            return self._read_stats("norm")
+        return (self._sum_chunk_stats("chunk_norm_sum", self._partial_chunks()) / self.n_tokens).astype(np.float32)
+
+    def _partial_chunks(self) -> int:
+        if self.n_tokens == 0:
+            raise StoreError(f"cache {self.path} holds no committed rows yet; re-run its `gsae cache` command")
+        return self.n_chunks
+
+    def _stats_array(self, name: str) -> zarr.Array:
+        return self._chunk_stats[name] if name in self._chunk_stats else self._open_array(f"stats/{name}")
+
+    def _read_stats(self, name: str, selection: Any = slice(None)) -> np.ndarray:
+        """``stats/<name>[selection]``; an array that is missing, fails its checksum or does not decode is
+        a :class:`StoreError` naming it."""
+        array = self._stats_array(name)
+        try:
+            return array[selection]
+        except Exception as exc:
+            raise StoreError(f"cache {self.path}: stats/{name} cannot be read ({_describe_stats_error(exc)}); "
+                             f"run `gsae verify --cache {self.path}` to list the damage") from None
+
+    def _sum_chunk_stats(self, name: str, n_chunks: int) -> np.ndarray:
+        """The sum of ``stats/<name>`` over chunks 0..n_chunks-1, added chunk by chunk in order (so the totals
+        are reproducible), read a block of chunks at a time."""
+        array = self._stats_array(name)
+        total = np.zeros(array.shape[1:], dtype=array.dtype)
+        for begin in range(0, n_chunks, _STATS_BLOCK):
+            block = self._read_stats(name, slice(begin, min(n_chunks, begin + _STATS_BLOCK)))
+            for values in block:
+                total += values
+        return total
+
+    def check_stats(self) -> list[str]:
+        """Decode every array under ``stats/`` (the chunk statistics of the readable chunks; ``mean`` and
+        ``norm`` of a complete store); one line per damaged one, naming it (none when all decode)."""
+        problems = []
+        for name in CHUNK_STATS:
+            array = self._chunk_stats[name]
+            for begin in range(0, self.n_chunks, _STATS_BLOCK):
+                stop = min(self.n_chunks, begin + _STATS_BLOCK)
+                try:
+                    array[begin:stop]
+                    continue
+                except Exception:  # read again chunk by chunk, to name the damaged ones
+                    pass
+                for chunk in range(begin, stop):
+                    try:
+                        array[chunk]
+                    except Exception as exc:
+                        start, end = self.readable_rows(chunk)
+                        problems.append(f"stats/{name} chunk {chunk} (rows {start:,}–{end - 1:,}): "
+                                        f"{_describe_stats_error(exc)}")
+        if self.complete:
+            for name, shape in (("mean", (self.n_layers, self.d_model)), ("norm", (self.n_layers,))):
+                try:
+                    values = self.group[f"stats/{name}"][:]
+                except Exception as exc:  # its metadata or its data
+                    problems.append(f"stats/{name}: {_describe_stats_error(exc)}")
+                    continue
+                if values.shape != shape:
+                    problems.append(f"stats/{name}: shape {values.shape}, expected {shape}")
+        return problems
 
     # ---------------------------------------------------------------- inspection
     def nbytes_on_disk(self, prefix: str = "") -> int:
@@ -760,9 +855,28 @@ class ActivationStore:
         return self.n_tokens * self.n_layers * self.d_model * STORAGE_DTYPES[self.dtype][1]
 
     def iter_chunk_checks(self) -> Iterator[tuple[str, int, int, int, str | None]]:
-        """Decode every written chunk; yield ``(array, layer, start, stop, problem or None)``."""
+        """Decode every written chunk; yield ``(array, layer, start, stop, problem or None)``.
+
+        Then decode the arrays under ``stats/`` (:meth:`check_stats`): a damaged one raises a
+        :class:`StoreError` naming it (and counting the chunk problems yielded before), since the
+        statistics have no rows to report them by."""
         arrays = [(f"layers/{layer}", layer, array) for layer, array in enumerate(self._layers)]
         arrays.append(("tokens", -1, self._tokens))
+        damaged: list[str] = []
+        for check in self._iter_array_checks(arrays):
+            name, layer, start, stop, problem = check
+            if problem:
+                damaged.append(f"{'layer ' + str(layer) if layer >= 0 else name} rows {start:,}–{stop - 1:,}: {problem}")
+            yield check
+        stats = self.check_stats()
+        if stats:
+            also = (f"; also {len(damaged)} damaged chunk{'s' if len(damaged) > 1 else ''} (first: {damaged[0]})"
+                    if damaged else "")
+            more = f" and {len(stats) - 1} more" if len(stats) > 1 else ""
+            raise StoreError(f"cache {self.path}: its statistics are damaged: {stats[0]}{more}{also}; restore the "
+                             "cache from a copy or re-create it with `gsae cache`")
+
+    def _iter_array_checks(self, arrays: list[tuple[str, int, zarr.Array]]) -> Iterator[tuple[str, int, int, int, str | None]]:
         for chunk in range(self.n_chunks):
             start, stop = self.readable_rows(chunk)
             for name, layer, array in arrays:
@@ -778,6 +892,16 @@ class ActivationStore:
                     except Exception as exc:  # a corrupt chunk fails its checksum or decompression
                         problem = _describe_decode_error(exc)
                 yield name, layer, start, stop, problem
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:120] if text else type(exc).__name__
+
+
+def _describe_stats_error(exc: Exception) -> str:
+    """:func:`_describe_decode_error`, where a KeyError (zarr: no such array) means the array is missing."""
+    return "missing" if isinstance(exc, KeyError) else _describe_decode_error(exc)
 
 
 def _describe_decode_error(exc: Exception) -> str:
@@ -901,7 +1025,18 @@ def write_seconds_writing(store: ActivationStore, seconds: float, rank: int | No
 
 def _seconds_in(store: ActivationStore, relative: str) -> float | None:
     data = read_side_file(store, relative)
-    return float(json.loads(data)["seconds_writing"]) if data is not None else None
+    if data is None:
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError:  # not JSON (UnicodeDecodeError is a ValueError too)
+        record = None
+    seconds = record.get("seconds_writing") if isinstance(record, dict) else None
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        problem = "not valid JSON" if record is None else "no seconds_writing number in it"
+        raise StoreError(f"cache {store.path}: {relative} is damaged ({problem}); delete it and re-run (it only "
+                         "records the seconds spent caching, for `gsae report`)")
+    return float(seconds)
 
 
 def read_seconds_writing(store: ActivationStore, rank: int | None = None) -> float | None:

@@ -95,7 +95,7 @@ def activation_codecs(compression: str, dtype: str, keep_bits: int = DEFAULT_KEE
         if dtype not in _MANTISSA_BITS:
             raise ValueError(f"lossy compression needs --dtype float16 or float32 (got {dtype})")
         if not 0 <= keep_bits < _MANTISSA_BITS[dtype]:
-            raise ValueError(f"keep_bits must be in [0, {_MANTISSA_BITS[dtype]}) for {dtype}")
+            raise ValueError(f"must be from 0 to {_MANTISSA_BITS[dtype] - 1} for {dtype} (got {keep_bits})")
         return CodecChain(
             filters=[BitRound(keepbits=keep_bits)],
             compressors=compressors,

@@ -283,3 +283,126 @@ def test_a_chunk_whose_write_fails_starts_none_of_its_other_writes(tmp_path, mon
             writer.close()
     # at most one write had been taken by the writer thread before the error reached the caller
     assert len(after) <= 1 and released == [], after
+
+
+def _copy_of(trained, tmp_path):
+    import shutil
+
+    shutil.copytree(trained / "c", tmp_path / "c")
+    return tmp_path / "c"
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("array,reader", [("mean", "group"), ("norm", "train"), ("chunk_sum", None),
+                                          ("chunk_norm_sum", None)])
+def test_damaged_statistics_fail_verify_and_their_readers_name_them(array, reader, trained, tmp_path, capsys):
+    """One flipped byte in an array under stats/: verify names it (it used to say ok), and a command that
+    reads it stops with one line naming it instead of zarr's checksum traceback."""
+    cache = _copy_of(trained, tmp_path)
+    _flip_a_byte(sorted(p for p in (cache / "stats" / array / "c").rglob("*") if p.is_file())[-1])
+    line = _one_line_error(*run_cli(["verify", "--cache", cache], capsys)[::2])
+    assert f"stats/{array}" in line and "checksum mismatch" in line, line
+    if array.startswith("chunk_"):
+        assert "chunk 5 (rows 2,500–2,999)" in line  # 3000 rows in chunks of 500: the last one
+    if reader is not None:
+        args = {"group": ["group", "--cache", cache, "--force", "--tokens", 1000],
+                "train": ["train", "--cache", cache, "--out", tmp_path / "r", "--groups", 1, "--tokens", 512,
+                          "--batch-size", 256]}[reader]
+        line = _one_line_error(*run_cli(args, capsys)[::2])
+        assert f"cache {cache}: stats/{array} cannot be read (checksum mismatch)" in line and "gsae verify" in line
+
+
+def test_verify_reports_damaged_statistics_and_chunks_together(trained, tmp_path, capsys):
+    cache = _copy_of(trained, tmp_path)
+    _flip_a_byte(cache / "stats" / "mean" / "c" / "0" / "0")
+    _flip_a_byte(cache / "layers" / "2" / "c" / "1" / "0")
+    line = _one_line_error(*run_cli(["verify", "--cache", cache], capsys)[::2])
+    assert "stats/mean: checksum mismatch" in line and "also 1 damaged chunk (first: layer 2 rows 500–999" in line
+
+
+@pytest.mark.parametrize("content", ['{"zarr_format": 3, "node_type": "arr', '{"zarr_format": 3, "node_type": "array"}',
+                                     None])
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_damaged_array_metadata_is_one_line_naming_the_file(content, command, trained, tmp_path, capsys):
+    cache = _copy_of(trained, tmp_path)
+    metadata = cache / "layers" / "2" / "zarr.json"
+    if content is None:
+        metadata.unlink()
+    else:
+        metadata.write_text(content)
+    line = _one_line_error(*run_cli([command, "--cache", cache], capsys)[::2])
+    problem = ("is missing" if content is None else "is not valid JSON" if content.endswith("arr")
+               else "lacks the field 'data_type'")
+    assert f"cache {cache}: layers/2/zarr.json {problem}" in line and "the cache is damaged" in line, line
+
+
+@pytest.mark.parametrize("content", ["truncated", '{"format": 2}', "chosen"])
+def test_a_damaged_grouping_file_is_one_line_for_train_and_recomputed_by_group(content, trained, tmp_path, capsys):
+    cache = _copy_of(trained, tmp_path)
+    path = cache / "groups" / "amad.json"
+    if content == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif content == "chosen":
+        path.write_text(json.dumps({**json.loads(path.read_text()), "chosen": 99}))
+    else:
+        path.write_text(content)
+    train = ["train", "--cache", cache, "--out", tmp_path / "r", "--groups", 1, "--tokens", 512, "--batch-size", 256]
+    line = _one_line_error(*run_cli(train, capsys)[::2])
+    problem = {"truncated": "not valid JSON", "chosen": "'chosen' (99) is not a G of the curve"}.get(content,
+                                                                                                "no 'metric' field")
+    assert f"{cache}/groups/amad.json is damaged ({problem})" in line and "--force" in line, line
+    # a training run uses the grouping (the fixture's): group recomputes it only with --force
+    line = _one_line_error(*run_cli(["group", "--cache", cache], capsys)[::2])
+    assert "is damaged and training runs use it" in line and "--force" in line
+    code, _, err = run_cli(["group", "--cache", cache, "--force"], capsys)
+    assert code == 0 and "is damaged" in err and "recomputing it" in err and "Traceback" not in err
+    assert json.loads(path.read_text())["format"] == 2
+    assert run_cli(train, capsys)[0] == 0
+
+
+def _cache_stopped_by_a_full_disk(model, cache, capsys, monkeypatch) -> None:
+    """`gsae cache` stopped after its first commit (the disk fills up): an incomplete, resumable cache."""
+    from zarr.storage import LocalStore
+
+    real_set = LocalStore.set
+    state = {"full": False}
+
+    async def set_on_a_full_disk(self, key, value):
+        if state["full"] and "/c/" in key:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await real_set(self, key, value)
+        if key == "zarr.json" and '"chunks_written": 1' in value.to_bytes().decode():
+            state["full"] = True
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalStore, "set", set_on_a_full_disk)
+        assert "disk full" in _one_line_error(*run_cli(_args(model, cache), capsys)[::2])
+
+
+def test_a_garbled_timing_json_is_one_line_and_deleting_it_lets_the_cache_resume(tiny_neox, tmp_path, capsys,
+                                                                                  monkeypatch):
+    cache = tmp_path / "c"
+    _cache_stopped_by_a_full_disk(tiny_neox, cache, capsys, monkeypatch)
+    (cache / "timing.json").write_text('{"seconds_wri')
+    line = _one_line_error(*run_cli(_args(tiny_neox, cache), capsys)[::2])
+    assert f"cache {cache}: timing.json is damaged (not valid JSON); delete it" in line
+    (cache / "timing.json").unlink()
+    assert run_cli(_args(tiny_neox, cache), capsys)[0] == 0
+    assert ActivationStore.open(str(cache)).complete
+
+
+def test_the_hint_for_an_incomplete_cache_names_only_commands_that_take_allow_partial(tiny_neox, tmp_path, capsys,
+                                                                                     monkeypatch):
+    cache = tmp_path / "c"
+    _cache_stopped_by_a_full_disk(tiny_neox, cache, capsys, monkeypatch)
+    line = _one_line_error(*run_cli(["train", "--cache", cache, "--baseline", "--tokens", 64, "--batch-size", 32],
+                                    capsys)[::2])
+    assert "is incomplete" in line and "re-run its `gsae cache` command" in line
+    assert "or pass --allow-partial" not in line and "`gsae group` and `gsae verify`" in line
+    code, out, err = run_cli(["verify", "--cache", cache, "--allow-partial"], capsys)
+    assert code == 0 and "ok" in out, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,161 @@ def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, caps
     assert code == 0 and "trained already" in err
     after = {run: (tmp_path / "runs" / run.split("/")[-1] / "sae_0.safetensors").stat().st_mtime for run in runs}
     assert before == after
+    # an eval.json made with other arguments (or recording none) is made again with this command's
+    baseline, other = tmp_path / "runs" / "c-baseline", Path(runs[1])
+    assert run_cli(["eval", "--run", baseline, "--windows", 0], capsys)[0] == 0
+    recorded = json.loads((other / "eval.json").read_text())
+    assert recorded["arguments"] == {"tokens": 16384, "windows": 2, "context_length": None}
+    (other / "eval.json").write_text(json.dumps({key: recorded[key] for key in ("run", "records")}))
+    kept = {run: (Path(run) / "eval.json").stat().st_mtime_ns for run in runs[2:]}
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "evaluating baseline again" in err and "--windows 0 → 2" in err
+    assert f"evaluating {other.name.split('-', 1)[1]} again" in err and "does not record the arguments" in err
+    for run in (baseline, other):
+        data = json.loads((run / "eval.json").read_text())
+        assert data["arguments"]["windows"] == 2
+        assert all(r["eval_windows"] == 2 and r["delta_ce_percent"] == r["delta_ce_percent"] for r in data["records"])
+    assert kept == {run: (Path(run) / "eval.json").stat().st_mtime_ns for run in runs[2:]}  # the others reused
+
+
+# ---------------------------------------------------------------- bad inputs and comparisons (one line each)
+
+
+def _one_line_error(code: int, err: str) -> str:
+    assert code == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_models, tmp_path_factory):
+    """A baseline and a one-group run of one cache, both evaluated without the downstream metrics."""
+    root = tmp_path_factory.mktemp("pair")
+    cache = make_cache(tiny_models["neox"], root / "c", tokens=6000, context_length=32, batch_size=8,
+                       chunk_tokens=400)
+    assert run_cli(["group", "--cache", cache])[0] == 0
+    for extra, out in ((["--baseline"], "base"), (["--groups", 1], "g1")):
+        code, _, err = run_cli(["train", "--cache", cache, *extra, "--out", root / out, "--tokens", 2048,
+                                "--batch-size", 512])
+        assert code == 0, err
+        assert run_cli(["eval", "--run", root / out, "--windows", 0])[0] == 0
+    return {"root": root, "cache": cache, "base": root / "base", "g1": root / "g1"}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--tokens", 0], "--tokens must be at least 100"), (["--tokens", -5], "--tokens must be at least 100"),
+    (["--tokens", 1], "--tokens must be at least 100"), (["--windows", -1], "--windows must be 0"),
+    (["--context-length", 1], "--context-length must be at least 2"),
+    (["--context-length", 0], "--context-length must be at least 2"),
+    # BOS in front is never spliced: two tokens leave no spliced position that predicts anything
+    (["--context-length", 2, "--windows", 2], "--context-length must be at least 3"),
+])
+def test_eval_refuses_arguments_without_a_meaningful_metric(pair, args, words, capsys):
+    before = (pair["g1"] / "eval.json").read_bytes()
+    line = _one_line_error(*run_cli(["eval", "--run", pair["g1"], *args], capsys)[::2])
+    assert words in line
+    assert (pair["g1"] / "eval.json").read_bytes() == before  # refused before any work
+
+
+def test_eval_at_the_shortest_context_gives_finite_downstream_metrics(pair, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "g1"
+    shutil.copytree(pair["g1"], run)
+    code, _, err = run_cli(["eval", "--run", run, "--windows", 2, "--context-length", 3, "--tokens", 100], capsys)
+    assert code == 0, err
+    data = json.loads((run / "eval.json").read_text())
+    assert data["arguments"] == {"tokens": 100, "windows": 2, "context_length": 3}
+    for r in data["records"]:
+        assert r["tokens"] == 100 and r["eval_windows"] == 2
+        assert all(r[key] == r[key] for key in ("ce_clean", "ce_spliced", "delta_ce_percent", "kl_divergence"))
+
+
+def test_report_refuses_runs_that_cannot_be_compared(pair, tiny_models, tmp_path, capsys):
+    other_cache = make_cache(tiny_models["llama"], tmp_path / "c2", tokens=3000, context_length=32, batch_size=8,
+                             chunk_tokens=400)
+    assert run_cli(["group", "--cache", other_cache], capsys)[0] == 0
+    for cache, tokens, out in ((other_cache, 2048, "other"), (pair["cache"], 1024, "short")):
+        assert run_cli(["train", "--cache", cache, "--groups", 1, "--out", tmp_path / out, "--tokens", tokens,
+                        "--batch-size", 512], capsys)[0] == 0
+        assert run_cli(["eval", "--run", tmp_path / out, "--windows", 0], capsys)[0] == 0
+
+    def report(*runs):
+        return run_cli(["report", *[a for r in runs for a in ("--runs", r)], "--out", tmp_path / "rep"], capsys)
+
+    line = _one_line_error(*report(pair["base"], tmp_path / "other")[::2])
+    assert "different caches" in line and str(pair["base"]) in line and str(tmp_path / "other") in line
+    assert "n_layers 3 vs 4" in line
+    line = _one_line_error(*report(pair["base"], tmp_path / "short")[::2])
+    assert "2,048 vs 1,024 training tokens per SAE" in line and str(tmp_path / "short") in line
+    line = _one_line_error(*report(pair["base"], pair["g1"], f"{pair['base']}/")[::2])
+    assert "given twice" in line and str(pair["base"]) in line
+    assert not (tmp_path / "rep").exists()
+
+
+def test_report_without_a_baseline_or_a_cache_says_so_instead_of_nan(pair, tmp_path, capsys):
+    code, out, err = run_cli(["report", "--runs", pair["g1"], "--out", tmp_path / "rep"], capsys)
+    assert code == 0, err
+    text = (tmp_path / "rep" / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| amad-g1 |"))
+    assert "nan" not in text and row.rstrip(" |").endswith("| – | –") and "No baseline among the runs" in out
+    import shutil
+
+    for name in ("base", "g1"):  # the cache moved away: no timing.json for A
+        shutil.copytree(pair[name], tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, "cache": str(tmp_path / "gone")}))
+    code, out, err = run_cli(["report", "--runs", tmp_path / "base", "--runs", tmp_path / "g1",
+                              "--out", tmp_path / "rep2"], capsys)
+    assert code == 0, err
+    text = (tmp_path / "rep2" / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| amad-g1 |"))
+    assert "nan" not in text and row.rstrip(" |").endswith("| –") and "| – |" in row
+    assert f"the cache {tmp_path / 'gone'} cannot be opened" in out and "--cache-seconds" in out
+
+
+@pytest.mark.parametrize("name", ["summary.json", "eval.json", "sae_0.json"])
+@pytest.mark.parametrize("content", ['{"train_sec', "[1, 2]", "\xff"])
+def test_report_names_a_damaged_file_in_one_line(pair, tmp_path, name, content, capsys):
+    import shutil
+
+    run = tmp_path / "g1"
+    shutil.copytree(pair["g1"], run)
+    (run / name).write_bytes(content.encode("latin-1"))
+    line = _one_line_error(*run_cli(["report", "--runs", pair["base"], "--runs", run, "--out", tmp_path / "rep"],
+                                    capsys)[::2])
+    assert f"{run / name} is damaged" in line
+
+
+def test_batchtopk_eval_shows_the_l0_of_its_threshold(pair, tmp_path, capsys):
+    """A BatchTopK SAE is evaluated with its inference threshold: the L0 in eval.json (and the table) is
+    the one that threshold gives on the held-out rows, and a threshold far from k is pointed out."""
+    from pipeline.run import Run
+    from stores import ActivationStore
+
+    out = tmp_path / "btk"
+    assert run_cli(["train", "--cache", pair["cache"], "--groups", 1, "--architecture", "batchtopk", "--out", out,
+                    "--tokens", 1024, "--batch-size", 512], capsys)[0] == 0
+    code, _, err = run_cli(["eval", "--run", out, "--windows", 0, "--tokens", 400], capsys)
+    assert code == 0, err
+    records = json.loads((out / "eval.json").read_text())["records"]
+    run = Run.open(out, need="trained")
+    (sae, sae_config), = run.load_saes()
+    store = ActivationStore.open(str(pair["cache"]))
+    start = run.config.eval_rows[0]
+    for record in records:
+        layer = record["layer"]
+        x = torch.from_numpy(store.read_rows(layer, start, start + 400)).float() * sae_config["scales"][str(layer)]
+        with torch.no_grad():
+            assert record["l0"] == pytest.approx(sae.encode(x).l0(), rel=1e-5)
+    assert records[0]["l0"] > 2 * sae.k  # after two steps the threshold has not settled ...
+    mean_l0 = sum(r["l0"] for r in records) / len(records)
+    assert "has not settled" in err and f"k = {sae.k}" in err and f"L0 {mean_l0:.1f}" in err  # ... and eval says so
+
+
+def test_gsae_run_refuses_negative_windows_before_any_work(pair, tmp_path, capsys):
+    line = _one_line_error(*run_cli(["run", "--cache", pair["cache"], "--windows", -1, "--out", tmp_path / "runs"],
+                                    capsys)[::2])
+    assert "--windows must be 0" in line and not (tmp_path / "runs").exists()

@@ -278,3 +278,51 @@ def test_gram_layers_padding_leaves_the_distances_unchanged():
         plain = _chunk_distance_sums(mean, "float16", *stored)
         padded = _chunk_distance_sums(mean, "float16", *stored, padded=gram_layers(n))
         np.testing.assert_allclose(padded, plain, rtol=1e-6, atol=1e-9)
+
+
+def test_group_allow_partial_on_a_cache_whose_writer_stopped_midway(tmp_path, capsys):
+    """A cache whose writer stopped after 3 of its 5 chunks (no kill needed: chunks written and committed
+    through the store, never finalized) has no stats/mean; --allow-partial forms μ from the committed
+    chunks' statistics, as finalize will."""
+    from stores import compute_chunk_stats
+
+    path = tmp_path / "c"
+    n_layers, d, rows = 4, 16, 64
+    store = ActivationStore.create(str(path), n_layers=n_layers, d_model=d, n_tokens=5 * rows, chunk_tokens=rows,
+                                   attributes={"model_id": "made-by-hand"})
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3 * rows, d))
+    written = [(base * (1 + layer) + rng.normal(size=base.shape) + layer).astype(np.float16) for layer in range(n_layers)]
+    for chunk in range(3):
+        layers = [values[chunk * rows : (chunk + 1) * rows] for values in written]
+        store.write_chunk(chunk, layers, np.arange(rows, dtype=np.int32), compute_chunk_stats(layers, "float16"))
+    assert not (path / "stats" / "mean").exists()
+
+    code, _, err = run_cli(["group", "--cache", path], capsys)
+    assert code == 1 and "Traceback" not in err and "incomplete" in err and "--allow-partial" in err
+    code, out, err = run_cli(["group", "--cache", path, "--allow-partial", "--layers", "0-3", "--tokens", 10**6], capsys)
+    assert code == 0, err
+    assert "using all 192 tokens" in err and "G*" in out
+    partial = ActivationStore.open(str(path), allow_partial=True)
+    expected = np.stack([values.astype(np.float64).mean(axis=0) for values in written])
+    np.testing.assert_allclose(partial.mean, expected, rtol=1e-6, atol=1e-6)
+    saved = json.loads((path / "groups" / "amad.json").read_text())
+    assert saved["sample"]["row_ranges"] == [[0, 64], [64, 128], [128, 192]]
+    np.testing.assert_allclose(np.asarray(saved["distance"]),
+                               numpy_distance(partial, saved["layers"], saved["sample"]["row_ranges"]), atol=1e-4)
+
+
+def test_a_layer_given_twice_is_one_line(llama_cache, capsys):
+    for spec, layer in (("0,0,1", 0), ("0-2,1", 1)):
+        code, out, err = run_cli(["group", "--cache", llama_cache, "--layers", spec], capsys)
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and "Traceback" not in err
+        assert f"layer {layer} is given twice" in lines[0] and lines[0].startswith("error:")
+
+
+def test_tokens_below_a_chunk_say_that_whole_chunks_are_sampled(llama_cache, capsys):
+    code, _, err = run_cli(["group", "--cache", llama_cache, "--tokens", 10, "--metric", "uniform", "--force"], capsys)
+    assert code == 0 and "Traceback" not in err
+    assert "--tokens 10: whole chunks are sampled, so D is over 128 tokens (1 chunk)" in err
+    saved = json.loads((llama_cache / "groups" / "uniform.json").read_text())
+    assert saved["sample"]["tokens"] == 128

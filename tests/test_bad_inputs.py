@@ -1,0 +1,190 @@
+"""Bad option values and unexpected failures end in one line on stderr, before anything is created; tables
+written to a file or a pipe are not cut to 80 columns."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from conftest import make_cache, run_cli
+
+
+def _one_line(code: int, err: str, expected_code: int = 1) -> str:
+    assert code == expected_code, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def llama_cache(tiny_llama, tmp_path_factory):
+    """A complete cache of the 4-layer llama: 3 grouped layers."""
+    return make_cache(tiny_llama, tmp_path_factory.mktemp("bad-inputs") / "cache", tokens=512, context_length=32,
+                      batch_size=4, chunk_tokens=64)
+
+
+# ------------------------------------------------------------------------------------------- backstop
+
+@pytest.fixture
+def broken_info(monkeypatch):
+    """`gsae info` failing inside with whatever the test raises."""
+    import cli
+
+    def fail_with(exc: BaseException) -> None:
+        def raise_it(*args, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(cli, "_resolve_cache", raise_it)
+
+    monkeypatch.delenv("GSAE_DEBUG", raising=False)
+    return fail_with
+
+
+def test_unexpected_exception_is_one_line(broken_info):
+    broken_info(RuntimeError("something broke\nsecond line of the message"))
+    line = _one_line(*run_cli(["info"])[::2])
+    assert "RuntimeError: something broke" in line and "second line" not in line
+    assert "--debug" in line
+
+
+def test_unexpected_exception_without_message(broken_info):
+    broken_info(KeyError())
+    line = _one_line(*run_cli(["info"])[::2])
+    assert line.startswith("error: KeyError (")
+
+
+def test_memory_error_is_one_line(broken_info):
+    broken_info(MemoryError())
+    line = _one_line(*run_cli(["info"])[::2])
+    assert "ran out of memory" in line
+
+
+def test_debug_still_raises(broken_info, monkeypatch):
+    broken_info(RuntimeError("something broke"))
+    with pytest.raises(RuntimeError, match="something broke"):
+        run_cli(["--debug", "info"])
+    monkeypatch.setenv("GSAE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="something broke"):
+        run_cli(["info"])
+
+
+def test_usage_errors_still_exit_2():
+    code, _, err = run_cli(["train", "--no-such-option"])
+    assert code == 2 and "No such option" in err and "Traceback" not in err
+
+
+# -------------------------------------------------------------------------------- option values
+
+@pytest.mark.parametrize("keep_bits,dtype,bound", [(99, "float16", 9), (-1, "float16", 9), (10, "float16", 9),
+                                                   (23, "float32", 22)])
+def test_keep_bits_out_of_range(keep_bits, dtype, bound, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default cache goes to ./gsae-cache/<model>
+    line = _one_line(*run_cli(["cache", "--model", tiny_llama, "--tokens", 200, "--compression", "lossy",
+                               "--dtype", dtype, "--keep-bits", keep_bits])[::2])
+    assert f"--keep-bits must be from 0 to {bound}" in line and str(keep_bits) in line
+    assert list(tmp_path.iterdir()) == []  # no empty gsae-cache/ left behind
+
+
+@pytest.mark.parametrize("command", ["group", "train"])
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seed_out_of_range(command, seed, llama_cache, tmp_path):
+    extra = ["--out", tmp_path / "run", "--baseline"] if command == "train" else []
+    line = _one_line(*run_cli([command, "--cache", llama_cache, "--seed", seed, *extra])[::2])
+    assert "--seed must be from 0 to 4294967295" in line
+    assert not (tmp_path / "run").exists() and not (llama_cache / "groups").exists()
+
+
+@pytest.mark.parametrize("option", ["--lr", "--expansion"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1"])
+def test_train_floats_must_be_positive_and_finite(option, value, llama_cache, tmp_path):
+    line = _one_line(*run_cli(["train", "--cache", llama_cache, "--baseline", "--out", tmp_path / "run",
+                               option, value])[::2])
+    assert f"{option} must be a positive finite number" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--groups", "2,99"], "G can be at most 3"),
+    (["--groups", "4"], "G can be at most 3"),
+    (["--groups", "0"], "every G must be 1 or more"),
+    (["--groups", "2,-1"], "every G must be 1 or more"),
+    (["--expansion", "nan"], "--expansion must be a positive finite number"),
+    (["--tokens", "0"], "--tokens and --batch-size must be positive"),
+    (["--windows", "-1"], "--windows must be 0"),
+])
+def test_run_checks_before_anything_runs(args, message, llama_cache, tmp_path):
+    line = _one_line(*run_cli(["run", "--cache", llama_cache, "--out", tmp_path / "runs", *args])[::2])
+    assert message in line
+    assert not (tmp_path / "runs").exists() and not (llama_cache / "groups").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "report", "run"])
+@pytest.mark.parametrize("under", [False, True])
+def test_out_that_is_a_file(command, under, llama_cache, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-file" / "sub" if under else tmp_path / "a-file"
+    (tmp_path / "run").mkdir()
+    args = {"export": ["export", "--run", tmp_path / "run"], "report": ["report", "--runs", tmp_path / "run"],
+            "run": ["run", "--cache", llama_cache]}[command]
+    line = _one_line(*run_cli([*args, "--out", out])[::2])
+    assert f"{tmp_path / 'a-file'} is a file, not a folder" in line
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+    assert not (llama_cache / "groups").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0"])
+def test_report_cache_seconds(value, tmp_path):
+    (tmp_path / "run").mkdir()
+    line = _one_line(*run_cli(["report", "--runs", tmp_path / "run", "--out", tmp_path / "r",
+                               "--cache-seconds", value])[::2])
+    assert "--cache-seconds must be positive" in line
+    assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------- output to a file
+
+def test_table_to_a_file_is_not_cut(monkeypatch):
+    """eval's table, 13 columns, showed `0.…` in every cell when stdout was a file or a pipe."""
+    import contextlib
+
+    from rich.table import Table
+
+    import cli
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(cli.report, "_width", None)
+    table = Table()
+    for n in range(13):
+        table.add_column(f"column {n}", justify="right")
+    table.add_row(*[f"{n}.123456789" for n in range(12)], "x" * 150)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli.report.print(table)
+    text = out.getvalue()
+    assert "…" not in text and "x" * 150 in text
+    assert all(f"{n}.123456789" in text for n in range(12))
+    assert len(text.splitlines()[0]) > 80
+
+
+def test_terminal_width_unchanged():
+    from rich.console import Console
+
+    import cli
+
+    for columns in (None, 100):
+        terminal = dict(file=io.StringIO(), force_terminal=True, width=columns)
+        assert cli._Console(**terminal).size == Console(**terminal).size
+
+
+def test_cache_summary_to_a_file_holds_the_whole_path(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    import cli
+
+    monkeypatch.setattr(cli.report, "_width", None)
+    path = tmp_path / ("a-rather-long-cache-name-" * 6 + "end")
+    code, out, err = run_cli(["cache", "--model", tiny_llama, "--cache", path, "--tokens", 128, "--context-length",
+                              32, "--batch-size", 4, "--chunk-tokens", 64])
+    assert code == 0, err
+    assert str(path) in out and "…" not in out
