@@ -16,7 +16,6 @@ The BOS position is left as it is when splicing (the SAEs were not trained on it
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -181,18 +180,14 @@ def eval_argument_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> l
 
 def read_eval(run: Run) -> dict[str, Any] | None:
     """``<run>/eval.json`` as written (None where there is none); a damaged one is one line naming it."""
-    url = run.url(EVAL)
-    raw = run._read(EVAL)  # through Run, which owns the run's files (until Run reads eval.json's arguments)
-    if raw is None:
-        return None
+    again = f"run `gsae eval --run {run.path}` again"
     try:
-        data = json.loads(raw)
-        if not isinstance(data, dict) or not isinstance(data.get("records"), list) \
-                or not all(isinstance(r, dict) and isinstance(r.get("layer"), int) for r in data["records"]):
-            raise ValueError("no list of per-layer records")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GsaeError(f"{url} is damaged ({str(exc).splitlines()[0][:80]}); "
-                        f"run `gsae eval --run {run.path}` again") from None
+        data = run.read_json(EVAL)
+    except GsaeError as exc:
+        raise GsaeError(f"{exc}; {again}") from None
+    if data is not None and not (isinstance(data.get("records"), list) and all(
+            isinstance(r, dict) and isinstance(r.get("layer"), int) for r in data["records"])):
+        raise GsaeError(f"{run.url(EVAL)} is damaged (no list of per-layer records); {again}")
     return data
 
 
@@ -273,10 +268,7 @@ def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_
                     record["eval_windows"] = int(input_ids.shape[0])
                 records.append(record)
             notes += _threshold_note(sae, sae_config, records[-len(sae_config["layers"]):])
-    # eval.json as Run.write_eval writes it, plus the arguments, so that `gsae run` knows what it measured
-    # (through Run's writer: Run owns the run's files; Run.write_eval has no place for them yet)
-    arguments = eval_arguments(tokens, windows, context_length)
-    trained._write(json.dumps({"run": trained.path, "arguments": arguments, "records": records}, indent=1), EVAL)
+    trained.write_eval(records, eval_arguments(tokens, windows, context_length))
     for note in notes if console else []:
         console.print(f"[yellow]{note}[/]")
     return records

@@ -108,17 +108,9 @@ def _check_json_files(path: str, config: RunConfig) -> None:
     run = Run(path, config)
     for name in [SUMMARY] + [f"sae_{i}.json" for i in range(len(config.groups))]:
         try:
-            raw = run._read(name)  # through Run, which owns the run's files
-        except NotADirectoryError:
-            raw = None
-        if raw is None:
-            continue
-        try:
-            if not isinstance(json.loads(raw), dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
-            raise GsaeError(f"{join(path, name)} is damaged ({str(exc).splitlines()[0][:80]}); "
-                            "train the run again") from None
+            run.read_json(name)
+        except GsaeError as exc:
+            raise GsaeError(f"{exc}; train the run again") from None
 
 
 def _identity(path: str) -> tuple[str, str]:

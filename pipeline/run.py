@@ -179,9 +179,22 @@ class Run:
             self.fs.makedirs(join(self._root, *parts[:-1]), exist_ok=True)
         write_atomic(self.url(*parts), data)
 
-    def _read_json(self, *parts: str) -> Any:
-        raw = self._read(*parts)
-        return json.loads(raw) if raw is not None else None
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        """``<run>/<name>`` parsed (None where it is absent); one that is not a JSON object is a
+        :class:`GsaeError` naming it."""
+        try:
+            raw = self._read(name)
+        except NotADirectoryError:  # the run "folder" is a file
+            return None
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError included
+            raise GsaeError(f"{self.url(name)} is damaged ({str(exc).splitlines()[0][:80]})") from None
+        return data
 
     # ------------------------------------------------------------------ opening
     @staticmethod
@@ -194,8 +207,11 @@ class Run:
             return None
         where = join(str(path), CONFIG)
         try:
-            return RunConfig.from_json(json.loads(raw), where)
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            return RunConfig.from_json(data, where)
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError included
             raise GsaeError(f"{where} is not a gsae run config ({type(exc).__name__}: {exc})") from None
 
     @classmethod
@@ -341,18 +357,14 @@ class Run:
     # ------------------------------------------------------------------ summary and evaluation
     @property
     def summary(self) -> dict[str, Any] | None:
-        return self._read_json(SUMMARY)
+        return self.read_json(SUMMARY)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self._write(json.dumps(summary, indent=1), SUMMARY)
 
-    @property
-    def eval_records(self) -> list[dict[str, Any]] | None:
-        data = self._read_json(EVAL)
-        return data["records"] if data is not None else None
-
-    def write_eval(self, records: list[dict[str, Any]]) -> None:
-        self._write(json.dumps({"run": self.path, "records": records}, indent=1), EVAL)
+    def write_eval(self, records: list[dict[str, Any]], arguments: dict[str, Any]) -> None:
+        """eval.json: the per-layer records and the arguments that measured them (`gsae run` compares them)."""
+        self._write(json.dumps({"run": self.path, "arguments": arguments, "records": records}, indent=1), EVAL)
 
 
 class _RewrittenLog(io.StringIO):

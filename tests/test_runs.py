@@ -397,3 +397,15 @@ def test_a_garbled_latest_pointer_is_an_error_not_a_restart(cache, tmp_path, cap
     (out / "checkpoints" / "latest").write_bytes(b"\x00garbage")
     code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--resume"], capsys)
     assert code == 1 and "names no complete checkpoint" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("name,content,message", [("summary.json", b"[1", "summary.json is damaged"),
+                                                  ("config.json", b"[1, 2]", "is not a gsae run config")])
+def test_a_garbled_run_file_is_one_line_for_eval(whole, tmp_path, capsys, name, content, message):
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(whole, run)
+    (run / name).write_bytes(content)
+    code, _, err = run_cli(["eval", "--run", run, "--windows", 0], capsys)
+    assert code == 1 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
