@@ -394,13 +394,16 @@ def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder]
         for i, sae in saes.items():
             sae.eval()  # BatchTopK: the per-token threshold, as evaluated and exported
             start = config.eval_rows[0]
-            per_layer = {layer: layer_reconstruction(sae, store, layer, config.scales[layer], start,
-                                                     start + _SUMMARY_EVAL_ROWS, device, pool, threads)["fvu"]
-                         for layer in config.groups[i]}
+            held_out = {layer: layer_reconstruction(sae, store, layer, config.scales[layer], start,
+                                                    start + _SUMMARY_EVAL_ROWS, device, pool, threads)
+                        for layer in config.groups[i]}
+            per_layer = {layer: record["fvu"] for layer, record in held_out.items()}
             row = {"sae": i, "layers": config.groups[i], "train_fvu": latest[i].get("fvu"), "l0": latest[i].get("l0"),
                    "dead_fraction": latest[i].get("dead_fraction"),
                    "held_out_fvu": float(np.mean(list(per_layer.values()))),
                    "held_out_fvu_per_layer": {str(k): v for k, v in per_layer.items()},
+                   # the L0 that held-out FVU was measured at (BatchTopK: its inference threshold, not k)
+                   "held_out_l0": float(np.mean([record["l0"] for record in held_out.values()])),
                    "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")}
             parts[i] = (row, {name: t.detach().cpu() for name, t in sae.state_dict().items()})
     merged = ranks.gather_to_first(parts)

@@ -58,7 +58,9 @@ def test_training_lowers_fvu_keeps_unit_decoder_and_exactly_k(cache, tmp_path, c
     lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     record = json.loads(lines[-1])
     assert {"loss", "fvu", "l0", "dead_fraction", "tokens_per_s"} <= set(record)
-    assert "held-out FVU" in out
+    assert "held-out FVU" in out and "held-out L0" in out
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert all(row["held_out_l0"] == pytest.approx(4.0, abs=0.05) for row in summary["saes"])  # TopK: k each row
 
 
 def test_stream_covers_every_held_in_row_with_its_scale(cache):
