@@ -24,7 +24,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Container, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -238,11 +238,11 @@ class _ChunkAssembler:
     added to its statistics there, on the model's device with torch's threads.  The batches are the same
     in every run and on every rank, so the sums come out bit-identical."""
 
-    def __init__(self, store: ActivationStore, np_dtype: np.dtype, chunks: Iterable[int] | None = None,
+    def __init__(self, store: ActivationStore, np_dtype: np.dtype, chunks: Container[int] | None = None,
                  pinned: bool = False):
         self.store = store
         self.np_dtype = np_dtype
-        self.chunks = set(range(store.chunks_written, store.n_chunks_planned) if chunks is None else chunks)
+        self.chunks = range(store.chunks_written, store.n_chunks_planned) if chunks is None else chunks
         self.open: dict[int, _Open] = {}
         self.buffers = _ChunkBuffers((store.n_layers, store.chunk_tokens, store.d_model), np_dtype, pinned)
 
@@ -613,6 +613,24 @@ def _remove_if_empty(path: str) -> None:
         pass
 
 
+class _Pending:
+    """This rank's chunks that are not committed yet: its range less the committed ones, never listed
+    (`--tokens 9999999999999` planned 2.7 billion chunks, and their list filled the memory)."""
+
+    def __init__(self, mine: range, committed: Container[int]):
+        self.mine, self.committed = mine, committed
+
+    def __contains__(self, chunk: object) -> bool:
+        return chunk in self.mine and chunk not in self.committed
+
+    def first_from(self, chunk: int) -> int | None:
+        """The first pending chunk from ``chunk`` on, or None."""
+        chunk = max(chunk, self.mine.start)
+        while chunk < self.mine.stop and chunk in self.committed:
+            chunk += 1
+        return chunk if chunk < self.mine.stop else None
+
+
 def rank_chunks(n_chunks: int, ranks: Ranks) -> range:
     """The chunks a rank writes: a contiguous range, the ranks in order, sizes differing by at most one.
 
@@ -639,7 +657,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     committed = store.committed_chunks()
     resumed_from = sum(committed.values())
     mine = rank_chunks(store.n_chunks_planned, ranks)
-    todo = [chunk for chunk in mine if chunk not in committed]
+    todo = _Pending(mine, committed)
     check = _TokenCheck(store, {chunk: rows for chunk, rows in committed.items() if chunk in mine})
     first_mine = store.chunk_rows(mine.start)[0] if mine else 0
     end_row = store.chunk_rows(mine.stop - 1)[1] if mine else 0  # windows are needed up to here
@@ -655,7 +673,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                          batch_rows=batch_size * rows_per_window if lm.device.type == "cuda" else 0)
     row = 0  # first row of the next batch
     rows_this_run = 0
-    next_todo = 0  # index in todo of the first chunk not wholly before ``row``
+    next_todo = todo.first_from(mine.start)  # the first pending chunk not wholly before ``row``
     exhausted = False
     started = time.perf_counter()
 
@@ -670,9 +688,9 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                     exhausted = True
                     break
                 stop = min(row + len(group) * rows_per_window, store.tokens_planned)
-                while next_todo < len(todo) and store.chunk_rows(todo[next_todo])[1] <= row:
-                    next_todo += 1
-                if next_todo < len(todo) and store.chunk_rows(todo[next_todo])[0] < stop:
+                while next_todo is not None and store.chunk_rows(next_todo)[1] <= row:
+                    next_todo = todo.first_from(next_todo + 1)
+                if next_todo is not None and store.chunk_rows(next_todo)[0] < stop:
                     capture.run(torch.tensor(group, dtype=torch.long, device=lm.device),
                                 functools.partial(assembler.take, row, stop))
                     tokens = np.asarray(group, dtype=np.int32)[:, first_row:].reshape(-1)[: stop - row]

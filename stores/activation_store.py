@@ -624,11 +624,12 @@ class ActivationStore:
         try:
             if n < self.tokens_planned:  # the corpus ran out: shrink every array to what was written
                 self._unchecked = None  # its handles hold the old shape
-                for array in [*self._layers, self._tokens]:
-                    array.resize((n, *array.shape[1:]))
-                for name in CHUNK_STATS:
-                    array = self._chunk_stats[name]
-                    array.resize((n_chunks, *array.shape[1:]))
+                # Nothing was written past row n, so there is nothing to delete: zarr's deleting resize
+                # lists every chunk of the old shape (a --tokens of 10^13 took 11 GB of memory for it)
+                shapes = [(array, (n, *array.shape[1:])) for array in [*self._layers, self._tokens]]
+                shapes += [(array, (n_chunks, *array.shape[1:])) for array in self._chunk_stats.values()]
+                for array, shape in shapes:
+                    sync(array.async_array.resize(shape, delete_outside_chunks=False))
             sums, norm_sums, overflow = (self._sum_chunk_stats(name, n_chunks) for name in CHUNK_STATS)
             stats = self.group["stats"]
             stats.create_array("mean", shape=sums.shape, dtype="float32", compressors=small_array_codecs(),

@@ -407,3 +407,15 @@ def test_a_context_longer_than_the_model_takes_is_refused_before_anything_is_wri
     assert code == 1 and "256 positions" in err and "Traceback" not in err and not out.exists(), err
     assert run_cli(["cache", "--model", tiny_models["gpt2"], "--tokens", 2000, "--context-length", 256,
                     "--cache", out], capsys)[0] == 0
+
+
+def test_a_huge_token_count_on_a_short_corpus_ends_with_what_there_was(tiny_models, tmp_path, capsys):
+    """--tokens far past the corpus: nothing may list every planned chunk (10^11 tokens are 10^8 chunks
+    here; listing them, in gsae's plan or in zarr's deleting resize, took gigabytes)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 400))
+    code, out, err = run_cli(["cache", "--model", tiny_models["neox"], "--dataset", corpus, "--tokens", 10**11,
+                              "--chunk-tokens", 1000, "--context-length", 64, "--cache", tmp_path / "s"], capsys)
+    assert code == 0, err
+    store = ActivationStore.open(str(tmp_path / "s"))
+    assert store.complete and 0 < store.n_tokens < 10**5 and store.layer_array(0).shape[0] == store.n_tokens
