@@ -369,11 +369,12 @@ def train(
     if result.rank:  # under torchrun rank 0 reports for every rank
         return
     table = Table(title=f"gsae train · {result.run}")
-    for column in ("SAE", "layers", "train FVU", "train L0", "held-out FVU", "held-out L0", "dead %", "tok/s", "time"):
+    # held-out FVU beside the L0 it was measured at (BatchTopK: its inference threshold's, not k)
+    for column in ("SAE", "layers", "FVU train / held-out", "L0 train / held-out", "dead %", "tok/s", "time"):
         table.add_column(column, justify="right")
     for row in result.rows:
-        table.add_row(str(row["sae"]), layer_span(row["layers"]), f"{row['train_fvu']:.3f}", f"{row['l0']:.1f}",
-                      f"{row['held_out_fvu']:.3f}", f"{row['held_out_l0']:.1f}",
+        table.add_row(str(row["sae"]), layer_span(row["layers"]), f"{row['train_fvu']:.3f} / {row['held_out_fvu']:.3f}",
+                      f"{row['l0']:.1f} / {row['held_out_l0']:.1f}",
                       f"{100 * row['dead_fraction']:.1f}", f"{row['tokens_per_s']:,.0f}", f"{row['seconds']:.1f} s")
     report.print(table)
     report.print(f"saved {len(result.rows)} SAEs, metrics and checkpoints in {result.run}")

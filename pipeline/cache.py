@@ -461,11 +461,15 @@ def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: Wi
 
 
 def _check_recipe(path: str, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Refuse to resume a cache made with other settings, naming the first that differs as its option."""
+    def show(value: Any) -> str:
+        return "the default" if value is None else repr(value)
+
     for key in wanted:
         if stored.get(key) != wanted[key]:
             raise GsaeError(
-                f"{path} holds a cache made with other settings ({key}: {stored.get(key)!r} there, "
-                f"{wanted[key]!r} now); re-run the original command to resume it, or choose another --cache"
+                f"{path} holds a cache made with other settings (--{key.replace('_', '-')} {show(stored.get(key))} "
+                f"there, {show(wanted[key])} now); re-run the original command to resume it, or choose another --cache"
             )
 
 

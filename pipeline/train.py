@@ -117,6 +117,9 @@ def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
     d = store.d_model
     n_latents = max(1, int(round(d * request.expansion)))
     k = request.k if request.k is not None else default_k(d)
+    if n_latents < 2:
+        raise GsaeError(f"--expansion {request.expansion:g} gives {n_latents} latent for d_model {d}; "
+                        "an SAE needs at least 2 (a larger --expansion)")
     if not 0 < k < n_latents:
         raise GsaeError(f"--k must be between 1 and {n_latents - 1} (d_sae = {n_latents}); got {k}")
     groups, label, grouping = _partition(request, store)
@@ -208,7 +211,25 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
         return run, _store_of(existing, request.cache, path)
     if config.grouping:  # marked first: a kill after creating the run leaves no run unmarked
         mark_used(store, request.metric, str(path))
+    for note in _plan_notes(request, config, store):
+        console.print(f"[yellow]note[/]: {note}")
     return Run.create(path, config), store
+
+
+def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore) -> list[str]:
+    """What the plan does that the arguments did not say: tokens rounded up to whole batches, and SAEs
+    that will see their rows more than once."""
+    notes = []
+    if config.tokens_per_sae != request.tokens:
+        notes.append(f"--tokens {request.tokens:,} → {config.tokens_per_sae:,} per SAE "
+                     f"({config.steps:,} whole batches of {config.batch_size:,})")
+    rows = sum(min(store.chunk_rows(c)[1], store.n_tokens) - store.chunk_rows(c)[0] for c in config.train_chunks)
+    smallest = min(len(group) for group in config.groups) * rows  # (token, layer) rows of the smallest group
+    if config.tokens_per_sae > smallest:
+        notes.append(f"each SAE sees {config.tokens_per_sae:,} training rows; the cache holds {rows:,} tokens per "
+                     f"layer for training, so an SAE of {min(len(g) for g in config.groups)} layer(s) sees its rows "
+                     f"{config.tokens_per_sae / smallest:.1f} times (a larger cache avoids repeats)")
+    return notes
 
 
 def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool: ThreadPoolExecutor,

@@ -38,7 +38,8 @@ def split_chunks(store: ActivationStore, eval_fraction: float) -> tuple[list[int
     """(training chunks, held-out chunks): the held-out slice is the last chunks of the corpus."""
     n = store.n_chunks
     if n < 2:
-        raise ValueError(f"the cache has {n} chunk; training needs at least 2 (one is held out)")
+        raise ValueError(f"the cache has {n} chunk; training needs at least 2 (one is held out): cache more "
+                         "tokens, or fewer per chunk (`gsae cache --chunk-tokens`)")
     held_out = max(1, round(n * eval_fraction))
     return list(range(n - held_out)), list(range(n - held_out, n))
 
