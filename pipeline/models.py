@@ -145,8 +145,14 @@ def _from_pretrained(loader: Any, spec: ModelSpec, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(spec.location, **kwargs)
     except OSError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise GsaeError(f"could not load model {spec.model_id!r} from the Hub: {first}") from None
+        raise GsaeError(f"could not load model {spec.model_id!r} from the Hub: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (transformers' often run over several), its type where empty."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
@@ -185,9 +191,8 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         model = _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32)
     except GsaeError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise GsaeError(f"could not load model {spec.model_id!r}: {first}") from None
+    except Exception as exc:  # missing or damaged files (safetensors, tokenizer) raise many types
+        raise GsaeError(f"could not load model {spec.model_id!r}: {_one_line(exc)}") from None
     model.eval().to(device)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n_layers = int(config.num_hidden_layers)
