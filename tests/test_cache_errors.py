@@ -105,7 +105,7 @@ def test_path_holding_something_else(setup, tiny_neox, tmp_path, capsys):
 def test_different_command_against_existing_cache(tiny_neox, tmp_path, capsys):
     assert run_cli(_args(tiny_neox, tmp_path / "c"), capsys)[0] == 0
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", context_length=48), capsys)[::2])
-    assert "other settings" in line and "context_length" in line
+    assert "other settings" in line and "--context-length 32 there, 48 now" in line
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", tokens=300), capsys)[::2])
     assert "tokens_planned" in line
 
