@@ -460,16 +460,23 @@ def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: Wi
     return attributes, recipe
 
 
+# what each recipe entry is, where the entry's name is not an option's (the others are --<name>)
+_RECIPE_WORDS = {"model_id": "--model", "model_revision": "the model's revision", "model_fingerprint": "the model's files",
+                 "corpus_fingerprint": "the corpus (--dataset)", "prepend_bos": "BOS prepended (the tokenizer)",
+                 "bos_stored": "BOS stored (--keep-bos)", "tokens_planned": "--tokens"}
+
+
 def _check_recipe(path: str, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
-    """Refuse to resume a cache made with other settings, naming the first that differs as its option."""
+    """Refuse to resume a cache made with other settings, naming the first that differs."""
     def show(value: Any) -> str:
         return "the default" if value is None else repr(value)
 
     for key in wanted:
         if stored.get(key) != wanted[key]:
+            what = _RECIPE_WORDS.get(key, f"--{key.replace('_', '-')}")
             raise GsaeError(
-                f"{path} holds a cache made with other settings (--{key.replace('_', '-')} {show(stored.get(key))} "
-                f"there, {show(wanted[key])} now); re-run the original command to resume it, or choose another --cache"
+                f"{path} holds a cache made with other settings ({what}: {show(stored.get(key))} there, "
+                f"{show(wanted[key])} now); re-run the original command to resume it, or choose another --cache"
             )
 
 

@@ -105,9 +105,9 @@ def test_path_holding_something_else(setup, tiny_neox, tmp_path, capsys):
 def test_different_command_against_existing_cache(tiny_neox, tmp_path, capsys):
     assert run_cli(_args(tiny_neox, tmp_path / "c"), capsys)[0] == 0
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", context_length=48), capsys)[::2])
-    assert "other settings" in line and "--context-length 32 there, 48 now" in line
+    assert "other settings" in line and "--context-length: 32 there, 48 now" in line
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", tokens=300), capsys)[::2])
-    assert "tokens_planned" in line
+    assert "--tokens: 200 there, 300 now" in line
 
 
 def test_disk_full_leaves_a_resumable_incomplete_cache(tiny_neox, tmp_path, capsys, monkeypatch):
