@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -50,6 +50,7 @@ class RunSummary:
     cache_tokens: int
     cache_fingerprint: dict[str, Any]
     cache_note: str | None = None  # why cache_seconds is None
+    sae: dict[str, Any] = field(default_factory=dict)  # architecture, n_latents, k: what the runs must share
 
     def cost(self, baseline: "RunSummary | None") -> float:
         """Training time ÷ the baseline's (NaN without a baseline)."""
@@ -99,7 +100,8 @@ def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
     return RunSummary(run.path, config.label, config.metric, config.groups,
                       sorted(records, key=lambda r: r["layer"]), float(train_seconds),
                       grouping_seconds, amad, config.tokens_per_sae, cache_seconds,
-                      int(config.cache_fingerprint["tokens"]), config.cache_fingerprint, cache_note)
+                      int(config.cache_fingerprint["tokens"]), config.cache_fingerprint, cache_note,
+                      {"architecture": config.architecture, "n_latents": config.n_latents, "k": config.k})
 
 
 def _check_json_files(path: str, config: RunConfig) -> None:
@@ -141,6 +143,11 @@ def check_comparable(paths: list[str], runs: list["RunSummary"] | None = None) -
         if differ:
             raise GsaeError(f"cannot compare {reference.path} and {run.path}: they were trained on different caches "
                             f"({'; '.join(differ)})")
+        shape = [f"{key} {reference.sae.get(key)} vs {run.sae.get(key)}" for key in reference.sae
+                 if reference.sae.get(key) != run.sae.get(key)]
+        if shape:
+            raise GsaeError(f"cannot compare {reference.path} and {run.path}: their SAEs differ ({'; '.join(shape)}); "
+                            "train them with the same --architecture, --expansion and --k")
         if run.tokens_per_sae != reference.tokens_per_sae:
             raise GsaeError(f"cannot compare {reference.path} and {run.path}: {reference.tokens_per_sae:,} vs "
                             f"{run.tokens_per_sae:,} training tokens per SAE; train them with the same --tokens "

@@ -199,9 +199,10 @@ def test_report_refuses_runs_that_cannot_be_compared(pair, tiny_models, tmp_path
     other_cache = make_cache(tiny_models["llama"], tmp_path / "c2", tokens=3000, context_length=32, batch_size=8,
                              chunk_tokens=400)
     assert run_cli(["group", "--cache", other_cache], capsys)[0] == 0
-    for cache, tokens, out in ((other_cache, 2048, "other"), (pair["cache"], 1024, "short")):
+    for cache, tokens, out, extra in ((other_cache, 2048, "other", []), (pair["cache"], 1024, "short", []),
+                                      (pair["cache"], 2048, "wide", ["--expansion", 8])):
         assert run_cli(["train", "--cache", cache, "--groups", 1, "--out", tmp_path / out, "--tokens", tokens,
-                        "--batch-size", 512], capsys)[0] == 0
+                        "--batch-size", 512, *extra], capsys)[0] == 0
         assert run_cli(["eval", "--run", tmp_path / out, "--windows", 0], capsys)[0] == 0
 
     def report(*runs):
@@ -212,6 +213,8 @@ def test_report_refuses_runs_that_cannot_be_compared(pair, tiny_models, tmp_path
     assert "n_layers 3 vs 4" in line
     line = _one_line_error(*report(pair["base"], tmp_path / "short")[::2])
     assert "2,048 vs 1,024 training tokens per SAE" in line and str(tmp_path / "short") in line
+    line = _one_line_error(*report(pair["base"], tmp_path / "wide")[::2])
+    assert "their SAEs differ (n_latents" in line and str(tmp_path / "wide") in line
     line = _one_line_error(*report(pair["base"], pair["g1"], f"{pair['base']}/")[::2])
     assert "given twice" in line and str(pair["base"]) in line
     assert not (tmp_path / "rep").exists()
