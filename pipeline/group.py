@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -113,7 +114,9 @@ def runs_using(store: ActivationStore, metric: str, record: dict[str, Any] | Non
             runs.append(str(json.loads(data)["run"]))
         except (ValueError, KeyError, TypeError):  # a damaged mark still says that some run uses the grouping
             runs.append(f"{_users_folder(metric)}/{name} (unreadable)")
-    return sorted(set(runs))
+    # a run deleted since does not hold the grouping (only absolute local paths can be told: older marks
+    # and object storage are kept)
+    return sorted(run for run in set(runs) if not (os.path.isabs(run) and not os.path.exists(run)))
 
 
 def load_grouping(store: ActivationStore, metric: str) -> Grouping | None:
@@ -181,7 +184,9 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
         if existing.get("arguments") == arguments and not request.force:
             grouping = Grouping.from_json(existing)
             return GroupResult(grouping, f"{store.path}/{result_name(request.metric)}",
-                               existing.get("pictures", []), True, 0.0, notes + _sample_note(tokens, grouping))
+                               [f"{store.path}/{name}" if name.startswith("groups/") else name  # older: full paths
+                                for name in existing.get("pictures", [])],
+                               True, 0.0, notes + _sample_note(tokens, grouping))
         users = runs_using(store, request.metric, existing)
         if users and not request.force:
             raise GsaeError(
@@ -203,12 +208,12 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
     from pipeline.plots import amad_curve, distance_heatmap  # matplotlib: only when pictures are drawn
 
     title = f"{store.attrs.get('model_id')} · {sample['tokens']:,} tokens"
-    pictures = [
-        write_side_file(store, f"groups/{request.metric}-distance.png", distance_heatmap(grouping, title)),
-        write_side_file(store, f"groups/{request.metric}-amad.png", amad_curve(grouping, title)),
-    ]
+    names = [f"groups/{request.metric}-distance.png", f"groups/{request.metric}-amad.png"]
+    pictures = [write_side_file(store, names[0], distance_heatmap(grouping, title)),
+                write_side_file(store, names[1], amad_curve(grouping, title))]
+    # the record names them inside the cache (as written, they would be relative to the folder group ran in)
     record = {"format": GROUPING_FORMAT, **grouping.to_json(), "arguments": arguments, "seconds": round(seconds, 3),
-              "pictures": pictures, "gsae_version": __version__}
+              "pictures": names, "gsae_version": __version__}
     path = write_side_file(store, result_name(request.metric), json.dumps(record, indent=1).encode())
     remove_side_files(store, _users_folder(request.metric))  # the runs keep their own record of the old one
     return GroupResult(grouping, path, pictures, False, seconds, notes)

@@ -132,7 +132,7 @@ def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
     dead_tokens = request.dead_tokens if request.dead_tokens is not None else default_dead_tokens(request)
     return RunConfig(
         # an absolute path for a local cache, so that eval, report and --resume find it from any folder
-        label=label, cache=os.path.abspath(store.path) if "://" not in store.path else store.path,
+        label=label, cache=_where(store.path),
         cache_fingerprint=cache_fingerprint(store),
         source={"model_id": attrs.get("model_id"), "context_length": attrs.get("context_length"),
                 "prepend_bos": attrs.get("prepend_bos"), "corpus": attrs.get("corpus", {}).get("spec")},
@@ -207,13 +207,18 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
                             f"continue it with `gsae train --out {path} --resume`, or pass --out for a new one")
         console.print(f"continuing the unfinished run in {path} (same arguments)")
         if existing.grouping:  # again: a kill may have come between creating the run and marking
-            mark_used(store, request.metric, str(path))
+            mark_used(store, request.metric, _where(path))
         return run, _store_of(existing, request.cache, path)
     if config.grouping:  # marked first: a kill after creating the run leaves no run unmarked
-        mark_used(store, request.metric, str(path))
+        mark_used(store, request.metric, _where(path))
     for note in _plan_notes(request, config, store):
         console.print(f"[yellow]note[/]: {note}")
     return Run.create(path, config), store
+
+
+def _where(path: str) -> str:
+    """A run's path as marks and configs record it: absolute for a local folder (found from any folder)."""
+    return str(path) if "://" in str(path) else os.path.abspath(path)
 
 
 def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore) -> list[str]:

@@ -326,3 +326,24 @@ def test_tokens_below_a_chunk_say_that_whole_chunks_are_sampled(llama_cache, cap
     assert "--tokens 10: whole chunks are sampled, so D is over 128 tokens (1 chunk)" in err
     saved = json.loads((llama_cache / "groups" / "uniform.json").read_text())
     assert saved["sample"]["tokens"] == 128
+
+
+def test_a_deleted_run_no_longer_holds_its_grouping(llama_cache, tmp_path, capsys):
+    """A run's mark is its absolute folder; once the folder is gone the grouping may be recomputed without
+    --force (a stale mark refused it forever)."""
+    import shutil
+
+    from pipeline.group import runs_using
+
+    args = ["group", "--cache", llama_cache, "--tokens", 400, "--metric", "uniform", "--force"]
+    assert run_cli(args, capsys)[0] == 0
+    run = tmp_path / "r"
+    assert run_cli(["train", "--cache", llama_cache, "--metric", "uniform", "--groups", 1, "--tokens", 512,
+                    "--batch-size", 256, "--out", run], capsys)[0] == 0
+    store = ActivationStore.open(str(llama_cache))
+    assert runs_using(store, "uniform") == [str(run)]
+    code, _, err = run_cli([*args[:-1], "--tokens", 300], capsys)
+    assert code == 1 and "training runs use it" in err
+    shutil.rmtree(run)
+    assert runs_using(store, "uniform") == []
+    assert run_cli([*args[:-1], "--tokens", 300], capsys)[0] == 0
