@@ -438,7 +438,7 @@ def run_all(
     tokens: int = typer.Option(PaperRequest.tokens, help="Training tokens per SAE."),
     expansion: float = typer.Option(PaperRequest.expansion, help="d_sae / d_model."),
     batch_size: int = typer.Option(PaperRequest.batch_size, help="Tokens per training step."),
-    windows: int = typer.Option(PaperRequest.windows, help="Held-out windows for the downstream metrics."),
+    windows: int = typer.Option(PaperRequest.windows, help=f"Held-out windows for the downstream metrics (fewer than gsae eval's {EVAL_WINDOWS}: it evaluates many runs)."),
     out: str = typer.Option(PaperRequest.out, help="Where the runs and the report go."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
@@ -512,7 +512,8 @@ def main() -> None:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: committed chunks are kept; re-run the same command to resume")
+        console.print("[yellow]interrupted[/]: what was committed is kept (a cache's chunks, a run's last "
+                      "checkpoint); re-run the same command to resume")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

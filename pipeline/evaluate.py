@@ -226,7 +226,10 @@ def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_
     saes = trained.load_saes(torch_device)
     lm = None
     if windows > 0:
-        spec = spec_from_store(store)
+        try:
+            spec = spec_from_store(store)
+        except GsaeError as exc:  # the model folder moved or the hub is out of reach
+            raise GsaeError(f"{exc}; or pass --windows 0 to skip the downstream metrics") from None
         if spec.fingerprint != store.attrs.get("model_fingerprint"):
             raise GsaeError(f"the model {spec.model_id!r} found now (fingerprint {spec.fingerprint}) is not the one "
                             f"the cache {store.path} was made with ({store.attrs.get('model_fingerprint')}); "
@@ -236,6 +239,8 @@ def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_
             status.start()
         try:
             lm = load_model(spec, torch_device)
+        except GsaeError as exc:
+            raise GsaeError(f"{exc}; or pass --windows 0 to skip the downstream metrics") from None
         finally:
             if status:
                 status.stop()
