@@ -126,6 +126,8 @@ def _validate(request: CacheRequest) -> None:
         raise GsaeError(f"--compression must be lossless or lossy (got {request.compression})")
     if request.compression == "lossy" and request.dtype == "bfloat16":
         raise GsaeError("--compression lossy works with --dtype float16 or float32, not bfloat16")
+    if request.compression == "lossless" and request.keep_bits is not None:
+        raise GsaeError("--keep-bits sets the mantissa bits of --compression lossy; a lossless cache keeps them all")
     if request.compression == "lossy" and request.keep_bits is not None:
         try:  # the codecs' own rule, before any folder is made
             activation_codecs("lossy", request.dtype, request.keep_bits)

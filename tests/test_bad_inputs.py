@@ -188,3 +188,11 @@ def test_cache_summary_to_a_file_holds_the_whole_path(tiny_llama, tmp_path, monk
                               32, "--batch-size", 4, "--chunk-tokens", 64])
     assert code == 0, err
     assert str(path) in out and "…" not in out
+
+
+def test_keep_bits_without_lossy_is_refused(tiny_llama, tmp_path, monkeypatch):
+    """--keep-bits only means something for a lossy cache: with lossless it was silently ignored."""
+    monkeypatch.chdir(tmp_path)
+    line = _one_line(*run_cli(["cache", "--model", tiny_llama, "--tokens", 200, "--keep-bits", 5])[::2])
+    assert "--keep-bits" in line and "lossy" in line
+    assert list(tmp_path.iterdir()) == []
