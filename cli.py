@@ -453,6 +453,8 @@ def run_all(
         raise GsaeError(f"--groups {groups!r}: give comma-separated integers such as 3,4,5") from None
     if any(g < 1 for g in counts):
         raise GsaeError(f"--groups {groups!r}: every G must be 1 or more (got {min(counts)})")
+    if len(set(counts)) < len(counts):
+        raise GsaeError(f"--groups {groups!r}: G {next(g for g in counts if counts.count(g) > 1)} is given twice")
     _check_positive("--expansion", expansion)
     if tokens <= 0 or batch_size <= 0:
         raise GsaeError("--tokens and --batch-size must be positive")
@@ -535,7 +537,7 @@ def _unexpected(exc: BaseException) -> str:
     """One line for an exception gsae has no message of its own for: what happened, and how to see more."""
     if any(kind.__name__ == "OutOfMemoryError" for kind in type(exc).__mro__):  # torch's, on a GPU
         return "the GPU ran out of memory (run with --debug for the traceback)"
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # the latter: torch's CPU allocator
         return "ran out of memory (run with --debug for the traceback)"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     what = type(exc).__name__ + (f": {lines[0]}" if lines else "")

@@ -44,7 +44,8 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
         layers = sorted(layers)
         out_of_range = [layer for layer in layers if layer >= n_layers]
         if out_of_range:
-            raise GsaeError(f"--layers {spec!r}: the cache has layers 0-{n_layers - 1}, not {out_of_range[0]}")
+            raise GsaeError(f"--layers {spec!r}: the cache has layers 0-{n_layers - 1}, not "
+                            f"{', '.join(map(str, out_of_range[:5]))}{' ...' if len(out_of_range) > 5 else ''}")
     if len(layers) < 2:
         raise GsaeError(f"grouping needs at least two layers (got {len(layers)})")
     return layers

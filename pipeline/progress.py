@@ -19,6 +19,13 @@ from rich.progress import (
 from rich.text import Text
 
 
+def _duration(seconds: float) -> str:
+    """H:MM:SS, with the days in front from one day on (``3d 04:05:06``)."""
+    days, rest = divmod(int(seconds), 86400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days:,}d {clock}" if days else clock
+
+
 def _mean_speed(task: Task) -> float | None:
     """Items per second since the task started; rich estimates over recent updates only, so slow rows
     get none. ``task.fields["resumed_at"]``: where a resumed task started counting (not done in this process)."""
@@ -74,8 +81,8 @@ class LoggedProgress(Progress):
                     f"{Text.from_markup(task.description).plain}: {task.completed:,.0f}"
                     + (f"/{task.total:,.0f}" if task.total else "") + f" {self._unit}"
                     + (f", {speed:,.0f} {self._unit}/s" if speed else "")
-                    + f", {time.strftime('%H:%M:%S', time.gmtime(task.elapsed or 0))} elapsed"
-                    + (f", ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}" if eta is not None else "")
+                    + f", {_duration(task.elapsed or 0)} elapsed"
+                    + (f", ETA {_duration(eta)}" if eta is not None else "")
                     + (f", {task.fields['stats']}" if task.fields.get("stats") else ""),
                     highlight=False, markup=False, soft_wrap=True)
 

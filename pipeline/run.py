@@ -332,8 +332,12 @@ class Run:
                     raise GsaeError(f"checkpoint file {name} does not fit this run ({type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0]})") from None
             try:
-                return json.loads(fs.cat_file(join(root, "state.json")))
-            except ValueError as exc:
+                state = json.loads(fs.cat_file(join(root, "state.json")))
+                missing = [key for key in ("step", "elapsed", "streams") if key not in state]
+                if missing:
+                    raise ValueError(f"no {missing[0]!r}")
+                return state
+            except (ValueError, TypeError) as exc:  # not JSON, not an object, or a field missing
                 raise GsaeError(f"checkpoint file {join(url, 'state.json')} is damaged ({exc})") from None
         except GsaeError as exc:
             raise GsaeError(f"{exc}; {advice}") from None

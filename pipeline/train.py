@@ -112,6 +112,22 @@ def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list
     return point["groups"], f"{request.metric}-g{n}", snapshot
 
 
+def _check_fits(n_saes: int, n_latents: int, d: int, request: TrainRequest) -> None:
+    """Refuse, before the run is made, SAEs that cannot fit this process's device: weights and Adam's two
+    moments (6 n·d floats per SAE, all of this process's SAEs at once) and one batch's latents (3 batch·n)."""
+    here = math.ceil(n_saes / current_ranks().world)
+    need = 4 * (here * 6 * n_latents * d + 3 * request.batch_size * n_latents)
+    device = pick_device(request.device)
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device.index or 0).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise GsaeError(f"{here} SAE{'s' if here > 1 else ''} of {n_latents:,} latents × d_model {d} need about "
+                        f"{need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of the {device.type}; "
+                        "lower --expansion or --batch-size (or spread the SAEs over ranks with torchrun)")
+
+
 def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
     """The run's configuration: groups, scales, SAE shape, learning rate, held-out slice."""
     d = store.d_model
@@ -123,10 +139,12 @@ def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
     if not 0 < k < n_latents:
         raise GsaeError(f"--k must be between 1 and {n_latents - 1} (d_sae = {n_latents}); got {k}")
     groups, label, grouping = _partition(request, store)
+    _check_fits(len(groups), n_latents, d, request)
     try:
         train_chunks, eval_chunks = split_chunks(store, request.eval_fraction)
     except ValueError as exc:
         raise GsaeError(str(exc)) from None
+    store.mean  # read here too (training starts from it): damaged statistics are named before the run is made
     norms = store.norm
     attrs = store.attrs
     dead_tokens = request.dead_tokens if request.dead_tokens is not None else default_dead_tokens(request)

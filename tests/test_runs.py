@@ -409,3 +409,19 @@ def test_a_garbled_run_file_is_one_line_for_eval(whole, tmp_path, capsys, name, 
     (run / name).write_bytes(content)
     code, _, err = run_cli(["eval", "--run", run, "--windows", 0], capsys)
     assert code == 1 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_checkpoint_state_without_its_fields_is_named(cache, tmp_path, capsys):
+    out = tmp_path / "r"
+    _run_killed(_train(cache, out), _KILL_POINTS["between checkpoints"])
+    state = sorted((out / "checkpoints").glob("*/state.json"))[-1]
+    state.write_text("{}")
+    code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--resume"], capsys)
+    assert code == 1 and "state.json is damaged (no 'step')" in err and "Traceback" not in err, err
+
+
+def test_saes_that_cannot_fit_the_device_are_refused_before_the_run_is_made(cache, tmp_path, capsys):
+    out = tmp_path / "r"
+    code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--groups", 2, "--expansion", 1e9,
+                            "--device", "cpu"], capsys)
+    assert code == 1 and "GiB of the cpu" in err and not out.exists(), err
