@@ -448,7 +448,7 @@ def run_all(
 
     _storage(storage_option, cache, out)
     try:
-        counts = [int(g) for g in groups.split(",")] if groups else []
+        counts = [int(g) for g in groups.split(",")] if groups is not None else []
     except ValueError:
         raise GsaeError(f"--groups {groups!r}: give comma-separated integers such as 3,4,5") from None
     if any(g < 1 for g in counts):

@@ -96,7 +96,9 @@ def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
         except Exception as exc:  # the cache moved, is gone or out of reach: the total cost is left open
             if not isinstance(exc, (StoreError, OSError)) and describe_storage_error(exc) is None:
                 raise
-            cache_seconds, cache_note = None, f"the cache {config.cache} cannot be opened for its timing.json"
+            cache_seconds = None
+            cache_note = (str(exc) if isinstance(exc, StoreError) and "timing.json" in str(exc)
+                          else f"the cache {config.cache} cannot be opened for its timing.json")
     return RunSummary(run.path, config.label, config.metric, config.groups,
                       sorted(records, key=lambda r: r["layer"]), float(train_seconds),
                       grouping_seconds, amad, config.tokens_per_sae, cache_seconds,
