@@ -377,6 +377,9 @@ def train(
                       f"{row['l0']:.1f} / {row['held_out_l0']:.1f}",
                       f"{100 * row['dead_fraction']:.1f}", f"{row['tokens_per_s']:,.0f}", f"{row['seconds']:.1f} s")
     report.print(table)
+    for row in result.rows:
+        if row.get("note"):
+            report.print(row["note"], style="yellow", highlight=False, markup=False)
     report.print(f"saved {len(result.rows)} SAEs, metrics and checkpoints in {result.run}")
 
 

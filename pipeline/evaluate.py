@@ -272,22 +272,21 @@ def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_
                                                      _run_with_block_output(lm, input_ids, layer, zero), input_ids))
                     record["eval_windows"] = int(input_ids.shape[0])
                 records.append(record)
-            notes += _threshold_note(sae, sae_config, records[-len(sae_config["layers"]):])
+            note = threshold_note(sae, sae_config["layers"],
+                                  float(np.mean([r["l0"] for r in records[-len(sae_config["layers"]):]])))
+            notes += [note] if note else []
     trained.write_eval(records, eval_arguments(tokens, windows, context_length))
     for note in notes if console else []:
         console.print(f"[yellow]{note}[/]")
     return records
 
 
-def _threshold_note(sae: SparseAutoencoder, sae_config: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
-    """A BatchTopK SAE is evaluated (as exported) with its inference threshold; when the L0 that threshold
-    gives is far from the k it trained with, its FVU is not comparable with training's: say so."""
-    if sae.architecture != "batchtopk":
-        return []
-    l0 = float(np.mean([r["l0"] for r in records]))
-    if sae.k / 2 <= l0 <= 2 * sae.k:
-        return []
-    return [f"note: the BatchTopK SAE of layers {layer_span(sae_config['layers'], '–')} is evaluated, as exported, "
+def threshold_note(sae: SparseAutoencoder, layers: list[int], l0: float) -> str | None:
+    """A BatchTopK SAE is evaluated (as exported) with its inference threshold; when the held-out ``l0``
+    that threshold gives is far from the k it trained with, its FVU is not comparable with training's: say so."""
+    if sae.architecture != "batchtopk" or sae.k / 2 <= l0 <= 2 * sae.k:
+        return None
+    return (f"note: the BatchTopK SAE of layers {layer_span(layers, '–')} is evaluated, as exported, "
             f"with its inference threshold ({float(sae.threshold):.4g}), which keeps {l0:.1f} latents per token "
             f"against k = {sae.k} in training: the threshold has not settled (train longer), so its held-out metrics "
-            f"are those of L0 {l0:.1f}, not k"]
+            f"are those of L0 {l0:.1f}, not k")

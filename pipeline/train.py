@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from pipeline import __version__
 from pipeline.errors import GsaeError, check_seed
-from pipeline.evaluate import layer_reconstruction
+from pipeline.evaluate import layer_reconstruction, threshold_note
 from pipeline.group import grouping_record, mark_used, result_name
 from pipeline.grouping import Grouping, layer_span, parse_layers
 from pipeline.models import pick_device
@@ -448,6 +448,8 @@ def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder]
                    "held_out_fvu_per_layer": {str(k): v for k, v in per_layer.items()},
                    # the L0 that held-out FVU was measured at (BatchTopK: its inference threshold, not k)
                    "held_out_l0": float(np.mean([record["l0"] for record in held_out.values()])),
+                   "note": threshold_note(sae, config.groups[i],
+                                          float(np.mean([record["l0"] for record in held_out.values()]))),
                    "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")}
             parts[i] = (row, {name: t.detach().cpu() for name, t in sae.state_dict().items()})
     merged = ranks.gather_to_first(parts)

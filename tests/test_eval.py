@@ -254,6 +254,10 @@ def test_report_names_a_damaged_file_in_one_line(pair, tmp_path, name, content, 
     assert f"{run / name} is damaged" in line
 
 
+def summary_k(run) -> int:
+    return json.loads((run / "config.json").read_text())["k"]
+
+
 def test_batchtopk_eval_shows_the_l0_of_its_threshold(pair, tmp_path, capsys):
     """A BatchTopK SAE is evaluated with its inference threshold: the L0 in eval.json (and the table) is
     the one that threshold gives on the held-out rows, and a threshold far from k is pointed out."""
@@ -261,8 +265,11 @@ def test_batchtopk_eval_shows_the_l0_of_its_threshold(pair, tmp_path, capsys):
     from stores import ActivationStore
 
     out = tmp_path / "btk"
-    assert run_cli(["train", "--cache", pair["cache"], "--groups", 1, "--architecture", "batchtopk", "--out", out,
-                    "--tokens", 1024, "--batch-size", 512], capsys)[0] == 0
+    code, trained, _ = run_cli(["train", "--cache", pair["cache"], "--groups", 1, "--architecture", "batchtopk",
+                                "--out", out, "--tokens", 1024, "--batch-size", 512], capsys)
+    assert code == 0 and "has not settled" in trained  # the training summary says so too
+    summary = json.loads((out / "summary.json").read_text())["saes"][0]
+    assert "has not settled" in summary["note"] and summary["held_out_l0"] > 2 * summary_k(out)
     code, _, err = run_cli(["eval", "--run", out, "--windows", 0, "--tokens", 400], capsys)
     assert code == 0, err
     records = json.loads((out / "eval.json").read_text())["records"]
