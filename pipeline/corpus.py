@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.errors import GsaeError
+from stores.messages import first_line
 from pipeline.hub import hub_reachable
 
 EMBEDDED_CORPUS = "pydoc"
@@ -79,7 +80,7 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:
-        raise GsaeError(f"cannot read {path} as parquet: {str(exc).splitlines()[0]}") from None
+        raise GsaeError(f"cannot read {path} as parquet: {first_line(exc)}") from None
     if text_field not in parquet.schema_arrow.names:
         raise GsaeError(f"{path} has no {text_field!r} column (set --text-field)")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
@@ -138,7 +139,7 @@ def _hub_corpus(spec: str, config: str | None, split: str, text_field: str) -> C
         try:
             stream = datasets.load_dataset(spec, name=config, split=split, streaming=True)
         except Exception as exc:
-            raise GsaeError(f"could not open dataset {spec!r}: {str(exc).splitlines()[0]}") from None
+            raise GsaeError(f"could not open dataset {spec!r}: {first_line(exc)}") from None
         for number, record in enumerate(stream):
             if text_field not in record:
                 raise GsaeError(f"dataset {spec!r} has no {text_field!r} field (set --text-field)")

@@ -40,6 +40,7 @@ from safetensors.torch import save
 from pipeline.errors import GsaeError
 from pipeline.sae import SparseAutoencoder, read_tensors, sae_files, sae_from_files
 from stores import ActivationStore
+from stores.messages import first_line
 from stores.remote import join, write_whole
 
 RUN_FORMAT = 1
@@ -193,7 +194,7 @@ class Run:
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError included
-            raise GsaeError(f"{self.url(name)} is damaged ({str(exc).splitlines()[0][:80]})") from None
+            raise GsaeError(f"{self.url(name)} is damaged ({first_line(exc, 80)})") from None
         return data
 
     # ------------------------------------------------------------------ opening
@@ -330,7 +331,7 @@ class Run:
                     unpack_training_state(tensors, sae, optimizer, fired)
                 except (KeyError, RuntimeError) as exc:  # a tensor missing, or of another shape
                     raise GsaeError(f"checkpoint file {name} does not fit this run ({type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0]})") from None
+                                    f"{first_line(exc)})") from None
             try:
                 state = json.loads(fs.cat_file(join(root, "state.json")))
                 missing = [key for key in ("step", "elapsed", "streams") if key not in state]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import GsaeError
+from stores.messages import first_line
 
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 AUXK_ALPHA = 1 / 32
@@ -290,7 +291,7 @@ def read_tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
     try:
         return load(data)
     except Exception as exc:  # safetensors raises its own error type (a bad header, a short file)
-        raise GsaeError(f"{name} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise GsaeError(f"{name} is damaged ({first_line(exc)})") from None
 
 
 def sae_from_files(weights: bytes, config: bytes | str, name: str = "the SAE") -> tuple[SparseAutoencoder, dict]:
@@ -311,5 +312,5 @@ def sae_from_files(weights: bytes, config: bytes | str, name: str = "the SAE") -
     try:
         sae.load_state_dict(tensors)
     except RuntimeError as exc:  # missing keys or other shapes than its config says
-        raise GsaeError(f"{name} does not match its config ({str(exc).splitlines()[0]})") from None
+        raise GsaeError(f"{name} does not match its config ({first_line(exc)})") from None
     return sae, config

@@ -33,6 +33,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
 from stores.codecs import STORAGE_DTYPES, activation_codecs, quiet_numcodecs, small_array_codecs
+from stores.messages import first_line
 from stores.remote import join, write_whole
 
 
@@ -343,7 +344,7 @@ class ActivationStore:
             elif isinstance(exc, json.JSONDecodeError):
                 problem = "is not valid JSON"
             else:
-                problem = f"cannot be read ({_first_line(exc)})"
+                problem = f"cannot be read ({first_line(exc, 120)})"
             raise StoreError(f"cache {self.path}: {name}/zarr.json {problem}; the cache is damaged: restore it "
                              "from a copy or re-create it with `gsae cache`") from None
         if not isinstance(array, zarr.Array):
@@ -895,18 +896,13 @@ class ActivationStore:
                 yield name, layer, start, stop, problem
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:120] if text else type(exc).__name__
-
-
 def _describe_stats_error(exc: Exception) -> str:
     """:func:`_describe_decode_error`, where a KeyError (zarr: no such array) means the array is missing."""
     return "missing" if isinstance(exc, KeyError) else _describe_decode_error(exc)
 
 
 def _describe_decode_error(exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = first_line(exc)
     if "checksum" in text.lower():
         return "checksum mismatch"
     return f"cannot decode ({text[:120]})"

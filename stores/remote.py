@@ -17,6 +17,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
+from stores.messages import first_line
+
 #: the extra of gsae that installs each protocol's file system (`pip install 'gsae[s3]'`)
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 _LOCAL = ("file", "local")
@@ -60,8 +62,7 @@ def check_protocol(location: str) -> None:
     except (ImportError, ValueError) as exc:
         extra = EXTRAS.get(protocol)
         hint = f"pip install 'gsae[{extra}]'" if extra else "install the fsspec implementation for it"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RemoteError(f"{location}: {protocol}:// is not available here ({reason}); {hint}") from None
+        raise RemoteError(f"{location}: {protocol}:// is not available here ({first_line(exc)}); {hint}") from None
 
 
 def use_storage_options(options: dict[str, Any], locations: list[str]) -> None:
