@@ -120,14 +120,6 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def _check_positive(option: str, value: Optional[float]) -> None:
-    """A float option (None: not given) must be a finite number above 0 (not nan or inf)."""
-    from pipeline.errors import GsaeError
-
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise GsaeError(f"{option} must be a positive finite number (got {value})")
-
-
 def _check_folder(option: str, location: Optional[str]) -> None:
     """A local --out must not be, or lie under, a file (a URL is left to its file system)."""
     from pipeline.errors import GsaeError
@@ -454,26 +446,8 @@ def run_all(
         counts = [int(g) for g in groups.split(",")] if groups is not None else []
     except ValueError:
         raise GsaeError(f"--groups {groups!r}: give comma-separated integers such as 3,4,5") from None
-    if any(g < 1 for g in counts):
-        raise GsaeError(f"--groups {groups!r}: every G must be 1 or more (got {min(counts)})")
-    if len(set(counts)) < len(counts):
-        raise GsaeError(f"--groups {groups!r}: G {next(g for g in counts if counts.count(g) > 1)} is given twice")
-    _check_positive("--expansion", expansion)
-    if tokens <= 0 or batch_size <= 0:
-        raise GsaeError("--tokens and --batch-size must be positive")
-    if windows < 0:
-        raise GsaeError(f"--windows must be 0 (skip the downstream metrics) or more (got {windows})")
     _check_folder("--out", out)
-    cache = _resolve_cache(cache)
-    if counts:  # checked before anything trains: the layer count is in the cache's attributes
-        from pipeline.grouping import parse_layers
-        from stores import ActivationStore
-
-        n_grouped = len(parse_layers(None, ActivationStore.open(cache).n_layers))  # the layers run groups
-        if max(counts) > n_grouped:
-            raise GsaeError(f"--groups {groups!r}: G can be at most {n_grouped}, the number of grouped layers "
-                            f"of {cache} (got {max(counts)})")
-    result = run_paper(PaperRequest(cache=cache, groups=counts, tokens=tokens, expansion=expansion,
+    result = run_paper(PaperRequest(cache=_resolve_cache(cache), groups=counts, tokens=tokens, expansion=expansion,
                                     batch_size=batch_size, windows=windows, out=out), console)
     report.print(result.tables)
     report.print(f"wrote report.md and plots in {result.folder}")

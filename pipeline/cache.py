@@ -49,7 +49,7 @@ from stores import (
     write_seconds_writing,
 )
 from stores.activation_store import fold_seconds_writing
-from stores.codecs import activation_codecs
+from stores.codecs import keep_bits_range
 
 DEFAULT_TOKENS = 100_000
 DEFAULT_CONTEXT_LENGTH = 256
@@ -128,11 +128,9 @@ def _validate(request: CacheRequest) -> None:
         raise GsaeError("--compression lossy works with --dtype float16 or float32, not bfloat16")
     if request.compression == "lossless" and request.keep_bits is not None:
         raise GsaeError("--keep-bits sets the mantissa bits of --compression lossy; a lossless cache keeps them all")
-    if request.compression == "lossy" and request.keep_bits is not None:
-        try:  # the codecs' own rule, before any folder is made
-            activation_codecs("lossy", request.dtype, request.keep_bits)
-        except ValueError as exc:
-            raise GsaeError(f"--keep-bits {exc}") from None
+    bits = keep_bits_range(request.dtype)  # the codecs' own rule, checked before any folder is made
+    if request.compression == "lossy" and request.keep_bits is not None and request.keep_bits not in bits:
+        raise GsaeError(f"--keep-bits must be from 0 to {bits[-1]} for {request.dtype} (got {request.keep_bits})")
 
 
 def _prepare_folder(path: str) -> bool:

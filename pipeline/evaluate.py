@@ -191,7 +191,7 @@ def read_eval(run: Run) -> dict[str, Any] | None:
     return data
 
 
-def _check_arguments(tokens: int, windows: int, context_length: int | None) -> None:
+def check_eval_arguments(tokens: int, windows: int, context_length: int | None) -> None:
     """Refuse, before any work, arguments that cannot give meaningful metrics."""
     if tokens < MIN_TOKENS:
         raise GsaeError(f"--tokens must be at least {MIN_TOKENS} (got {tokens}): the FVU's variance over fewer "
@@ -206,7 +206,7 @@ def _check_arguments(tokens: int, windows: int, context_length: int | None) -> N
 def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_WINDOWS, context_length: int | None = None,
                  device: str = "auto", console: Any = None) -> list[dict[str, Any]]:
     """Evaluate every layer of a run; writes ``<run>/eval.json`` and returns its records."""
-    _check_arguments(tokens, windows, context_length)
+    check_eval_arguments(tokens, windows, context_length)
     trained = Run.open(run, need="trained")
     config = trained.config
     store = ActivationStore.open(config.cache)

@@ -14,11 +14,13 @@ from typing import Any
 
 from pipeline.errors import GsaeError
 from pipeline.evaluate import DEFAULT_TOKENS as EVAL_TOKENS
-from pipeline.evaluate import eval_argument_changes, eval_arguments, evaluate_run, read_eval
+from pipeline.evaluate import check_eval_arguments, eval_argument_changes, eval_arguments, evaluate_run, read_eval
 from pipeline.group import GroupRequest, run_group
+from pipeline.grouping import parse_layers
 from pipeline.report import Report, build_report
 from pipeline.run import STATES, Run, join, write_atomic
-from pipeline.train import RUNS_ROOT, TrainRequest, argument_changes, train
+from pipeline.train import RUNS_ROOT, TrainRequest, argument_changes, train, validate_request
+from stores import ActivationStore
 
 
 @dataclass
@@ -32,9 +34,26 @@ class PaperRequest:
     out: str = RUNS_ROOT
 
 
+def _check(request: PaperRequest) -> None:
+    """Refuse, before any grouping or training, what a training run or an evaluation below would refuse
+    later (by their own checks), and group counts the cache cannot have."""
+    validate_request(TrainRequest(cache=request.cache, tokens=request.tokens, expansion=request.expansion,
+                                  batch_size=request.batch_size, baseline=True))
+    check_eval_arguments(EVAL_TOKENS, request.windows, None)
+    given = f"--groups '{','.join(map(str, request.groups))}'"
+    if any(g < 1 for g in request.groups):
+        raise GsaeError(f"{given}: every G must be 1 or more (got {min(request.groups)})")
+    if len(set(request.groups)) < len(request.groups):
+        raise GsaeError(f"{given}: G {next(g for g in request.groups if request.groups.count(g) > 1)} is given twice")
+    if request.groups:  # the layer count is in the cache's attributes
+        n_grouped = len(parse_layers(None, ActivationStore.open(request.cache).n_layers))  # the layers run groups
+        if max(request.groups) > n_grouped:
+            raise GsaeError(f"{given}: G can be at most {n_grouped}, the number of grouped layers of {request.cache} "
+                            f"(got {max(request.groups)})")
+
+
 def run_paper(request: PaperRequest, console: Any) -> Report:
-    if request.windows < 0:  # before any grouping or training
-        raise GsaeError(f"--windows must be 0 (skip the downstream metrics) or more (got {request.windows})")
+    _check(request)
     amad = run_group(GroupRequest(cache=request.cache, metric="amad"), console).grouping
     run_group(GroupRequest(cache=request.cache, metric="uniform"), console)
     chosen, n_layers = amad.chosen, len(amad.layers)

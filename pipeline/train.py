@@ -71,7 +71,8 @@ class TrainResult:
     rank: int = 0
 
 
-def _validate(request: TrainRequest) -> None:
+def validate_request(request: TrainRequest) -> None:
+    """Refuse, before anything is made, a request whose options cannot train (one line each)."""
     if request.architecture not in ARCHITECTURES:
         raise GsaeError(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
     if not (math.isfinite(request.expansion) and request.expansion > 0):
@@ -210,7 +211,7 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
             raise GsaeError(f"{request.out} holds a finished run: nothing to resume (pass --out for a new one)")
         # without --cache, the cache the run recorded
         return run, _store_of(config, request.cache or config.cache, request.out)
-    _validate(request)
+    validate_request(request)
     store = ActivationStore.open(request.cache)
     config = _plan(request, store)
     path = request.out or join(RUNS_ROOT, f"{store.path.rstrip('/').rsplit('/', 1)[-1]}-{config.label}")
@@ -247,11 +248,11 @@ def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore
         notes.append(f"--tokens {request.tokens:,} → {config.tokens_per_sae:,} per SAE "
                      f"({config.steps:,} whole batches of {config.batch_size:,})")
     rows = sum(min(store.chunk_rows(c)[1], store.n_tokens) - store.chunk_rows(c)[0] for c in config.train_chunks)
-    smallest = min(len(group) for group in config.groups) * rows  # (token, layer) rows of the smallest group
-    if config.tokens_per_sae > smallest:
+    fewest = min(len(group) for group in config.groups)  # the group with the fewest (token, layer) rows
+    if config.tokens_per_sae > fewest * rows:
         notes.append(f"each SAE sees {config.tokens_per_sae:,} training rows; the cache holds {rows:,} tokens per "
-                     f"layer for training, so an SAE of {min(len(g) for g in config.groups)} layer(s) sees its rows "
-                     f"{config.tokens_per_sae / smallest:.1f} times (a larger cache avoids repeats)")
+                     f"layer for training, so an SAE of {fewest} layer(s) sees its rows "
+                     f"{config.tokens_per_sae / (fewest * rows):.1f} times (a larger cache avoids repeats)")
     return notes
 
 
@@ -442,14 +443,13 @@ def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder]
                                                     start + _SUMMARY_EVAL_ROWS, device, pool, threads)
                         for layer in config.groups[i]}
             per_layer = {layer: record["fvu"] for layer, record in held_out.items()}
+            held_out_l0 = float(np.mean([record["l0"] for record in held_out.values()]))
             row = {"sae": i, "layers": config.groups[i], "train_fvu": latest[i].get("fvu"), "l0": latest[i].get("l0"),
                    "dead_fraction": latest[i].get("dead_fraction"),
                    "held_out_fvu": float(np.mean(list(per_layer.values()))),
                    "held_out_fvu_per_layer": {str(k): v for k, v in per_layer.items()},
                    # the L0 that held-out FVU was measured at (BatchTopK: its inference threshold, not k)
-                   "held_out_l0": float(np.mean([record["l0"] for record in held_out.values()])),
-                   "note": threshold_note(sae, config.groups[i],
-                                          float(np.mean([record["l0"] for record in held_out.values()]))),
+                   "held_out_l0": held_out_l0, "note": threshold_note(sae, config.groups[i], held_out_l0),
                    "seconds": elapsed[i], "tokens_per_s": latest[i].get("tokens_per_s")}
             parts[i] = (row, {name: t.detach().cpu() for name, t in sae.state_dict().items()})
     merged = ranks.gather_to_first(parts)

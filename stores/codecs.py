@@ -56,6 +56,11 @@ STORAGE_DTYPES: dict[str, tuple[str, int]] = {
 _MANTISSA_BITS = {"float16": 10, "float32": 23}
 
 
+def keep_bits_range(dtype: str) -> range:
+    """The mantissa bits lossy compression can keep for ``dtype`` (empty where it is not lossy-capable)."""
+    return range(_MANTISSA_BITS.get(dtype, 0))
+
+
 @dataclass(frozen=True)
 class CodecChain:
     """The filters and compressors of one array, plus what to record about them."""
@@ -94,8 +99,8 @@ def activation_codecs(compression: str, dtype: str, keep_bits: int = DEFAULT_KEE
     if compression == "lossy":
         if dtype not in _MANTISSA_BITS:
             raise ValueError(f"lossy compression needs --dtype float16 or float32 (got {dtype})")
-        if not 0 <= keep_bits < _MANTISSA_BITS[dtype]:
-            raise ValueError(f"must be from 0 to {_MANTISSA_BITS[dtype] - 1} for {dtype} (got {keep_bits})")
+        if keep_bits not in keep_bits_range(dtype):
+            raise ValueError(f"keep_bits must be from 0 to {_MANTISSA_BITS[dtype] - 1} for {dtype} (got {keep_bits})")
         return CodecChain(
             filters=[BitRound(keepbits=keep_bits)],
             compressors=compressors,
