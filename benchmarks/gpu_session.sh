@@ -14,7 +14,8 @@
 #     the budget is skipped; at the end the key lines are printed again together.
 # Environment: PYTHON (default python3), BUDGET_S (seconds for the whole script), GSAE_SESSION_DIR (work
 # folder, default a fresh one under /tmp, removed at the end), OUT (if set: a copy of the log and of
-# each step's output goes there).
+# each step's output goes there), ONLY (step names to run, e.g. "end_to_end feed": a second call on a warm
+# machine; the model and the small cache are made whenever a step needs them).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 SMOKE=0
@@ -81,6 +82,7 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run under timeout, bounded by what
   local name=$1 max=$2; shift 2
   local left=$((BUDGET - (SECONDS - START) - RESERVE))
   local limit=$((max < left ? max : left))
+  if [ -n "${ONLY:-}" ] && [[ " model small_cache $ONLY " != *" $name "* ]]; then return 0; fi
   ORDER+=("$name")
   if [ "$limit" -lt 20 ]; then
     echo "== $name: SKIPPED (${left}s of the budget left)" | tee "$W/logs/$name.log"

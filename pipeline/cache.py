@@ -32,7 +32,8 @@ import torch
 from pipeline import __version__
 from pipeline.corpus import Corpus, WindowPlan, iter_windows, open_corpus, window_plan
 from pipeline.errors import GsaeError
-from pipeline.models import LoadedModel, block_output, load_model, max_positions, pick_device, resolve_model_spec
+from pipeline.models import (LoadedModel, block_output, load_model, matmul_precision, max_positions, pick_device,
+                             resolve_model_spec)
 from pipeline.progress import make_progress
 from pipeline.ranks import Ranks, current as current_ranks
 from stores import (
@@ -609,9 +610,11 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
             return _result(store, 0.0, 0, store.tokens_written, already_complete=True)
         if ranks.world > 1:
             store.use_markers()
-        return fill_store(store, lm, windows, batch_size=request.batch_size, first_row=first_row,
-                          rows_per_window=rows_per_window, console=console, write_threads=request.write_threads,
-                          ranks=ranks)
+        # full float32 whatever the process set before (a training run's TF32): the bytes must not depend on it
+        with matmul_precision(device, tf32=False):
+            return fill_store(store, lm, windows, batch_size=request.batch_size, first_row=first_row,
+                              rows_per_window=rows_per_window, console=console, write_threads=request.write_threads,
+                              ranks=ranks)
     finally:
         if store is None and created_folder:
             _remove_if_empty(path)

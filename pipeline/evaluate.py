@@ -16,6 +16,8 @@ The BOS position is left as it is when splicing (the SAEs were not trained on it
 
 from __future__ import annotations
 
+import contextlib
+
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 
 from pipeline.errors import GsaeError
 from pipeline.grouping import layer_span
-from pipeline.models import LoadedModel, ModelSpec, block_output, load_model, pick_device, resolve_model_spec
+from pipeline.models import (LoadedModel, ModelSpec, block_output, load_model, matmul_precision, pick_device,
+                             resolve_model_spec)
 from pipeline.ranks import Ranks
 from pipeline.run import EVAL, Run, cache_fingerprint
 from pipeline.sae import SparseAutoencoder
@@ -205,7 +208,15 @@ def check_eval_arguments(tokens: int, windows: int, context_length: int | None) 
 
 def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_WINDOWS, context_length: int | None = None,
                  device: str = "auto", console: Any = None) -> list[dict[str, Any]]:
-    """Evaluate every layer of a run; writes ``<run>/eval.json`` and returns its records."""
+    """Evaluate every layer of a run; writes ``<run>/eval.json`` and returns its records.  On CUDA the SAEs'
+    float32 matmuls run in TF32 where the run trained so (``tf32`` in its config), as its held-out FVU was
+    measured, for this call only (:func:`matmul_precision`)."""
+    with contextlib.ExitStack() as scope:
+        return _evaluate_run(run, tokens, windows, context_length, device, console, scope)
+
+
+def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | None, device: str, console: Any,
+                  scope: contextlib.ExitStack) -> list[dict[str, Any]]:
     check_eval_arguments(tokens, windows, context_length)
     trained = Run.open(run, need="trained")
     config = trained.config
@@ -223,6 +234,7 @@ def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_
         raise GsaeError(f"--context-length must be at least {first + 2} here: the BOS in front is not spliced, "
                         f"so a window needs a spliced token and the next one it predicts (got {context_length})")
     torch_device = pick_device(device)
+    scope.enter_context(matmul_precision(torch_device, config.tf32))
     saes = trained.load_saes(torch_device)
     lm = None
     if windows > 0:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -177,6 +178,26 @@ def pick_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise GsaeError(f"unknown device {device!r}; choose {', '.join(DEVICES)}")
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def matmul_precision(device: torch.device, tf32: bool) -> Iterator[None]:
+    """float32 matmuls on ``device`` in TF32 (``tf32``) or in full float32 while inside; the process's
+    setting is restored after.
+
+    Why scoped: torch's switch is global.  Training turns TF32 on (as sparsify does); left on, it changed
+    every later matmul of the process, so a cache written after a training run in the same process (the
+    test suite with CUDA visible) no longer had the bytes of one written by a fresh process, and an
+    evaluation used TF32 or not depending on what ran before it.  No effect off CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:

@@ -22,7 +22,7 @@ from pipeline.errors import GsaeError, check_seed
 from pipeline.evaluate import layer_reconstruction, threshold_note
 from pipeline.group import grouping_record, mark_used, result_name
 from pipeline.grouping import Grouping, layer_span, parse_layers
-from pipeline.models import pick_device
+from pipeline.models import matmul_precision, pick_device
 from pipeline.progress import LoggedProgress, RateColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
 from pipeline.run import Run, RunConfig, cache_fingerprint, join, pack_training_state
@@ -313,7 +313,12 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
 
     Under torchrun the SAEs are spread over the ranks (each wholly on one, balanced by tokens); each rank
     streams only its SAEs' layers, and rank 0 writes the run: the same files, and the same weights, as
-    one process."""
+    one process.  TF32 (``request.tf32``) holds for this call only (:func:`matmul_precision`)."""
+    with contextlib.ExitStack() as scope:
+        return _train(request, console, scope)
+
+
+def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> TrainResult:
     entered = time.perf_counter()
     ranks = current_ranks()
     if ranks.world > 1 and not request.out:  # every rank refuses before anything is made
@@ -331,8 +336,7 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
     owner = assign_ranks([config.tokens_per_sae] * n, ranks.world)
     mine = [i for i in range(n) if owner[i] == ranks.rank]
     device = ranks.device(pick_device(config.device))
-    if device.type == "cuda":  # TF32 for float32 matmuls, as sparsify's trainer sets it (--no-tf32: off)
-        torch.backends.cuda.matmul.allow_tf32 = config.tf32
+    scope.enter_context(matmul_precision(device, config.tf32))  # as sparsify's trainer sets it (--no-tf32: off)
     pool = ThreadPoolExecutor(max_workers=ranks.decode_threads(store.path), thread_name_prefix="gsae-decode")
     checkpoint = run.latest_checkpoint()
     steps, batch_size = config.steps, config.batch_size

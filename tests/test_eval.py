@@ -261,6 +261,7 @@ def summary_k(run) -> int:
 def test_batchtopk_eval_shows_the_l0_of_its_threshold(pair, tmp_path, capsys):
     """A BatchTopK SAE is evaluated with its inference threshold: the L0 in eval.json (and the table) is
     the one that threshold gives on the held-out rows, and a threshold far from k is pointed out."""
+    from pipeline.models import matmul_precision, pick_device
     from pipeline.run import Run
     from stores import ActivationStore
 
@@ -274,14 +275,15 @@ def test_batchtopk_eval_shows_the_l0_of_its_threshold(pair, tmp_path, capsys):
     assert code == 0, err
     records = json.loads((out / "eval.json").read_text())["records"]
     run = Run.open(out, need="trained")
-    (sae, sae_config), = run.load_saes()
+    device = pick_device("auto")  # as eval ran: on CUDA where there is one, in TF32 as the run trained
+    (sae, sae_config), = run.load_saes(device)
     store = ActivationStore.open(str(pair["cache"]))
     start = run.config.eval_rows[0]
     for record in records:
         layer = record["layer"]
         x = torch.from_numpy(store.read_rows(layer, start, start + 400)).float() * sae_config["scales"][str(layer)]
-        with torch.no_grad():
-            assert record["l0"] == pytest.approx(sae.encode(x).l0(), rel=1e-5)
+        with torch.no_grad(), matmul_precision(device, run.config.tf32):
+            assert record["l0"] == pytest.approx(sae.encode(x.to(device)).l0(), rel=1e-5)
     assert records[0]["l0"] > 2 * sae.k  # after two steps the threshold has not settled ...
     mean_l0 = sum(r["l0"] for r in records) / len(records)
     assert "has not settled" in err and f"k = {sae.k}" in err and f"L0 {mean_l0:.1f}" in err  # ... and eval says so

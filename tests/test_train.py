@@ -284,3 +284,28 @@ def test_a_resumed_task_rate_counts_only_this_process_rows():
     progress.update(task, advance=100)
     rate = float(RateColumn("tok").render(progress.tasks[0]).plain.split()[0].replace(",", ""))
     assert 0 < rate < 100 / 0.05 * 1.01
+
+
+def test_tf32_holds_only_inside_a_training_or_evaluation_call():
+    """torch's TF32 switch is global: training sets it for its own call and restores the process's value
+    after, also when the call fails, so a later cache in the same process writes full-float32 bytes.
+    (Setting the switch needs no GPU; off CUDA the context leaves it alone.)"""
+    from pipeline.models import matmul_precision
+
+    flag = torch.backends.cuda.matmul
+    before = flag.allow_tf32
+    try:
+        flag.allow_tf32 = False
+        with matmul_precision(torch.device("cuda"), True):
+            assert flag.allow_tf32
+            with matmul_precision(torch.device("cuda"), False):  # the cache inside, say
+                assert not flag.allow_tf32
+            assert flag.allow_tf32
+        assert not flag.allow_tf32
+        with pytest.raises(RuntimeError), matmul_precision(torch.device("cuda"), True):
+            raise RuntimeError("a run that fails")
+        assert not flag.allow_tf32
+        with matmul_precision(torch.device("cpu"), True):
+            assert not flag.allow_tf32
+    finally:
+        flag.allow_tf32 = before
