@@ -26,7 +26,7 @@ import dask.array as da  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.grouping import _opened, distance_matrix, gram_layers, parse_layers, sample_chunks  # noqa: E402
+from pipeline.grouping import _opened, distance_matrix, parse_layers, sample_chunks  # noqa: E402
 from stores import ActivationStore  # noqa: E402
 
 
@@ -70,15 +70,16 @@ def gram_seconds(slots: int, width: int, rows: int = 256, repeats: int = 5) -> f
 
 
 def gram_sweep(widths: list[int]) -> None:
-    """For each n: the product's time at n ÷ at gram_layers(n), and ÷ at n rounded up to a multiple of 8."""
+    """For each n: the product's time at n ÷ at n padded with zero layers to a multiple of 8 (> 1: padding
+    would be faster on this CPU).  gsae group does not pad: it helped on one CPU and hurt on another."""
     torch.set_num_threads(1)
-    print("one thread, 256 tokens a step; per n: slots chosen, time unpadded ÷ chosen, rounded up to 8 ÷ chosen")
+    print("one thread, 256 tokens a step; per n: time at n ÷ time padded to a multiple of 8 (> 1: padding is faster here)")
     for width in widths:
         cells = []
         for n in range(9, 49):
-            chosen, eight = gram_layers(n), -(-n // 8) * 8
-            times = {slots: gram_seconds(slots, width) for slots in {n, chosen, eight}}
-            cells.append(f"{n}→{chosen}: {times[n] / times[chosen]:.2f} {times[eight] / times[chosen]:.2f}")
+            eight = -(-n // 8) * 8
+            if eight != n:
+                cells.append(f"{n}→{eight}: {gram_seconds(n, width) / gram_seconds(eight, width):.2f}")
         print(f"d = {width}:  " + " | ".join(cells))
 
 

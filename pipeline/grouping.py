@@ -69,25 +69,9 @@ def sample_chunks(store: ActivationStore, tokens: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def gram_layers(n_layers: int) -> int:
-    """How many layer slots the per-token Gram products use: ``n_layers``, or from 12 layers on, where
-    n mod 8 is 3, 5, 6 or 7, that rounded up to a multiple of 8 with zero layers.
-
-    Why: torch's batched (n × d)·(d × n) product is slow when n mod 8 is not 0 or a power of two. On
-    this CPU (one thread, 256 tokens, the same at d = 512, 576, 768 and 1024), padding made it 1.2-1.3×
-    faster at n = 19 and 21-22, 1.6-2.7× at 13-15, 23 and 47, 1.4-1.9× at 27 and 29-31 (SmolLM2's 29
-    layers), and slower at n mod 8 of 1, 2 or 4 (1.04-1.6×). A fixed rule rather than a timing,
-    so that every run and worker multiplies alike; from 12 layers on the zero layers leave the real
-    entries' bits unchanged here (below, the small-matrix path rounds differently)."""
-    if n_layers >= 12 and n_layers % 8 in (3, 5, 6, 7):
-        return -(-n_layers // 8) * 8
-    return n_layers
-
-
-def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray, padded: int | None = None) -> np.ndarray:
+def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray) -> np.ndarray:
     """Sum over one chunk's tokens of d_t(i, j); ``blocks`` are that chunk of each layer as stored
-    (rows, d); ``padded`` ≥ n: the Gram products' layer slots (:func:`gram_layers`). Returns (1, n, n)
-    float64.
+    (rows, d). Returns (1, n, n) float64.
 
     Centring, normalising and the per-token Gram matrices run in float32 (float64 made the task 3×
     slower, mostly in memory traffic); the arccos and the sums run in float64.  Against a float64
@@ -98,7 +82,6 @@ def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray, padd
     total = torch.zeros(n_layers, n_layers, dtype=torch.float64)
     if rows == 0:
         return total.numpy()[None, :, :]
-    padded = max(padded or n_layers, n_layers)
     step = min(rows, _ROWS_PER_STEP)
     centre = torch.from_numpy(mean.astype(np.float32))
     sources = [torch.from_numpy(b) if dtype != "bfloat16" else torch.from_numpy(b).view(torch.bfloat16)
@@ -107,8 +90,10 @@ def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray, padd
     # (stack, convert, subtract) cost 15 ms of page faults against 4 ms of Gram matrices (SmolLM2, this
     # CPU). Layer-major, so that each layer converts and centres contiguously: 1.1 instead of 2.0 ms a
     # step interleaved, and the products read it as fast through a transposed view.
-    centred = torch.zeros(padded, step, blocks[0].shape[1], dtype=torch.float32)  # the padding stays 0
-    gram = torch.empty(step, padded, padded, dtype=torch.float32)
+    # Not padded with zero layers to a multiple of 8: that made the batched product 1.2-2.7x faster on
+    # this machine's CPU at some n, and up to 2.8x slower on the GPU machine's (benchmarks.md, "gsae group").
+    centred = torch.empty(n_layers, step, blocks[0].shape[1], dtype=torch.float32)
+    gram = torch.empty(step, n_layers, n_layers, dtype=torch.float32)
     cosine = torch.empty(step, n_layers, n_layers, dtype=torch.float64)
     for start in range(0, rows, step):
         size = min(step, rows - start)
@@ -116,9 +101,9 @@ def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray, padd
             target = centred[layer, :size]
             target.copy_(source[start : start + size])
             target.sub_(centre[layer])
-        tokens = centred[:, :size].transpose(0, 1)  # (size, padded, d)
+        tokens = centred[:, :size].transpose(0, 1)  # (size, n, d)
         torch.bmm(tokens, tokens.transpose(1, 2), out=gram[:size])
-        products = cosine[:size].copy_(gram[:size, :n_layers, :n_layers])  # normalised after: one pass less
+        products = cosine[:size].copy_(gram[:size])  # normalised after: one pass less
         inverse_norm = products.diagonal(dim1=1, dim2=2).clamp_min(1e-30).rsqrt()
         products.mul_(inverse_norm[:, :, None]).mul_(inverse_norm[:, None, :]).clamp_(-1.0, 1.0)
         total += torch.arccos_(products).sum(dim=0)
@@ -135,13 +120,13 @@ def _opened(url: str, allow_partial: bool, n_tokens: int) -> tuple[ActivationSto
     return store, store.mean
 
 
-def _chunk_task(url: str, layers: list[int], chunk: int, allow_partial: bool, n_tokens: int, padded: int) -> np.ndarray:
+def _chunk_task(url: str, layers: list[int], chunk: int, allow_partial: bool, n_tokens: int) -> np.ndarray:
     """One chunk's (n, n) distance sums, read where the task runs: the graph carries the store's URL,
     never activations, nor credentials (they come from the worker's environment)."""
     store, mean = _opened(url, allow_partial, n_tokens)
     start, stop = store.readable_rows(chunk)
     blocks = [store.read_rows(layer, start, stop) for layer in layers]
-    return _chunk_distance_sums(mean[layers], store.dtype, *blocks, padded=padded)[0]
+    return _chunk_distance_sums(mean[layers], store.dtype, *blocks)[0]
 
 
 def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int]) -> np.ndarray:
@@ -154,9 +139,8 @@ def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int]
     import dask.array as da
 
     n = len(layers)
-    padded = gram_layers(n)
     task = dask.delayed(_chunk_task, pure=True)
-    parts = [da.from_delayed(task(store.path, list(layers), chunk, not store.complete, store.n_tokens, padded), shape=(n, n),
+    parts = [da.from_delayed(task(store.path, list(layers), chunk, not store.complete, store.n_tokens), shape=(n, n),
                              dtype=np.float64) for chunk in chunks]
     n_rows = sum(stop - start for start, stop in map(store.readable_rows, chunks))
     distance = np.asarray(da.stack(parts).sum(axis=0, dtype=np.float64).compute()) / n_rows
