@@ -294,6 +294,7 @@ def group(
     scheduler: Optional[str] = typer.Option(None, help="Address of a dask.distributed scheduler (default: local threads)."),
     allow_partial: bool = typer.Option(False, help="Use the committed part of an incomplete cache."),
     force: bool = typer.Option(False, help="Recompute and replace a saved grouping made with other arguments."),
+    device: Device = typer.Option(GroupRequest.device, help="Where the distances are computed (auto: the GPU where there is one)."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Compute layer distances (Dask, sampled chunks), the AMAD curve and the layer groups."""
@@ -303,7 +304,7 @@ def group(
     _storage(storage_option, cache)
     result = run_group(GroupRequest(
         cache=_resolve_cache(cache), metric=metric.value, tokens=tokens, threshold=threshold, layers=layers,
-        seed=seed, scheduler=scheduler, allow_partial=allow_partial, force=force), console)
+        seed=seed, scheduler=scheduler, allow_partial=allow_partial, force=force, device=device.value), console)
     for note in result.notes:
         console.print(f"[yellow]{note}[/]")
     grouping = result.grouping

@@ -166,8 +166,9 @@ if [ -f "$W/cache/zarr.json" ]; then
   fi
   step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
   # gsae group's distances ÷ reading their chunks, and with one torch thread per Dask task (16 × 16 threads?)
-  step group_speed 60 "$PY" benchmarks/group_speed.py --cache "$W/cache" --one-torch-thread --no-rss
-  # does this host's CPU share the Gram product's steps in n that gram_layers pads around? (5 s)
+  # (products on the GPU as `gsae group` now runs them there, against the same on the CPU)
+  step group_speed 60 "$PY" benchmarks/group_speed.py --cache "$W/cache" --compare-cpu --one-torch-thread --no-rss
+  # the Gram product's steps in n on this host's CPU (padding to a multiple of 8 helped here, hurt there) (5 s)
   step gram_sweep 30 "$PY" benchmarks/group_speed.py --gram-sweep --widths 512
 else
   echo "== stream, feed: SKIPPED (no cache)"

@@ -2,6 +2,7 @@
 
     python benchmarks/group_speed.py --cache gsae-cache/smollm2-135m [--tokens N]
     python benchmarks/group_speed.py --gram-sweep     # the per-token Gram product's time against n
+    python benchmarks/group_speed.py --cache C --device cuda --compare-cpu   # on a GPU machine
 
 
 Both timings use the same chunks, the same Dask threaded scheduler and the same graph (one task per
@@ -92,6 +93,10 @@ def main() -> None:
                         help="also time D with torch limited to one thread (Dask already runs a task per core; "
                              "each task's torch ops otherwise start a thread team of their own)")
     parser.add_argument("--no-rss", action="store_true", help="leave out the peak-RSS subprocesses")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where D's products run, as `gsae group --device` (auto: the GPU where there is one)")
+    parser.add_argument("--compare-cpu", action="store_true",
+                        help="also time D on the CPU, and print the largest difference from it")
     parser.add_argument("--gram-sweep", action="store_true",
                         help="only time the per-token Gram product for 9-48 layers against its padding")
     parser.add_argument("--widths", default="512,576,768,1024", help="d_model values of --gram-sweep")
@@ -103,17 +108,22 @@ def main() -> None:
     store = ActivationStore.open(args.cache)
     layers = parse_layers(None, store.n_layers)
     chunks = sample_chunks(store, min(args.tokens, store.n_tokens), seed=0)
-    reads, groups, single = [], [], []
+    reads, groups, single, on_cpu = [], [], [], []
     threads = torch.get_num_threads()
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     with dask.config.set(scheduler="threads"):
         for _ in range(args.repeats):
             start = time.perf_counter()
             read_only(store, layers, chunks)
             reads.append(time.perf_counter() - start)
             start = time.perf_counter()
-            distance_matrix(store, layers, chunks)
+            distance = distance_matrix(store, layers, chunks, device)
             groups.append(time.perf_counter() - start)
-            if args.one_torch_thread:
+            if args.compare_cpu and device != "cpu":
+                start = time.perf_counter()
+                reference = distance_matrix(store, layers, chunks, "cpu")
+                on_cpu.append(time.perf_counter() - start)
+            if args.one_torch_thread and device == "cpu":
                 torch.set_num_threads(1)
                 try:
                     start = time.perf_counter()
@@ -124,8 +134,11 @@ def main() -> None:
     rows = sum(stop - start for start, stop in map(store.readable_rows, chunks))
     print(f"cache {args.cache}: {len(layers)} layers, {len(chunks)} chunks, {rows:,} tokens sampled")
     print(f"read only      {min(reads):7.2f} s   (runs: {', '.join(f'{r:.2f}' for r in reads)})")
-    print(f"group (D)      {min(groups):7.2f} s   (runs: {', '.join(f'{g:.2f}' for g in groups)})")
+    print(f"group (D)      {min(groups):7.2f} s   (runs: {', '.join(f'{g:.2f}' for g in groups)}; products on {device})")
     print(f"ratio group / read = {min(groups) / min(reads):.2f}   (target <= 1.5)")
+    if on_cpu:
+        print(f"group (D), products on the CPU {min(on_cpu):7.2f} s   (runs: {', '.join(f'{g:.2f}' for g in on_cpu)}); "
+              f"{device} ÷ CPU = {min(groups) / min(on_cpu):.2f}; largest |D difference| {np.abs(distance - reference).max():.2e}")
     if single:
         print(f"group (D), 1 torch thread {min(single):7.2f} s   (runs: {', '.join(f'{g:.2f}' for g in single)}); "
               f"÷ {threads} torch threads = {min(single) / min(groups):.2f}")

@@ -21,6 +21,7 @@ from pipeline.grouping import (
     compute_distances,
     parse_layers,
 )
+from pipeline.models import pick_device
 from stores import ActivationStore, list_side_files, read_side_file, remove_side_files, write_side_file
 
 METRICS = ("amad", "uniform")
@@ -40,6 +41,7 @@ class GroupRequest:
     scheduler: str | None = None
     allow_partial: bool = False
     force: bool = False
+    device: str = "auto"  # where the distance products run; not part of the grouping's arguments
 
 
 @dataclass
@@ -154,6 +156,8 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
     if not 0 < request.threshold < 1:
         raise GsaeError(f"--threshold must be between 0 and 1 (got {request.threshold})")
     check_seed(request.seed)
+    if not request.scheduler:  # with a scheduler, each worker picks its own (auto) or must have CUDA (cuda)
+        pick_device(request.device)  # `--device cuda` without CUDA: refused before any work
     if request.tokens <= 0:
         raise GsaeError(f"--tokens must be positive (got {request.tokens})")
     store = ActivationStore.open(request.cache, allow_partial=request.allow_partial)
@@ -199,7 +203,7 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
     plotting = threading.Thread(target=_import_quietly, args=("pipeline.plots",), daemon=True)
     plotting.start()
     with console.status(f"computing layer distances over {tokens:,} sampled tokens ..."):
-        distance, sample = compute_distances(store, layers, tokens, request.seed, request.scheduler)
+        distance, sample = compute_distances(store, layers, tokens, request.seed, request.scheduler, request.device)
     grouping = build_grouping(request.metric, layers, distance, request.threshold, sample)
     seconds = time.perf_counter() - started
     notes += _sample_note(tokens, grouping)

@@ -22,6 +22,7 @@ from stores import ActivationStore
 DEFAULT_SAMPLE_TOKENS = 300_000
 DEFAULT_THRESHOLD = 0.2
 _ROWS_PER_STEP = 256  # rows normalised at a time inside a chunk task: bounds its memory
+_GPU_ROWS_PER_STEP = 1024  # the same on a GPU, where each of Dask's threads holds its own float64 buffers
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
@@ -69,32 +70,38 @@ def sample_chunks(store: ActivationStore, tokens: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray) -> np.ndarray:
+def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray, device: str = "cpu") -> np.ndarray:
     """Sum over one chunk's tokens of d_t(i, j); ``blocks`` are that chunk of each layer as stored
-    (rows, d). Returns (1, n, n) float64.
+    (rows, d); ``device``: where the products run. Returns (1, n, n) float64.
 
-    Centring, normalising and the per-token Gram matrices run in float32 (float64 made the task 3×
-    slower, mostly in memory traffic); the arccos and the sums run in float64.  Against a float64
+    On the CPU, centring, normalising and the per-token Gram matrices run in float32 (float64 made the
+    task 3× slower, mostly in memory traffic); the arccos and the sums run in float64.  Against a float64
     NumPy computation the result agrees to ~1e-7 on typical rows and to ~3e-5 for nearly opposite
-    vectors, where arccos amplifies float32 rounding (tests/test_group.py asserts 1e-4).  A layer whose
-    centred rows are all zero is at distance 0.5 from every other (its cosines count as 0)."""
+    vectors, where arccos amplifies float32 rounding (tests/test_group.py asserts 1e-4).  On CUDA all of
+    it runs in float64: a GPU has the throughput, and float32 products there would follow torch's global
+    TF32 switch (10-bit mantissas: ~1e-3 in a cosine near 1 is ~0.05 rad), which a Dask thread cannot
+    safely flip for itself.  A layer whose centred rows are all zero is at distance 0.5 from every other
+    (its cosines count as 0)."""
     n_layers, rows = len(blocks), blocks[0].shape[0]
-    total = torch.zeros(n_layers, n_layers, dtype=torch.float64)
+    where = torch.device(device)
+    on_gpu = where.type == "cuda"
+    total = torch.zeros(n_layers, n_layers, dtype=torch.float64, device=where)
     if rows == 0:
-        return total.numpy()[None, :, :]
-    step = min(rows, _ROWS_PER_STEP)
-    centre = torch.from_numpy(mean.astype(np.float32))
-    sources = [torch.from_numpy(b) if dtype != "bfloat16" else torch.from_numpy(b).view(torch.bfloat16)
-               for b in blocks]
+        return total.cpu().numpy()[None, :, :]
+    compute = torch.float64 if on_gpu else torch.float32
+    step = min(rows, _GPU_ROWS_PER_STEP if on_gpu else _ROWS_PER_STEP)
+    centre = torch.from_numpy(mean).to(where, compute)
+    sources = [(torch.from_numpy(b) if dtype != "bfloat16" else torch.from_numpy(b).view(torch.bfloat16)).to(where)
+               for b in blocks]  # on a GPU: each layer's chunk crosses once, in its stored dtype
     # One set of buffers for every step, filled in place: fresh (256, 29, 576) float32 tensors per step
     # (stack, convert, subtract) cost 15 ms of page faults against 4 ms of Gram matrices (SmolLM2, this
     # CPU). Layer-major, so that each layer converts and centres contiguously: 1.1 instead of 2.0 ms a
     # step interleaved, and the products read it as fast through a transposed view.
     # Not padded with zero layers to a multiple of 8: that made the batched product 1.2-2.7x faster on
     # this machine's CPU at some n, and up to 2.8x slower on the GPU machine's (benchmarks.md, "gsae group").
-    centred = torch.empty(n_layers, step, blocks[0].shape[1], dtype=torch.float32)
-    gram = torch.empty(step, n_layers, n_layers, dtype=torch.float32)
-    cosine = torch.empty(step, n_layers, n_layers, dtype=torch.float64)
+    centred = torch.empty(n_layers, step, blocks[0].shape[1], dtype=compute, device=where)
+    gram = torch.empty(step, n_layers, n_layers, dtype=compute, device=where)
+    cosine = gram if compute == torch.float64 else torch.empty(step, n_layers, n_layers, dtype=torch.float64)
     for start in range(0, rows, step):
         size = min(step, rows - start)
         for layer, source in enumerate(sources):
@@ -103,13 +110,13 @@ def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray) -> n
             target.sub_(centre[layer])
         tokens = centred[:, :size].transpose(0, 1)  # (size, n, d)
         torch.bmm(tokens, tokens.transpose(1, 2), out=gram[:size])
-        products = cosine[:size].copy_(gram[:size])  # normalised after: one pass less
+        products = cosine[:size] if cosine is gram else cosine[:size].copy_(gram[:size])  # normalised after: one pass less
         inverse_norm = products.diagonal(dim1=1, dim2=2).clamp_min(1e-30).rsqrt()
         products.mul_(inverse_norm[:, :, None]).mul_(inverse_norm[:, None, :]).clamp_(-1.0, 1.0)
         total += torch.arccos_(products).sum(dim=0)
     total /= math.pi
     total.fill_diagonal_(0.0)
-    return total.numpy()[None, :, :]
+    return total.cpu().numpy()[None, :, :]
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,16 +127,19 @@ def _opened(url: str, allow_partial: bool, n_tokens: int) -> tuple[ActivationSto
     return store, store.mean
 
 
-def _chunk_task(url: str, layers: list[int], chunk: int, allow_partial: bool, n_tokens: int) -> np.ndarray:
+def _chunk_task(url: str, layers: list[int], chunk: int, allow_partial: bool, n_tokens: int,
+                device: str) -> np.ndarray:
     """One chunk's (n, n) distance sums, read where the task runs: the graph carries the store's URL,
-    never activations, nor credentials (they come from the worker's environment)."""
+    never activations, nor credentials (they come from the worker's environment).  ``device`` ``auto``
+    is the worker's GPU where it has one."""
     store, mean = _opened(url, allow_partial, n_tokens)
     start, stop = store.readable_rows(chunk)
     blocks = [store.read_rows(layer, start, stop) for layer in layers]
-    return _chunk_distance_sums(mean[layers], store.dtype, *blocks)[0]
+    where = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    return _chunk_distance_sums(mean[layers], store.dtype, *blocks, device=where)[0]
 
 
-def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int]) -> np.ndarray:
+def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int], device: str = "cpu") -> np.ndarray:
     """D over the rows of ``chunks``: a Dask graph with one partial sum per chunk, reduced by Dask.
 
     Each task reads one chunk of every selected layer through the store (so a corrupt chunk is named
@@ -140,7 +150,7 @@ def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int]
 
     n = len(layers)
     task = dask.delayed(_chunk_task, pure=True)
-    parts = [da.from_delayed(task(store.path, list(layers), chunk, not store.complete, store.n_tokens), shape=(n, n),
+    parts = [da.from_delayed(task(store.path, list(layers), chunk, not store.complete, store.n_tokens, device), shape=(n, n),
                              dtype=np.float64) for chunk in chunks]
     n_rows = sum(stop - start for start, stop in map(store.readable_rows, chunks))
     distance = np.asarray(da.stack(parts).sum(axis=0, dtype=np.float64).compute()) / n_rows
@@ -253,8 +263,9 @@ def build_grouping(metric: str, layers: list[int], distance: np.ndarray, thresho
 
 
 def compute_distances(store: ActivationStore, layers: list[int], tokens: int, seed: int,
-                      scheduler: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Sample chunks and compute D; returns D and a description of the sample."""
+                      scheduler: str | None = None, device: str = "cpu") -> tuple[np.ndarray, dict[str, Any]]:
+    """Sample chunks and compute D; returns D and a description of the sample.  ``device``: where each
+    task's products run (``auto``: the GPU of the process, or of each Dask worker, where there is one)."""
     chunks = sample_chunks(store, tokens, seed)
     ranges = [list(store.readable_rows(c)) for c in chunks]
     if scheduler:
@@ -267,11 +278,11 @@ def compute_distances(store: ActivationStore, layers: list[int], tokens: int, se
         except OSError as exc:
             raise GsaeError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         with client:
-            distance = distance_matrix(store, layers, chunks)
+            distance = distance_matrix(store, layers, chunks, device)
     else:
         import dask
 
         with dask.config.set(scheduler="threads"):
-            distance = distance_matrix(store, layers, chunks)
+            distance = distance_matrix(store, layers, chunks, device)
     sample = {"seed": seed, "tokens": int(sum(b - a for a, b in ranges)), "chunks": chunks, "row_ranges": ranges}
     return distance, sample

@@ -196,3 +196,12 @@ def test_keep_bits_without_lossy_is_refused(tiny_llama, tmp_path, monkeypatch):
     line = _one_line(*run_cli(["cache", "--model", tiny_llama, "--tokens", 200, "--keep-bits", 5])[::2])
     assert "--keep-bits" in line and "lossy" in line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["group", "train"])
+def test_device_cuda_without_cuda_is_one_line(command, llama_cache, tmp_path):
+    code, _, err = run_cli([command, "--cache", llama_cache, "--device", "cuda",
+                            *(["--out", tmp_path / "r", "--tokens", 512] if command == "train" else [])])
+    assert code == 1 and "torch sees no CUDA device" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()

@@ -236,16 +236,19 @@ def test_runs_marking_a_grouping_at_once_are_all_kept(llama_cache, capsys):
     assert runs_using(store, "uniform") == []  # a replaced grouping is used by nothing yet
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_chunk_distance_sums_match_float64_on_every_stored_dtype(dtype):
+def test_chunk_distance_sums_match_float64_on_every_stored_dtype(dtype, device):
     """The per-chunk kernel against the definition in float64, on a chunk that is not a whole number of
-    its 256-row steps, with a layer that is a copy (distance 0) and one that is negated (distance 1)."""
+    its steps (256 rows on the CPU, 1,024 on a GPU), with a layer that is a copy (distance 0) and one that
+    is negated (distance 1).  On CUDA the kernel runs in float64, TF32 switched on or not."""
     import torch
 
     from pipeline.grouping import _chunk_distance_sums
 
     rng = np.random.default_rng(0)
-    rows, d = 300, 24
+    rows, d = 1100, 24
     base = rng.normal(size=(rows, d)).astype(np.float32)
     layers = [base, base.copy(), -base, base + rng.normal(scale=0.5, size=(rows, d)).astype(np.float32),
               rng.normal(size=(rows, d)).astype(np.float32) * 50 + 7]
@@ -258,8 +261,13 @@ def test_chunk_distance_sums_match_float64_on_every_stored_dtype(dtype):
     unit = [v / np.linalg.norm(v, axis=1, keepdims=True) for v in values]
     expected = np.array([[0.0 if i == j else np.arccos(np.clip((unit[i] * unit[j]).sum(1), -1, 1)).sum() / np.pi
                           for j in range(len(layers))] for i in range(len(layers))])
-    sums = _chunk_distance_sums(mean, dtype, *stored)[0]
-    np.testing.assert_allclose(sums / rows, expected / rows, atol=1e-4)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # what a training run in the same process may have left
+    try:
+        sums = _chunk_distance_sums(mean, dtype, *stored, device=device)[0]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    np.testing.assert_allclose(sums / rows, expected / rows, atol=1e-4 if device == "cpu" else 1e-7)
     assert sums[0, 1] / rows < 1e-3 and sums[0, 2] / rows > 1 - 1e-3
 
 
