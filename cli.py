@@ -211,7 +211,9 @@ def cache(
         ("bytes per value", f"{result.bytes_per_value:.3f}"),
         ("compression ratio", f"{result.raw_bytes / max(1, result.bytes_on_disk):.2f}×"),
         ("time", f"{result.elapsed:,.1f} s" + (f" ({rate:,.0f} tok/s)" if rate else "")),
-    ]:
+    ] + ([("of which", f"model {result.phases['forward']:,.1f} s · waiting for the writer "
+                       f"{result.phases['writer_wait']:,.1f} s · reading text {result.phases['windows']:,.1f} s")]
+         if result.phases and result.elapsed >= 1 else []):
         table.add_row(name, value)
     report.print(table)
 

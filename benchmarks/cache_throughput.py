@@ -73,9 +73,10 @@ def main() -> None:
         )
         faults = _minor_faults()
         start = time.perf_counter()
-        fill_store(store, lm, iter(windows), batch_size=args.batch_size, first_row=first_row,
-                   rows_per_window=rows_per_window, console=console)
-        cached = tokens / (time.perf_counter() - start)
+        result = fill_store(store, lm, iter(windows), batch_size=args.batch_size, first_row=first_row,
+                            rows_per_window=rows_per_window, console=console)
+        seconds = time.perf_counter() - start
+        cached = tokens / seconds
         fresh = (_minor_faults() - faults) * resource.getpagesize() / tokens
         bytes_per_value = store.nbytes_on_disk("layers") / (tokens * lm.n_layers * lm.d_model)
     faults = _minor_faults()
@@ -88,6 +89,10 @@ def main() -> None:
     print(f"bare forward   {bare:8.1f} tok/s  (before {bare_before:.1f}, after {bare_after:.1f})")
     print(f"cache          {cached:8.1f} tok/s  ({args.compression}, {bytes_per_value:.3f} bytes/value in layers/)")
     print(f"ratio cache / bare forward = {cached / bare:.3f}   (target >= 0.95)")
+    phases = result.phases
+    print(f"cache's {seconds:.2f} s by phase: forward with hooks and copies {phases['forward']:.2f} s (bare: "
+          f"{tokens / bare:.2f} s), waiting for the writer {phases['writer_wait']:.2f} s, windows "
+          f"{phases['windows']:.2f} s, the rest {seconds - sum(phases.values()):.2f} s")
     print(f"fresh memory touched per token, counted as minor page faults: cache {fresh / 1024:.1f} KiB, bare forward "
           f"{fresh_bare / 1024:.1f} KiB; the difference is {(fresh - fresh_bare) / (2 * lm.n_layers * lm.d_model):.2f} × "
           f"the float16 activations")

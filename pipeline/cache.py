@@ -100,6 +100,7 @@ class CacheResult:
     corpus_exhausted: bool = False
     overflow_values: list[int] = field(default_factory=list)
     rank: int = 0  # under torchrun rank 0 reports for every rank; the others print nothing
+    phases: dict[str, float] = field(default_factory=dict)  # this run's seconds by phase (rank 0's; see fill_store)
 
     @property
     def bytes_per_value(self) -> float:
@@ -692,12 +693,18 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     started = time.perf_counter()
 
     progress = make_progress(console)
+    # where the seconds go (CacheResult.phases): reading and tokenizing windows, the forward pass with its
+    # hooks and device copies, waiting for the writer (back-pressure, commits); the rest is bookkeeping
+    phases = dict.fromkeys(("windows", "forward", "writer_wait"), 0.0)
+    clock = time.perf_counter
     try:
         with progress:
             done = sum(rows for chunk, rows in committed.items() if chunk in mine)
             task = progress.add_task("caching", total=end_row - first_mine, completed=done, resumed_at=done)
             while row < end_row:
+                mark = clock()
                 group = list(itertools.islice(windows, batch_size))
+                phases["windows"] += clock() - mark
                 if not group:
                     exhausted = True
                     break
@@ -705,13 +712,17 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                 while next_todo is not None and store.chunk_rows(next_todo)[1] <= row:
                     next_todo = todo.first_from(next_todo + 1)
                 if next_todo is not None and store.chunk_rows(next_todo)[0] < stop:
+                    mark = clock()
                     capture.run(torch.tensor(group, dtype=torch.long, device=lm.device),
                                 functools.partial(assembler.take, row, stop))
+                    phases["forward"] += clock() - mark
                     tokens = np.asarray(group, dtype=np.int32)[:, first_row:].reshape(-1)[: stop - row]
                     check.feed(row, tokens)
                     check.flush()  # before any new chunk of this batch is written
                     for item in assembler.add(row, tokens):
+                        mark = clock()
                         writer.submit(item)
+                        phases["writer_wait"] += clock() - mark
                         rows_this_run += len(item.tokens)
                 else:  # none of this rank's rows to write: only check the committed ones
                     check.feed(row, np.asarray(group, dtype=np.int32)[:, first_row:].reshape(-1)[: stop - row])
@@ -724,7 +735,9 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                 writer.submit(last)
                 rows_this_run += len(last.tokens)
             check.flush()
+            mark = clock()
             writer.drain()
+            phases["writer_wait"] += clock() - mark
     finally:
         capture.close()
         writer.close()
@@ -741,8 +754,10 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     elapsed = time.perf_counter() - started
     write_seconds_writing(store, seconds_before + elapsed, part)
     fold_seconds_writing(store)
-    return _result(store, elapsed, sum(rows for _, rows in outcomes.values()), resumed_from,
-                   corpus_exhausted=store.tokens_written < store.tokens_planned)
+    result = _result(store, elapsed, sum(rows for _, rows in outcomes.values()), resumed_from,
+                     corpus_exhausted=store.tokens_written < store.tokens_planned)
+    result.phases = {name: round(seconds, 3) for name, seconds in phases.items()}
+    return result
 
 
 def _rank_result(store: ActivationStore, ranks: Ranks) -> CacheResult:
