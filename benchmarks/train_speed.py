@@ -157,7 +157,7 @@ def stream_rate(args) -> None:
     rows = len(layers) * sum(b - a for a, b in map(store.readable_rows, chunks))
     cores = os.cpu_count() or 1
 
-    def plain(threads: int = cores) -> float:
+    def plain(threads: int = cores, convert: bool = True) -> float:
         # torch's float16 -> float32 conversion, as the stream's: numpy's is ~10x slower on this CPU and
         # would make the reference slow
         # (each thread decodes into a buffer of its own, as the stream decodes into its window: the
@@ -171,6 +171,8 @@ def stream_rate(args) -> None:
             if out is None:
                 out = local.out = np.empty((store.chunk_tokens, store.d_model), store.layer_array(layer).dtype)
             store.read_into(layer, start, stop, out[: stop - start])
+            if not convert:  # the decode alone, as on a GPU, where the float16 rows are converted on the device
+                return None
             return as_tensor(out[: stop - start], store.dtype).float().mul_(scales[layers.index(layer)])
 
         start = time.perf_counter()
@@ -210,6 +212,10 @@ def stream_rate(args) -> None:
         counts = sorted({1, 2, *range(4, cores + 1, 4), cores})
         rates = {t: max(plain(t) for _ in range(args.repeats)) for t in counts}
         print("plain decode by threads: " + ", ".join(f"{t}: {r:,.0f} rows/s ({r / rates[1]:.1f}×)" for t, r in rates.items()))
+        # without the float32 conversion (torch's, itself threaded: 16 decode threads × its thread team may
+        # oversubscribe the cores): does the decode alone keep scaling where the line above turns down?
+        alone = {t: max(plain(t, convert=False) for _ in range(args.repeats)) for t in counts}
+        print("decode alone by threads: " + ", ".join(f"{t}: {r:,.0f} rows/s ({r / alone[1]:.1f}×)" for t, r in alone.items()))
 
 
 def _gsae(*args: str) -> float:
