@@ -210,7 +210,8 @@ def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_
                  device: str = "auto", console: Any = None) -> list[dict[str, Any]]:
     """Evaluate every layer of a run; writes ``<run>/eval.json`` and returns its records.  On CUDA the SAEs'
     float32 matmuls run in TF32 where the run trained so (``tf32`` in its config), as its held-out FVU was
-    measured, for this call only (:func:`matmul_precision`)."""
+    measured; the language model runs in full float32, as it ran to make the cache (:func:`matmul_precision`,
+    for this call only)."""
     with contextlib.ExitStack() as scope:
         return _evaluate_run(run, tokens, windows, context_length, device, console, scope)
 
@@ -234,7 +235,7 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         raise GsaeError(f"--context-length must be at least {first + 2} here: the BOS in front is not spliced, "
                         f"so a window needs a spliced token and the next one it predicts (got {context_length})")
     torch_device = pick_device(device)
-    scope.enter_context(matmul_precision(torch_device, config.tf32))
+    scope.enter_context(matmul_precision(torch_device, tf32=False))  # the model; the SAEs' calls below: config.tf32
     saes = trained.load_saes(torch_device)
     lm = None
     if windows > 0:
@@ -264,15 +265,17 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         for sae, sae_config in saes:
             for layer in sae_config["layers"]:
                 scale = sae_config["scales"][str(layer)]
-                record = {"layer": layer, "sae_layers": sae_config["layers"],
-                          **layer_reconstruction(sae, store, layer, scale, start_row, start_row + tokens, torch_device,
-                                                 reader, threads)}
+                with matmul_precision(torch_device, config.tf32):
+                    reconstruction = layer_reconstruction(sae, store, layer, scale, start_row, start_row + tokens,
+                                                          torch_device, reader, threads)
+                record = {"layer": layer, "sae_layers": sae_config["layers"], **reconstruction}
                 if lm is not None:
                     def splice(hidden: torch.Tensor) -> torch.Tensor:
                         out = hidden.clone()
                         body = hidden[:, first:]
                         flat = body.reshape(-1, body.shape[-1])
-                        out[:, first:] = (sae(flat * scale) / scale).reshape(body.shape)
+                        with matmul_precision(torch_device, config.tf32):
+                            out[:, first:] = (sae(flat * scale) / scale).reshape(body.shape)
                         return out
 
                     def zero(hidden: torch.Tensor) -> torch.Tensor:

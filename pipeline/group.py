@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from pipeline import __version__
 from pipeline.errors import GsaeError, check_seed
 from pipeline.grouping import (
@@ -203,7 +205,10 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
     plotting = threading.Thread(target=_import_quietly, args=("pipeline.plots",), daemon=True)
     plotting.start()
     with console.status(f"computing layer distances over {tokens:,} sampled tokens ..."):
-        distance, sample = compute_distances(store, layers, tokens, request.seed, request.scheduler, request.device)
+        try:
+            distance, sample = compute_distances(store, layers, tokens, request.seed, request.scheduler, request.device)
+        except torch.cuda.OutOfMemoryError:
+            raise GsaeError("the GPU ran out of memory computing the layer distances; pass --device cpu") from None
     grouping = build_grouping(request.metric, layers, distance, request.threshold, sample)
     seconds = time.perf_counter() - started
     notes += _sample_note(tokens, grouping)

@@ -7,9 +7,11 @@ tokens.  AMAD(G) = mean over groups of the largest D inside the group (a singlet
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,11 @@ from stores import ActivationStore
 DEFAULT_SAMPLE_TOKENS = 300_000
 DEFAULT_THRESHOLD = 0.2
 _ROWS_PER_STEP = 256  # rows normalised at a time inside a chunk task: bounds its memory
-_GPU_ROWS_PER_STEP = 1024  # the same on a GPU, where each of Dask's threads holds its own float64 buffers
+# on a GPU: at most this many chunk tasks of a process at once (Dask runs one per core), each with float64
+# buffers of at most _GPU_STEP_BYTES besides its chunk in the stored dtype, so that memory does not grow
+# with the host's cores or the model's size (80 layers of d 8,192: 2 × (335 MB of chunk + 256 MB))
+_GPU_TASKS = threading.BoundedSemaphore(2)
+_GPU_STEP_BYTES = 256 * 2**20
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
@@ -85,11 +91,18 @@ def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray, devi
     n_layers, rows = len(blocks), blocks[0].shape[0]
     where = torch.device(device)
     on_gpu = where.type == "cuda"
-    total = torch.zeros(n_layers, n_layers, dtype=torch.float64, device=where)
     if rows == 0:
-        return total.cpu().numpy()[None, :, :]
+        return np.zeros((1, n_layers, n_layers))
+    with _GPU_TASKS if on_gpu else contextlib.nullcontext():
+        return _distance_sums_on(where, mean, dtype, blocks)
+
+
+def _distance_sums_on(where: torch.device, mean: np.ndarray, dtype: str, blocks: tuple[np.ndarray, ...]) -> np.ndarray:
+    n_layers, rows, width = len(blocks), blocks[0].shape[0], blocks[0].shape[1]
+    on_gpu = where.type == "cuda"
+    total = torch.zeros(n_layers, n_layers, dtype=torch.float64, device=where)
     compute = torch.float64 if on_gpu else torch.float32
-    step = min(rows, _GPU_ROWS_PER_STEP if on_gpu else _ROWS_PER_STEP)
+    step = min(rows, max(1, _GPU_STEP_BYTES // (8 * n_layers * (width + n_layers))) if on_gpu else _ROWS_PER_STEP)
     centre = torch.from_numpy(mean).to(where, compute)
     sources = [(torch.from_numpy(b) if dtype != "bfloat16" else torch.from_numpy(b).view(torch.bfloat16)).to(where)
                for b in blocks]  # on a GPU: each layer's chunk crosses once, in its stored dtype
@@ -98,8 +111,9 @@ def _chunk_distance_sums(mean: np.ndarray, dtype: str, *blocks: np.ndarray, devi
     # CPU). Layer-major, so that each layer converts and centres contiguously: 1.1 instead of 2.0 ms a
     # step interleaved, and the products read it as fast through a transposed view.
     # Not padded with zero layers to a multiple of 8: that made the batched product 1.2-2.7x faster on
-    # this machine's CPU at some n, and up to 2.8x slower on the GPU machine's (benchmarks.md, "gsae group").
-    centred = torch.empty(n_layers, step, blocks[0].shape[1], dtype=compute, device=where)
+    # the CPU of the machine this was written on at some n, and up to 2.8x slower on the GPU machine's
+    # (benchmarks/group_speed.py --gram-sweep; docs/benchmarks.md, "gsae group").
+    centred = torch.empty(n_layers, step, width, dtype=compute, device=where)
     gram = torch.empty(step, n_layers, n_layers, dtype=compute, device=where)
     cosine = gram if compute == torch.float64 else torch.empty(step, n_layers, n_layers, dtype=torch.float64)
     for start in range(0, rows, step):
@@ -135,8 +149,9 @@ def _chunk_task(url: str, layers: list[int], chunk: int, allow_partial: bool, n_
     store, mean = _opened(url, allow_partial, n_tokens)
     start, stop = store.readable_rows(chunk)
     blocks = [store.read_rows(layer, start, stop) for layer in layers]
-    where = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-    return _chunk_distance_sums(mean[layers], store.dtype, *blocks, device=where)[0]
+    from pipeline.models import pick_device  # on a Dask worker too: `cuda` without one is refused by name
+
+    return _chunk_distance_sums(mean[layers], store.dtype, *blocks, device=pick_device(device).type)[0]
 
 
 def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int], device: str = "cpu") -> np.ndarray:

@@ -188,16 +188,24 @@ def matmul_precision(device: torch.device, tf32: bool) -> Iterator[None]:
     Why scoped: torch's switch is global.  Training turns TF32 on (as sparsify does); left on, it changed
     every later matmul of the process, so a cache written after a training run in the same process (the
     test suite with CUDA visible) no longer had the bytes of one written by a fresh process, and an
-    evaluation used TF32 or not depending on what ran before it.  No effect off CUDA."""
+    evaluation used TF32 or not depending on what ran before it.  Through torch's per-backend switch
+    (``fp32_precision``, torch 2.9 on) where there is one: saving and restoring it leaves every earlier
+    state as it was, also one set with ``torch.set_float32_matmul_precision``, where restoring the older
+    ``allow_tf32`` switch made torch's precision getters raise ("mix of the legacy and new APIs").
+    No effect off CUDA."""
     if device.type != "cuda":
         yield
         return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    matmul = torch.backends.cuda.matmul
+    try:
+        name, value, before = "fp32_precision", "tf32" if tf32 else "ieee", matmul.fp32_precision
+    except AttributeError:  # torch before 2.9
+        name, value, before = "allow_tf32", tf32, matmul.allow_tf32
+    setattr(matmul, name, value)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        setattr(matmul, name, before)
 
 
 def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:

@@ -313,7 +313,7 @@ def train(request: TrainRequest, console: Any) -> TrainResult:
 
     Under torchrun the SAEs are spread over the ranks (each wholly on one, balanced by tokens); each rank
     streams only its SAEs' layers, and rank 0 writes the run: the same files, and the same weights, as
-    one process.  TF32 (``request.tf32``) holds for this call only (:func:`matmul_precision`)."""
+    one process.  TF32 (the run's ``tf32``) holds for this call only (:func:`matmul_precision`)."""
     with contextlib.ExitStack() as scope:
         return _train(request, console, scope)
 

@@ -239,13 +239,16 @@ def test_runs_marking_a_grouping_at_once_are_all_kept(llama_cache, capsys):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not __import__("torch").cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_chunk_distance_sums_match_float64_on_every_stored_dtype(dtype, device):
+def test_chunk_distance_sums_match_float64_on_every_stored_dtype(dtype, device, monkeypatch):
     """The per-chunk kernel against the definition in float64, on a chunk that is not a whole number of
-    its steps (256 rows on the CPU, 1,024 on a GPU), with a layer that is a copy (distance 0) and one that
-    is negated (distance 1).  On CUDA the kernel runs in float64, TF32 switched on or not."""
+    its 256-row steps, with a layer that is a copy (distance 0) and one that is negated (distance 1).  On
+    CUDA the kernel runs in float64, TF32 switched on or not."""
     import torch
 
+    import pipeline.grouping as grouping
     from pipeline.grouping import _chunk_distance_sums
+
+    monkeypatch.setattr(grouping, "_GPU_STEP_BYTES", 8 * 5 * (24 + 5) * 256)  # 256-row steps on a GPU too
 
     rng = np.random.default_rng(0)
     rows, d = 1100, 24

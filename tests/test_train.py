@@ -287,25 +287,35 @@ def test_a_resumed_task_rate_counts_only_this_process_rows():
 
 
 def test_tf32_holds_only_inside_a_training_or_evaluation_call():
-    """torch's TF32 switch is global: training sets it for its own call and restores the process's value
-    after, also when the call fails, so a later cache in the same process writes full-float32 bytes.
-    (Setting the switch needs no GPU; off CUDA the context leaves it alone.)"""
-    from pipeline.models import matmul_precision
+    """torch's TF32 switch is global: training sets it for its own call and restores the process's state
+    after, also when the call fails, so a later cache in the same process writes full-float32 bytes; a state
+    set with torch.set_float32_matmul_precision stays readable.  (The switch needs no GPU to be set; off
+    CUDA the context leaves it alone.)"""
+    import subprocess
 
-    flag = torch.backends.cuda.matmul
-    before = flag.allow_tf32
+    code = """
+import torch
+from pipeline.models import matmul_precision
+m, cuda = torch.backends.cuda.matmul, torch.device("cuda")
+state = lambda: (torch.get_float32_matmul_precision(), m.fp32_precision)
+for start in ["highest", "medium"]:
+    torch.set_float32_matmul_precision(start)
+    before = state()
+    with matmul_precision(cuda, True):
+        assert m.fp32_precision == "tf32"
+        with matmul_precision(cuda, False):  # the cache inside, say
+            assert m.fp32_precision == "ieee"
+        assert m.fp32_precision == "tf32"
+    assert state() == before, (start, state(), before)
     try:
-        flag.allow_tf32 = False
-        with matmul_precision(torch.device("cuda"), True):
-            assert flag.allow_tf32
-            with matmul_precision(torch.device("cuda"), False):  # the cache inside, say
-                assert not flag.allow_tf32
-            assert flag.allow_tf32
-        assert not flag.allow_tf32
-        with pytest.raises(RuntimeError), matmul_precision(torch.device("cuda"), True):
-            raise RuntimeError("a run that fails")
-        assert not flag.allow_tf32
-        with matmul_precision(torch.device("cpu"), True):
-            assert not flag.allow_tf32
-    finally:
-        flag.allow_tf32 = before
+        with matmul_precision(cuda, True):
+            raise KeyError("a run that fails")
+    except KeyError:
+        pass
+    assert state() == before
+    with matmul_precision(torch.device("cpu"), True):
+        assert state() == before
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert out.stdout.strip() == "ok", out.stderr  # a process of its own: the switch is global
