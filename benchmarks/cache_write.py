@@ -194,6 +194,10 @@ def main() -> None:
                              "the forward pass (e.g. 37 for a Pythia-70M batch of 32 × 1024 on an H200)")
     parser.add_argument("--writer-pending", type=int, default=None,
                         help="also time the host side with this many chunks in flight (beside gsae's own rule)")
+    parser.add_argument("--threads", default="1,2,all",
+                        help="writer thread counts, comma-separated ('all': every core), e.g. 1,2,4,8,all")
+    parser.add_argument("--writer-only", action="store_true",
+                        help="only the gsae writer lines (no raw writes, no host side): e.g. under a profiler")
     args = parser.parse_args()
     # zarr turns blosc's own threads off (its codec sets this on import); were they on, "1 thread"
     # would compress on every core and the ratio would mean nothing
@@ -206,23 +210,26 @@ def main() -> None:
     print(f"{len(chunks)} chunks × {n_layers} layers × {len(chunks[0].tokens):,} rows × {d_model} "
           f"({dtype}, {compression}): {tokens:,} tokens, {gigabytes:.2f} GB raw; {cores} cores")
     results = {}
+    counts = {cores if t == "all" else int(t) for t in args.threads.split(",")}
+    counts = sorted(counts if args.writer_only else counts | {cores})  # the host-side lines compare with all cores
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
-        disk = min(sequential_raw(chunks, folder) for _ in range(args.repeats))
-        print(f"sequential raw write  {tokens / disk:12,.0f} tok/s  {gigabytes / disk:6.2f} GB/s   (into {args.folder})")
-        with tempfile.TemporaryDirectory(dir=folder) as raw_folder:
-            several = min(parallel_raw(chunks, raw_folder, cores) for _ in range(args.repeats))
-        print(f"raw write, {cores:2d} thr    {tokens / several:12,.0f} tok/s  {gigabytes / several:6.2f} GB/s   "
-              f"(a file per chunk and layer, as the writer's jobs)")
+        if not args.writer_only:
+            disk = min(sequential_raw(chunks, folder) for _ in range(args.repeats))
+            print(f"sequential raw write  {tokens / disk:12,.0f} tok/s  {gigabytes / disk:6.2f} GB/s   (into {args.folder})")
+            with tempfile.TemporaryDirectory(dir=folder) as raw_folder:
+                several = min(parallel_raw(chunks, raw_folder, cores) for _ in range(args.repeats))
+            print(f"raw write, {cores:2d} thr    {tokens / several:12,.0f} tok/s  {gigabytes / several:6.2f} GB/s   "
+                  f"(a file per chunk and layer, as the writer's jobs)")
         with tempfile.TemporaryDirectory(dir=folder) as run_folder:  # warm-up: codecs, zarr's event loop
             write_all(chunks[:1], n_layers, d_model, dtype, compression, cores, run_folder)
-        for threads in sorted({1, 2, cores}):
+        for threads in counts:
             with tempfile.TemporaryDirectory(dir=folder) as run_folder:
                 seconds, cpu, fresh = min(write_all(chunks, n_layers, d_model, dtype, compression, threads,
                                                     run_folder) for _ in range(args.repeats))
             results[threads] = seconds
             print(f"gsae writer {threads:2d} thr  {tokens / seconds:12,.0f} tok/s  {gigabytes / seconds:6.2f} GB/s"
                   f"  {cpu / seconds:4.2f} cores busy")
-        for pending in [None] + ([args.writer_pending] if args.writer_pending else []):
+        for pending in [] if args.writer_only else [None] + ([args.writer_pending] if args.writer_pending else []):
             host_side = functools.partial(assemble_and_write, chunks, n_layers, d_model, dtype, compression, cores,
                                           batch_rows=args.batch_rows, pending=pending)
             in_flight = f"{pending} chunks in flight" if pending else "gsae's chunks in flight"
@@ -247,9 +254,10 @@ def main() -> None:
                       f"max(writer, idle) ÷ this = {ideal / overlapped:.2f} (1: the writer works while the GPU runs)")
     print(f"fresh memory touched while writing: {fresh / (gigabytes * 1e9):.2f} × the float16 bytes (minor page "
           f"faults; dear where memory is backed lazily, as in the GPU machine's VM)")
-    if 2 in results:
+    if 1 in results and 2 in results:
         print(f"ratio 2 threads / 1 thread = {results[1] / results[2]:.2f}   (target >= 1.7)")
-    print(f"all {cores} threads: {gigabytes / results[cores]:.2f} GB/s of float16 (target on the GPU machine >= 4)")
+    if cores in results:
+        print(f"all {cores} threads: {gigabytes / results[cores]:.2f} GB/s of float16 (target on the GPU machine >= 4)")
 
 
 if __name__ == "__main__":

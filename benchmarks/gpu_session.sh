@@ -8,7 +8,8 @@
 # (a) installs the wheels in .whl (made here by ../shared/gpu/wheels.sh) into /tmp/site, as
 #     /work/shared/gpu/README.md says; without .whl it uses this Python's packages;
 # (b) runs each benchmark under its own `timeout`, most important first (end_to_end, the test suite with
-#     CUDA visible, cache_write, the stream and feed ratios, cache_throughput, sparsify_speed, torch.compile;
+#     CUDA visible, cache_write, the writer by threads and where it holds the GIL (py-spy), the stream and feed
+#     ratios, cache_throughput, sparsify_speed; torch.compile and the Gram sweep only when ONLY names them;
 #     SKIP_TESTS=1 leaves the suite out); every script prints its figures as they
 #     exist; a step that fails or times out does not stop the others; a step whose time is not left in
 #     the budget is skipped; at the end the key lines are printed again together.
@@ -153,6 +154,21 @@ step fresh_memory 60 "$PY" benchmarks/fresh_memory.py ${FRESH_ARGS[@]+"${FRESH_A
 #    the disk and into memory (/dev/shm): what the machine's memory gives as well as what its disk gives
 step cache_write "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"}
 step cache_write_memory "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --folder /dev/shm
+# 3b. the writer by threads (1, 2, 4, 8, all) into memory, then where its threads hold the GIL (py-spy, from
+#     .whl): on the H200 machine 16 writer threads kept only 4 cores busy, and 16 raw writers wrote 20.9 GB/s
+step writer_threads "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
+    --threads 1,2,4,8,all --folder /dev/shm
+SPY=$(command -v py-spy || ls /tmp/site/bin/py-spy 2>/dev/null)
+gil_profile() {  # gil_profile NAME COMMAND...: py-spy --gil over COMMAND, then the summary of its samples
+  local name=$1; shift
+  [ -n "$SPY" ] || { echo "== $name: SKIPPED (no py-spy)"; return 0; }
+  local t0=$SECONDS
+  step "$name" 60 "$SPY" record --gil --rate 250 --format raw -o "$W/logs/$name.raw" -- "$@"
+  [ -s "$W/logs/$name.raw" ] && step "${name}_summary" 20 "$PY" benchmarks/gil_summary.py "$W/logs/$name.raw" \
+      --seconds $((SECONDS - t0))
+}
+gil_profile writer_gil "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only --threads all \
+    --repeats 4 --folder /dev/shm
 
 # 4. a small cache of the model, then the training stream ÷ plain decode, and store-fed ÷ memory-fed steps
 step small_cache "$T_CACHE" gsae cache --model "$W/model" --dataset "$W/corpus.jsonl" --cache "$W/cache" ${CACHE_ARGS[@]+"${CACHE_ARGS[@]}"}
@@ -165,11 +181,15 @@ if [ -f "$W/cache/zarr.json" ]; then
     echo "== note: train_speed.py has no --device: feed trains on the CPU (its SAE and batches are CPU tensors)"
   fi
   step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
+  # where the decode threads hold the GIL (the plain decode peaked at 8 threads there)
+  gil_profile stream_gil "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} \
+      --repeats 1
   # gsae group's distances ÷ reading their chunks, and with one torch thread per Dask task (16 × 16 threads?)
   # (products on the GPU as `gsae group` now runs them there, against the same on the CPU)
   step group_speed 60 "$PY" benchmarks/group_speed.py --cache "$W/cache" --compare-cpu --one-torch-thread --no-rss
-  # the Gram product's steps in n on this host's CPU (padding to a multiple of 8 helped here, hurt there) (5 s)
-  step gram_sweep 30 "$PY" benchmarks/group_speed.py --gram-sweep --widths 512
+  # only with ONLY=gram_sweep: the Gram product's steps in n on this host's CPU (measured 2026-11-27: padding
+  # to a multiple of 8 helped on the development CPU, hurt here; gsae group no longer pads)
+  [[ " ${ONLY:-} " == *" gram_sweep "* ]] && step gram_sweep 30 "$PY" benchmarks/group_speed.py --gram-sweep --widths 512
 else
   echo "== stream, feed: SKIPPED (no cache)"
 fi
@@ -197,11 +217,12 @@ for shape in "${SPEED_SHAPES[@]}"; do
       ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} ${SPEED_DEVICE[@]+"${SPEED_DEVICE[@]}"}
 done
 
-# 7. torch.compile of gsae's forward (default mode, then CUDA graphs through reduce-overhead) at the first
-#    shape: kept in `gsae train` only if measured faster
+# 7. only with ONLY=compile_default / compile_reduce-overhead: torch.compile of gsae's forward at the first
+#    shape (measured twice on the H200, 0.77-1.02 and 0.93-1.31 × eager: not adopted)
 set -- ${SPEED_SHAPES[0]}
 for mode in default reduce-overhead; do
   [ $SMOKE = 1 ] && [ $mode = reduce-overhead ] && continue  # CUDA graphs need CUDA
+  [[ " ${ONLY:-} " == *" compile_$mode "* ]] || [ $SMOKE = 1 ] || continue
   step "compile_$mode" "$T_COMPILE" "$PY" benchmarks/sparsify_speed.py --d-in "$1" --expansion "$2" --k "$3" \
       ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} --repeats 1 --compile "$mode" ${SPEED_DEVICE[@]+"${SPEED_DEVICE[@]}"}
 done
@@ -218,7 +239,7 @@ fi
 echo
 echo "== summary (session $((SECONDS - START)) s of ${BUDGET})"
 for name in "${ORDER[@]}"; do
-  grep -h -E "ratio|÷|compile|GB/s|group \(D\)|read only|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)? +[0-9,]+ +[0-9,]+|SKIPPED|TIMED OUT|FAILED|failed" \
+  grep -h -E "ratio|÷|compile|GB/s|group \(D\)|read only|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)? +[0-9,]+ +[0-9,]+|SKIPPED|TIMED OUT|FAILED|failed|GIL held|by thread:|^ +[0-9.]+%  |by phase" \
       "$W/logs/$name.log" 2>/dev/null | grep -v '│' | sed "s/^/$name: /"
 done
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then tar czf "$OUT/gpu_session_logs.tgz" -C "$W" logs 2>/dev/null; fi  # one file: $OUT takes 8
