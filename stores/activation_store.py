@@ -140,28 +140,45 @@ def _own_loop(array: zarr.Array) -> asyncio.AbstractEventLoop | None:
 _read_buffers = threading.local()  # each decoding thread's reused buffer for compressed chunk files
 
 
-def _whole_chunk_file(array: zarr.Array, rows: Any, shape: tuple[int, ...], dtype: np.dtype) -> Path | None:
+def _whole_chunk_file(array: zarr.Array, rows: Any, shape: tuple[int, ...], dtype: np.dtype,
+                      zstd: bool = False) -> Path | None:
     """The file of the one whole chunk that ``rows`` are, where gsae encodes and decodes it itself
-    (:func:`_encode_chunk_file`, :func:`_decode_chunk_file`): a local array of full-width row chunks whose
-    codecs are exactly bytes (little-endian) → blosc → crc32c (what `gsae cache` writes losslessly), and
-    values of the chunk's ``shape`` and ``dtype``.  None where zarr must do it."""
-    if (not isinstance(array.store, LocalStore) or array.ndim != 2 or not isinstance(rows, slice)
-            or rows.step not in (None, 1) or rows.stop is None):
+    (:func:`_encode_chunk_file`, :func:`_decode_chunk_file`): a local array chunked along its first axis
+    only (the activations' rows; the tokens; the per-chunk statistics, one chunk per index) whose codecs
+    are exactly bytes (little-endian) → blosc → crc32c (what `gsae cache` writes losslessly), or with
+    ``zstd`` (encoding only) bytes → zstd → crc32c (the tokens and statistics), and values of the chunk's
+    ``shape`` and ``dtype``.  ``rows`` is a slice of whole rows, or an index where a chunk is one row.
+    None where zarr must do it."""
+    if not isinstance(array.store, LocalStore) or array.ndim < 1:
         return None
-    chunk_rows, width = array.metadata.chunk_grid.chunk_shape
-    start, stop = rows.start or 0, rows.stop
-    if (start % chunk_rows or stop - start != chunk_rows or stop > array.shape[0] or width != array.shape[1]
-            or dtype != array.dtype or shape != (chunk_rows, width) or not _fast_codecs(array.metadata.codecs)):
+    chunk_shape = tuple(array.metadata.chunk_grid.chunk_shape)
+    chunk_rows, inner = chunk_shape[0], tuple(array.shape[1:])
+    if isinstance(rows, (int, np.integer)) and not isinstance(rows, bool) and chunk_rows == 1:
+        start, stop, expected = int(rows), int(rows) + 1, inner
+    elif isinstance(rows, slice) and rows.step in (None, 1) and rows.stop is not None:
+        start, stop, expected = rows.start or 0, rows.stop, chunk_shape
+    else:
         return None
-    return Path(array.store.root) / array.path / array.metadata.encode_chunk_key((start // chunk_rows, 0))
+    if (chunk_shape[1:] != inner or start < 0 or start % chunk_rows or stop - start != chunk_rows
+            or stop > array.shape[0] or dtype != array.dtype or tuple(shape) != expected
+            or _chunk_codec(array.metadata.codecs, zstd) is None):
+        return None
+    return Path(array.store.root) / array.path / array.metadata.encode_chunk_key((start // chunk_rows,) + (0,) * len(inner))
 
 
-def _fast_codecs(codecs: tuple) -> bool:
-    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+def _chunk_codec(codecs: tuple, zstd: bool = False) -> Any:
+    """The numcodecs codec of a bytes (little-endian) → blosc → crc32c chain, or with ``zstd`` also of a
+    bytes → zstd → crc32c one; None for any other chain."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
-    return (len(codecs) == 3 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
-            and isinstance(codecs[2], Crc32cCodec) and np.little_endian
-            and (codecs[0].endian is None or codecs[0].endian.value == "little"))
+    if not (len(codecs) == 3 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[2], Crc32cCodec)
+            and np.little_endian and (codecs[0].endian is None or codecs[0].endian.value == "little")):
+        return None
+    if isinstance(codecs[1], BloscCodec):
+        return getattr(codecs[1], "_blosc_codec", None)
+    if zstd and isinstance(codecs[1], ZstdCodec):
+        return getattr(codecs[1], "_zstd_codec", None)
+    return None
 
 
 def _decode_chunk_file(path: Path, out: np.ndarray) -> bool:
@@ -228,19 +245,21 @@ def _encode_chunk_file(array: zarr.Array, key: Any, values: np.ndarray) -> bool:
     Why not zarr: its write path hands blosc and the file write each to another thread
     (``asyncio.to_thread``) and runs its codec pipeline in Python around them.  Two writer threads on
     SmolLM2 chunks wrote 1.16-1.25 GB/s through it and 1.34-1.48 GB/s this way (this 2-core machine,
-    alternating runs of benchmarks/cache_write.py).  The bytes are zarr's: tests/test_writers.py
+    alternating runs of benchmarks/cache_write.py).  The tokens and the per-chunk statistics (zstd) too:
+    four small writes per chunk through zarr held the GIL for about a third of the writer threads' GIL
+    time (py-spy --gil), and the 16 writer threads of the H200 machine kept only 4 cores busy.  The bytes are zarr's: tests/test_writers.py
     compares the two paths, and the S3 tests compare a local store (this path) with one written
     through zarr."""
     import uuid
 
     import google_crc32c
 
-    path = _whole_chunk_file(array, key, values.shape, values.dtype)
-    blosc = getattr(array.metadata.codecs[1], "_blosc_codec", None) if path is not None else None
-    if blosc is None or array.store.read_only:  # zarr refuses a read-only store
+    path = _whole_chunk_file(array, key, np.shape(values), np.asarray(values).dtype, zstd=True)
+    codec = _chunk_codec(array.metadata.codecs, zstd=True) if path is not None else None
+    if codec is None or array.store.read_only:  # zarr refuses a read-only store
         return False
-    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)  # what zarr's bytes codec hands blosc
-    encoded = np.frombuffer(blosc.encode(raw), dtype=np.uint8)
+    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)  # what zarr's bytes codec hands blosc or zstd
+    encoded = np.frombuffer(codec.encode(raw), dtype=np.uint8)
     checksum = np.uint32(google_crc32c.value(encoded)).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{uuid.uuid4().hex}.partial")
@@ -268,11 +287,26 @@ def _put(array: zarr.Array, unchecked: zarr.Array, key: Any, values: np.ndarray)
     target = _write_target(array, unchecked, values)
     if target is unchecked and _encode_chunk_file(array, key, values):
         return
+    if target is array and _remove_empty_chunk_file(array, key, values):
+        return
     loop = _own_loop(array)
     if loop is None:
         target[key] = values
         return
     loop.run_until_complete(target._async_array.setitem(key, values))
+
+
+def _remove_empty_chunk_file(array: zarr.Array, key: Any, values: np.ndarray) -> bool:
+    """What zarr does with a whole chunk of all-zero ``values`` (the fill value) when it does not write
+    empty chunks: remove the chunk's file if there is one.  Done here for the arrays whose chunks
+    :func:`_encode_chunk_file` writes (usually ``chunk_overflow``: its counts are nearly always 0), for
+    the reason given there; False where zarr must do it."""
+    path = _whole_chunk_file(array, key, np.shape(values), np.asarray(values).dtype, zstd=True)
+    if path is None or array.store.read_only or np.any(np.asarray(array.fill_value) != 0):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return True
 
 
 def _write_target(array: zarr.Array, unchecked: zarr.Array, values: np.ndarray) -> zarr.Array:

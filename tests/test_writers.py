@@ -3,6 +3,7 @@ markers, per-writer resume after kill -9, old stores with only the attribute cou
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -233,8 +234,8 @@ def test_remote_torchrun_gives_the_bytes_of_one_process(tiny_neox, bucket, capsy
 @pytest.mark.parametrize("pooled", [False, True], ids=["write_chunk", "start_chunk"])
 def test_chunk_files_written_directly_are_zarrs_bytes(tmp_path, monkeypatch, dtype, pooled):
     """A whole local chunk is encoded and written without zarr's write path (_encode_chunk_file); the
-    store it makes is zarr's, file for file and byte for byte: short chunks, all-zero chunks (not stored)
-    and the tokens and statistics arrays still go through zarr."""
+    store it makes is zarr's, file for file and byte for byte, for the activations (blosc) and for the
+    tokens and statistics (zstd); short chunks and all-zero chunks (not stored) still go through zarr."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -246,8 +247,9 @@ def test_chunk_files_written_directly_are_zarrs_bytes(tmp_path, monkeypatch, dty
     real = module._encode_chunk_file
 
     def counted(*args):
-        direct.append(real(*args))
-        return direct[-1]
+        written = real(*args)
+        direct.extend([args[0].path] if written else [])
+        return written
 
     def make(path: Path, writer) -> dict[str, bytes]:
         monkeypatch.setattr(module, "_encode_chunk_file", writer)
@@ -273,5 +275,27 @@ def test_chunk_files_written_directly_are_zarrs_bytes(tmp_path, monkeypatch, dty
     ours = make(tmp_path / "direct", counted)
     zarrs = make(tmp_path / "zarr", lambda *args: False)
     assert ours.keys() == zarrs.keys() and all(ours[name] == zarrs[name] for name in ours)
-    assert sum(direct) == 7  # chunks 0, 1, 3 of both layers and chunk 2 of layer 0
+    # whole chunks only: chunks 0-3 of layer 0, 0, 1 and 3 of layer 1 (its chunk 2 is all zero: not stored),
+    # the tokens' chunks 0-3 (chunk 4 is short), every chunk's sums (never all zero); no overflow counts (all 0)
+    assert collections.Counter(direct) == {"layers/0": 4, "layers/1": 3, "tokens": 4, "stats/chunk_sum": 5,
+                                           "stats/chunk_norm_sum": 5}
     assert not any(name.endswith(".partial") for name in ours)
+
+
+@pytest.mark.parametrize("array_name,key", [("layers/0", slice(0, 100)), ("stats/chunk_overflow", 1), ("tokens", slice(100, 200))])
+def test_an_all_zero_chunk_removes_its_file_as_zarr_does(tmp_path, monkeypatch, array_name, key):
+    """A whole chunk rewritten with zeros (the fill value) leaves no file, whether gsae removes it or zarr."""
+    import stores.activation_store as module
+
+    trees = {}
+    for name, remove in [("direct", module._remove_empty_chunk_file), ("zarr", lambda *args: False)]:
+        monkeypatch.setattr(module, "_remove_empty_chunk_file", remove)
+        store = ActivationStore.create(str(tmp_path / name), n_layers=1, d_model=4, n_tokens=300, chunk_tokens=100)
+        array = store.group[array_name]
+        unchecked = array.with_config({"write_empty_chunks": True})
+        shape = array.shape[1:] if isinstance(key, int) else (100, *array.shape[1:])
+        module._put(array, unchecked, key, np.ones(shape, dtype=array.dtype))
+        before = sorted(p.name for p in (tmp_path / name / array_name / "c").rglob("*") if p.is_file())
+        module._put(array, unchecked, key, np.zeros(shape, dtype=array.dtype))
+        trees[name] = before, sorted(p.name for p in (tmp_path / name / array_name / "c").rglob("*") if p.is_file())
+    assert trees["direct"] == trees["zarr"] and trees["zarr"][0] and not trees["zarr"][1]
