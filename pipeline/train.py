@@ -386,6 +386,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
                               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
                               TimeRemainingColumn(), console=console)
     started = time.perf_counter()
+    waiting = 0.0  # of the steps' seconds, those spent waiting for a batch (the decode behind the SAEs)
     metrics = run.open_metrics(start_step) if ranks.first else contextlib.nullcontext(io.StringIO())
     try:
         with progress, metrics as log:
@@ -397,6 +398,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
                 for i in mine:
                     t0 = time.perf_counter()
                     batch = streams[i].next_batch()
+                    waiting += time.perf_counter() - t0
                     output = train_step(saes[i], optimizers[i], batch.x, fired[i], dead_tokens, n_dead_hint=n_dead[i],
                                         check_finite=False, bf16=bf16)
                     nonfinite[i] |= ~torch.isfinite(output.loss.detach())
@@ -422,7 +424,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
         for stream in streams.values():
             stream.close()
         pool.shutdown(wait=False, cancel_futures=True)
-    wall = {"start": started - entered, "steps": time.perf_counter() - started}
+    wall = {"start": started - entered, "steps": time.perf_counter() - started, "waiting_for_data": waiting}
     mark = time.perf_counter()
     if start_step < steps:  # the final state, so a kill while the SAE files are written loses no step
         checkpoint_now(steps)

@@ -42,9 +42,11 @@ def test_training_lowers_fvu_keeps_unit_decoder_and_exactly_k(cache, tmp_path, c
     for row in summary["saes"]:
         assert row["held_out_fvu"] < 0.5 and row["train_fvu"] < 0.5
     wall = summary["wall_seconds"]
-    assert list(wall) == ["start", "steps", "final_checkpoint", "held_out_fvu", "save_saes"]
-    # the SAEs step in turn on one thread, so their step times add up to at most the loop's wall time
+    assert list(wall) == ["start", "steps", "waiting_for_data", "final_checkpoint", "held_out_fvu", "save_saes"]
+    # the SAEs step in turn on one thread, so their step times add up to at most the loop's wall time, and
+    # the waits for batches are part of those step times
     assert all(seconds >= 0 for seconds in wall.values()) and wall["steps"] + 0.002 >= summary["train_seconds"]
+    assert wall["waiting_for_data"] <= summary["train_seconds"] + 0.002
     sae, config = load_sae(str(tmp_path / "r" / "sae_0.safetensors"), str(tmp_path / "r" / "sae_0.json"))
     norms = sae.W_dec.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
