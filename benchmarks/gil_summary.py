@@ -46,7 +46,8 @@ def main() -> None:
     if not total:
         print("no samples")
         return
-    held = f"; the GIL was held {100 * total / (args.rate * args.seconds):.0f}% of the time" if args.seconds else ""
+    held = (f"; the GIL was held {100 * total / (args.rate * args.seconds):.0f}% of the time (the whole process, "
+            "imports included)") if args.seconds else ""
     print(f"{total:,} samples with the GIL held ({total / args.rate:.2f} s at {args.rate:g} Hz){held}")
     print("by thread: " + ", ".join(f"{role} {100 * n / total:.0f}%" for role, n in roles.most_common()))
     for title, counter in (("innermost frames", leaf), ("innermost frames of this repository", ours),

@@ -83,7 +83,7 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run under timeout, bounded by what
   local name=$1 max=$2; shift 2
   local left=$((BUDGET - (SECONDS - START) - RESERVE))
   local limit=$((max < left ? max : left))
-  if [ -n "${ONLY:-}" ] && [[ " model small_cache $ONLY " != *" $name "* ]]; then return 0; fi
+  if [ -n "${ONLY:-}" ] && [[ " model small_cache $ONLY " != *" ${name%_summary} "* ]]; then return 0; fi
   ORDER+=("$name")
   if [ "$limit" -lt 20 ]; then
     echo "== $name: SKIPPED (${left}s of the budget left)" | tee "$W/logs/$name.log"

@@ -731,11 +731,11 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                 if len(group) < batch_size:
                     exhausted = row < end_row
                     break
+            check.flush()
+            mark = clock()
             if exhausted and (last := assembler.flush()) is not None:
                 writer.submit(last)
                 rows_this_run += len(last.tokens)
-            check.flush()
-            mark = clock()
             writer.drain()
             phases["writer_wait"] += clock() - mark
     finally:

@@ -238,8 +238,8 @@ def _get(array: zarr.Array, rows: slice, out: np.ndarray | None = None) -> np.nd
 
 
 def _encode_chunk_file(array: zarr.Array, key: Any, values: np.ndarray) -> bool:
-    """Write ``values``, one whole chunk of a local bytes → blosc → crc32c array with a non-zero byte, as
-    zarr writes it (its own blosc codec object, google_crc32c, a temporary file renamed into place), on
+    """Write ``values``, one whole chunk of a local bytes → blosc or zstd → crc32c array with a non-zero
+    byte, as zarr writes it (its own codec object, google_crc32c, a temporary file renamed into place), on
     the calling thread.  False where zarr must write it (a short chunk, other codecs or stores).
 
     Why not zarr: its write path hands blosc and the file write each to another thread
@@ -302,7 +302,8 @@ def _remove_empty_chunk_file(array: zarr.Array, key: Any, values: np.ndarray) ->
     :func:`_encode_chunk_file` writes (usually ``chunk_overflow``: its counts are nearly always 0), for
     the reason given there; False where zarr must do it."""
     path = _whole_chunk_file(array, key, np.shape(values), np.asarray(values).dtype, zstd=True)
-    if path is None or array.store.read_only or np.any(np.asarray(array.fill_value) != 0):
+    if (path is None or array.store.read_only or array.async_array.config.write_empty_chunks
+            or np.any(np.asarray(array.fill_value) != 0)):  # zarr writes empty chunks when configured to
         return False
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
