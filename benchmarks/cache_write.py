@@ -202,7 +202,13 @@ def main() -> None:
                         help="writer thread counts, comma-separated ('all': every core), e.g. 1,2,4,8,all")
     parser.add_argument("--writer-only", action="store_true",
                         help="only the gsae writer lines (no raw writes, no host side): e.g. under a profiler")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="sys.setswitchinterval in seconds (CPython's default 0.005): how long a thread that "
+                             "wants the GIL back waits before it asks the holder to drop it")
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
+        print(f"GIL switch interval {args.switch_interval * 1e3:g} ms")
     # zarr turns blosc's own threads off (its codec sets this on import); were they on, "1 thread"
     # would compress on every core and the ratio would mean nothing
     assert numcodecs.blosc.use_threads is False, "blosc's internal threads are on"

@@ -169,6 +169,10 @@ gil_profile() {  # gil_profile NAME COMMAND...: py-spy --gil over COMMAND, then 
 }
 gil_profile writer_gil "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only --threads all \
     --repeats 4 --folder /dev/shm
+# the same writer with a 0.5 ms GIL switch interval (CPython's is 5 ms): is the 16-thread writer held back
+# by threads waiting to get the GIL back after each C call (the convoy effect)?
+step writer_switch "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
+    --threads all --folder /dev/shm --switch-interval 0.0005
 
 # 4. a small cache of the model, then the training stream ÷ plain decode, and store-fed ÷ memory-fed steps
 step small_cache "$T_CACHE" gsae cache --model "$W/model" --dataset "$W/corpus.jsonl" --cache "$W/cache" ${CACHE_ARGS[@]+"${CACHE_ARGS[@]}"}
@@ -184,6 +188,8 @@ if [ -f "$W/cache/zarr.json" ]; then
   # where the decode threads hold the GIL (the plain decode peaked at 8 threads there)
   gil_profile stream_gil "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} \
       --repeats 1
+  step stream_switch "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} \
+      --switch-interval 0.0005
   # gsae group's distances ÷ reading their chunks, and with one torch thread per Dask task (16 × 16 threads?)
   # (products on the GPU as `gsae group` now runs them there, against the same on the CPU)
   step group_speed 60 "$PY" benchmarks/group_speed.py --cache "$W/cache" --compare-cpu --one-torch-thread --no-rss

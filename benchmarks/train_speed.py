@@ -301,6 +301,12 @@ if __name__ == "__main__":
     parser.add_argument("--scaling", action="store_true", help="stream: also the plain decode with 1, 2, 4, 8, ... threads")
     parser.add_argument("--s3", action="store_true", help="feed: also from a copy of --chunks chunks in moto's S3 "
                         "server on loopback (needs s3fs and moto: pip install -e '.[test]')")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="sys.setswitchinterval in seconds (CPython's default 0.005): how long a thread that "
+                             "wants the GIL back waits before it asks the holder to drop it")
     arguments = parser.parse_args()
+    if arguments.switch_interval is not None:
+        sys.setswitchinterval(arguments.switch_interval)
+        print(f"GIL switch interval {arguments.switch_interval * 1e3:g} ms")
     arguments.cache = os.path.abspath(arguments.cache)  # the subprocesses run from the repository root
     {"feed": feed, "stream": stream_rate, "groups": groups, "memory": memory}[arguments.what](arguments)
