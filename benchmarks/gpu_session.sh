@@ -110,6 +110,7 @@ if [ $SMOKE = 1 ]; then
   CACHE_ARGS=(--tokens 30000 --context-length 64 --batch-size 16 --chunk-tokens 500)
   STREAM_ARGS=(--chunks 8 --group-size 2 --batch-size 1024 --repeats 1)
   FEED_ARGS=(--group-size 2 --expansion 8 --k 8 --batch-size 1024 --steps 3 --repeats 1)
+  TRAIN_ARGS=(--tokens 8192 --batch-size 1024 --expansion 8 --k 8)
   THROUGHPUT_ARGS=(--tokens 4000 --batch-size 8 --context-length 64)
   SPEED_SHAPES=("64 8 8" "96 8 8 16")   # d_in expansion k...
   SPEED_ARGS=(--batch-size 1024 --warmup 1 --steps 2 --repeats 1)
@@ -125,6 +126,7 @@ else
   CACHE_ARGS=(--tokens 300000 --context-length 256 --batch-size 32)
   STREAM_ARGS=(--chunks 32 --batch-size 8192 --scaling)
   FEED_ARGS=(--expansion 16 --k 32 --batch-size 8192 --steps 12)
+  TRAIN_ARGS=(--tokens 1007616 --batch-size 8192 --expansion 16 --k 32)  # as end_to_end.py's G* run
   THROUGHPUT_ARGS=(--tokens 500000 --batch-size 32 --context-length 1024)
   SPEED_SHAPES=("512 16 32" "768 16 32 128" "2048 16 64")
   SPEED_ARGS=(--batch-size 8192)
@@ -190,6 +192,18 @@ if [ -f "$W/cache/zarr.json" ]; then
       --repeats 1
   step stream_switch "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} \
       --switch-interval 0.0005
+  # gsae train at G = 2 on the small cache, with CPython's GIL switch interval (5 ms) and with 0.5 ms: on
+  # the H200 a step at G* took 11.5 ms per SAE against 3.3-3.7 ms in `feed`; do the decode threads keep
+  # the training loop waiting for the GIL? (wall_seconds: steps, waiting_for_data)
+  step group_small 60 gsae group --cache "$W/cache"
+  for interval in 0.005 0.0005; do
+    step "train_switch_$interval" 90 "$PY" -c "import sys; sys.setswitchinterval($interval); sys.argv[0] = 'gsae'; import cli; cli.main()" \
+        train --cache "$W/cache" --groups 2 --out "$W/runs/g2-$interval" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
+    [ -f "$W/runs/g2-$interval/summary.json" ] && "$PY" -c "import json, sys; s = json.load(open(sys.argv[1])); \
+print('train G=2, GIL switch interval', sys.argv[2], 's: wall s', {k: round(v, 2) for k, v in s['wall_seconds'].items()}, \
+'per SAE tok/s', [round(r['tokens_per_s']) for r in s['saes']])" "$W/runs/g2-$interval/summary.json" "$interval" \
+        | tee -a "$W/logs/train_switch_$interval.log"
+  done
   # gsae group's distances ÷ reading their chunks, and with one torch thread per Dask task (16 × 16 threads?)
   # (products on the GPU as `gsae group` now runs them there, against the same on the CPU)
   step group_speed 60 "$PY" benchmarks/group_speed.py --cache "$W/cache" --compare-cpu --one-torch-thread --no-rss
@@ -245,7 +259,7 @@ fi
 echo
 echo "== summary (session $((SECONDS - START)) s of ${BUDGET})"
 for name in "${ORDER[@]}"; do
-  grep -h -E "ratio|÷|compile|GB/s|group \(D\)|read only|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)? +[0-9,]+ +[0-9,]+|SKIPPED|TIMED OUT|FAILED|failed|GIL held|by thread:|^ +[0-9.]+%  |by phase" \
+  grep -h -E "ratio|÷|compile|GB/s|group \(D\)|read only|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)? +[0-9,]+ +[0-9,]+|SKIPPED|TIMED OUT|FAILED|failed|GIL held|by thread:|^ +[0-9.]+%  |by phase|switch interval" \
       "$W/logs/$name.log" 2>/dev/null | grep -v '│' | sed "s/^/$name: /"
 done
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then tar czf "$OUT/gpu_session_logs.tgz" -C "$W" logs 2>/dev/null; fi  # one file: $OUT takes 8
