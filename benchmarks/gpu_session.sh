@@ -187,6 +187,10 @@ if [ -f "$W/cache/zarr.json" ]; then
     echo "== note: train_speed.py has no --device: feed trains on the CPU (its SAE and batches are CPU tensors)"
   fi
   step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
+  # the same over 4 × the steps: 12 steps of 8,192 rows stay inside the stream's first window (8 chunks ×
+  # 4 layers), already decoded at the warm-up; 48 cross three window switches, as training does
+  step feed_long "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
+      --steps 48 ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
   # where the decode threads hold the GIL (the plain decode peaked at 8 threads there)
   gil_profile stream_gil "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} \
       --repeats 1
