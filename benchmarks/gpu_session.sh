@@ -2,7 +2,8 @@
 # One prepared benchmark session for the GPU machine (one H100/H200, 16 cores, no internet), run from
 # the repository root:
 #
-#     bash benchmarks/gpu_session.sh           # GPU sizes, about 9 minutes in all (BUDGET_S=540; the H200 needed 7)
+#     bash benchmarks/gpu_session.sh           # GPU sizes, about 11 minutes in all (BUDGET_S=540 skips the last steps;
+#                                              # ONLY="their names" runs them in a second call)
 #     bash benchmarks/gpu_session.sh --smoke   # tiny sizes: runs on a CPU in a few minutes (a test)
 #
 # (a) installs the wheels in .whl (made here by ../shared/gpu/wheels.sh) into /tmp/site, as
