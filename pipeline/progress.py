@@ -46,6 +46,17 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
 
 
+class RemainingColumn(TimeRemainingColumn):
+    """rich's ETA, with the days in front from one day on: rich's own shows hours past 24 (``79658:37:49``
+    for a huge ``--tokens``)."""
+
+    def render(self, task: Task) -> Text:
+        remaining = None if task.finished or task.total is None else task.time_remaining
+        if remaining is not None and remaining >= 86400:
+            return Text(_duration(remaining), style="progress.remaining")
+        return super().render(task)
+
+
 class LoggedProgress(Progress):
     """A rich Progress that, where its console is not a terminal (a log file, a batch job), also prints
     one plain line per task every ``every`` seconds: rich draws nothing there until the end."""
@@ -97,7 +108,7 @@ def make_progress(console: Console, unit: str = "tok") -> Progress:
         RateColumn(unit),
         TimeElapsedColumn(),
         TextColumn("ETA"),
-        TimeRemainingColumn(),
+        RemainingColumn(),
         console=console,
         transient=False,
         unit=unit,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from pipeline import __version__
 from pipeline.errors import GsaeError, check_seed
@@ -23,7 +23,7 @@ from pipeline.evaluate import layer_reconstruction, threshold_note
 from pipeline.group import grouping_record, mark_used, result_name
 from pipeline.grouping import Grouping, layer_span, parse_layers
 from pipeline.models import matmul_precision, pick_device
-from pipeline.progress import LoggedProgress, RateColumn
+from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
 from pipeline.run import Run, RunConfig, cache_fingerprint, join, pack_training_state
 from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr
@@ -384,7 +384,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
     bf16 = config.precision == "bfloat16"
     progress = LoggedProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("tok"),
                               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                              TimeRemainingColumn(), console=console)
+                              RemainingColumn(), console=console)
     started = time.perf_counter()
     waiting = 0.0  # of the steps' seconds, those spent waiting for a batch (the decode behind the SAEs)
     metrics = run.open_metrics(start_step) if ranks.first else contextlib.nullcontext(io.StringIO())

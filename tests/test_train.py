@@ -321,3 +321,19 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert out.stdout.strip() == "ok", out.stderr  # a process of its own: the switch is global
+
+
+def test_eta_column_shows_days_past_a_day():
+    """rich's own ETA prints hours past 24 (79658:37:49); gsae's shows the days, and under a day rich's."""
+    from types import SimpleNamespace
+
+    from pipeline.progress import RemainingColumn
+
+    def eta(seconds, finished=False):
+        task = SimpleNamespace(finished=finished, total=10, time_remaining=seconds, finished_time=1.0)
+        return RemainingColumn().render(task).plain
+
+    assert eta(2 * 86400 + 3 * 3600 + 4 * 60 + 5) == "2d 03:04:05"
+    assert eta(286_770_000) == "3,319d 02:20:00"  # 3,319 days and 8,400 s
+    assert eta(3 * 3600 + 4 * 60 + 5) == "3:04:05"  # rich's format under a day
+    assert eta(None) == "-:--:--"
