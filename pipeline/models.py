@@ -208,6 +208,16 @@ def matmul_precision(device: torch.device, tf32: bool) -> Iterator[None]:
         setattr(matmul, name, before)
 
 
+def _check_tokenizer(tokenizer: Any, spec: ModelSpec) -> None:
+    """Refuse a tokenizer that turns text into no tokens.  transformers 5 builds an empty one, without
+    an error, from a folder whose tokenizer files are missing; every window would then be empty, and the
+    cache failed with "the corpus holds no text"."""
+    if not tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"]:
+        where = f" in {spec.location}" if spec.kind != "hub" else ""
+        raise GsaeError(f"the tokenizer of {spec.model_id!r} turns text into no tokens: its files (tokenizer.json, "
+                        f"tokenizer_config.json, vocab or merges) are missing or empty{where}")
+
+
 def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     """Load the tokenizer and causal LM for ``spec`` in float32 on ``device``, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -217,6 +227,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     hf_logging.disable_progress_bar()
     try:
         tokenizer = _from_pretrained(AutoTokenizer, spec)
+        _check_tokenizer(tokenizer, spec)
         model = _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32)
     except GsaeError:
         raise

@@ -205,3 +205,21 @@ def test_device_cuda_without_cuda_is_one_line(command, llama_cache, tmp_path):
                             *(["--out", tmp_path / "r", "--tokens", 512] if command == "train" else [])])
     assert code == 1 and "torch sees no CUDA device" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_model_folder_without_tokenizer_files_is_named(tiny_neox, tmp_path):
+    """transformers builds an empty tokenizer, without an error, where the files are missing: every window
+    would be empty (the cache used to fail with "the corpus holds no text")."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_neox, model)
+    for name in model.iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            name.unlink()
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to cache. " * 50)
+    code, _, err = run_cli(["cache", "--model", model, "--dataset", text, "--cache", tmp_path / "c", "--tokens", 256])
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "turns text into no tokens" in err and str(model) in err
+    assert not (tmp_path / "c").exists()
