@@ -203,14 +203,14 @@ def cost_plot(runs: list[RunSummary], baseline: RunSummary | None) -> bytes:
     from pipeline.plots import plt, png_bytes
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for run in runs:
+    for run in runs:  # per-token EV, as the table's first EV column and per-layer.png
         cost = run.cost(baseline) if baseline else run.train_seconds
-        axes[0].scatter(cost, run.mean("explained_variance"))
-        axes[0].annotate(run.label, (cost, run.mean("explained_variance")), fontsize=8)
+        axes[0].scatter(cost, run.mean("explained_variance_per_token"))
+        axes[0].annotate(run.label, (cost, run.mean("explained_variance_per_token")), fontsize=8)
         axes[1].scatter(cost, run.mean("delta_ce_percent"))
         axes[1].annotate(run.label, (cost, run.mean("delta_ce_percent")), fontsize=8)
     label = "training cost ÷ baseline" if baseline else "training seconds"
-    axes[0].set(xlabel=label, ylabel="mean explained variance")
+    axes[0].set(xlabel=label, ylabel="mean explained variance (per token)")
     axes[1].set(xlabel=label, ylabel="mean ΔCE %")
     for ax in axes:
         ax.grid(alpha=0.3)
