@@ -324,8 +324,9 @@ def group(
     report.print(table)
     chosen = grouping.groups_for(grouping.chosen)
     report.print(f"G* = {grouping.chosen}: " + ", ".join(f"[{layer_span(g, '–')}]" for g in chosen))
-    report.print(f"saved {result.json_path}" + (f" and {len(result.pictures)} pictures" if result.pictures else "")
-              + (f" in {result.seconds:.1f} s" if not result.reused else ""))
+    if not result.reused:  # a reused result was said so above; nothing was written
+        report.print(f"saved {result.json_path}" + (f" and {len(result.pictures)} pictures" if result.pictures else "")
+                     + f" in {result.seconds:.1f} s")
 
 
 @app.command()
@@ -486,6 +487,8 @@ def main() -> None:
     _DEBUG = os.environ.get("GSAE_DEBUG", "") not in ("", "0")
     try:
         code = app(standalone_mode=False, prog_name="gsae")  # returns the code of a typer.Exit instead of raising it
+        if code == 130:  # typer turns Ctrl-C into Exit(130) before it reaches the handler below
+            raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
     except (GsaeError, StoreError, RemoteError) as exc:

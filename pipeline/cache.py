@@ -726,7 +726,9 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                         rows_this_run += len(item.tokens)
                 else:  # none of this rank's rows to write: only check the committed ones
                     check.feed(row, np.asarray(group, dtype=np.int32)[:, first_row:].reshape(-1)[: stop - row])
-                progress.update(task, completed=max(0, min(stop, end_row) - first_mine))
+                # a resumed run re-reads the committed batches first: the bar stays at what was written
+                # (going back to 0 and up again gave rich's rate a burst of millions of tok/s)
+                progress.update(task, completed=max(done, min(stop, end_row) - first_mine))
                 row = stop
                 if len(group) < batch_size:
                     exhausted = row < end_row

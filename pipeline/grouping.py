@@ -290,7 +290,7 @@ def compute_distances(store: ActivationStore, layers: list[int], tokens: int, se
             raise GsaeError("--scheduler needs dask.distributed: pip install 'dask[distributed]'") from None
         try:
             client = Client(scheduler, timeout="10s")
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: an address distributed cannot parse
             raise GsaeError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         with client:
             distance = distance_matrix(store, layers, chunks, device)

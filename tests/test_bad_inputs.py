@@ -49,6 +49,13 @@ def test_unexpected_exception_is_one_line(broken_info):
     assert "--debug" in line
 
 
+def test_ctrl_c_says_how_to_resume(broken_info):
+    """typer turns Ctrl-C into exit code 130 before gsae's handler sees it; the line must still come."""
+    broken_info(KeyboardInterrupt())
+    code, out, err = run_cli(["info"])
+    assert code == 130 and "interrupted" in out + err and "re-run the same command to resume" in out + err
+
+
 def test_unexpected_exception_without_message(broken_info):
     broken_info(KeyError())
     line = _one_line(*run_cli(["info"])[::2])

@@ -307,3 +307,30 @@ def test_an_all_zero_chunk_removes_its_file_as_zarr_does(tmp_path, monkeypatch, 
         trees[name] = before, sorted(p.name for p in (tmp_path / name / array_name / "c").rglob("*") if p.is_file())
     assert trees["direct"] == trees["zarr"] and trees["zarr"][0] and not trees["zarr"][1]
     assert removed == [True]  # gsae removed the file itself (the first, non-zero write is not its job)
+
+
+def test_resumed_cache_bar_never_goes_back(tiny_neox, tmp_path, capsys, monkeypatch):
+    """A resumed cache re-reads its committed batches first; the bar stays at the rows already written
+    (it went back to 0 and up again, and rich's rate then showed millions of tok/s)."""
+    import pipeline.cache as cache_module
+
+    args = _args(tiny_neox, tmp_path / "c", 3000)
+    assert run_cli(args, capsys)[0] == 0
+    _rewind_to(tmp_path / "c", chunks=40)  # 2,000 of 3,000 rows written
+    seen = []
+    real = cache_module.make_progress
+
+    def recording(console, unit="tok"):
+        progress = real(console, unit)
+        update = progress.update
+
+        def record(task, **fields):
+            seen.append(fields.get("completed"))
+            return update(task, **fields)
+
+        progress.update = record
+        return progress
+
+    monkeypatch.setattr(cache_module, "make_progress", recording)
+    assert run_cli(args, capsys)[0] == 0
+    assert seen and min(seen) == 2000 and seen == sorted(seen) and seen[-1] == 3000
