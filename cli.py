@@ -233,7 +233,7 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
     values = store.n_tokens * store.n_layers * store.d_model
     status = "complete" if store.complete else (
         f"incomplete: {store.tokens_written:,} of {store.tokens_planned:,} tokens "
-        f"({store.chunks_written} of {store.n_chunks_planned} chunks)")
+        f"({store.chunks_written:,} of {store.n_chunks_planned:,} chunks)")
     table = Table(title=f"gsae cache {store.path}", show_header=False)
     corpus = a.get("corpus", {})
     for name, value in [
