@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 import torch  # noqa: E402
 
+from gil_options import add_gil_options, apply_gil_options  # noqa: E402  (benchmarks/, the script's folder)
 from pipeline.cache import ChunkWriter, _Chunk, _ChunkAssembler  # noqa: E402
 from stores import ActivationStore, ChunkStats, compute_chunk_stats  # noqa: E402
 
@@ -202,22 +203,9 @@ def main() -> None:
                         help="writer thread counts, comma-separated ('all': every core), e.g. 1,2,4,8,all")
     parser.add_argument("--writer-only", action="store_true",
                         help="only the gsae writer lines (no raw writes, no host side): e.g. under a profiler")
-    parser.add_argument("--gil-free-crc", action="store_true",
-                        help="checksum with the crc32c package (GIL released; same values) instead of google_crc32c, "
-                             "which holds the GIL: replaces google_crc32c.value in this process")
-    parser.add_argument("--switch-interval", type=float, default=None,
-                        help="sys.setswitchinterval in seconds (CPython's default 0.005): how long a thread that "
-                             "wants the GIL back waits before it asks the holder to drop it")
+    add_gil_options(parser)
     args = parser.parse_args()
-    if args.gil_free_crc:  # zarr and gsae's direct paths both call google_crc32c.value at run time
-        import crc32c
-        import google_crc32c
-
-        google_crc32c.value = crc32c.crc32c
-        print("checksums: crc32c (GIL released)")
-    if args.switch_interval is not None:
-        sys.setswitchinterval(args.switch_interval)
-        print(f"GIL switch interval {args.switch_interval * 1e3:g} ms")
+    apply_gil_options(args)
     # zarr turns blosc's own threads off (its codec sets this on import); were they on, "1 thread"
     # would compress on every core and the ratio would mean nothing
     assert numcodecs.blosc.use_threads is False, "blosc's internal threads are on"

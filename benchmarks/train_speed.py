@@ -39,6 +39,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from gil_options import add_gil_options, apply_gil_options  # noqa: E402  (benchmarks/, the script's folder)
 from pipeline.sae import SparseAutoencoder, default_lr  # noqa: E402
 from pipeline.ranks import Ranks  # noqa: E402
 from pipeline.train import train_step  # noqa: E402
@@ -301,21 +302,8 @@ if __name__ == "__main__":
     parser.add_argument("--scaling", action="store_true", help="stream: also the plain decode with 1, 2, 4, 8, ... threads")
     parser.add_argument("--s3", action="store_true", help="feed: also from a copy of --chunks chunks in moto's S3 "
                         "server on loopback (needs s3fs and moto: pip install -e '.[test]')")
-    parser.add_argument("--gil-free-crc", action="store_true",
-                        help="checksum with the crc32c package (GIL released; same values) instead of google_crc32c, "
-                             "which holds the GIL: replaces google_crc32c.value in this process")
-    parser.add_argument("--switch-interval", type=float, default=None,
-                        help="sys.setswitchinterval in seconds (CPython's default 0.005): how long a thread that "
-                             "wants the GIL back waits before it asks the holder to drop it")
+    add_gil_options(parser)
     arguments = parser.parse_args()
-    if arguments.gil_free_crc:  # zarr and gsae's direct paths both call google_crc32c.value at run time
-        import crc32c
-        import google_crc32c
-
-        google_crc32c.value = crc32c.crc32c
-        print("checksums: crc32c (GIL released)")
-    if arguments.switch_interval is not None:
-        sys.setswitchinterval(arguments.switch_interval)
-        print(f"GIL switch interval {arguments.switch_interval * 1e3:g} ms")
+    apply_gil_options(arguments)
     arguments.cache = os.path.abspath(arguments.cache)  # the subprocesses run from the repository root
     {"feed": feed, "stream": stream_rate, "groups": groups, "memory": memory}[arguments.what](arguments)
