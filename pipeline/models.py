@@ -208,6 +208,19 @@ def matmul_precision(device: torch.device, tf32: bool) -> Iterator[None]:
         setattr(matmul, name, before)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model")
+
+
+def _tokenizer_error(spec: ModelSpec, exc: BaseException) -> GsaeError:
+    """A tokenizer that would not load: where a local folder holds none of the files a tokenizer is built
+    from, say that (transformers' own message is about sentencepiece and slow tokenizers)."""
+    folder = Path(spec.location) if spec.kind == "local" else None
+    if folder is not None and folder.is_dir() and not any((folder / name).exists() for name in _TOKENIZER_FILES):
+        return GsaeError(f"the tokenizer of {spec.model_id!r} cannot be built: {folder} holds none of "
+                         f"{', '.join(_TOKENIZER_FILES)} (save the tokenizer there with save_pretrained)")
+    return GsaeError(f"could not load the tokenizer of {spec.model_id!r}: {_one_line(exc)}")
+
+
 def _check_tokenizer(tokenizer: Any, spec: ModelSpec) -> None:
     """Refuse a tokenizer that turns text into no tokens.  transformers 5 builds an empty one, without
     an error, from a folder whose tokenizer files are missing; every window would then be empty, and the
@@ -226,7 +239,10 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = _from_pretrained(AutoTokenizer, spec)
+        try:
+            tokenizer = _from_pretrained(AutoTokenizer, spec)
+        except (OSError, ValueError) as exc:
+            raise _tokenizer_error(spec, exc) from None
         _check_tokenizer(tokenizer, spec)
         model = _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32)
     except GsaeError:

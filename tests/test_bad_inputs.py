@@ -230,3 +230,20 @@ def test_model_folder_without_tokenizer_files_is_named(tiny_neox, tmp_path):
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "turns text into no tokens" in err and str(model) in err
     assert not (tmp_path / "c").exists()
+
+
+def test_model_folder_with_a_tokenizer_config_but_no_tokenizer_file_is_named(tiny_neox, tmp_path):
+    """tokenizer_config.json alone: transformers fails with a message about sentencepiece and slow
+    tokenizers; gsae names the missing files."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_neox, model)
+    (model / "tokenizer.json").unlink()
+    assert (model / "tokenizer_config.json").exists()
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to cache. " * 50)
+    code, _, err = run_cli(["cache", "--model", model, "--dataset", text, "--cache", tmp_path / "c", "--tokens", 256])
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "cannot be built" in err and "tokenizer.json" in err and str(model) in err
+    assert not (tmp_path / "c").exists()
