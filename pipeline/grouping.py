@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import GsaeError
+from pipeline.models import pick_device
 from stores import ActivationStore
 
 DEFAULT_SAMPLE_TOKENS = 300_000
@@ -146,12 +147,11 @@ def _chunk_task(url: str, layers: list[int], chunk: int, allow_partial: bool, n_
     """One chunk's (n, n) distance sums, read where the task runs: the graph carries the store's URL,
     never activations, nor credentials (they come from the worker's environment).  ``device`` ``auto``
     is the worker's GPU where it has one."""
+    where = pick_device(device).type  # on a Dask worker too: `cuda` without one is refused by name, before any read
     store, mean = _opened(url, allow_partial, n_tokens)
     start, stop = store.readable_rows(chunk)
     blocks = [store.read_rows(layer, start, stop) for layer in layers]
-    from pipeline.models import pick_device  # on a Dask worker too: `cuda` without one is refused by name
-
-    return _chunk_distance_sums(mean[layers], store.dtype, *blocks, device=pick_device(device).type)[0]
+    return _chunk_distance_sums(mean[layers], store.dtype, *blocks, device=where)[0]
 
 
 def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int], device: str = "cpu") -> np.ndarray:

@@ -227,8 +227,8 @@ def _check_tokenizer(tokenizer: Any, spec: ModelSpec) -> None:
     cache failed with "the corpus holds no text"."""
     if not tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"]:
         where = f" in {spec.location}" if spec.kind != "hub" else ""
-        raise GsaeError(f"the tokenizer of {spec.model_id!r} turns text into no tokens: its files (tokenizer.json, "
-                        f"tokenizer_config.json, vocab or merges) are missing or empty{where}")
+        raise GsaeError(f"the tokenizer of {spec.model_id!r} turns text into no tokens: its files "
+                        f"({', '.join(_TOKENIZER_FILES)}) are missing or empty{where}")
 
 
 def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:

@@ -247,9 +247,9 @@ def _encode_chunk_file(array: zarr.Array, key: Any, values: np.ndarray) -> bool:
     SmolLM2 chunks wrote 1.16-1.25 GB/s through it and 1.34-1.48 GB/s this way (this 2-core machine,
     alternating runs of benchmarks/cache_write.py).  The tokens and the per-chunk statistics (zstd) too:
     four small writes per chunk through zarr held the GIL for about a third of the writer threads' GIL
-    time (py-spy --gil), and the 16 writer threads of the H200 machine kept only 4 cores busy.  The bytes are zarr's: tests/test_writers.py
-    compares the two paths, and the S3 tests compare a local store (this path) with one written
-    through zarr."""
+    time (py-spy --gil), and the 16 writer threads of the H200 machine kept only 4 cores busy.  The bytes
+    are zarr's: tests/test_writers.py compares the two paths, and the S3 tests compare a local store
+    (this path) with one written through zarr."""
     import uuid
 
     import google_crc32c
