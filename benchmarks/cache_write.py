@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gil_options import add_gil_options, apply_gil_options  # noqa: E402  (benchmarks/, the script's folder)
-from pipeline.cache import ChunkWriter, _Chunk, _ChunkAssembler  # noqa: E402
+from pipeline.cache import ChunkWriter, _Chunk, _ChunkAssembler, _ChunkBuffers  # noqa: E402
 from stores import ActivationStore, ChunkStats, compute_chunk_stats  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, com
 
 def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
                        folder: str, batch_rows: int, forward_ms: float = 0.0, stats: bool = True,
-                       pending: int | None = None, buffers: dict | None = None) -> tuple[float, str]:
+                       pending: int | None = None, buffers: _ChunkBuffers | None = None) -> tuple[float, str]:
     """(wall seconds, where the rows came from) for the cache's host side without the model: batches of
     ``batch_rows`` rows, each block's rows handed to the cache's assembler as its forward hooks hand them
     over (from the GPU's memory where there is one: copied into the pinned chunk buffers, statistics on
@@ -87,7 +87,7 @@ def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype:
     ``forward_ms``: before each batch the host waits that long with the GIL released, as `gsae cache`
     waits for a GPU's forward pass (``torch.cuda.synchronize``), so that what the writer does meanwhile
     shows; ``stats=False`` leaves the statistics out (where the GPU computes them, they cost the host
-    nothing).  ``buffers``: a dict that keeps the chunk buffers (pinned on a GPU) from one call to the
+    nothing).  ``buffers``: the chunk buffers (pinned on a GPU) to reuse from one call to the
     next, as one long `gsae cache` run reuses them: their first allocation (about 0.4 GB pinned for this
     benchmark's 6 × 512 model, at the VM's fresh-memory cost) is then paid by the first repeat only."""
     rows = len(chunks[0].tokens)
@@ -110,7 +110,7 @@ def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype:
     assembler = (_ChunkAssembler(store, chunks[0].layers.dtype, pinned=pinned) if stats
                  else _KnownStats(store, chunks, pinned))
     if buffers is not None:
-        assembler.buffers = buffers.setdefault("pool", assembler.buffers)
+        assembler.buffers = buffers
     start = time.perf_counter()
     try:
         for row, layers, batch_tokens in batches:
@@ -238,7 +238,9 @@ def main() -> None:
                   f"  {cpu / seconds:4.2f} cores busy")
         for pending in [] if args.writer_only else [None] + ([args.writer_pending] if args.writer_pending else []):
             host_side = functools.partial(assemble_and_write, chunks, n_layers, d_model, dtype, compression, cores,
-                                          batch_rows=args.batch_rows, pending=pending, buffers={})
+                                          batch_rows=args.batch_rows, pending=pending,
+                                          buffers=_ChunkBuffers((n_layers, len(chunks[0].tokens), d_model),
+                                                                chunks[0].layers.dtype, torch.cuda.is_available()))
             in_flight = f"{pending} chunks in flight" if pending else "gsae's chunks in flight"
             with tempfile.TemporaryDirectory(dir=folder) as run_folder:
                 faults = _minor_faults()
