@@ -579,7 +579,10 @@ def steps_note(run: Path) -> str:
     except Exception:
         return ""
     wall = ", ".join(f"{name.replace('_', ' ')} {seconds:.2f}" for name, seconds in summary.get("wall_seconds", {}).items())
-    return f"; {summary['train_seconds']:.2f} s in training steps" + (f" (wall s: {wall})" if wall else "")
+    # AuxK's cost grows with the dead latents: the step alone (sparsify_speed.py) has none
+    dead = ", ".join(f"{100 * sae['dead_fraction']:.1f}" for sae in summary.get("saes", []) if "dead_fraction" in sae)
+    return (f"; {summary['train_seconds']:.2f} s in training steps" + (f" (wall s: {wall})" if wall else "")
+            + (f"; dead latents at the end, % per SAE: {dead}" if dead else ""))
 
 
 if __name__ == "__main__":

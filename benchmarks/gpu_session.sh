@@ -181,12 +181,7 @@ step writer_switch "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"$
 step small_cache "$T_CACHE" gsae cache --model "$W/model" --dataset "$W/corpus.jsonl" --cache "$W/cache" ${CACHE_ARGS[@]+"${CACHE_ARGS[@]}"}
 if [ -f "$W/cache/zarr.json" ]; then
   step stream "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"}
-  FEED_DEVICE=()
-  if "$PY" benchmarks/train_speed.py --help 2>/dev/null | grep -q -- '--device'; then
-    FEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
-  else
-    echo "== note: train_speed.py has no --device: feed trains on the CPU (its SAE and batches are CPU tensors)"
-  fi
+  FEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
   step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
   # the same over 4 × the steps: 12 steps of 8,192 rows stay inside the stream's first window (8 chunks ×
   # 4 layers), already decoded at the warm-up; 48 cross three window switches, as training does
@@ -226,20 +221,16 @@ step cache_throughput_memory "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.p
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm
 
 # 6. gsae's TopK step ÷ sparsify's, per shape
-SPEED_DEVICE=()
-if "$PY" benchmarks/sparsify_speed.py --help 2>/dev/null | grep -q -- '--device'; then
-  SPEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
-elif [ $SMOKE = 0 ]; then
-  echo "== note: sparsify_speed.py has no --device: both tools' steps run on the CPU there; only the smallest"
-  echo "   shape is run, with few steps (CPU figures, not GPU figures)"
-  SPEED_SHAPES=("512 16 32")
-  SPEED_ARGS=(--batch-size 8192 --warmup 1 --steps 3 --repeats 1)
-fi
+#    The first shape also with 2% and 18% of the latents dead (AuxK on): end_to_end's SAEs had that many
+#    after 1M tokens, and its steps took 11.4 ms where this step alone took 3.2 (AuxK's cost)
+SPEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
+DEAD=(--dead-fraction 0.02 0.18)
 for shape in "${SPEED_SHAPES[@]}"; do
   set -- $shape
   d=$1 e=$2; shift 2
   step "sparsify_speed_d$d" "$T_SPEED" "$PY" benchmarks/sparsify_speed.py --d-in "$d" --expansion "$e" --k "$@" \
-      ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} ${SPEED_DEVICE[@]+"${SPEED_DEVICE[@]}"}
+      ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} ${SPEED_DEVICE[@]+"${SPEED_DEVICE[@]}"} ${DEAD[@]+"${DEAD[@]}"}
+  DEAD=()
 done
 
 # 7. only with ONLY=compile_default / compile_reduce-overhead: torch.compile of gsae's forward at the first

@@ -46,6 +46,7 @@ from pipeline.train import train_step  # noqa: E402
 
 Step = Callable[[torch.Tensor], float]  # one training step on a batch → the batch's FVU
 NEVER_DEAD, ALL_DEAD = 10_000_000, -1  # dead-token thresholds: AuxK off, AuxK on every latent
+DEAD_AFTER = 10**9  # --dead-fraction: the threshold, with the chosen latents' counters started past it
 TARGETS = {32: 1.3, 64: 1.2, 128: 1.5}  # 64: the GPU target at 2048 → 32768
 
 
@@ -70,12 +71,14 @@ def load_batches(args: argparse.Namespace) -> tuple[list[torch.Tensor], str]:
 
 def gsae_step(d_in: int, n_latents: int, k: int, mean: torch.Tensor, dead_tokens: int,
               since_fired: torch.Tensor | None = None, init_seed: int = 0,
-              bf16: bool = False, compile_mode: str | None = None) -> tuple[Step, SparseAutoencoder]:
+              bf16: bool = False, compile_mode: str | None = None,
+              n_dead: int | None = None) -> tuple[Step, SparseAutoencoder]:
     """`gsae train`'s step: b_dec at the data mean, Adam, dead counters (AuxK when latents are dead).
     ``since_fired`` (n_latents, long zeros), when given, is the step's tokens-since-fired counter.
     ``compile_mode``: the SAE's forward and loss under torch.compile(mode=compile_mode) (an experiment:
     `gsae train` runs eagerly).
-    On CUDA the step returns its FVU as a device tensor and never waits for the device, as in `gsae train`."""
+    On CUDA the step returns its FVU as a device tensor and never waits for the device, as in `gsae train`,
+    with ``n_dead`` as the host's dead count (default: none with NEVER_DEAD, else every latent)."""
     device = mean.device
     sae = SparseAutoencoder(d_in, n_latents, "topk", k=k, seed=init_seed).to(device)
     with torch.no_grad():
@@ -86,7 +89,8 @@ def gsae_step(d_in: int, n_latents: int, k: int, mean: torch.Tensor, dead_tokens
     since_fired = torch.zeros(n_latents, dtype=torch.long, device=device) if since_fired is None else since_fired
     if device.type == "cpu":
         return lambda x: float(train_step(sae, optimizer, x, since_fired, dead_tokens).fvu), sae
-    n_dead = 0 if dead_tokens == NEVER_DEAD else n_latents  # the host count `gsae train` reads every few steps
+    if n_dead is None:  # the host count `gsae train` reads every few steps
+        n_dead = 0 if dead_tokens == NEVER_DEAD else n_latents
     return (lambda x: train_step(sae, optimizer, x, since_fired, dead_tokens, n_dead_hint=n_dead,
                                  check_finite=False, bf16=bf16).fvu), sae
 
@@ -199,23 +203,22 @@ def main(args: argparse.Namespace) -> None:
           f"device {_describe_device(args.device)}, gsae {args.precision}")
     print(f"{'k':>12}  {'gsae tok/s':>10}  {'sparsify tok/s':>14}  {'ratio':>6}  target  FVU after {len(batches)} steps "
           f"gsae / sparsify  (runs, ms/step: gsae | sparsify)")
-    variants = [(k, NEVER_DEAD) for k in args.k] + ([(k, ALL_DEAD) for k in args.k] if args.auxk else [])
-    for k, dead_tokens in variants:
+    variants = ([(k, NEVER_DEAD, 0.0) for k in args.k] + ([(k, ALL_DEAD, 1.0) for k in args.k] if args.auxk else [])
+                + [(k, DEAD_AFTER, fraction) for fraction in args.dead_fraction for k in args.k])
+    for k, dead_tokens, fraction in variants:
         runs: dict[str, list[float]] = {"gsae": [], "sparsify": []}
         fvus: dict[str, float] = {}
         for _ in range(args.repeats):
             for tool in runs:
-                step = (gsae_step(d_in, n_latents, k, mean, dead_tokens, bf16=args.precision == "bfloat16")[0]
-                        if tool == "gsae"
-                        else sparsify_step(d_in, n_latents, k, batches[0].mean(0), dead_tokens)[0])
+                step = make_step(tool, d_in, n_latents, k, mean, batches[0].mean(0), dead_tokens, fraction, args)
                 seconds, fvus[tool] = timed(step, batches, args.warmup, tool)
                 runs[tool].append(seconds)
         speed = {tool: args.batch_size / min(times) for tool, times in runs.items()}
-        label = f"{k}{' +AuxK' if dead_tokens == ALL_DEAD else ''}"
+        label = f"{k}{' +AuxK' if dead_tokens == ALL_DEAD else ''}{f' {100 * fraction:g}% dead' if dead_tokens == DEAD_AFTER else ''}"
         target = f"≥ {TARGETS[k]}" if k in TARGETS and dead_tokens == NEVER_DEAD else "  –"
         print(f"{label:>12}  {speed['gsae']:10,.0f}  {speed['sparsify']:14,.0f}  {speed['gsae'] / speed['sparsify']:6.3f}  "
               f"{target:<6}  {fvus['gsae']:.4f} / {fvus['sparsify']:.4f}   "
-              + " | ".join(", ".join(f"{1000 * t:.0f}" for t in runs[tool]) for tool in runs)
+              + " | ".join(", ".join(f"{1000 * t:.3g}" for t in runs[tool]) for tool in runs)
               + f"   (median ratio {statistics.median(runs['sparsify']) / statistics.median(runs['gsae']):.3f})")
         if args.compile:
             compiled_step = gsae_step(d_in, n_latents, k, mean, dead_tokens, bf16=args.precision == "bfloat16",
@@ -232,8 +235,35 @@ def main(args: argparse.Namespace) -> None:
     if args.auxk:
         print("+AuxK: every latent counted dead (gsae dead_tokens = sparsify dead_feature_threshold = -1, "
               "auxk_alpha 1/32): AuxK's full cost on both sides")
+    if args.dead_fraction:
+        print("N% dead: that share of the latents (the same ones for both tools) kept dead, as a long run has them "
+              "(2-18% of 8,192 after 1M tokens in end_to_end.py): their encoder bias at -1000 so they never fire, "
+              "their since-fired counters past the threshold; auxk_alpha 1/32")
     for k in args.k:
         print(same_weights_check(batches[0], n_latents, k))
+
+
+def make_step(tool: str, d_in: int, n_latents: int, k: int, mean: torch.Tensor, first_mean: torch.Tensor,
+              dead_tokens: int, fraction: float, args: argparse.Namespace) -> Step:
+    """A fresh SAE's step of ``tool``; with ``dead_tokens`` DEAD_AFTER, ``fraction`` of its latents (a seeded
+    choice, the same for both tools) are dead from the start and stay dead."""
+    since_fired, dead = None, None
+    if dead_tokens == DEAD_AFTER:
+        dead = torch.randperm(n_latents, generator=torch.Generator().manual_seed(0))[:round(fraction * n_latents)]
+        since_fired = torch.zeros(n_latents, dtype=torch.long)
+        since_fired[dead] = 2 * DEAD_AFTER
+        since_fired, dead = since_fired.to(args.device), dead.to(args.device)
+    if tool == "gsae":
+        step, sae = gsae_step(d_in, n_latents, k, mean, dead_tokens, since_fired, bf16=args.precision == "bfloat16",
+                              n_dead=None if dead is None else len(dead))
+        bias = sae.b_enc
+    else:
+        step, sae = sparsify_step(d_in, n_latents, k, first_mean, dead_tokens, since_fired)
+        bias = sae.encoder.bias
+    if dead is not None:
+        with torch.no_grad():
+            bias[dead] = -1000.0
+    return step
 
 
 def _describe_device(device: torch.device) -> str:
@@ -254,6 +284,8 @@ if __name__ == "__main__":
     parser.add_argument("--cache", help="a gsae activation cache; random Gaussian data without it")
     parser.add_argument("--layer", type=int, help="the cache's layer (default: the middle one)")
     parser.add_argument("--auxk", action="store_true", help="also time each k with AuxK on every latent")
+    parser.add_argument("--dead-fraction", type=float, nargs="*", default=[], metavar="F",
+                        help="also time each k with this share of the latents dead (AuxK on), e.g. 0.02 0.18")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                         help="gsae's forward: float32 (gsae train's default) or bfloat16 autocast")

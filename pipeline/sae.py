@@ -133,6 +133,25 @@ def _sum_per_latent(indices: torch.Tensor, grad: torch.Tensor, rows: torch.Tenso
     return (sparse @ rows.to(compute)).to(grad.dtype)  # CPU CSR matmul has no float16/bfloat16 kernel
 
 
+def _top_dead(pre: torch.Tensor, dead: torch.Tensor, n_dead: int, k: int) -> torch.Tensor:
+    """(B, k) indices of each row's k largest pre-activations among the ``dead`` latents (where fewer
+    are dead, the rest are alive latents, which the caller zeroes), as
+    ``pre.masked_fill(~dead, -inf).topk(k)`` gives them.
+
+    Few latents are dead in practice (2-18% of 8,192 in a 1M-token run), so the top-k runs over a column
+    subset: the first ``2 · n_dead + k`` latents in dead-first order (``n_dead`` is the host's count, up to
+    10 steps old; the margin keeps every dead latent a candidate unless their number more than doubled
+    since).  It is found without a host sync (a stable sort of the mask).  On this CPU at B = 2048,
+    M = 8192, k = 256: 5 ms instead of 47 with 100 dead, 31 instead of 68 with 1,500; past about two
+    thirds of the latents the gather costs more than it saves, and the whole row is used."""
+    width = min(pre.shape[1], 2 * n_dead + k)
+    if 3 * width > 2 * pre.shape[1]:
+        return pre.masked_fill(~dead, -math.inf).topk(k, dim=-1, sorted=False).indices
+    candidates = torch.argsort(dead.to(torch.uint8), descending=True, stable=True)[:width]
+    local = pre.index_select(1, candidates).masked_fill_(~dead[candidates], -math.inf)
+    return candidates[local.topk(k, dim=-1, sorted=False).indices]
+
+
 class SparseAutoencoder(nn.Module):
     """x̂ = W_decᵀ f(W_encᵀ (x − b_dec) + b_enc) + b_dec with f set by ``architecture``."""
 
@@ -235,7 +254,7 @@ class SparseAutoencoder(nn.Module):
         ``n_dead`` (host) sets how many latents are drawn; the current ``dead`` mask decides which
         count, so a slightly stale ``n_dead`` only drops or zeroes a few terms."""
         k_aux = min(self.k_aux, n_dead)
-        indices = pre.detach().masked_fill(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False).indices
+        indices = _top_dead(pre.detach(), dead, n_dead, k_aux)
         values = F.relu(self._gather(x, pre, indices)) * dead[indices]  # a latent alive again adds nothing
         predicted = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
         # few dead latents: a weaker pull (Gao et al., as sparsify), min(n_dead / k_aux, 1) on the device

@@ -87,3 +87,26 @@ def test_encoder_starts_as_the_decoder_transpose_at_linear_init_norm():
     linear = torch.nn.Linear(64, 256)  # what sparsify starts from: rows of norm ≈ 1/√3
     assert float(linear.weight.detach().norm(dim=1).mean()) == pytest.approx(1 / math.sqrt(3), rel=0.05)
     torch.testing.assert_close(sae.W_enc.T * math.sqrt(3), sae.W_dec)
+
+
+@pytest.mark.parametrize("n_dead,hint", [(0, 0), (3, 3), (40, 40), (40, 25), (40, 90), (150, 150), (500, 500)])
+def test_top_dead_latents_match_a_brute_force_over_every_latent(n_dead, hint):
+    """AuxK's choice: each row's k largest pre-activations among the dead latents, by a Python loop over
+    every latent, with a host count up to half the true one (stale), larger than it, and where so many
+    are dead that the whole row is searched."""
+    from pipeline.sae import _top_dead
+
+    generator = torch.Generator().manual_seed(n_dead + hint)
+    n_latents, k = 512, 16
+    pre = torch.randn(20, n_latents, generator=generator, dtype=torch.float64)
+    dead = torch.zeros(n_latents, dtype=torch.bool)
+    dead[torch.randperm(n_latents, generator=generator)[:n_dead]] = True
+    k_used = max(1, min(k, hint))
+    chosen = _top_dead(pre, dead, hint, k_used)
+    assert chosen.shape == (20, k_used)
+    for row in range(20):
+        ranked = sorted((i for i in range(n_latents) if dead[i]), key=lambda i: -float(pre[row, i]))
+        got = chosen[row].tolist()
+        assert len(set(got)) == k_used
+        assert set(ranked[:k_used]) <= set(got)  # every dead latent that belongs is there ...
+        assert all(not dead[i] for i in set(got) - set(ranked))  # ... and the rest (too few dead) are alive
