@@ -55,8 +55,12 @@ class Codes:
 
     def l0(self) -> float:
         """Mean number of non-zero latents per token."""
+        return float(self.mean_l0())
+
+    def mean_l0(self) -> torch.Tensor:
+        """:meth:`l0` as a 0-d float32 tensor on the codes' device (no host sync)."""
         source = self.dense if self.dense is not None else self.values
-        return float((source > 0).sum(dim=-1).float().mean())
+        return (source > 0).sum(dim=-1).float().mean()
 
     def _device(self) -> torch.device:
         return (self.dense if self.dense is not None else self.values).device

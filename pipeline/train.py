@@ -403,13 +403,16 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
                                         check_finite=False, bf16=bf16)
                     nonfinite[i] |= ~torch.isfinite(output.loss.detach())
                     elapsed[i] += time.perf_counter() - t0
-                    if log_step:
-                        check_finite(step + 1)
-                        n_dead[i] = int((fired[i] > dead_tokens).sum())
+                    if log_step:  # one read back per SAE (a host sync on CUDA), not one per figure
+                        bad, loss, fvu, l0, dead = torch.stack([
+                            nonfinite[i].float(), output.loss.detach().float(), output.fvu.float(),
+                            output.codes.mean_l0(), (fired[i] > dead_tokens).sum().float()]).tolist()
+                        if bad:
+                            check_finite(step + 1)
+                        n_dead[i] = int(dead)
                         tokens = (step + 1) * batch_size
                         latest[i] = {"step": step + 1, "sae": i, "layers": config.groups[i], "tokens": tokens,
-                                     "loss": float(output.loss.detach()), "fvu": float(output.fvu), "l0": output.codes.l0(),
-                                     "dead_fraction": float((fired[i] > dead_tokens).float().mean()),
+                                     "loss": loss, "fvu": fvu, "l0": l0, "dead_fraction": n_dead[i] / config.n_latents,
                                      "tokens_per_s": tokens / max(elapsed[i], 1e-9)}
                         progress.update(tasks[i], completed=tokens, stats=(
                             f"FVU {latest[i]['fvu']:.3f} L0 {latest[i]['l0']:.0f} dead {100 * latest[i]['dead_fraction']:.0f}%"))
