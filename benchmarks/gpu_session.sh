@@ -9,7 +9,8 @@
 # (a) installs the wheels in .whl (made here by ../shared/gpu/wheels.sh) into /tmp/site, as
 #     /work/shared/gpu/README.md says; without .whl it uses this Python's packages;
 # (b) runs each benchmark under its own `timeout`, most important first (end_to_end, the test suite with
-#     CUDA visible, cache_write, the writer by threads and where it holds the GIL (py-spy), the stream and feed
+#     CUDA visible, cache_write, the writer by threads, compressing alone by threads and where the writer holds
+#     the GIL (py-spy), the stream and feed
 #     ratios, cache_throughput, sparsify_speed; torch.compile and the Gram sweep only when ONLY names them;
 #     SKIP_TESTS=1 leaves the suite out); every script prints its figures as they
 #     exist; a step that fails or times out does not stop the others; a step whose time is not left in
@@ -161,6 +162,11 @@ step cache_write_memory "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[
 #     .whl): on the H200 machine 16 writer threads kept only 4 cores busy, and 16 raw writers wrote 20.9 GB/s
 step writer_threads "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
     --threads 1,2,4,8,all --folder /dev/shm
+# 3c. compressing alone by threads, four ways (numcodecs as the writer does it; the same blosc into reused
+#     buffers without the GIL; and with a GIL-free checksum; raw writes): is it the GIL-held copy numcodecs
+#     makes of each compressed chunk, and google_crc32c, that keep the writer to 4 cores?
+if [ $SMOKE = 1 ]; then COMPRESS_ARGS=(--threads 1,2 --chunks 4 --repeats 1); else COMPRESS_ARGS=(--threads 1,2,4,8,16 --chunks 128 --repeats 1); fi
+step compress_threads "$T_WRITE" "$PY" benchmarks/compress_threads.py ${COMPRESS_ARGS[@]+"${COMPRESS_ARGS[@]}"}
 SPY=$(command -v py-spy || ls /tmp/site/bin/py-spy 2>/dev/null)
 gil_profile() {  # gil_profile NAME COMMAND...: py-spy --gil over COMMAND, then the summary of its samples
   local name=$1; shift
@@ -265,7 +271,7 @@ fi
 echo
 echo "== summary (session $((SECONDS - START)) s of ${BUDGET})"
 for name in "${ORDER[@]}"; do
-  grep -h -E "ratio|÷|compile|GB/s|group \(D\)|read only|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)? +[0-9,]+ +[0-9,]+|SKIPPED|TIMED OUT|FAILED|failed|GIL held|by thread:|^ +[0-9.]+%  |by phase|switch interval" \
+  grep -h -E "ratio|÷|compile|GB/s|group \(D\)|read only|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)?( [0-9.]+% dead)? +[0-9,]+ +[0-9,]+|^(raw|numcodecs|reused)|SKIPPED|TIMED OUT|FAILED|failed|GIL held|by thread:|^ +[0-9.]+%  |by phase|switch interval" \
       "$W/logs/$name.log" 2>/dev/null | grep -v '│' | sed "s/^/$name: /"
 done
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then tar czf "$OUT/gpu_session_logs.tgz" -C "$W" logs 2>/dev/null; fi  # one file: $OUT takes 8
