@@ -290,7 +290,10 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
             note = threshold_note(sae, sae_config["layers"],
                                   float(np.mean([r["l0"] for r in records[-len(sae_config["layers"]):]])))
             notes += [note] if note else []
-    trained.write_eval(records, eval_arguments(tokens, windows, context_length))
+    tf32 = torch_device.type == "cuda" and config.tf32  # what matmul_precision gives: TF32 exists only on CUDA
+    trained.write_eval(records, eval_arguments(tokens, windows, context_length),
+                       {"device": torch_device.type, "sae_matmuls": "tf32" if tf32 else "float32",
+                        "model_matmuls": "float32"})
     for note in notes if console else []:
         console.print(f"[yellow]{note}[/]")
     return records

@@ -367,9 +367,12 @@ class Run:
     def write_summary(self, summary: dict[str, Any]) -> None:
         self._write(json.dumps(summary, indent=1), SUMMARY)
 
-    def write_eval(self, records: list[dict[str, Any]], arguments: dict[str, Any]) -> None:
-        """eval.json: the per-layer records and the arguments that measured them (`gsae run` compares them)."""
-        self._write(json.dumps({"run": self.path, "arguments": arguments, "records": records}, indent=1), EVAL)
+    def write_eval(self, records: list[dict[str, Any]], arguments: dict[str, Any],
+                   measured_on: dict[str, Any] | None = None) -> None:
+        """eval.json: the per-layer records, the arguments that measured them (`gsae run` compares them) and
+        where and at which matmul precision they were measured."""
+        data = {"run": self.path, "arguments": arguments, "measured_on": measured_on, "records": records}
+        self._write(json.dumps(data, indent=1), EVAL)
 
 
 class _RewrittenLog(io.StringIO):

@@ -60,8 +60,12 @@ def test_eval_command_writes_records(tiny_models, tmp_path, capsys):
                     "--batch-size", 512], capsys)[0] == 0
     code, out, err = run_cli(["eval", "--run", tmp_path / "r", "--windows", 4], capsys)
     assert code == 0, err
-    records = json.loads((tmp_path / "r" / "eval.json").read_text())["records"]
+    written = json.loads((tmp_path / "r" / "eval.json").read_text())
+    records = written["records"]
     assert [r["layer"] for r in records] == [0, 1]
+    on_gpu = torch.cuda.is_available()  # eval's --device auto; the run trained with TF32 (the default)
+    assert written["measured_on"] == {"device": "cuda" if on_gpu else "cpu", "sae_matmuls": "tf32" if on_gpu else "float32",
+                                      "model_matmuls": "float32"}
     for r in records:
         assert 0 < r["explained_variance"] < 1
         # a random tiny model need not get worse when a block is zeroed: assert what always holds
