@@ -16,6 +16,7 @@ from torch import nn
 
 from pipeline.errors import GsaeError
 from pipeline.hub import hub_reachable
+from stores.messages import joined_lines
 
 DEVICES = ("auto", "cpu", "cuda")
 EMBEDDED_NAME = "smollm2-135m"
@@ -146,14 +147,7 @@ def _from_pretrained(loader: Any, spec: ModelSpec, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(spec.location, **kwargs)
     except OSError as exc:
-        raise GsaeError(f"could not load model {spec.model_id!r} from the Hub: {_one_line(exc)}") from None
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line (transformers' often run over several), its type where empty."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    text = text if len(text) <= limit else text[: limit - 1] + "…"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        raise GsaeError(f"could not load model {spec.model_id!r} from the Hub: {joined_lines(exc)}") from None
 
 
 def find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
@@ -218,7 +212,7 @@ def _tokenizer_error(spec: ModelSpec, exc: BaseException) -> GsaeError:
     if folder is not None and folder.is_dir() and not any((folder / name).exists() for name in _TOKENIZER_FILES):
         return GsaeError(f"the tokenizer of {spec.model_id!r} cannot be built: {folder} holds none of "
                          f"{', '.join(_TOKENIZER_FILES)} (save the tokenizer there with save_pretrained)")
-    return GsaeError(f"could not load the tokenizer of {spec.model_id!r}: {_one_line(exc)}")
+    return GsaeError(f"could not load the tokenizer of {spec.model_id!r}: {joined_lines(exc)}")
 
 
 def _check_tokenizer(tokenizer: Any, spec: ModelSpec) -> None:
@@ -248,7 +242,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     except GsaeError:
         raise
     except Exception as exc:  # missing or damaged files (safetensors, tokenizer) raise many types
-        raise GsaeError(f"could not load model {spec.model_id!r}: {_one_line(exc)}") from None
+        raise GsaeError(f"could not load model {spec.model_id!r}: {joined_lines(exc)}") from None
     model.eval().to(device)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n_layers = int(config.num_hidden_layers)

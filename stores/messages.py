@@ -8,3 +8,11 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
     when the message is empty."""
     line = next((part.strip() for part in str(exc).splitlines() if part.strip()), "")
     return (line[:limit] if limit else line) or type(exc).__name__
+
+
+def joined_lines(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` with the message's lines joined into one (transformers' often run over several),
+    cut at ``limit`` characters; the type alone where the message is empty."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
