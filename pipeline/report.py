@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,10 @@ class RunSummary:
     cache_fingerprint: dict[str, Any]
     cache_note: str | None = None  # why cache_seconds is None
     sae: dict[str, Any] = field(default_factory=dict)  # architecture, n_latents, k: what the runs must share
+    name: str = ""  # how tables and plots show it: the label, or where two runs share one, with their folders
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.label
 
     def cost(self, baseline: "RunSummary | None") -> float:
         """Training time ÷ the baseline's (NaN without a baseline)."""
@@ -183,9 +188,9 @@ def per_layer_plot(runs: list[RunSummary]) -> bytes:
         layers = [r["layer"] for r in run.records]
         (line,) = axes[0].plot(layers, [r.get("explained_variance_per_token", np.nan) for r in run.records],
                                marker="o", markersize=3,
-                               label=run.label)
+                               label=run.name)
         axes[1].plot(layers, [r.get("delta_ce_percent", np.nan) for r in run.records], marker="o", markersize=3,
-                     label=run.label, color=line.get_color())
+                     label=run.name, color=line.get_color())
         if run.label != "baseline":  # group boundaries, dashed in the run's colour so partitions can be told apart
             for group in run.groups[1:]:
                 for ax in axes:
@@ -206,9 +211,9 @@ def cost_plot(runs: list[RunSummary], baseline: RunSummary | None) -> bytes:
     for run in runs:  # per-token EV, as the table's first EV column and per-layer.png
         cost = run.cost(baseline) if baseline else run.train_seconds
         axes[0].scatter(cost, run.mean("explained_variance_per_token"))
-        axes[0].annotate(run.label, (cost, run.mean("explained_variance_per_token")), fontsize=8)
+        axes[0].annotate(run.name, (cost, run.mean("explained_variance_per_token")), fontsize=8)
         axes[1].scatter(cost, run.mean("delta_ce_percent"))
-        axes[1].annotate(run.label, (cost, run.mean("delta_ce_percent")), fontsize=8)
+        axes[1].annotate(run.name, (cost, run.mean("delta_ce_percent")), fontsize=8)
     label = "training cost ÷ baseline" if baseline else "training seconds"
     axes[0].set(xlabel=label, ylabel="mean explained variance (per token)")
     axes[1].set(xlabel=label, ylabel="mean ΔCE %")
@@ -228,6 +233,16 @@ class Report:
         return self.markdown.split("\n\nThe paper")[0]
 
 
+def name_runs(runs: list[RunSummary]) -> None:
+    """Set each run's ``name``: its label, and where several runs share a label (two seeds of amad-g3),
+    the label with the run's folder, its last part or, where those are the same too, its whole path."""
+    labels = Counter(run.label for run in runs)
+    tails = Counter(run.path.rstrip("/").rsplit("/", 1)[-1] for run in runs)
+    for run in runs:
+        tail = run.path.rstrip("/").rsplit("/", 1)[-1]
+        run.name = run.label if labels[run.label] == 1 else f"{run.label} ({tail if tails[tail] == 1 else run.path})"
+
+
 def _cell(value: float | None, fmt: str) -> str:
     """A number for the table; "–" for one that is not known (None or NaN)."""
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
@@ -239,6 +254,7 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
     check_comparable(paths)
     runs = [load_run(p, cache_seconds) for p in paths]
     check_comparable(paths, runs)
+    name_runs(runs)
     baseline = next((r for r in runs if r.label == "baseline"), None)
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
@@ -249,7 +265,7 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
              "total ÷ baseline |", "|" + " --- |" * 15]
     for run in runs:
         amad = f"{run.amad:.3f}" if run.amad is not None else "-"
-        lines.append(f"| {run.label} | {len(run.groups)} | {amad} | "
+        lines.append(f"| {run.name} | {len(run.groups)} | {amad} | "
                      f"{_cell(run.mean('explained_variance_per_token'), '.3f')} | "
                      f"{_cell(run.mean('explained_variance'), '.3f')} | {_cell(run.mean('delta_ce_percent'), '.2f')} | "
                      f"{_cell(run.mean('kl_divergence'), '.4f')} | {_cell(run.mean('l0'), '.1f')} | "
@@ -258,6 +274,8 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
                      f"{run.grouping_seconds:.1f} | {_cell(run.cost(baseline), '.3f')} | "
                      f"{_cell(run.total_cost(baseline), '.3f')} |")
     notes = []
+    if sum(run.label == "baseline" for run in runs) > 1:
+        notes.append(f"Several baselines: the ÷ baseline columns are against the first given, {baseline.name}.")
     if baseline is None:
         notes.append("No baseline among the runs (a run of `gsae train --baseline`): the ÷ baseline columns are "
                      "left empty.")
@@ -274,7 +292,7 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
               f"{p['dce_group']:.2f} | {p['cost']:.2f} |" for p in PAPER]
     layers = sorted({r["layer"] for run in runs for r in run.records})
     lines += ["", "## Per layer: per-token explained variance / ΔCE %", "",
-              "| layer | " + " | ".join(run.label for run in runs) + " |", "|" + " --- |" * (len(runs) + 1)]
+              "| layer | " + " | ".join(run.name for run in runs) + " |", "|" + " --- |" * (len(runs) + 1)]
     for layer in layers:
         cells = []
         for run in runs:

@@ -112,6 +112,20 @@ def test_report_from_two_runs(tiny_models, tmp_path, capsys):
     assert code == 0 and f"| {100 * 8192 / 6000:.1f} |" in (tmp_path / "rep2" / "report.md").read_text()
 
 
+def test_runs_that_share_a_label_are_told_apart_by_their_folders():
+    from pipeline.report import RunSummary, name_runs
+
+    def run(path: str, label: str) -> RunSummary:
+        return RunSummary(path, label, None, [[0]], [], 1.0, 0.0, None, 1, None, 1, {})
+
+    runs = [run("runs/a/base", "baseline"), run("runs/seed1", "amad-g3"), run("runs/seed2", "amad-g3"),
+            run("x/same", "uniform-g2"), run("y/same", "uniform-g2"), run("s3://b/one", "amad-g1")]
+    name_runs(runs)
+    assert [r.name for r in runs] == ["baseline", "amad-g3 (seed1)", "amad-g3 (seed2)", "uniform-g2 (x/same)",
+                                      "uniform-g2 (y/same)", "amad-g1"]
+    assert [r.label for r in runs][:3] == ["baseline", "amad-g3", "amad-g3"]  # what the report's logic keys on
+
+
 def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, capsys):
     cache = make_cache(tiny_models["neox"], tmp_path / "c", tokens=6000, context_length=32, batch_size=8,
                        chunk_tokens=400)
