@@ -580,7 +580,8 @@ def steps_note(run: Path) -> str:
         return ""
     wall = ", ".join(f"{name.replace('_', ' ')} {seconds:.2f}" for name, seconds in summary.get("wall_seconds", {}).items())
     # AuxK's cost grows with the dead latents: the step alone (sparsify_speed.py) has none
-    dead = ", ".join(f"{100 * sae['dead_fraction']:.1f}" for sae in summary.get("saes", []) if "dead_fraction" in sae)
+    dead = ", ".join(f"{100 * sae['dead_fraction']:.1f}" for sae in summary.get("saes", [])
+                     if isinstance(sae.get("dead_fraction"), (int, float)))
     return (f"; {summary['train_seconds']:.2f} s in training steps" + (f" (wall s: {wall})" if wall else "")
             + (f"; dead latents at the end, % per SAE: {dead}" if dead else ""))
 

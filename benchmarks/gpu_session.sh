@@ -228,7 +228,7 @@ step cache_throughput_memory "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.p
 
 # 6. gsae's TopK step ÷ sparsify's, per shape
 #    The first shape also with 2% and 18% of the latents dead (AuxK on): end_to_end's SAEs had that many
-#    after 1M tokens, and its steps took 11.4 ms where this step alone took 3.2 (AuxK's cost)
+#    (a 400k-token CPU run of that shape had that many), and its steps took 11.4-11.5 ms where this step alone took 3.2
 SPEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
 DEAD=(--dead-fraction 0.02 0.18 --dense-auxk)  # --dense-auxk: also AuxK decoded by a dense matmul (an experiment)
 for shape in "${SPEED_SHAPES[@]}"; do

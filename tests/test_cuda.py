@@ -138,3 +138,23 @@ def test_cuda_cache_rows_go_from_the_device_into_reused_pinned_chunk_buffers(tmp
         np.testing.assert_array_equal(store.read_rows(layer, 0, n), values[layer].cpu().numpy())
     assert all(torch.from_numpy(buffer).is_pinned() for buffer in assembler.buffers.free)
     assert len(assembler.buffers.free) < store.n_chunks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_dead", [5, 60, 400])
+def test_cuda_auxk_picks_the_same_dead_latents_as_on_the_cpu(dtype, n_dead):
+    """The column subset (a stable sort of a uint8 mask, a column gather) on CUDA, every stored dtype, and
+    the whole-row path (400 of 512 dead): the same latents per row as on the CPU."""
+    from pipeline.sae import _top_dead
+
+    generator = torch.Generator().manual_seed(n_dead)
+    pre = torch.randn(64, 512, generator=generator).to(dtype)
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[torch.randperm(512, generator=generator)[:n_dead]] = True
+    k = min(16, n_dead)
+    on_cpu = _top_dead(pre.float(), dead, n_dead, k)
+    on_gpu = _top_dead(pre.cuda(), dead.cuda(), n_dead, k).cpu()
+    assert bool(dead[on_gpu].all())
+    # the values chosen, not the indices: low-precision values tie, and either of two tied latents is right
+    chosen = [pre.float().gather(1, picked).sort(dim=1).values for picked in (on_cpu, on_gpu)]
+    assert torch.equal(*chosen)
