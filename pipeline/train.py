@@ -304,6 +304,53 @@ def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torc
     return output
 
 
+class DeadCount:
+    """The host's count of one SAE's dead latents, which AuxK needs on the host (its k, and the columns
+    it searches), read ``LAG`` steps late so that the device is never waited for: every step queues a copy
+    of the step's count into pinned memory, and uses the count of ``LAG`` steps before, whose copy the
+    device did long ago (its event is waited for, but has passed).  The CPU gets the same counts, so a run's
+    AuxK is the same on either device and after a resume (:meth:`state` goes into checkpoints).  It used
+    to be read at log steps only, up to 10 steps old, when the dead count can grow several times over."""
+
+    LAG = 2
+
+    def __init__(self, device: torch.device, state: Any = None):
+        self.cuda = device.type == "cuda"
+        if isinstance(state, dict):
+            self.value, queued = int(state["value"]), [int(count) for count in state["queued"]]
+        else:  # none yet, or a checkpoint of a gsae that kept only the value (an int)
+            self.value, queued = int(state or 0), []
+        self.queued: list[tuple[torch.Tensor, Any]] = [(torch.tensor(count), None) for count in queued]
+        # pinned slots reused in turn: at most LAG + 1 counts are queued at once
+        self.slots = [torch.empty((), dtype=torch.int64, pin_memory=True) for _ in range(self.LAG + 1)] if self.cuda else []
+        self.next_slot = 0
+
+    def step(self, count: torch.Tensor) -> int:
+        """Queue this step's ``count`` (a 0-d device tensor); the count to use now."""
+        if self.cuda:
+            host = self.slots[self.next_slot]
+            self.next_slot = (self.next_slot + 1) % len(self.slots)
+            host.copy_(count, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self.queued.append((host, done))
+        else:
+            self.queued.append((count.clone(), None))
+        if len(self.queued) > self.LAG:
+            host, done = self.queued.pop(0)
+            if done is not None:
+                done.synchronize()  # recorded LAG steps ago: long passed, unless the host is far ahead
+            self.value = int(host)
+        return self.value
+
+    def state(self) -> dict[str, Any]:
+        """The value and the queued counts, for a checkpoint (waits for the queued copies)."""
+        for _, done in self.queued:
+            if done is not None:
+                done.synchronize()
+        return {"value": self.value, "queued": [int(host) for host, _ in self.queued]}
+
+
 def _describe(group: list[int]) -> str:
     return f"L{layer_span(group)}"
 
@@ -342,7 +389,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
     steps, batch_size = config.steps, config.batch_size
     start_step, elapsed = 0, [0.0] * n
     latest: list[dict[str, Any]] = [{} for _ in range(n)]  # each SAE's last metrics record
-    n_dead = [0] * n
+    dead_counts = {i: DeadCount(device) for i in mine}
     streams: dict[int, TrainingStream] = {}
     try:
         saes, optimizers, streams, fired = _build(config, store, device, pool, mine, prefetch=checkpoint is None)
@@ -351,9 +398,8 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
             for i in mine:
                 streams[i].load_state_dict(state["streams"][i])
             start_step, elapsed = state["step"], state["elapsed"]
-            # Host-side dead counts, refreshed at every log step, so that AuxK's k is known without a
-            # per-step device sync; kept in checkpoints so a resume is exact.
-            n_dead = state.get("n_dead") or n_dead
+            for i in mine:  # AuxK's host-side dead counts, queued ones included: a resume is exact
+                dead_counts[i] = DeadCount(device, (state.get("n_dead") or [0] * n)[i])
             latest = state.get("latest") or latest
     except BaseException:  # a run that cannot start (a bad checkpoint, no memory) leaves no decode queued
         for stream in streams.values():
@@ -374,7 +420,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
     def checkpoint_now(step: int) -> None:
         check_finite(step)  # never checkpoint a diverged SAE
         parts = ranks.gather_to_first({i: (pack_training_state(saes[i], optimizers[i], fired[i], moments=step < steps),
-                                           streams[i].state_dict(), elapsed[i], n_dead[i], latest[i]) for i in mine})
+                                           streams[i].state_dict(), elapsed[i], dead_counts[i].state(), latest[i]) for i in mine})
         if parts is not None:
             run.save_checkpoint(step, {i: parts[i][0] for i in range(n)},
                                 {"streams": [parts[i][1] for i in range(n)], "elapsed": [parts[i][2] for i in range(n)],
@@ -399,7 +445,8 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
                     t0 = time.perf_counter()
                     batch = streams[i].next_batch()
                     waiting += time.perf_counter() - t0
-                    output = train_step(saes[i], optimizers[i], batch.x, fired[i], dead_tokens, n_dead_hint=n_dead[i],
+                    n_dead = dead_counts[i].step((fired[i] > dead_tokens).sum())
+                    output = train_step(saes[i], optimizers[i], batch.x, fired[i], dead_tokens, n_dead_hint=n_dead,
                                         check_finite=False, bf16=bf16)
                     nonfinite[i] |= ~torch.isfinite(output.loss.detach())
                     elapsed[i] += time.perf_counter() - t0
@@ -409,10 +456,9 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
                             output.codes.mean_l0(), (fired[i] > dead_tokens).sum().float()]).tolist()
                         if bad:
                             check_finite(step + 1)
-                        n_dead[i] = int(dead)
                         tokens = (step + 1) * batch_size
                         latest[i] = {"step": step + 1, "sae": i, "layers": config.groups[i], "tokens": tokens,
-                                     "loss": loss, "fvu": fvu, "l0": l0, "dead_fraction": n_dead[i] / config.n_latents,
+                                     "loss": loss, "fvu": fvu, "l0": l0, "dead_fraction": dead / config.n_latents,
                                      "tokens_per_s": tokens / max(elapsed[i], 1e-9)}
                         progress.update(tasks[i], completed=tokens, stats=(
                             f"FVU {latest[i]['fvu']:.3f} L0 {latest[i]['l0']:.0f} dead {100 * latest[i]['dead_fraction']:.0f}%"))

@@ -158,3 +158,13 @@ def test_cuda_auxk_picks_the_same_dead_latents_as_on_the_cpu(dtype, n_dead):
     # the values chosen, not the indices: low-precision values tie, and either of two tied latents is right
     chosen = [pre.float().gather(1, picked).sort(dim=1).values for picked in (on_cpu, on_gpu)]
     assert torch.equal(*chosen)
+
+
+def test_cuda_auxk_dead_count_gives_the_cpu_counts():
+    from pipeline.train import DeadCount
+
+    counts = [3, 8, 20, 21, 50, 49, 70]
+    on_cpu, on_gpu = DeadCount(torch.device("cpu")), DeadCount(torch.device("cuda"))
+    expected = [on_cpu.step(torch.tensor(c)) for c in counts]
+    assert [on_gpu.step(torch.tensor(c, device="cuda")) for c in counts] == expected
+    assert on_gpu.state() == on_cpu.state()

@@ -236,6 +236,24 @@ def test_deferred_auxk_count_matches_the_exact_one():
     torch.testing.assert_close(stale, sae.loss(x, revived).loss)
 
 
+def test_auxk_dead_count_lags_two_steps_and_resumes_exactly():
+    """Step s uses the count of step s - 2 (0 before there is one); a counter rebuilt from its state
+    mid-run gives the same counts as one that ran on; a checkpoint's plain int (older gsae) is the value."""
+    from pipeline.train import DeadCount
+
+    counts = [3, 8, 20, 21, 50, 49, 70]
+    whole = DeadCount(torch.device("cpu"))
+    used = [whole.step(torch.tensor(c)) for c in counts]
+    assert used == [0, 0, 3, 8, 20, 21, 50]
+    first = DeadCount(torch.device("cpu"))
+    before = [first.step(torch.tensor(c)) for c in counts[:4]]
+    state = json.loads(json.dumps(first.state()))  # as a checkpoint's state.json keeps it
+    again = DeadCount(torch.device("cpu"), state)
+    assert before + [again.step(torch.tensor(c)) for c in counts[4:]] == used
+    older = DeadCount(torch.device("cpu"), 12)
+    assert [older.step(torch.tensor(c)) for c in (1, 2, 3)] == [12, 12, 1]
+
+
 def test_nan_loss_stops_clearly_and_keeps_the_checkpoint(cache, tmp_path, capsys):
     code, _, err = run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--lr", 1e30, "--checkpoint-every", 1),
                            capsys)
