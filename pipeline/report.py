@@ -235,12 +235,21 @@ class Report:
 
 def name_runs(runs: list[RunSummary]) -> None:
     """Set each run's ``name``: its label, and where several runs share a label (two seeds of amad-g3),
-    the label with the run's folder, its last part or, where those are the same too, its whole path."""
-    labels = Counter(run.label for run in runs)
-    tails = Counter(run.path.rstrip("/").rsplit("/", 1)[-1] for run in runs)
+    the label with the run's folder: its last part or, where that is the same for two of them, its path."""
+    def folder(run: RunSummary) -> str:
+        path = run.path.rstrip("/")
+        return os.path.realpath(path) if "://" not in path else path  # "." and "../x" as where they are
+
+    by_label: dict[str, list[RunSummary]] = {}
     for run in runs:
-        tail = run.path.rstrip("/").rsplit("/", 1)[-1]
-        run.name = run.label if labels[run.label] == 1 else f"{run.label} ({tail if tails[tail] == 1 else run.path})"
+        by_label.setdefault(run.label, []).append(run)
+    for same in by_label.values():
+        tails = Counter(folder(run).rsplit("/", 1)[-1] for run in same)
+        for run in same:
+            path = folder(run)
+            where = path.rsplit("/", 1)[-1] if tails[path.rsplit("/", 1)[-1]] == 1 else path
+            # a "|" would end the Markdown table's cell
+            run.name = run.label if len(same) == 1 else f"{run.label} ({where})".replace("|", "\\|")
 
 
 def _cell(value: float | None, fmt: str) -> str:

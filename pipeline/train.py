@@ -306,9 +306,10 @@ def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torc
 
 class DeadCount:
     """The host's count of one SAE's dead latents, which AuxK needs on the host (its k, and the columns
-    it searches), read ``LAG`` steps late so that the device is never waited for: every step queues a copy
-    of the step's count into pinned memory, and uses the count of ``LAG`` steps before, whose copy the
-    device did long ago (its event is waited for, but has passed).  The CPU gets the same counts, so a run's
+    it searches), read ``LAG`` steps late so that the device's queue never runs dry: every step queues a
+    copy of the step's count into pinned memory, and uses the count of ``LAG`` steps before.  The host waits
+    for that copy only where it is more than ``LAG`` steps ahead of the device (then ``LAG`` steps of every
+    SAE are still queued; the wait sleeps, leaving the cores to the decode).  The CPU gets the same counts, so a run's
     AuxK is the same on either device and after a resume (:meth:`state` goes into checkpoints).  It used
     to be read at log steps only, up to 10 steps old, when the dead count can grow several times over."""
 
@@ -331,12 +332,12 @@ class DeadCount:
             host = self.slots[self.next_slot]
             self.next_slot = (self.next_slot + 1) % len(self.slots)
             host.copy_(count, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+            done = torch.cuda.Event(blocking=True)
+            done.record(torch.cuda.current_stream(count.device))  # the stream the copy was queued on
             self.queued.append((host, done))
         else:
             self.queued.append((count.clone(), None))
-        if len(self.queued) > self.LAG:
+        while len(self.queued) > self.LAG:
             host, done = self.queued.pop(0)
             if done is not None:
                 done.synchronize()  # recorded LAG steps ago: long passed, unless the host is far ahead

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,16 @@ def test_report_from_two_runs(tiny_models, tmp_path, capsys):
     code, _, _ = run_cli(["report", "--runs", tmp_path / "base", "--runs", tmp_path / "g1", "--out", tmp_path / "rep2",
                           "--cache-seconds", 100], capsys)
     assert code == 0 and f"| {100 * 8192 / 6000:.1f} |" in (tmp_path / "rep2" / "report.md").read_text()
+    # a second amad-g1 run (another seed): the two rows and columns are told apart by their folders
+    assert run_cli(["train", "--cache", cache, "--groups", 1, "--seed", 1, "--out", tmp_path / "g1b", "--tokens", 8000,
+                    "--batch-size", 512], capsys)[0] == 0
+    assert run_cli(["eval", "--run", tmp_path / "g1b", "--windows", 0], capsys)[0] == 0
+    code, _, err = run_cli(["report", "--runs", tmp_path / "base", "--runs", tmp_path / "g1", "--runs", tmp_path / "g1b",
+                            "--out", tmp_path / "rep3"], capsys)
+    text = (tmp_path / "rep3" / "report.md").read_text()
+    assert code == 0, err
+    assert "| amad-g1 (g1) |" in text and "| amad-g1 (g1b) |" in text and "| baseline |" in text
+    assert "| layer | baseline | amad-g1 (g1) | amad-g1 (g1b) |" in text
 
 
 def test_runs_that_share_a_label_are_told_apart_by_their_folders():
@@ -119,10 +130,13 @@ def test_runs_that_share_a_label_are_told_apart_by_their_folders():
         return RunSummary(path, label, None, [[0]], [], 1.0, 0.0, None, 1, None, 1, {})
 
     runs = [run("runs/a/base", "baseline"), run("runs/seed1", "amad-g3"), run("runs/seed2", "amad-g3"),
-            run("x/same", "uniform-g2"), run("y/same", "uniform-g2"), run("s3://b/one", "amad-g1")]
+            run("x/same", "uniform-g2"), run("y/same", "uniform-g2"), run("s3://b/one", "amad-g1"),
+            run("s3://b/p|q/", "relu-g1"), run("s3://c/r", "relu-g1")]
     name_runs(runs)
-    assert [r.name for r in runs] == ["baseline", "amad-g3 (seed1)", "amad-g3 (seed2)", "uniform-g2 (x/same)",
-                                      "uniform-g2 (y/same)", "amad-g1"]
+    assert [r.name for r in runs] == ["baseline", "amad-g3 (seed1)", "amad-g3 (seed2)",
+                                      f"uniform-g2 ({os.path.realpath('x/same')})",
+                                      f"uniform-g2 ({os.path.realpath('y/same')})", "amad-g1",
+                                      "relu-g1 (p\\|q)", "relu-g1 (r)"]  # a "|" would end a table cell
     assert [r.label for r in runs][:3] == ["baseline", "amad-g3", "amad-g3"]  # what the report's logic keys on
 
 
