@@ -28,7 +28,7 @@ from numcodecs import get_codec  # noqa: E402
 
 from pipeline.evaluate import layer_reconstruction  # noqa: E402
 from pipeline.sae import SparseAutoencoder, default_k, default_lr  # noqa: E402
-from pipeline.train import train_step  # noqa: E402
+from pipeline.train import make_optimizer, train_step  # noqa: E402
 from stores import ActivationStore, to_float32  # noqa: E402
 from stores.codecs import activation_codecs  # noqa: E402
 from stores.stream import split_chunks  # noqa: E402
@@ -41,7 +41,7 @@ def train_on(rows: np.ndarray, scale: float, args: argparse.Namespace, seed: int
     sae = SparseAutoencoder(rows.shape[1], n_latents, "topk", k=args.k, seed=seed)
     with torch.no_grad():
         sae.b_dec.copy_(x_all.mean(0))
-    optimizer = torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents))
+    optimizer = make_optimizer(sae, default_lr(n_latents))
     since_fired = torch.zeros(n_latents, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)

@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipeline.sae import AUXK_ALPHA, SparseAutoencoder, _top_dead, default_lr  # noqa: E402
-from pipeline.train import train_step  # noqa: E402
+from pipeline.train import make_optimizer, train_step  # noqa: E402
 
 Step = Callable[[torch.Tensor], float]  # one training step on a batch → the batch's FVU
 NEVER_DEAD, ALL_DEAD = 10_000_000, -1  # dead-token thresholds: AuxK off, AuxK on every latent
@@ -88,7 +88,7 @@ def gsae_step(d_in: int, n_latents: int, k: int, mean: torch.Tensor, dead_tokens
         sae.b_dec.copy_(mean)
     if compile_mode:
         sae.loss = torch.compile(sae.loss, mode=compile_mode)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents))
+    optimizer = make_optimizer(sae, default_lr(n_latents))
     since_fired = torch.zeros(n_latents, dtype=torch.long, device=device) if since_fired is None else since_fired
     if device.type == "cpu":
         return lambda x: float(train_step(sae, optimizer, x, since_fired, dead_tokens).fvu), sae

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from gil_options import add_gil_options, apply_gil_options  # noqa: E402  (benchmarks/, the script's folder)
 from pipeline.sae import SparseAutoencoder, default_lr  # noqa: E402
 from pipeline.ranks import Ranks  # noqa: E402
-from pipeline.train import train_step  # noqa: E402
+from pipeline.train import make_optimizer, train_step  # noqa: E402
 from stores import ActivationStore, compute_chunk_stats  # noqa: E402
 from stores.stream import TrainingStream, split_chunks  # noqa: E402
 
@@ -69,7 +69,7 @@ def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> 
 
     def fresh():
         sae = SparseAutoencoder(store.d_model, n_latents, "topk", k=args.k).to(device)
-        return (sae, torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents)),
+        return (sae, make_optimizer(sae, default_lr(n_latents)),
                 torch.zeros(n_latents, dtype=torch.long, device=device))
 
     def step(sae, opt, fired, x) -> None:  # as gsae train runs it: no host sync per step

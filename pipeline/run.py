@@ -420,9 +420,12 @@ def unpack_training_state(tensors: dict[str, torch.Tensor], sae: torch.nn.Module
         for name, b in sae.named_buffers():
             if f"buffer.{name}" in tensors:  # checkpoints of gsae before buffers keep the initial value
                 b.copy_(tensors[f"buffer.{name}"])
+    # torch's Adam keeps its step count on the CPU (a CUDA one would cost a host sync per step), its fused
+    # Adam on the parameters' device, as float32 (checkpoints of either load into either)
+    fused = bool(optimizer.defaults.get("fused"))
     for name, p in sae.named_parameters():
-        # Adam keeps its step count on the CPU (unless capturable): a CUDA one costs a host sync per step
-        state = {key.rsplit(".", 1)[1]: value if key.endswith(".step") else value.to(p.device)
+        state = {key.rsplit(".", 1)[1]: (value.to(p.device, torch.float32) if fused else value.float())
+                 if key.endswith(".step") else value.to(p.device)
                  for key, value in tensors.items() if key.startswith(f"adam.{name}.")}
         if state:
             optimizer.state[p] = state

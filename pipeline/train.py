@@ -275,9 +275,18 @@ def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool
                                     stream_id=i, window_chunks=config.window_chunks, device=device, pool=pool)
         if prefetch:
             streams[i].prefetch()
-        optimizers[i] = torch.optim.Adam(sae.parameters(), lr=config.lr)
+        optimizers[i] = make_optimizer(sae, config.lr)
         fired[i] = torch.zeros(config.n_latents, dtype=torch.int64, device=device)
     return saes, optimizers, streams, fired
+
+
+def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
+    """The SAE's Adam: torch's fused implementation (one kernel over every parameter) on the CPU and on
+    CUDA.  On this CPU a 512 → 8192 k32 step took 169-186 against 184-206 ms with torch's default (batch
+    2048; 325-371 against 336-402 ms at 4096; alternating runs); its weights after 6 steps differ from the
+    default's by rounding (2.6e-8).  Its step count lives on the parameters' device, so no host sync."""
+    fused = all(p.device.type in ("cpu", "cuda") for p in sae.parameters())
+    return torch.optim.Adam(sae.parameters(), lr=lr, fused=fused or None)
 
 
 def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,

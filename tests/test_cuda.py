@@ -79,10 +79,11 @@ def test_cuda_rewinding_a_stream_that_handed_out_batches_gives_the_same_batches(
 
 def test_cuda_training_step_needs_no_host_sync():
     from pipeline.sae import SparseAutoencoder
-    from pipeline.train import train_step
+    from pipeline.train import make_optimizer, train_step
 
     sae = SparseAutoencoder(64, 512, k=8).cuda()
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    optimizer = make_optimizer(sae, 1e-3)  # gsae train's: fused, its step count on the GPU
+    assert optimizer.defaults["fused"]
     fired = torch.zeros(512, dtype=torch.long, device="cuda")
     x = torch.randn(256, 64, device="cuda")
     train_step(sae, optimizer, x, fired, 100, n_dead_hint=5, check_finite=False)  # warm-up
