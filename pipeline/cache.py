@@ -733,6 +733,8 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                 if len(group) < batch_size:
                     exhausted = row < end_row
                     break
+            if exhausted:  # the bar ends full, its ETA at 0, not stopped short with the last ETA shown
+                progress.update(task, total=max(done, min(row, end_row) - first_mine))
             check.flush()
             mark = clock()
             if exhausted and (last := assembler.flush()) is not None:

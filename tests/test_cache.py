@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,6 +191,9 @@ def test_corpus_shorter_than_tokens_keeps_what_there_is(tiny_neox, tmp_path, cap
     assert "ran out" in err
     store = ActivationStore.open(str(tmp_path / "c"))
     assert store.complete and 0 < store.n_tokens < 100000
+    # the bar ends full at what the corpus gave, its ETA at 0 (not stopped short of 100,000 with an old ETA)
+    final = re.findall(r"caching ━+ ([\d,]+)/([\d,]+) .*ETA (\S+)", err)[-1]
+    assert final == (f"{store.n_tokens}", f"{store.n_tokens}", "0:00:00")
     assert store.layer_array(0).shape[0] == store.n_tokens and store.n_tokens % (CONTEXT - 1) == 0
 
 
