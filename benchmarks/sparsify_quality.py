@@ -85,7 +85,7 @@ def run_tool(tool: str, train: torch.Tensor, held_out: torch.Tensor, orders: lis
         step, sae = sparsify_step(d_in, n_latents, k, first.mean(0), dead_tokens, since_fired, init_seed)
         reconstruct = lambda x: sae(x).sae_out  # noqa: E731
     start = time.perf_counter()
-    with matmul_precision(tool):
+    with matmul_precision(tool, train.device):  # the CPU: gsae at full float32, sparsify at "high", as each trains
         for x in batches(train, orders, args.batch_size):
             step(x)
         fvu = held_out_fvu(reconstruct, held_out, args.batch_size)
