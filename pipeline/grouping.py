@@ -60,8 +60,13 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
 
 
 def layer_span(group: list[int], dash: str = "-") -> str:
-    """A contiguous group as text: ``3`` or ``0-19``."""
-    return f"{group[0]}" if len(group) == 1 else f"{group[0]}{dash}{group[-1]}"
+    """A group as text: ``3``, ``0-19`` where its layers are consecutive, else ``0,2,4`` (groups over a
+    ``--layers`` subset are contiguous in the subset, not in the model)."""
+    if len(group) == 1:
+        return f"{group[0]}"
+    if group[-1] - group[0] == len(group) - 1:
+        return f"{group[0]}{dash}{group[-1]}"
+    return ",".join(str(layer) for layer in group)
 
 
 def sample_chunks(store: ActivationStore, tokens: int, seed: int) -> list[int]:

@@ -54,6 +54,13 @@ def test_distance_matches_float64_numpy(llama_cache, capsys):
     assert "G*" in out
 
 
+def test_a_group_is_shown_as_a_range_only_where_its_layers_are_consecutive():
+    from pipeline.grouping import layer_span
+
+    assert [layer_span(g) for g in ([3], [0, 1, 2], [0, 2], [4, 6, 8])] == ["3", "0-2", "0,2", "4,6,8"]
+    assert layer_span([5, 6, 7, 8], "–") == "5–8"
+
+
 def test_amad_of_a_hand_made_matrix():
     d = np.array([[0, .1, .4, .5],
                   [.1, 0, .3, .45],
