@@ -24,6 +24,7 @@ from pipeline.grouping import (
     parse_layers,
 )
 from pipeline.models import pick_device
+from pipeline.run import CONFIG
 from stores import ActivationStore, list_side_files, read_side_file, remove_side_files, write_side_file
 
 METRICS = ("amad", "uniform")
@@ -118,9 +119,9 @@ def runs_using(store: ActivationStore, metric: str, record: dict[str, Any] | Non
             runs.append(str(json.loads(data)["run"]))
         except (ValueError, KeyError, TypeError):  # a damaged mark still says that some run uses the grouping
             runs.append(f"{_users_folder(metric)}/{name} (unreadable)")
-    # a run deleted since does not hold the grouping (only absolute local paths can be told: older marks
-    # and object storage are kept)
-    return sorted(run for run in set(runs) if not (os.path.isabs(run) and not os.path.exists(run)))
+    # a run deleted since, or never made (its --out was a file: the mark comes first), does not hold the
+    # grouping (only absolute local paths can be told: older marks and object storage are kept)
+    return sorted(run for run in set(runs) if not (os.path.isabs(run) and not os.path.isfile(os.path.join(run, CONFIG))))
 
 
 def load_grouping(store: ActivationStore, metric: str) -> Grouping | None:

@@ -231,7 +231,7 @@ class Run:
             raise GsaeError(f"{path} is not a gsae run (no {CONFIG}); `gsae train --out {path}` makes one")
         run = cls(path, config)
         if STATES.index(run.state) < STATES.index(need):
-            hint = {"trained": f"finish `gsae train --out {path}` first",
+            hint = {"trained": f"finish it first with `gsae train --out {path} --resume`",
                     "evaluated": f"run `gsae eval --run {path}` first"}.get(need, "")
             raise GsaeError(f"{path} is {run.state}, not {need}: {hint}".rstrip(": "))
         return run

@@ -348,3 +348,10 @@ def test_a_deleted_run_no_longer_holds_its_grouping(llama_cache, tmp_path, capsy
     shutil.rmtree(run)
     assert runs_using(store, "uniform") == []
     assert run_cli([*args[:-1], "--tokens", 300], capsys)[0] == 0
+    # a train whose --out is a file fails after marking: that mark is of no run and holds nothing back
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(["train", "--cache", llama_cache, "--metric", "uniform", "--groups", 1, "--tokens", 512,
+                            "--batch-size", 256, "--out", tmp_path / "afile"], capsys)
+    assert code == 1 and "afile" in err
+    assert runs_using(store, "uniform") == []
+    assert run_cli([*args[:-1], "--tokens", 400], capsys)[0] == 0
