@@ -132,14 +132,31 @@ def spec_from_store(store: ActivationStore) -> ModelSpec:
     return resolve_model_spec(model_id)
 
 
+def held_out_window_count(store: ActivationStore, start_row: int) -> int:
+    """How many whole windows the held-out rows from ``start_row`` on hold."""
+    rows_per_window = int(store.attrs["rows_per_window"])
+    return store.n_tokens // rows_per_window - -(-start_row // rows_per_window)
+
+
+def check_held_out(store: ActivationStore, start_row: int, windows: int) -> None:
+    """Refuse a held-out slice too short for an FVU, or without a whole window when the downstream
+    metrics are asked for (``windows`` > 0), in one line."""
+    held_out = store.n_tokens - start_row
+    if held_out < MIN_TOKENS:
+        raise GsaeError(f"the held-out slice of {store.path} holds {held_out} rows, fewer than the {MIN_TOKENS} "
+                        "an FVU needs; cache more tokens")
+    if windows > 0 and held_out_window_count(store, start_row) < 1:
+        raise GsaeError(f"the held-out slice of {store.path} ({held_out} rows) holds no whole window of "
+                        f"{int(store.attrs['rows_per_window'])} rows for the downstream metrics; cache more tokens, "
+                        "or pass --windows 0")
+
+
 def held_out_windows(store: ActivationStore, start_row: int, n_windows: int, context_length: int | None) -> torch.Tensor:
     """Whole windows from the held-out rows, rebuilt from the stored tokens (BOS put back in front)."""
     a = store.attrs
     rows_per_window = int(a["rows_per_window"])
     first = -(-start_row // rows_per_window)
-    available = store.n_tokens // rows_per_window - first
-    if available < 1:
-        raise GsaeError("the held-out slice holds no whole window; cache more tokens")
+    available = held_out_window_count(store, start_row)
     windows = []
     for w in range(first, first + min(n_windows, available)):
         tokens = store.tokens(w * rows_per_window, (w + 1) * rows_per_window).tolist()
@@ -227,9 +244,7 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
                         "evaluate with that cache in place")
     start_row = int(config.eval_rows[0])
     held_out = store.n_tokens - start_row
-    if held_out < MIN_TOKENS:
-        raise GsaeError(f"the held-out slice of {config.cache} holds {held_out} rows, fewer than the {MIN_TOKENS} "
-                        "an FVU needs; cache more tokens")
+    check_held_out(store, start_row, windows)
     first = 1 if store.attrs.get("prepend_bos") else 0
     if windows > 0 and context_length is not None and context_length < first + 2:
         raise GsaeError(f"--context-length must be at least {first + 2} here: the BOS in front is not spliced, "
@@ -260,6 +275,13 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         input_ids = held_out_windows(store, start_row, windows, context_length).to(torch_device)
         clean_logits = _run_with_block_output(lm, input_ids, 0, None)
     records, notes = [], []
+    # what was asked and is not there: said, not left to be read from eval.json's counts
+    if tokens > held_out:
+        notes.append(f"--tokens {tokens:,}: the held-out slice holds {held_out:,} rows; the reconstruction metrics "
+                     "use those")
+    if lm is not None and windows > len(input_ids):
+        notes.append(f"--windows {windows}: the held-out slice holds {len(input_ids)} whole window"
+                     f"{'s' if len(input_ids) > 1 else ''}; the downstream metrics use {len(input_ids)}")
     threads = Ranks().decode_threads(store.path)  # as gsae train decodes (`gsae eval` is one process)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-eval") as reader:
         for sae, sae_config in saes:

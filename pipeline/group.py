@@ -57,6 +57,14 @@ class GroupResult:
     notes: list[str]
 
 
+class GroupingInUse(GsaeError):
+    """A saved grouping that training runs use would be recomputed: refused without --force."""
+
+    def __init__(self, problem: str, action: str, metric: str):
+        super().__init__(f"{problem}; pass --force to {action}")
+        self.problem, self.action, self.metric = problem, action, metric
+
+
 def result_name(metric: str) -> str:
     return f"groups/{metric}.json"
 
@@ -179,8 +187,8 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
     except DamagedGrouping as exc:  # recomputed like a file of an older format, but not under a run's feet
         users = runs_using(store, request.metric)
         if users and not request.force:
-            raise GsaeError(f"{store.path}/{result_name(request.metric)} is damaged and training runs use it "
-                            f"({', '.join(users[:3])}); pass --force to recompute it") from None
+            raise GroupingInUse(f"{store.path}/{result_name(request.metric)} is damaged and training runs use it "
+                                f"({', '.join(users[:3])})", "recompute it", request.metric) from None
         notes.append(f"{str(exc).split(';')[0]}; recomputing it")
         existing = None
     if existing is not None and existing.get("format") != GROUPING_FORMAT:
@@ -196,10 +204,8 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
                                True, 0.0, notes + _sample_note(tokens, grouping))
         users = runs_using(store, request.metric, existing)
         if users and not request.force:
-            raise GsaeError(
-                f"{store.path}/{result_name(request.metric)} was made with other arguments and training runs "
-                f"use it ({', '.join(users[:3])}); pass --force to replace it"
-            )
+            raise GroupingInUse(f"{store.path}/{result_name(request.metric)} was made with other arguments and "
+                                f"training runs use it ({', '.join(users[:3])})", "replace it", request.metric)
 
     started = time.perf_counter()
     # matplotlib takes ~0.4 s to import: done on a thread of its own while the distances are computed

@@ -14,13 +14,15 @@ from typing import Any
 
 from pipeline.errors import GsaeError
 from pipeline.evaluate import DEFAULT_TOKENS as EVAL_TOKENS
-from pipeline.evaluate import check_eval_arguments, eval_argument_changes, eval_arguments, evaluate_run, read_eval
-from pipeline.group import GroupRequest, run_group
+from pipeline.evaluate import (check_eval_arguments, check_held_out, eval_argument_changes, eval_arguments, evaluate_run,
+                                read_eval)
+from pipeline.group import GroupingInUse, GroupRequest, run_group
 from pipeline.grouping import parse_layers
 from pipeline.report import Report, build_report
 from pipeline.run import STATES, Run, join, write_atomic
-from pipeline.train import RUNS_ROOT, TrainRequest, argument_changes, train, validate_request
+from pipeline.train import RUNS_ROOT, TrainRequest, argument_changes, check_sae_shape, train, validate_request
 from stores import ActivationStore
+from stores.stream import split_chunks
 
 
 @dataclass
@@ -45,17 +47,28 @@ def _check(request: PaperRequest) -> None:
         raise GsaeError(f"{given}: every G must be 1 or more (got {min(request.groups)})")
     if len(set(request.groups)) < len(request.groups):
         raise GsaeError(f"{given}: G {next(g for g in request.groups if request.groups.count(g) > 1)} is given twice")
+    store = ActivationStore.open(request.cache)
+    check_sae_shape(store.d_model, request.expansion, None)
     if request.groups:  # the layer count is in the cache's attributes
-        n_grouped = len(parse_layers(None, ActivationStore.open(request.cache).n_layers))  # the layers run groups
+        n_grouped = len(parse_layers(None, store.n_layers))  # the layers run groups
         if max(request.groups) > n_grouped:
             raise GsaeError(f"{given}: G can be at most {n_grouped}, the number of grouped layers of {request.cache} "
                             f"(got {max(request.groups)})")
+    try:  # the held-out slice every run below is evaluated on
+        held_out = split_chunks(store, TrainRequest.eval_fraction)[1]
+    except ValueError as exc:
+        raise GsaeError(str(exc)) from None
+    check_held_out(store, store.chunk_rows(held_out[0])[0], request.windows)
 
 
 def run_paper(request: PaperRequest, console: Any) -> Report:
     _check(request)
-    amad = run_group(GroupRequest(cache=request.cache, metric="amad"), console).grouping
-    run_group(GroupRequest(cache=request.cache, metric="uniform"), console)
+    try:
+        amad = run_group(GroupRequest(cache=request.cache, metric="amad"), console).grouping
+        run_group(GroupRequest(cache=request.cache, metric="uniform"), console)
+    except GroupingInUse as exc:  # `gsae run` has no --force: it groups with `gsae group`'s defaults
+        raise GsaeError(f"{exc.problem}; `gsae run` groups with `gsae group`'s defaults: {exc.action} first with "
+                        f"`gsae group --cache {request.cache} --metric {exc.metric} --force`") from None
     chosen, n_layers = amad.chosen, len(amad.layers)
     counts = request.groups or sorted({max(1, chosen - 1), chosen, min(n_layers, chosen + 1)})
     plans = [("baseline", dict(baseline=True))]

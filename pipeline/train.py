@@ -129,16 +129,27 @@ def _check_fits(n_saes: int, n_latents: int, d: int, request: TrainRequest) -> N
                         "lower --expansion or --batch-size (or spread the SAEs over ranks with torchrun)")
 
 
+def check_sae_shape(d: int, expansion: float, k: int | None) -> tuple[int, int]:
+    """(latents, k) of an SAE of ``expansion`` × ``d`` latents keeping ``k`` (None: the default for ``d``);
+    one line where that cannot be."""
+    n_latents = max(1, int(round(d * expansion)))
+    if n_latents < 2:
+        raise GsaeError(f"--expansion {expansion:g} gives {n_latents} latent for d_model {d}; "
+                        "an SAE needs at least 2 (a larger --expansion)")
+    if k is None and not default_k(d) < n_latents:
+        raise GsaeError(f"--expansion {expansion:g} gives d_sae = {n_latents} latents, no more than the k = {default_k(d)} "
+                        f"that TopK keeps by default at d_model {d} (about d_model / 6); pass a larger --expansion"
+                        + " (or, to `gsae train`, a smaller --k)")
+    k = k if k is not None else default_k(d)
+    if not 0 < k < n_latents:
+        raise GsaeError(f"--k must be between 1 and {n_latents - 1} (d_sae = {n_latents}); got {k}")
+    return n_latents, k
+
+
 def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
     """The run's configuration: groups, scales, SAE shape, learning rate, held-out slice."""
     d = store.d_model
-    n_latents = max(1, int(round(d * request.expansion)))
-    k = request.k if request.k is not None else default_k(d)
-    if n_latents < 2:
-        raise GsaeError(f"--expansion {request.expansion:g} gives {n_latents} latent for d_model {d}; "
-                        "an SAE needs at least 2 (a larger --expansion)")
-    if not 0 < k < n_latents:
-        raise GsaeError(f"--k must be between 1 and {n_latents - 1} (d_sae = {n_latents}); got {k}")
+    n_latents, k = check_sae_shape(d, request.expansion, request.k)
     groups, label, grouping = _partition(request, store)
     _check_fits(len(groups), n_latents, d, request)
     try:

@@ -8,6 +8,7 @@ import io
 import pytest
 
 from conftest import make_cache, run_cli
+from pipeline.errors import GsaeError
 
 
 def _one_line(code: int, err: str, expected_code: int = 1) -> str:
@@ -120,11 +121,27 @@ def test_train_floats_must_be_positive_and_finite(option, value, llama_cache, tm
     (["--expansion", "nan"], "--expansion must be a positive finite number"),
     (["--tokens", "0"], "--tokens and --batch-size must be positive"),
     (["--windows", "-1"], "--windows must be 0"),
+    (["--expansion", "0.1"], "--expansion 0.1 gives d_sae = 3 latents, no more than the k = 5"),
+    ([], "holds 64 rows, fewer than the 100 an FVU needs"),  # the held-out slice: one chunk of 64 rows
 ])
 def test_run_checks_before_anything_runs(args, message, llama_cache, tmp_path):
     line = _one_line(*run_cli(["run", "--cache", llama_cache, "--out", tmp_path / "runs", *args])[::2])
     assert message in line
     assert not (tmp_path / "runs").exists() and not (llama_cache / "groups").exists()
+
+
+def test_a_held_out_slice_without_a_whole_window_is_refused_unless_windows_is_0():
+    from types import SimpleNamespace
+
+    from pipeline.evaluate import check_held_out
+
+    store = SimpleNamespace(path="c", n_tokens=1000, attrs={"rows_per_window": 255})
+    check_held_out(store, 500, 16)  # 500 rows: one whole window (from row 510)
+    check_held_out(store, 850, 0)  # 150 rows, no window asked for
+    with pytest.raises(GsaeError, match=r"c \(150 rows\) holds no whole window of 255 rows .* or pass --windows 0"):
+        check_held_out(store, 850, 16)
+    with pytest.raises(GsaeError, match="holds 60 rows, fewer than the 100"):
+        check_held_out(store, 940, 0)
 
 
 @pytest.mark.parametrize("command", ["export", "report", "run"])

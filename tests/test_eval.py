@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,13 @@ def test_eval_command_writes_records(tiny_models, tmp_path, capsys):
     assert run_cli(["group", "--cache", cache], capsys)[0] == 0
     assert run_cli(["train", "--cache", cache, "--groups", 1, "--out", tmp_path / "r", "--tokens", 20000,
                     "--batch-size", 512], capsys)[0] == 0
-    code, out, err = run_cli(["eval", "--run", tmp_path / "r", "--windows", 4], capsys)
+    code, out, err = run_cli(["eval", "--run", tmp_path / "r", "--windows", 400], capsys)
     assert code == 0, err
+    # more than the held-out slice holds: said, and what was used is recorded
+    assert "--tokens 16,384: the held-out slice holds" in out + err
+    used = re.search(r"--windows 400: the held-out slice holds (\d+) whole windows; the downstream metrics use \1",
+                     out + err)
+    assert used and int(used.group(1)) < 400
     written = json.loads((tmp_path / "r" / "eval.json").read_text())
     records = written["records"]
     assert [r["layer"] for r in records] == [0, 1]
@@ -75,7 +81,7 @@ def test_eval_command_writes_records(tiny_models, tmp_path, capsys):
         if r["ce_zero_ablated"] != r["ce_clean"]:
             assert r["ce_recovered"] == pytest.approx(
                 (r["ce_zero_ablated"] - r["ce_spliced"]) / (r["ce_zero_ablated"] - r["ce_clean"]))
-        assert r["l0"] > 0 and 0 <= r["dead_fraction"] <= 1 and r["eval_windows"] == 4
+        assert r["l0"] > 0 and 0 <= r["dead_fraction"] <= 1 and r["eval_windows"] == int(used.group(1))
 
 
 def test_report_from_two_runs(tiny_models, tmp_path, capsys):

@@ -153,6 +153,22 @@ def test_gsae_run_refuses_a_run_made_with_other_tokens(cache, tmp_path, capsys):
     assert code == 1 and "--tokens 1024 → 2048" in err and str(baseline) in err and "Traceback" not in err
 
 
+def test_gsae_run_names_the_group_command_that_replaces_a_grouping_in_use(tiny_models, tmp_path, capsys):
+    """`gsae run` has no --force: where the saved grouping has other arguments and a run uses it, the line
+    says which `gsae group` command replaces it."""
+    cache = make_cache(tiny_models["llama"], tmp_path / "c", tokens=4000, context_length=64, batch_size=8,
+                       chunk_tokens=500)
+    assert run_cli(["group", "--cache", cache, "--layers", "0,1"], capsys)[0] == 0
+    assert run_cli(["train", "--cache", cache, "--groups", 1, "--tokens", 1024, "--batch-size", 256,
+                    "--out", tmp_path / "r"], capsys)[0] == 0
+    code, _, err = run_cli(["run", "--cache", cache, "--tokens", 1024, "--batch-size", 256, "--out", tmp_path / "runs"],
+                           capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "made with other arguments and training runs use it" in err
+    assert f"replace it first with `gsae group --cache {cache} --metric amad --force`" in err
+    assert "pass --force" not in err
+
+
 def test_gsae_run_killed_while_training_is_finished_by_the_same_command(cache, tmp_path, capsys):
     args = ["run", "--cache", cache, "--groups", 1, "--tokens", 1024, "--batch-size", 256, "--windows", 2,
             "--out", tmp_path / "runs"]
