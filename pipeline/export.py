@@ -8,11 +8,13 @@ member layer of a group SAE gets W_enc·s, W_dec/s, b_dec/s, and the same b_enc 
 from __future__ import annotations
 
 import json
+import os
 
 import fsspec
 import torch
 from safetensors.torch import save
 
+from pipeline.errors import GsaeError
 from pipeline.run import Run, join, write_atomic
 
 FORMATS = ("saelens",)
@@ -37,7 +39,7 @@ def folded_weights(weights: dict[str, torch.Tensor], scale: float) -> dict[str, 
     return folded
 
 
-def saelens_config(config: dict, layer: int, run_config: dict) -> dict:
+def saelens_config(config: dict, layer: int, run_config: dict, run: str | None = None) -> dict:
     architecture = _SAELENS_ARCHITECTURE[config["architecture"]]
     cfg = {
         "architecture": architecture,
@@ -62,8 +64,40 @@ def saelens_config(config: dict, layer: int, run_config: dict) -> dict:
         cfg["k"] = config["k"]
         cfg["rescale_acts_by_decoder_norm"] = False  # folded decoder rows are not unit norm
     cfg["gsae"] = {"group_layers": config["layers"], "scale": config["scales"][str(layer)],
-                   "architecture": config["architecture"], "tokens": config.get("tokens")}
+                   "architecture": config["architecture"], "tokens": config.get("tokens"), "run": run}
     return cfg
+
+
+def _same_export(old: dict, new: dict) -> bool:
+    """Whether an existing folder's cfg.json is an earlier export of the SAE ``new`` describes: the same run
+    (exports of gsae before it recorded the run: the same model, layers, architecture, tokens and scale)."""
+    before, now = old.get("gsae") or {}, new["gsae"]
+    if before.get("run") is not None:
+        return before["run"] == now["run"]
+    keys = ("group_layers", "scale", "architecture", "tokens")
+    return (all(before.get(key) == now[key] for key in keys)
+            and (old.get("metadata") or {}).get("model_name") == new["metadata"]["model_name"])
+
+
+def _check_target(target: str, planned: dict[str, dict]) -> None:
+    """Refuse a target that holds anything but an earlier export of these SAEs (``planned``: folder name →
+    cfg): writing into it would leave another run's SAEs beside these, as if one run's."""
+    fs, root = fsspec.core.url_to_fs(target)
+    if not fs.isdir(root):
+        return
+    foreign = []
+    for entry in sorted(fs.ls(root, detail=False)):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            same = name in planned and _same_export(json.loads(fs.cat_file(f"{entry.rstrip('/')}/cfg.json")), planned[name])
+        except (OSError, ValueError):  # no cfg.json, or not one of ours
+            same = False
+        if not same:
+            foreign.append(name)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise GsaeError(f"{target} already holds {shown}, not an export of this run; export into an empty or new "
+                        "folder (--out)")
 
 
 def export_saelens(run: str, out: str | None = None) -> list[str]:
@@ -73,14 +107,20 @@ def export_saelens(run: str, out: str | None = None) -> list[str]:
     source = trained.config.source
     store_info = {"context_length": source.get("context_length"), "corpus": source.get("corpus"),
                   "prepend_bos": source.get("prepend_bos", True)}
+    where = trained.path if "://" in str(trained.path) else os.path.abspath(trained.path)
+    saes = trained.load_saes()
+    planned = {f"blocks.{layer}.hook_resid_post": saelens_config(config, layer, store_info, where)
+               for _, config in saes for layer in config["layers"]}
+    _check_target(target, planned)
     folders = []
-    for sae, config in trained.load_saes():
+    for sae, config in saes:
         weights = {name: t.detach() for name, t in sae.state_dict().items()}
         for layer in config["layers"]:
-            folder = join(target, f"blocks.{layer}.hook_resid_post")
+            name = f"blocks.{layer}.hook_resid_post"
+            folder = join(target, name)
             fs, root = fsspec.core.url_to_fs(folder)
             fs.makedirs(root, exist_ok=True)
             write_atomic(join(folder, "sae_weights.safetensors"), save(folded_weights(weights, config["scales"][str(layer)])))
-            write_atomic(join(folder, "cfg.json"), json.dumps(saelens_config(config, layer, store_info), indent=1))
+            write_atomic(join(folder, "cfg.json"), json.dumps(planned[name], indent=1))
             folders.append(folder)
     return folders

@@ -183,6 +183,16 @@ def test_export_folds_the_scale(cache, tmp_path, capsys):
             z = torch.zeros_like(pre).scatter_(1, indices, torch.relu(values))
             exported = z @ w["W_dec"] + w["b_dec"]
         torch.testing.assert_close(exported, expected, rtol=1e-4, atol=1e-4 * float(raw.abs().max()))
+    # the same run again into the same folder: fine; another run, or a folder of other files: refused
+    assert run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "e"], capsys)[0] == 0
+    assert run_cli(train_args(cache, tmp_path / "r2", "--groups", 1, "--tokens", 2048, "--seed", 1), capsys)[0] == 0
+    code, _, err = run_cli(["export", "--run", tmp_path / "r2", "--out", tmp_path / "e"], capsys)
+    assert code == 1 and "already holds blocks." in err and "not an export of this run" in err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, _, err = run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "other"], capsys)
+    assert code == 1 and "already holds notes.txt" in err
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.parametrize("extra,message", [
