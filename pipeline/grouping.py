@@ -59,14 +59,16 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     return layers
 
 
-def layer_span(group: list[int], dash: str = "-") -> str:
-    """A group as text: ``3``, ``0-19`` where its layers are consecutive, else ``0,2,4`` (groups over a
-    ``--layers`` subset are contiguous in the subset, not in the model)."""
-    if len(group) == 1:
-        return f"{group[0]}"
-    if group[-1] - group[0] == len(group) - 1:
-        return f"{group[0]}{dash}{group[-1]}"
-    return ",".join(str(layer) for layer in group)
+def layer_span(layers: list[int], dash: str = "-", separator: str = ",") -> str:
+    """Sorted layers as text, runs of consecutive ones as ranges: ``3``, ``0-19``, ``0,2,4`` (groups over a
+    ``--layers`` subset are contiguous in the subset, not in the model), ``0-2,5``."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return separator.join(f"{run[0]}{dash}{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs)
 
 
 def sample_chunks(store: ActivationStore, tokens: int, seed: int) -> list[int]:

@@ -15,6 +15,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import GsaeError
 from pipeline.evaluate import read_eval
+from pipeline.grouping import layer_span
 from pipeline.run import SUMMARY, Run, RunConfig, join, write_atomic
 from stores import ActivationStore, StoreError, read_seconds_writing
 from stores.remote import describe_storage_error
@@ -283,6 +284,11 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
                      f"{run.grouping_seconds:.1f} | {_cell(run.cost(baseline), '.3f')} | "
                      f"{_cell(run.total_cost(baseline), '.3f')} |")
     notes = []
+    covered = {run.name: sorted({r["layer"] for r in run.records}) for run in runs}
+    if len({tuple(layers) for layers in covered.values()}) > 1:
+        notes.append("The runs cover different layers (" + "; ".join(
+            f"{name}: {layer_span(layers, '–', ', ')}" for name, layers in covered.items())
+            + "): each run's means are over its own layers, and its cost over its own SAEs.")
     if sum(run.label == "baseline" for run in runs) > 1:
         notes.append(f"Several baselines: the ÷ baseline columns are against the first given, {baseline.name}.")
     if baseline is None:

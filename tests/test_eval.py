@@ -127,6 +127,16 @@ def test_report_from_two_runs(tiny_models, tmp_path, capsys):
     assert code == 0, err
     assert "| amad-g1 (g1) |" in text and "| amad-g1 (g1b) |" in text and "| baseline |" in text
     assert "| layer | baseline | amad-g1 (g1) | amad-g1 (g1b) |" in text
+    assert "cover different layers" not in text
+    # a run over a --layers subset beside the baseline: its means are over fewer layers, and the report says so
+    assert run_cli(["group", "--cache", cache, "--metric", "uniform", "--layers", "0,2"], capsys)[0] == 0
+    assert run_cli(["train", "--cache", cache, "--metric", "uniform", "--groups", 1, "--out", tmp_path / "u0",
+                    "--tokens", 8000, "--batch-size", 512], capsys)[0] == 0
+    assert run_cli(["eval", "--run", tmp_path / "u0", "--windows", 0], capsys)[0] == 0
+    code, _, err = run_cli(["report", "--runs", tmp_path / "base", "--runs", tmp_path / "u0", "--out", tmp_path / "rep4"],
+                           capsys)
+    assert code == 0, err
+    assert "The runs cover different layers (baseline: 0–1; uniform-g1: 0, 2)" in (tmp_path / "rep4" / "report.md").read_text()
 
 
 def test_runs_that_share_a_label_are_told_apart_by_their_folders():

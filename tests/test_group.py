@@ -59,6 +59,7 @@ def test_a_group_is_shown_as_a_range_only_where_its_layers_are_consecutive():
 
     assert [layer_span(g) for g in ([3], [0, 1, 2], [0, 2], [4, 6, 8])] == ["3", "0-2", "0,2", "4,6,8"]
     assert layer_span([5, 6, 7, 8], "–") == "5–8"
+    assert layer_span([0, 1, 2, 5, 7, 8], "–", ", ") == "0–2, 5, 7–8"
 
 
 def test_amad_of_a_hand_made_matrix():
