@@ -376,7 +376,7 @@ def train(
     for row in result.rows:
         if row.get("note"):
             report.print(row["note"], style="yellow", highlight=False, markup=False)
-    report.print(f"saved {len(result.rows)} SAEs, metrics and checkpoints in {result.run}")
+    report.print(f"saved {len(result.rows)} SAE{'s' if len(result.rows) != 1 else ''}, metrics and checkpoints in {result.run}")
 
 
 @app.command("eval")

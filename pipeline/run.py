@@ -355,7 +355,7 @@ class Run:
         loaded = []
         for i in range(len(self.config.groups)):
             sae, sae_config = sae_from_files(self._read(f"sae_{i}.safetensors"), self._read(f"sae_{i}.json"),
-                                             join(self.path, f"sae_{i}.safetensors"))
+                                             join(self.path, f"sae_{i}.safetensors"), join(self.path, f"sae_{i}.json"))
             loaded.append((sae.to(device).eval(), sae_config))
         return loaded
 

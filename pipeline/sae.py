@@ -304,7 +304,7 @@ def sae_files(sae: SparseAutoencoder, extra: dict) -> tuple[bytes, str]:
 def load_sae(weights_path: str, config_path: str) -> tuple[SparseAutoencoder, dict]:
     """The SAE whose :func:`sae_files` were written to these paths, and its JSON config."""
     with open(weights_path, "rb") as weights, open(config_path, "rb") as config:
-        return sae_from_files(weights.read(), config.read(), weights_path)
+        return sae_from_files(weights.read(), config.read(), weights_path, config_path)
 
 
 def read_tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
@@ -317,8 +317,10 @@ def read_tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
         raise GsaeError(f"{name} is damaged ({first_line(exc)})") from None
 
 
-def sae_from_files(weights: bytes, config: bytes | str, name: str = "the SAE") -> tuple[SparseAutoencoder, dict]:
-    """The SAE of :func:`sae_files`' two files' contents, and its config; ``name`` says which in an error."""
+def sae_from_files(weights: bytes, config: bytes | str, name: str = "the SAE",
+                   config_name: str | None = None) -> tuple[SparseAutoencoder, dict]:
+    """The SAE of :func:`sae_files`' two files' contents, and its config; ``name`` (the weights) and
+    ``config_name`` (the config, default "the config of ``name``") say which file in an error."""
     import json
 
     try:
@@ -327,7 +329,7 @@ def sae_from_files(weights: bytes, config: bytes | str, name: str = "the SAE") -
                                 l1_coefficient=config.get("l1_coefficient", 5.0),
                                 jump_bandwidth=config.get("jump_bandwidth", 0.05))
     except (ValueError, KeyError, TypeError) as exc:
-        raise GsaeError(f"the config of {name} is damaged ({type(exc).__name__}: {exc})") from None
+        raise GsaeError(f"{config_name or f'the config of {name}'} is damaged ({type(exc).__name__}: {exc})") from None
     tensors = read_tensors(weights, name)
     if config["architecture"] == "batchtopk" and "threshold" not in tensors:
         raise GsaeError(f"{name} is a BatchTopK SAE from a gsae that kept no inference threshold; "

@@ -302,6 +302,17 @@ def test_report_names_a_damaged_file_in_one_line(pair, tmp_path, name, content, 
     assert f"{run / name} is damaged" in line
 
 
+def test_export_and_eval_name_a_damaged_sae_config(pair, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "g1"
+    shutil.copytree(pair["g1"], run)
+    (run / "sae_0.json").write_text('{"d_in": ')
+    for args in (["export", "--run", run, "--out", tmp_path / "e"], ["eval", "--run", run, "--windows", 0]):
+        line = _one_line_error(*run_cli(args, capsys)[::2])
+        assert f"{run / 'sae_0.json'} is damaged" in line
+
+
 def summary_k(run) -> int:
     return json.loads((run / "config.json").read_text())["k"]
 
