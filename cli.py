@@ -275,12 +275,14 @@ def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: t
         task = progress.add_task("verifying", total=store.n_chunks * (store.n_layers + 1))
         for name, layer, start, stop, problem in store.iter_chunk_checks():
             if problem:
-                where = f"layer {layer}" if layer >= 0 else "tokens"
-                problems.append(f"{where} rows {start:,}–{stop - 1:,}: {problem}")
+                problems.append((layer if layer >= 0 else store.n_layers, start, stop, problem))
             progress.advance(task)
     if problems:
-        for line in problems:
-            report.print(f"[red]corrupt[/] {line}")
+        for layer, start, stop, problem in sorted(problems):  # by layer, the tokens last, then by row
+            where = f"layer {layer}" if layer < store.n_layers else "tokens"
+            report.print(f"[red]corrupt[/] {where} rows {start:,}–{stop - 1:,}: {problem}")
+        report.print(f"[red]{len(problems):,} of {store.n_chunks * (store.n_layers + 1):,} chunks are damaged[/]; "
+                     "restore the cache from a copy or re-create it with `gsae cache`")
         raise typer.Exit(1)
     report.print(f"[green]ok[/]: {store.n_chunks * (store.n_layers + 1):,} chunks of {store.path} decode and match their checksums")
 

@@ -921,6 +921,8 @@ class ActivationStore:
                 problem = None
                 if not sync(array.store.exists(key)):
                     problem = "chunk missing"
+                elif sync(array.store.getsize(key)) == 0:  # zarr would call it a checksum mismatch
+                    problem = "chunk file is empty (0 bytes)"
                 else:
                     try:
                         values = array[start:stop]

@@ -226,6 +226,15 @@ def test_verify_names_a_corrupt_chunk(tiny_neox, tmp_path, capsys):
     code, out, _ = run_cli(["verify", "--cache", cache], capsys)
     assert code == 1
     assert "layer 1 rows 192–287" in out
+    # more damage, found chunk by chunk, listed layer by layer, with a count; an emptied file is called empty
+    (cache / "layers" / "0" / "c" / "3" / "0").write_bytes(b"")
+    (cache / "layers" / "1" / "c" / "0" / "0").unlink()
+    code, out, _ = run_cli(["verify", "--cache", cache], capsys)
+    lines = [line for line in out.splitlines() if line.startswith("corrupt")]
+    assert code == 1 and [line.split(":")[0] for line in lines] == [
+        "corrupt layer 0 rows 288–383", "corrupt layer 1 rows 0–95", "corrupt layer 1 rows 192–287"]
+    assert "chunk file is empty (0 bytes)" in lines[0] and "chunk missing" in lines[1]
+    assert "3 of " in out and "chunks are damaged" in out
 
 
 def test_info_describes_the_cache(tiny_neox, tmp_path, capsys):
