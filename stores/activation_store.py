@@ -82,6 +82,10 @@ def probe(path: str) -> str:
     try:
         group = zarr.open_group(str(path), mode="r")
     except Exception:
+        # a cache's own folders with a root zarr.json that is gone or unreadable: damaged, not foreign
+        if all(fs.exists(f"{root.rstrip('/')}/{name}") for name in ("layers", "tokens", "stats")):
+            raise StoreError(f"{path} looks like a gsae cache whose zarr.json is missing or damaged; restore the "
+                             "cache from a copy or re-create it with `gsae cache`") from None
         raise StoreError(f"{path} holds something that is not a gsae cache; choose another --cache") from None
     if group.attrs.get("format") != FORMAT_NAME:
         raise StoreError(f"{path} is a Zarr group but not a gsae cache; choose another --cache")

@@ -102,6 +102,19 @@ def test_path_holding_something_else(setup, tiny_neox, tmp_path, capsys):
         assert (target / "notes.md").read_text() == "mine"
 
 
+@pytest.mark.parametrize("damage", ["garbage", "missing"])
+def test_a_cache_whose_root_zarr_json_is_damaged_is_called_damaged(damage, tiny_neox, tmp_path, capsys):
+    cache = tmp_path / "c"
+    assert run_cli(_args(tiny_neox, cache), capsys)[0] == 0
+    if damage == "garbage":
+        (cache / "zarr.json").write_text("{not json")
+    else:
+        (cache / "zarr.json").unlink()
+    for command in (["info", "--cache", cache], ["verify", "--cache", cache]):
+        line = _one_line_error(*run_cli(command, capsys)[::2])
+        assert "zarr.json is missing or damaged" in line and "restore the cache" in line
+
+
 def test_different_command_against_existing_cache(tiny_neox, tmp_path, capsys):
     assert run_cli(_args(tiny_neox, tmp_path / "c"), capsys)[0] == 0
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", context_length=48), capsys)[::2])
