@@ -368,13 +368,18 @@ def train(
         return
     table = Table(title=f"gsae train · {result.run}")
     # held-out FVU beside the L0 it was measured at (BatchTopK: its inference threshold's, not k)
-    for column in ("SAE", "layers", "FVU train / held-out", "L0 train / held-out", "dead %", "tok/s", "time"):
+    # an SAE's own steps: the run's SAEs take turns, so the bars' rates (wall time) are lower where there are several
+    for column in ("SAE", "layers", "FVU train / held-out", "L0 train / held-out", "dead %", "tok/s, own steps",
+                   "own steps"):
         table.add_column(column, justify="right")
     for row in result.rows:
         table.add_row(str(row["sae"]), layer_span(row["layers"]), f"{row['train_fvu']:.3f} / {row['held_out_fvu']:.3f}",
                       f"{row['l0']:.1f} / {row['held_out_l0']:.1f}",
                       f"{100 * row['dead_fraction']:.1f}", f"{row['tokens_per_s']:,.0f}", f"{row['seconds']:.1f} s")
     report.print(table)
+    if len(result.rows) > 1:
+        report.print("tok/s and time count each SAE's own steps; the SAEs take turns, so the run took about their "
+                     "sum (summary.json: wall_seconds)", style="dim", highlight=False)
     for row in result.rows:
         if row.get("note"):
             report.print(row["note"], style="yellow", highlight=False, markup=False)
