@@ -208,8 +208,8 @@ def cache(
         ("tokens", f"{result.tokens_written:,}" + (f" (resumed at {result.resumed_from:,})" if result.resumed_from and not result.already_complete else "")),
         ("layers × d_model", f"{result.n_layers} × {result.d_model}"),
         ("bytes on disk", _human_bytes(result.bytes_on_disk)),
-        ("bytes per value", f"{result.bytes_per_value:.3f}"),
-        ("compression ratio", f"{result.raw_bytes / max(1, result.bytes_on_disk):.2f}×"),
+        ("bytes per value", f"{result.bytes_per_value:.3f} (activations only)"),
+        ("compression ratio", f"{result.raw_bytes / max(1, result.activation_bytes):.2f}×"),
         ("time", f"{result.elapsed:,.1f} s" + (f" ({rate:,.0f} tok/s)" if rate else "")),
     ] + ([("of which", f"model {result.phases['forward']:,.1f} s · waiting for the writer "
                        f"{result.phases['writer_wait']:,.1f} s · reading text {result.phases['windows']:,.1f} s")]

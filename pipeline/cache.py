@@ -96,6 +96,7 @@ class CacheResult:
     elapsed: float
     tokens_this_run: int
     resumed_from: int
+    activation_bytes: int = 0  # of bytes_on_disk, those of the activations (layers/), as `gsae info` counts
     already_complete: bool = False
     corpus_exhausted: bool = False
     overflow_values: list[int] = field(default_factory=list)
@@ -104,7 +105,8 @@ class CacheResult:
 
     @property
     def bytes_per_value(self) -> float:
-        return self.bytes_on_disk / max(1, self.tokens_written * self.n_layers * self.d_model)
+        """The activations' bytes per stored value (tokens, statistics and groupings left out)."""
+        return self.activation_bytes / max(1, self.tokens_written * self.n_layers * self.d_model)
 
 
 def default_cache_path(slug: str) -> str:
@@ -776,6 +778,6 @@ def _result(store: ActivationStore, elapsed: float, tokens_this_run: int, resume
     return CacheResult(
         path=store.path, tokens_written=store.tokens_written, tokens_planned=store.tokens_planned,
         n_layers=store.n_layers, d_model=store.d_model, bytes_on_disk=store.nbytes_on_disk(),
-        raw_bytes=store.raw_activation_bytes(), elapsed=elapsed, tokens_this_run=tokens_this_run,
+        activation_bytes=store.nbytes_on_disk("layers"), raw_bytes=store.raw_activation_bytes(), elapsed=elapsed, tokens_this_run=tokens_this_run,
         resumed_from=resumed_from, overflow_values=list(store.attrs.get("overflow_values", [])), **flags,
     )

@@ -275,6 +275,10 @@ def test_embedded_model_on_embedded_corpus(tmp_path, capsys):
     norms = store.norm
     assert np.all(np.isfinite(norms)) and norms[-1] > norms[0]  # the residual stream grows with depth
     assert "bytes per value" in out
+    # the summary's bytes per value is the activations' alone, as `gsae info` shows it
+    value = f"{store.nbytes_on_disk('layers') / (300 * 30 * 576):.3f} (activations only)"
+    assert value in out
+    assert value in run_cli(["info", "--cache", tmp_path / "c"], capsys)[1]
 
 
 def _writer_chunks(n_layers: int, d_model: int, sizes: list[int]):
