@@ -217,6 +217,8 @@ class Run:
 
     @classmethod
     def create(cls, path: str | Path, config: RunConfig) -> "Run":
+        if is_cache(path):
+            raise GsaeError(f"{path} is a gsae cache; pass --out a folder of its own for the run")
         run = cls(path, config)
         with _one_line_errors(str(path)):
             run.fs.makedirs(run._root, exist_ok=True)
@@ -227,6 +229,8 @@ class Run:
     def open(cls, path: str | Path, need: str = "planned") -> "Run":
         """An existing run in at least state ``need``; otherwise one line saying what is missing."""
         config = cls.read_config(path)
+        if config is None and is_cache(path):
+            raise GsaeError(f"{path} is a gsae cache, not a run; pass the folder `gsae train --out` wrote")
         if config is None:
             raise GsaeError(f"{path} is not a gsae run (no {CONFIG}); `gsae train --out {path}` makes one")
         run = cls(path, config)
@@ -373,6 +377,16 @@ class Run:
         where and at which matmul precision they were measured."""
         data = {"run": self.path, "arguments": arguments, "measured_on": measured_on, "records": records}
         self._write(json.dumps(data, indent=1), EVAL)
+
+
+def is_cache(path: str | Path) -> bool:
+    """Whether ``path`` holds a gsae cache (a run must not be written into one, nor one read as a run)."""
+    from stores import probe
+
+    try:
+        return probe(str(path)) == "store"
+    except Exception:  # a file, something else, or out of reach: not a cache, for this question
+        return False
 
 
 class _RewrittenLog(io.StringIO):

@@ -25,7 +25,7 @@ from pipeline.grouping import Grouping, layer_span, parse_layers
 from pipeline.models import matmul_precision, pick_device
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
-from pipeline.run import Run, RunConfig, cache_fingerprint, join, pack_training_state
+from pipeline.run import Run, RunConfig, cache_fingerprint, is_cache, join, pack_training_state
 from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr
 from stores import ActivationStore
 from stores.stream import TrainingStream, split_chunks
@@ -129,13 +129,16 @@ def _check_fits(n_saes: int, n_latents: int, d: int, request: TrainRequest) -> N
                         "lower --expansion or --batch-size (or spread the SAEs over ranks with torchrun)")
 
 
-def check_sae_shape(d: int, expansion: float, k: int | None) -> tuple[int, int]:
+def check_sae_shape(d: int, expansion: float, k: int | None, uses_k: bool = True) -> tuple[int, int]:
     """(latents, k) of an SAE of ``expansion`` × ``d`` latents keeping ``k`` (None: the default for ``d``);
-    one line where that cannot be."""
+    one line where that cannot be.  ``uses_k`` False (ReLU, JumpReLU: no top-k): ``k`` is not checked and
+    the config keeps the default, within the latents."""
     n_latents = max(1, int(round(d * expansion)))
     if n_latents < 2:
         raise GsaeError(f"--expansion {expansion:g} gives {n_latents} latent for d_model {d}; "
                         "an SAE needs at least 2 (a larger --expansion)")
+    if not uses_k:
+        return n_latents, min(default_k(d), n_latents - 1)
     if k is None and not default_k(d) < n_latents:
         raise GsaeError(f"--expansion {expansion:g} gives d_sae = {n_latents} latents, no more than the k = {default_k(d)} "
                         f"that TopK keeps by default at d_model {d} (about d_model / 6); pass a larger --expansion"
@@ -149,7 +152,7 @@ def check_sae_shape(d: int, expansion: float, k: int | None) -> tuple[int, int]:
 def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
     """The run's configuration: groups, scales, SAE shape, learning rate, held-out slice."""
     d = store.d_model
-    n_latents, k = check_sae_shape(d, request.expansion, request.k)
+    n_latents, k = check_sae_shape(d, request.expansion, request.k, uses_k=request.architecture in ("topk", "batchtopk"))
     groups, label, grouping = _partition(request, store)
     _check_fits(len(groups), n_latents, d, request)
     try:
@@ -226,6 +229,8 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
     store = ActivationStore.open(request.cache)
     config = _plan(request, store)
     path = request.out or join(RUNS_ROOT, f"{store.path.rstrip('/').rsplit('/', 1)[-1]}-{config.label}")
+    if is_cache(path):  # before any note: nothing of a run goes into a cache
+        raise GsaeError(f"{path} is a gsae cache; pass --out a folder of its own for the run")
     existing = Run.read_config(path)
     if existing is not None:
         run = Run(path, existing)
@@ -255,6 +260,9 @@ def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore
     """What the plan does that the arguments did not say: tokens rounded up to whole batches, and SAEs
     that will see their rows more than once."""
     notes = []
+    if request.k is not None and config.architecture not in ("topk", "batchtopk"):
+        notes.append(f"--k {request.k} is not used: a {config.architecture} SAE has no top-k (its L1 or L0 "
+                     "penalty sets how many latents fire)")
     if config.tokens_per_sae != request.tokens:
         notes.append(f"--tokens {request.tokens:,} → {config.tokens_per_sae:,} per SAE "
                      f"({config.steps:,} whole batches of {config.batch_size:,})")

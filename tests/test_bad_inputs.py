@@ -130,6 +130,16 @@ def test_run_checks_before_anything_runs(args, message, llama_cache, tmp_path):
     assert not (tmp_path / "runs").exists() and not (llama_cache / "groups").exists()
 
 
+def test_a_cache_is_neither_written_into_as_a_run_nor_read_as_one(llama_cache, tmp_path):
+    before = sorted(p.name for p in llama_cache.iterdir())
+    line = _one_line(*run_cli(["train", "--cache", llama_cache, "--baseline", "--tokens", 512, "--batch-size", 256,
+                               "--out", llama_cache])[::2])
+    assert "is a gsae cache; pass --out a folder of its own" in line
+    assert sorted(p.name for p in llama_cache.iterdir()) == before
+    for command in (["export", "--run", llama_cache], ["eval", "--run", llama_cache]):
+        assert "is a gsae cache, not a run" in _one_line(*run_cli(command)[::2])
+
+
 def test_a_held_out_slice_without_a_whole_window_is_refused_unless_windows_is_0():
     from types import SimpleNamespace
 

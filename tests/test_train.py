@@ -248,6 +248,14 @@ def test_deferred_auxk_count_matches_the_exact_one():
     torch.testing.assert_close(stale, sae.loss(x, revived).loss)
 
 
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
+def test_k_is_not_checked_for_an_sae_without_top_k_and_a_note_says_it_is_unused(architecture, cache, tmp_path, capsys):
+    code, out, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "r", "--tokens", 1024, "--batch-size", 512,
+                              "--groups", 1, "--architecture", architecture, "--k", 10_000], capsys)
+    assert code == 0, err
+    assert f"--k 10000 is not used: a {architecture} SAE has no top-k" in out + err
+
+
 def test_auxk_dead_count_lags_two_steps_and_resumes_exactly():
     """Step s uses the count of step s - 2 (0 before there is one); a counter rebuilt from its state
     mid-run gives the same counts as one that ran on; a checkpoint's plain int (older gsae) is the value."""
