@@ -205,9 +205,13 @@ def argument_changes(run: RunConfig, request: TrainRequest) -> list[str]:
 
 def _store_of(config: RunConfig, cache: str, run: str) -> ActivationStore:
     store = ActivationStore.open(cache)
-    if config.cache_fingerprint != cache_fingerprint(store):
-        raise GsaeError(f"the cache {cache} differs from the one run {run} was trained on "
-                        f"(model {config.cache_fingerprint['model_id']}); resume with that cache")
+    now = cache_fingerprint(store)
+    if config.cache_fingerprint != now:
+        was = config.cache_fingerprint
+        differ = "; ".join(f"{key.replace('_', ' ')} {was.get(key)} there, {now.get(key)} here"
+                           for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key))
+        raise GsaeError(f"the cache {cache} differs from the one run {run} was trained on ({differ}); "
+                        "resume with that cache")
     return store
 
 
