@@ -370,7 +370,7 @@ def train(
     # held-out FVU beside the L0 it was measured at (BatchTopK: its inference threshold's, not k)
     # an SAE's own steps: the run's SAEs take turns, so the bars' rates (wall time) are lower where there are several
     for column in ("SAE", "layers", "FVU train / held-out", "L0 train / held-out", "dead %", "tok/s, own steps",
-                   "own steps"):
+                   "time, own steps"):
         table.add_column(column, justify="right")
     for row in result.rows:
         table.add_row(str(row["sae"]), layer_span(row["layers"]), f"{row['train_fvu']:.3f} / {row['held_out_fvu']:.3f}",

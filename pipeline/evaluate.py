@@ -276,12 +276,13 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         clean_logits = _run_with_block_output(lm, input_ids, 0, None)
     records, notes = [], []
     # what was asked and is not there: said, not left to be read from eval.json's counts
+    # (no option names: under `gsae run`, --tokens means training tokens)
     if tokens > held_out:
-        notes.append(f"--tokens {tokens:,}: the held-out slice holds {held_out:,} rows; the reconstruction metrics "
-                     "use those")
+        notes.append(f"the held-out slice holds {held_out:,} rows, fewer than the {tokens:,} asked for: the "
+                     "reconstruction metrics use those")
     if lm is not None and windows > len(input_ids):
-        notes.append(f"--windows {windows}: the held-out slice holds {len(input_ids)} whole window"
-                     f"{'s' if len(input_ids) > 1 else ''}; the downstream metrics use {len(input_ids)}")
+        notes.append(f"the held-out slice holds {len(input_ids)} whole window{'s' if len(input_ids) > 1 else ''}, "
+                     f"fewer than the {windows} asked for: the downstream metrics use {len(input_ids)}")
     threads = Ranks().decode_threads(store.path)  # as gsae train decodes (`gsae eval` is one process)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-eval") as reader:
         for sae, sae_config in saes:

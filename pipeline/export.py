@@ -7,8 +7,10 @@ member layer of a group SAE gets W_enc·s, W_dec/s, b_dec/s, and the same b_enc 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from typing import Any
 
 import fsspec
 import torch
@@ -39,7 +41,7 @@ def folded_weights(weights: dict[str, torch.Tensor], scale: float) -> dict[str, 
     return folded
 
 
-def saelens_config(config: dict, layer: int, run_config: dict, run: str | None = None) -> dict:
+def saelens_config(config: dict, layer: int, run_config: dict, run: dict | None = None) -> dict:
     architecture = _SAELENS_ARCHITECTURE[config["architecture"]]
     cfg = {
         "architecture": architecture,
@@ -64,16 +66,27 @@ def saelens_config(config: dict, layer: int, run_config: dict, run: str | None =
         cfg["k"] = config["k"]
         cfg["rescale_acts_by_decoder_norm"] = False  # folded decoder rows are not unit norm
     cfg["gsae"] = {"group_layers": config["layers"], "scale": config["scales"][str(layer)],
-                   "architecture": config["architecture"], "tokens": config.get("tokens"), "run": run}
+                   "architecture": config["architecture"], "tokens": config.get("tokens"), **(run or {})}
     return cfg
 
 
-def _same_export(old: dict, new: dict) -> bool:
+def _run_identity(trained: Run) -> dict[str, str]:
+    """Where the run was when exported (``run``, for people) and what identifies it wherever it moves
+    (``run_config_sha256``: its config.json, which a move, a copy or a symlink leaves as it is)."""
+    path = str(trained.path).rstrip("/")
+    config = json.dumps(trained.config.to_json(), sort_keys=True).encode()
+    return {"run": path if "://" in path else os.path.abspath(path),
+            "run_config_sha256": hashlib.sha256(config).hexdigest()[:16]}
+
+
+def _same_export(old: Any, new: dict) -> bool:
     """Whether an existing folder's cfg.json is an earlier export of the SAE ``new`` describes: the same run
     (exports of gsae before it recorded the run: the same model, layers, architecture, tokens and scale)."""
-    before, now = old.get("gsae") or {}, new["gsae"]
-    if before.get("run") is not None:
-        return before["run"] == now["run"]
+    if not isinstance(old, dict) or not isinstance(old.get("gsae"), dict):
+        return False
+    before, now = old["gsae"], new["gsae"]
+    if before.get("run_config_sha256") is not None:
+        return before["run_config_sha256"] == now["run_config_sha256"]
     keys = ("group_layers", "scale", "architecture", "tokens")
     return (all(before.get(key) == now[key] for key in keys)
             and (old.get("metadata") or {}).get("model_name") == new["metadata"]["model_name"])
@@ -83,14 +96,23 @@ def _check_target(target: str, planned: dict[str, dict]) -> None:
     """Refuse a target that holds anything but an earlier export of these SAEs (``planned``: folder name →
     cfg): writing into it would leave another run's SAEs beside these, as if one run's."""
     fs, root = fsspec.core.url_to_fs(target)
+    fs.invalidate_cache(root)  # s3fs caches listings
     if not fs.isdir(root):
         return
     foreign = []
     for entry in sorted(fs.ls(root, detail=False)):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        entry = entry.rstrip("/")
+        if entry == root.rstrip("/"):  # an object store's marker of the folder itself
+            continue
+        name = entry.rsplit("/", 1)[-1]
+        if name not in planned:
+            foreign.append(name)
+            continue
         try:
-            same = name in planned and _same_export(json.loads(fs.cat_file(f"{entry.rstrip('/')}/cfg.json")), planned[name])
-        except (OSError, ValueError):  # no cfg.json, or not one of ours
+            same = _same_export(json.loads(fs.cat_file(f"{entry}/cfg.json")), planned[name])
+        except FileNotFoundError:  # an export killed between a folder's two files (cfg.json is written last)
+            same = True
+        except (OSError, ValueError):  # not one of ours
             same = False
         if not same:
             foreign.append(name)
@@ -107,9 +129,9 @@ def export_saelens(run: str, out: str | None = None) -> list[str]:
     source = trained.config.source
     store_info = {"context_length": source.get("context_length"), "corpus": source.get("corpus"),
                   "prepend_bos": source.get("prepend_bos", True)}
-    where = trained.path if "://" in str(trained.path) else os.path.abspath(trained.path)
     saes = trained.load_saes()
-    planned = {f"blocks.{layer}.hook_resid_post": saelens_config(config, layer, store_info, where)
+    identity = _run_identity(trained)
+    planned = {f"blocks.{layer}.hook_resid_post": saelens_config(config, layer, store_info, identity)
                for _, config in saes for layer in config["layers"]}
     _check_target(target, planned)
     folders = []

@@ -109,7 +109,9 @@ def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
                       sorted(records, key=lambda r: r["layer"]), float(train_seconds),
                       grouping_seconds, amad, config.tokens_per_sae, cache_seconds,
                       int(config.cache_fingerprint["tokens"]), config.cache_fingerprint, cache_note,
-                      {"architecture": config.architecture, "n_latents": config.n_latents, "k": config.k})
+                      {"architecture": config.architecture, "n_latents": config.n_latents,
+                       # k matters only where there is a top-k (relu, jumprelu: unused, and recorded differently)
+                       "k": config.k if config.architecture in ("topk", "batchtopk") else None})
 
 
 def _check_json_files(path: str, config: RunConfig) -> None:

@@ -382,11 +382,15 @@ class Run:
 def is_cache(path: str | Path) -> bool:
     """Whether ``path`` holds a gsae cache (a run must not be written into one, nor one read as a run)."""
     from stores import probe
+    from stores.activation_store import looks_like_cache
 
     try:
         return probe(str(path)) == "store"
-    except Exception:  # a file, something else, or out of reach: not a cache, for this question
-        return False
+    except Exception:  # damaged (its own folders are there), a file, something else, or out of reach
+        try:
+            return looks_like_cache(str(path))
+        except Exception:
+            return False
 
 
 class _RewrittenLog(io.StringIO):

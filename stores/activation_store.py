@@ -69,6 +69,13 @@ _REQUIRED_ATTRIBUTES = ("n_layers", "d_model", "dtype", "chunk_tokens", "tokens_
                         "chunks_written", "complete")
 
 
+def looks_like_cache(path: str) -> bool:
+    """Whether ``path`` holds a cache's own folders (``layers``, ``tokens``, ``stats``), whatever its
+    zarr.json says."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+    return all(fs.exists(f"{root.rstrip('/')}/{name}") for name in ("layers", "tokens", "stats"))
+
+
 def probe(path: str) -> str:
     """``"absent"`` (nothing there, or an empty folder), ``"store"`` (a gsae cache), else raise."""
     fs, root = fsspec.core.url_to_fs(str(path))
@@ -83,7 +90,7 @@ def probe(path: str) -> str:
         group = zarr.open_group(str(path), mode="r")
     except Exception:
         # a cache's own folders with a root zarr.json that is gone or unreadable: damaged, not foreign
-        if all(fs.exists(f"{root.rstrip('/')}/{name}") for name in ("layers", "tokens", "stats")):
+        if looks_like_cache(str(path)):
             raise StoreError(f"{path} looks like a gsae cache whose zarr.json is missing or damaged; restore the "
                              "cache from a copy or re-create it with `gsae cache`") from None
         raise StoreError(f"{path} holds something that is not a gsae cache; choose another --cache") from None

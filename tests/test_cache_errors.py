@@ -113,6 +113,8 @@ def test_a_cache_whose_root_zarr_json_is_damaged_is_called_damaged(damage, tiny_
     for command in (["info", "--cache", cache], ["verify", "--cache", cache]):
         line = _one_line_error(*run_cli(command, capsys)[::2])
         assert "zarr.json is missing or damaged" in line and "restore the cache" in line
+    # still a cache, damaged or not: not read as a run (nor, in train, written into as one)
+    assert "is a gsae cache, not a run" in _one_line_error(*run_cli(["export", "--run", cache], capsys)[::2])
 
 
 def test_different_command_against_existing_cache(tiny_neox, tmp_path, capsys):

@@ -63,9 +63,9 @@ def test_eval_command_writes_records(tiny_models, tmp_path, capsys):
     code, out, err = run_cli(["eval", "--run", tmp_path / "r", "--windows", 400], capsys)
     assert code == 0, err
     # more than the held-out slice holds: said, and what was used is recorded
-    assert "--tokens 16,384: the held-out slice holds" in out + err
-    used = re.search(r"--windows 400: the held-out slice holds (\d+) whole windows; the downstream metrics use \1",
-                     out + err)
+    assert re.search(r"the held-out slice holds [\d,]+ rows, fewer than the 16,384 asked for", out + err)
+    used = re.search(r"the held-out slice holds (\d+) whole windows, fewer than the 400 asked for: the downstream "
+                     r"metrics use \1", out + err)
     assert used and int(used.group(1)) < 400
     written = json.loads((tmp_path / "r" / "eval.json").read_text())
     records = written["records"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,7 +185,17 @@ def test_export_folds_the_scale(cache, tmp_path, capsys):
             z = torch.zeros_like(pre).scatter_(1, indices, torch.relu(values))
             exported = z @ w["W_dec"] + w["b_dec"]
         torch.testing.assert_close(exported, expected, rtol=1e-4, atol=1e-4 * float(raw.abs().max()))
-    # the same run again into the same folder: fine; another run, or a folder of other files: refused
+    # the same run again into the same folder: fine, also after the run moved, and after an export killed
+    # between a folder's two files; another run, or a folder of other files: refused
+    assert run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "e"], capsys)[0] == 0
+    shutil.copytree(tmp_path / "r", tmp_path / "moved")
+    (next((tmp_path / "e").iterdir()) / "cfg.json").unlink()
+    assert run_cli(["export", "--run", tmp_path / "moved", "--out", tmp_path / "e"], capsys)[0] == 0
+    damaged = next((tmp_path / "e").iterdir()) / "cfg.json"
+    damaged.write_text("[]")
+    code, _, err = run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "e"], capsys)
+    assert code == 1 and "not an export of this run" in err and "Traceback" not in err
+    damaged.unlink()
     assert run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "e"], capsys)[0] == 0
     assert run_cli(train_args(cache, tmp_path / "r2", "--groups", 1, "--tokens", 2048, "--seed", 1), capsys)[0] == 0
     code, _, err = run_cli(["export", "--run", tmp_path / "r2", "--out", tmp_path / "e"], capsys)
