@@ -73,6 +73,10 @@ def test_cache_to_eval_on_s3_gives_what_a_local_path_gives(tiny_llama, bucket, t
     for a, b in zip(records["local"], records["remote"]):
         assert a["fvu"] == b["fvu"] and a["ce_spliced"] == b["ce_spliced"]
     assert run_cli(["export", "--run", runs["remote"]], capsys)[0] == 0
+    # again, with a trailing slash: the same run's export, rewritten in place; another run's: refused
+    assert run_cli(["export", "--run", runs["remote"] + "/"], capsys)[0] == 0
+    code, _, err = run_cli(["export", "--run", runs["local"], "--out", f"{runs['remote']}/export-saelens"], capsys)
+    assert code == 1 and "not an export of this run" in err
     assert run_cli(["report", "--runs", runs["remote"], "--out", f"{bucket}/report"], capsys)[0] == 0
     assert "| amad-g2 |" in _remote_files(f"{bucket}/report")["report.md"].decode()
 
