@@ -930,9 +930,13 @@ class ActivationStore:
             for name, layer, array in arrays:
                 key = f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
                 problem = None
-                if not sync(array.store.exists(key)):
+                try:  # one request on an object store: its size says whether it exists too
+                    size = sync(array.store.getsize(key))
+                except FileNotFoundError:  # what zarr's stores raise for a missing key
+                    size = None
+                if size is None:
                     problem = "chunk missing"
-                elif sync(array.store.getsize(key)) == 0:  # zarr would call it a checksum mismatch
+                elif size == 0:  # zarr would call it a checksum mismatch
                     problem = "chunk file is empty (0 bytes)"
                 else:
                     try:
