@@ -279,8 +279,9 @@ class _ChunkAssembler:
             target.copy_(rows.view(target.dtype), non_blocking=values.is_cuda)
 
     def _add_stats(self, part: _Open, layer: int, rows: torch.Tensor) -> None:
-        if part.stats is None:
-            part.stats = StatsAccumulator(self.store.n_layers, self.store.d_model, self.store.dtype, rows.device)
+        if part.stats is None:  # a lossy store's statistics are of its bit-rounded rows, as stored
+            part.stats = StatsAccumulator(self.store.n_layers, self.store.d_model, self.store.dtype, rows.device,
+                                          keep_bits=(self.store.attrs.get("codec") or {}).get("keep_bits"))
         part.stats.add(layer, rows)
 
     def add(self, row: int, tokens: np.ndarray) -> Iterator[_Chunk]:

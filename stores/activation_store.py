@@ -32,7 +32,7 @@ from zarr.core.indexing import BasicIndexer
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
-from stores.codecs import STORAGE_DTYPES, activation_codecs, quiet_numcodecs, small_array_codecs
+from stores.codecs import STORAGE_DTYPES, activation_codecs, bit_round, quiet_numcodecs, small_array_codecs
 from stores.messages import first_line
 from stores.remote import join, write_whole
 
@@ -977,8 +977,10 @@ class StatsAccumulator:
 
     BLOCK = 16
 
-    def __init__(self, n_layers: int, d_model: int, dtype: str, device: torch.device | str = "cpu"):
-        self.dtype = dtype
+    def __init__(self, n_layers: int, d_model: int, dtype: str, device: torch.device | str = "cpu",
+                 keep_bits: int | None = None):
+        """``keep_bits``: a lossy store's; the rows are bit-rounded first, as the store keeps them."""
+        self.dtype, self.keep_bits = dtype, keep_bits
         self.sums = torch.zeros(n_layers, d_model, dtype=torch.float64, device=device)
         self.norm_sums = torch.zeros(n_layers, dtype=torch.float64, device=device)
         self.overflow = torch.zeros(n_layers, dtype=torch.int64, device=device)
@@ -986,6 +988,8 @@ class StatsAccumulator:
     def add(self, layer: int, stored: torch.Tensor) -> None:
         """Add rows of one layer, as stored (float16, bfloat16 bits as int16, or float32), on the
         accumulator's device: on a GPU nothing here waits for it (one transfer in ``result``)."""
+        if self.keep_bits is not None:  # the statistics are of the stored values (docs/store-format.md)
+            stored = bit_round(stored, self.keep_bits)
         values = stored.view(torch.bfloat16).float() if self.dtype == "bfloat16" else stored.float()
         full = values.shape[0] - values.shape[0] % self.BLOCK
         if full:
@@ -1004,9 +1008,9 @@ class StatsAccumulator:
         return ChunkStats(self.sums.cpu().numpy(), self.norm_sums.cpu().numpy(), self.overflow.cpu().numpy())
 
 
-def compute_chunk_stats(layers: list[np.ndarray], dtype: str) -> ChunkStats:
+def compute_chunk_stats(layers: list[np.ndarray], dtype: str, keep_bits: int | None = None) -> ChunkStats:
     """Statistics of whole stored chunks (one array per layer), as the writer records them."""
-    accumulator = StatsAccumulator(len(layers), layers[0].shape[1], dtype)
+    accumulator = StatsAccumulator(len(layers), layers[0].shape[1], dtype, keep_bits=keep_bits)
     for layer, values in enumerate(layers):
         tensor = torch.from_numpy(np.ascontiguousarray(values))
         accumulator.add(layer, tensor.view(torch.int16) if dtype == "bfloat16" else tensor)

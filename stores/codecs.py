@@ -56,6 +56,24 @@ STORAGE_DTYPES: dict[str, tuple[str, int]] = {
 _MANTISSA_BITS = {"float16": 10, "float32": 23}
 
 
+def bit_round(values: "torch.Tensor", keep_bits: int) -> "torch.Tensor":
+    """What the lossy chain's BitRound filter stores for float16 or float32 ``values``: numcodecs'
+    ``BitRound.encode``, the same integer operations (round half to even on the mantissa), in torch, so
+    the cache's statistics are of the stored values and can be taken where the model runs."""
+    import torch
+
+    bits = _MANTISSA_BITS[{torch.float16: "float16", torch.float32: "float32"}[values.dtype]]
+    if keep_bits >= bits:
+        return values
+    as_int = {torch.float16: torch.int16, torch.float32: torch.int32}[values.dtype]
+    b = values.contiguous().view(as_int).clone()
+    mask_bits = bits - keep_bits
+    mask = (-1 >> mask_bits) << mask_bits
+    b += ((b >> mask_bits) & 1) + ((1 << (mask_bits - 1)) - 1)
+    b &= mask
+    return b.view(values.dtype)
+
+
 def keep_bits_range(dtype: str) -> range:
     """The mantissa bits lossy compression can keep for ``dtype`` (empty where it is not lossy-capable)."""
     return range(_MANTISSA_BITS.get(dtype, 0))

@@ -160,6 +160,33 @@ def test_lossy_codec_stays_within_its_error_bound(tiny_llama, tmp_path, capsys):
         # relative bound for normal float16 values; subnormals (< 2**-14) lose at most 2**-18 absolute
         assert np.all(np.abs(a - b) <= bound * np.abs(a) + 2.0**-18)
     assert lossy.nbytes_on_disk("layers") < exact.nbytes_on_disk("layers")
+    # the statistics are of the rows as stored (bit-rounded), in float64 here: not of the rows before rounding
+    for store in (exact, lossy, ActivationStore.open(str(_lossy_cache(tiny_llama, tmp_path / "kb0", 0, capsys)))):
+        rows = [store.read_rows(layer, 0, store.n_tokens).astype(np.float64) for layer in range(store.n_layers)]
+        np.testing.assert_allclose(store.mean, [r.mean(axis=0) for r in rows], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(store.norm, [np.linalg.norm(r, axis=1).mean() for r in rows], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,keep_bits", [("float16", 0), ("float16", 3), ("float16", 9), ("float32", 3),
+                                             ("float32", 22)])
+def test_bit_round_in_torch_gives_numcodecs_bits(dtype, keep_bits):
+    """The statistics' rounding against the store's own filter, bit for bit: signs, zeros, infinities, NaN,
+    the largest value, subnormals and values over 30 binades."""
+    from numcodecs import BitRound
+
+    from stores.codecs import bit_round
+
+    rng = np.random.default_rng(keep_bits)
+    x = (rng.standard_normal(20000) * np.exp(rng.uniform(-20, 10, 20000))).astype(dtype)
+    x[:6] = [0, -0.0, np.inf, -np.inf, np.nan, np.finfo(dtype).max]
+    x[6:10] = np.finfo(dtype).smallest_subnormal * np.array([1, 3, 7, -5])
+    expected = BitRound(keep_bits).encode(x).tobytes()
+    assert bit_round(torch.from_numpy(x), keep_bits).numpy().tobytes() == expected
+
+
+def _lossy_cache(model, path, keep_bits: int, capsys):
+    assert run_cli(cache_args(model, path, tokens=500, compression="lossy", keep_bits=keep_bits), capsys)[0] == 0
+    return path
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
