@@ -60,6 +60,17 @@ def _txt_documents(path: Path) -> Iterator[Document]:
     yield pieces()
 
 
+def _text(value: Any, where: str, text_field: str) -> str:
+    """A record's text: a string, or "" for a null (a row without text); anything else is refused, not
+    cached as its Python spelling ("42", "['a', 'list']")."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise GsaeError(f"{where}: its {text_field!r} is {type(value).__name__} {repr(value)[:40]}, not text "
+                        "(set --text-field)")
+    return value
+
+
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -71,10 +82,11 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
                 raise GsaeError(f"{path}:{number} is not valid JSON") from None
             if not isinstance(record, dict) or text_field not in record:
                 raise GsaeError(f"{path}:{number} has no {text_field!r} field (set --text-field)")
-            yield iter([str(record[text_field])])
+            yield iter([_text(record[text_field], f"{path}:{number}", text_field)])
 
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -83,10 +95,13 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
         raise GsaeError(f"cannot read {path} as parquet: {first_line(exc)}") from None
     if text_field not in parquet.schema_arrow.names:
         raise GsaeError(f"{path} has no {text_field!r} column (set --text-field)")
+    kind = parquet.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise GsaeError(f"{path}'s {text_field!r} column holds {kind}, not text (set --text-field)")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
-            if text:
-                yield iter([str(text)])
+            if text:  # a null is a row without text
+                yield iter([text])
 
 
 def _file_documents(path: Path, text_field: str) -> Iterator[Document]:
@@ -143,8 +158,9 @@ def _hub_corpus(spec: str, config: str | None, split: str, text_field: str) -> C
         for number, record in enumerate(stream):
             if text_field not in record:
                 raise GsaeError(f"dataset {spec!r} has no {text_field!r} field (set --text-field)")
-            if record[text_field]:
-                yield iter([str(record[text_field])])
+            text = _text(record[text_field], f"dataset {spec!r} row {number}", text_field)
+            if text:
+                yield iter([text])
 
     label = f"{spec}" + (f" ({config})" if config else "") + f" split {split}"
     fingerprint = hashlib.sha256(f"{spec}|{config}|{split}|{text_field}".encode()).hexdigest()[:16]

@@ -54,15 +54,34 @@ def test_folder_without_config_is_not_a_model(tmp_path, capsys):
     ("tiny.txt", "just a few words", "fewer than one window"),
     ("bad.jsonl", '{"text": "fine"}\n{not json\n', "bad.jsonl:2 is not valid JSON"),
     ("nofield.jsonl", '{"body": "text"}\n', "no 'text' field"),
+    ("number.jsonl", '{"text": "fine"}\n{"text": 42}\n', "number.jsonl:2: its 'text' is int 42, not text"),
+    ("list.jsonl", '{"text": ["a", "list"]}\n', "list.jsonl:1: its 'text' is list ['a', 'list'], not text"),
+    ("ints.parquet", None, "'text' column holds int64, not text"),
 ])
 def test_bad_datasets(name, content, message, tiny_neox, tmp_path, capsys):
     path = tmp_path / name
     if content is not None:
         path.write_text(content)
+    elif name.endswith(".parquet"):  # a text column of numbers
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": [1, 2, 3]}), path)
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", dataset=path), capsys)[::2])
     assert message in line
     assert not (tmp_path / "c" / "zarr.json").exists() or not ActivationStore.open(
         str(tmp_path / "c"), allow_partial=True).complete
+
+
+def test_null_texts_are_rows_without_text_not_the_word_none(tiny_neox, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    line = json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 20})
+    (tmp_path / "n.jsonl").write_text("\n".join([line, '{"text": null}', line]) + "\n")
+    assert run_cli(_args(tiny_neox, tmp_path / "c", dataset=tmp_path / "n.jsonl", tokens=100), capsys)[0] == 0
+    store = ActivationStore.open(str(tmp_path / "c"))
+    text = AutoTokenizer.from_pretrained(tiny_neox).decode(store.tokens(0, store.n_tokens).tolist())
+    assert "None" not in text and "fox" in text
 
 
 @pytest.mark.parametrize("flag,value,message", [
