@@ -73,6 +73,18 @@ def test_bad_datasets(name, content, message, tiny_neox, tmp_path, capsys):
         str(tmp_path / "c"), allow_partial=True).complete
 
 
+def test_a_chunk_larger_than_the_cache_takes_memory_for_the_cache_only(tiny_neox, tmp_path, capsys):
+    """--chunk-tokens 10^9 (60 GiB per layer's chunk at d 32) for 200 tokens: one chunk of the 200, and the
+    same command again finds the cache complete."""
+    code, _, err = run_cli(_args(tiny_neox, tmp_path / "c", chunk_tokens=10**9), capsys)
+    assert code == 0, err
+    store = ActivationStore.open(str(tmp_path / "c"))
+    assert store.chunk_tokens == 200 and store.n_tokens == 200 and store.n_chunks == 1
+    assert store.read_rows(0, 0, 200).shape == (200, store.d_model)
+    code, out, err = run_cli(_args(tiny_neox, tmp_path / "c", chunk_tokens=10**9), capsys)
+    assert code == 0 and "already complete" in out + err
+
+
 def test_null_texts_are_rows_without_text_not_the_word_none(tiny_neox, tmp_path, capsys):
     from transformers import AutoTokenizer
 
