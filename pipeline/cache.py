@@ -15,6 +15,7 @@ store is byte-identical to one written by a single process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import itertools
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Container, Iterable, Iterator
 
+import fsspec
 import numpy as np
 import torch
 
@@ -622,9 +624,23 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
             return fill_store(store, lm, windows, batch_size=request.batch_size, first_row=first_row,
                               rows_per_window=rows_per_window, console=console, write_threads=request.write_threads,
                               ranks=ranks)
+    except BaseException:
+        # a store this run made and committed nothing to (the corpus failed at its first batches, say) goes:
+        # left, it held the path against any other arguments, with nothing in it to resume
+        if state == "absent" and ranks.world == 1 and store is not None and not store.committed_chunks():
+            _remove_store(path)
+            store = None
+        raise
     finally:
         if store is None and created_folder:
             _remove_if_empty(path)
+
+
+def _remove_store(path: str) -> None:
+    """Remove the store at ``path`` (made by this run, in a folder that was empty or absent)."""
+    fs, root = fsspec.core.url_to_fs(path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(root, recursive=True)
 
 
 def _remove_if_empty(path: str) -> None:
