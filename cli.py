@@ -243,8 +243,9 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
         ("layers × d_model", f"{store.n_layers} × {store.d_model} ({a.get('hook_point')}, {a.get('blocks_path')})"),
         ("tokens", f"{store.n_tokens:,} in {store.n_chunks} chunk{'' if store.n_chunks == 1 else 's'} "
                    f"of {store.chunk_tokens:,}"),
-        ("windows", f"{a.get('context_length')} tokens, BOS {'prepended' if a.get('prepend_bos') else 'none'}"
-                    f"{', stored' if a.get('bos_stored') else (', not stored' if a.get('prepend_bos') else '')}"),
+        ("windows", f"{a.get('context_length')} tokens, "
+                    + (f"BOS prepended, {'stored' if a.get('bos_stored') else 'not stored'}" if a.get("prepend_bos")
+                       else "no BOS")),
         ("corpus", f"{corpus.get('description')} [{corpus.get('fingerprint')}]"),
         ("dtype", store.dtype),
         ("codec", " → ".join(a["codec"]["chain"]) + (f" (relative error ≤ {a['codec']['relative_error_bound']:g})" if a["codec"]["compression"] == "lossy" else "")),

@@ -203,7 +203,8 @@ def window_plan(tokenizer: Any, context_length: int, prepend_bos: bool | None) -
         raise GsaeError("--prepend-bos was asked for, but the tokenizer has no BOS token")
     use_bos = bos if (prepend_bos is None or prepend_bos) else None
     if context_length < 2 + (use_bos is not None):
-        raise GsaeError(f"--context-length {context_length} is too short")
+        raise GsaeError(f"--context-length must be at least {2 + (use_bos is not None)} with "
+                        f"{'the BOS in front' if use_bos is not None else 'no BOS'} (got {context_length})")
     return WindowPlan(context_length, use_bos, eos if eos is not None else bos)
 
 

