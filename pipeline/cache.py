@@ -473,17 +473,21 @@ _RECIPE_WORDS = {"model_id": "--model", "model_revision": "the model's revision"
                  "bos_stored": "BOS stored (--keep-bos)", "tokens_planned": "--tokens"}
 
 
-def _check_recipe(path: str, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
-    """Refuse to resume a cache made with other settings, naming the first that differs."""
-    def show(value: Any) -> str:
-        return "the default" if value is None else repr(value)
+def _check_recipe(path: str, stored: dict[str, Any], wanted: dict[str, Any],
+                  labels: dict[str, tuple[Any, Any]] | None = None) -> None:
+    """Refuse to resume a cache made with other settings, naming the first that differs; ``labels``: for a
+    setting recorded as a fingerprint, what it was and is in words (the corpus: its --dataset)."""
+    def show(value: Any, label: Any = None) -> str:
+        text = "the default" if value is None else repr(value)
+        return f"{label!r} {text}" if label is not None else text
 
     for key in wanted:
         if stored.get(key) != wanted[key]:
             what = _RECIPE_WORDS.get(key, f"--{key.replace('_', '-')}")
+            before, now = (labels or {}).get(key, (None, None))
             raise GsaeError(
-                f"{path} holds a cache made with other settings ({what}: {show(stored.get(key))} there, "
-                f"{show(wanted[key])} now); re-run the original command to resume it, or choose another --cache"
+                f"{path} holds a cache made with other settings ({what}: {show(stored.get(key), before)} there, "
+                f"{show(wanted[key], now)} now); re-run the original command to resume it, or choose another --cache"
             )
 
 
@@ -591,7 +595,8 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
         complete = False
         if state == "store":
             store = ActivationStore.open(path, mode="r+", allow_partial=True)
-            _check_recipe(path, store.attrs.get("recipe", {}), recipe)
+            _check_recipe(path, store.attrs.get("recipe", {}), recipe,
+                          {"corpus_fingerprint": ((store.attrs.get("corpus") or {}).get("spec"), corpus.spec)})
             complete = store.complete
             if complete:  # a run killed inside finalize may have left its markers and timing parts
                 store.remove_markers()

@@ -170,6 +170,9 @@ def test_different_command_against_existing_cache(tiny_neox, tmp_path, capsys):
     assert "other settings" in line and "--context-length: 32 there, 48 now" in line
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", tokens=300), capsys)[::2])
     assert "--tokens: 200 there, 300 now" in line
+    (tmp_path / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", dataset=tmp_path / "a.txt"), capsys)[::2])
+    assert f"the corpus (--dataset): 'pydoc' '" in line and f"'{tmp_path / 'a.txt'}' '" in line  # not hashes alone
 
 
 def test_disk_full_leaves_a_resumable_incomplete_cache(tiny_neox, tmp_path, capsys, monkeypatch):
