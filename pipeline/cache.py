@@ -803,6 +803,7 @@ def _result(store: ActivationStore, elapsed: float, tokens_this_run: int, resume
     return CacheResult(
         path=store.path, tokens_written=store.tokens_written, tokens_planned=store.tokens_planned,
         n_layers=store.n_layers, d_model=store.d_model, bytes_on_disk=store.nbytes_on_disk(),
-        activation_bytes=store.nbytes_on_disk("layers"), raw_bytes=store.raw_activation_bytes(), elapsed=elapsed, tokens_this_run=tokens_this_run,
+        activation_bytes=store.nbytes_on_disk("layers"), raw_bytes=store.raw_activation_bytes(), elapsed=elapsed,
+        tokens_this_run=tokens_this_run,
         resumed_from=resumed_from, overflow_values=list(store.attrs.get("overflow_values", [])), **flags,
     )

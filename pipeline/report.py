@@ -17,6 +17,7 @@ from pipeline.errors import GsaeError
 from pipeline.evaluate import read_eval
 from pipeline.grouping import layer_span
 from pipeline.run import SUMMARY, Run, RunConfig, join, write_atomic
+from pipeline.sae import TOP_K_ARCHITECTURES
 from stores import ActivationStore, StoreError, read_seconds_writing
 from stores.remote import describe_storage_error
 
@@ -111,7 +112,7 @@ def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
                       int(config.cache_fingerprint["tokens"]), config.cache_fingerprint, cache_note,
                       {"architecture": config.architecture, "n_latents": config.n_latents,
                        # k matters only where there is a top-k (relu, jumprelu: unused, and recorded differently)
-                       "k": config.k if config.architecture in ("topk", "batchtopk") else None})
+                       "k": config.k if config.architecture in TOP_K_ARCHITECTURES else None})
 
 
 def _check_json_files(path: str, config: RunConfig) -> None:

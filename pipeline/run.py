@@ -217,8 +217,6 @@ class Run:
 
     @classmethod
     def create(cls, path: str | Path, config: RunConfig) -> "Run":
-        if is_cache(path):
-            raise GsaeError(f"{path} is a gsae cache; pass --out a folder of its own for the run")
         run = cls(path, config)
         with _one_line_errors(str(path)):
             run.fs.makedirs(run._root, exist_ok=True)
@@ -382,15 +380,14 @@ class Run:
 def is_cache(path: str | Path) -> bool:
     """Whether ``path`` holds a gsae cache (a run must not be written into one, nor one read as a run)."""
     from stores import probe
-    from stores.activation_store import looks_like_cache
+    from stores.activation_store import DamagedCache
 
     try:
         return probe(str(path)) == "store"
-    except Exception:  # damaged (its own folders are there), a file, something else, or out of reach
-        try:
-            return looks_like_cache(str(path))
-        except Exception:
-            return False
+    except DamagedCache:  # a cache still, for this question
+        return True
+    except Exception:  # a file, something else, or out of reach
+        return False
 
 
 class _RewrittenLog(io.StringIO):

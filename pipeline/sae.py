@@ -20,6 +20,7 @@ from pipeline.errors import GsaeError
 from stores.messages import first_line
 
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
+TOP_K_ARCHITECTURES = ("topk", "batchtopk")  # those with a k (and AuxK); ReLU and JumpReLU have none
 AUXK_ALPHA = 1 / 32
 THRESHOLD_RATE = 0.01  # BatchTopK's inference threshold: SAELens's topk_threshold_lr
 ENCODER_INIT_NORM = 1 / math.sqrt(3)
@@ -142,12 +143,13 @@ def _top_dead(pre: torch.Tensor, dead: torch.Tensor, n_dead: int, k: int) -> tor
     are dead, the rest are alive latents, which the caller zeroes), as
     ``pre.masked_fill(~dead, -inf).topk(k)`` gives them.
 
-    Few latents are dead in practice (2-18% of 8,192 after 400k tokens of a Pythia-70M-shaped cache), so the top-k runs over a column
-    subset: the first ``2 · n_dead + k`` latents in dead-first order (``n_dead`` is the host's count, two
-    steps old in `gsae train`: :class:`pipeline.train.DeadCount`; the margin keeps every dead latent a
-    candidate unless their number more than doubled since).  It is found without a host sync (a stable sort of the mask).  On this CPU at B = 2048,
-    M = 8192, k = 256: 5 ms instead of 47 with 100 dead, 31 instead of 68 with 1,500; past about two
-    thirds of the latents the gather costs more than it saves, and the whole row is used."""
+    Few latents are dead in practice (2-18% of 8,192 after 400k tokens of a Pythia-70M-shaped cache), so
+    the top-k runs over a column subset: the first ``2 · n_dead + k`` latents in dead-first order
+    (``n_dead`` is the host's count, two steps old in `gsae train`: :class:`pipeline.train.DeadCount`; the
+    margin keeps every dead latent a candidate unless their number more than doubled since).  It is found
+    without a host sync (a stable sort of the mask).  On this CPU at B = 2048, M = 8192, k = 256: 5 ms
+    instead of 47 with 100 dead, 31 instead of 68 with 1,500; past about two thirds of the latents the
+    gather costs more than it saves, and the whole row is used."""
     width = min(pre.shape[1], 2 * n_dead + k)
     if 3 * width > 2 * pre.shape[1]:
         return pre.masked_fill(~dead, -math.inf).topk(k, dim=-1, sorted=False).indices
@@ -240,7 +242,7 @@ class SparseAutoencoder(nn.Module):
         total_variance = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
         fvu = error.pow(2).sum() / total_variance
         loss = fvu
-        if self.architecture in ("topk", "batchtopk") and dead is not None:
+        if self.architecture in TOP_K_ARCHITECTURES and dead is not None:
             n_dead = int(dead.sum()) if n_dead_hint is None else n_dead_hint
             if n_dead > 0:
                 loss = loss + AUXK_ALPHA * self._auxk(x, codes.pre, error, dead, n_dead, total_variance)

@@ -26,7 +26,7 @@ from pipeline.models import matmul_precision, pick_device
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
 from pipeline.run import Run, RunConfig, cache_fingerprint, is_cache, join, pack_training_state
-from pipeline.sae import ARCHITECTURES, SparseAutoencoder, default_k, default_lr
+from pipeline.sae import ARCHITECTURES, TOP_K_ARCHITECTURES, SparseAutoencoder, default_k, default_lr
 from stores import ActivationStore
 from stores.stream import TrainingStream, split_chunks
 
@@ -140,9 +140,9 @@ def check_sae_shape(d: int, expansion: float, k: int | None, uses_k: bool = True
     if not uses_k:
         return n_latents, min(default_k(d), n_latents - 1)
     if k is None and not default_k(d) < n_latents:
-        raise GsaeError(f"--expansion {expansion:g} gives d_sae = {n_latents} latents, no more than the k = {default_k(d)} "
-                        f"that TopK keeps by default at d_model {d} (about d_model / 6); pass a larger --expansion"
-                        + " (or, to `gsae train`, a smaller --k)")
+        raise GsaeError(f"--expansion {expansion:g} gives d_sae = {n_latents} latents, no more than the "
+                        f"k = {default_k(d)} that TopK keeps by default at d_model {d} (about d_model / 6); pass a "
+                        "larger --expansion (or, to `gsae train`, a smaller --k)")
     k = k if k is not None else default_k(d)
     if not 0 < k < n_latents:
         raise GsaeError(f"--k must be between 1 and {n_latents - 1} (d_sae = {n_latents}); got {k}")
@@ -152,7 +152,7 @@ def check_sae_shape(d: int, expansion: float, k: int | None, uses_k: bool = True
 def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
     """The run's configuration: groups, scales, SAE shape, learning rate, held-out slice."""
     d = store.d_model
-    n_latents, k = check_sae_shape(d, request.expansion, request.k, uses_k=request.architecture in ("topk", "batchtopk"))
+    n_latents, k = check_sae_shape(d, request.expansion, request.k, uses_k=request.architecture in TOP_K_ARCHITECTURES)
     groups, label, grouping = _partition(request, store)
     _check_fits(len(groups), n_latents, d, request)
     try:
@@ -264,7 +264,7 @@ def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore
     """What the plan does that the arguments did not say: tokens rounded up to whole batches, and SAEs
     that will see their rows more than once."""
     notes = []
-    if request.k is not None and config.architecture not in ("topk", "batchtopk"):
+    if request.k is not None and config.architecture not in TOP_K_ARCHITECTURES:
         notes.append(f"--k {request.k} is not used: a {config.architecture} SAE has no top-k (its L1 or L0 "
                      "penalty sets how many latents fire)")
     if config.tokens_per_sae != request.tokens:
@@ -341,9 +341,10 @@ class DeadCount:
     it searches), read ``LAG`` steps late so that the device's queue never runs dry: every step queues a
     copy of the step's count into pinned memory, and uses the count of ``LAG`` steps before.  The host waits
     for that copy only where it is more than ``LAG`` steps ahead of the device (then ``LAG`` steps of every
-    SAE are still queued; the wait sleeps, leaving the cores to the decode).  The CPU gets the same counts, so a run's
-    AuxK is the same on either device and after a resume (:meth:`state` goes into checkpoints).  It used
-    to be read at log steps only, up to 10 steps old, when the dead count can grow several times over."""
+    SAE are still queued; the wait sleeps, leaving the cores to the decode).  The CPU gets the same counts,
+    so a run's AuxK is the same on either device and after a resume (:meth:`state` goes into checkpoints).
+    It used to be read at log steps only, up to 10 steps old, when the dead count can grow several times
+    over."""
 
     LAG = 2
 
@@ -355,7 +356,8 @@ class DeadCount:
             self.value, queued = int(state or 0), []
         self.queued: list[tuple[torch.Tensor, Any]] = [(torch.tensor(count), None) for count in queued]
         # pinned slots reused in turn: at most LAG + 1 counts are queued at once
-        self.slots = [torch.empty((), dtype=torch.int64, pin_memory=True) for _ in range(self.LAG + 1)] if self.cuda else []
+        self.slots = ([torch.empty((), dtype=torch.int64, pin_memory=True) for _ in range(self.LAG + 1)]
+                      if self.cuda else [])
         self.next_slot = 0
 
     def step(self, count: torch.Tensor) -> int:

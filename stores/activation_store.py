@@ -49,6 +49,10 @@ class StoreError(Exception):
     """A problem with a store that the user can fix; its message is one line."""
 
 
+class DamagedCache(StoreError):
+    """A gsae cache's own folders under a root zarr.json that is gone or unreadable."""
+
+
 def default_chunk_tokens(d_model: int, dtype: str) -> int:
     """Rows per chunk so that one chunk is about 4 MiB uncompressed."""
     return max(1, TARGET_CHUNK_BYTES // (d_model * STORAGE_DTYPES[dtype][1]))
@@ -91,8 +95,8 @@ def probe(path: str) -> str:
     except Exception:
         # a cache's own folders with a root zarr.json that is gone or unreadable: damaged, not foreign
         if looks_like_cache(str(path)):
-            raise StoreError(f"{path} looks like a gsae cache whose zarr.json is missing or damaged; restore the "
-                             "cache from a copy or re-create it with `gsae cache`") from None
+            raise DamagedCache(f"{path} looks like a gsae cache whose zarr.json is missing or damaged; restore the "
+                               "cache from a copy or re-create it with `gsae cache`") from None
         raise StoreError(f"{path} holds something that is not a gsae cache; choose another --cache") from None
     if group.attrs.get("format") != FORMAT_NAME:
         raise StoreError(f"{path} is a Zarr group but not a gsae cache; choose another --cache")
