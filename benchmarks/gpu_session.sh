@@ -230,7 +230,7 @@ step cache_throughput_memory "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.p
 #    The first shape also with 2% and 18% of the latents dead (AuxK on): end_to_end's SAEs had that many
 #    (a 400k-token CPU run of that shape had that many), and its steps took 11.4-11.5 ms where this step alone took 3.2
 SPEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
-DEAD=(--dead-fraction 0.02 0.18 --dense-auxk)  # --dense-auxk: also AuxK decoded by a dense matmul (an experiment)
+DEAD=(--dead-fraction 0.02 0.18 --other-auxk)  # --other-auxk: also the AuxK decode gsae does not pick (the gather on CUDA)
 for shape in "${SPEED_SHAPES[@]}"; do
   set -- $shape
   d=$1 e=$2; shift 2
@@ -272,7 +272,7 @@ fi
 echo
 echo "== summary (session $((SECONDS - START)) s of ${BUDGET})"
 for name in "${ORDER[@]}"; do
-  grep -h -E "ratio|÷|compile|GB/s|group \(D\)|read only|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)?( [0-9.]+% dead)? +([0-9,]+ +[0-9,]+|gsae with AuxK)|dense AuxK against|^(raw|numcodecs|reused)|SKIPPED|TIMED OUT|FAILED|failed|GIL held|by thread:|^ +[0-9.]+%  |by phase|switch interval" \
+  grep -h -E "ratio|÷|compile|GB/s|group \(D\)|read only|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)?( [0-9.]+% dead)? +([0-9,]+ +[0-9,]+|gsae with AuxK)|^(raw|numcodecs|reused)|SKIPPED|TIMED OUT|FAILED|failed|GIL held|by thread:|^ +[0-9.]+%  |by phase|switch interval" \
       "$W/logs/$name.log" 2>/dev/null | grep -v '│' | sed "s/^/$name: /"
 done
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then tar czf "$OUT/gpu_session_logs.tgz" -C "$W" logs 2>/dev/null; fi  # one file: $OUT takes 8

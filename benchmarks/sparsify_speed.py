@@ -42,9 +42,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import torch.nn.functional as F  # noqa: E402
-
-from pipeline.sae import AUXK_ALPHA, SparseAutoencoder, _top_dead, default_lr  # noqa: E402
+import pipeline.sae as sae_module  # noqa: E402
+from pipeline.sae import AUXK_ALPHA, SparseAutoencoder, default_lr  # noqa: E402
 from pipeline.train import make_optimizer, train_step  # noqa: E402
 
 Step = Callable[[torch.Tensor], float]  # one training step on a batch → the batch's FVU
@@ -143,7 +142,7 @@ def matmul_precision(tool: str, device: torch.device) -> Iterator[None]:
     """The float32 matmul precision each tool trains at: sparsify's fit() sets "high"; gsae train sets TF32
     ("high") on CUDA and leaves the CPU's default."""
     previous = torch.get_float32_matmul_precision()
-    gsae = tool in ("gsae", DENSE)
+    gsae = tool in ("gsae", OTHER)
     torch.set_float32_matmul_precision("highest" if gsae and device.type == "cpu" else "high")
     try:
         yield
@@ -211,15 +210,15 @@ def main(args: argparse.Namespace) -> None:
                 + [(k, DEAD_AFTER, fraction) for fraction in args.dead_fraction for k in args.k])
     for k, dead_tokens, fraction in variants:
         runs: dict[str, list[float]] = {"gsae": [], "sparsify": []}
-        if args.dense_auxk and dead_tokens != NEVER_DEAD:
-            runs[DENSE] = []
+        if args.other_auxk and dead_tokens != NEVER_DEAD:
+            runs[OTHER] = []
         fvus: dict[str, float] = {}
         for _ in range(args.repeats):
             for tool in runs:
                 step = make_step(tool, d_in, n_latents, k, mean, batches[0].mean(0), dead_tokens, fraction, args)
                 seconds, fvus[tool] = timed(step, batches, args.warmup, tool)
                 runs[tool].append(seconds)
-        dense = runs.pop(DENSE, None)
+        other = runs.pop(OTHER, None)
         speed = {tool: args.batch_size / min(times) for tool, times in runs.items()}
         label = f"{k}{' +AuxK' if dead_tokens == ALL_DEAD else ''}{f' {100 * fraction:g}% dead' if dead_tokens == DEAD_AFTER else ''}"
         target = f"≥ {TARGETS[k]}" if k in TARGETS and dead_tokens == NEVER_DEAD else "  –"
@@ -227,9 +226,12 @@ def main(args: argparse.Namespace) -> None:
               f"{target:<6}  {fvus['gsae']:.4f} / {fvus['sparsify']:.4f}   "
               + " | ".join(", ".join(_ms(t) for t in runs[tool]) for tool in runs)
               + f"   (median ratio {statistics.median(runs['sparsify']) / statistics.median(runs['gsae']):.3f})")
-        if dense:
-            print(f"{label:>12}  gsae with AuxK decoded by a dense matmul (an experiment): {args.batch_size / min(dense):,.0f} "
-                  f"tok/s, ÷ gsae = {min(runs['gsae']) / min(dense):.3f}   ({', '.join(_ms(t) for t in dense)} ms)")
+        if other:
+            sae = SparseAutoencoder(d_in, n_latents, k=k).to(args.device)
+            picked = "dense" if sae_module.dense_auxk_decode(batches[0][:1] @ sae.W_enc, sae.k_aux) else "gather"
+            print(f"{label:>12}  gsae with AuxK decoded by the {'gather' if picked == 'dense' else 'dense matmul'} "
+                  f"(gsae picks the {picked} here): {args.batch_size / min(other):,.0f} tok/s, ÷ gsae = "
+                  f"{min(runs['gsae']) / min(other):.3f}   ({', '.join(_ms(t) for t in other)} ms)")
         if args.compile:
             compiled_step = gsae_step(d_in, n_latents, k, mean, dead_tokens, bf16=args.precision == "bfloat16",
                                       compile_mode=args.compile)[0]
@@ -251,8 +253,6 @@ def main(args: argparse.Namespace) -> None:
               "their since-fired counters past the threshold; auxk_alpha 1/32")
     for k in args.k:
         print(same_weights_check(batches[0], n_latents, k))
-    if args.dense_auxk:
-        print(dense_auxk_check(batches[0], n_latents, args.k[0]))
 
 
 def make_step(tool: str, d_in: int, n_latents: int, k: int, mean: torch.Tensor, first_mean: torch.Tensor,
@@ -265,12 +265,12 @@ def make_step(tool: str, d_in: int, n_latents: int, k: int, mean: torch.Tensor, 
         since_fired = torch.zeros(n_latents, dtype=torch.long)
         since_fired[dead] = 2 * DEAD_AFTER
         since_fired, dead = since_fired.to(args.device), dead.to(args.device)
-    if tool in ("gsae", DENSE):
+    if tool in ("gsae", OTHER):
         step, sae = gsae_step(d_in, n_latents, k, mean, dead_tokens, since_fired, bf16=args.precision == "bfloat16",
                               n_dead=None if dead is None else len(dead))
         bias = sae.b_enc
-        if tool == DENSE:
-            sae._auxk = types.MethodType(dense_auxk, sae)
+        if tool == OTHER:
+            sae._auxk = types.MethodType(other_auxk, sae)
     else:
         step, sae = sparsify_step(d_in, n_latents, k, first_mean, dead_tokens, since_fired)
         bias = sae.encoder.bias
@@ -280,7 +280,7 @@ def make_step(tool: str, d_in: int, n_latents: int, k: int, mean: torch.Tensor, 
     return step
 
 
-DENSE = "gsae, dense AuxK"
+OTHER = "gsae, the other AuxK decode"
 
 
 def _ms(seconds: float) -> str:
@@ -288,35 +288,16 @@ def _ms(seconds: float) -> str:
     return f"{1000 * seconds:.3g}" if seconds < 0.1 else f"{1000 * seconds:.0f}"
 
 
-def dense_auxk(self: SparseAutoencoder, x: torch.Tensor, pre: torch.Tensor, error: torch.Tensor, dead: torch.Tensor,
-               n_dead: int, total_variance: torch.Tensor) -> torch.Tensor:
-    """``SparseAutoencoder._auxk`` with its k_aux latents decoded by a dense B × M matmul rather than
-    ``embedding_bag`` (an experiment, ``--dense-auxk``): with k_aux = d/2 latents per row, a GPU's matmul may
-    beat the gather and its sort-based backward.  The same loss and gradients (``dense_auxk_check``)."""
-    k_aux = min(self.k_aux, n_dead)
-    indices = _top_dead(pre.detach(), dead, n_dead, k_aux)
-    values = F.relu(self._gather(x, pre, indices)) * dead[indices]
-    predicted = torch.zeros_like(pre).scatter(1, indices, values.to(pre.dtype)) @ self.W_dec
-    scale = (dead.sum() / self.k_aux).clamp(max=1.0)
-    return scale * (predicted - error.detach()).pow(2).sum() / total_variance
-
-
-def dense_auxk_check(x: torch.Tensor, n_latents: int, k: int) -> str:
-    """The largest relative difference of the loss and of each gradient between gsae's AuxK and
-    :func:`dense_auxk`, on one SAE and batch with a third of the latents dead."""
-    sae = SparseAutoencoder(x.shape[1], n_latents, "topk", k=k, seed=0).to(x.device)
-    dead = torch.rand(n_latents, generator=torch.Generator().manual_seed(0)) < 1 / 3
-    dead = dead.to(x.device)
-    results = []
-    for auxk in (None, types.MethodType(dense_auxk, sae)):
-        if auxk is not None:
-            sae._auxk = auxk
-        sae.zero_grad()
-        loss = sae.loss(x, dead=dead).loss
-        loss.backward()
-        results.append([loss.detach()] + [p.grad.detach().clone() for p in sae.parameters()])
-    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(*results))
-    return f"dense AuxK against gsae's, k={k}, a third of the latents dead: largest relative difference {worst:.2e}"
+def other_auxk(self: SparseAutoencoder, *args) -> torch.Tensor:
+    """``SparseAutoencoder._auxk`` with the AuxK decode that ``dense_auxk_decode`` does not pick (the
+    gather where it picks the dense matmul, and the other way round): ``--other-auxk``, to check the rule
+    again on another device or shape.  Both give the same loss and gradients (tests/test_sae.py)."""
+    chosen = sae_module.dense_auxk_decode
+    sae_module.dense_auxk_decode = lambda pre, k_aux: not chosen(pre, k_aux)
+    try:
+        return SparseAutoencoder._auxk(self, *args)
+    finally:
+        sae_module.dense_auxk_decode = chosen
 
 
 def _describe_device(device: torch.device) -> str:
@@ -337,8 +318,9 @@ if __name__ == "__main__":
     parser.add_argument("--cache", help="a gsae activation cache; random Gaussian data without it")
     parser.add_argument("--layer", type=int, help="the cache's layer (default: the middle one)")
     parser.add_argument("--auxk", action="store_true", help="also time each k with AuxK on every latent")
-    parser.add_argument("--dense-auxk", action="store_true",
-                        help="where AuxK runs, also time gsae with its AuxK decoded by a dense matmul (an experiment)")
+    parser.add_argument("--other-auxk", action="store_true",
+                        help="where AuxK runs, also time gsae with the AuxK decode it does not pick on this device and "
+                             "shape (the gather or the dense matmul: pipeline.sae.dense_auxk_decode)")
     parser.add_argument("--dead-fraction", type=float, nargs="*", default=[], metavar="F",
                         help="also time each k with this share of the latents dead (AuxK on), e.g. 0.02 0.18")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -169,3 +169,24 @@ def test_cuda_auxk_dead_count_gives_the_cpu_counts():
     expected = [on_cpu.step(torch.tensor(c)) for c in counts]
     assert [on_gpu.step(torch.tensor(c, device="cuda")) for c in counts] == expected
     assert on_gpu.state() == on_cpu.state()
+
+
+@pytest.mark.parametrize("n_latents,k_aux,dense", [(8192, 256, True), (16384, 256, False)])
+def test_cuda_auxk_decodes_densely_up_to_32_k_aux_with_the_loss_and_gradients_of_the_gather(n_latents, k_aux, dense):
+    """On CUDA AuxK decodes by a dense matmul up to M = 32 k_aux, and by the gather past it; both give the
+    dense-autograd reference's loss and gradients (float64: no TF32 rounding)."""
+    import pipeline.sae as sae_module
+    from test_sae import dense_reference_loss, gradients
+
+    d_in = 2 * k_aux
+    assert sae_module.dense_auxk_decode(torch.zeros(1, n_latents, device="cuda"), k_aux) == dense
+    torch.manual_seed(0)
+    sae = sae_module.SparseAutoencoder(d_in=d_in, n_latents=n_latents, k=8, seed=1).double().cuda()
+    x = torch.randn(256, d_in, dtype=torch.float64, device="cuda")
+    dead = torch.rand(n_latents, device="cuda") < 0.2
+    fast = sae.loss(x, dead)
+    reference = dense_reference_loss(sae, x, dead)
+    assert fast.loss.item() == pytest.approx(reference.item(), rel=1e-9)
+    fast_grads, reference_grads = gradients(sae, fast.loss), gradients(sae, reference)
+    for name, expected in reference_grads.items():
+        assert float((fast_grads[name] - expected).abs().max()) <= 1e-9 * float(expected.abs().max()), name
