@@ -7,10 +7,10 @@ import sys
 
 
 def add_gil_options(parser: argparse.ArgumentParser) -> None:
-    """``--gil-free-crc`` and ``--switch-interval``."""
-    parser.add_argument("--gil-free-crc", action="store_true",
-                        help="checksum with the crc32c package (GIL released; same values) instead of google_crc32c, "
-                             "which holds the GIL: replaces google_crc32c.value in this process")
+    """``--checksum-gil`` and ``--switch-interval``."""
+    parser.add_argument("--checksum-gil", choices=["held", "released"],
+                        help="whether the chunk checksum (stores.codecs.chunk_checksum) holds the GIL or releases it; "
+                             "default: gsae's rule, released where this process has more than 2 cores")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="sys.setswitchinterval in seconds (CPython's default 0.005): how long a thread that "
                              "wants the GIL back waits before it asks the holder to drop it")
@@ -18,12 +18,12 @@ def add_gil_options(parser: argparse.ArgumentParser) -> None:
 
 def apply_gil_options(args: argparse.Namespace) -> None:
     """Set them up for this process, and say so in the output."""
-    if args.gil_free_crc:  # zarr and gsae's direct paths both call google_crc32c.value at run time
-        import crc32c
-        import google_crc32c
+    from stores import codecs
 
-        google_crc32c.value = crc32c.crc32c
-        print("checksums: crc32c (GIL released)")
+    if args.checksum_gil is not None:
+        codecs.CHECKSUM_RELEASES_GIL = args.checksum_gil == "released"
+    print(f"chunk checksums: the GIL {'released' if codecs.CHECKSUM_RELEASES_GIL else 'held'}"
+          f"{'' if args.checksum_gil else ' (gsae default here)'}")
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
         print(f"GIL switch interval {args.switch_interval * 1e3:g} ms")

@@ -32,7 +32,8 @@ from zarr.core.indexing import BasicIndexer
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
-from stores.codecs import STORAGE_DTYPES, activation_codecs, bit_round, quiet_numcodecs, small_array_codecs
+from stores.codecs import (STORAGE_DTYPES, activation_codecs, bit_round, chunk_checksum, quiet_numcodecs,
+                           small_array_codecs)
 from stores.messages import first_line
 from stores.remote import join, write_whole
 
@@ -197,8 +198,8 @@ def _chunk_codec(codecs: tuple, zstd: bool = False) -> Any:
 
 
 def _decode_chunk_file(path: Path, out: np.ndarray) -> bool:
-    """Decode one chunk file straight into ``out``, as zarr would (the same libraries: google_crc32c,
-    numcodecs' blosc), with the file read into a reused per-thread buffer.  False if the file is absent
+    """Decode one chunk file straight into ``out``, as zarr would (numcodecs' blosc; the checksum of
+    :func:`stores.codecs.chunk_checksum`), with the file read into a reused per-thread buffer.  False if the file is absent
     (zarr then reads the fill value and the caller's missing-chunk check applies).
 
     Why not zarr: its per-chunk path (asyncio tasks, buffer wrappers, the compressed bytes and the decoded
@@ -206,7 +207,6 @@ def _decode_chunk_file(path: Path, out: np.ndarray) -> bool:
     SmolLM2 chunk on one thread of this 2-core machine; this one takes 2.9 ms.  On the GPU machine 16
     threads decoded only 1.85M rows/s, slower than the SAE step they feed.  Checked equal to zarr's
     read, chunk by chunk and for every stored dtype, in tests/test_stream.py."""
-    import google_crc32c
     import numcodecs.blosc
 
     try:
@@ -223,8 +223,8 @@ def _decode_chunk_file(path: Path, out: np.ndarray) -> bool:
             raise OSError(errno.EIO, f"short read of {path}")
     if size < 4:
         raise ValueError(f"a chunk file of {size} bytes has no checksum")
-    payload = np.frombuffer(buffer, dtype=np.uint8, count=size - 4)  # google_crc32c takes arrays, not memoryviews
-    if google_crc32c.value(payload) != int.from_bytes(view[-4:], "little"):
+    payload = np.frombuffer(buffer, dtype=np.uint8, count=size - 4)
+    if chunk_checksum(payload) != int.from_bytes(view[-4:], "little"):
         raise ValueError("Stored and computed checksum do not match")
     # blosc fills only what the chunk holds: one of another size would leave stale rows in ``out``
     # (bytes 4-8 of blosc's header: the uncompressed size)
@@ -254,7 +254,7 @@ def _get(array: zarr.Array, rows: slice, out: np.ndarray | None = None) -> np.nd
 
 def _encode_chunk_file(array: zarr.Array, key: Any, values: np.ndarray) -> bool:
     """Write ``values``, one whole chunk of a local bytes → blosc or zstd → crc32c array with a non-zero
-    byte, as zarr writes it (its own codec object, google_crc32c, a temporary file renamed into place), on
+    byte, as zarr writes it (its own codec object, the same checksum, a temporary file renamed into place), on
     the calling thread.  False where zarr must write it (a short chunk, other codecs or stores).
 
     Why not zarr: its write path hands blosc and the file write each to another thread
@@ -267,15 +267,13 @@ def _encode_chunk_file(array: zarr.Array, key: Any, values: np.ndarray) -> bool:
     (this path) with one written through zarr."""
     import uuid
 
-    import google_crc32c
-
     path = _whole_chunk_file(array, key, np.shape(values), np.asarray(values).dtype, zstd=True)
     codec = _chunk_codec(array.metadata.codecs, zstd=True) if path is not None else None
     if codec is None or array.store.read_only:  # zarr refuses a read-only store
         return False
     raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)  # what zarr's bytes codec hands blosc or zstd
     encoded = np.frombuffer(codec.encode(raw), dtype=np.uint8)
-    checksum = np.uint32(google_crc32c.value(encoded)).tobytes()
+    checksum = np.uint32(chunk_checksum(encoded)).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{uuid.uuid4().hex}.partial")
     try:

@@ -23,6 +23,7 @@ chain ends in CRC32C so a corrupt chunk is detected on read.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -33,6 +34,31 @@ from zarr.codecs.numcodecs import BitRound
 COMPRESSIONS = ("lossless", "lossy")
 
 
+def _usable_cores() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may run on
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+
+
+#: Whether :func:`chunk_checksum` lets go of the GIL while it runs: where this process has more than two
+#: cores (the writer and decode pools have a thread per core).  Measured:
+#: - H200 machine, 16 cores, 16 threads compressing and checksumming 4096 × 512 float16 chunks
+#:   (benchmarks/compress_threads.py, 2026-11-28): 4.67 GB/s on 8.0 cores busy with the checksum holding
+#:   the GIL (google_crc32c), 8.10 GB/s on 14.3 cores with it released; 5.23 against 4.29 with 8 threads.
+#: - this 2-core machine, 2 threads: releasing it made the stream's decode 5-10% slower (each release
+#:   is a GIL handoff to win back); the writer was 1-7% faster.  docs/benchmarks.md, "Where the writer
+#:   threads hold the GIL".
+CHECKSUM_RELEASES_GIL = _usable_cores() > 2
+
+
+def chunk_checksum(payload: Any) -> int:
+    """CRC32C of a chunk's encoded bytes (a numpy array or other buffer): the value zarr's crc32c codec
+    appends, little-endian, to each chunk file (zarr computes it with google_crc32c; the crc32c package
+    gives the same values and, unlike google_crc32c, can release the GIL: :data:`CHECKSUM_RELEASES_GIL`)."""
+    import crc32c
+
+    return crc32c.crc32c(payload, gil_release_mode=1 if CHECKSUM_RELEASES_GIL else 0)
+
+
 @contextlib.contextmanager
 def quiet_numcodecs() -> Iterator[None]:
     """Silence zarr's warning that numcodecs codecs (BitRound, in lossy stores) are outside the Zarr v3
@@ -41,6 +67,8 @@ def quiet_numcodecs() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
         yield
+
+
 ZSTD_LEVEL = 1
 BLOSC_BLOCK_BYTES = 256 * 1024
 DEFAULT_KEEP_BITS = 3

@@ -334,3 +334,18 @@ def test_resumed_cache_bar_never_goes_back(tiny_neox, tmp_path, capsys, monkeypa
     monkeypatch.setattr(cache_module, "make_progress", recording)
     assert run_cli(args, capsys)[0] == 0
     assert seen and min(seen) == 2000 and seen == sorted(seen) and seen[-1] == 3000
+
+
+@pytest.mark.parametrize("releases_gil", [False, True])
+def test_chunk_checksum_is_zarrs_crc32c_whether_or_not_it_releases_the_gil(monkeypatch, releases_gil):
+    """The direct write and decode paths checksum with the crc32c package (GIL released on more than 2
+    cores); zarr's crc32c codec uses google_crc32c: the same value for every length, odd ones included."""
+    import google_crc32c
+
+    from stores import codecs
+
+    monkeypatch.setattr(codecs, "CHECKSUM_RELEASES_GIL", releases_gil)
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 7, 4096, 1 << 20, (1 << 20) + 3):
+        payload = rng.integers(0, 256, size, dtype=np.uint8)
+        assert codecs.chunk_checksum(payload) == google_crc32c.value(payload.tobytes())
