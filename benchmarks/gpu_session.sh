@@ -8,13 +8,14 @@
 #
 # (a) installs the wheels in .whl (made here by ../shared/gpu/wheels.sh) into /tmp/site, as
 #     /work/shared/gpu/README.md says; without .whl it uses this Python's packages;
-# (b) runs each benchmark under its own `timeout`, most important first (end_to_end, the test suite with
-#     CUDA visible, cache_write, the writer by threads, compressing alone by threads and where the writer holds
-#     the GIL (py-spy), the stream and feed
-#     ratios, cache_throughput, sparsify_speed; torch.compile and the Gram sweep only when ONLY names them;
-#     SKIP_TESTS=1 leaves the suite out); every script prints its figures as they
-#     exist; a step that fails or times out does not stop the others; a step whose time is not left in
-#     the budget is skipped; at the end the key lines are printed again together.
+# (b) runs each benchmark under its own `timeout`, most important first: the CUDA tests alone,
+#     cache_throughput, end_to_end, the test suite with CUDA visible (232 s on the H200 machine with
+#     -n 14), cache_write, the writer by threads (and with the checksum holding the GIL), compressing alone
+#     by threads, where the writer holds the GIL (py-spy), the stream (and with the checksum holding the
+#     GIL) and feed ratios, sparsify_speed; torch.compile and the Gram sweep only when ONLY names them;
+#     SKIP_TESTS=1 leaves the suite out; every script prints its figures as they exist; a step that fails
+#     or times out does not stop the others; a step whose time is not left in the budget is skipped; at
+#     the end the key lines are printed again together.
 # Environment: PYTHON (default python3), BUDGET_S (seconds for the whole script), GSAE_SESSION_DIR (work
 # folder, default a fresh one under /tmp, removed at the end), OUT (if set: a copy of the log and of
 # each step's output goes there), ONLY (step names to run, e.g. "end_to_end feed": a second call on a warm
@@ -133,14 +134,23 @@ else
   SPEED_SHAPES=("512 16 32" "768 16 32 128" "2048 16 64")
   SPEED_ARGS=(--batch-size 8192)
   FRESH_ARGS=(--gib 4 --file-gib 2)
-  T_E2E=240 T_WRITE=100 T_CACHE=60 T_STREAM=45 T_FEED=75 T_THROUGHPUT=60 T_SPEED=45 T_COMPILE=90 T_TESTS=150
+  T_E2E=240 T_WRITE=100 T_CACHE=60 T_STREAM=45 T_FEED=75 T_THROUGHPUT=60 T_SPEED=45 T_COMPILE=90 T_TESTS=280
 fi
 
 # the model (Pythia-70M-shaped, random weights) and the repeated pydoc corpus, shared by the steps
 step model 90 "$PY" benchmarks/end_to_end.py --only-build-model "$W/model" --corpus-out "$W/corpus.jsonl" \
     --cache-tokens "$CORPUS_TOKENS" ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"}
 
-# 1. end to end: gsae cache + baseline / + group + G*, against sparsify live (the headline ratios)
+# 0. the CUDA tests alone first (a minute): the CUDA paths changed since the last full suite there
+step tests_cuda_quick 90 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_cuda.py tests/test_sae.py
+
+# 1. stage one: cache throughput ÷ bare forward, same model, windows and batch (into the disk, into memory)
+step cache_throughput "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
+    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"}
+step cache_throughput_memory "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
+    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm
+
+# 1b. end to end: gsae cache + baseline / + group + G*, against sparsify live (the headline ratios)
 step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --sparsify-runs 2 \
     ${E2E_ARGS[@]+"${E2E_ARGS[@]}"}
 rm -rf "$W/e2e"
@@ -162,6 +172,11 @@ step cache_write_memory "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[
 #     .whl): on the H200 machine 16 writer threads kept only 4 cores busy, and 16 raw writers wrote 20.9 GB/s
 step writer_threads "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
     --threads 1,2,4,8,all --folder /dev/shm
+# 3b'. the same 16 writer threads with the chunk checksum holding the GIL, as before 2026-11-28 (gsae now
+#     releases it where a process has more than 2 cores: compressing alone by 16 threads on the H200 machine
+#     went from 4.67 to 8.10 GB/s)
+step writer_crc_held "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
+    --threads all --folder /dev/shm --checksum-gil held
 # 3c. compressing alone by threads, four ways (numcodecs as the writer does it; the same blosc into reused
 #     buffers without the GIL; and with a GIL-free checksum; raw writes): is it the GIL-held copy numcodecs
 #     makes of each compressed chunk, and google_crc32c, that keep the writer to 4 cores?
@@ -187,6 +202,8 @@ step writer_switch "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"$
 step small_cache "$T_CACHE" gsae cache --model "$W/model" --dataset "$W/corpus.jsonl" --cache "$W/cache" ${CACHE_ARGS[@]+"${CACHE_ARGS[@]}"}
 if [ -f "$W/cache/zarr.json" ]; then
   step stream "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"}
+  step stream_crc_held "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} \
+      --checksum-gil held  # the decode as before 2026-11-28, against `stream`
   FEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
   step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
   # the same over 4 × the steps: 12 steps of 8,192 rows stay inside the stream's first window (8 chunks ×
@@ -220,12 +237,6 @@ else
   echo "== stream, feed: SKIPPED (no cache)"
 fi
 
-# 5. stage one: cache throughput ÷ bare forward, same model, windows and batch (into the disk, into memory)
-step cache_throughput "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
-    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"}
-step cache_throughput_memory "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
-    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm
-
 # 6. gsae's TopK step ÷ sparsify's, per shape
 #    The first shape also with 2% and 18% of the latents dead (AuxK on): end_to_end's SAEs had that many
 #    (a 400k-token CPU run of that shape had that many), and its steps took 11.4-11.5 ms where this step alone took 3.2
@@ -249,14 +260,6 @@ for mode in default reduce-overhead; do
   step "compile_$mode" "$T_COMPILE" "$PY" benchmarks/sparsify_speed.py --d-in "$1" --expansion "$2" --k "$3" \
       ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} --repeats 1 --compile "$mode" ${SPEED_DEVICE[@]+"${SPEED_DEVICE[@]}"}
 done
-
-# 7b. if time is left: the 16-thread writer and the stream with the chunk checksum holding the GIL, as before
-#     2026-11-28 (gsae now releases it where a process has more than 2 cores: compressing alone by 16 threads
-#     on the H200 machine went from 4.67 to 8.10 GB/s); against writer_threads' and stream's figures
-step writer_crc_held "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
-    --threads all --folder /dev/shm --checksum-gil held
-[ -f "$W/cache/zarr.json" ] && step stream_crc_held "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" \
-    ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} --checksum-gil held
 
 # 8. if time is left: end to end again with gsae's SAE forward under bfloat16 autocast (sparsify's
 #    SparseCoder always autocasts to bfloat16 on such a GPU)
