@@ -9,13 +9,14 @@
 # (a) installs the wheels in .whl (made here by ../shared/gpu/wheels.sh) into /tmp/site, as
 #     /work/shared/gpu/README.md says; without .whl it uses this Python's packages;
 # (b) runs each benchmark under its own `timeout`, most important first: the CUDA tests alone,
-#     cache_throughput, end_to_end, the test suite with CUDA visible (232 s on the H200 machine with
-#     -n 14), cache_write, the writer by threads (and with the checksum holding the GIL), compressing alone
-#     by threads, where the writer holds the GIL (py-spy), the stream (and with the checksum holding the
-#     GIL) and feed ratios, sparsify_speed; torch.compile and the Gram sweep only when ONLY names them;
-#     SKIP_TESTS=1 leaves the suite out; every script prints its figures as they exist; a step that fails
-#     or times out does not stop the others; a step whose time is not left in the budget is skipped; at
-#     the end the key lines are printed again together.
+#     cache_throughput (also with the checksum holding the GIL, and with 8 writer threads), end_to_end,
+#     the test suite with CUDA visible (232 s on the H200 machine with -n 14), cache_write, the writer by
+#     threads (and with the checksum holding the GIL), compressing alone by threads, where the writer
+#     holds the GIL (py-spy), the stream (and with the checksum holding the GIL) and feed ratios,
+#     sparsify_speed; torch.compile and the Gram sweep only when ONLY names them; SKIP_TESTS=1 leaves the
+#     suite out; every script prints its figures as they exist; a step that fails or times out does not
+#     stop the others; a step whose time is not left in the budget is skipped; at the end the key lines
+#     are printed again together.
 # Environment: PYTHON (default python3), BUDGET_S (seconds for the whole script), GSAE_SESSION_DIR (work
 # folder, default a fresh one under /tmp, removed at the end), OUT (if set: a copy of the log and of
 # each step's output goes there), ONLY (step names to run, e.g. "end_to_end feed": a second call on a warm
@@ -149,6 +150,13 @@ step cache_throughput "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --mod
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"}
 step cache_throughput_memory "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm
+# 2026-11-28 the forward ran at a third of its speed beside 16 writer threads: the same with the checksum
+# holding the GIL (as then), and with 8 writer threads (the writer alone peaked there)
+step cache_throughput_crc_held "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
+    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm --checksum-gil held
+step cache_throughput_w8 "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
+    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm \
+    --write-threads "$([ $SMOKE = 1 ] && echo 1 || echo 8)"
 
 # 1b. end to end: gsae cache + baseline / + group + G*, against sparsify live (the headline ratios)
 step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --sparsify-runs 2 \
