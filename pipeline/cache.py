@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from pipeline import __version__
-from pipeline.corpus import Corpus, WindowPlan, iter_windows, open_corpus, window_plan
+from pipeline.corpus import Corpus, WindowPlan, check_corpus_options, iter_windows, open_corpus, window_plan
 from pipeline.errors import GsaeError
 from pipeline.models import (LoadedModel, block_output, load_model, matmul_precision, max_positions, pick_device,
                              resolve_model_spec)
@@ -134,6 +134,8 @@ def _validate(request: CacheRequest) -> None:
         raise GsaeError("--compression lossy works with --dtype float16 or float32, not bfloat16")
     if request.compression == "lossless" and request.keep_bits is not None:
         raise GsaeError("--keep-bits sets the mantissa bits of --compression lossy; a lossless cache keeps them all")
+    check_corpus_options(request.dataset, text_field=request.text_field, split=request.split,
+                         config=request.dataset_config)
     bits = keep_bits_range(request.dtype)  # the codecs' own rule, checked before any folder is made
     if request.compression == "lossy" and request.keep_bits is not None and request.keep_bits not in bits:
         raise GsaeError(f"--keep-bits must be from 0 to {bits[-1]} for {request.dtype} (got {request.keep_bits})")

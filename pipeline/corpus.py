@@ -167,6 +167,25 @@ def _hub_corpus(spec: str, config: str | None, split: str, text_field: str) -> C
     return Corpus(spec, "hub", f"Hugging Face dataset {label}, streamed", fingerprint, documents)
 
 
+def check_corpus_options(spec: str | None, *, text_field: str = "text", split: str = "train",
+                         config: str | None = None) -> None:
+    """Refuse, before anything runs, a corpus option that ``spec`` would ignore: ``--split`` and
+    ``--dataset-config`` choose a hub dataset's part; ``--text-field`` names a field of .jsonl, .parquet
+    and hub records, which pydoc and .txt files do not have."""
+    spec = spec or EMBEDDED_CORPUS
+    path = Path(spec).expanduser()
+    hub = spec != EMBEDDED_CORPUS and not path.exists()
+    kind = "folder" if path.is_dir() else "file"
+    what = "the embedded pydoc corpus" if spec == EMBEDDED_CORPUS else f"the local {kind} {spec}"
+    if not hub and (split != "train" or config is not None):
+        option = "--split" if split != "train" else "--dataset-config"
+        raise GsaeError(f"{option} chooses a part of a hub dataset; {what} has none (leave {option} out)")
+    plain_text = spec == EMBEDDED_CORPUS or (path.is_file() and path.suffix.lower() == ".txt")
+    if plain_text and text_field != "text":
+        raise GsaeError(f"--text-field names a field of .jsonl, .parquet or hub records; {what} is plain text "
+                        "(leave --text-field out)")
+
+
 def open_corpus(spec: str | None, *, text_field: str = "text", split: str = "train",
                 config: str | None = None) -> Corpus:
     """Resolve ``--dataset``: ``pydoc`` (default), a local file or folder, or a hub dataset id."""

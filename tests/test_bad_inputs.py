@@ -232,6 +232,36 @@ def test_keep_bits_without_lossy_is_refused(tiny_llama, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("corpus,args,named", [
+    (None, ["--text-field", "body"], "--text-field"),  # pydoc is plain text
+    ("notes.txt", ["--text-field", "body"], "--text-field"),
+    (None, ["--split", "validation"], "--split"),  # a hub dataset's part, not pydoc's
+    ("notes.txt", ["--dataset-config", "en"], "--dataset-config"),
+    ("texts", ["--split", "test"], "--split"),  # a local folder
+])
+def test_a_corpus_option_the_corpus_would_ignore_is_refused(corpus, args, named, tiny_llama, tmp_path, monkeypatch):
+    """--text-field with pydoc or a .txt file, --split or --dataset-config with anything but a hub dataset
+    were ignored without a word; they are refused before anything is made."""
+    monkeypatch.chdir(tmp_path)
+    if corpus is not None:
+        (tmp_path / "texts").mkdir()
+        for where in (tmp_path / "notes.txt", tmp_path / "texts" / "a.txt"):
+            where.write_text("some text to cache\n" * 50)
+    dataset = ["--dataset", corpus] if corpus is not None else []
+    before = sorted(tmp_path.rglob("*"))
+    line = _one_line(*run_cli(["cache", "--model", tiny_llama, "--tokens", 200, *dataset, *args])[::2])
+    assert named in line and "leave" in line
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_text_field_of_a_jsonl_corpus_is_still_used(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.jsonl").write_text('{"body": "some text to cache, again and again"}\n' * 40)
+    code, out, err = run_cli(["cache", "--model", tiny_llama, "--tokens", 64, "--context-length", 16,
+                              "--dataset", "c.jsonl", "--text-field", "body", "--cache", "c"])
+    assert code == 0, err
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("command", ["group", "train"])
 def test_device_cuda_without_cuda_is_one_line(command, llama_cache, tmp_path):
