@@ -10,10 +10,10 @@
 #     /work/shared/gpu/README.md says; without .whl it uses this Python's packages;
 # (b) runs each benchmark under its own `timeout`, most important first: the CUDA tests alone,
 #     cache_throughput (also with the checksum holding the GIL, and with 8 writer threads), end_to_end,
-#     the test suite with CUDA visible (232 s on the H200 machine with -n 14), cache_write, the writer by
-#     threads (and with the checksum holding the GIL), compressing alone by threads, where the writer
-#     holds the GIL (py-spy), the stream (and with the checksum holding the GIL) and feed ratios,
-#     sparsify_speed; torch.compile and the Gram sweep only when ONLY names them; SKIP_TESTS=1 leaves the
+#     cache_write, the writer by threads (and with the checksum holding the GIL), compressing alone by
+#     threads, where the writer holds the GIL (py-spy), the stream (and with the checksum holding the
+#     GIL) and feed ratios, sparsify_speed, then the whole test suite with CUDA visible (232 s on the
+#     H200 machine with -n 14); torch.compile and the Gram sweep only when ONLY names them; SKIP_TESTS=1 leaves the
 #     suite out; every script prints its figures as they exist; a step that fails or times out does not
 #     stop the others; a step whose time is not left in the budget is skipped; at the end the key lines
 #     are printed again together.
@@ -163,11 +163,6 @@ step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --wor
     ${E2E_ARGS[@]+"${E2E_ARGS[@]}"}
 rm -rf "$W/e2e"
 
-# 2. the suite with CUDA visible (pytest-xdist where it is installed, as on the GPU machine's image)
-XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$([ $SMOKE = 1 ] && echo 2 || echo 14)")
-[ "${SKIP_TESTS:-0}" = 1 ] || step tests_cuda "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"} tests
-
 # 2b. what fresh memory costs in this VM (first touch against memory touched again, a file written once
 #     and again, and with O_DIRECT): is the 1.3 GB/s plain write the host backing new guest pages?
 step fresh_memory 60 "$PY" benchmarks/fresh_memory.py ${FRESH_ARGS[@]+"${FRESH_ARGS[@]}"} --folder "$W"
@@ -185,9 +180,9 @@ step writer_threads "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"
 #     went from 4.67 to 8.10 GB/s)
 step writer_crc_held "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
     --threads all --folder /dev/shm --checksum-gil held
-# 3c. compressing alone by threads, four ways (numcodecs as the writer does it; the same blosc into reused
-#     buffers without the GIL; and with a GIL-free checksum; raw writes): is it the GIL-held copy numcodecs
-#     makes of each compressed chunk, and google_crc32c, that keep the writer to 4 cores?
+# 3c. compressing alone by threads, five ways (numcodecs with google_crc32c, the writer before 2026-11-28;
+#     numcodecs with the crc32c package's GIL-free checksum, the writer since; the same blosc into reused
+#     buffers through ctypes with either checksum; raw writes)
 if [ $SMOKE = 1 ]; then COMPRESS_ARGS=(--threads 1,2 --chunks 4 --repeats 1); else COMPRESS_ARGS=(--threads 1,2,4,8,16 --chunks 128 --repeats 1); fi
 step compress_threads "$T_WRITE" "$PY" benchmarks/compress_threads.py ${COMPRESS_ARGS[@]+"${COMPRESS_ARGS[@]}"}
 SPY=$(command -v py-spy || ls /tmp/site/bin/py-spy 2>/dev/null)
@@ -249,11 +244,12 @@ fi
 #    The first shape also with 2% and 18% of the latents dead (AuxK on): end_to_end's SAEs had that many
 #    (a 400k-token CPU run of that shape had that many), and its steps took 11.4-11.5 ms where this step alone took 3.2
 SPEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
-DEAD=(--dead-fraction 0.02 0.18 --other-auxk)  # --other-auxk: also the AuxK decode gsae does not pick (the gather on CUDA)
+# (0.2%: 16 dead latents, where the dense decode does the most work per latent drawn)
+DEAD=(--dead-fraction 0.002 0.02 0.18 --other-auxk)  # --other-auxk: also the AuxK decode gsae does not pick (the gather on CUDA)
 for shape in "${SPEED_SHAPES[@]}"; do
   set -- $shape
   d=$1 e=$2; shift 2
-  # the first shape runs 2 dead fractions and the dense-AuxK experiment besides: about 3 × the time
+  # the first shape runs 3 dead fractions, each also with the other AuxK decode, besides: 2 × the limit
   step "sparsify_speed_d$d" "$((${#DEAD[@]} > 0 ? 2 * T_SPEED : T_SPEED))" "$PY" benchmarks/sparsify_speed.py --d-in "$d" --expansion "$e" --k "$@" \
       ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} ${SPEED_DEVICE[@]+"${SPEED_DEVICE[@]}"} ${DEAD[@]+"${DEAD[@]}"}
   DEAD=()
@@ -269,7 +265,13 @@ for mode in default reduce-overhead; do
       ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} --repeats 1 --compile "$mode" ${SPEED_DEVICE[@]+"${SPEED_DEVICE[@]}"}
 done
 
-# 8. if time is left: end to end again with gsae's SAE forward under bfloat16 autocast (sparsify's
+# 8. the whole suite with CUDA visible, last: it passed on the H200 machine on 2026-11-28 (232 s with
+#    -n 14), and tests_cuda_quick runs the CUDA paths first (pytest-xdist where it is installed)
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$([ $SMOKE = 1 ] && echo 2 || echo 14)")
+[ "${SKIP_TESTS:-0}" = 1 ] || step tests_cuda "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"} tests
+
+# 9. if time is left: end to end again with gsae's SAE forward under bfloat16 autocast (sparsify's
 #    SparseCoder always autocasts to bfloat16 on such a GPU)
 if [ $SMOKE = 0 ]; then
   step end_to_end_bf16 180 "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --precision bfloat16 \

@@ -25,6 +25,7 @@ ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 TOP_K_ARCHITECTURES = ("topk", "batchtopk")  # those with a k (and AuxK); ReLU and JumpReLU have none
 AUXK_ALPHA = 1 / 32
 DENSE_AUXK_MAX_RATIO = 32  # dense AuxK decode on CUDA up to M = 32 · k_aux: see dense_auxk_decode
+DENSE_AUXK_MAX_BYTES = 1 << 30  # ... and B × M of at most 1 GiB
 THRESHOLD_RATE = 0.01  # BatchTopK's inference threshold: SAELens's topk_threshold_lr
 ENCODER_INIT_NORM = 1 / math.sqrt(3)
 
@@ -162,15 +163,19 @@ def _top_dead(pre: torch.Tensor, dead: torch.Tensor, n_dead: int, k: int) -> tor
 
 
 def dense_auxk_decode(pre: torch.Tensor, k_aux: int) -> bool:
-    """Whether AuxK decodes its k_aux latents by a dense (B × M) @ W_dec matmul rather than a gather-sum
-    (``embedding_bag``): on CUDA, up to M = 32 · k_aux (an expansion of 16 at k_aux = d / 2).
+    """Whether AuxK decodes its latents by a dense (B × M) @ W_dec matmul rather than a gather-sum
+    (``embedding_bag``): on CUDA, up to M = 32 · k_aux (an expansion of 16 at the SAE's k_aux = d / 2),
+    while a B × M matrix of ``pre``'s dtype takes at most 1 GiB (the dense codes and their gradient are
+    two more of them).
 
     Measured on an H200 (``sparsify_speed.py``, 512 → 8192, k 32, batch 8192, TF32; 2026-11-28): the
-    whole step with AuxK ran 1.58× faster dense with 2% of the latents dead, 1.87× with 18%
-    (5.1 against 8.0 ms, 5.8 against 10.8 ms). The dense product grows with M, the gather with k_aux, so
-    the dense one loses past some M / k_aux; 32 is the ratio measured. On a CPU the dense decode ran
-    at 0.46–0.59× the gather's speed, so it stays a gather there."""
-    return pre.is_cuda and pre.shape[1] <= DENSE_AUXK_MAX_RATIO * k_aux
+    whole step with AuxK ran 1.58× faster dense with 2% of the latents dead (164 drawn per row), 1.87×
+    with 18% (256 drawn) (5.1 against 8.0 ms, 5.8 against 10.8 ms).  The dense product grows with M, the
+    gather with the latents drawn, so the dense one loses past some M / k_aux; 32 is the one shape
+    measured, not a measured crossover (``--other-auxk`` times the other decode).  On a CPU the dense
+    decode ran at 0.46–0.59× the gather's speed, so it stays a gather there."""
+    return (pre.is_cuda and pre.shape[1] <= DENSE_AUXK_MAX_RATIO * k_aux
+            and pre.numel() * pre.element_size() <= DENSE_AUXK_MAX_BYTES)
 
 
 class SparseAutoencoder(nn.Module):
@@ -278,7 +283,7 @@ class SparseAutoencoder(nn.Module):
         indices = _top_dead(pre.detach(), dead, n_dead, k_aux)
         values = F.relu(self._gather(x, pre, indices)) * dead[indices]  # a latent alive again adds nothing
         if dense_auxk_decode(pre, self.k_aux):
-            predicted = torch.zeros_like(pre).scatter(1, indices, values.to(pre.dtype)) @ self.W_dec
+            predicted = torch.zeros_like(pre).scatter_(1, indices, values.to(pre.dtype)) @ self.W_dec
         else:
             predicted = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype),
                                         mode="sum")

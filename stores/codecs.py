@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import crc32c
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import BitRound
 
@@ -41,9 +42,11 @@ def _usable_cores() -> int:
 
 #: Whether :func:`chunk_checksum` lets go of the GIL while it runs: where this process has more than two
 #: cores (the writer and decode pools have a thread per core).  Measured:
-#: - H200 machine, 16 cores, 16 threads compressing and checksumming 4096 × 512 float16 chunks
-#:   (benchmarks/compress_threads.py, 2026-11-28): 4.67 GB/s on 8.0 cores busy with the checksum holding
-#:   the GIL (google_crc32c), 8.10 GB/s on 14.3 cores with it released; 5.23 against 4.29 with 8 threads.
+#: - H200 machine, 16 cores, 16 threads compressing (blosc into reused buffers) and checksumming
+#:   4096 × 512 float16 chunks (benchmarks/compress_threads.py, 2026-11-28): 4.67 GB/s on 8.0 cores busy
+#:   with the checksum holding the GIL (google_crc32c), 8.10 GB/s on 14.3 cores with it released; 5.23
+#:   against 4.29 with 8 threads.  numcodecs' encode (the writer's) with google_crc32c: 4.87 GB/s on 8.7
+#:   cores; with the released checksum it is still to be measured there.
 #: - this 2-core machine, 2 threads: releasing it made the stream's decode 5-10% slower (each release
 #:   is a GIL handoff to win back); the writer was 1-7% faster.  docs/benchmarks.md, "Where the writer
 #:   threads hold the GIL".
@@ -52,10 +55,8 @@ CHECKSUM_RELEASES_GIL = _usable_cores() > 2
 
 def chunk_checksum(payload: Any) -> int:
     """CRC32C of a chunk's encoded bytes (a numpy array or other buffer): the value zarr's crc32c codec
-    appends, little-endian, to each chunk file (zarr computes it with google_crc32c; the crc32c package
-    gives the same values and, unlike google_crc32c, can release the GIL: :data:`CHECKSUM_RELEASES_GIL`)."""
-    import crc32c
-
+    appends, little-endian, to each chunk file (zarr ≥ 3.1.4 computes it with google_crc32c; the crc32c
+    package gives the same values and, unlike google_crc32c, can release the GIL: :data:`CHECKSUM_RELEASES_GIL`)."""
     return crc32c.crc32c(payload, gil_release_mode=1 if CHECKSUM_RELEASES_GIL else 0)
 
 

@@ -180,6 +180,8 @@ def test_cuda_auxk_decodes_densely_up_to_32_k_aux_with_the_loss_and_gradients_of
 
     d_in = 2 * k_aux
     assert sae_module.dense_auxk_decode(torch.zeros(1, n_latents, device="cuda"), k_aux) == dense
+    big = torch.zeros(1, device="cuda").expand(1 << 20, n_latents)  # B × M past 1 GiB, without the memory
+    assert not sae_module.dense_auxk_decode(big, k_aux)
     torch.manual_seed(0)
     sae = sae_module.SparseAutoencoder(d_in=d_in, n_latents=n_latents, k=8, seed=1).double().cuda()
     x = torch.randn(256, d_in, dtype=torch.float64, device="cuda")

@@ -118,3 +118,23 @@ def test_top_dead_latents_match_a_brute_force_over_every_latent(n_dead, hint):
 def test_auxk_decodes_by_a_gather_on_the_cpu():
     """The dense AuxK decode is for CUDA only: on a CPU it ran at 0.46-0.59x the gather's speed."""
     assert not dense_auxk_decode(torch.zeros(4, 192), k_aux=24)
+
+
+def test_dense_and_gathered_auxk_agree_under_bfloat16_autocast(monkeypatch):
+    """Under autocast the dense decode multiplies in bfloat16 (the gather stays float32): the same loss
+    and gradients to bfloat16's precision, for a step as `gsae train --precision bfloat16` runs it."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 48) * 2 + 1
+    dead = torch.rand(192) < 0.4
+    results = []
+    for dense in (False, True):
+        monkeypatch.setattr(sae_module, "dense_auxk_decode", lambda pre, k_aux, dense=dense: dense)
+        sae = SparseAutoencoder(d_in=48, n_latents=192, k=7, seed=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sae.loss(x, dead).loss
+        results.append((loss.detach().float(), gradients(sae, loss)))
+    (loss_gather, grads_gather), (loss_dense, grads_dense) = results
+    assert float(loss_dense) == pytest.approx(float(loss_gather), rel=1e-2)
+    for name, expected in grads_gather.items():
+        assert torch.isfinite(grads_dense[name]).all(), name
+        assert float((grads_dense[name] - expected).abs().max()) <= 3e-2 * float(expected.abs().max()), name
