@@ -213,6 +213,10 @@ if [ -f "$W/cache/zarr.json" ]; then
   # 4 layers), already decoded at the warm-up; 48 cross three window switches, as training does
   step feed_long "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
       --steps 48 ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
+  # 2026-11-28 feed_long ran at 0.50 of memory-fed (the decode gave 1.4M rows/s in training, 2.56M alone):
+  # the same with the checksum holding the GIL, as then
+  step feed_long_crc_held "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
+      --steps 48 ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"} --checksum-gil held
   # where the decode threads hold the GIL (the plain decode peaked at 8 threads there)
   gil_profile stream_gil "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} \
       --repeats 1
