@@ -740,12 +740,13 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                 stop = min(row + len(group) * rows_per_window, store.tokens_planned)
                 while next_todo is not None and store.chunk_rows(next_todo)[1] <= row:
                     next_todo = todo.first_from(next_todo + 1)
+                # one pass over the batch's Python ints (torch.tensor on the lists took 3.5× as long here)
+                ids = np.asarray(group, dtype=np.int64)
+                tokens = ids[:, first_row:].reshape(-1)[: stop - row].astype(np.int32)
                 if next_todo is not None and store.chunk_rows(next_todo)[0] < stop:
                     mark = clock()
-                    capture.run(torch.tensor(group, dtype=torch.long, device=lm.device),
-                                functools.partial(assembler.take, row, stop))
+                    capture.run(torch.from_numpy(ids).to(lm.device), functools.partial(assembler.take, row, stop))
                     phases["forward"] += clock() - mark
-                    tokens = np.asarray(group, dtype=np.int32)[:, first_row:].reshape(-1)[: stop - row]
                     check.feed(row, tokens)
                     check.flush()  # before any new chunk of this batch is written
                     for item in assembler.add(row, tokens):
@@ -754,7 +755,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                         phases["writer_wait"] += clock() - mark
                         rows_this_run += len(item.tokens)
                 else:  # none of this rank's rows to write: only check the committed ones
-                    check.feed(row, np.asarray(group, dtype=np.int32)[:, first_row:].reshape(-1)[: stop - row])
+                    check.feed(row, tokens)
                 # a resumed run re-reads the committed batches first: the bar stays at what was written
                 # (going back to 0 and up again gave rich's rate a burst of millions of tok/s)
                 progress.update(task, completed=max(done, min(stop, end_row) - first_mine))
