@@ -287,19 +287,25 @@ def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool
     Python on this CPU, while the decode threads release the GIL)."""
     saes, optimizers, streams, fired = {}, {}, {}, {}
     mean = store.mean
-    for i in indices:
-        group = config.groups[i]
-        sae = SparseAutoencoder(config.d_in, config.n_latents, config.architecture, k=config.k, seed=config.seed + i)
-        scales = [config.scales[layer] for layer in group]
-        with torch.no_grad():  # b_dec at the (scaled) data mean of the group
-            sae.b_dec.copy_(torch.from_numpy(np.mean([mean[l] * s for l, s in zip(group, scales)], axis=0)))
-        saes[i] = sae.to(device)
-        streams[i] = TrainingStream(store, group, scales, config.train_chunks, config.batch_size, config.seed,
-                                    stream_id=i, window_chunks=config.window_chunks, device=device, pool=pool)
-        if prefetch:
-            streams[i].prefetch()
-        optimizers[i] = make_optimizer(sae, config.lr)
-        fired[i] = torch.zeros(config.n_latents, dtype=torch.int64, device=device)
+    try:
+        for i in indices:
+            group = config.groups[i]
+            sae = SparseAutoencoder(config.d_in, config.n_latents, config.architecture, k=config.k,
+                                    seed=config.seed + i)
+            scales = [config.scales[layer] for layer in group]
+            with torch.no_grad():  # b_dec at the (scaled) data mean of the group
+                sae.b_dec.copy_(torch.from_numpy(np.mean([mean[l] * s for l, s in zip(group, scales)], axis=0)))
+            saes[i] = sae.to(device)
+            streams[i] = TrainingStream(store, group, scales, config.train_chunks, config.batch_size, config.seed,
+                                        stream_id=i, window_chunks=config.window_chunks, device=device, pool=pool)
+            if prefetch:
+                streams[i].prefetch()
+            optimizers[i] = make_optimizer(sae, config.lr)
+            fired[i] = torch.zeros(config.n_latents, dtype=torch.int64, device=device)
+    except BaseException:  # the streams made so far stop decoding (the caller has none of them yet)
+        for stream in streams.values():
+            stream.close()
+        raise
     return saes, optimizers, streams, fired
 
 

@@ -6,7 +6,10 @@ the training chunks, cut into *windows* of ``window_chunks`` chunk ids.  A windo
 shuffled together and cut into batches.  A batch is therefore a uniform draw over the group's layers
 (each layer's count is hypergeometric, close to Binomial(B, 1/n)), as the paper's per-token layer draw
 gives, and it mixes several passages.  Rows that do not fill a last batch are carried into the next
-window, so an epoch yields every training (layer, row) exactly once.  The stream's position (window,
+window, so an epoch yields every training (layer, row) exactly once.  The fewer than B rows carried past
+an epoch's end are served in the next epoch's first window, which holds them again: a batch there can
+hold such a row twice (with one window per epoch, a cache of a few windows' chunks, that is every
+window; dropping them instead would leave up to B − 1 rows out of each epoch).  The stream's position (window,
 batch, carried rows) is a small state that a checkpoint stores; resuming rebuilds the same batches.
 
 A window is decoded in worker threads, one per core and shared by the streams of a run (numcodecs
@@ -185,8 +188,14 @@ class TrainingStream:
         self._schedule(window)
         self._schedule(window + 1)  # decode the next window while this one trains
         data, futures = self._pending.pop(window)
-        for future in futures:
-            future.result()
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # one chunk failed: its siblings must not go on writing into the buffer
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            raise
         if carry_values is None:
             carry_values = self._read_ids(self._carry_ids)
         front = self.batch_size - len(carry_values)
@@ -256,7 +265,11 @@ class TrainingStream:
             self._carry_ids = np.stack([current.layers[leftover], current.rows[leftover]], axis=1)
             carry_values = current.values[torch.from_numpy(leftover)]
             self.window, self.batch_in_window = self.window + 1, 0
-            self._open_window(carry_values)
+            try:
+                self._open_window(carry_values)
+            except BaseException:  # the state names the new window: a retry re-reads it, carried rows by id
+                self._current = None
+                raise
 
     # ------------------------------------------------------------------ batches
     def next_batch(self) -> Batch:
@@ -298,6 +311,13 @@ class TrainingStream:
         self._pending.clear()
 
     def close(self) -> None:
+        """Stop decoding and let go of the windows (pinned host memory, device memory): the run's held-out
+        evaluation and the next run of a process do not hold them.  The position (``state_dict``) stays."""
         self._drain()
         if self._own_pool:
             self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._copy_stream is not None:  # no copy out of a host window still running
+            self._copy_stream.synchronize()
+        self._current = None
+        self._buffers, self._device_buffers = [None, None], [None, None]
+        self._uploaded, self._released = [None, None], [None, None]

@@ -4,12 +4,14 @@ reuse across a resume while decodes are still running."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from stores import ActivationStore, compute_chunk_stats, to_float32
+from stores.activation_store import StoreError
 from stores.stream import TrainingStream, split_chunks
 
 
@@ -122,6 +124,50 @@ def test_resume_with_decodes_in_flight_gives_the_same_batches(store, monkeypatch
         np.testing.assert_array_equal(got.rows, want.rows)
         assert torch.equal(got.x, want.x)
     stream.close()
+
+
+def test_a_failed_window_decode_stops_its_siblings_and_a_retry_serves_the_window_its_state_names(store, monkeypatch):
+    """One chunk of a window failing to decode: the window's other decodes are stopped or waited for before
+    the error reaches the caller (none writes into the buffer afterwards), and the stream's position is
+    the new window's start, whose batches a retry serves (its carried rows re-read by id)."""
+    train_chunks, _ = split_chunks(store, 0.1)
+    args = (store, [0, 1], [1.0, 2.0], train_chunks, 64)
+    reference = TrainingStream(*args, seed=5, window_chunks=2)
+    expected = [reference.next_batch() for _ in range(30)]
+    reference.close()
+    stream = TrainingStream(*args, seed=5, window_chunks=2, workers=4)
+    bad = stream._window_chunk_ids(2)[1]
+    read_into, started, finished = TrainingStream._read_into, [], []
+    sibling_running = threading.Event()
+
+    def failing_read_into(self, out, layer, start, stop):
+        if start != store.chunk_rows(bad)[0]:
+            return read_into(self, out, layer, start, stop)
+        if layer == 0:
+            sibling_running.wait(timeout=10)  # 4 workers, 4 decodes a window: the sibling runs
+            raise StoreError("damaged (simulated)")
+        started.append(layer)
+        sibling_running.set()
+        time.sleep(0.5)  # a sibling still decoding when the failure is seen
+        read_into(self, out, layer, start, stop)
+        finished.append(layer)
+
+    monkeypatch.setattr(TrainingStream, "_read_into", failing_read_into)
+    served = 0
+    with pytest.raises(StoreError):
+        while True:
+            stream.next_batch()
+            served += 1
+    assert started and finished == started  # waited for, or never started: nothing writes into the buffer now
+    assert stream.state_dict()["window"] == 2 and stream.state_dict()["batch"] == 0
+    monkeypatch.undo()
+    for want in expected[served:]:
+        got = stream.next_batch()
+        np.testing.assert_array_equal(got.layers, want.layers)
+        np.testing.assert_array_equal(got.rows, want.rows)
+        assert torch.equal(got.x, want.x)
+    stream.close()
+    assert stream._buffers == [None, None] and stream._current is None  # the windows are let go
 
 
 @pytest.mark.parametrize("dtype, compression", [("float16", "lossless"), ("bfloat16", "lossless"),
