@@ -334,6 +334,7 @@ def group(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
     groups: Optional[int] = typer.Option(None, help="Train the N-group partition (default: G* of the grouping)."),
     baseline: bool = typer.Option(False, help="Train one SAE per layer instead (the paper's baseline)."),
@@ -363,7 +364,7 @@ def train(
         cache=cache if resume and cache is None else _resolve_cache(cache), groups=groups, baseline=baseline, metric=metric.value, tokens=tokens,
         expansion=expansion, k=k, architecture=architecture.value, batch_size=batch_size, lr=lr, out=out,
         resume=resume, device=device.value, seed=seed, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every,
-        tf32=tf32, precision=precision.value)
+        tf32=tf32, precision=precision.value, given=_typed(ctx))
     result = run_train(request, console)
     if result.rank:  # under torchrun rank 0 reports for every rank
         return
@@ -387,6 +388,13 @@ def train(
     report.print(f"saved {len(result.rows)} SAE{'s' if len(result.rows) != 1 else ''}, metrics and checkpoints in {result.run}")
 
 
+def _typed(ctx: typer.Context) -> tuple[str, ...]:
+    """The options of this command that were typed on the command line (not left at their defaults).
+    By the source's name: typer may carry its own copy of click, whose enum is not click's."""
+    return tuple(name for name in ctx.params
+                 if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE")
+
+
 @app.command("eval")
 def evaluate(
     run: str = typer.Option(..., help="The run directory written by gsae train."),
@@ -402,18 +410,24 @@ def evaluate(
     _storage(storage_option, run)
     records = evaluate_run(run, tokens=tokens, windows=windows, context_length=context_length,
                            device=device.value, console=console)
-    table = Table(title=f"gsae eval · {run}")
-    columns = [("layer", "layer", "{}"), ("EV", "explained_variance", "{:.3f}"),
-               ("EV/token", "explained_variance_per_token", "{:.3f}"), ("FVU", "fvu", "{:.3f}"),
-               ("cos", "cosine_similarity", "{:.3f}"), ("L2 ratio", "l2_ratio", "{:.3f}"), ("L0", "l0", "{:.1f}"),
-               ("dead %", "dead_fraction", "{:.1%}"), ("CE clean", "ce_clean", "{:.3f}"),
-               ("CE spliced", "ce_spliced", "{:.3f}"), ("ΔCE %", "delta_ce_percent", "{:.2f}"),
-               ("CE rec.", "ce_recovered", "{:.3f}"), ("KL", "kl_divergence", "{:.4f}")]
-    for name, _, _ in columns:
-        table.add_column(name, justify="right")
-    for record in records:
-        table.add_row(*[fmt.format(record[key]) if key in record else "-" for _, key, fmt in columns])
-    report.print(table)
+    # two tables of at most 8 columns: 13 in one were cut to "0.…" in every cell on an 80-column terminal
+    reconstruction = [("layer", "layer", "{}"), ("EV", "explained_variance", "{:.3f}"),
+                      ("EV/token", "explained_variance_per_token", "{:.3f}"), ("FVU", "fvu", "{:.3f}"),
+                      ("cos", "cosine_similarity", "{:.3f}"), ("L2 ratio", "l2_ratio", "{:.3f}"), ("L0", "l0", "{:.1f}"),
+                      ("dead %", "dead_fraction", "{:.1%}")]
+    downstream = [("layer", "layer", "{}"), ("CE clean", "ce_clean", "{:.3f}"), ("CE spliced", "ce_spliced", "{:.3f}"),
+                  ("ΔCE %", "delta_ce_percent", "{:.2f}"), ("CE rec.", "ce_recovered", "{:.3f}"),
+                  ("KL", "kl_divergence", "{:.4f}")]
+    for title, columns in ((f"gsae eval · {run} · reconstruction and sparsity", reconstruction),
+                           (f"gsae eval · {run} · downstream (the SAE spliced into the model)", downstream)):
+        if title.endswith("model)") and not any("ce_clean" in record for record in records):
+            continue  # --windows 0
+        table = Table(title=title)
+        for name, _, _ in columns:
+            table.add_column(name, justify="right", no_wrap=True)
+        for record in records:
+            table.add_row(*[fmt.format(record[key]) if key in record else "-" for _, key, fmt in columns])
+        report.print(table)
     report.print(f"wrote {run}/eval.json")
 
 

@@ -19,9 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from pipeline import __version__
 from pipeline.errors import GsaeError, check_seed
-from pipeline.evaluate import layer_reconstruction, threshold_note
+from pipeline.evaluate import DEFAULT_WINDOWS, check_held_out, layer_reconstruction, threshold_note
 from pipeline.group import grouping_record, mark_used, result_name
-from pipeline.grouping import Grouping, layer_span, parse_layers
+from pipeline.grouping import Grouping, layer_span
 from pipeline.models import matmul_precision, pick_device
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
@@ -57,6 +57,7 @@ class TrainRequest:
     window_chunks: int = 8
     tf32: bool = True  # TF32 matmuls on CUDA, as sparsify sets them; no effect on the CPU
     precision: str = "float32"  # or "bfloat16": the forward under autocast
+    given: tuple[str, ...] = ()  # the options typed on the command line: --resume refuses those that differ
 
 
 PRECISIONS = ("float32", "bfloat16")
@@ -77,8 +78,10 @@ def validate_request(request: TrainRequest) -> None:
         raise GsaeError(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
     if not (math.isfinite(request.expansion) and request.expansion > 0):
         raise GsaeError(f"--expansion must be a positive finite number (got {request.expansion})")
-    if request.tokens <= 0 or request.batch_size <= 0:
-        raise GsaeError("--tokens and --batch-size must be positive")
+    if request.tokens <= 0:
+        raise GsaeError(f"--tokens must be positive (got {request.tokens})")
+    if request.batch_size < 2:  # the FVU of a step divides by its batch's variance: none in one row
+        raise GsaeError(f"--batch-size must be at least 2 (got {request.batch_size})")
     if request.dead_tokens is not None and request.dead_tokens <= 0:
         raise GsaeError(f"--dead-tokens must be positive (got {request.dead_tokens})")
     if request.lr is not None and not (math.isfinite(request.lr) and request.lr > 0):
@@ -97,7 +100,8 @@ def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list
     """(groups, label, snapshot of the grouping they come from): the baseline's one layer per SAE, or the
     N-group partition of the grouping saved next to the cache (`gsae group` makes it)."""
     if request.baseline:
-        return [[layer] for layer in parse_layers(None, store.n_layers)], "baseline", None
+        # every block but the last, as grouping takes them, but also for a model of two blocks (one SAE)
+        return [[layer] for layer in range(max(1, store.n_layers - 1))], "baseline", None
     record = grouping_record(store, request.metric)
     if record is None:
         raise GsaeError(f"no {request.metric} grouping next to {store.path}: run `gsae group --metric "
@@ -186,7 +190,7 @@ def default_dead_tokens(request: TrainRequest) -> int:
     return min(10_000_000, max(request.batch_size, request.tokens // 10))
 
 
-_NOT_IDENTIFYING = ("resume", "out", "cache")  # the cache is identified by its fingerprint instead
+_NOT_IDENTIFYING = ("resume", "out", "cache", "given")  # the cache is identified by its fingerprint instead
 
 
 def _arguments(request: TrainRequest) -> dict[str, Any]:
@@ -194,13 +198,22 @@ def _arguments(request: TrainRequest) -> dict[str, Any]:
     return {k: v for k, v in asdict(request).items() if k not in _NOT_IDENTIFYING}
 
 
-def argument_changes(run: RunConfig, request: TrainRequest) -> list[str]:
-    """How ``request`` differs from the arguments ``run`` was made with ("--tokens 300000 → 1000000");
-    arguments an older run did not record count as their defaults."""
+def argument_changes(run: RunConfig, request: TrainRequest, only: tuple[str, ...] | None = None) -> list[str]:
+    """How ``request`` differs from the arguments ``run`` was made with ("--tokens 300000 → 1000000",
+    "--k default → 5", "--baseline off → on"), among ``only`` when given; arguments an older run did not
+    record count as their defaults."""
     defaults = _arguments(TrainRequest(cache=""))
     old = {**defaults, **{k: v for k, v in run.arguments.items() if k not in _NOT_IDENTIFYING}}
     new = _arguments(request)
-    return [f"--{key.replace('_', '-')} {old.get(key)} → {new[key]}" for key in new if old.get(key) != new[key]]
+    return [f"--{key.replace('_', '-')} {_shown(old.get(key))} → {_shown(new[key])}" for key in new
+            if old.get(key) != new[key] and (only is None or key in only)]
+
+
+def _shown(value: Any) -> str:
+    """An argument's value as a user typed it: a flag on or off, "default" for an option left out."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "default" if value is None else str(value)
 
 
 def _store_of(config: RunConfig, cache: str, run: str) -> ActivationStore:
@@ -227,6 +240,10 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
         run = Run(request.out, config)
         if run.state in ("trained", "evaluated"):
             raise GsaeError(f"{request.out} holds a finished run: nothing to resume (pass --out for a new one)")
+        typed = argument_changes(config, request, only=request.given)
+        if typed:  # continued as it was made: an option typed otherwise would be ignored
+            raise GsaeError(f"--resume continues {request.out} with the arguments it was made with, not "
+                            f"{'; '.join(typed)}; leave those options out, or pass --out for a new run")
         # without --cache, the cache the run recorded
         return run, _store_of(config, request.cache or config.cache, request.out)
     validate_request(request)
@@ -270,6 +287,11 @@ def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore
     if config.tokens_per_sae != request.tokens:
         notes.append(f"--tokens {request.tokens:,} → {config.tokens_per_sae:,} per SAE "
                      f"({config.steps:,} whole batches of {config.batch_size:,})")
+    try:  # what gsae eval will refuse, said before training rather than after
+        check_held_out(store, config.eval_rows[0], DEFAULT_WINDOWS)
+    except GsaeError as exc:
+        notes.append(f"{exc} (`gsae eval` needs it; the held-out FVU of this run is from "
+                     f"{config.eval_rows[1] - config.eval_rows[0]:,} rows)")
     rows = sum(min(store.chunk_rows(c)[1], store.n_tokens) - store.chunk_rows(c)[0] for c in config.train_chunks)
     fewest = min(len(group) for group in config.groups)  # the group with the fewest (token, layer) rows
     if config.tokens_per_sae > fewest * rows:

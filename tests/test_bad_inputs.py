@@ -113,13 +113,22 @@ def test_train_floats_must_be_positive_and_finite(option, value, llama_cache, tm
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("value", ["1", "0", "-5"])
+def test_train_batch_size_needs_two_rows(value, llama_cache, tmp_path):
+    """A step's FVU divides by its batch's variance: with one row it was 0 and the FVU 3.9e11."""
+    line = _one_line(*run_cli(["train", "--cache", llama_cache, "--baseline", "--out", tmp_path / "run",
+                               "--batch-size", value])[::2])
+    assert "--batch-size must be at least 2" in line
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--groups", "2,99"], "G can be at most 3"),
     (["--groups", "4"], "G can be at most 3"),
     (["--groups", "0"], "every G must be 1 or more"),
     (["--groups", "2,-1"], "every G must be 1 or more"),
     (["--expansion", "nan"], "--expansion must be a positive finite number"),
-    (["--tokens", "0"], "--tokens and --batch-size must be positive"),
+    (["--tokens", "0"], "--tokens must be positive (got 0)"),
     (["--windows", "-1"], "--windows must be 0"),
     (["--expansion", "0.1"], "--expansion 0.1 gives d_sae = 3 latents, no more than the k = 5"),
     ([], "holds 64 rows, fewer than the 100 an FVU needs"),  # the held-out slice: one chunk of 64 rows

@@ -129,9 +129,15 @@ def test_kill_9_anywhere_then_the_same_command_finishes_the_run(point, cache, wh
 
 
 def test_kill_9_then_resume_finishes_the_run(cache, whole, tmp_path, capsys):
+    """--resume continues the run as it was made: an option typed with another value is refused (it used
+    to be ignored without a word), one typed with the run's own value is fine."""
     out = tmp_path / "r"
     _run_killed(_train(cache, out), _KILL_POINTS["between checkpoints"])
-    code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--resume"], capsys)
+    code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--resume", "--tokens", 100000,
+                            "--architecture", "relu", "--no-tf32"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "--tokens 3072 → 100000" in err and "--architecture topk → relu" in err and "--tf32 on → off" in err
+    code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--resume", "--tokens", 3072], capsys)
     assert code == 0, err
     _assert_same_saes(whole, out)
 

@@ -388,3 +388,18 @@ def test_eta_column_shows_days_past_a_day():
     assert eta(286_770_000) == "3,319d 02:20:00"  # 3,319 days and 8,400 s
     assert eta(3 * 3600 + 4 * 60 + 5) == "3:04:05"  # rich's format under a day
     assert eta(None) == "-:--:--"
+
+
+def test_baseline_of_a_two_block_model_and_a_note_on_a_held_out_slice_eval_would_refuse(tiny_models, tmp_path):
+    """--baseline trains every block but the last, also where that is one block (it used to fail with
+    "grouping needs at least two layers"); a held-out slice too short for `gsae eval` is named before
+    training, not only when eval refuses it afterwards."""
+    cache = make_cache(tiny_models["gpt2"], tmp_path / "c", tokens=1280, context_length=32, batch_size=8,
+                       chunk_tokens=64)  # 20 chunks: the held-out slice is the last one, 64 rows
+    code, out, err = run_cli(["train", "--cache", cache, "--baseline", "--tokens", 512, "--batch-size", 128,
+                              "--out", tmp_path / "r"])
+    assert code == 0, err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert [row["layers"] for row in summary["saes"]] == [[0]]
+    note = " ".join((out + err).split())
+    assert "holds 64 rows, fewer than the 100 an FVU needs" in note and "gsae eval" in note
