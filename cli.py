@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Iterable, Optional
@@ -15,6 +17,19 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # spinning OpenMP workers the writer stalls every parallel region: cache/forward throughput was 0.65
 # with the default policy and 0.85 with PASSIVE (benchmarks/cache_throughput.py, SmolLM2, 2 cores).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    """Ctrl-C while the imports below run (torch, transformers: seconds): one line, nothing was made yet.
+    A KeyboardInterrupt there printed a 30-line traceback out of torch's import; main() restores Python's
+    handler before any command runs."""
+    sys.stderr.write("interrupted while starting: nothing was done\n")
+    os._exit(130)
+
+
+if (os.path.basename(sys.argv[0]) == "gsae" and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):  # the command, not an import elsewhere
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 import typer  # noqa: E402
 from rich.console import Console, ConsoleDimensions  # noqa: E402
@@ -402,14 +417,15 @@ def evaluate(
     windows: int = typer.Option(EVAL_WINDOWS, help="Held-out text windows for the downstream metrics (0: skip them)."),
     context_length: Optional[int] = typer.Option(None, help="Truncate the evaluation windows to this many tokens."),
     device: Device = typer.Option(TrainRequest.device, help="Where to run."),
+    cache: Optional[str] = typer.Option(None, help="Where the run's cache is now, if it moved (default: where the run recorded it)."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Evaluate every layer of a run: reconstruction, sparsity, spliced CE / KL. Writes <run>/eval.json."""
     from pipeline.evaluate import evaluate_run
 
-    _storage(storage_option, run)
+    _storage(storage_option, run, cache)
     records = evaluate_run(run, tokens=tokens, windows=windows, context_length=context_length,
-                           device=device.value, console=console)
+                           device=device.value, console=console, cache=cache)
     # two tables of at most 8 columns: 13 in one were cut to "0.…" in every cell on an 80-column terminal
     reconstruction = [("layer", "layer", "{}"), ("EV", "explained_variance", "{:.3f}"),
                       ("EV/token", "explained_variance_per_token", "{:.3f}"), ("FVU", "fvu", "{:.3f}"),
@@ -507,6 +523,8 @@ def main() -> None:
 
     global _DEBUG
     _DEBUG = os.environ.get("GSAE_DEBUG", "") not in ("", "0")
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # started: Ctrl-C is a KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = app(standalone_mode=False, prog_name="gsae")  # returns the code of a typer.Exit instead of raising it
         if code == 130:  # typer turns Ctrl-C into Exit(130) before it reaches the handler below

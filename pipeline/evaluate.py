@@ -32,7 +32,7 @@ from pipeline.models import (LoadedModel, ModelSpec, block_output, load_model, m
 from pipeline.ranks import Ranks
 from pipeline.run import EVAL, Run, cache_fingerprint
 from pipeline.sae import SparseAutoencoder
-from stores import ActivationStore
+from stores import ActivationStore, probe
 from stores.stream import as_tensor
 
 _EVAL_BATCH = 4096  # rows, rounded to whole chunks (each whole local chunk then skips zarr: ActivationStore.read_into)
@@ -224,24 +224,27 @@ def check_eval_arguments(tokens: int, windows: int, context_length: int | None) 
 
 
 def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_WINDOWS, context_length: int | None = None,
-                 device: str = "auto", console: Any = None) -> list[dict[str, Any]]:
+                 device: str = "auto", console: Any = None, cache: str | None = None) -> list[dict[str, Any]]:
     """Evaluate every layer of a run; writes ``<run>/eval.json`` and returns its records.  On CUDA the SAEs'
     float32 matmuls run in TF32 where the run trained so (``tf32`` in its config), as its held-out FVU was
     measured; the language model runs in full float32, as it ran to make the cache (:func:`matmul_precision`,
-    for this call only)."""
+    for this call only).  ``cache``: where the run's cache is now, if it moved (checked by its fingerprint)."""
     with contextlib.ExitStack() as scope:
-        return _evaluate_run(run, tokens, windows, context_length, device, console, scope)
+        return _evaluate_run(run, tokens, windows, context_length, device, console, scope, cache)
 
 
 def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | None, device: str, console: Any,
-                  scope: contextlib.ExitStack) -> list[dict[str, Any]]:
+                  scope: contextlib.ExitStack, cache: str | None = None) -> list[dict[str, Any]]:
     check_eval_arguments(tokens, windows, context_length)
     trained = Run.open(run, need="trained")
     config = trained.config
-    store = ActivationStore.open(config.cache)
+    if cache is None and probe(config.cache) == "absent":
+        raise GsaeError(f"the cache {run} was trained on is no longer at {config.cache}; if it moved, pass "
+                        "--cache with its new place")
+    store = ActivationStore.open(cache or config.cache)
     if cache_fingerprint(store) != config.cache_fingerprint:
-        raise GsaeError(f"the cache {config.cache} is no longer the one {run} was trained on; "
-                        "evaluate with that cache in place")
+        raise GsaeError(f"the cache {cache or config.cache} is not the one {run} was trained on; "
+                        "evaluate with that cache")
     start_row = int(config.eval_rows[0])
     held_out = store.n_tokens - start_row
     check_held_out(store, start_row, windows)
@@ -283,6 +286,9 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
     if lm is not None and windows > len(input_ids):
         notes.append(f"the held-out slice holds {len(input_ids)} whole window{'s' if len(input_ids) > 1 else ''}, "
                      f"fewer than the {windows} asked for: the downstream metrics use {len(input_ids)}")
+    if lm is not None and context_length is not None and context_length > input_ids.shape[1]:
+        notes.append(f"the cached windows hold {input_ids.shape[1]} tokens: a context length of {context_length} "
+                     "truncates nothing")
     threads = Ranks().decode_threads(store.path)  # as gsae train decodes (`gsae eval` is one process)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-eval") as reader:
         for sae, sae_config in saes:

@@ -7,6 +7,7 @@ ranks (SAE states at checkpoints, metrics records), over gloo, which works on CP
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -90,8 +91,18 @@ def current() -> Ranks:
         # torch's default 30-minute timeout would fail a rank that waits at a gather while another still
         # works (a resumed cache where one rank has most chunks left); torchrun stops the job if one dies
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        # destroyed before the interpreter tears down (as PyTorch asks): once, under -n 2 load of the tests, a
+        # rank died at exit with "terminate called without an active exception" (SIGABRT) after its work
+        atexit.register(_destroy_process_group)
     return Ranks(rank=dist.get_rank(), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                  local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def assign(costs: list[float], world: int) -> list[int]:

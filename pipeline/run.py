@@ -12,6 +12,7 @@ write runs only through :class:`Run`:
     <run>/sae_<i>.json            its config: architecture, shape, k, layers, scales, hook names
     <run>/summary.json            held-out FVU per layer, L0, dead %, training seconds
     <run>/eval.json               `gsae eval`'s records
+    <run>/.lock                   held (flock) by the process training a local run: no second one at once
 
 A run lives in a folder or at an fsspec URL (``s3://``, ``gs://``, ``memory://``, ...).  Every file is
 written whole: on a local disk to a temporary name and renamed into place, on object storage as one PUT
@@ -46,6 +47,7 @@ from stores.remote import join, write_whole
 RUN_FORMAT = 1
 STATES = ("planned", "training", "trained", "evaluated")
 CONFIG, METRICS, SUMMARY, EVAL, CHECKPOINTS = "config.json", "metrics.jsonl", "summary.json", "eval.json", "checkpoints"
+LOCK = ".lock"  # see Run.training_lock
 
 
 @dataclass
@@ -240,6 +242,30 @@ class Run:
 
     def write_config(self) -> None:
         self._write(json.dumps(self.config.to_json(), indent=1), CONFIG)
+
+    @contextlib.contextmanager
+    def training_lock(self) -> Iterator[None]:
+        """Hold the run's lock while training it: a second `gsae train` on the same local run stops in one
+        line instead of writing beside the first (it died on a checkpoint file the first had replaced).
+        An flock: the system drops it when the process ends, kill -9 included.  Runs on object storage
+        (or without fcntl) take no lock."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            fcntl = None
+        if fcntl is None or not isinstance(self.fs, LocalFileSystem):
+            yield
+            return
+        with _one_line_errors(self.path), open(os.path.join(self._root, LOCK), "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise GsaeError(f"another gsae process is training {self.path} now; wait for it, or pass --out "
+                                "for a new run") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @property
     def state(self) -> str:

@@ -435,6 +435,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
         raise GsaeError("under torchrun, pass --out DIR: every rank must find the run")
     if ranks.first:
         run, store = _open_run(request, console)
+        scope.enter_context(run.training_lock())  # until the SAE files and the summary are written
         ranks.barrier()
     else:
         ranks.barrier()  # rank 0 has created or checked the run

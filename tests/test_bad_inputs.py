@@ -313,3 +313,22 @@ def test_model_folder_with_a_tokenizer_config_but_no_tokenizer_file_is_named(tin
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "cannot be built" in err and "tokenizer.json" in err and str(model) in err
     assert not (tmp_path / "c").exists()
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line():
+    """SIGINT during the imports (torch, transformers) printed a 30-line traceback out of torch's import."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.argv[0] = 'gsae'; import cli; cli.main()",
+                                "info"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # inside the imports: they take seconds
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and len([line for line in (out + err).splitlines() if line.strip()]) == 1
+    assert "interrupted" in out + err

@@ -229,6 +229,29 @@ def test_eval_refuses_arguments_without_a_meaningful_metric(pair, args, words, c
     assert (pair["g1"] / "eval.json").read_bytes() == before  # refused before any work
 
 
+def test_eval_of_a_run_whose_cache_moved_takes_its_new_place(pair, tmp_path, capsys):
+    """A run records its cache's path; after a move eval named only the old path ("create one with gsae
+    cache"). It now says to pass --cache, and with it gives the records of the cache in its old place."""
+    import shutil
+
+    run, moved = tmp_path / "g1", tmp_path / "moved"
+    shutil.copytree(pair["g1"], run)
+    shutil.copytree(pair["cache"], moved)
+    config = json.loads((run / "config.json").read_text())
+    config["cache"] = str(tmp_path / "gone")  # where the cache was when the run was trained
+    (run / "config.json").write_text(json.dumps(config))
+    line = _one_line_error(*run_cli(["eval", "--run", run, "--windows", 0], capsys)[::2])
+    assert "no longer at" in line and "--cache" in line
+    code, _, err = run_cli(["eval", "--run", run, "--windows", 0, "--cache", moved], capsys)
+    assert code == 0, err
+    got = json.loads((run / "eval.json").read_text())["records"]
+    want = json.loads((pair["g1"] / "eval.json").read_text())["records"]
+    assert [r["fvu"] for r in got] == [r["fvu"] for r in want] and [r["l0"] for r in got] == [r["l0"] for r in want]
+    line = _one_line_error(*run_cli(["eval", "--run", run, "--windows", 0, "--cache", pair["root"] / "base"],
+                                    capsys)[::2])  # not a cache at all
+    assert "Traceback" not in line
+
+
 def test_eval_at_the_shortest_context_gives_finite_downstream_metrics(pair, tmp_path, capsys):
     import shutil
 

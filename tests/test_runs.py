@@ -447,3 +447,17 @@ def test_saes_that_cannot_fit_the_device_are_refused_before_the_run_is_made(cach
     code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--groups", 2, "--expansion", 1e9,
                             "--device", "cpu"], capsys)
     assert code == 1 and "GiB of the cpu" in err and not out.exists(), err
+
+
+def test_a_second_process_training_the_same_run_is_refused(cache, whole, tmp_path, capsys):
+    """Two `gsae train` on one run at once: the second used to announce "continuing the unfinished run"
+    and die on a checkpoint file the first had replaced. The run's lock (an flock, dropped by the system
+    when its holder dies, kill -9 included) makes it stop in one line; afterwards the run finishes."""
+    out = tmp_path / "r"
+    _run_killed(_train(cache, out), _KILL_POINTS["between checkpoints"])  # its lock went with it
+    with Run.open(out).training_lock():  # another process's, as far as the command can tell
+        code, _, err = run_cli(_train(cache, out), capsys)
+    assert code == 1 and "another gsae process is training" in err and "Traceback" not in err
+    code, _, err = run_cli(_train(cache, out), capsys)
+    assert code == 0, err
+    _assert_same_saes(whole, out)
