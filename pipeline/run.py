@@ -416,6 +416,19 @@ def is_cache(path: str | Path) -> bool:
         return False
 
 
+def cache_around(path: str | Path) -> str | None:
+    """The gsae cache that ``path`` is or lies inside (a local path's folders up to the root), or None:
+    a run written into a cache's ``layers/`` mixed its files with the store's."""
+    if is_cache(path):
+        return str(path)
+    if "://" in str(path):  # on object storage only the path itself is checked
+        return None
+    for parent in Path(path).absolute().parents:
+        if (parent / "zarr.json").is_file() and is_cache(parent):  # a store's root has zarr.json
+            return str(parent)
+    return None
+
+
 class _RewrittenLog(io.StringIO):
     """A log on object storage: appended to in memory, written whole (one PUT) at every flush."""
 

@@ -25,7 +25,7 @@ from pipeline.grouping import Grouping, layer_span
 from pipeline.models import matmul_precision, pick_device
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
-from pipeline.run import Run, RunConfig, cache_fingerprint, is_cache, join, pack_training_state
+from pipeline.run import Run, RunConfig, cache_around, cache_fingerprint, join, pack_training_state
 from pipeline.sae import ARCHITECTURES, TOP_K_ARCHITECTURES, SparseAutoencoder, default_k, default_lr
 from stores import ActivationStore
 from stores.stream import TrainingStream, split_chunks
@@ -250,8 +250,10 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
     store = ActivationStore.open(request.cache)
     config = _plan(request, store)
     path = request.out or join(RUNS_ROOT, f"{store.path.rstrip('/').rsplit('/', 1)[-1]}-{config.label}")
-    if is_cache(path):  # before any note: nothing of a run goes into a cache
-        raise GsaeError(f"{path} is a gsae cache; pass --out a folder of its own for the run")
+    inside = cache_around(path)  # before any note: nothing of a run goes into a cache
+    if inside is not None:
+        where = "is a gsae cache" if inside == str(path) else f"is inside the gsae cache {inside}"
+        raise GsaeError(f"{path} {where}; pass --out a folder of its own for the run")
     existing = Run.read_config(path)
     if existing is not None:
         run = Run(path, existing)

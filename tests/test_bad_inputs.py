@@ -145,6 +145,12 @@ def test_a_cache_is_neither_written_into_as_a_run_nor_read_as_one(llama_cache, t
                                "--out", llama_cache])[::2])
     assert "is a gsae cache; pass --out a folder of its own" in line
     assert sorted(p.name for p in llama_cache.iterdir()) == before
+    inside = sorted(str(p) for p in llama_cache.rglob("*"))
+    for out in (llama_cache / "layers", llama_cache / "runs" / "r"):  # inside it: wrote beside layers/0
+        line = _one_line(*run_cli(["train", "--cache", llama_cache, "--baseline", "--tokens", 512,
+                                   "--batch-size", 256, "--out", out])[::2])
+        assert f"is inside the gsae cache {llama_cache}" in line
+    assert sorted(str(p) for p in llama_cache.rglob("*")) == inside
     for command in (["export", "--run", llama_cache], ["eval", "--run", llama_cache]):
         assert "is a gsae cache, not a run" in _one_line(*run_cli(command)[::2])
 
