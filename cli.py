@@ -358,6 +358,7 @@ def train(
     expansion: float = typer.Option(TrainRequest.expansion, help="d_sae / d_model."),
     k: Optional[int] = typer.Option(None, help="Active latents per token (default ≈ d_model/6: the paper's 128 at d=768)."),
     architecture: Architecture = typer.Option(TrainRequest.architecture, help="SAE architecture."),
+    l1_coefficient: float = typer.Option(TrainRequest.l1_coefficient, help="relu: the L1 penalty's weight; jumprelu: the L0 penalty's (unused by topk and batchtopk)."),
     batch_size: int = typer.Option(TrainRequest.batch_size, help="Tokens per training step."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 2e-4 / sqrt(d_sae / 2^14))."),
     out: Optional[str] = typer.Option(None, help="Run directory (default runs/<cache>-<label>)."),
@@ -379,7 +380,7 @@ def train(
         cache=cache if resume and cache is None else _resolve_cache(cache), groups=groups, baseline=baseline, metric=metric.value, tokens=tokens,
         expansion=expansion, k=k, architecture=architecture.value, batch_size=batch_size, lr=lr, out=out,
         resume=resume, device=device.value, seed=seed, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every,
-        tf32=tf32, precision=precision.value, given=_typed(ctx))
+        tf32=tf32, precision=precision.value, l1_coefficient=l1_coefficient, given=_typed(ctx))
     result = run_train(request, console)
     if result.rank:  # under torchrun rank 0 reports for every rank
         return

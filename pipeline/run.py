@@ -39,7 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import save
 
 from pipeline.errors import GsaeError
-from pipeline.sae import SparseAutoencoder, read_tensors, sae_files, sae_from_files
+from pipeline.sae import L1_COEFFICIENT, SparseAutoencoder, read_tensors, sae_files, sae_from_files
 from stores import ActivationStore
 from stores.messages import first_line
 from stores.remote import join, write_whole
@@ -81,6 +81,7 @@ class RunConfig:
     eval_chunks: list[int]
     eval_rows: list[int]  # [first held-out row, rows in the cache]
     arguments: dict[str, Any] = field(default_factory=dict)  # the command's arguments, to know "the same command"
+    l1_coefficient: float = L1_COEFFICIENT  # ReLU's L1 / JumpReLU's L0 weight (runs before it: the default)
     gsae_version: str = ""
     format: int = RUN_FORMAT
 
@@ -102,7 +103,7 @@ class RunConfig:
             raise GsaeError(f"{where} was written by another gsae (run format {data.get('format')}, this one reads "
                             f"{RUN_FORMAT}); use that version or train it again")
         names = {f.name for f in fields(cls)}
-        missing = names - set(data) - {"arguments", "gsae_version", "format"}
+        missing = names - set(data) - {"arguments", "l1_coefficient", "gsae_version", "format"}
         if missing:
             raise GsaeError(f"{where} is not a complete gsae run config (missing {', '.join(sorted(missing))})")
         values = {key: value for key, value in data.items() if key in names}

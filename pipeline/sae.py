@@ -24,6 +24,7 @@ from stores.messages import first_line
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 TOP_K_ARCHITECTURES = ("topk", "batchtopk")  # those with a k (and AuxK); ReLU and JumpReLU have none
 AUXK_ALPHA = 1 / 32
+L1_COEFFICIENT = 5.0  # ReLU's L1 weight and JumpReLU's L0 weight (--l1-coefficient)
 DENSE_AUXK_MAX_RATIO = 32  # dense AuxK decode on CUDA up to M = 32 · k_aux: see dense_auxk_decode
 DENSE_AUXK_MAX_BYTES = 1 << 30  # ... and B × M of at most 1 GiB
 THRESHOLD_RATE = 0.01  # BatchTopK's inference threshold: SAELens's topk_threshold_lr
@@ -182,7 +183,7 @@ class SparseAutoencoder(nn.Module):
     """x̂ = W_decᵀ f(W_encᵀ (x − b_dec) + b_enc) + b_dec with f set by ``architecture``."""
 
     def __init__(self, d_in: int, n_latents: int, architecture: str = "topk", k: int | None = None,
-                 l1_coefficient: float = 5.0, jump_bandwidth: float = 0.05, seed: int = 0):
+                 l1_coefficient: float = L1_COEFFICIENT, jump_bandwidth: float = 0.05, seed: int = 0):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {architecture!r}")
@@ -352,7 +353,7 @@ def sae_from_files(weights: bytes, config: bytes | str, name: str = "the SAE",
     try:
         config = json.loads(config)
         sae = SparseAutoencoder(config["d_in"], config["n_latents"], config["architecture"], k=config["k"],
-                                l1_coefficient=config.get("l1_coefficient", 5.0),
+                                l1_coefficient=config.get("l1_coefficient", L1_COEFFICIENT),
                                 jump_bandwidth=config.get("jump_bandwidth", 0.05))
     except (ValueError, KeyError, TypeError) as exc:
         raise GsaeError(f"{config_name or f'the config of {name}'} is damaged ({type(exc).__name__}: {exc})") from None

@@ -26,7 +26,8 @@ from pipeline.models import matmul_precision, pick_device
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
 from pipeline.run import Run, RunConfig, cache_around, cache_fingerprint, join, pack_training_state
-from pipeline.sae import ARCHITECTURES, TOP_K_ARCHITECTURES, SparseAutoencoder, default_k, default_lr
+from pipeline.sae import (ARCHITECTURES, L1_COEFFICIENT, TOP_K_ARCHITECTURES, SparseAutoencoder, default_k,
+                          default_lr)
 from stores import ActivationStore
 from stores.stream import TrainingStream, split_chunks
 
@@ -57,6 +58,7 @@ class TrainRequest:
     window_chunks: int = 8
     tf32: bool = True  # TF32 matmuls on CUDA, as sparsify sets them; no effect on the CPU
     precision: str = "float32"  # or "bfloat16": the forward under autocast
+    l1_coefficient: float = L1_COEFFICIENT  # ReLU's L1 weight, JumpReLU's L0 weight
     given: tuple[str, ...] = ()  # the options typed on the command line: --resume refuses those that differ
 
 
@@ -84,6 +86,8 @@ def validate_request(request: TrainRequest) -> None:
         raise GsaeError(f"--batch-size must be at least 2 (got {request.batch_size})")
     if request.dead_tokens is not None and request.dead_tokens <= 0:
         raise GsaeError(f"--dead-tokens must be positive (got {request.dead_tokens})")
+    if not (math.isfinite(request.l1_coefficient) and request.l1_coefficient >= 0):
+        raise GsaeError(f"--l1-coefficient must be a finite number ≥ 0 (got {request.l1_coefficient})")
     if request.lr is not None and not (math.isfinite(request.lr) and request.lr > 0):
         raise GsaeError(f"--lr must be a positive finite number (got {request.lr})")
     check_seed(request.seed)
@@ -179,7 +183,7 @@ def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
         lr=request.lr or default_lr(n_latents), steps=math.ceil(request.tokens / request.batch_size),
         batch_size=request.batch_size, dead_tokens=dead_tokens, seed=request.seed,
         window_chunks=request.window_chunks, checkpoint_every=request.checkpoint_every, log_every=request.log_every,
-        device=request.device, tf32=request.tf32, precision=request.precision,
+        device=request.device, tf32=request.tf32, precision=request.precision, l1_coefficient=request.l1_coefficient,
         train_chunks=train_chunks, eval_chunks=eval_chunks,
         eval_rows=[store.chunk_rows(eval_chunks[0])[0], store.n_tokens],
         arguments=_arguments(request), gsae_version=__version__)
@@ -283,9 +287,12 @@ def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore
     """What the plan does that the arguments did not say: tokens rounded up to whole batches, and SAEs
     that will see their rows more than once."""
     notes = []
+    if request.l1_coefficient != L1_COEFFICIENT and config.architecture in TOP_K_ARCHITECTURES:
+        notes.append(f"--l1-coefficient {request.l1_coefficient:g} is not used: a {config.architecture} SAE's "
+                     "sparsity is its k")
     if request.k is not None and config.architecture not in TOP_K_ARCHITECTURES:
         notes.append(f"--k {request.k} is not used: a {config.architecture} SAE has no top-k (its L1 or L0 "
-                     "penalty sets how many latents fire)")
+                     "penalty sets how many latents fire: --l1-coefficient)")
     if config.tokens_per_sae != request.tokens:
         notes.append(f"--tokens {request.tokens:,} → {config.tokens_per_sae:,} per SAE "
                      f"({config.steps:,} whole batches of {config.batch_size:,})")
@@ -314,8 +321,7 @@ def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool
     try:
         for i in indices:
             group = config.groups[i]
-            sae = SparseAutoencoder(config.d_in, config.n_latents, config.architecture, k=config.k,
-                                    seed=config.seed + i)
+            sae = _new_sae(config, seed=config.seed + i)
             scales = [config.scales[layer] for layer in group]
             with torch.no_grad():  # b_dec at the (scaled) data mean of the group
                 sae.b_dec.copy_(torch.from_numpy(np.mean([mean[l] * s for l, s in zip(group, scales)], axis=0)))
@@ -331,6 +337,12 @@ def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool
             stream.close()
         raise
     return saes, optimizers, streams, fired
+
+
+def _new_sae(config: RunConfig, seed: int = 0) -> SparseAutoencoder:
+    """An SAE of the run's shape and architecture, its penalty weight included (seeded: its initial weights)."""
+    return SparseAutoencoder(config.d_in, config.n_latents, config.architecture, k=config.k,
+                             l1_coefficient=config.l1_coefficient, seed=seed)
 
 
 def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
@@ -579,7 +591,7 @@ def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder]
     if merged is not None:
         for i, group in enumerate(config.groups):
             row, weights = merged[i]
-            sae = SparseAutoencoder(config.d_in, config.n_latents, config.architecture, k=config.k)
+            sae = _new_sae(config)
             sae.load_state_dict(weights)
             run.save_sae(i, sae, {"layers": group, "scales": {str(layer): config.scales[layer] for layer in group},
                                   "hook_names": [f"blocks.{l}.hook_resid_post" for l in group],

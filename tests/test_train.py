@@ -403,3 +403,21 @@ def test_baseline_of_a_two_block_model_and_a_note_on_a_held_out_slice_eval_would
     assert [row["layers"] for row in summary["saes"]] == [[0]]
     note = " ".join((out + err).split())
     assert "holds 64 rows, fewer than the 100 an FVU needs" in note and "gsae eval" in note
+
+
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
+def test_l1_coefficient_sets_the_sparsity_of_penalty_sae(architecture, tiny_models, tmp_path):
+    """--l1-coefficient is the knob a SAELens user turns for a ReLU (L1) or JumpReLU (L0) SAE: a larger one
+    gives fewer active latents, and the SAE file records it (it was fixed at 5)."""
+    cache = make_cache(tiny_models["neox"], tmp_path / "c", tokens=3000, context_length=32, batch_size=8,
+                       chunk_tokens=200)
+    l0 = {}
+    for coefficient in (0.1, 50):
+        out = tmp_path / f"r{coefficient}"
+        code, _, err = run_cli(["train", "--cache", cache, "--baseline", "--architecture", architecture,
+                                "--l1-coefficient", coefficient, "--tokens", 3072, "--batch-size", 256,
+                                "--out", out])
+        assert code == 0, err
+        assert json.loads((out / "sae_0.json").read_text())["l1_coefficient"] == coefficient
+        l0[coefficient] = np.mean([row["l0"] for row in json.loads((out / "summary.json").read_text())["saes"]])
+    assert l0[50] < l0[0.1], l0
