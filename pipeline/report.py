@@ -111,8 +111,10 @@ def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
                       grouping_seconds, amad, config.tokens_per_sae, cache_seconds,
                       int(config.cache_fingerprint["tokens"]), config.cache_fingerprint, cache_note,
                       {"architecture": config.architecture, "n_latents": config.n_latents,
-                       # k matters only where there is a top-k (relu, jumprelu: unused, and recorded differently)
-                       "k": config.k if config.architecture in TOP_K_ARCHITECTURES else None})
+                       # k matters only where there is a top-k (relu, jumprelu: unused, and recorded differently),
+                       # the penalty's weight only where there is none
+                       "k": config.k if config.architecture in TOP_K_ARCHITECTURES else None,
+                       "l1_coefficient": None if config.architecture in TOP_K_ARCHITECTURES else config.l1_coefficient})
 
 
 def _check_json_files(path: str, config: RunConfig) -> None:
@@ -158,7 +160,7 @@ def check_comparable(paths: list[str], runs: list["RunSummary"] | None = None) -
                  if reference.sae.get(key) != run.sae.get(key)]
         if shape:
             raise GsaeError(f"cannot compare {reference.path} and {run.path}: their SAEs differ ({'; '.join(shape)}); "
-                            "train them with the same --architecture, --expansion and --k")
+                            "train them with the same --architecture, --expansion and --k (or --l1-coefficient)")
         if run.tokens_per_sae != reference.tokens_per_sae:
             raise GsaeError(f"cannot compare {reference.path} and {run.path}: {reference.tokens_per_sae:,} vs "
                             f"{run.tokens_per_sae:,} training tokens per SAE; train them with the same --tokens "

@@ -375,3 +375,18 @@ def test_gsae_run_refuses_negative_windows_before_any_work(pair, tmp_path, capsy
     line = _one_line_error(*run_cli(["run", "--cache", pair["cache"], "--windows", -1, "--out", tmp_path / "runs"],
                                     capsys)[::2])
     assert "--windows must be 0" in line and not (tmp_path / "runs").exists()
+
+
+def test_report_refuses_penalty_saes_of_different_l1_coefficients(pair, tmp_path, capsys):
+    """Two ReLU runs trained with other --l1-coefficient values differ in sparsity by construction."""
+    runs = []
+    for extra, coefficient in ((["--baseline"], 1.0), (["--groups", 1], 20.0)):
+        out = tmp_path / f"relu{coefficient:g}"
+        code, _, err = run_cli(["train", "--cache", pair["cache"], *extra, "--architecture", "relu",
+                                "--l1-coefficient", coefficient, "--out", out, "--tokens", 2048, "--batch-size", 512],
+                               capsys)
+        assert code == 0, err
+        assert run_cli(["eval", "--run", out, "--windows", 0], capsys)[0] == 0
+        runs += ["--runs", out]
+    line = _one_line_error(*run_cli(["report", *runs, "--out", tmp_path / "report"], capsys)[::2])
+    assert "l1_coefficient 1.0 vs 20.0" in line and "--l1-coefficient" in line
