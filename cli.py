@@ -437,8 +437,8 @@ def evaluate(
                   ("KL", "kl_divergence", "{:.4f}")]
     for title, columns in ((f"gsae eval · {run} · reconstruction and sparsity", reconstruction),
                            (f"gsae eval · {run} · downstream (the SAE spliced into the model)", downstream)):
-        if title.endswith("model)") and not any("ce_clean" in record for record in records):
-            continue  # --windows 0
+        if not any(key in record for record in records for _, key, _ in columns[1:]):
+            continue  # no metric of the table measured (--windows 0: the downstream ones)
         table = Table(title=title)
         for name, _, _ in columns:
             table.add_column(name, justify="right", no_wrap=True)

@@ -32,10 +32,15 @@ _GPU_TASKS = threading.BoundedSemaphore(2)
 _GPU_STEP_BYTES = 256 * 2**20
 
 
+def default_layers(n_layers: int) -> list[int]:
+    """The layers grouped and trained by default: every block but the last (the paper leaves it out)."""
+    return list(range(n_layers - 1))
+
+
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
-    """``--layers``: ``0-27``, ``0,2,4`` or ``0-10,12``; default 0..L-2 (the paper leaves out the last block)."""
+    """``--layers``: ``0-27``, ``0,2,4`` or ``0-10,12``; default :func:`default_layers`."""
     if spec is None:
-        layers = list(range(n_layers - 1))
+        layers = default_layers(n_layers)
     else:
         layers = []
         for part in spec.split(","):

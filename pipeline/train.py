@@ -21,7 +21,7 @@ from pipeline import __version__
 from pipeline.errors import GsaeError, check_seed
 from pipeline.evaluate import DEFAULT_WINDOWS, check_held_out, layer_reconstruction, threshold_note
 from pipeline.group import grouping_record, mark_used, result_name
-from pipeline.grouping import Grouping, layer_span
+from pipeline.grouping import Grouping, default_layers, layer_span
 from pipeline.models import matmul_precision, pick_device
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
@@ -104,8 +104,8 @@ def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list
     """(groups, label, snapshot of the grouping they come from): the baseline's one layer per SAE, or the
     N-group partition of the grouping saved next to the cache (`gsae group` makes it)."""
     if request.baseline:
-        # every block but the last, as grouping takes them, but also for a model of two blocks (one SAE)
-        return [[layer] for layer in range(max(1, store.n_layers - 1))], "baseline", None
+        # the layers grouping takes, without its two-layer minimum (a model of one or two blocks: one SAE)
+        return [[layer] for layer in default_layers(store.n_layers) or [0]], "baseline", None
     record = grouping_record(store, request.metric)
     if record is None:
         raise GsaeError(f"no {request.metric} grouping next to {store.path}: run `gsae group --metric "

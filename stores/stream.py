@@ -54,6 +54,13 @@ def as_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
+def _stop(futures: list[Future]) -> None:
+    """Cancel the decodes not yet started and wait for those running: they write into a window buffer."""
+    for future in futures:
+        future.cancel()
+    wait(futures)
+
+
 def _torch_dtype(dtype: str) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 
@@ -192,9 +199,7 @@ class TrainingStream:
             for future in futures:
                 future.result()
         except BaseException:  # one chunk failed: its siblings must not go on writing into the buffer
-            for future in futures:
-                future.cancel()
-            wait(futures)
+            _stop(futures)
             raise
         if carry_values is None:
             carry_values = self._read_ids(self._carry_ids)
@@ -304,10 +309,7 @@ class TrainingStream:
 
     def _drain(self) -> None:
         """Cancel the pending decodes and wait for those already running (they write into the buffers)."""
-        futures = [future for _, pending in self._pending.values() for future in pending]
-        for future in futures:
-            future.cancel()
-        wait(futures)
+        _stop([future for _, pending in self._pending.values() for future in pending])
         self._pending.clear()
 
     def close(self) -> None:
