@@ -36,7 +36,7 @@ from rich.console import Console, ConsoleDimensions  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 # Defaults and choices come from the stages (their request dataclasses and constants), never restated here.
-from pipeline.cache import CACHE_ROOT, CacheRequest  # noqa: E402
+from pipeline.cache import CACHE_ROOT, WRITERS, CacheRequest  # noqa: E402
 from pipeline.evaluate import DEFAULT_TOKENS as EVAL_TOKENS  # noqa: E402
 from pipeline.evaluate import DEFAULT_WINDOWS as EVAL_WINDOWS  # noqa: E402
 from pipeline.export import FORMATS  # noqa: E402
@@ -93,6 +93,7 @@ Device = _choices("Device", DEVICES)
 Metric = _choices("Metric", METRICS)
 Architecture = _choices("Architecture", ARCHITECTURES)
 Precision = _choices("Precision", PRECISIONS)
+Writer = _choices("Writer", WRITERS)
 ExportFormat = _choices("ExportFormat", FORMATS)
 _DEBUG = False  # --debug or GSAE_DEBUG=1: show tracebacks
 
@@ -191,7 +192,8 @@ def cache(
     prepend_bos: Optional[bool] = typer.Option(None, "--prepend-bos/--no-prepend-bos", help="Start every window with BOS (default: when the tokenizer has one)."),
     keep_bos: bool = typer.Option(CacheRequest.keep_bos, help="Also store the BOS position's activations (outliers; dropped by default)."),
     chunk_tokens: Optional[int] = typer.Option(None, help="Rows per chunk (default: about 4 MiB per chunk)."),
-    write_threads: Optional[int] = typer.Option(None, help="Threads compressing and writing chunks (default: one per core)."),
+    write_threads: Optional[int] = typer.Option(None, help="Threads (or processes, see --writer) compressing and writing chunks (default: one per core)."),
+    writer: Writer = typer.Option(CacheRequest.writer, help="Who compresses and writes the chunks: threads, or processes (their own GIL, so the model's thread does not wait for it; lossless local caches). auto: processes where the model runs on a GPU."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Run the model once and cache every block's residual stream to a compressed, resumable Zarr store."""
@@ -203,7 +205,7 @@ def cache(
         text_field=text_field, tokens=tokens, context_length=context_length, batch_size=batch_size,
         cache=cache, compression=compression.value, keep_bits=keep_bits, dtype=dtype.value,
         device=device.value, prepend_bos=prepend_bos, keep_bos=keep_bos, chunk_tokens=chunk_tokens,
-        write_threads=write_threads,
+        write_threads=write_threads, writer=writer.value,
     )
     result = build_cache(request, console)
     if result.rank:  # under torchrun rank 0 reports for every rank
@@ -228,7 +230,7 @@ def cache(
         ("time", f"{result.elapsed:,.1f} s" + (f" ({rate:,.0f} tok/s)" if rate else "")),
     ] + ([("of which", f"model {result.phases['forward']:,.1f} s · waiting for the writer "
                        f"{result.phases['writer_wait']:,.1f} s · reading text {result.phases['windows']:,.1f} s")]
-         if result.phases and result.elapsed >= 1 else []):
+         if result.phases and result.elapsed >= 1 else []) + ([("written by", result.writer)] if result.writer else []):
         table.add_row(name, value)
     report.print(table)
 

@@ -31,12 +31,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from gil_options import add_gil_options, apply_gil_options  # noqa: E402  (benchmarks/, the script's folder)
-from pipeline.cache import ChunkWriter, _Chunk, fill_store  # noqa: E402
+from cache_write import in_shared_memory  # noqa: E402  (benchmarks/, the script's folder)
+from gil_options import add_gil_options, apply_gil_options  # noqa: E402
+from pipeline.cache import WRITERS, ChunkWriter, _Chunk, fill_store  # noqa: E402
 from pipeline.corpus import iter_windows, open_corpus, window_plan  # noqa: E402
 from pipeline.models import load_model, pick_device, resolve_model_spec  # noqa: E402
 from pipeline.ranks import Ranks  # noqa: E402
 from stores import ActivationStore, compute_chunk_stats, default_chunk_tokens  # noqa: E402
+from stores.chunk_files import EncoderProcesses, SharedBuffers  # noqa: E402
 
 
 def bare_forward(lm, windows: list[list[int]], batch: int) -> float:
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--folder", default=".", help="where the temporary store goes (/dev/shm: memory, not the disk)")
     parser.add_argument("--write-threads", type=int, default=None,
                         help="writer threads for both runs (default: gsae cache's, a thread per core)")
+    parser.add_argument("--writer", choices=WRITERS, default="auto",
+                        help="gsae cache --writer for both runs: threads, encoder processes, or gsae's choice")
     parser.add_argument("--write-only-gib", type=float, default=4.0,
                         help="at most this many GiB of the cached chunks are held in memory for the write-only run")
     add_gil_options(parser)
@@ -89,13 +93,14 @@ def main() -> None:
         faults = _minor_faults()
         start = time.perf_counter()
         result = fill_store(store, lm, iter(windows), batch_size=args.batch_size, first_row=first_row,
-                            rows_per_window=rows_per_window, console=console, write_threads=threads)
+                            rows_per_window=rows_per_window, console=console, write_threads=threads,
+                            writer_kind=args.writer)
         seconds = time.perf_counter() - start
         cached = tokens / seconds
         fresh = (_minor_faults() - faults) * resource.getpagesize() / tokens
         bytes_per_value = store.nbytes_on_disk("layers") / (tokens * lm.n_layers * lm.d_model)
         written = write_only(ActivationStore.open(store.path), os.path.join(tmp, "write-only"), threads,
-                             int(args.write_only_gib * 2**30))
+                             int(args.write_only_gib * 2**30), processes="process" in result.writer)
     faults = _minor_faults()
     bare_after = bare_forward(lm, windows, args.batch_size)
     fresh_bare = (_minor_faults() - faults) * resource.getpagesize() / tokens
@@ -105,7 +110,7 @@ def main() -> None:
           f"batch {args.batch_size}x{args.context_length}  threads {torch.get_num_threads()}")
     print(f"bare forward   {bare:8.1f} tok/s  (before {bare_before:.1f}, after {bare_after:.1f})")
     print(f"cache          {cached:8.1f} tok/s  ({args.compression}, {bytes_per_value:.3f} bytes/value in layers/)")
-    print(f"write-only     {written:8.1f} tok/s  (gsae's writer alone, {threads} threads, the same chunks, "
+    print(f"write-only     {written:8.1f} tok/s  (gsae's writer alone, {result.writer}, the same chunks, "
           f"{2 * lm.n_layers * lm.d_model * written / 1e9:.2f} GB/s of float16)")
     print(f"ratio cache / bare forward = {cached / bare:.3f}   (target on a CPU >= 0.95)")
     print(f"ratio cache / min(bare forward, write-only) = {cached / min(bare, written):.3f}   (target on a GPU >= 0.8)")
@@ -118,9 +123,11 @@ def main() -> None:
           f"the float16 activations")
 
 
-def write_only(cache: ActivationStore, folder: str, threads: int, max_bytes: int) -> float:
-    """Tokens per second of gsae's chunk writer (``threads`` threads) writing ``cache``'s whole chunks,
-    read back into memory first (at most ``max_bytes`` of them), into a fresh store at ``folder``."""
+def write_only(cache: ActivationStore, folder: str, threads: int, max_bytes: int, processes: bool = False) -> float:
+    """Tokens per second of gsae's chunk writer (``threads`` threads, or as many encoder processes, started
+    before the clock as `gsae cache` starts them before its first chunk) writing ``cache``'s whole chunks, read
+    back into memory first (shared memory for the processes; at most ``max_bytes`` of them), into a fresh
+    store at ``folder``."""
     chunk_bytes = cache.n_layers * cache.chunk_tokens * cache.d_model * 2
     n_chunks = max(1, min(cache.tokens_written // cache.chunk_tokens, max_bytes // chunk_bytes))
     chunks = []
@@ -132,9 +139,19 @@ def write_only(cache: ActivationStore, folder: str, threads: int, max_bytes: int
     target = ActivationStore.create(folder, n_layers=cache.n_layers, d_model=cache.d_model,
                                     n_tokens=n_chunks * cache.chunk_tokens, chunk_tokens=cache.chunk_tokens,
                                     dtype=cache.dtype, compression=cache.attrs["codec"]["compression"])
-    start = time.perf_counter()
-    ChunkWriter(target, threads, 0.0).write_all(chunks)
-    return n_chunks * cache.chunk_tokens / (time.perf_counter() - start)
+    shared = SharedBuffers() if processes else None
+    try:
+        encoder = None
+        if shared is not None:
+            chunks = in_shared_memory(chunks, shared)
+            encoder = EncoderProcesses(threads, shared)
+            encoder.wait_ready()
+        start = time.perf_counter()
+        ChunkWriter(target, threads, 0.0, encoder=encoder).write_all(chunks)  # stops the processes too
+        return n_chunks * cache.chunk_tokens / (time.perf_counter() - start)
+    finally:
+        if shared is not None:
+            shared.close()
 
 
 def _minor_faults() -> int:

@@ -20,11 +20,13 @@ instead, which separates the writer's own scaling from what the file system's pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +40,7 @@ import torch  # noqa: E402
 from gil_options import add_gil_options, apply_gil_options  # noqa: E402  (benchmarks/, the script's folder)
 from pipeline.cache import ChunkWriter, _Chunk, _ChunkAssembler, _ChunkBuffers  # noqa: E402
 from stores import ActivationStore, ChunkStats, compute_chunk_stats  # noqa: E402
+from stores.chunk_files import EncoderProcesses, SharedBuffers  # noqa: E402
 
 
 def source_chunks(args: argparse.Namespace) -> tuple[list[_Chunk], int, int, str, str]:
@@ -60,20 +63,78 @@ def source_chunks(args: argparse.Namespace) -> tuple[list[_Chunk], int, int, str
 
 
 def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
-              folder: str) -> tuple[float, float, int]:
-    """(wall seconds, CPU seconds of the whole process, bytes of memory first touched: minor page faults)
-    to write and commit every chunk into a fresh store with ``threads`` writer threads."""
+              folder: str, encoder: EncoderProcesses | None = None, probe: bool = False) -> tuple[float, float, int, float]:
+    """(wall seconds, CPU seconds of the whole process, bytes of memory first touched: minor page faults,
+    the GIL probe's ops/s or 0) to write and commit every chunk into a fresh store with ``threads`` writer
+    threads, or with ``encoder``'s processes, the chunks then in its shared memory (as `gsae cache --writer
+    processes` writes).  ``probe``: :class:`GilProbe` runs meanwhile."""
     rows = len(chunks[0].tokens)
     store = ActivationStore.create(os.path.join(folder, f"t{threads}"), n_layers=n_layers, d_model=d_model,
                                    n_tokens=rows * len(chunks), chunk_tokens=rows, dtype=dtype,
                                    compression=compression)
-    writer = ChunkWriter(store, threads, 0.0)
+    writer = ChunkWriter(store, threads, 0.0, encoder=encoder)
+    spinner = GilProbe() if probe else None
     cpu, faults = _cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
-    writer.write_all(chunks)
-    seconds = time.perf_counter() - start
+    with spinner or contextlib.nullcontext():
+        try:  # ChunkWriter.write_all, but the caller stops the processes (started once; the first run a warm-up)
+            for chunk in chunks:
+                writer.submit(chunk)
+            writer.drain()
+        finally:
+            writer.pool.shutdown()
+        seconds = time.perf_counter() - start
     fresh = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) * resource.getpagesize()
-    return seconds, _cpu_seconds() - cpu, fresh
+    return seconds, _cpu_seconds() - cpu, fresh, spinner.rate if spinner else 0.0
+
+
+class GilProbe:
+    """A thread that runs tiny torch ops back to back, as the model's thread does while it launches a GPU's
+    kernels: each op lets go of the GIL and takes it back.  Its ops/s beside a writer, ÷ its ops/s alone,
+    is the share of the model thread's pace that the writer leaves it (the writer's GIL, not its cores:
+    give the probe a core of its own, e.g. 1 writer thread or process on 2 cores)."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.count = 0
+        self.rate = 0.0
+        self.thread = threading.Thread(target=self._spin, name="gil-probe")
+
+    def _spin(self) -> None:
+        x = torch.zeros(16)
+        n = 0
+        while not self.stop.is_set():
+            x.add_(1.0)
+            x.mul_(0.5)
+            n += 1
+        self.count = n
+
+    def __enter__(self) -> "GilProbe":
+        self.started = time.perf_counter()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.rate = self.count / (time.perf_counter() - self.started)
+
+    @classmethod
+    def alone(cls, seconds: float = 1.0) -> float:
+        """Its ops/s with nothing else running."""
+        with cls() as probe:
+            time.sleep(seconds)
+        return probe.rate
+
+
+def in_shared_memory(chunks: list[_Chunk], shared: SharedBuffers) -> list[_Chunk]:
+    """The chunks with their layers copied into ``shared`` (where `gsae cache --writer processes` keeps them)."""
+    moved = []
+    for chunk in chunks:
+        layers = shared.empty(chunk.layers.shape, chunk.layers.dtype)
+        layers[...] = chunk.layers
+        moved.append(_Chunk(chunk.index, layers, chunk.tokens, chunk.stats))
+    return moved
 
 
 def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
@@ -203,6 +264,11 @@ def main() -> None:
                         help="writer thread counts, comma-separated ('all': every core), e.g. 1,2,4,8,all")
     parser.add_argument("--writer-only", action="store_true",
                         help="only the gsae writer lines (no raw writes, no host side): e.g. under a profiler")
+    parser.add_argument("--writers", default="threads,processes",
+                        help="gsae's writer with threads, with encoder processes (`gsae cache --writer`), or both")
+    parser.add_argument("--probe", action="store_true",
+                        help="run a GIL probe (tiny torch ops, as a model thread launching GPU kernels) beside each "
+                             "writer line and print its pace ÷ its pace alone")
     add_gil_options(parser)
     args = parser.parse_args()
     apply_gil_options(args)
@@ -229,13 +295,38 @@ def main() -> None:
                   f"(a file per chunk and layer, as the writer's jobs)")
         with tempfile.TemporaryDirectory(dir=folder) as run_folder:  # warm-up: codecs, zarr's event loop
             write_all(chunks[:1], n_layers, d_model, dtype, compression, cores, run_folder)
-        for threads in counts:
-            with tempfile.TemporaryDirectory(dir=folder) as run_folder:
-                seconds, cpu, fresh = min(write_all(chunks, n_layers, d_model, dtype, compression, threads,
-                                                    run_folder) for _ in range(args.repeats))
-            results[threads] = seconds
-            print(f"gsae writer {threads:2d} thr  {tokens / seconds:12,.0f} tok/s  {gigabytes / seconds:6.2f} GB/s"
-                  f"  {cpu / seconds:4.2f} cores busy")
+        kinds = [kind.strip() for kind in args.writers.split(",")]
+        shared = SharedBuffers() if "processes" in kinds else None
+        in_shared = in_shared_memory(chunks, shared) if shared else []
+        alone = GilProbe.alone() if args.probe else 0.0
+        if alone:
+            print(f"GIL probe alone       {alone:12,.0f} ops/s")
+        try:
+            for threads in counts:
+                for kind in kinds:
+                    processes = kind == "processes"
+                    # started once, as `gsae cache` starts them (about 0.2 s); a first run maps the chunks in each
+                    encoder = EncoderProcesses(threads, shared) if processes else None
+                    run = functools.partial(write_all, in_shared if processes else chunks, n_layers, d_model, dtype,
+                                            compression, threads, encoder=encoder, probe=args.probe)
+                    try:
+                        if encoder is not None:
+                            encoder.wait_ready()
+                            with tempfile.TemporaryDirectory(dir=folder) as run_folder:
+                                run(run_folder)
+                        with tempfile.TemporaryDirectory(dir=folder) as run_folder:
+                            seconds, cpu, fresh, rate = min(run(run_folder) for _ in range(args.repeats))
+                    finally:
+                        if encoder is not None:
+                            encoder.close()
+                    results[threads, kind] = seconds
+                    probe = f"  GIL probe at {rate / alone:.2f} of alone" if alone else ""
+                    print(f"gsae writer {threads:2d} {'proc' if processes else 'thr '}  {tokens / seconds:10,.0f} tok/s  "
+                          f"{gigabytes / seconds:6.2f} GB/s  {cpu / seconds:4.2f} cores busy in this process{probe}")
+        finally:
+            if shared:
+                shared.close()
+        results.update({threads: seconds for (threads, kind), seconds in results.items() if kind == kinds[0]})
         for pending in [] if args.writer_only else [None] + ([args.writer_pending] if args.writer_pending else []):
             host_side = functools.partial(assemble_and_write, chunks, n_layers, d_model, dtype, compression, cores,
                                           batch_rows=args.batch_rows, pending=pending,
@@ -263,10 +354,13 @@ def main() -> None:
                       f"max(writer, idle) ÷ this = {ideal / overlapped:.2f} (1: the writer works while the GPU runs)")
     print(f"fresh memory touched while writing: {fresh / (gigabytes * 1e9):.2f} × the float16 bytes (minor page "
           f"faults; dear where memory is backed lazily, as in the GPU machine's VM)")
-    if 1 in results and 2 in results:
-        print(f"ratio 2 threads / 1 thread = {results[1] / results[2]:.2f}   (target >= 1.7)")
-    if cores in results:
-        print(f"all {cores} threads: {gigabytes / results[cores]:.2f} GB/s of float16 (target on the GPU machine >= 4)")
+    for kind in kinds:
+        unit = "processes" if kind == "processes" else "threads"
+        if (1, kind) in results and (2, kind) in results:
+            print(f"ratio 2 {unit} / 1 = {results[1, kind] / results[2, kind]:.2f}   (target >= 1.7)")
+        if (cores, kind) in results:
+            print(f"all {cores} {unit}: {gigabytes / results[cores, kind]:.2f} GB/s of float16 (target on the GPU "
+                  f"machine >= 4)")
 
 
 if __name__ == "__main__":

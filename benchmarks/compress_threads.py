@@ -10,7 +10,7 @@ then CRC32C), five ways, in one run:
   the compressed bytes into a new bytes object, ``dest[:cbytes]``, with the GIL held, into memory that may
   be fresh), then google_crc32c (holds the GIL), then a file written and renamed into place;
 - ``numcodecs+crc32c``: the same with the crc32c package's checksum, which releases the GIL: what gsae's
-  writer does on a machine with more than 2 cores (``stores.codecs.chunk_checksum``);
+  writer does on a machine with more than 2 cores (``stores.chunk_files.chunk_checksum``);
 - ``reused``: the same blosc function of the same library (``blosc_compress_ctx``, called through ctypes,
   which releases the GIL) into a buffer each thread reuses, with google_crc32c: no copy, no fresh memory;
 - ``reused+crc32c``: the same with the crc32c package's checksum;

@@ -9,7 +9,8 @@
 # (a) installs the wheels in .whl (made here by ../shared/gpu/wheels.sh) into /tmp/site, as
 #     /work/shared/gpu/README.md says; without .whl it uses this Python's packages;
 # (b) runs each benchmark under its own `timeout`, most important first: the CUDA tests alone,
-#     cache_throughput (also with the checksum holding the GIL, and with 8 writer threads), end_to_end,
+#     cache_throughput (encoder processes on a GPU; also with writer threads, 8 of them, and the checksum
+#     holding the GIL), end_to_end,
 #     cache_write, the writer by threads (and with the checksum holding the GIL), compressing alone by
 #     threads, where the writer holds the GIL (py-spy), the stream (and with the checksum holding the
 #     GIL) and feed ratios, sparsify_speed, then the whole test suite with CUDA visible (232 s on the
@@ -145,18 +146,22 @@ step model 90 "$PY" benchmarks/end_to_end.py --only-build-model "$W/model" --cor
 # 0. the CUDA tests alone first (a minute): the CUDA paths changed since the last full suite there
 step tests_cuda_quick 90 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_cuda.py tests/test_sae.py
 
-# 1. stage one: cache throughput ÷ bare forward, same model, windows and batch (into the disk, into memory)
+# 1. stage one: cache throughput ÷ bare forward, same model, windows and batch (into the disk, into memory).
+#    On a GPU gsae cache now writes with encoder processes (--writer auto); 2026-11-28 the forward ran at a
+#    third of its speed beside 16 writer threads: the same with --writer threads, with 8 of them (the writer
+#    alone peaked there), and with the checksum holding the GIL (as then)
 step cache_throughput "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"}
+step cache_throughput_threads "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
+    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --writer threads
 step cache_throughput_memory "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm
-# 2026-11-28 the forward ran at a third of its speed beside 16 writer threads: the same with the checksum
-# holding the GIL (as then), and with 8 writer threads (the writer alone peaked there)
-step cache_throughput_crc_held "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
-    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm --checksum-gil held
 step cache_throughput_w8 "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
-    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm \
+    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm --writer threads \
     --write-threads "$([ $SMOKE = 1 ] && echo 1 || echo 8)"
+step cache_throughput_crc_held "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
+    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm --checksum-gil held \
+    --writer threads
 
 # 1b. end to end: gsae cache + baseline / + group + G*, against sparsify live (the headline ratios)
 step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --sparsify-runs 2 \
@@ -171,15 +176,17 @@ step fresh_memory 60 "$PY" benchmarks/fresh_memory.py ${FRESH_ARGS[@]+"${FRESH_A
 #    the disk and into memory (/dev/shm): what the machine's memory gives as well as what its disk gives
 step cache_write "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"}
 step cache_write_memory "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --folder /dev/shm
-# 3b. the writer by threads (1, 2, 4, 8, all) into memory, then where its threads hold the GIL (py-spy, from
-#     .whl): on the H200 machine 16 writer threads kept only 4 cores busy, and 16 raw writers wrote 20.9 GB/s
+# 3b. the writer by threads and by encoder processes (1, 2, 4, 8, all) into memory, with a GIL probe beside
+#     it (a thread of tiny torch ops, as the model's thread launching kernels: its pace ÷ alone), then where
+#     the threads hold the GIL (py-spy, from .whl): on the H200 machine 16 writer threads kept only 4 cores
+#     busy, and 16 raw writers wrote 20.9 GB/s
 step writer_threads "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
-    --threads 1,2,4,8,all --folder /dev/shm
+    --threads 1,2,4,8,all --folder /dev/shm --probe
 # 3b'. the same 16 writer threads with the chunk checksum holding the GIL, as before 2026-11-28 (gsae now
 #     releases it where a process has more than 2 cores: compressing alone by 16 threads on the H200 machine
 #     went from 4.67 to 8.10 GB/s)
 step writer_crc_held "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
-    --threads all --folder /dev/shm --checksum-gil held
+    --threads all --folder /dev/shm --checksum-gil held --writers threads
 # 3c. compressing alone by threads, five ways (numcodecs with google_crc32c, the writer before 2026-11-28;
 #     numcodecs with the crc32c package's GIL-free checksum, the writer since; the same blosc into reused
 #     buffers through ctypes with either checksum; raw writes)
@@ -195,11 +202,11 @@ gil_profile() {  # gil_profile NAME COMMAND...: py-spy --gil over COMMAND, then 
       --seconds $((SECONDS - t0))
 }
 gil_profile writer_gil "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only --threads all \
-    --repeats 4 --folder /dev/shm
+    --repeats 4 --folder /dev/shm --writers threads
 # the same writer with a 0.5 ms GIL switch interval (CPython's is 5 ms): is the 16-thread writer held back
 # by threads waiting to get the GIL back after each C call (the convoy effect)?
 step writer_switch "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
-    --threads all --folder /dev/shm --switch-interval 0.0005
+    --threads all --folder /dev/shm --switch-interval 0.0005 --writers threads
 
 # 4. a small cache of the model, then the training stream ÷ plain decode, and store-fed ÷ memory-fed steps
 step small_cache "$T_CACHE" gsae cache --model "$W/model" --dataset "$W/corpus.jsonl" --cache "$W/cache" ${CACHE_ARGS[@]+"${CACHE_ARGS[@]}"}
@@ -287,7 +294,7 @@ fi
 echo
 echo "== summary (session $((SECONDS - START)) s of ${BUDGET})"
 for name in "${ORDER[@]}"; do
-  grep -h -E "ratio|÷|compile|GB/s|group \(D\)|read only|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)?( [0-9.]+% dead)? +([0-9,]+ +[0-9,]+|gsae with AuxK)|^(raw|numcodecs|reused)|SKIPPED|TIMED OUT|FAILED|failed|GIL held|by thread:|^ +[0-9.]+%  |by phase|switch interval" \
+  grep -h -E "ratio|÷|compile|GB/s|group \(D\)|read only|passed|failed|FAILED|G\* =|^\[|^  [0-9] |^ *[0-9]+( \+AuxK)?( [0-9.]+% dead)? +([0-9,]+ +[0-9,]+|gsae with AuxK)|^(raw|numcodecs|reused)|SKIPPED|TIMED OUT|FAILED|failed|GIL held|GIL probe|by thread:|^ +[0-9.]+%  |by phase|switch interval" \
       "$W/logs/$name.log" 2>/dev/null | grep -v '│' | sed "s/^/$name: /"
 done
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then tar czf "$OUT/gpu_session_logs.tgz" -C "$W" logs 2>/dev/null; fi  # one file: $OUT takes 8

@@ -2,7 +2,9 @@
 
 The forward pass runs on the calling thread, which also gathers the rows into chunks with their
 statistics; compression and writing run on a pool of threads (every layer's chunk a job of its own,
-several chunks in flight, bounded), so they overlap the next forward pass and use every core.  Chunks
+several chunks in flight, bounded), so they overlap the next forward pass and use every core.  Where the
+model runs on a GPU the chunks go to encoder processes instead (``--writer``, :mod:`stores.chunk_files`):
+their GIL is not the model thread's.  Chunks
 are committed in order, one by one, which makes a killed run resumable to the same bytes (see
 docs/store-format.md).
 
@@ -52,12 +54,14 @@ from stores import (
     write_seconds_writing,
 )
 from stores.activation_store import fold_seconds_writing
+from stores.chunk_files import EncoderProcesses, SharedBuffers, shared_memory_room, usable_cores
 from stores.codecs import keep_bits_range
 
 DEFAULT_TOKENS = 100_000
 DEFAULT_CONTEXT_LENGTH = 256
 DEFAULT_BATCH_SIZE = 16
 CACHE_ROOT = "gsae-cache"
+WRITERS = ("auto", "threads", "processes")  # --writer: who compresses and writes the chunks
 
 
 @dataclass
@@ -82,6 +86,7 @@ class CacheRequest:
     keep_bos: bool = False
     chunk_tokens: int | None = None
     write_threads: int | None = None  # None: one per core
+    writer: str = "auto"  # WRITERS; auto: processes where the model runs on a GPU, else threads
 
 
 @dataclass
@@ -104,6 +109,7 @@ class CacheResult:
     overflow_values: list[int] = field(default_factory=list)
     rank: int = 0  # under torchrun rank 0 reports for every rank; the others print nothing
     phases: dict[str, float] = field(default_factory=dict)  # this run's seconds by phase (rank 0's; see fill_store)
+    writer: str = ""  # who wrote the chunks, e.g. "16 processes" (empty when nothing was written)
 
     @property
     def bytes_per_value(self) -> float:
@@ -124,6 +130,8 @@ def _validate(request: CacheRequest) -> None:
         raise GsaeError(f"--context-length must be at least 2 (got {request.context_length})")
     if request.write_threads is not None and request.write_threads <= 0:
         raise GsaeError(f"--write-threads must be positive (got {request.write_threads})")
+    if request.writer not in WRITERS:
+        raise GsaeError(f"--writer {request.writer!r}: choose one of {', '.join(WRITERS)}")
     if request.chunk_tokens is not None and request.chunk_tokens <= 0:
         raise GsaeError(f"--chunk-tokens must be positive (got {request.chunk_tokens})")
     if request.dtype not in STORAGE_DTYPES:
@@ -218,15 +226,23 @@ class _ForwardCapture:
 class _ChunkBuffers:
     """Reused (n_layers, chunk rows, d_model) chunk buffers: pinned where the model runs on a GPU, so the
     hooks copy rows from the device straight into the chunk (no staging buffer, no second copy on the
-    host), and never fresh memory per chunk."""
+    host), and never fresh memory per chunk.  With ``shared``, in shared memory that the writer's encoder
+    processes read (pinned there with cudaHostRegister, at their exact size)."""
 
-    def __init__(self, shape: tuple[int, int, int], np_dtype: np.dtype, pinned: bool):
-        self.shape, self.np_dtype, self.pinned = shape, np_dtype, pinned
+    def __init__(self, shape: tuple[int, int, int], np_dtype: np.dtype, pinned: bool,
+                 shared: SharedBuffers | None = None):
+        self.shape, self.np_dtype, self.pinned, self.shared = shape, np_dtype, pinned, shared
         self.free: list[np.ndarray] = []
+        self.registered: list[int] = []  # addresses of the shared buffers pinned with cudaHostRegister
 
     def take(self) -> np.ndarray:
         if self.free:
             return self.free.pop()
+        if self.shared is not None:
+            buffer = self.shared.empty(self.shape, self.np_dtype)
+            if self.pinned:
+                self._register(buffer)
+            return buffer
         if not self.pinned:
             return np.empty(self.shape, dtype=self.np_dtype)
         # torch has no uint16 for pinned allocation in every version: pin bytes, view them as the dtype
@@ -235,6 +251,23 @@ class _ChunkBuffers:
 
     def give_back(self, buffer: np.ndarray) -> None:
         self.free.append(buffer)
+
+    def _register(self, buffer: np.ndarray) -> None:
+        address = buffer.ctypes.data
+        error = int(torch.cuda.cudart().cudaHostRegister(address, buffer.nbytes, 0))
+        if error:
+            raise GsaeError(f"could not pin {buffer.nbytes:,} bytes of shared memory for the writer's processes "
+                            f"(CUDA error {error}); pass --writer threads")
+        self.registered.append(address)
+
+    def close(self) -> None:
+        """Unpin the shared buffers and let their memory go (every copy into them has finished)."""
+        for address in self.registered:
+            torch.cuda.cudart().cudaHostUnregister(address)
+        self.registered.clear()
+        self.free.clear()
+        if self.shared is not None:
+            self.shared.close()
 
 
 class _ChunkAssembler:
@@ -247,12 +280,12 @@ class _ChunkAssembler:
     in every run and on every rank, so the sums come out bit-identical."""
 
     def __init__(self, store: ActivationStore, np_dtype: np.dtype, chunks: Container[int] | None = None,
-                 pinned: bool = False):
+                 pinned: bool = False, shared: SharedBuffers | None = None):
         self.store = store
         self.np_dtype = np_dtype
         self.chunks = range(store.chunks_written, store.n_chunks_planned) if chunks is None else chunks
         self.open: dict[int, _Open] = {}
-        self.buffers = _ChunkBuffers((store.n_layers, store.chunk_tokens, store.d_model), np_dtype, pinned)
+        self.buffers = _ChunkBuffers((store.n_layers, store.chunk_tokens, store.d_model), np_dtype, pinned, shared)
 
     def _segments(self, row: int, stop: int) -> Iterator[tuple[int, _Open, int, int]]:
         """(chunk, its open part, first row, row after the last) for each of this assembler's chunks that
@@ -317,6 +350,11 @@ class _ChunkAssembler:
     def _stats_of(self, chunk: int, part: _Open) -> ChunkStats:
         return part.stats.result()
 
+    def close(self) -> None:
+        """Let the chunk buffers go (after the writer has finished with them)."""
+        self.open.clear()
+        self.buffers.close()
+
 
 @dataclass
 class _Open:
@@ -345,11 +383,13 @@ _IN_FLIGHT_BYTES = 2 << 30  # the most chunks in flight a forward batch may ask 
 class ChunkWriter:
     """Compresses and writes chunks on a pool of threads, every layer's chunk a job of its own, and
     commits them in order on the calling thread.  At most ``max_pending`` chunks are in flight: the
-    forward pass waits (back-pressure) rather than letting memory grow."""
+    forward pass waits (back-pressure) rather than letting memory grow.  With ``encoder`` the whole
+    local chunk files are written by its processes, the rest by the threads."""
 
     def __init__(self, store: ActivationStore, threads: int, seconds_before: float, rank: int | None = None,
-                 batch_rows: int = 0):
+                 batch_rows: int = 0, encoder: EncoderProcesses | None = None):
         self.store, self.seconds_before, self.rank = store, seconds_before, rank  # rank: several writers
+        self.encoder, self.threads = encoder, threads
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-writer")
         # Enough chunks in flight to keep every thread busy, at least two, and a whole forward batch's
         # chunks (``batch_rows`` rows) plus one: with fewer, the forward thread waits for the writer
@@ -360,47 +400,77 @@ class ChunkWriter:
         # 1.1-2.0 s); a 16-core GPU host, whose cores the writer does not fill, is where it matters.
         # At most _IN_FLIGHT_BYTES of chunks for that (a 32-layer d 4096 model's batch of 32 × 1024 rows
         # is 64 chunks, 8 GiB).
-        chunk_bytes = store.n_layers * store.chunk_tokens * store.d_model * STORAGE_DTYPES[store.dtype][1]
-        per_batch = min(-(-batch_rows // store.chunk_tokens) + 1, _IN_FLIGHT_BYTES // chunk_bytes) if batch_rows else 0
-        self.max_pending = max(2, -(-2 * threads // (store.n_layers + 4)), per_batch)
+        self.max_pending = self.in_flight(store, threads, batch_rows)
         self.pending: deque[tuple[PendingChunk, Callable[[], None] | None]] = deque()  # with its release
         self.started = time.perf_counter()
+        self._recorded = float("-inf")  # when the seconds were last recorded
+
+    @staticmethod
+    def in_flight(store: ActivationStore, threads: int, batch_rows: int = 0) -> int:
+        """The most chunks in flight (``max_pending``, see __init__)."""
+        per_batch = min(-(-batch_rows // store.chunk_tokens) + 1, _IN_FLIGHT_BYTES // _chunk_bytes(store)) if batch_rows else 0
+        return max(2, -(-2 * threads // (store.n_layers + 4)), per_batch)
 
     def submit(self, item: _Chunk) -> None:
         """Commit the chunks already written, start writing ``item``, and wait while too many are in flight."""
         # Commit first: a chunk that finished before ``item`` starts is committed before any of
         # ``item``'s writes can land, whatever the speed of the pool (a disk that fills up after a
         # commit then leaves exactly the chunks committed so far, see test_cache_errors).
-        while self.pending and self.pending[0][0].done():
-            self._commit_oldest()
-        self.pending.append((self.store.start_chunk(item.index, list(item.layers), item.tokens, item.stats, self.pool),
-                             item.release))
-        while len(self.pending) > self.max_pending:
-            self._commit_oldest()
+        self._commit(0)
+        self.pending.append((self.store.start_chunk(item.index, list(item.layers), item.tokens, item.stats, self.pool,
+                                                    self.encoder), item.release))
+        if len(self.pending) > self.max_pending:
+            self._commit(len(self.pending) - self.max_pending)
 
     def drain(self) -> None:
-        while self.pending:
-            self._commit_oldest()
+        self._commit(len(self.pending))
+        self._record_seconds(every=0.0)
 
-    def _commit_oldest(self) -> None:
-        pending, release = self.pending.popleft()
+    def _commit(self, oldest: int) -> None:
+        """Commit the ``oldest`` chunks in flight, waiting for their writes, and every chunk after them
+        whose writes are done: one commit for all (ActivationStore.finish_chunks)."""
+        n = oldest
+        while n < len(self.pending) and self.pending[n][0].done():
+            n += 1
+        if not n:
+            return
+        batch = [self.pending.popleft() for _ in range(n)]
         try:
-            self.store.finish_chunk(pending)  # re-raises a write error (disk full) here
+            self.store.finish_chunks([pending for pending, _ in batch])  # re-raises a write error (disk full) here
         except BaseException:
-            for future in pending.futures:  # the failed chunk's writes not yet started: none of them
-                future.cancel()
+            for pending, _ in batch:  # the failed chunk's writes not yet started, and those after it: none of them
+                for future in pending.futures:
+                    future.cancel()
             raise
-        if release is not None:  # written: its buffer can take another chunk
-            release()
-        # time spent producing activations so far, summed over resumed runs: the "A" of the paper's cost
-        # (with several writers, each rank's own seconds in a part of its own: see write_seconds_writing)
-        write_seconds_writing(self.store, self.seconds_before + time.perf_counter() - self.started, self.rank)
+        for _, release in batch:
+            if release is not None:  # written: its buffer can take another chunk
+                release()
+        self._record_seconds()
+
+    def _record_seconds(self, every: float = 1.0) -> None:
+        """Record the time spent producing activations so far, summed over resumed runs: the "A" of the
+        paper's cost (with several writers, each rank's own seconds in a part of its own: see
+        write_seconds_writing).  At most once every ``every`` seconds: each record is a file written on the
+        model's thread (about 2 ms a chunk here), and a killed run loses at most that much of its count."""
+        now = time.perf_counter()
+        if now - self._recorded >= every:
+            write_seconds_writing(self.store, self.seconds_before + now - self.started, self.rank)
+            self._recorded = now
 
     def close(self) -> None:
         for pending, _ in self.pending:
             for future in pending.futures:
-                future.cancel()
+                future.cancel()  # the threads' jobs not yet started (what the processes were sent, they finish)
         self.pool.shutdown(wait=True)
+        if self.encoder is not None:
+            self.encoder.close()
+
+    @property
+    def description(self) -> str:
+        """Who writes, e.g. "16 processes" or "2 threads"."""
+        if self.encoder is not None:
+            return f"{self.encoder.processes} process{'es' if self.encoder.processes != 1 else ''}"
+        return f"{self.threads} thread{'s' if self.threads != 1 else ''}"
 
     def write_all(self, chunks: Iterable[_Chunk]) -> None:
         """Write and commit every chunk, then stop the pool (also when a write fails)."""
@@ -410,6 +480,69 @@ class ChunkWriter:
             self.drain()
         finally:
             self.close()
+
+
+def _chunk_bytes(store: ActivationStore) -> int:
+    """Bytes of one chunk of every layer, as stored."""
+    return store.n_layers * store.chunk_tokens * store.d_model * STORAGE_DTYPES[store.dtype][1]
+
+
+def _writer_kind(requested: str, store: ActivationStore, device: torch.device, buffers_bytes: int) -> str:
+    """"threads" or "processes" for ``--writer requested``: auto takes processes where the model runs on a GPU
+    (where the model thread launching kernels waited for the GIL behind 16 writer threads) and they can
+    work: a local lossless store (the chunk files gsae writes itself), /dev/shm with room for the chunk
+    buffers, more than 2 cores.  An explicit ``processes`` that cannot work is an error."""
+    if requested == "threads":
+        return "threads"
+    if not is_local(store.path) or store.attrs.get("codec", {}).get("compression") != "lossless":
+        why = "needs a lossless cache on a local disk"
+    elif shared_memory_room() < buffers_bytes + buffers_bytes // 4:
+        why = (f"needs {_human(buffers_bytes)} of shared memory for its chunk buffers, and /dev/shm has "
+               f"{_human(shared_memory_room())} free")
+    elif device.type == "cuda" and not _can_pin_shared_memory():
+        why = "needs shared memory that CUDA can pin (cudaHostRegister failed here)"
+    else:
+        why = ""
+    if requested == "processes":
+        if why:
+            raise GsaeError(f"--writer processes {why}; pass --writer threads")
+        return "processes"
+    return "processes" if not why and device.type == "cuda" and usable_cores() > 2 else "threads"
+
+
+def _can_pin_shared_memory() -> bool:
+    """Whether cudaHostRegister pins a page of shared memory here (the chunk buffers of the processes)."""
+    shared = SharedBuffers()
+    try:
+        page = shared.empty((4096,), np.dtype(np.uint8))
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(page.ctypes.data, page.nbytes, 0)):
+            _clear_cuda_error()
+            return False
+        cudart.cudaHostUnregister(page.ctypes.data)
+        return True
+    except Exception:  # no cudart binding in this torch, no /dev/shm: threads
+        return False
+    finally:
+        shared.close()
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a failed call of ours: torch checks it after each kernel
+    launch, and would raise ours there.  torch.cuda.cudart() has no cudaGetLastError: the runtime library
+    this process loaded has (none found: nothing to do)."""
+    import ctypes
+
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart" in line}
+        for path in paths:
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(path).cudaGetLastError()
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
 
 
 def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: WindowPlan,
@@ -630,7 +763,7 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
         with matmul_precision(device, tf32=False):
             return fill_store(store, lm, windows, batch_size=request.batch_size, first_row=first_row,
                               rows_per_window=rows_per_window, console=console, write_threads=request.write_threads,
-                              ranks=ranks)
+                              ranks=ranks, writer_kind=request.writer)
     except BaseException:
         # a store this run made and committed nothing to (the corpus failed at its first batches, say) goes:
         # left, it held the path against any other arguments, with nothing in it to resume
@@ -687,7 +820,7 @@ def rank_chunks(n_chunks: int, ranks: Ranks) -> range:
 
 def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[int]], *, batch_size: int,
                first_row: int, rows_per_window: int, console: Any, write_threads: int | None = None,
-               ranks: Ranks = Ranks()) -> CacheResult:
+               ranks: Ranks = Ranks(), writer_kind: str = "auto") -> CacheResult:
     """Run ``windows`` through the model in batches and write this rank's uncommitted chunks until the
     store holds its planned tokens or the windows run out, then (rank 0) finalize.
 
@@ -707,14 +840,30 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     end_row = store.chunk_rows(mine.stop - 1)[1] if mine else 0  # windows are needed up to here
 
     np_dtype = np.dtype(STORAGE_DTYPES[store.dtype][0])
-    assembler = _ChunkAssembler(store, np_dtype, todo, pinned=lm.device.type == "cuda")
-    capture = _ForwardCapture(lm, first_row, store.dtype)
     part = ranks.rank if world else None
     seconds_before = read_seconds_writing(store, part) or 0.0
+    threads = write_threads or ranks.threads()
     # a batch's chunks in flight where the host waits while the model runs (a GPU); on a CPU the forward
     # keeps the cores busy itself, and more chunks in flight would only hold more memory
-    writer = ChunkWriter(store, write_threads or ranks.threads(), seconds_before, part,
-                         batch_rows=batch_size * rows_per_window if lm.device.type == "cuda" else 0)
+    batch_rows = batch_size * rows_per_window if lm.device.type == "cuda" else 0
+    # the chunk buffers: those in flight, and those a batch fills (whole ones and one begun on each side)
+    buffers_bytes = (ChunkWriter.in_flight(store, threads, batch_rows)
+                     + -(-batch_size * rows_per_window // store.chunk_tokens) + 1) * _chunk_bytes(store)
+    shared = (SharedBuffers() if _writer_kind(writer_kind, store, lm.device, buffers_bytes) == "processes"
+              else None)
+    assembler = _ChunkAssembler(store, np_dtype, todo, pinned=lm.device.type == "cuda", shared=shared)
+    capture = _ForwardCapture(lm, first_row, store.dtype)
+    writer = None
+    try:
+        try:
+            encoder = EncoderProcesses(threads, shared) if shared is not None else None
+        except OSError as exc:  # no interpreter to start (an embedded Python), or no processes left
+            raise GsaeError(f"could not start the writer's processes ({exc}); pass --writer threads") from None
+        writer = ChunkWriter(store, threads, seconds_before, part, batch_rows=batch_rows, encoder=encoder)
+    finally:
+        if writer is None:
+            capture.close()
+            assembler.close()
     row = 0  # first row of the next batch
     rows_this_run = 0
     next_todo = todo.first_from(mine.start)  # the first pending chunk not wholly before ``row``
@@ -775,6 +924,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     finally:
         capture.close()
         writer.close()
+        assembler.close()
     if world and not ranks.first:  # this rank's seconds, then rank 0 finalizes once every rank is here
         write_seconds_writing(store, seconds_before + time.perf_counter() - started, part)
     outcomes = ranks.gather_to_first({ranks.rank: (exhausted, rows_this_run)})
@@ -791,6 +941,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     result = _result(store, elapsed, sum(rows for _, rows in outcomes.values()), resumed_from,
                      corpus_exhausted=store.tokens_written < store.tokens_planned)
     result.phases = {name: round(seconds, 3) for name, seconds in phases.items()}
+    result.writer = writer.description
     return result
 
 

@@ -11,6 +11,7 @@ writer leaves at worst an uncommitted chunk that the resumed run overwrites with
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import json
@@ -32,8 +33,8 @@ from zarr.core.indexing import BasicIndexer
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
-from stores.codecs import (STORAGE_DTYPES, activation_codecs, bit_round, chunk_checksum, quiet_numcodecs,
-                           small_array_codecs)
+from stores.chunk_files import EncoderProcesses, chunk_checksum, write_chunk_file
+from stores.codecs import STORAGE_DTYPES, activation_codecs, bit_round, quiet_numcodecs, small_array_codecs
 from stores.messages import first_line
 from stores.remote import join, write_whole
 
@@ -156,6 +157,52 @@ def _own_loop(array: zarr.Array) -> asyncio.AbstractEventLoop | None:
 _read_buffers = threading.local()  # each decoding thread's reused buffer for compressed chunk files
 
 
+@dataclass(frozen=True)
+class _ChunkLayout:
+    """What :func:`_whole_chunk_file` needs of an array, read from zarr once per array object: its metadata
+    properties cost about 170 µs a chunk (py-spy, this machine), on the thread that runs the model when the
+    writer's processes write, on the decode threads when the stream reads."""
+
+    folder: Path  # the array's folder
+    encode_key: Callable[[tuple[int, ...]], str]
+    chunk_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    blosc: Any  # the numcodecs codec of a bytes → blosc → crc32c chain, else None
+    codec: Any  # the same, or of a bytes → zstd → crc32c chain
+    read_only: bool
+    drops_empty_chunks: bool  # fill value 0 and write_empty_chunks off: an all-zero chunk has no file
+
+
+_LAYOUTS: collections.OrderedDict[int, tuple[zarr.Array, Any, _ChunkLayout | None]] = collections.OrderedDict()
+_LAYOUTS_LOCK = threading.Lock()
+
+
+def _layout(array: zarr.Array) -> _ChunkLayout | None:
+    """The array's :class:`_ChunkLayout` where gsae may read or write its chunk files itself (a local
+    array chunked along its first axis only), else None; remembered for the last 256 arrays."""
+    metadata = array.metadata
+    with _LAYOUTS_LOCK:
+        found = _LAYOUTS.get(id(array))
+        if found is not None and found[0] is array and found[1] is metadata:
+            _LAYOUTS.move_to_end(id(array))
+            return found[2]
+    layout = None
+    if isinstance(array.store, LocalStore) and array.ndim >= 1:
+        chunk_shape = tuple(metadata.chunk_grid.chunk_shape)
+        if chunk_shape[1:] == tuple(array.shape[1:]):
+            layout = _ChunkLayout(
+                Path(array.store.root) / array.path, metadata.encode_chunk_key, chunk_shape, tuple(array.shape),
+                array.dtype, _chunk_codec(metadata.codecs), _chunk_codec(metadata.codecs, zstd=True),
+                array.store.read_only,
+                not array.async_array.config.write_empty_chunks and not np.any(np.asarray(array.fill_value) != 0))
+    with _LAYOUTS_LOCK:
+        _LAYOUTS[id(array)] = (array, metadata, layout)
+        while len(_LAYOUTS) > 256:
+            _LAYOUTS.popitem(last=False)
+    return layout
+
+
 def _whole_chunk_file(array: zarr.Array, rows: Any, shape: tuple[int, ...], dtype: np.dtype,
                       zstd: bool = False) -> Path | None:
     """The file of the one whole chunk that ``rows`` are, where gsae encodes and decodes it itself
@@ -165,21 +212,20 @@ def _whole_chunk_file(array: zarr.Array, rows: Any, shape: tuple[int, ...], dtyp
     ``zstd`` (encoding only) bytes → zstd → crc32c (the tokens and statistics), and values of the chunk's
     ``shape`` and ``dtype``.  ``rows`` is a slice of whole rows, or an index where a chunk is one row.
     None where zarr must do it."""
-    if not isinstance(array.store, LocalStore) or array.ndim < 1:
+    layout = _layout(array)
+    if layout is None or (layout.codec if zstd else layout.blosc) is None:
         return None
-    chunk_shape = tuple(array.metadata.chunk_grid.chunk_shape)
-    chunk_rows, inner = chunk_shape[0], tuple(array.shape[1:])
+    chunk_rows, inner = layout.chunk_shape[0], layout.shape[1:]
     if isinstance(rows, (int, np.integer)) and not isinstance(rows, bool) and chunk_rows == 1:
         start, stop, expected = int(rows), int(rows) + 1, inner
     elif isinstance(rows, slice) and rows.step in (None, 1) and rows.stop is not None:
-        start, stop, expected = rows.start or 0, rows.stop, chunk_shape
+        start, stop, expected = rows.start or 0, rows.stop, layout.chunk_shape
     else:
         return None
-    if (chunk_shape[1:] != inner or start < 0 or start % chunk_rows or stop - start != chunk_rows
-            or stop > array.shape[0] or dtype != array.dtype or tuple(shape) != expected
-            or _chunk_codec(array.metadata.codecs, zstd) is None):
+    if (start < 0 or start % chunk_rows or stop - start != chunk_rows or stop > layout.shape[0]
+            or dtype != layout.dtype or tuple(shape) != expected):
         return None
-    return Path(array.store.root) / array.path / array.metadata.encode_chunk_key((start // chunk_rows,) + (0,) * len(inner))
+    return layout.folder / layout.encode_key((start // chunk_rows,) + (0,) * len(inner))
 
 
 def _chunk_codec(codecs: tuple, zstd: bool = False) -> Any:
@@ -199,7 +245,7 @@ def _chunk_codec(codecs: tuple, zstd: bool = False) -> Any:
 
 def _decode_chunk_file(path: Path, out: np.ndarray) -> bool:
     """Decode one chunk file straight into ``out``, as zarr would (numcodecs' blosc; the checksum of
-    :func:`stores.codecs.chunk_checksum`), with the file read into a reused per-thread buffer.  False if the file is absent
+    :func:`stores.chunk_files.chunk_checksum`), with the file read into a reused per-thread buffer.  False if the file is absent
     (zarr then reads the fill value and the caller's missing-chunk check applies).
 
     Why not zarr: its per-chunk path (asyncio tasks, buffer wrappers, the compressed bytes and the decoded
@@ -265,26 +311,23 @@ def _encode_chunk_file(array: zarr.Array, key: Any, values: np.ndarray) -> bool:
     time (py-spy --gil), and the 16 writer threads of the H200 machine kept only 4 cores busy.  The bytes
     are zarr's: tests/test_writers.py compares the two paths, and the S3 tests compare a local store
     (this path) with one written through zarr."""
-    import uuid
-
     path = _whole_chunk_file(array, key, np.shape(values), np.asarray(values).dtype, zstd=True)
-    codec = _chunk_codec(array.metadata.codecs, zstd=True) if path is not None else None
-    if codec is None or array.store.read_only:  # zarr refuses a read-only store
+    layout = _layout(array) if path is not None else None
+    if layout is None or layout.read_only:  # zarr refuses a read-only store
         return False
-    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)  # what zarr's bytes codec hands blosc or zstd
-    encoded = np.frombuffer(codec.encode(raw), dtype=np.uint8)
-    checksum = np.uint32(chunk_checksum(encoded)).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{uuid.uuid4().hex}.partial")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(encoded)
-            handle.write(checksum)
-        temporary.replace(path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_chunk_file(str(path), layout.codec, values)
     return True
+
+
+def _direct_chunk_file(array: zarr.Array, key: Any, values: np.ndarray) -> tuple[str, Any] | None:
+    """(file, numcodecs codec) of one whole chunk that gsae writes itself, all-zero values included:
+    where :func:`_encode_chunk_file` writes it and an all-zero chunk's file is removed as
+    :func:`_remove_empty_chunk_file` does (the arrays of `gsae cache`, local).  None where zarr is needed."""
+    path = _whole_chunk_file(array, key, values.shape, values.dtype, zstd=True)
+    layout = _layout(array) if path is not None else None
+    if layout is None or layout.read_only or not layout.drops_empty_chunks:
+        return None
+    return str(path), layout.codec
 
 
 def _put(array: zarr.Array, unchecked: zarr.Array, key: Any, values: np.ndarray) -> None:
@@ -314,10 +357,10 @@ def _remove_empty_chunk_file(array: zarr.Array, key: Any, values: np.ndarray) ->
     empty chunks: remove the chunk's file if there is one.  Done here for the arrays whose chunks
     :func:`_encode_chunk_file` writes (usually ``chunk_overflow``: its counts are nearly always 0), for
     the reason given there; False where zarr must do it."""
-    path = _whole_chunk_file(array, key, np.shape(values), np.asarray(values).dtype, zstd=True)
-    if (path is None or array.store.read_only or array.async_array.config.write_empty_chunks
-            or np.any(np.asarray(array.fill_value) != 0)):  # zarr writes empty chunks when configured to
+    direct = _direct_chunk_file(array, key, np.asarray(values))  # None where zarr writes empty chunks, say
+    if direct is None:
         return False
+    path = Path(direct[0])
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     return True
@@ -585,12 +628,19 @@ class ActivationStore:
         self.finish_chunk(PendingChunk(chunk, stop, []))
 
     def start_chunk(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray, stats: ChunkStats,
-                    executor: Executor) -> PendingChunk:
+                    executor: Executor, encoder: EncoderProcesses | None = None) -> PendingChunk:
         """Start writing one chunk: every layer's chunk, the tokens and the statistics, as separate jobs
         on ``executor``, each run whole on its worker thread (see :func:`_put`): encoding releases the
-        GIL, so layers compress in parallel.  Nothing is committed until :meth:`finish_chunk`."""
+        GIL, so layers compress in parallel.  With ``encoder``, the writes of whole local chunk files go
+        to its processes instead (the same bytes; see :mod:`stores.chunk_files`), the others to
+        ``executor``.  Nothing is committed until :meth:`finish_chunk`."""
         stop, jobs = self._chunk_jobs(chunk, layers, tokens, stats)
-        return PendingChunk(chunk, stop, [executor.submit(_put, *job) for job in jobs])
+        futures = []
+        for array, unchecked, key, values in jobs:
+            direct = _direct_chunk_file(array, key, values) if encoder is not None else None
+            futures.append(encoder.submit(*direct, values) if direct is not None
+                           else executor.submit(_put, array, unchecked, key, values))
+        return PendingChunk(chunk, stop, futures)
 
     def _chunk_jobs(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray,
                     stats: ChunkStats) -> tuple[int, list[tuple[zarr.Array, zarr.Array, Any, np.ndarray]]]:
@@ -622,19 +672,41 @@ class ActivationStore:
     def finish_chunk(self, pending: PendingChunk) -> None:
         """Wait for a started chunk's writes, then commit it: write its marker (several writers) or
         advance ``chunks_written`` (one writer)."""
-        if not self.markers and pending.chunk != self.chunks_written:
-            raise RuntimeError(f"chunk {pending.chunk} committed out of order (next is {self.chunks_written})")
-        rows = pending.stop - pending.chunk * self.chunk_tokens
+        self.finish_chunks([pending])
+
+    def finish_chunks(self, pendings: list[PendingChunk]) -> None:
+        """Wait for started chunks' writes, in order, then commit them: a marker each (several writers),
+        or ``chunks_written`` advanced past the last in one metadata write (one writer; a write through zarr
+        cost about 1.7 ms a chunk on the model's thread here).  Where a chunk's write failed, the chunks
+        before it are committed, then its error is raised."""
+        done: list[PendingChunk] = []
+        failure: BaseException | None = None
+        for pending in pendings:
+            if not self.markers and pending.chunk != self.chunks_written + len(done):
+                failure = RuntimeError(f"chunk {pending.chunk} committed out of order "
+                                       f"(next is {self.chunks_written + len(done)})")
+                break
+            try:
+                for future in pending.futures:
+                    future.result()
+            except BaseException as exc:
+                failure = exc
+                break
+            done.append(pending)
         try:
-            for future in pending.futures:
-                future.result()
-            if self.markers:
-                self._write_marker(pending.chunk, rows)
-            else:
-                self._set_attrs(chunks_written=pending.chunk + 1, tokens_written=pending.stop)
+            if done and self.markers:
+                for pending in done:
+                    self._write_marker(pending.chunk, pending.stop - pending.chunk * self.chunk_tokens)
+            elif done:
+                self._set_attrs(chunks_written=done[-1].chunk + 1, tokens_written=done[-1].stop)
         except OSError as exc:
             raise _write_error(self.path, exc) from None
-        self._committed[pending.chunk] = rows
+        for pending in done:
+            self._committed[pending.chunk] = pending.stop - pending.chunk * self.chunk_tokens
+        if isinstance(failure, OSError):
+            raise _write_error(self.path, failure) from None
+        if failure is not None:
+            raise failure
 
     def _write_marker(self, chunk: int, rows: int) -> None:
         """One small object per chunk, written whole through the group's zarr store: a temporary file

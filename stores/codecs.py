@@ -23,41 +23,14 @@ chain ends in CRC32C so a corrupt chunk is detected on read.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import crc32c
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import BitRound
 
 COMPRESSIONS = ("lossless", "lossy")
-
-
-def _usable_cores() -> int:
-    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may run on
-    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
-
-
-#: Whether :func:`chunk_checksum` lets go of the GIL while it runs: where this process has more than two
-#: cores (the writer and decode pools have a thread per core).  Measured:
-#: - H200 machine, 16 cores, 16 threads compressing (blosc into reused buffers) and checksumming
-#:   4096 × 512 float16 chunks (benchmarks/compress_threads.py, 2026-11-28): 4.67 GB/s on 8.0 cores busy
-#:   with the checksum holding the GIL (google_crc32c), 8.10 GB/s on 14.3 cores with it released; 5.23
-#:   against 4.29 with 8 threads.  numcodecs' encode (the writer's) with google_crc32c: 4.87 GB/s on 8.7
-#:   cores; with the released checksum it is still to be measured there.
-#: - this 2-core machine, 2 threads: releasing it made the stream's decode 5-10% slower (each release
-#:   is a GIL handoff to win back); the writer was 1-7% faster.  docs/benchmarks.md, "Where the writer
-#:   threads hold the GIL".
-CHECKSUM_RELEASES_GIL = _usable_cores() > 2
-
-
-def chunk_checksum(payload: Any) -> int:
-    """CRC32C of a chunk's encoded bytes (a numpy array or other buffer): the value zarr's crc32c codec
-    appends, little-endian, to each chunk file (zarr ≥ 3.1.4 computes it with google_crc32c; the crc32c
-    package gives the same values and, unlike google_crc32c, can release the GIL: :data:`CHECKSUM_RELEASES_GIL`)."""
-    return crc32c.crc32c(payload, gil_release_mode=1 if CHECKSUM_RELEASES_GIL else 0)
 
 
 @contextlib.contextmanager

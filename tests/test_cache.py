@@ -402,13 +402,16 @@ def test_chunk_writer_on_a_store_outside_local_files(tmp_path):
 
 
 def assemble_and_write(store: ActivationStore, values: torch.Tensor, tokens: np.ndarray, batch: int,
-                       pinned: bool = False):
+                       pinned: bool = False, processes: bool = False):
     """Hand the rows ``values`` (n_layers, n, d; float16, on any device) to the cache's assembler batch by
-    batch as the forward hooks do, write the chunks with its writer, finalize; (assembler, writer)."""
+    batch as the forward hooks do, write the chunks with its writer (``processes``: its encoder processes,
+    the chunk buffers in shared memory), finalize; (assembler, writer).  The caller closes the assembler."""
     from pipeline.cache import ChunkWriter, _ChunkAssembler
+    from stores.chunk_files import EncoderProcesses, SharedBuffers
 
-    assembler = _ChunkAssembler(store, np.dtype(np.float16), pinned=pinned)
-    writer = ChunkWriter(store, 2, 0.0, batch_rows=batch)
+    shared = SharedBuffers() if processes else None
+    assembler = _ChunkAssembler(store, np.dtype(np.float16), pinned=pinned, shared=shared)
+    writer = ChunkWriter(store, 2, 0.0, batch_rows=batch, encoder=EncoderProcesses(2, shared) if shared else None)
     try:
         for row in range(0, len(tokens), batch):
             stop = min(row + batch, len(tokens))
@@ -426,22 +429,27 @@ def assemble_and_write(store: ActivationStore, values: torch.Tensor, tokens: np.
     return assembler, writer
 
 
-def test_chunk_buffers_are_reused_once_their_chunk_is_written(tmp_path):
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_chunk_buffers_are_reused_once_their_chunk_is_written(tmp_path, processes):
     """The assembler cuts batches that straddle chunks into exactly the rows given (a short last chunk
     too), and a chunk's buffer takes another chunk only once the writer has committed it: the buffers
-    made stay at the chunks in flight, not one per chunk."""
+    made stay at the chunks in flight, not one per chunk (in shared memory for the encoder processes)."""
     n_layers, d, chunk, n, batch = 3, 8, 50, 1030, 70
     store = ActivationStore.create(str(tmp_path / "c"), n_layers=n_layers, d_model=d, n_tokens=n, chunk_tokens=chunk)
     rng = np.random.default_rng(0)
     values = rng.standard_normal((n_layers, n, d)).astype(np.float16)
     tokens = rng.integers(0, 500, n).astype(np.int32)
-    assembler, writer = assemble_and_write(store, torch.from_numpy(values), tokens, batch)
+    assembler, writer = assemble_and_write(store, torch.from_numpy(values), tokens, batch, processes=processes)
     store = ActivationStore.open(str(tmp_path / "c"))
     for layer in range(n_layers):
         np.testing.assert_array_equal(store.read_rows(layer, 0, n), values[layer])
     np.testing.assert_array_equal(store.tokens(), tokens)
     made = len(assembler.buffers.free)  # every buffer is back in the pool
     assert made <= writer.max_pending + 3 < store.n_chunks
+    shared = assembler.buffers.shared
+    assert all((shared is not None and shared.locate(buffer) is not None) == processes
+               for buffer in assembler.buffers.free)
+    assembler.close()
 
 
 def test_a_context_longer_than_the_model_takes_is_refused_before_anything_is_written(tiny_models, tmp_path, capsys):

@@ -127,18 +127,41 @@ def test_cuda_training_killed_between_checkpoints_finishes_each_step_once(tiny_m
         assert b["fvu"] == pytest.approx(a["fvu"], rel=0.05) and b["l0"] == pytest.approx(a["l0"], abs=0.05)
 
 
-def test_cuda_cache_rows_go_from_the_device_into_reused_pinned_chunk_buffers(tmp_path):
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_cuda_cache_rows_go_from_the_device_into_reused_pinned_chunk_buffers(tmp_path, processes):
+    """Also with the writer's encoder processes: the buffers in shared memory, pinned by cudaHostRegister."""
     from test_cache import assemble_and_write
 
     n_layers, d, chunk, n, batch = 3, 16, 64, 1000, 96
     store = ActivationStore.create(str(tmp_path / "c"), n_layers=n_layers, d_model=d, n_tokens=n, chunk_tokens=chunk)
     values = torch.randn(n_layers, n, d, device="cuda").half()
-    assembler, _ = assemble_and_write(store, values, np.arange(n, dtype=np.int32), batch, pinned=True)
+    assembler, _ = assemble_and_write(store, values, np.arange(n, dtype=np.int32), batch, pinned=True,
+                                      processes=processes)
     store = ActivationStore.open(str(tmp_path / "c"))
     for layer in range(n_layers):
         np.testing.assert_array_equal(store.read_rows(layer, 0, n), values[layer].cpu().numpy())
     assert all(torch.from_numpy(buffer).is_pinned() for buffer in assembler.buffers.free)
     assert len(assembler.buffers.free) < store.n_chunks
+    assert len(assembler.buffers.registered) == (len(assembler.buffers.free) if processes else 0)
+    assembler.close()
+    assert not assembler.buffers.registered
+
+
+def test_cuda_cache_writes_with_processes_by_default_and_the_bytes_of_threads(tiny_neox, tmp_path):
+    """`gsae cache` on CUDA: auto picks the encoder processes (where the machine has more than 2 cores), and
+    the cache is the one the writer threads make."""
+    from conftest import run_cli
+    from stores.chunk_files import usable_cores
+
+    args = ["cache", "--model", tiny_neox, "--tokens", 6000, "--context-length", 32, "--batch-size", 8,
+            "--chunk-tokens", 500, "--device", "cuda"]
+    code, out, err = run_cli([*args, "--cache", tmp_path / "auto"])
+    assert code == 0, err
+    assert (f"{usable_cores()} processes" in out) == (usable_cores() > 2)
+    assert run_cli([*args, "--cache", tmp_path / "threads", "--writer", "threads"])[0] == 0
+    trees = [{str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+              if p.is_file() and p.name != "timing.json"} for root in (tmp_path / "auto", tmp_path / "threads")]
+    assert trees[0] == trees[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -342,7 +342,7 @@ def test_chunk_checksum_is_zarrs_crc32c_whether_or_not_it_releases_the_gil(monke
     cores); zarr's crc32c codec uses google_crc32c: the same value for every length, odd ones included."""
     import google_crc32c
 
-    from stores import codecs
+    from stores import chunk_files as codecs
 
     monkeypatch.setattr(codecs, "CHECKSUM_RELEASES_GIL", releases_gil)
     rng = np.random.default_rng(0)

@@ -1,0 +1,349 @@
+"""Whole chunk files, written as zarr writes them, by the writer's threads or by encoder processes.
+
+A chunk file of a local array whose codecs are bytes → blosc or zstd → crc32c is the codec's output
+followed by its CRC32C, little-endian, renamed into place from a temporary file.  gsae writes such files
+itself (``stores.activation_store._encode_chunk_file``; why there), on the writer's threads or, with
+:class:`EncoderProcesses`, in processes of their own.
+
+Why processes: every thread of the writer takes the GIL between its C calls (the job's Python, numcodecs'
+copy of the compressed bytes, the file calls), and on the H200 machine the model's thread ran its
+forward at a third of its speed beside 16 writer threads (docs/benchmarks.md).  A process has its own
+GIL: the parent only pickles each job's few arguments and reads its answer, and the activations stay
+where they are, in shared memory (:class:`SharedBuffers`) that the processes map.  On the development
+machine (2 cores; py-spy --gil over benchmarks/cache_write.py --writer-only --threads 2, the same bytes)
+the writer's threads held the GIL for 215 samples (500 Hz), the parent's threads that feed 2 processes for 29.
+
+This module imports no torch and no zarr: each encoder process starts in about 0.2 s.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import mmap
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from concurrent.futures import Future
+from multiprocessing import shared_memory
+from typing import Any, BinaryIO, Callable
+
+import crc32c
+import numpy as np
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may run on
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+
+
+#: Whether :func:`chunk_checksum` lets go of the GIL while it runs: where this process has more than two
+#: cores (the writer and decode pools have a thread per core).  Measured:
+#: - H200 machine, 16 cores, 16 threads compressing (blosc into reused buffers) and checksumming
+#:   4096 × 512 float16 chunks (benchmarks/compress_threads.py, 2026-11-28): 4.67 GB/s on 8.0 cores busy
+#:   with the checksum holding the GIL (google_crc32c), 8.10 GB/s on 14.3 cores with it released; 5.23
+#:   against 4.29 with 8 threads.  numcodecs' encode (the writer's) with google_crc32c: 4.87 GB/s on 8.7
+#:   cores; with the released checksum it is still to be measured there.
+#: - this 2-core machine, 2 threads: releasing it made the stream's decode 5-10% slower (each release
+#:   is a GIL handoff to win back); the writer was 1-7% faster.  docs/benchmarks.md, "Where the writer
+#:   threads hold the GIL".
+#: An encoder process runs one job at a time: it holds the GIL (nothing there to hand it to).
+CHECKSUM_RELEASES_GIL = usable_cores() > 2
+
+
+def chunk_checksum(payload: Any) -> int:
+    """CRC32C of a chunk's encoded bytes (a numpy array or other buffer): the value zarr's crc32c codec
+    appends, little-endian, to each chunk file (zarr ≥ 3.1.4 computes it with google_crc32c; the crc32c
+    package gives the same values and, unlike google_crc32c, can release the GIL: :data:`CHECKSUM_RELEASES_GIL`)."""
+    return crc32c.crc32c(payload, gil_release_mode=1 if CHECKSUM_RELEASES_GIL else 0)
+
+
+def write_chunk_file(path: str, codec: Any, values: np.ndarray) -> None:
+    """``values`` encoded by the numcodecs ``codec`` (blosc or zstd over the raw little-endian bytes, what
+    zarr's bytes codec hands it), then the CRC32C of that, written to a temporary file renamed to ``path``:
+    the bytes zarr writes for one whole chunk, never half a file under ``path``."""
+    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    encoded = np.frombuffer(codec.encode(raw), dtype=np.uint8)
+    checksum = np.uint32(chunk_checksum(encoded)).tobytes()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(encoded)
+            handle.write(checksum)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def write_or_remove_chunk_file(path: str, codec: Any, values: np.ndarray) -> None:
+    """What zarr does with one whole chunk of an array whose fill value is 0 and which does not write
+    empty chunks: write it (:func:`write_chunk_file`), or, where every byte is 0, remove its file."""
+    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    if raw[:4096].any() or raw.any():  # the first 4 KiB settle it for activations (see _write_target)
+        write_chunk_file(path, codec, values)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+
+_SHM_FOLDER = "/dev/shm"  # where Linux keeps POSIX shared memory: the processes map a block by its path there
+
+
+def shared_memory_room() -> int:
+    """Bytes free for shared memory (0 where there is no /dev/shm: not Linux).  Containers often give
+    /dev/shm 64 MiB, and writing past its end kills the process (SIGBUS): check before relying on it."""
+    try:
+        stats = os.statvfs(_SHM_FOLDER)
+    except OSError:
+        return 0
+    return stats.f_bavail * stats.f_frsize
+
+
+class SharedBuffers:
+    """numpy arrays in POSIX shared memory, which :class:`EncoderProcesses` read where they are.
+
+    Each array is a block of its own, made with :class:`multiprocessing.shared_memory.SharedMemory`
+    (so Python's resource tracker removes the blocks of a killed process) and mapped here a second
+    time, so the arrays do not hold SharedMemory's own buffer (closing that with arrays alive raises)."""
+
+    def __init__(self) -> None:
+        # (address, bytes, name, mapping): the mapping held here, so that no other block can be mapped at
+        # its address while it is known (an array's mapping goes with the array's last reference)
+        self._blocks: list[tuple[int, int, str, mmap.mmap]] = []
+        self._memories: list[shared_memory.SharedMemory] = []
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A new C-contiguous array in a block of its own (page-aligned, as cudaHostRegister needs)."""
+        dtype = np.dtype(dtype)
+        nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
+        memory = shared_memory.SharedMemory(create=True, size=nbytes)
+        self._memories.append(memory)
+        memory.close()  # its own mapping; ours below stays
+        fd = os.open(os.path.join(_SHM_FOLDER, memory.name), os.O_RDWR)
+        try:
+            mapping = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        array = np.frombuffer(mapping, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        self._blocks.append((array.__array_interface__["data"][0], nbytes, memory.name, mapping))
+        return array
+
+    def locate(self, values: np.ndarray) -> tuple[str, int] | None:
+        """(block name, byte offset) of C-contiguous ``values`` lying inside one of these blocks, else None."""
+        if not values.flags.c_contiguous:
+            return None
+        address = values.__array_interface__["data"][0]
+        for start, nbytes, name, _ in self._blocks:
+            if start <= address and address + values.nbytes <= start + nbytes:
+                return name, address - start
+        return None
+
+    def close(self) -> None:
+        """Remove the blocks' names (their memory goes once no array and no process maps it)."""
+        for memory in self._memories:
+            with contextlib.suppress(FileNotFoundError):
+                memory.unlink()
+        self._memories.clear()
+        self._blocks.clear()
+
+
+def _stopped(message: str) -> OSError:
+    """The error of a job whose process is gone: an OSError, which the store reports in one line."""
+    return OSError(errno.EIO, message)
+
+
+class EncoderProcesses:
+    """Worker processes that write whole chunk files (:func:`write_or_remove_chunk_file`).
+
+    Each is a plain ``python -c`` child fed pickled jobs on a pipe: multiprocessing's pools start their
+    workers through the parent's main module, which for `gsae` imports torch and transformers (1.8 s here,
+    against 0.2 s for this module).  A job names its values by shared-memory block and offset when they
+    lie in ``shared``, otherwise it carries them (the tokens and statistics: a few KiB).  Jobs wait in one
+    queue here and go to a process when it has fewer than :data:`_DEPTH` (as a thread pool's threads take
+    the next job when free: with jobs dealt out at submission, 2 processes wrote 1.20 GB/s where 2 threads
+    wrote 1.74); the thread reading a process's answers settles the futures and sends it the next job.
+    The processes ignore Ctrl-C (the parent stops them) and exit when their pipe closes, also when the
+    parent is killed."""
+
+    _DEPTH = 2  # jobs sent to a process at once: one running, the next already in its pipe
+
+    def __init__(self, processes: int, shared: SharedBuffers):
+        self.shared, self.processes = shared, max(1, processes)
+        self._lock = threading.Lock()
+        self._queue: collections.deque[tuple[Future, tuple]] = collections.deque()
+        self._workers: list[_Worker] = []
+        try:
+            for index in range(self.processes):
+                self._workers.append(_Worker(index, self._dispatch))
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_ready(self) -> None:
+        """Return once every process has started (about 0.2 s; jobs sent before then wait in its pipe)."""
+        for worker in self._workers:
+            worker.ready.wait()
+
+    def submit(self, path: str, codec: Any, values: np.ndarray) -> Future:
+        """Write ``values`` (one whole chunk) to ``path`` with ``codec`` in one of the processes."""
+        where = self.shared.locate(values)
+        source: Any = ("shared", *where, values.shape, values.dtype.str) if where else np.ascontiguousarray(values)
+        future: Future = Future()
+        future.set_running_or_notify_cancel()  # queued is running: a cancel must not race the process's answer
+        with self._lock:
+            self._queue.append((future, (path, codec, source)))
+        self._dispatch()
+        return future
+
+    def _dispatch(self) -> None:
+        """Send queued jobs to the processes with room for them."""
+        with self._lock:
+            for worker in self._workers:
+                while self._queue and worker.alive and len(worker.pending) < self._DEPTH:
+                    worker.send(*self._queue.popleft())
+            if self._queue and not any(worker.alive for worker in self._workers):
+                left, self._queue = list(self._queue), collections.deque()
+                for future, _ in left:
+                    future.set_exception(_stopped("every encoder process of the cache writer has stopped"))
+
+    def close(self) -> None:
+        """Let every process finish the jobs it was sent, then stop them; the jobs still queued here fail.
+        (Not waiting for the queue: after Ctrl-C the main thread may have left a job half sent, which its
+        process then reads as the end of its input.)"""
+        with self._lock:
+            left, self._queue = list(self._queue), collections.deque()
+        for future, _ in left:
+            future.set_exception(_stopped("the cache writer stopped before this chunk was sent"))
+        for worker in self._workers:
+            worker.close_input()
+        for worker in self._workers:
+            worker.wait()
+        self._workers.clear()
+
+
+class _Worker:
+    """One encoder process and the thread that reads its answers."""
+
+    def __init__(self, index: int, on_answer: Callable[[], None]):
+        env = dict(os.environ)
+        # the parent's import path, so `stores` is found whether gsae is installed or run from a checkout
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(os.path.abspath(path or os.curdir) for path in sys.path
+                                                           if os.path.isdir(path or os.curdir)))
+        # glibc serves each compressed chunk (about 3 MiB) from fresh mmap'd pages until its threshold has
+        # grown, and a fresh process starts at 128 KiB: 700 page faults a job, 2 processes writing 1.1 GB/s
+        # where 2 threads wrote 1.7 (this machine, /dev/shm).  Its largest threshold keeps them on the heap.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(128 << 20))
+        self.process = subprocess.Popen([sys.executable, "-c", "from stores.chunk_files import serve; serve()"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.pending: dict[int, Future] = {}
+        self.alive = True
+        self.ready = threading.Event()  # set when the process has said it started (or has stopped)
+        self._lock = threading.Lock()
+        self._on_answer = on_answer
+        self._next = 0
+        self._reader = threading.Thread(target=self._read, name=f"gsae-encoder-{index}", daemon=True)
+        self._reader.start()
+
+    def send(self, future: Future, job: tuple) -> None:
+        """Send one job (called with the pool's lock held)."""
+        number, self._next = self._next, self._next + 1
+        with self._lock:
+            self.pending[number] = future
+        try:
+            pickle.dump((number, job), self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.process.stdin.flush()
+        except (OSError, ValueError) as exc:  # the process is gone
+            with self._lock:
+                self.pending.pop(number, None)
+            self.alive = False
+            future.set_exception(_stopped(f"an encoder process of the cache writer has stopped ({exc})"))
+
+    def _read(self) -> None:
+        answers: BinaryIO = self.process.stdout
+        try:
+            pickle.load(answers)  # "ready"
+        except (EOFError, OSError, pickle.UnpicklingError):
+            pass
+        self.ready.set()
+        while True:
+            try:
+                number, error = pickle.load(answers)
+            except (EOFError, OSError, pickle.UnpicklingError):
+                break
+            with self._lock:
+                future = self.pending.pop(number)
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+            self._on_answer()
+        code = self.process.wait()
+        self.alive = False
+        with self._lock:
+            left, self.pending = list(self.pending.values()), {}
+        for future in left:
+            future.set_exception(_stopped(f"an encoder process of the cache writer exited (code {code}) "
+                                          "before writing a chunk"))
+        self._on_answer()  # the queue's jobs go to the others, or fail if none is left
+
+    def close_input(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.process.stdin.close()
+
+    def wait(self) -> None:
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join()
+
+
+def serve() -> None:
+    """An encoder process: run the jobs read from stdin, answer each on stdout, until stdin closes."""
+    global CHECKSUM_RELEASES_GIL
+    CHECKSUM_RELEASES_GIL = False  # one thread here: nobody to hand the GIL to
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
+    jobs = sys.stdin.buffer
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed here goes to stderr, never into the answers
+    mapped: dict[str, mmap.mmap] = {}
+    pickle.dump("ready", answers)
+    answers.flush()
+    while True:
+        try:
+            number, (path, codec, source) = pickle.load(jobs)
+        except (EOFError, pickle.UnpicklingError):  # the end, or a job the parent stopped sending halfway
+            break
+        try:
+            if isinstance(source, tuple):
+                _, name, offset, shape, dtype = source
+                block = mapped.get(name)
+                if block is None:
+                    with open(os.path.join(_SHM_FOLDER, name), "rb") as handle:
+                        # populated in one call: a fault per 4 KiB page cost about as much as encoding them
+                        block = mapped[name] = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ,
+                                                         flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+                values = np.ndarray(shape, dtype=np.dtype(dtype), buffer=block, offset=offset)
+            else:
+                values = source
+            write_or_remove_chunk_file(path, codec, values)
+            error = None
+        except Exception as exc:  # answered, raised in the parent (an OSError keeps its errno there)
+            error = exc
+        try:
+            pickle.dump((number, error), answers, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            pickle.dump((number, RuntimeError(f"{type(error).__name__}: {error}")), answers)
+        answers.flush()
