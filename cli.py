@@ -93,7 +93,7 @@ Device = _choices("Device", DEVICES)
 Metric = _choices("Metric", METRICS)
 Architecture = _choices("Architecture", ARCHITECTURES)
 Precision = _choices("Precision", PRECISIONS)
-Writer = _choices("Writer", WRITERS)
+Workers = _choices("Workers", WRITERS)
 ExportFormat = _choices("ExportFormat", FORMATS)
 _DEBUG = False  # --debug or GSAE_DEBUG=1: show tracebacks
 
@@ -193,7 +193,7 @@ def cache(
     keep_bos: bool = typer.Option(CacheRequest.keep_bos, help="Also store the BOS position's activations (outliers; dropped by default)."),
     chunk_tokens: Optional[int] = typer.Option(None, help="Rows per chunk (default: about 4 MiB per chunk)."),
     write_threads: Optional[int] = typer.Option(None, help="Threads (or processes, see --writer) compressing and writing chunks (default: one per core)."),
-    writer: Writer = typer.Option(CacheRequest.writer, help="Who compresses and writes the chunks: threads, or processes (their own GIL, so the model's thread does not wait for it; lossless local caches). auto: processes where the model runs on a GPU."),
+    writer: Workers = typer.Option(CacheRequest.writer, help="Who compresses and writes the chunks: threads, or processes (their own GIL, so the model's thread does not wait for it; lossless local caches). auto: processes where the model runs on a GPU."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Run the model once and cache every block's residual stream to a compressed, resumable Zarr store."""
@@ -371,6 +371,7 @@ def train(
     checkpoint_every: int = typer.Option(TrainRequest.checkpoint_every, help="Steps between checkpoints."),
     tf32: bool = typer.Option(TrainRequest.tf32, "--tf32/--no-tf32", help="TF32 float32 matmuls on CUDA (as sparsify)."),
     precision: Precision = typer.Option(TrainRequest.precision, help="float32, or bfloat16 autocast for the forward."),
+    reader: Workers = typer.Option(TrainRequest.reader, help="Who decodes the chunks: threads, or processes (their own GIL, so the training loop does not wait for it; lossless local caches). auto: processes where training runs on a GPU."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Train group SAEs (or the per-layer baseline) from the cache, streaming chunks with prefetch."""
@@ -382,7 +383,7 @@ def train(
         cache=cache if resume and cache is None else _resolve_cache(cache), groups=groups, baseline=baseline, metric=metric.value, tokens=tokens,
         expansion=expansion, k=k, architecture=architecture.value, batch_size=batch_size, lr=lr, out=out,
         resume=resume, device=device.value, seed=seed, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every,
-        tf32=tf32, precision=precision.value, l1_coefficient=l1_coefficient, given=_typed(ctx))
+        tf32=tf32, precision=precision.value, l1_coefficient=l1_coefficient, given=_typed(ctx), reader=reader.value)
     result = run_train(request, console)
     if result.rank:  # under torchrun rank 0 reports for every rank
         return

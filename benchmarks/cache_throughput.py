@@ -38,7 +38,7 @@ from pipeline.corpus import iter_windows, open_corpus, window_plan  # noqa: E402
 from pipeline.models import load_model, pick_device, resolve_model_spec  # noqa: E402
 from pipeline.ranks import Ranks  # noqa: E402
 from stores import ActivationStore, compute_chunk_stats, default_chunk_tokens  # noqa: E402
-from stores.chunk_files import EncoderProcesses, SharedBuffers  # noqa: E402
+from stores.chunk_files import ChunkProcesses, SharedBuffers  # noqa: E402
 
 
 def bare_forward(lm, windows: list[list[int]], batch: int) -> float:
@@ -144,7 +144,7 @@ def write_only(cache: ActivationStore, folder: str, threads: int, max_bytes: int
         encoder = None
         if shared is not None:
             chunks = in_shared_memory(chunks, shared)
-            encoder = EncoderProcesses(threads, shared)
+            encoder = ChunkProcesses(threads, shared)
             encoder.wait_ready()
         start = time.perf_counter()
         ChunkWriter(target, threads, 0.0, encoder=encoder).write_all(chunks)  # stops the processes too

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from gil_options import add_gil_options, apply_gil_options  # noqa: E402  (benchmarks/, the script's folder)
 from pipeline.cache import ChunkWriter, _Chunk, _ChunkAssembler, _ChunkBuffers  # noqa: E402
 from stores import ActivationStore, ChunkStats, compute_chunk_stats  # noqa: E402
-from stores.chunk_files import EncoderProcesses, SharedBuffers  # noqa: E402
+from stores.chunk_files import ChunkProcesses, SharedBuffers  # noqa: E402
 
 
 def source_chunks(args: argparse.Namespace) -> tuple[list[_Chunk], int, int, str, str]:
@@ -63,7 +63,7 @@ def source_chunks(args: argparse.Namespace) -> tuple[list[_Chunk], int, int, str
 
 
 def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
-              folder: str, encoder: EncoderProcesses | None = None, probe: bool = False) -> tuple[float, float, int, float]:
+              folder: str, encoder: ChunkProcesses | None = None, probe: bool = False) -> tuple[float, float, int, float]:
     """(wall seconds, CPU seconds of the whole process, bytes of memory first touched: minor page faults,
     the GIL probe's ops/s or 0) to write and commit every chunk into a fresh store with ``threads`` writer
     threads, or with ``encoder``'s processes, the chunks then in its shared memory (as `gsae cache --writer
@@ -306,7 +306,7 @@ def main() -> None:
                 for kind in kinds:
                     processes = kind == "processes"
                     # started once, as `gsae cache` starts them (about 0.2 s); a first run maps the chunks in each
-                    encoder = EncoderProcesses(threads, shared) if processes else None
+                    encoder = ChunkProcesses(threads, shared) if processes else None
                     run = functools.partial(write_all, in_shared if processes else chunks, n_layers, d_model, dtype,
                                             compression, threads, encoder=encoder, probe=args.probe)
                     try:

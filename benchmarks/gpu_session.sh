@@ -212,18 +212,24 @@ step writer_switch "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"$
 step small_cache "$T_CACHE" gsae cache --model "$W/model" --dataset "$W/corpus.jsonl" --cache "$W/cache" ${CACHE_ARGS[@]+"${CACHE_ARGS[@]}"}
 if [ -f "$W/cache/zarr.json" ]; then
   step stream "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"}
+  # the stream's decode handed to chunk processes (`gsae train --reader processes`, its default on a GPU)
+  step stream_processes "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" \
+      ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} --reader processes
   step stream_crc_held "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} \
       --checksum-gil held  # the decode as before 2026-11-28, against `stream`
   FEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
   step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
   # the same over 4 × the steps: 12 steps of 8,192 rows stay inside the stream's first window (8 chunks ×
-  # 4 layers), already decoded at the warm-up; 48 cross three window switches, as training does
+  # 4 layers), already decoded at the warm-up; 48 cross three window switches, as training does. On a GPU
+  # the stream now hands its chunks to processes (--reader auto); feed_long_threads decodes on threads, as
+  # on 2026-11-28 (0.50 of memory-fed: the decode gave 1.4M rows/s in training, 2.56M alone)
   step feed_long "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
       --steps 48 ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
-  # 2026-11-28 feed_long ran at 0.50 of memory-fed (the decode gave 1.4M rows/s in training, 2.56M alone):
+  step feed_long_threads "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
+      --steps 48 ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"} --reader threads
   # the same with the checksum holding the GIL, as then
   step feed_long_crc_held "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
-      --steps 48 ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"} --checksum-gil held
+      --steps 48 ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"} --checksum-gil held --reader threads
   # where the decode threads hold the GIL (the plain decode peaked at 8 threads there)
   gil_profile stream_gil "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} \
       --repeats 1
@@ -232,14 +238,20 @@ if [ -f "$W/cache/zarr.json" ]; then
   # gsae train at G = 2 on the small cache, with CPython's GIL switch interval (5 ms) and with 0.5 ms: on
   # the H200 a step at G* took 11.5 ms per SAE against 3.3-3.7 ms in `feed`; do the decode threads keep
   # the training loop waiting for the GIL? (wall_seconds: steps, waiting_for_data)
+  # (and `train_threads`: the default interval with the decode on threads, where train_switch_0.005 takes
+  # gsae's default on a GPU, chunk processes)
   step group_small 60 gsae group --cache "$W/cache"
-  for interval in 0.005 0.0005; do
-    step "train_switch_$interval" 90 "$PY" -c "import sys; sys.setswitchinterval($interval); sys.argv[0] = 'gsae'; import cli; cli.main()" \
-        train --cache "$W/cache" --groups 2 --out "$W/runs/g2-$interval" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
-    [ -f "$W/runs/g2-$interval/summary.json" ] && "$PY" -c "import json, sys; s = json.load(open(sys.argv[1])); \
-print('train G=2, GIL switch interval', sys.argv[2], 's: wall s', {k: round(v, 2) for k, v in s['wall_seconds'].items()}, \
-'per SAE tok/s', [round(r['tokens_per_s']) for r in s['saes']])" "$W/runs/g2-$interval/summary.json" "$interval" \
-        | tee -a "$W/logs/train_switch_$interval.log"
+  for variant in 0.005 0.0005 threads; do
+    interval=$([ $variant = threads ] && echo 0.005 || echo $variant)
+    name=$([ $variant = threads ] && echo train_threads || echo "train_switch_$variant")
+    step "$name" 90 "$PY" -c "import sys; sys.setswitchinterval($interval); sys.argv[0] = 'gsae'; import cli; cli.main()" \
+        train --cache "$W/cache" --groups 2 --out "$W/runs/g2-$variant" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} \
+        $([ $variant = threads ] && echo "--reader threads")
+    [ -f "$W/runs/g2-$variant/summary.json" ] && "$PY" -c "import json, sys; s = json.load(open(sys.argv[1])); \
+print('train G=2,', sys.argv[2], 's: wall s', {k: round(v, 2) for k, v in s['wall_seconds'].items()}, \
+'per SAE tok/s', [round(r['tokens_per_s']) for r in s['saes']])" "$W/runs/g2-$variant/summary.json" \
+        "$([ $variant = threads ] && echo 'decode threads, GIL switch interval 0.005' || echo "GIL switch interval $variant")" \
+        | tee -a "$W/logs/$name.log"
   done
   # gsae group's distances ÷ reading their chunks, and with one torch thread per Dask task (16 × 16 threads?)
   # (products on the GPU as `gsae group` now runs them there, against the same on the CPU)

@@ -43,7 +43,9 @@ from gil_options import add_gil_options, apply_gil_options  # noqa: E402  (bench
 from pipeline.sae import SparseAutoencoder, default_lr  # noqa: E402
 from pipeline.ranks import Ranks  # noqa: E402
 from pipeline.train import make_optimizer, train_step  # noqa: E402
-from stores import ActivationStore, compute_chunk_stats  # noqa: E402
+from pipeline.processes import use_processes  # noqa: E402
+from stores import STORAGE_DTYPES, ActivationStore, compute_chunk_stats  # noqa: E402
+from stores.chunk_files import ChunkProcesses, SharedBuffers  # noqa: E402
 from stores.stream import TrainingStream, split_chunks  # noqa: E402
 
 
@@ -79,9 +81,12 @@ def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> 
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    threads = Ranks().decode_threads(store.path)
+    processes = _reader_processes(args, store, layers, device, threads)
+
     def new_stream() -> TrainingStream:  # as gsae train makes it: its decode threads (more for remote stores)
         return TrainingStream(store, layers, scales, train_chunks, args.batch_size, seed=0, device=device,
-                              workers=Ranks().decode_threads(store.path))
+                              workers=threads, processes=processes)
 
     stream = new_stream()
     batches = [stream.next_batch().x.clone() for _ in range(args.steps)]
@@ -106,8 +111,12 @@ def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> 
             step(sae, opt, fired, x)
         sync()
         in_memory.append((time.perf_counter() - start) / args.steps)
+    if processes is not None:
+        processes.close()
+        processes.shared.close()
     print(f"{label}SAE {store.d_model}→{n_latents}, k={args.k}, batch {args.batch_size}, layers {layers}, "
-          f"{args.steps} steps, on {device}, {Ranks().decode_threads(store.path)} decode threads")
+          f"{args.steps} steps, on {device}, {threads} decode threads"
+          f"{f' handing the chunks to {threads} processes' if processes is not None else ''}")
     print(f"fed by the store   {1000 * min(from_store):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in from_store)})")
     print(f"fed from memory    {1000 * min(in_memory):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in in_memory)})")
     print(f"{label}ratio store / memory = {min(from_store) / min(in_memory):.3f}   (target <= 1.10)")
@@ -143,6 +152,15 @@ def _copy_store(store: ActivationStore, layers: list[int], n_chunks: int, target
         copy.write_chunk(chunk, values, store.tokens(start, stop), compute_chunk_stats(values, store.dtype))
     copy.finalize()
     return ActivationStore.open(target)
+
+
+def _reader_processes(args, store: ActivationStore, layers: list[int], device: torch.device,
+                      threads: int) -> ChunkProcesses | None:
+    """The chunk processes `gsae train --reader args.reader` would decode with (None: threads)."""
+    window = 8 * len(layers) * store.chunk_tokens * store.d_model * STORAGE_DTYPES[store.dtype][1]
+    if not use_processes(args.reader, "reader", store, device, 2 * window):
+        return None
+    return ChunkProcesses(threads, SharedBuffers())
 
 
 def stream_rate(args) -> None:
@@ -184,7 +202,7 @@ def stream_rate(args) -> None:
 
     def streamed() -> tuple[float, float]:
         """(rows/s of a fresh stream's first epoch, rows/s of the ``args.epochs`` after it)."""
-        stream = TrainingStream(store, layers, scales, chunks, args.batch_size, seed=0)
+        stream = TrainingStream(store, layers, scales, chunks, args.batch_size, seed=0, processes=processes)
         rates, handed = [], 0
         for epochs in (1, args.epochs):
             n_batches = (handed + epochs * rows) // args.batch_size - handed // args.batch_size
@@ -196,15 +214,22 @@ def stream_rate(args) -> None:
         stream.close()
         return rates[0], rates[1]
 
-    plain(), streamed()  # warm-up
-    plains, colds, streams = [], [], []
-    for _ in range(args.repeats):
-        plains.append(plain())
-        cold, warm = streamed()
-        colds.append(cold)
-        streams.append(warm)
+    processes = _reader_processes(args, store, layers, torch.device("cpu"), cores)
+    try:
+        plain(), streamed()  # warm-up
+        plains, colds, streams = [], [], []
+        for _ in range(args.repeats):
+            plains.append(plain())
+            cold, warm = streamed()
+            colds.append(cold)
+            streams.append(warm)
+    finally:
+        if processes is not None:
+            processes.close()
+            processes.shared.close()
     print(f"{len(layers)} layers × {len(chunks)} chunks = {rows:,} rows of d = {store.d_model}, batch {args.batch_size}, "
-          f"{cores} cores, {args.epochs} epochs timed")
+          f"{cores} cores, {args.epochs} epochs timed; the stream's decode "
+          f"{'handed to ' + str(cores) + ' processes' if processes is not None else 'on its threads'}")
     print(f"plain thread-pool decode to float32 {max(plains):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in plains)})")
     print(f"training stream                     {max(streams):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in streams)})")
     print(f"  its first epoch (start-up)        {max(colds):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in colds)})")
@@ -298,6 +323,9 @@ if __name__ == "__main__":
     parser.add_argument("--tmp", default=".")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="feed: where to train")
     parser.add_argument("--chunks", type=int, default=8, help="stream: training chunks to read per layer")
+    parser.add_argument("--reader", choices=["auto", "threads", "processes"], default="auto",
+                        help="feed, stream: who decodes the stream's chunks, as `gsae train --reader` (auto: processes "
+                             "where the steps run on a GPU; `stream` runs on no GPU: threads unless told)")
     parser.add_argument("--epochs", type=int, default=3, help="stream: epochs timed after the first")
     parser.add_argument("--scaling", action="store_true", help="stream: also the plain decode with 1, 2, 4, 8, ... threads")
     parser.add_argument("--s3", action="store_true", help="feed: also from a copy of --chunks chunks in moto's S3 "

@@ -23,12 +23,14 @@ from pipeline.evaluate import DEFAULT_WINDOWS, check_held_out, layer_reconstruct
 from pipeline.group import grouping_record, mark_used, result_name
 from pipeline.grouping import Grouping, default_layers, layer_span
 from pipeline.models import matmul_precision, pick_device
+from pipeline.processes import KINDS as READERS, use_processes
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
 from pipeline.run import Run, RunConfig, cache_around, cache_fingerprint, join, pack_training_state
 from pipeline.sae import (ARCHITECTURES, L1_COEFFICIENT, TOP_K_ARCHITECTURES, SparseAutoencoder, default_k,
                           default_lr)
-from stores import ActivationStore
+from stores import STORAGE_DTYPES, ActivationStore
+from stores.chunk_files import ChunkProcesses, SharedBuffers
 from stores.stream import TrainingStream, split_chunks
 
 RUNS_ROOT = "runs"
@@ -60,6 +62,7 @@ class TrainRequest:
     precision: str = "float32"  # or "bfloat16": the forward under autocast
     l1_coefficient: float = L1_COEFFICIENT  # ReLU's L1 weight, JumpReLU's L0 weight
     given: tuple[str, ...] = ()  # the options typed on the command line: --resume refuses those that differ
+    reader: str = "auto"  # who decodes the chunks (pipeline.processes.KINDS); not recorded: it changes no result
 
 
 PRECISIONS = ("float32", "bfloat16")
@@ -78,6 +81,8 @@ def validate_request(request: TrainRequest) -> None:
     """Refuse, before anything is made, a request whose options cannot train (one line each)."""
     if request.architecture not in ARCHITECTURES:
         raise GsaeError(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
+    if request.reader not in READERS:
+        raise GsaeError(f"--reader must be one of {', '.join(READERS)}")
     if not (math.isfinite(request.expansion) and request.expansion > 0):
         raise GsaeError(f"--expansion must be a positive finite number (got {request.expansion})")
     if request.tokens <= 0:
@@ -194,7 +199,8 @@ def default_dead_tokens(request: TrainRequest) -> int:
     return min(10_000_000, max(request.batch_size, request.tokens // 10))
 
 
-_NOT_IDENTIFYING = ("resume", "out", "cache", "given")  # the cache is identified by its fingerprint instead
+# the cache is identified by its fingerprint instead; who decodes the chunks changes no result
+_NOT_IDENTIFYING = ("resume", "out", "cache", "given", "reader")
 
 
 def _arguments(request: TrainRequest) -> dict[str, Any]:
@@ -310,8 +316,29 @@ def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore
     return notes
 
 
+def _reader_processes(requested: str, config: RunConfig, store: ActivationStore, device: torch.device, threads: int,
+                      streams: int) -> ChunkProcesses | None:
+    """``threads`` chunk processes for `--reader requested`` (pipeline.processes), or None: threads decode."""
+    itemsize = STORAGE_DTYPES[store.dtype][1]
+    largest = max(len(group) for group in config.groups)
+    window = (config.window_chunks * largest * store.chunk_tokens + config.batch_size) * store.d_model * itemsize
+    if not use_processes(requested, "reader", store, device, streams * 2 * window):  # two windows per stream
+        return None
+    try:
+        return ChunkProcesses(threads, SharedBuffers())
+    except OSError as exc:  # no interpreter to start (an embedded Python), or no processes left
+        raise GsaeError(f"could not start the reader's processes ({exc}); pass --reader threads") from None
+
+
+def _stop_processes(processes: ChunkProcesses | None) -> None:
+    """Stop the chunk processes and let their shared memory go (after the streams have closed; twice is fine)."""
+    if processes is not None:
+        processes.close()
+        processes.shared.close()
+
+
 def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool: ThreadPoolExecutor,
-           indices: list[int], prefetch: bool) -> tuple[dict, dict, dict, dict]:
+           indices: list[int], prefetch: bool, processes: ChunkProcesses | None = None) -> tuple[dict, dict, dict, dict]:
     """SAE i, its optimizer, stream and dead counters for each i of ``indices`` (seeded by i, so an SAE
     is the same whichever process trains it).  ``prefetch``: each stream starts decoding its first
     window before the optimizer is made (the first Adam of a process imports torch._dynamo: 1.4 s of
@@ -327,7 +354,8 @@ def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool
                 sae.b_dec.copy_(torch.from_numpy(np.mean([mean[l] * s for l, s in zip(group, scales)], axis=0)))
             saes[i] = sae.to(device)
             streams[i] = TrainingStream(store, group, scales, config.train_chunks, config.batch_size, config.seed,
-                                        stream_id=i, window_chunks=config.window_chunks, device=device, pool=pool)
+                                        stream_id=i, window_chunks=config.window_chunks, device=device, pool=pool,
+                                        processes=processes)
             if prefetch:
                 streams[i].prefetch()
             optimizers[i] = make_optimizer(sae, config.lr)
@@ -462,7 +490,10 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
     mine = [i for i in range(n) if owner[i] == ranks.rank]
     device = ranks.device(pick_device(config.device))
     scope.enter_context(matmul_precision(device, config.tf32))  # as sparsify's trainer sets it (--no-tf32: off)
-    pool = ThreadPoolExecutor(max_workers=ranks.decode_threads(store.path), thread_name_prefix="gsae-decode")
+    threads = ranks.decode_threads(store.path)
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-decode")
+    processes = _reader_processes(request.reader, config, store, device, threads, len(mine))
+    scope.callback(_stop_processes, processes)  # also when the run fails
     checkpoint = run.latest_checkpoint()
     steps, batch_size = config.steps, config.batch_size
     start_step, elapsed = 0, [0.0] * n
@@ -470,7 +501,8 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
     dead_counts = {i: DeadCount(device) for i in mine}
     streams: dict[int, TrainingStream] = {}
     try:
-        saes, optimizers, streams, fired = _build(config, store, device, pool, mine, prefetch=checkpoint is None)
+        saes, optimizers, streams, fired = _build(config, store, device, pool, mine, prefetch=checkpoint is None,
+                                                  processes=processes)
         if checkpoint is not None:
             state = Run.load_checkpoint(checkpoint, {i: (saes[i], optimizers[i], fired[i]) for i in mine})
             for i in mine:
@@ -551,6 +583,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
         for stream in streams.values():
             stream.close()
         pool.shutdown(wait=False, cancel_futures=True)
+        _stop_processes(processes)
     wall = {"start": started - entered, "steps": time.perf_counter() - started, "waiting_for_data": waiting}
     mark = time.perf_counter()
     if start_step < steps:  # the final state, so a kill while the SAE files are written loses no step

@@ -1,6 +1,6 @@
 """The activation store: format, codecs, writing and chunk-wise reading. Knows nothing of SAEs.
 
-The names below are loaded on first use (PEP 562): the encoder processes of `gsae cache` import
+The names below are loaded on first use (PEP 562): the chunk processes of `gsae cache` and `gsae train` import
 ``stores.chunk_files`` alone, and importing the whole store (torch, zarr) took them 1.8 s of start-up
 instead of 0.2 s on the development machine."""
 
@@ -21,6 +21,10 @@ _EXPORTS = {
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted(_HOME)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))
 
 
 def __getattr__(name: str) -> Any:

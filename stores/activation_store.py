@@ -16,7 +16,6 @@ import contextlib
 import errno
 import json
 import math
-import os
 import re
 import threading
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -33,7 +32,7 @@ from zarr.core.indexing import BasicIndexer
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
-from stores.chunk_files import EncoderProcesses, chunk_checksum, write_chunk_file
+from stores.chunk_files import ChunkProcesses, read_chunk_file, write_chunk_file
 from stores.codecs import STORAGE_DTYPES, activation_codecs, bit_round, quiet_numcodecs, small_array_codecs
 from stores.messages import first_line
 from stores.remote import join, write_whole
@@ -154,7 +153,6 @@ def _own_loop(array: zarr.Array) -> asyncio.AbstractEventLoop | None:
     return holder.loop
 
 
-_read_buffers = threading.local()  # each decoding thread's reused buffer for compressed chunk files
 
 
 @dataclass(frozen=True)
@@ -244,41 +242,25 @@ def _chunk_codec(codecs: tuple, zstd: bool = False) -> Any:
 
 
 def _decode_chunk_file(path: Path, out: np.ndarray) -> bool:
-    """Decode one chunk file straight into ``out``, as zarr would (numcodecs' blosc; the checksum of
-    :func:`stores.chunk_files.chunk_checksum`), with the file read into a reused per-thread buffer.  False if the file is absent
-    (zarr then reads the fill value and the caller's missing-chunk check applies).
+    """Decode one chunk file straight into ``out``, as zarr would: :func:`stores.chunk_files.read_chunk_file`.
+    False if the file is absent (zarr then reads the fill value and the caller's missing-chunk check applies).
 
     Why not zarr: its per-chunk path (asyncio tasks, buffer wrappers, the compressed bytes and the decoded
     chunk each in a fresh allocation, the latter then copied into ``out``) took 5.2-6.1 ms per 4 MiB
     SmolLM2 chunk on one thread of this 2-core machine; this one takes 2.9 ms.  On the GPU machine 16
     threads decoded only 1.85M rows/s, slower than the SAE step they feed.  Checked equal to zarr's
     read, chunk by chunk and for every stored dtype, in tests/test_stream.py."""
-    import numcodecs.blosc
+    return read_chunk_file(str(path), out)
 
-    try:
-        handle = open(path, "rb")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # what zarr's LocalStore reads as absent
+
+def _read_in_process(array: zarr.Array, rows: slice, out: np.ndarray, processes: ChunkProcesses) -> bool:
+    """Decode ``array[rows]``, one whole local chunk, into ``out`` in one of ``processes``; False where that
+    is not possible (``out`` outside their shared memory, another codec) or the file is absent (zarr then
+    reads the fill value)."""
+    path = _whole_chunk_file(array, rows, out.shape, out.dtype) if out.flags.c_contiguous else None
+    if path is None or processes.shared.locate(out) is None:
         return False
-    with handle:
-        size = os.fstat(handle.fileno()).st_size
-        buffer = getattr(_read_buffers, "buffer", None)
-        if buffer is None or len(buffer) < size:
-            buffer = _read_buffers.buffer = bytearray(max(size, 1 << 22))
-        view = memoryview(buffer)[:size]
-        if handle.readinto(view) != size:
-            raise OSError(errno.EIO, f"short read of {path}")
-    if size < 4:
-        raise ValueError(f"a chunk file of {size} bytes has no checksum")
-    payload = np.frombuffer(buffer, dtype=np.uint8, count=size - 4)
-    if chunk_checksum(payload) != int.from_bytes(view[-4:], "little"):
-        raise ValueError("Stored and computed checksum do not match")
-    # blosc fills only what the chunk holds: one of another size would leave stale rows in ``out``
-    # (bytes 4-8 of blosc's header: the uncompressed size)
-    if size < 20 or int.from_bytes(view[4:8], "little") != out.nbytes:
-        raise ValueError(f"the chunk decodes to {int.from_bytes(view[4:8], 'little') if size >= 20 else 0:,} bytes, "
-                         f"not the {out.nbytes:,} of a chunk")
-    numcodecs.blosc.decompress(payload, out)
-    return True
+    return processes.read(str(path), out).result()
 
 
 def _get(array: zarr.Array, rows: slice, out: np.ndarray | None = None) -> np.ndarray:
@@ -628,17 +610,18 @@ class ActivationStore:
         self.finish_chunk(PendingChunk(chunk, stop, []))
 
     def start_chunk(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray, stats: ChunkStats,
-                    executor: Executor, encoder: EncoderProcesses | None = None) -> PendingChunk:
+                    executor: Executor, encoder: ChunkProcesses | None = None) -> PendingChunk:
         """Start writing one chunk: every layer's chunk, the tokens and the statistics, as separate jobs
         on ``executor``, each run whole on its worker thread (see :func:`_put`): encoding releases the
-        GIL, so layers compress in parallel.  With ``encoder``, the writes of whole local chunk files go
-        to its processes instead (the same bytes; see :mod:`stores.chunk_files`), the others to
-        ``executor``.  Nothing is committed until :meth:`finish_chunk`."""
+        GIL, so layers compress in parallel.  With ``encoder``, the writes of whole local chunk files in its
+        shared memory (the layers' chunks) go to its processes instead (the same bytes; see
+        :mod:`stores.chunk_files`), the others (the tokens and statistics) to ``executor``.  Nothing is committed until :meth:`finish_chunk`."""
         stop, jobs = self._chunk_jobs(chunk, layers, tokens, stats)
         futures = []
-        for array, unchecked, key, values in jobs:
-            direct = _direct_chunk_file(array, key, values) if encoder is not None else None
-            futures.append(encoder.submit(*direct, values) if direct is not None
+        for array, unchecked, key, values in jobs:  # the processes take the chunks in their shared memory
+            direct = (_direct_chunk_file(array, key, values)
+                      if encoder is not None and encoder.shared.locate(values) is not None else None)
+            futures.append(encoder.write(*direct, values) if direct is not None
                            else executor.submit(_put, array, unchecked, key, values))
         return PendingChunk(chunk, stop, futures)
 
@@ -823,9 +806,12 @@ class ActivationStore:
             for future in pending:
                 future.cancel()
 
-    def read_into(self, layer: int, start: int, stop: int, out: np.ndarray) -> None:
+    def read_into(self, layer: int, start: int, stop: int, out: np.ndarray,
+                  processes: ChunkProcesses | None = None) -> None:
         """:meth:`read_rows` decoded by zarr straight into ``out`` ((stop − start, d_model), the stored
-        array dtype): no allocation and copy per chunk.  The same errors."""
+        array dtype): no allocation and copy per chunk.  The same errors.  With ``processes``, each whole
+        chunk file whose rows in ``out`` lie in their shared memory is decoded by one of them (the calling
+        thread waits, without the GIL)."""
         array = self._layers[layer]
         # a local range is read chunk by chunk, so that every whole chunk in it takes _get's direct path
         # (held-out evaluation reads 4,096 rows at a time, which rarely fall on chunk boundaries);
@@ -835,7 +821,9 @@ class ActivationStore:
         bounds = [start, *inner, stop]
         with self._decoding(layer, start, stop):
             for begin, end in zip(bounds, bounds[1:]):
-                _get(array, slice(begin, end), out[begin - start : end - start])
+                part = out[begin - start : end - start]
+                if processes is None or not _read_in_process(array, slice(begin, end), part, processes):
+                    _get(array, slice(begin, end), part)
         self._check_chunks_present(layer, start, stop, out)
 
     def read_selected(self, layer: int, rows: np.ndarray) -> np.ndarray:
@@ -1058,6 +1046,7 @@ class StatsAccumulator:
         self.sums = torch.zeros(n_layers, d_model, dtype=torch.float64, device=device)
         self.norm_sums = torch.zeros(n_layers, dtype=torch.float64, device=device)
         self.overflow = torch.zeros(n_layers, dtype=torch.int64, device=device)
+        self._host: tuple[torch.Tensor, ...] | None = None  # the read-back started by start_result
 
     def add(self, layer: int, stored: torch.Tensor) -> None:
         """Add rows of one layer, as stored (float16, bfloat16 bits as int16, or float32), on the
@@ -1078,7 +1067,17 @@ class StatsAccumulator:
             elif float(values.abs().amax()) >= FLOAT16_MAX:  # on a CPU one pass, the count only when needed
                 self.overflow[layer] += int((values.abs() >= FLOAT16_MAX).sum())
 
+    def start_result(self) -> None:
+        """On a GPU, queue the copy of the sums to pinned host memory now (after the last rows' kernels):
+        :meth:`result`, called once that work is done, then reads them without waiting for the device,
+        where ``.cpu()`` would wait for everything queued since (the next batch's forward)."""
+        if self.sums.is_cuda:
+            self._host = tuple(t.to("cpu", non_blocking=True) for t in (self.sums, self.norm_sums, self.overflow))
+
     def result(self) -> ChunkStats:
+        """The statistics (after :meth:`start_result`: once the device has done the copy it queued)."""
+        if self._host is not None:
+            return ChunkStats(*(t.numpy() for t in self._host))
         return ChunkStats(self.sums.cpu().numpy(), self.norm_sums.cpu().numpy(), self.overflow.cpu().numpy())
 
 

@@ -1,19 +1,21 @@
-"""Whole chunk files, written as zarr writes them, by the writer's threads or by encoder processes.
+"""Whole chunk files, written and read as zarr does, by threads or by processes of their own.
 
 A chunk file of a local array whose codecs are bytes → blosc or zstd → crc32c is the codec's output
-followed by its CRC32C, little-endian, renamed into place from a temporary file.  gsae writes such files
-itself (``stores.activation_store._encode_chunk_file``; why there), on the writer's threads or, with
-:class:`EncoderProcesses`, in processes of their own.
+followed by its CRC32C, little-endian, renamed into place from a temporary file.  gsae writes and decodes
+such files itself (``stores.activation_store._encode_chunk_file`` and ``_decode_chunk_file``; why
+there): on the writer's or the stream's threads, or, with :class:`ChunkProcesses`, in processes of their
+own (`gsae cache --writer`, `gsae train --reader`).
 
 Why processes: every thread of the writer takes the GIL between its C calls (the job's Python, numcodecs'
 copy of the compressed bytes, the file calls), and on the H200 machine the model's thread ran its
-forward at a third of its speed beside 16 writer threads (docs/benchmarks.md).  A process has its own
+forward at a third of its speed beside 16 writer threads (docs/benchmarks.md); the training stream's
+decode threads delivered 1.4M rows/s beside the training loop, against 2.56M alone.  A process has its own
 GIL: the parent only pickles each job's few arguments and reads its answer, and the activations stay
 where they are, in shared memory (:class:`SharedBuffers`) that the processes map.  On the development
 machine (2 cores; py-spy --gil over benchmarks/cache_write.py --writer-only --threads 2, the same bytes)
 the writer's threads held the GIL for 215 samples (500 Hz), the parent's threads that feed 2 processes for 29.
 
-This module imports no torch and no zarr: each encoder process starts in about 0.2 s.
+This module imports no torch and no zarr: each process starts in about 0.2 s.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def usable_cores() -> int:
 #: - this 2-core machine, 2 threads: releasing it made the stream's decode 5-10% slower (each release
 #:   is a GIL handoff to win back); the writer was 1-7% faster.  docs/benchmarks.md, "Where the writer
 #:   threads hold the GIL".
-#: An encoder process runs one job at a time: it holds the GIL (nothing there to hand it to).
+#: An chunk process runs one job at a time: it holds the GIL (nothing there to hand it to).
 CHECKSUM_RELEASES_GIL = usable_cores() > 2
 
 
@@ -96,6 +98,41 @@ def write_or_remove_chunk_file(path: str, codec: Any, values: np.ndarray) -> Non
 
 
 
+_read_buffers = threading.local()  # each decoding thread's reused buffer for compressed chunk files
+
+
+def read_chunk_file(path: str, out: np.ndarray) -> bool:
+    """Decode one blosc chunk file (:func:`write_chunk_file`'s) straight into ``out``, checksum checked, the
+    file read into a reused per-thread buffer.  False if the file is absent (zarr then reads the fill
+    value).  A damaged file raises (ValueError, or OSError for a failed read)."""
+    import numcodecs.blosc
+
+    try:
+        handle = open(path, "rb")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # what zarr's LocalStore reads as absent
+        return False
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        buffer = getattr(_read_buffers, "buffer", None)
+        if buffer is None or len(buffer) < size:
+            buffer = _read_buffers.buffer = bytearray(max(size, 1 << 22))
+        view = memoryview(buffer)[:size]
+        if handle.readinto(view) != size:
+            raise OSError(errno.EIO, f"short read of {path}")
+    if size < 4:
+        raise ValueError(f"a chunk file of {size} bytes has no checksum")
+    payload = np.frombuffer(buffer, dtype=np.uint8, count=size - 4)
+    if chunk_checksum(payload) != int.from_bytes(view[-4:], "little"):
+        raise ValueError("Stored and computed checksum do not match")
+    # blosc fills only what the chunk holds: one of another size would leave stale rows in ``out``
+    # (bytes 4-8 of blosc's header: the uncompressed size)
+    if size < 20 or int.from_bytes(view[4:8], "little") != out.nbytes:
+        raise ValueError(f"the chunk decodes to {int.from_bytes(view[4:8], 'little') if size >= 20 else 0:,} bytes, "
+                         f"not the {out.nbytes:,} of a chunk")
+    numcodecs.blosc.decompress(payload, out)
+    return True
+
+
 _SHM_FOLDER = "/dev/shm"  # where Linux keeps POSIX shared memory: the processes map a block by its path there
 
 
@@ -110,7 +147,7 @@ def shared_memory_room() -> int:
 
 
 class SharedBuffers:
-    """numpy arrays in POSIX shared memory, which :class:`EncoderProcesses` read where they are.
+    """numpy arrays in POSIX shared memory, which :class:`ChunkProcesses` read and write where they are.
 
     Each array is a block of its own, made with :class:`multiprocessing.shared_memory.SharedMemory`
     (so Python's resource tracker removes the blocks of a killed process) and mapped here a second
@@ -131,9 +168,16 @@ class SharedBuffers:
         memory.close()  # its own mapping; ours below stays
         fd = os.open(os.path.join(_SHM_FOLDER, memory.name), os.O_RDWR)
         try:
+            # the pages now: a /dev/shm that fills up later is ENOSPC here, not a SIGBUS at the first write
+            os.posix_fallocate(fd, 0, nbytes)
             mapping = mmap.mmap(fd, nbytes)
-        finally:
+        except OSError:
             os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                memory.unlink()
+            self._memories.remove(memory)
+            raise
+        os.close(fd)
         array = np.frombuffer(mapping, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
         self._blocks.append((array.__array_interface__["data"][0], nbytes, memory.name, mapping))
         return array
@@ -147,6 +191,18 @@ class SharedBuffers:
             if start <= address and address + values.nbytes <= start + nbytes:
                 return name, address - start
         return None
+
+    def release(self, values: np.ndarray) -> None:
+        """Forget the block of an array made by :meth:`empty` and remove its name (its memory goes once
+        no array and no process maps it)."""
+        where = self.locate(values)
+        if where is None:
+            return
+        self._blocks = [block for block in self._blocks if block[2] != where[0]]
+        for memory in [m for m in self._memories if m.name == where[0]]:
+            self._memories.remove(memory)
+            with contextlib.suppress(FileNotFoundError):
+                memory.unlink()
 
     def close(self) -> None:
         """Remove the blocks' names (their memory goes once no array and no process maps it)."""
@@ -162,13 +218,15 @@ def _stopped(message: str) -> OSError:
     return OSError(errno.EIO, message)
 
 
-class EncoderProcesses:
-    """Worker processes that write whole chunk files (:func:`write_or_remove_chunk_file`).
+class ChunkProcesses:
+    """Worker processes that write whole chunk files (:func:`write_or_remove_chunk_file`) or decode them
+    into shared memory (:func:`read_chunk_file`).
 
     Each is a plain ``python -c`` child fed pickled jobs on a pipe: multiprocessing's pools start their
     workers through the parent's main module, which for `gsae` imports torch and transformers (1.8 s here,
-    against 0.2 s for this module).  A job names its values by shared-memory block and offset when they
-    lie in ``shared``, otherwise it carries them (the tokens and statistics: a few KiB).  Jobs wait in one
+    against 0.2 s for this module).  A job names its values, or a decode's target, by shared-memory block
+    and offset in ``shared``: it carries no array (an array over the pipe's 64 KiB, such as a 32 × 4096
+    model's 1 MiB chunk statistics, would block the sender until the process read it).  Jobs wait in one
     queue here and go to a process when it has fewer than :data:`_DEPTH` (as a thread pool's threads take
     the next job when free: with jobs dealt out at submission, 2 processes wrote 1.20 GB/s where 2 threads
     wrote 1.74); the thread reading a process's answers settles the futures and sends it the next job.
@@ -194,14 +252,27 @@ class EncoderProcesses:
         for worker in self._workers:
             worker.ready.wait()
 
-    def submit(self, path: str, codec: Any, values: np.ndarray) -> Future:
-        """Write ``values`` (one whole chunk) to ``path`` with ``codec`` in one of the processes."""
+    def write(self, path: str, codec: Any, values: np.ndarray) -> Future:
+        """Write ``values`` (one whole chunk, in ``shared``) to ``path`` with ``codec`` in one of the processes;
+        the future's result is None."""
         where = self.shared.locate(values)
-        source: Any = ("shared", *where, values.shape, values.dtype.str) if where else np.ascontiguousarray(values)
+        if where is None:
+            raise ValueError("a chunk is written by a process from shared memory only")
+        return self._submit(("write", os.path.abspath(path), codec, ("shared", *where, values.shape, values.dtype.str)))
+
+    def read(self, path: str, out: np.ndarray) -> Future:
+        """Decode the chunk file ``path`` into ``out`` (which lies in ``shared``) in one of the processes; the
+        future's result is :func:`read_chunk_file`'s (False: no such file)."""
+        where = self.shared.locate(out)
+        if where is None:
+            raise ValueError("a chunk is decoded by a process into shared memory only")
+        return self._submit(("read", os.path.abspath(path), ("shared", *where, out.shape, out.dtype.str)))
+
+    def _submit(self, job: tuple) -> Future:
         future: Future = Future()
         future.set_running_or_notify_cancel()  # queued is running: a cancel must not race the process's answer
         with self._lock:
-            self._queue.append((future, (path, codec, source)))
+            self._queue.append((future, job))
         self._dispatch()
         return future
 
@@ -214,7 +285,7 @@ class EncoderProcesses:
             if self._queue and not any(worker.alive for worker in self._workers):
                 left, self._queue = list(self._queue), collections.deque()
                 for future, _ in left:
-                    future.set_exception(_stopped("every encoder process of the cache writer has stopped"))
+                    future.set_exception(_stopped("every chunk process has stopped"))
 
     def close(self) -> None:
         """Let every process finish the jobs it was sent, then stop them; the jobs still queued here fail.
@@ -223,7 +294,7 @@ class EncoderProcesses:
         with self._lock:
             left, self._queue = list(self._queue), collections.deque()
         for future, _ in left:
-            future.set_exception(_stopped("the cache writer stopped before this chunk was sent"))
+            future.set_exception(_stopped("the chunk processes stopped before this chunk was sent"))
         for worker in self._workers:
             worker.close_input()
         for worker in self._workers:
@@ -232,7 +303,7 @@ class EncoderProcesses:
 
 
 class _Worker:
-    """One encoder process and the thread that reads its answers."""
+    """One chunk process and the thread that reads its answers."""
 
     def __init__(self, index: int, on_answer: Callable[[], None]):
         env = dict(os.environ)
@@ -244,8 +315,11 @@ class _Worker:
         # where 2 threads wrote 1.7 (this machine, /dev/shm).  Its largest threshold keeps them on the heap.
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
         env.setdefault("MALLOC_TRIM_THRESHOLD_", str(128 << 20))
+        # started in the folder that holds this `stores`: `python -c` puts its own folder first on the path,
+        # and another folder's `stores` package would be imported instead (the jobs' paths are absolute)
+        home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.process = subprocess.Popen([sys.executable, "-c", "from stores.chunk_files import serve; serve()"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=home)
         self.pending: dict[int, Future] = {}
         self.alive = True
         self.ready = threading.Event()  # set when the process has said it started (or has stopped)
@@ -265,37 +339,46 @@ class _Worker:
             self.process.stdin.flush()
         except (OSError, ValueError) as exc:  # the process is gone
             with self._lock:
-                self.pending.pop(number, None)
+                mine = self.pending.pop(number, None)  # or the reader has failed it already
             self.alive = False
-            future.set_exception(_stopped(f"an encoder process of the cache writer has stopped ({exc})"))
+            if mine is not None:
+                future.set_exception(_stopped(f"a chunk process has stopped ({exc})"))
 
     def _read(self) -> None:
         answers: BinaryIO = self.process.stdout
         try:
-            pickle.load(answers)  # "ready"
-        except (EOFError, OSError, pickle.UnpicklingError):
-            pass
-        self.ready.set()
-        while True:
             try:
-                number, error = pickle.load(answers)
+                pickle.load(answers)  # "ready"
             except (EOFError, OSError, pickle.UnpicklingError):
-                break
+                return
+            finally:
+                self.ready.set()
+            while True:
+                try:
+                    number, error, result = pickle.load(answers)
+                except (EOFError, OSError, pickle.UnpicklingError):
+                    return
+                with self._lock:
+                    future = self.pending.pop(number)
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+                self._answered()
+        finally:  # whatever ended the answers: the jobs still out fail, and the queue goes to the others
+            code = self.process.wait()
+            self.alive = False
             with self._lock:
-                future = self.pending.pop(number)
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
+                left, self.pending = list(self.pending.values()), {}
+            for future in left:
+                future.set_exception(_stopped(f"a chunk process exited (code {code}) before finishing a chunk"))
+            self._answered()
+
+    def _answered(self) -> None:
+        """Hand the pool's queued jobs out (never lets an error end this reader: its process's answers
+        would then go unread and their futures wait forever)."""
+        with contextlib.suppress(Exception):
             self._on_answer()
-        code = self.process.wait()
-        self.alive = False
-        with self._lock:
-            left, self.pending = list(self.pending.values()), {}
-        for future in left:
-            future.set_exception(_stopped(f"an encoder process of the cache writer exited (code {code}) "
-                                          "before writing a chunk"))
-        self._on_answer()  # the queue's jobs go to the others, or fail if none is left
 
     def close_input(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -311,39 +394,48 @@ class _Worker:
 
 
 def serve() -> None:
-    """An encoder process: run the jobs read from stdin, answer each on stdout, until stdin closes."""
+    """A chunk process: run the jobs read from stdin, answer each on stdout, until stdin closes."""
     global CHECKSUM_RELEASES_GIL
+    import numcodecs.blosc
+
     CHECKSUM_RELEASES_GIL = False  # one thread here: nobody to hand the GIL to
+    # numcodecs turns blosc's own threads on when it runs on a main thread (use_threads None): a chunk of
+    # several 256 KiB blocks then came out with its blocks in another order from run to run, not zarr's
+    # bytes (the writer's threads are not main threads); and every process would start a thread per core
+    numcodecs.blosc.use_threads = False
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
     jobs = sys.stdin.buffer
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed here goes to stderr, never into the answers
     mapped: dict[str, mmap.mmap] = {}
+
+    def in_shared(name: str, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        block = mapped.get(name)
+        if block is None:
+            with open(os.path.join(_SHM_FOLDER, name), "r+b") as handle:
+                # populated in one call: a fault per 4 KiB page cost about as much as encoding them
+                block = mapped[name] = mmap.mmap(handle.fileno(), 0,
+                                                 flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        return np.ndarray(shape, dtype=np.dtype(dtype), buffer=block, offset=offset)
+
     pickle.dump("ready", answers)
     answers.flush()
     while True:
         try:
-            number, (path, codec, source) = pickle.load(jobs)
+            number, (kind, path, *payload) = pickle.load(jobs)
         except (EOFError, pickle.UnpicklingError):  # the end, or a job the parent stopped sending halfway
             break
+        result, error = None, None
         try:
-            if isinstance(source, tuple):
-                _, name, offset, shape, dtype = source
-                block = mapped.get(name)
-                if block is None:
-                    with open(os.path.join(_SHM_FOLDER, name), "rb") as handle:
-                        # populated in one call: a fault per 4 KiB page cost about as much as encoding them
-                        block = mapped[name] = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ,
-                                                         flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-                values = np.ndarray(shape, dtype=np.dtype(dtype), buffer=block, offset=offset)
+            if kind == "write":
+                codec, source = payload
+                write_or_remove_chunk_file(path, codec, in_shared(*source[1:]))
             else:
-                values = source
-            write_or_remove_chunk_file(path, codec, values)
-            error = None
+                result = read_chunk_file(path, in_shared(*payload[0][1:]))
         except Exception as exc:  # answered, raised in the parent (an OSError keeps its errno there)
             error = exc
         try:
-            pickle.dump((number, error), answers, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump((number, error, result), answers, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError):
-            pickle.dump((number, RuntimeError(f"{type(error).__name__}: {error}")), answers)
+            pickle.dump((number, RuntimeError(f"{type(error).__name__}: {error}"), None), answers)
         answers.flush()

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 from stores.activation_store import ActivationStore
+from stores.chunk_files import ChunkProcesses
+from stores.pinned import pin, unpin
 
 
 def split_chunks(store: ActivationStore, eval_fraction: float) -> tuple[list[int], list[int]]:
@@ -102,11 +104,12 @@ class TrainingStream:
     def __init__(self, store: ActivationStore, layers: list[int], scales: list[float], chunks: list[int],
                  batch_size: int, seed: int, stream_id: int = 0, window_chunks: int = 8,
                  device: torch.device | str = "cpu", workers: int | None = None, pool: Executor | None = None,
-                 device_windows: bool | None = None):
+                 device_windows: bool | None = None, processes: ChunkProcesses | None = None):
         """``pool``: decode threads shared with other streams (the SAEs of one run); without it the
         stream starts ``workers`` threads of its own (default: one per core).  ``device_windows``: batches
         gathered from a copy of the window on the device (always on CUDA; on the CPU, for tests, a
-        second copy in memory)."""
+        second copy in memory).  ``processes``: the pool's threads hand each whole chunk to one of these to
+        decode, into window buffers in their shared memory (pinned on CUDA); `gsae train --reader`."""
         self.store, self.layers, self.chunks = store, list(layers), list(chunks)
         self.scales = {layer: float(scale) for layer, scale in zip(layers, scales)}
         self.batch_size, self.seed, self.stream_id = batch_size, seed, stream_id
@@ -132,6 +135,9 @@ class TrainingStream:
         self._device_buffers: list[torch.Tensor | None] = [None, None]  # the windows' device copies, reused
         self._uploaded: list[Any] = [None, None]  # per host buffer: its last copy to the device (an event)
         self._released: list[Any] = [None, None]  # per device window: after the last batch gathered from it
+        self.processes = processes
+        self._shared: list[tuple[np.ndarray, int | None] | None] = [None, None]  # per host buffer: its shared
+        # memory and pinned address, where the processes decode
 
     # ------------------------------------------------------------------ windows
     def _window_chunk_ids(self, window: int) -> list[int]:
@@ -144,7 +150,8 @@ class TrainingStream:
 
         zarr writes the decoded chunk into ``out`` itself: reading an array and copying it would cost a
         4 MiB allocation and copy per chunk, 5-10% of its decode."""
-        self.store.read_into(layer, start, stop, out.view(torch.uint8).numpy().view(self.store.layer_array(layer).dtype))
+        self.store.read_into(layer, start, stop, out.view(torch.uint8).numpy().view(self.store.layer_array(layer).dtype),
+                             self.processes)
 
     def _schedule(self, window: int) -> None:
         """Start decoding ``window``: every (layer, chunk) of it into its slice of one buffer."""
@@ -161,8 +168,7 @@ class TrainingStream:
             self._uploaded[slot] = None
         buffer = self._buffers[slot]
         if buffer is None or len(buffer) < size:
-            buffer = torch.empty(size, self.store.d_model, dtype=self._dtype, pin_memory=self._cuda)
-            self._buffers[slot] = buffer
+            buffer = self._buffers[slot] = self._new_buffer(slot, size)
         values = buffer[:size]
         layers, rows, futures, offset = [], [], [], self.batch_size
         for layer in self.layers:
@@ -174,6 +180,26 @@ class TrainingStream:
                 offset += n
         window_data = _Window(values, np.concatenate(layers), np.concatenate(rows), np.empty(0, np.int64), 0)
         self._pending[window] = (window_data, futures)
+
+    def _new_buffer(self, slot: int, size: int) -> torch.Tensor:
+        """A host window buffer of ``size`` rows: pinned on CUDA; in the processes' shared memory with them."""
+        if self.processes is None:
+            return torch.empty(size, self.store.d_model, dtype=self._dtype, pin_memory=self._cuda)
+        self._free_shared(slot)
+        itemsize = torch.empty((), dtype=self._dtype).element_size()
+        block = self.processes.shared.empty((size, self.store.d_model * itemsize), np.dtype(np.uint8))
+        self._shared[slot] = (block, pin(block) if self._cuda else None)
+        return torch.from_numpy(block).view(self._dtype)
+
+    def _free_shared(self, slot: int) -> None:
+        """Let go of a host buffer in shared memory (no copy out of it is running: see close and _schedule)."""
+        if self._shared[slot] is None:
+            return
+        block, address = self._shared[slot]
+        if address is not None:
+            unpin(address)
+        self.processes.shared.release(block)
+        self._shared[slot] = None
 
     def prefetch(self) -> None:
         """Start decoding the window of the next batch now, on the pool, rather than at the first
@@ -321,5 +347,7 @@ class TrainingStream:
         if self._copy_stream is not None:  # no copy out of a host window still running
             self._copy_stream.synchronize()
         self._current = None
+        for slot in (0, 1):
+            self._free_shared(slot)
         self._buffers, self._device_buffers = [None, None], [None, None]
         self._uploaded, self._released = [None, None], [None, None]

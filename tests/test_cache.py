@@ -407,11 +407,11 @@ def assemble_and_write(store: ActivationStore, values: torch.Tensor, tokens: np.
     batch as the forward hooks do, write the chunks with its writer (``processes``: its encoder processes,
     the chunk buffers in shared memory), finalize; (assembler, writer).  The caller closes the assembler."""
     from pipeline.cache import ChunkWriter, _ChunkAssembler
-    from stores.chunk_files import EncoderProcesses, SharedBuffers
+    from stores.chunk_files import ChunkProcesses, SharedBuffers
 
     shared = SharedBuffers() if processes else None
     assembler = _ChunkAssembler(store, np.dtype(np.float16), pinned=pinned, shared=shared)
-    writer = ChunkWriter(store, 2, 0.0, batch_rows=batch, encoder=EncoderProcesses(2, shared) if shared else None)
+    writer = ChunkWriter(store, 2, 0.0, batch_rows=batch, encoder=ChunkProcesses(2, shared) if shared else None)
     try:
         for row in range(0, len(tokens), batch):
             stop = min(row + batch, len(tokens))

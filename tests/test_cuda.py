@@ -25,11 +25,17 @@ def store(tmp_path_factory) -> ActivationStore:
     return ActivationStore.open(str(path))
 
 
-def test_cuda_stream_gives_the_cpu_batches_from_float16_windows_copied_to_the_device(store):
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_cuda_stream_gives_the_cpu_batches_from_float16_windows_copied_to_the_device(store, processes):
+    """Also with the decode in chunk processes (`gsae train --reader`, auto on a GPU): the host windows in
+    their shared memory, pinned by cudaHostRegister."""
+    from stores.chunk_files import ChunkProcesses, SharedBuffers
+
     train_chunks, _ = split_chunks(store, 0.1)
     args = (store, [0, 1, 2], [0.5, 1.0, 2.0], train_chunks, 128)
+    workers = ChunkProcesses(2, SharedBuffers()) if processes else None
     on_cpu = TrainingStream(*args, seed=3, window_chunks=2)
-    on_gpu = TrainingStream(*args, seed=3, window_chunks=2, device="cuda")
+    on_gpu = TrainingStream(*args, seed=3, window_chunks=2, device="cuda", processes=workers)
     copies = set()
     for _ in range(40):  # several windows: both device copies in turn
         expected, got = on_cpu.next_batch(), on_gpu.next_batch()
@@ -42,8 +48,14 @@ def test_cuda_stream_gives_the_cpu_batches_from_float16_windows_copied_to_the_de
         copies.add(window.values.untyped_storage().data_ptr())
     assert len(copies) == 2  # reused, not a new device window each time
     assert all(buffer.is_pinned() for buffer in on_gpu._buffers if buffer is not None)  # the host windows
+    if workers is not None:
+        assert all(entry is not None and entry[1] is not None for entry in on_gpu._shared)  # registered
     on_cpu.close()
     on_gpu.close()
+    if workers is not None:
+        assert not workers.shared._blocks  # unpinned and given back at close
+        workers.close()
+        workers.shared.close()
 
 
 def test_cuda_resume_hands_out_the_same_batches(store):
@@ -162,6 +174,16 @@ def test_cuda_cache_writes_with_processes_by_default_and_the_bytes_of_threads(ti
     trees = [{str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
               if p.is_file() and p.name != "timing.json"} for root in (tmp_path / "auto", tmp_path / "threads")]
     assert trees[0] == trees[1]
+    # each batch's chunks went to the writer while the next batch ran: every chunk's rows and the statistics
+    # recorded for it on the device (read back without waiting for the next batch) agree
+    store = ActivationStore.open(str(tmp_path / "auto"))
+    for chunk in range(store.n_chunks):
+        start, stop = store.readable_rows(chunk)
+        layers = [store.read_rows(layer, start, stop) for layer in range(store.n_layers)]
+        assert all(values.any(axis=1).all() for values in layers)  # no row left unwritten
+        expected = compute_chunk_stats(layers, "float16")
+        np.testing.assert_allclose(store._read_stats("chunk_sum", chunk), expected.sums, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(store._read_stats("chunk_norm_sum", chunk), expected.norm_sums, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -1,5 +1,6 @@
-"""The cache writer's encoder processes (`gsae cache --writer processes`, stores/chunk_files.py): zarr's bytes
-from shared memory, the same cache as the writer threads, kill -9 and Ctrl-C, errors, and when auto uses them."""
+"""The chunk processes (stores/chunk_files.py): the cache writer's (`gsae cache --writer processes`: zarr's bytes
+from shared memory, the same cache as the writer threads, kill -9 and Ctrl-C, errors) and the training
+stream's (`gsae train --reader processes`: the threads' batches and weights), and when auto uses them."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import ROOT, run_cli
 from stores import ActivationStore, compute_chunk_stats
-from stores.chunk_files import EncoderProcesses, SharedBuffers
+from stores.chunk_files import ChunkProcesses, SharedBuffers
 from stores.codecs import activation_codecs
 
 CONTEXT = 32
@@ -65,15 +67,15 @@ def _gone(pids: list[int], seconds: float = 20) -> bool:
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_processes_write_zarrs_bytes_from_shared_memory(tmp_path, dtype):
-    """Chunks written by the encoder processes, the activations read where they lie in shared memory, the
-    tokens and statistics sent along, make zarr's store file for file; a short chunk (through zarr, on the
-    threads) and an all-zero one (no file) included."""
+    """Chunks written by the encoder processes, the activations read where they lie in shared memory (the
+    tokens and statistics on the threads), make zarr's store file for file; a short chunk (through zarr, on
+    the threads) and an all-zero one (no file) included."""
     import stores.activation_store as module
 
     def make(path: Path, processes: bool) -> dict[str, bytes]:
         store = ActivationStore.create(str(path), n_layers=2, d_model=8, n_tokens=450, chunk_tokens=100, dtype=dtype)
         shared = SharedBuffers()
-        encoder = EncoderProcesses(2, shared) if processes else None
+        encoder = ChunkProcesses(2, shared) if processes else None
         rng = np.random.default_rng(0)
         try:
             with ThreadPoolExecutor(2) as pool:
@@ -97,14 +99,14 @@ def test_processes_write_zarrs_bytes_from_shared_memory(tmp_path, dtype):
         return _tree_bytes(path)
 
     sent = []
-    real_submit = EncoderProcesses.submit
+    real_write = ChunkProcesses.write
 
     def counted(self, path, codec, values):
         sent.append(Path(path).relative_to(tmp_path / "processes").parts[0:2])
-        return real_submit(self, path, codec, values)
+        return real_write(self, path, codec, values)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(EncoderProcesses, "submit", counted)
+    mp.setattr(ChunkProcesses, "write", counted)
     try:
         ours = make(tmp_path / "processes", True)
     finally:
@@ -116,12 +118,40 @@ def test_processes_write_zarrs_bytes_from_shared_memory(tmp_path, dtype):
     finally:
         mp.undo()
     assert ours.keys() == zarrs.keys() and all(ours[name] == zarrs[name] for name in ours)
-    # whole chunks only: 4 of each layer (the all-zero one too: its file removed there), 4 of the tokens,
-    # 5 of each statistic; the short chunk 4 of the layers and tokens through zarr
-    assert collections.Counter(sent) == {("layers", "0"): 4, ("layers", "1"): 4, ("tokens", "c"): 4,
-                                         ("stats", "chunk_sum"): 5, ("stats", "chunk_norm_sum"): 5,
-                                         ("stats", "chunk_overflow"): 5}
+    # the layers' whole chunks only: 4 of each layer (the all-zero one too: its file removed there); the short
+    # chunk 4 through zarr, the tokens and statistics (not in shared memory) on the threads
+    assert collections.Counter(sent) == {("layers", "0"): 4, ("layers", "1"): 4}
     assert not any(name.endswith(".partial") for name in ours)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_chunks_of_many_blosc_blocks_are_zarrs_bytes_every_time(tmp_path, dtype):
+    """A chunk over one 256 KiB blosc block: the processes must not let blosc use threads of its own, whose
+    block order varies from run to run (numcodecs turns them on in a process's main thread)."""
+    from zarr.codecs import BloscCodec
+
+    codec = activation_codecs("lossless", dtype).compressors[0]
+    assert isinstance(codec, BloscCodec)
+    rng = np.random.default_rng(1)
+    shared = SharedBuffers()
+    encoder = ChunkProcesses(2, shared)
+    try:
+        values = shared.empty((4, 1024, 512), np.dtype(dtype))  # 1-2 MiB a chunk: 4-8 blocks
+        values[...] = rng.standard_normal(values.shape, dtype=np.float32) * 4
+        for repeat in range(2):
+            for i in range(4):
+                encoder.write(str(tmp_path / f"p{repeat}" / str(i)), codec._blosc_codec, values[i]).result(timeout=60)
+    finally:
+        encoder.close()
+        shared.close()
+    import zarr
+
+    array = zarr.create_array(str(tmp_path / "z"), shape=(4 * 1024, 512), chunks=(1024, 512), dtype=dtype,
+                              compressors=[codec, activation_codecs("lossless", dtype).compressors[1]])
+    array[:] = values.reshape(-1, 512)
+    for i in range(4):
+        zarrs = (tmp_path / "z" / "c" / str(i) / "0").read_bytes()
+        assert (tmp_path / "p0" / str(i)).read_bytes() == zarrs == (tmp_path / "p1" / str(i)).read_bytes()
 
 
 def test_shared_buffers_are_found_and_removed():
@@ -142,16 +172,19 @@ def test_a_failed_write_raises_its_oserror_and_a_dead_process_fails_its_jobs(tmp
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     shared = SharedBuffers()
-    encoder = EncoderProcesses(1, shared)
+    encoder = ChunkProcesses(1, shared)
     try:
-        values = np.ones((4, 4), np.float16)
-        error = encoder.submit(str(blocker / "c" / "0"), codec, values).exception(timeout=60)
+        values = shared.empty((4, 4), np.float16)
+        values[...] = 1
+        with pytest.raises(ValueError, match="shared memory only"):
+            encoder.write(str(tmp_path / "x"), codec, np.ones((4, 4), np.float16))
+        error = encoder.write(str(blocker / "c" / "0"), codec, values).exception(timeout=60)
         assert isinstance(error, OSError) and error.errno == errno.ENOTDIR
-        encoder.submit(str(tmp_path / "ok" / "0"), codec, values).result(timeout=60)
+        encoder.write(str(tmp_path / "ok" / "0"), codec, values).result(timeout=60)
         assert (tmp_path / "ok" / "0").stat().st_size > 4
         encoder._workers[0].process.kill()
-        failed = encoder.submit(str(tmp_path / "ok" / "1"), codec, values).exception(timeout=60)
-        assert isinstance(failed, OSError) and "encoder process" in str(failed)  # one line from the store
+        failed = encoder.write(str(tmp_path / "ok" / "1"), codec, values).exception(timeout=60)
+        assert isinstance(failed, OSError) and "chunk process" in str(failed)  # one line from the store
     finally:
         encoder.close()
         shared.close()
@@ -222,27 +255,125 @@ def test_writer_choice(tiny_neox, tmp_path, capsys, monkeypatch):
     --writer processes that cannot work is a one-line error."""
     import torch
 
-    import pipeline.cache as cache_module
+    import pipeline.processes as module
 
     store = ActivationStore.create(str(tmp_path / "s"), n_layers=2, d_model=8, n_tokens=400, chunk_tokens=100)
     lossy = ActivationStore.create(str(tmp_path / "l"), n_layers=2, d_model=8, n_tokens=400, chunk_tokens=100,
                                    compression="lossy")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(cache_module, "usable_cores", lambda: 16)
-    monkeypatch.setattr(cache_module, "_can_pin_shared_memory", lambda: True)
-    assert cache_module._writer_kind("auto", store, cpu, 1 << 20) == "threads"
-    assert cache_module._writer_kind("auto", store, cuda, 1 << 20) == "processes"
-    assert cache_module._writer_kind("auto", lossy, cuda, 1 << 20) == "threads"
-    assert cache_module._writer_kind("processes", store, cpu, 1 << 20) == "processes"
-    monkeypatch.setattr(cache_module, "_can_pin_shared_memory", lambda: False)  # CUDA cannot pin it here
-    assert cache_module._writer_kind("auto", store, cuda, 1 << 20) == "threads"
-    monkeypatch.setattr(cache_module, "shared_memory_room", lambda: 64 << 20)  # a container's /dev/shm
-    assert cache_module._writer_kind("auto", store, cpu, 600 << 20) == "threads"
-    with pytest.raises(Exception, match="needs 600 MiB of shared memory"):
-        cache_module._writer_kind("processes", store, cpu, 600 << 20)
+    monkeypatch.setattr(module, "usable_cores", lambda: 16)
+    monkeypatch.setattr(module, "can_pin_shared_memory", lambda: True)
+
+    def use(requested, target, device, size=1 << 20, option="writer"):
+        return module.use_processes(requested, option, target, device, size)
+
+    assert not use("auto", store, cpu) and use("auto", store, cuda) and not use("auto", lossy, cuda)
+    assert use("processes", store, cpu) and not use("threads", store, cuda)
+    monkeypatch.setattr(module, "usable_cores", lambda: 2)
+    assert not use("auto", store, cuda)
+    monkeypatch.setattr(module, "usable_cores", lambda: 16)
+    monkeypatch.setattr(module, "can_pin_shared_memory", lambda: False)  # CUDA cannot pin it here
+    assert not use("auto", store, cuda)
+    monkeypatch.setattr(module, "shared_memory_room", lambda: 64 << 20)  # a container's /dev/shm
+    assert not use("auto", store, cpu, 600 << 20)
+    with pytest.raises(Exception, match="--reader processes needs 600 MiB of shared memory"):
+        use("processes", store, cpu, 600 << 20, option="reader")
     monkeypatch.undo()
 
     code, _, err = run_cli([*_cache_args(tiny_neox, 3000), "--cache", tmp_path / "lossy", "--compression", "lossy",
                             "--writer", "processes"], capsys)
     assert code == 1 and "--writer processes needs a lossless cache on a local disk" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_stream_decoding_in_processes_gives_the_threads_batches(tmp_path, dtype):
+    """Windows decoded by the processes into shared memory: the batches of the threads bit for bit, across
+    windows, epochs (a short last chunk goes through zarr on the threads), carried rows and a resume; the
+    window buffers are reused, and released at close."""
+    from stores.stream import TrainingStream, split_chunks
+    from test_stream import _store
+
+    store = _store(tmp_path / "c", dtype)
+    train_chunks, _ = split_chunks(store, 0.1)
+    args = (store, [0, 2], [0.5, 3.0], train_chunks, 96)
+    shared = SharedBuffers()
+    processes = ChunkProcesses(2, shared)
+    reads = []
+    real_read = ChunkProcesses.read
+
+    def counted(self, path, out):
+        reads.append(path)
+        return real_read(self, path, out)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ChunkProcesses, "read", counted)
+    try:
+        threads = TrainingStream(*args, seed=5, window_chunks=3)
+        in_processes = TrainingStream(*args, seed=5, window_chunks=3, processes=processes)
+        expected, state, buffers = [], None, set()
+        for i in range(40):
+            want, got = threads.next_batch(), in_processes.next_batch()
+            np.testing.assert_array_equal(got.rows, want.rows)
+            np.testing.assert_array_equal(got.layers, want.layers)
+            assert torch.equal(got.x, want.x)
+            buffers.add(in_processes._current.values.untyped_storage().data_ptr())
+            expected.append(want)
+            if i == 16:
+                state = in_processes.state_dict()
+        assert len(buffers) == 2 and len(shared._blocks) == 2
+        assert reads and all(shared.locate(block) is not None for block, _ in in_processes._shared)
+        resumed = TrainingStream(*args, seed=5, window_chunks=3, processes=processes)
+        resumed.load_state_dict(state)
+        for want in expected[17:]:
+            assert torch.equal(resumed.next_batch().x, want.x)
+        for stream in (threads, in_processes, resumed):
+            stream.close()
+        assert not shared._blocks  # every window buffer given back
+    finally:
+        mp.undo()
+        processes.close()
+        shared.close()
+
+
+def test_a_damaged_chunk_decoded_in_a_process_is_one_line_naming_it(tmp_path):
+    from stores.stream import TrainingStream, split_chunks
+    from test_stream import _store
+
+    store = _store(tmp_path / "c", "float16")
+    victim = tmp_path / "c" / "layers" / "1" / "c" / "0" / "0"
+    data = bytearray(victim.read_bytes())
+    data[40] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    shared = SharedBuffers()
+    processes = ChunkProcesses(1, shared)
+    try:
+        stream = TrainingStream(store, [1], [1.0], split_chunks(store, 0.1)[0], 64, seed=0, window_chunks=20,
+                                processes=processes)
+        with pytest.raises(Exception, match=r"layer 1 rows 0–99 cannot be read \(.*checksum") as caught:
+            stream.next_batch()
+        assert len(str(caught.value).splitlines()) == 1
+        stream.close()
+    finally:
+        processes.close()
+        shared.close()
+
+
+def test_train_with_reader_processes_gives_the_threads_weights(tiny_neox, tmp_path, capsys):
+    from conftest import make_cache
+    from safetensors.numpy import load_file
+
+    cache = make_cache(tiny_neox, tmp_path / "cache", tokens=6000, context_length=32, batch_size=8, chunk_tokens=200)
+    assert run_cli(["group", "--cache", cache], capsys)[0] == 0
+    args = ["train", "--cache", cache, "--groups", 2, "--tokens", 2048, "--batch-size", 128, "--expansion", 2]
+    weights = {}
+    for reader in ("threads", "processes"):
+        code, out, err = run_cli([*args, "--out", tmp_path / reader, "--reader", reader], capsys)
+        assert code == 0, err
+        weights[reader] = {path.name: load_file(path) for path in sorted((tmp_path / reader).rglob("*.safetensors"))
+                           if "checkpoint" not in str(path)}
+    assert weights["threads"] and weights["threads"].keys() == weights["processes"].keys()
+    for name, tensors in weights["threads"].items():
+        assert all(np.array_equal(tensors[key], weights["processes"][name][key]) for key in tensors)
+    # not recorded with the run's arguments (--resume compares those): it changes no result
+    assert "\"reader\"" not in (tmp_path / "processes" / "config.json").read_text()

@@ -1,0 +1,44 @@
+"""Threads or processes for the chunk files: `gsae cache --writer` and `gsae train --reader`.
+
+Processes (:class:`stores.chunk_files.ChunkProcesses`) each have a GIL of their own, so the thread that
+drives the GPU (the model's forward in `gsae cache`, the SAE steps in `gsae train`) does not wait for the
+GIL behind the threads that compress or decode chunks.  They need what they read and write in shared
+memory, chunk files gsae encodes itself, and, on a GPU, shared memory that CUDA can pin."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import GsaeError
+from stores import ActivationStore, is_local
+from stores.chunk_files import shared_memory_room, usable_cores
+from stores.pinned import can_pin_shared_memory
+
+KINDS = ("auto", "threads", "processes")
+
+
+def use_processes(requested: str, option: str, store: ActivationStore, device: torch.device, buffers_bytes: int) -> bool:
+    """Whether ``--OPTION requested`` (one of :data:`KINDS`) takes processes for ``store``'s chunks, whose
+    buffers take ``buffers_bytes``.  auto: where the work feeds a GPU, the machine has more than 2 cores and
+    processes can work (a lossless cache on a local disk, room in /dev/shm, shared memory CUDA can pin);
+    an explicit ``processes`` that cannot work is a one-line error."""
+    if requested == "threads":
+        return False
+    if not is_local(store.path) or store.attrs.get("codec", {}).get("compression") != "lossless":
+        why = "needs a lossless cache on a local disk"
+    elif shared_memory_room() < buffers_bytes + buffers_bytes // 4:
+        why = (f"needs {_mib(buffers_bytes)} of shared memory for its chunk buffers, and /dev/shm has "
+               f"{_mib(shared_memory_room())} free")
+    elif device.type == "cuda" and not can_pin_shared_memory():
+        why = "needs shared memory that CUDA can pin (cudaHostRegister failed here)"
+    else:
+        why = ""
+    if requested == "processes":
+        if why:
+            raise GsaeError(f"--{option} processes {why}; pass --{option} threads")
+        return True
+    return not why and device.type == "cuda" and usable_cores() > 2
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"

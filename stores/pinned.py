@@ -1,0 +1,58 @@
+"""Pinning host memory that torch did not allocate (the shared-memory buffers of the chunk processes), so
+that copies between it and a GPU are asynchronous DMA: cudaHostRegister, at the buffer's exact size (torch's
+own pinned allocator rounds a request up to a power of two)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+
+import numpy as np
+import torch
+
+
+class PinError(Exception):
+    """cudaHostRegister refused a buffer."""
+
+
+def pin(buffer: np.ndarray) -> int:
+    """Page-lock ``buffer`` for the GPU; its address, for :func:`unpin`."""
+    address = buffer.ctypes.data
+    error = int(torch.cuda.cudart().cudaHostRegister(address, buffer.nbytes, 0))
+    if error:
+        _clear_cuda_error()
+        raise PinError(f"cudaHostRegister of {buffer.nbytes:,} bytes failed (CUDA error {error})")
+    return address
+
+
+def unpin(address: int) -> None:
+    """Undo :func:`pin` (after every copy into or out of the buffer has finished).  A refusal is let be (the
+    pages stay locked until the process ends), its error cleared for torch's next check."""
+    if int(torch.cuda.cudart().cudaHostUnregister(address)):
+        _clear_cuda_error()
+
+
+def can_pin_shared_memory() -> bool:
+    """Whether a page of shared memory can be pinned here (no CUDA, no /dev/shm, or a refusal: False)."""
+    from stores.chunk_files import SharedBuffers
+
+    shared = SharedBuffers()
+    try:
+        unpin(pin(shared.empty((4096,), np.dtype(np.uint8))))
+        return True
+    except Exception:  # no CUDA, no cudart binding in this torch, no /dev/shm, a refusal
+        return False
+    finally:
+        shared.close()
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a failed call of ours: torch checks it after each kernel
+    launch, and would raise ours there.  torch.cuda.cudart() has no cudaGetLastError: the runtime library
+    this process loaded has (none found: nothing to do)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart" in line}
+        for path in paths:
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(path).cudaGetLastError()
