@@ -249,7 +249,11 @@ class _ChunkBuffers:
         if self.free:
             return self.free.pop()
         if self.shared is not None:
-            buffer = self.shared.empty(self.shape, self.np_dtype)
+            try:
+                buffer = self.shared.empty(self.shape, self.np_dtype)
+            except OSError as exc:
+                raise GsaeError(f"no room in /dev/shm for another chunk buffer of the writer's processes "
+                                f"({exc.strerror or exc}); pass --writer threads") from None
             if self.pinned:
                 self._register(buffer)
             return buffer
@@ -492,6 +496,16 @@ class ChunkWriter:
             self.drain()
         finally:
             self.close()
+
+
+def _to_device(ids: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The batch's token ids where the model runs.  To a GPU through pinned memory, without waiting: a copy
+    from pageable memory makes torch wait for everything queued (the last batch's forward), and the next
+    batch could not be queued before that one was done."""
+    tensor = torch.from_numpy(ids)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _chunk_bytes(store: ActivationStore) -> int:
@@ -804,7 +818,9 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     # last one's chunks go to the writer; whole ones and one begun on each side)
     buffers_bytes = (ChunkWriter.in_flight(store, threads, batch_rows)
                      + 2 * -(-batch_size * rows_per_window // store.chunk_tokens) + 1) * _chunk_bytes(store)
-    shared = SharedBuffers() if use_processes(writer_kind, "writer", store, lm.device, buffers_bytes) else None
+    # ranks on one machine share its /dev/shm
+    shared = (SharedBuffers() if use_processes(writer_kind, "writer", store, lm.device, buffers_bytes * ranks.local_world)
+              else None)
     assembler = _ChunkAssembler(store, np_dtype, todo, pinned=lm.device.type == "cuda", shared=shared)
     capture = _ForwardCapture(lm, first_row, store.dtype)
     writer = None
@@ -864,7 +880,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                 tokens = ids[:, first_row:].reshape(-1)[: stop - row].astype(np.int32)
                 if next_todo is not None and store.chunk_rows(next_todo)[0] < stop:
                     mark = clock()
-                    ran = capture.run(torch.from_numpy(ids).to(lm.device), functools.partial(assembler.take, row, stop))
+                    ran = capture.run(_to_device(ids, lm.device), functools.partial(assembler.take, row, stop))
                     phases["forward"] += clock() - mark
                     check.feed(row, tokens)
                     check.flush()  # before any new chunk of this batch is written
@@ -900,8 +916,8 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
             phases["writer_wait"] += clock() - mark
     finally:
         capture.close()
-        if launched is not None:  # an error with a batch on the GPU: its copies land before the buffers go
-            launched[2].synchronize()
+        if lm.device.type == "cuda":  # after an error, a batch's copies land before the buffers are unpinned
+            torch.cuda.current_stream(lm.device).synchronize()
         try:
             writer.close()
         finally:  # also when Ctrl-C lands in the writer's close: no chunk buffer stays pinned or named

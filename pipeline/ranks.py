@@ -68,8 +68,11 @@ class Ranks:
         return device
 
     def threads(self) -> int:
-        """This rank's share of the machine's cores (ranks on one machine split them)."""
-        return max(1, (os.cpu_count() or 1) // self.local_world)
+        """This rank's share of the cores this process may use (ranks on one machine split them; a CPU quota
+        counts: :func:`stores.chunk_files.usable_cores`)."""
+        from stores.chunk_files import usable_cores
+
+        return max(1, usable_cores() // self.local_world)
 
     def decode_threads(self, cache: str) -> int:
         """Threads decoding chunks of ``cache`` (for every stream of a run, or an evaluation): this rank's

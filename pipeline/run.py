@@ -257,7 +257,9 @@ class Run:
         if fcntl is None or not isinstance(self.fs, LocalFileSystem):
             yield
             return
-        with _one_line_errors(self.path), open(os.path.join(self._root, LOCK), "a+") as handle:
+        with _one_line_errors(self.path):  # the lock file's own errors; not those of the training it guards
+            handle = open(os.path.join(self._root, LOCK), "a+")
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

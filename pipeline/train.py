@@ -317,12 +317,14 @@ def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore
 
 
 def _reader_processes(requested: str, config: RunConfig, store: ActivationStore, device: torch.device, threads: int,
-                      streams: int) -> ChunkProcesses | None:
-    """``threads`` chunk processes for `--reader requested`` (pipeline.processes), or None: threads decode."""
+                      streams: int, ranks_here: int = 1) -> ChunkProcesses | None:
+    """``threads`` chunk processes for `--reader requested`` (pipeline.processes), or None: threads decode
+    (also for a rank with no SAE).  ``ranks_here``: the ranks of this machine, whose /dev/shm they share."""
     itemsize = STORAGE_DTYPES[store.dtype][1]
     largest = max(len(group) for group in config.groups)
     window = (config.window_chunks * largest * store.chunk_tokens + config.batch_size) * store.d_model * itemsize
-    if not use_processes(requested, "reader", store, device, streams * 2 * window):  # two windows per stream
+    needed = ranks_here * streams * 2 * window  # two windows per stream
+    if not streams or not use_processes(requested, "reader", store, device, needed):
         return None
     try:
         return ChunkProcesses(threads, SharedBuffers())
@@ -492,7 +494,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
     scope.enter_context(matmul_precision(device, config.tf32))  # as sparsify's trainer sets it (--no-tf32: off)
     threads = ranks.decode_threads(store.path)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-decode")
-    processes = _reader_processes(request.reader, config, store, device, threads, len(mine))
+    processes = _reader_processes(request.reader, config, store, device, threads, len(mine), ranks.local_world)
     scope.callback(_stop_processes, processes)  # also when the run fails
     checkpoint = run.latest_checkpoint()
     steps, batch_size = config.steps, config.batch_size

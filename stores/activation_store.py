@@ -32,7 +32,7 @@ from zarr.core.indexing import BasicIndexer
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
-from stores.chunk_files import ChunkProcesses, read_chunk_file, write_chunk_file
+from stores.chunk_files import ChunkProcesses, ProcessStopped, read_chunk_file, write_chunk_file
 from stores.codecs import STORAGE_DTYPES, activation_codecs, bit_round, quiet_numcodecs, small_array_codecs
 from stores.messages import first_line
 from stores.remote import join, write_whole
@@ -855,6 +855,9 @@ class ActivationStore:
         failed disk read, becomes one :class:`StoreError` naming them."""
         try:
             yield
+        except ProcessStopped as exc:  # the decoding process, not the cache: nothing for `gsae verify` to find
+            raise StoreError(f"layer {layer} rows {start:,}–{stop - 1:,} of cache {self.path} were not decoded: "
+                             f"{exc.strerror}; pass --reader threads to decode without processes") from None
         except Exception as exc:
             raise self._read_error(layer, start, stop, _describe_decode_error(exc)) from None
 

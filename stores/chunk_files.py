@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import math
 import mmap
 import os
 import pickle
@@ -40,9 +41,57 @@ import numpy as np
 
 
 def usable_cores() -> int:
-    """The cores this process may run on."""
+    """The cores this process may use: those it may run on (its CPU affinity: cpusets, taskset), at most its
+    CPU quota rounded up (cgroups: `docker --cpus`, Kubernetes limits, SLURM).  A container given 4 CPUs of
+    a 64-core host otherwise started 64 writer and decode threads."""
     affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may run on
-    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup") -> float | None:
+    """CPUs this process's cgroup may use (quota ÷ period), the smallest over the cgroup and its ancestors,
+    cgroup v2 (``cpu.max``) or v1 (``cpu.cfs_quota_us``); None where there is no quota or no cgroup file."""
+    try:
+        with open(membership) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        lines = []
+    found = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        names = controllers.split(",") if controllers else []
+        if controllers == "":  # v2: one unified hierarchy
+            folders = [root]
+        elif "cpu" in names:  # v1: the cpu controller's hierarchy (mounted as cpu or cpu,cpuacct)
+            folders = [os.path.join(root, controllers), os.path.join(root, "cpu")]
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        for folder in dict.fromkeys(folders):
+            for depth in range(len(parts), -1, -1):  # the cgroup, then each ancestor (a namespace shows "/")
+                quota = _read_quota(os.path.join(folder, *parts[:depth]))
+                if quota is not None:
+                    found.append(quota)
+    return min(found) if found else None
+
+
+def _read_quota(folder: str) -> float | None:
+    try:  # v2: "max 100000" or "200000 100000"
+        with open(os.path.join(folder, "cpu.max")) as handle:
+            quota, period = handle.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # v1: -1 is no quota
+        with open(os.path.join(folder, "cpu.cfs_quota_us")) as handle:
+            quota = int(handle.read())
+        with open(os.path.join(folder, "cpu.cfs_period_us")) as handle:
+            period = int(handle.read())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 #: Whether :func:`chunk_checksum` lets go of the GIL while it runs: where this process has more than two
@@ -213,9 +262,13 @@ class SharedBuffers:
         self._blocks.clear()
 
 
+class ProcessStopped(OSError):
+    """A job whose chunk process is gone: the process, not the cache (one line, never "run gsae verify")."""
+
+
 def _stopped(message: str) -> OSError:
     """The error of a job whose process is gone: an OSError, which the store reports in one line."""
-    return OSError(errno.EIO, message)
+    return ProcessStopped(errno.EIO, message)
 
 
 class ChunkProcesses:
@@ -412,6 +465,11 @@ def serve() -> None:
     def in_shared(name: str, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         block = mapped.get(name)
         if block is None:
+            # a new block: let go of those the parent has removed (a window buffer that grew, a closed
+            # stream), which would otherwise hold their /dev/shm pages until this process ends
+            for gone in [known for known in mapped if not os.path.exists(os.path.join(_SHM_FOLDER, known))]:
+                with contextlib.suppress(BufferError):
+                    mapped.pop(gone).close()
             with open(os.path.join(_SHM_FOLDER, name), "r+b") as handle:
                 # populated in one call: a fault per 4 KiB page cost about as much as encoding them
                 block = mapped[name] = mmap.mmap(handle.fileno(), 0,

@@ -26,7 +26,6 @@ gathered from the window, converted and scaled there.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stores.activation_store import ActivationStore
-from stores.chunk_files import ChunkProcesses
+from stores.activation_store import ActivationStore, StoreError
+from stores.chunk_files import ChunkProcesses, usable_cores
 from stores.pinned import pin, unpin
 
 
@@ -54,6 +53,10 @@ def as_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(values).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(values))
+
+
+def block_mib(rows: int, d_model: int, itemsize: int) -> str:
+    return f"{rows * d_model * itemsize / 2**20:,.0f} MiB"
 
 
 def _stop(futures: list[Future]) -> None:
@@ -117,7 +120,7 @@ class TrainingStream:
         self.device = torch.device(device)
         self.windows_per_epoch = -(-len(self.chunks) // self.window_chunks)
         self._own_pool = pool is None
-        self.pool = pool or ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1,
+        self.pool = pool or ThreadPoolExecutor(max_workers=workers or usable_cores(),
                                                thread_name_prefix=f"gsae-stream{stream_id}")
         self.window, self.batch_in_window = 0, 0
         self._carry_ids = np.zeros((0, 2), dtype=np.int64)  # (layer, row) carried into self.window
@@ -185,9 +188,13 @@ class TrainingStream:
         """A host window buffer of ``size`` rows: pinned on CUDA; in the processes' shared memory with them."""
         if self.processes is None:
             return torch.empty(size, self.store.d_model, dtype=self._dtype, pin_memory=self._cuda)
-        self._free_shared(slot)
         itemsize = torch.empty((), dtype=self._dtype).element_size()
-        block = self.processes.shared.empty((size, self.store.d_model * itemsize), np.dtype(np.uint8))
+        try:
+            block = self.processes.shared.empty((size, self.store.d_model * itemsize), np.dtype(np.uint8))
+        except OSError as exc:  # the old buffer stays this slot's
+            raise StoreError(f"no room in /dev/shm for a {block_mib(size, self.store.d_model, itemsize)} window of "
+                             f"the training stream's processes ({exc.strerror or exc}); pass --reader threads") from None
+        self._free_shared(slot)
         self._shared[slot] = (block, pin(block) if self._cuda else None)
         return torch.from_numpy(block).view(self._dtype)
 

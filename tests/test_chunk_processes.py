@@ -377,3 +377,100 @@ def test_train_with_reader_processes_gives_the_threads_weights(tiny_neox, tmp_pa
         assert all(np.array_equal(tensors[key], weights["processes"][name][key]) for key in tensors)
     # not recorded with the run's arguments (--resume compares those): it changes no result
     assert "\"reader\"" not in (tmp_path / "processes" / "config.json").read_text()
+
+
+def test_cpu_quota_of_the_cgroup_caps_the_cores(tmp_path, monkeypatch):
+    """A container given 1.5 CPUs of a larger host (cgroup v2 `cpu.max`, set on an ancestor; or v1's cfs quota)
+    counts 2 cores, not the host's; no quota (v2 "max", v1 -1) or no cgroup files count the affinity."""
+    import stores.chunk_files as module
+
+    v2 = tmp_path / "v2"
+    (v2 / "kubepods" / "pod1").mkdir(parents=True)
+    (v2 / "kubepods" / "cpu.max").write_text("150000 100000\n")
+    (v2 / "kubepods" / "pod1" / "cpu.max").write_text("max 100000\n")
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/kubepods/pod1\n")
+    assert module.cgroup_cpu_quota(str(v2), str(membership)) == 1.5
+    membership.write_text("0::/\n")  # a cgroup namespace: its own cgroup shows as the root
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert module.cgroup_cpu_quota(str(v2), str(membership)) is None
+
+    v1 = tmp_path / "v1" / "cpu,cpuacct" / "docker" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("400000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    membership.write_text("12:pids:/docker/abc\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc\n")
+    assert module.cgroup_cpu_quota(str(tmp_path / "v1"), str(membership)) == 4.0
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert module.cgroup_cpu_quota(str(tmp_path / "v1"), str(membership)) is None
+    assert module.cgroup_cpu_quota(str(tmp_path / "none"), str(tmp_path / "missing")) is None
+
+    monkeypatch.setattr(module, "cgroup_cpu_quota", lambda: 1.5)
+    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert module.usable_cores() == 2
+    monkeypatch.setattr(module, "cgroup_cpu_quota", lambda: None)
+    assert module.usable_cores() == 64
+
+    from pipeline.ranks import Ranks
+
+    assert Ranks().threads() == 64
+
+
+def test_a_process_lets_go_of_a_block_the_parent_released(tmp_path):
+    """A window buffer that grows, or a closed stream, releases its block: the processes unmap it when they
+    next map one, so its /dev/shm pages do not outlive it until they end."""
+    from test_stream import _store
+
+    store = _store(tmp_path / "c", "float16")
+    path = str(tmp_path / "c" / "layers" / "0" / "c" / "0" / "0")
+    shared = SharedBuffers()
+    processes = ChunkProcesses(1, shared)
+    try:
+        pid = processes._workers[0].process.pid
+        first = shared.empty((100, 8), np.float16)
+        assert processes.read(path, first).result(timeout=60)
+        name = shared.locate(first)[0]
+        assert name in Path(f"/proc/{pid}/maps").read_text()
+        shared.release(first)
+        second = shared.empty((100, 8), np.float16)
+        assert processes.read(path, second).result(timeout=60)
+        np.testing.assert_array_equal(second, store.read_rows(0, 0, 100))
+        assert name not in Path(f"/proc/{pid}/maps").read_text()
+    finally:
+        processes.close()
+        shared.close()
+
+
+def test_no_room_in_dev_shm_or_a_stopped_process_is_one_line_that_is_not_about_the_cache(tmp_path, monkeypatch):
+    from stores.activation_store import StoreError
+    from stores.stream import TrainingStream, split_chunks
+    from test_stream import _store
+
+    store = _store(tmp_path / "c", "float16")
+    chunks = split_chunks(store, 0.1)[0]
+    shared = SharedBuffers()
+    processes = ChunkProcesses(1, shared)
+    try:
+        real_empty = SharedBuffers.empty
+
+        def full(self, shape, dtype):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(SharedBuffers, "empty", full)
+        stream = TrainingStream(store, [0], [1.0], chunks, 64, seed=0, window_chunks=2, processes=processes)
+        with pytest.raises(StoreError, match=r"no room in /dev/shm .*No space left.*pass --reader threads") as caught:
+            stream.next_batch()
+        assert len(str(caught.value).splitlines()) == 1
+        stream.close()
+        monkeypatch.setattr(SharedBuffers, "empty", real_empty)
+
+        processes._workers[0].process.kill()
+        processes._workers[0].process.wait()
+        stream = TrainingStream(store, [1], [1.0], chunks, 64, seed=0, window_chunks=2, processes=processes)
+        with pytest.raises(StoreError, match=r"were not decoded: .*chunk process.*pass --reader threads") as caught:
+            stream.next_batch()
+        assert "verify" not in str(caught.value) and len(str(caught.value).splitlines()) == 1
+        stream.close()
+    finally:
+        processes.close()
+        shared.close()
