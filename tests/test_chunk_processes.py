@@ -291,8 +291,8 @@ def test_stream_decoding_in_processes_gives_the_threads_batches(tmp_path, dtype)
     """Windows decoded by the processes into shared memory: the batches of the threads bit for bit, across
     windows, epochs (a short last chunk goes through zarr on the threads), carried rows and a resume; the
     window buffers are reused, and released at close."""
-    from stores.stream import TrainingStream, split_chunks
-    from test_stream import _store
+    from stores.stream import split_chunks
+    from test_stream import _store, same_batches
 
     store = _store(tmp_path / "c", dtype)
     train_chunks, _ = split_chunks(store, 0.1)
@@ -308,28 +308,16 @@ def test_stream_decoding_in_processes_gives_the_threads_batches(tmp_path, dtype)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(ChunkProcesses, "read", counted)
+    in_shared = []
+
+    def window(stream):  # the buffer a batch came from, which lies in the processes' shared memory
+        in_shared.append(shared.locate(stream._current.values.view(torch.uint8).numpy()) is not None)
+        return stream._current.values
+
     try:
-        threads = TrainingStream(*args, seed=5, window_chunks=3)
-        in_processes = TrainingStream(*args, seed=5, window_chunks=3, processes=processes)
-        expected, state, buffers = [], None, set()
-        for i in range(40):
-            want, got = threads.next_batch(), in_processes.next_batch()
-            np.testing.assert_array_equal(got.rows, want.rows)
-            np.testing.assert_array_equal(got.layers, want.layers)
-            assert torch.equal(got.x, want.x)
-            buffers.add(in_processes._current.values.untyped_storage().data_ptr())
-            expected.append(want)
-            if i == 16:
-                state = in_processes.state_dict()
-        assert len(buffers) == 2 and len(shared._blocks) == 2
-        assert reads and all(shared.locate(block) is not None for block, _ in in_processes._shared)
-        resumed = TrainingStream(*args, seed=5, window_chunks=3, processes=processes)
-        resumed.load_state_dict(state)
-        for want in expected[17:]:
-            assert torch.equal(resumed.next_batch().x, want.x)
-        for stream in (threads, in_processes, resumed):
-            stream.close()
-        assert not shared._blocks  # every window buffer given back
+        buffers = same_batches(args, {"processes": processes}, window)
+        assert len(buffers) == 2 and reads and all(in_shared)
+        assert not shared._blocks  # every window buffer given back at close
     finally:
         mp.undo()
         processes.close()

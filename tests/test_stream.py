@@ -61,26 +61,34 @@ def test_batches_gathered_from_a_window_copy_equal_the_host_batches(tmp_path, dt
     epoch holds fewer rows than a batch, so it is only carried, never copied."""
     store = _store(tmp_path / "c", dtype)
     train_chunks, _ = split_chunks(store, 0.1)
-    args = (store, [0, 2], [0.5, 3.0], train_chunks, batch_size)
-    host = TrainingStream(*args, seed=5, window_chunks=3)
-    copied = TrainingStream(*args, seed=5, window_chunks=3, device_windows=True)
-    expected, state, copies = [], None, set()
+    copies = same_batches((store, [0, 2], [0.5, 3.0], train_chunks, batch_size), {"device_windows": True},
+                          lambda stream: stream._current.on_device.values)
+    assert len(copies) == 2
+
+
+def same_batches(args: tuple, options: dict, buffer_of) -> set[int]:
+    """40 batches of a plain TrainingStream(*args) and of one made with ``options`` are equal bit for bit,
+    across windows, epochs and carried rows, and so are a resumed stream's after batch 17; returns the
+    addresses of the buffers ``buffer_of(stream)`` gave the second stream's batches (closed at the end)."""
+    plain = TrainingStream(*args, seed=5, window_chunks=3)
+    other = TrainingStream(*args, seed=5, window_chunks=3, **options)
+    expected, state, buffers = [], None, set()
     for i in range(40):
-        want, got = host.next_batch(), copied.next_batch()
+        want, got = plain.next_batch(), other.next_batch()
         np.testing.assert_array_equal(got.layers, want.layers)
         np.testing.assert_array_equal(got.rows, want.rows)
         assert torch.equal(got.x, want.x)
-        copies.add(copied._current.on_device.values.untyped_storage().data_ptr())
+        buffers.add(buffer_of(other).untyped_storage().data_ptr())
         expected.append(want)
         if i == 16:
-            state = copied.state_dict()
-    assert len(copies) == 2
-    resumed = TrainingStream(*args, seed=5, window_chunks=3, device_windows=True)
+            state = other.state_dict()
+    resumed = TrainingStream(*args, seed=5, window_chunks=3, **options)
     resumed.load_state_dict(state)
     for want in expected[17:]:
         assert torch.equal(resumed.next_batch().x, want.x)
-    for stream in (host, copied, resumed):
+    for stream in (plain, other, resumed):
         stream.close()
+    return buffers
 
 
 def test_window_buffers_are_reused(store):
