@@ -134,6 +134,10 @@ def _validate(request: CacheRequest) -> None:
         raise GsaeError(f"--write-threads must be positive (got {request.write_threads})")
     if request.writer not in WRITERS:
         raise GsaeError(f"--writer {request.writer!r}: choose one of {', '.join(WRITERS)}")
+    if request.writer == "processes" and (request.compression != "lossless"
+                                          or (request.cache is not None and not is_local(request.cache))):
+        # before the model loads (SmolLM2: 45 s here); pipeline.processes says the same of an existing store
+        raise GsaeError("--writer processes needs a lossless cache on a local disk; pass --writer threads")
     if request.chunk_tokens is not None and request.chunk_tokens <= 0:
         raise GsaeError(f"--chunk-tokens must be positive (got {request.chunk_tokens})")
     if request.dtype not in STORAGE_DTYPES:

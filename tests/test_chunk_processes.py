@@ -283,7 +283,8 @@ def test_writer_choice(tiny_neox, tmp_path, capsys, monkeypatch):
     code, _, err = run_cli([*_cache_args(tiny_neox, 3000), "--cache", tmp_path / "lossy", "--compression", "lossy",
                             "--writer", "processes"], capsys)
     assert code == 1 and "--writer processes needs a lossless cache on a local disk" in err
-    assert len(err.strip().splitlines()) == 1
+    assert len(err.strip().splitlines()) == 1 and "caching" not in err  # refused before the model loads
+    assert not (tmp_path / "lossy").exists()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
