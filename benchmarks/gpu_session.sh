@@ -9,8 +9,8 @@
 # (a) installs the wheels in .whl (made here by ../shared/gpu/wheels.sh) into /tmp/site, as
 #     /work/shared/gpu/README.md says; without .whl it uses this Python's packages;
 # (b) runs each benchmark under its own `timeout`, most important first: the CUDA tests alone,
-#     cache_throughput (encoder processes on a GPU; also with writer threads, 8 of them, and the checksum
-#     holding the GIL), end_to_end,
+#     cache_throughput (encoder processes on a GPU, and with writer threads), end_to_end, cache_throughput
+#     into memory (also with 8 writer threads, and with the checksum holding the GIL),
 #     cache_write, the writer by threads (and with the checksum holding the GIL), compressing alone by
 #     threads, where the writer holds the GIL (py-spy), the stream (and with the checksum holding the
 #     GIL) and feed ratios, sparsify_speed, then the whole test suite with CUDA visible (232 s on the
@@ -154,6 +154,12 @@ step cache_throughput "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --mod
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"}
 step cache_throughput_threads "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --writer threads
+# 1b. end to end: gsae cache + baseline / + group + G*, against sparsify live (the headline ratios)
+step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --sparsify-runs 2 \
+    ${E2E_ARGS[@]+"${E2E_ARGS[@]}"}
+rm -rf "$W/e2e"
+
+# 1c. the cache into memory, with 8 writer threads, and with the checksum holding the GIL (as before 2026-11-28)
 step cache_throughput_memory "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm
 step cache_throughput_w8 "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
@@ -162,11 +168,6 @@ step cache_throughput_w8 "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --
 step cache_throughput_crc_held "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --folder /dev/shm --checksum-gil held \
     --writer threads
-
-# 1b. end to end: gsae cache + baseline / + group + G*, against sparsify live (the headline ratios)
-step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --sparsify-runs 2 \
-    ${E2E_ARGS[@]+"${E2E_ARGS[@]}"}
-rm -rf "$W/e2e"
 
 # 2b. what fresh memory costs in this VM (first touch against memory touched again, a file written once
 #     and again, and with O_DIRECT): is the 1.3 GB/s plain write the host backing new guest pages?

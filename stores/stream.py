@@ -55,10 +55,6 @@ def as_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
-def block_mib(rows: int, d_model: int, itemsize: int) -> str:
-    return f"{rows * d_model * itemsize / 2**20:,.0f} MiB"
-
-
 def _stop(futures: list[Future]) -> None:
     """Cancel the decodes not yet started and wait for those running: they write into a window buffer."""
     for future in futures:
@@ -192,7 +188,7 @@ class TrainingStream:
         try:
             block = self.processes.shared.empty((size, self.store.d_model * itemsize), np.dtype(np.uint8))
         except OSError as exc:  # the old buffer stays this slot's
-            raise StoreError(f"no room in /dev/shm for a {block_mib(size, self.store.d_model, itemsize)} window of "
+            raise StoreError(f"no room in /dev/shm for a {size * self.store.d_model * itemsize / 2**20:,.0f} MiB window of "
                              f"the training stream's processes ({exc.strerror or exc}); pass --reader threads") from None
         self._free_shared(slot)
         self._shared[slot] = (block, pin(block) if self._cuda else None)
