@@ -43,9 +43,9 @@ from gil_options import add_gil_options, apply_gil_options  # noqa: E402  (bench
 from pipeline.sae import SparseAutoencoder, default_lr  # noqa: E402
 from pipeline.ranks import Ranks  # noqa: E402
 from pipeline.train import make_optimizer, train_step  # noqa: E402
-from pipeline.processes import use_processes  # noqa: E402
+from pipeline.processes import start_processes, stop_processes  # noqa: E402
 from stores import STORAGE_DTYPES, ActivationStore, compute_chunk_stats  # noqa: E402
-from stores.chunk_files import ChunkProcesses, SharedBuffers  # noqa: E402
+from stores.chunk_files import ChunkProcesses  # noqa: E402
 from stores.stream import TrainingStream, split_chunks  # noqa: E402
 
 
@@ -111,9 +111,7 @@ def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> 
             step(sae, opt, fired, x)
         sync()
         in_memory.append((time.perf_counter() - start) / args.steps)
-    if processes is not None:
-        processes.close()
-        processes.shared.close()
+    stop_processes(processes)
     print(f"{label}SAE {store.d_model}→{n_latents}, k={args.k}, batch {args.batch_size}, layers {layers}, "
           f"{args.steps} steps, on {device}, {threads} decode threads"
           f"{f' handing the chunks to {threads} processes' if processes is not None else ''}")
@@ -158,9 +156,7 @@ def _reader_processes(args, store: ActivationStore, layers: list[int], device: t
                       threads: int) -> ChunkProcesses | None:
     """The chunk processes `gsae train --reader args.reader` would decode with (None: threads)."""
     window = 8 * len(layers) * store.chunk_tokens * store.d_model * STORAGE_DTYPES[store.dtype][1]
-    if not use_processes(args.reader, "reader", store, device, 2 * window):
-        return None
-    return ChunkProcesses(threads, SharedBuffers())
+    return start_processes(args.reader, "reader", store, device, 2 * window, threads)
 
 
 def stream_rate(args) -> None:
@@ -224,9 +220,7 @@ def stream_rate(args) -> None:
             colds.append(cold)
             streams.append(warm)
     finally:
-        if processes is not None:
-            processes.close()
-            processes.shared.close()
+        stop_processes(processes)
     print(f"{len(layers)} layers × {len(chunks)} chunks = {rows:,} rows of d = {store.d_model}, batch {args.batch_size}, "
           f"{cores} cores, {args.epochs} epochs timed; the stream's decode "
           f"{'handed to ' + str(cores) + ' processes' if processes is not None else 'on its threads'}")

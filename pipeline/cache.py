@@ -38,7 +38,7 @@ from pipeline.corpus import Corpus, WindowPlan, check_corpus_options, iter_windo
 from pipeline.errors import GsaeError
 from pipeline.models import (LoadedModel, block_output, load_model, matmul_precision, max_positions, pick_device,
                              resolve_model_spec)
-from pipeline.processes import KINDS, use_processes
+from pipeline.processes import KINDS, start_processes
 from pipeline.progress import make_progress
 from pipeline.ranks import Ranks, current as current_ranks
 from stores import (
@@ -822,22 +822,12 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     # last one's chunks go to the writer; whole ones and one begun on each side)
     buffers_bytes = (ChunkWriter.in_flight(store, threads, batch_rows)
                      + 2 * -(-batch_size * rows_per_window // store.chunk_tokens) + 1) * _chunk_bytes(store)
-    # ranks on one machine share its /dev/shm
-    shared = (SharedBuffers() if use_processes(writer_kind, "writer", store, lm.device, buffers_bytes * ranks.local_world)
-              else None)
-    assembler = _ChunkAssembler(store, np_dtype, todo, pinned=lm.device.type == "cuda", shared=shared)
+    # ranks on one machine share its /dev/shm; the writer stops the processes, the assembler their memory
+    encoder = start_processes(writer_kind, "writer", store, lm.device, buffers_bytes * ranks.local_world, threads)
+    assembler = _ChunkAssembler(store, np_dtype, todo, pinned=lm.device.type == "cuda",
+                                shared=encoder.shared if encoder is not None else None)
+    writer = ChunkWriter(store, threads, seconds_before, part, batch_rows=batch_rows, encoder=encoder)
     capture = _ForwardCapture(lm, first_row, store.dtype)
-    writer = None
-    try:
-        try:
-            encoder = ChunkProcesses(threads, shared) if shared is not None else None
-        except OSError as exc:  # no interpreter to start (an embedded Python), or no processes left
-            raise GsaeError(f"could not start the writer's processes ({exc}); pass --writer threads") from None
-        writer = ChunkWriter(store, threads, seconds_before, part, batch_rows=batch_rows, encoder=encoder)
-    finally:
-        if writer is None:
-            capture.close()
-            assembler.close()
     row = 0  # first row of the next batch
     rows_this_run = 0
     next_todo = todo.first_from(mine.start)  # the first pending chunk not wholly before ``row``

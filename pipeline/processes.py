@@ -11,7 +11,7 @@ import torch
 
 from pipeline.errors import GsaeError
 from stores import ActivationStore, is_local
-from stores.chunk_files import shared_memory_room, usable_cores
+from stores.chunk_files import ChunkProcesses, SharedBuffers, shared_memory_room, usable_cores
 from stores.pinned import can_pin_shared_memory
 
 KINDS = ("auto", "threads", "processes")
@@ -38,6 +38,25 @@ def use_processes(requested: str, option: str, store: ActivationStore, device: t
             raise GsaeError(f"--{option} processes {why}; pass --{option} threads")
         return True
     return not why and device.type == "cuda" and usable_cores() > 2
+
+
+def start_processes(requested: str, option: str, store: ActivationStore, device: torch.device, buffers_bytes: int,
+                    count: int) -> ChunkProcesses | None:
+    """``count`` chunk processes, with shared memory of their own, where :func:`use_processes` takes them;
+    None where threads do the work.  Stop them with :func:`stop_processes`."""
+    if not use_processes(requested, option, store, device, buffers_bytes):
+        return None
+    try:
+        return ChunkProcesses(count, SharedBuffers())
+    except OSError as exc:  # no interpreter to start (an embedded Python), or no processes left
+        raise GsaeError(f"could not start the {option}'s processes ({exc}); pass --{option} threads") from None
+
+
+def stop_processes(processes: ChunkProcesses | None) -> None:
+    """Stop the chunk processes and let their shared memory go (after their users have closed; twice is fine)."""
+    if processes is not None:
+        processes.close()
+        processes.shared.close()
 
 
 def _mib(n: int) -> str:

@@ -23,14 +23,14 @@ from pipeline.evaluate import DEFAULT_WINDOWS, check_held_out, layer_reconstruct
 from pipeline.group import grouping_record, mark_used, result_name
 from pipeline.grouping import Grouping, default_layers, layer_span
 from pipeline.models import matmul_precision, pick_device
-from pipeline.processes import KINDS as READERS, use_processes
+from pipeline.processes import KINDS as READERS, start_processes, stop_processes
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
 from pipeline.run import Run, RunConfig, cache_around, cache_fingerprint, join, pack_training_state
 from pipeline.sae import (ARCHITECTURES, L1_COEFFICIENT, TOP_K_ARCHITECTURES, SparseAutoencoder, default_k,
                           default_lr)
 from stores import STORAGE_DTYPES, ActivationStore
-from stores.chunk_files import ChunkProcesses, SharedBuffers
+from stores.chunk_files import ChunkProcesses
 from stores.stream import TrainingStream, split_chunks
 
 RUNS_ROOT = "runs"
@@ -316,27 +316,11 @@ def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore
     return notes
 
 
-def _reader_processes(requested: str, config: RunConfig, store: ActivationStore, device: torch.device, threads: int,
-                      streams: int, ranks_here: int = 1) -> ChunkProcesses | None:
-    """``threads`` chunk processes for `--reader requested`` (pipeline.processes), or None: threads decode
-    (also for a rank with no SAE).  ``ranks_here``: the ranks of this machine, whose /dev/shm they share."""
+def _windows_bytes(config: RunConfig, store: ActivationStore, streams: int) -> int:
+    """The host window buffers of ``streams`` training streams: two windows each, of the largest group."""
     itemsize = STORAGE_DTYPES[store.dtype][1]
     largest = max(len(group) for group in config.groups)
-    window = (config.window_chunks * largest * store.chunk_tokens + config.batch_size) * store.d_model * itemsize
-    needed = ranks_here * streams * 2 * window  # two windows per stream
-    if not streams or not use_processes(requested, "reader", store, device, needed):
-        return None
-    try:
-        return ChunkProcesses(threads, SharedBuffers())
-    except OSError as exc:  # no interpreter to start (an embedded Python), or no processes left
-        raise GsaeError(f"could not start the reader's processes ({exc}); pass --reader threads") from None
-
-
-def _stop_processes(processes: ChunkProcesses | None) -> None:
-    """Stop the chunk processes and let their shared memory go (after the streams have closed; twice is fine)."""
-    if processes is not None:
-        processes.close()
-        processes.shared.close()
+    return streams * 2 * (config.window_chunks * largest * store.chunk_tokens + config.batch_size) * store.d_model * itemsize
 
 
 def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool: ThreadPoolExecutor,
@@ -494,8 +478,10 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
     scope.enter_context(matmul_precision(device, config.tf32))  # as sparsify's trainer sets it (--no-tf32: off)
     threads = ranks.decode_threads(store.path)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-decode")
-    processes = _reader_processes(request.reader, config, store, device, threads, len(mine), ranks.local_world)
-    scope.callback(_stop_processes, processes)  # also when the run fails
+    # ranks on one machine share its /dev/shm; a rank with no SAE reads nothing
+    processes = (start_processes(request.reader, "reader", store, device, _windows_bytes(config, store, len(mine))
+                                 * ranks.local_world, threads) if mine else None)
+    scope.callback(stop_processes, processes)  # also when the run fails
     checkpoint = run.latest_checkpoint()
     steps, batch_size = config.steps, config.batch_size
     start_step, elapsed = 0, [0.0] * n
@@ -585,7 +571,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
         for stream in streams.values():
             stream.close()
         pool.shutdown(wait=False, cancel_futures=True)
-        _stop_processes(processes)
+        stop_processes(processes)
     wall = {"start": started - entered, "steps": time.perf_counter() - started, "waiting_for_data": waiting}
     mark = time.perf_counter()
     if start_step < steps:  # the final state, so a kill while the SAE files are written loses no step

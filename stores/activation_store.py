@@ -32,7 +32,7 @@ from zarr.core.indexing import BasicIndexer
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
-from stores.chunk_files import ChunkProcesses, ProcessStopped, read_chunk_file, write_chunk_file
+from stores.chunk_files import ChunkProcesses, ProcessStopped, has_nonzero_byte, read_chunk_file, write_chunk_file
 from stores.codecs import STORAGE_DTYPES, activation_codecs, bit_round, quiet_numcodecs, small_array_codecs
 from stores.messages import first_line
 from stores.remote import join, write_whole
@@ -354,11 +354,10 @@ def _write_target(array: zarr.Array, unchecked: zarr.Array, values: np.ndarray) 
     Arrays are opened with zarr's default ``write_empty_chunks=False``: a chunk equal to the fill
     value (0) is not stored, and the stores written so far rely on that (all-zero ``chunk_overflow``
     chunks are absent).  zarr tests that by comparing ``.view("V2")`` elements, 2.7 ms per 4 MiB
-    chunk with the GIL held, about what blosc takes to compress it; a non-zero byte in the first 4 KiB
-    (2 µs; the whole scan only when they are all zero) settles it for activations, so only all-zero
-    values go through zarr's own test, and the bytes stay the same."""
-    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
-    return unchecked if raw[:4096].any() or raw.any() else array
+    chunk with the GIL held, about what blosc takes to compress it; :func:`has_nonzero_byte` settles it
+    for activations in 2 µs, so only all-zero values go through zarr's own test, and the bytes stay the
+    same."""
+    return unchecked if has_nonzero_byte(values) else array
 
 
 @dataclass
