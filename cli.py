@@ -229,7 +229,8 @@ def cache(
         ("compression ratio", f"{result.raw_bytes / max(1, result.activation_bytes):.2f}×"),
         ("time", f"{result.elapsed:,.1f} s" + (f" ({rate:,.0f} tok/s)" if rate else "")),
     ] + ([("of which", f"model {result.phases['forward']:,.1f} s · waiting for the writer "
-                       f"{result.phases['writer_wait']:,.1f} s · reading text {result.phases['windows']:,.1f} s")]
+                       f"{result.phases['writer_wait']:,.1f} s · reading text {result.phases['windows']:,.1f} s"
+                       + (f" · chunk buffers {result.phases['buffers']:,.1f} s" if result.phases.get("buffers", 0) >= 0.05 else ""))]
          if result.phases and result.elapsed >= 1 else []) + ([("written by", result.writer)] if result.writer else []):
         table.add_row(name, value)
     report.print(table)

@@ -114,10 +114,16 @@ def main() -> None:
           f"{2 * lm.n_layers * lm.d_model * written / 1e9:.2f} GB/s of float16)")
     print(f"ratio cache / bare forward = {cached / bare:.3f}   (target on a CPU >= 0.95)")
     print(f"ratio cache / min(bare forward, write-only) = {cached / min(bare, written):.3f}   (target on a GPU >= 0.8)")
+    steady = steady_pace(result.timeline)
+    if steady:
+        print(f"ratio cache in its second half / min(bare forward, write-only) = {steady / min(bare, written):.3f}   "
+              f"({steady:,.0f} tok/s: the batches after half the rows, without the start-up (buffers, pools) and "
+              f"the writer's last chunks)")
     phases = result.phases
     print(f"cache's {seconds:.2f} s by phase: forward with hooks and copies {phases['forward']:.2f} s (bare: "
-          f"{tokens / bare:.2f} s), waiting for the writer {phases['writer_wait']:.2f} s, windows "
-          f"{phases['windows']:.2f} s, the rest {seconds - sum(phases.values()):.2f} s")
+          f"{tokens / bare:.2f} s), making chunk buffers {phases['buffers']:.2f} s, waiting for the writer "
+          f"{phases['writer_wait']:.2f} s, windows {phases['windows']:.2f} s, the rest "
+          f"{seconds - sum(phases.values()):.2f} s")
     print(f"fresh memory touched per token, counted as minor page faults: cache {fresh / 1024:.1f} KiB, bare forward "
           f"{fresh_bare / 1024:.1f} KiB; the difference is {(fresh - fresh_bare) / (2 * lm.n_layers * lm.d_model):.2f} × "
           f"the float16 activations")
@@ -152,6 +158,16 @@ def write_only(cache: ActivationStore, folder: str, threads: int, max_bytes: int
     finally:
         if shared is not None:
             shared.close()
+
+
+def steady_pace(timeline: list[tuple[float, int]]) -> float | None:
+    """Rows per second between the first batch that ends past half the rows and the last batch (None
+    with fewer than 4 batches): the cache's pace once its buffers exist and its pools run."""
+    if len(timeline) < 4:
+        return None
+    half = next(i for i, (_, rows) in enumerate(timeline) if rows >= timeline[-1][1] / 2)
+    (t0, r0), (t1, r1) = timeline[min(half, len(timeline) - 2)], timeline[-1]
+    return (r1 - r0) / (t1 - t0) if t1 > t0 else None
 
 
 def _minor_faults() -> int:

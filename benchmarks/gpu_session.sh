@@ -9,12 +9,13 @@
 # (a) installs the wheels in .whl (made here by ../shared/gpu/wheels.sh) into /tmp/site, as
 #     /work/shared/gpu/README.md says; without .whl it uses this Python's packages;
 # (b) runs each benchmark under its own `timeout`, most important first: the CUDA tests alone,
-#     cache_throughput (encoder processes on a GPU, and with writer threads), end_to_end, cache_throughput
-#     into memory (also with 8 writer threads, and with the checksum holding the GIL),
-#     cache_write, the writer by threads (and with the checksum holding the GIL), compressing alone by
-#     threads, where the writer holds the GIL (py-spy), the stream (and with the checksum holding the
-#     GIL) and feed ratios, sparsify_speed, then the whole test suite with CUDA visible (232 s on the
-#     H200 machine with -n 14); torch.compile and the Gram sweep only when ONLY names them; SKIP_TESTS=1 leaves the
+#     cache_throughput (writer threads, gsae's default, and encoder processes), end_to_end, a small cache and
+#     the feed (fresh stream and after an epoch) and stream ratios, cache_throughput into memory (also with 8
+#     writer threads, and with the checksum holding the GIL), cache_write, the writer by threads (and with the
+#     checksum holding the GIL), compressing alone by threads, where the writer holds the GIL (py-spy), the
+#     rest of the stream and training steps, sparsify_speed, then the whole test suite with CUDA visible (232 s
+#     on the H200 machine with -n 14: give it a call of its own); torch.compile and the Gram sweep only when
+#     ONLY names them; SKIP_TESTS=1 leaves the
 #     suite out; every script prints its figures as they exist; a step that fails or times out does not
 #     stop the others; a step whose time is not left in the budget is skipped; at the end the key lines
 #     are printed again together.
@@ -88,7 +89,9 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run under timeout, bounded by what
   local name=$1 max=$2; shift 2
   local left=$((BUDGET - (SECONDS - START) - RESERVE))
   local limit=$((max < left ? max : left))
-  if [ -n "${ONLY:-}" ] && [[ " model small_cache $ONLY " != *" ${name%_summary} "* ]]; then return 0; fi
+  local always="model small_cache"
+  [[ " ${ONLY:-} " == *" train_"* ]] && always+=" group_small"  # the train steps need its grouping
+  if [ -n "${ONLY:-}" ] && [[ " $always $ONLY " != *" ${name%_summary} "* ]]; then return 0; fi
   ORDER+=("$name")
   if [ "$limit" -lt 20 ]; then
     echo "== $name: SKIPPED (${left}s of the budget left)" | tee "$W/logs/$name.log"
@@ -146,18 +149,40 @@ step model 90 "$PY" benchmarks/end_to_end.py --only-build-model "$W/model" --cor
 # 0. the CUDA tests alone first (a minute): the CUDA paths changed since the last full suite there
 step tests_cuda_quick 90 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_cuda.py tests/test_sae.py
 
-# 1. stage one: cache throughput ÷ bare forward, same model, windows and batch (into the disk, into memory).
-#    On a GPU gsae cache now writes with encoder processes (--writer auto); 2026-11-28 the forward ran at a
-#    third of its speed beside 16 writer threads: the same with --writer threads, with 8 of them (the writer
-#    alone peaked there), and with the checksum holding the GIL (as then)
+# 1. stage one: cache throughput ÷ bare forward, same model, windows and batch (into the disk, into memory),
+#    over the whole run and over its second half (without the start-up), with the seconds spent making the
+#    chunk buffers. gsae cache writes with threads (--writer auto); the encoder processes were slower on
+#    2026-11-28 (2.81 against 2.12 s), the forward as slow beside either: cache_throughput_processes
 step cache_throughput "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"}
-step cache_throughput_threads "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
-    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --writer threads
+step cache_throughput_processes "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
+    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --writer processes
 # 1b. end to end: gsae cache + baseline / + group + G*, against sparsify live (the headline ratios)
 step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --sparsify-runs 2 \
     ${E2E_ARGS[@]+"${E2E_ARGS[@]}"}
 rm -rf "$W/e2e"
+
+# 4a. a small cache of the model, then store-fed ÷ memory-fed steps (a fresh stream over 12 and 48 steps, and 48
+#     steps after the stream has handed out an epoch: its buffers made and touched, as in a long run), and the
+#     training stream ÷ plain decode (with the decode on threads and in chunk processes, gsae train's default
+#     on a GPU)
+step small_cache "$T_CACHE" gsae cache --model "$W/model" --dataset "$W/corpus.jsonl" --cache "$W/cache" ${CACHE_ARGS[@]+"${CACHE_ARGS[@]}"}
+FEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
+if [ -f "$W/cache/zarr.json" ]; then
+  step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
+  # 12 steps of 8,192 rows stay inside the stream's first window (8 chunks × 4 layers), decoded at the warm-up;
+  # 48 cross three window switches (2026-11-28: 1.805 with processes, 1.714 with threads, runs of 5-10 ms)
+  step feed_long "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
+      --steps 48 ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
+  step feed_steady "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
+      --steps 48 --after-epoch ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
+  step feed_steady_threads "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
+      --steps 48 --after-epoch ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"} --reader threads
+  step stream "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"}
+  step stream_processes "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" \
+      ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} --reader processes
+fi
+
 
 # 1c. the cache into memory, with 8 writer threads, and with the checksum holding the GIL (as before 2026-11-28)
 step cache_throughput_memory "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
@@ -209,23 +234,10 @@ gil_profile writer_gil "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_
 step writer_switch "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
     --threads all --folder /dev/shm --switch-interval 0.0005 --writers threads
 
-# 4. a small cache of the model, then the training stream ÷ plain decode, and store-fed ÷ memory-fed steps
-step small_cache "$T_CACHE" gsae cache --model "$W/model" --dataset "$W/corpus.jsonl" --cache "$W/cache" ${CACHE_ARGS[@]+"${CACHE_ARGS[@]}"}
+# 4b. the rest of the stream's and training's figures on the small cache (made in 4a)
 if [ -f "$W/cache/zarr.json" ]; then
-  step stream "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"}
-  # the stream's decode handed to chunk processes (`gsae train --reader processes`, its default on a GPU)
-  step stream_processes "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" \
-      ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} --reader processes
   step stream_crc_held "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} \
       --checksum-gil held  # the decode as before 2026-11-28, against `stream`
-  FEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
-  step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
-  # the same over 4 × the steps: 12 steps of 8,192 rows stay inside the stream's first window (8 chunks ×
-  # 4 layers), already decoded at the warm-up; 48 cross three window switches, as training does. On a GPU
-  # the stream now hands its chunks to processes (--reader auto); feed_long_threads decodes on threads, as
-  # on 2026-11-28 (0.50 of memory-fed: the decode gave 1.4M rows/s in training, 2.56M alone)
-  step feed_long "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
-      --steps 48 ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
   step feed_long_threads "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
       --steps 48 ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"} --reader threads
   # the same with the checksum holding the GIL, as then

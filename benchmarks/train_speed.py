@@ -7,7 +7,9 @@
 
 "feed" trains the same SAE (same shape, batch and step code as `gsae train`) for the same number of
 steps twice: once pulling batches from the store's prefetching stream, once from the same batches
-already in memory; the two alternate and the best of each is kept.
+already in memory; the two alternate and the best of each is kept.  By default the store-fed steps start
+from a fresh stream (the window buffers made and first touched while they run, as at the start of a run);
+``--after-epoch`` times them once the stream has handed out a whole epoch, as in a long run.
 
 "stream" pulls batches from the training stream with nothing else running, and compares its rows/s with
 a plain ``ThreadPoolExecutor`` (one thread per core) decoding the same (layer, chunk) pairs to scaled
@@ -96,6 +98,8 @@ def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> 
         sae, opt, fired = fresh()
         stream = new_stream()
         step(sae, opt, fired, stream.next_batch().x)  # warm-up (first window decode)
+        while args.after_epoch and stream.window < stream.windows_per_epoch:  # its buffers made and touched
+            step(sae, opt, fired, stream.next_batch().x)
         sync()
         start = time.perf_counter()
         for _ in range(args.steps):
@@ -114,7 +118,8 @@ def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> 
     stop_processes(processes)
     print(f"{label}SAE {store.d_model}→{n_latents}, k={args.k}, batch {args.batch_size}, layers {layers}, "
           f"{args.steps} steps, on {device}, {threads} decode threads"
-          f"{f' handing the chunks to {threads} processes' if processes is not None else ''}")
+          f"{f' handing the chunks to {threads} processes' if processes is not None else ''}"
+          f"{f', timed after the stream has handed out one epoch ({stream.windows_per_epoch} windows)' if args.after_epoch else ', timed from a fresh stream'}")
     print(f"fed by the store   {1000 * min(from_store):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in from_store)})")
     print(f"fed from memory    {1000 * min(in_memory):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in in_memory)})")
     print(f"{label}ratio store / memory = {min(from_store) / min(in_memory):.3f}   (target <= 1.10)")
@@ -321,6 +326,9 @@ if __name__ == "__main__":
                         help="feed, stream: who decodes the stream's chunks, as `gsae train --reader` (auto: processes "
                              "where the steps run on a GPU; `stream` runs on no GPU: threads unless told)")
     parser.add_argument("--epochs", type=int, default=3, help="stream: epochs timed after the first")
+    parser.add_argument("--after-epoch", action="store_true",
+                        help="feed: time the store-fed steps once the stream has handed out a whole epoch (its window "
+                             "buffers made and touched, as in a long run) rather than from a fresh stream")
     parser.add_argument("--scaling", action="store_true", help="stream: also the plain decode with 1, 2, 4, 8, ... threads")
     parser.add_argument("--s3", action="store_true", help="feed: also from a copy of --chunks chunks in moto's S3 "
                         "server on loopback (needs s3fs and moto: pip install -e '.[test]')")

@@ -57,7 +57,7 @@ from stores import (
 from stores.activation_store import fold_seconds_writing
 from stores.chunk_files import ChunkProcesses, SharedBuffers
 from stores.codecs import keep_bits_range
-from stores.pinned import PinError, pin, unpin
+from stores.pinned import PinError, pin, pinned_empty, unpin
 
 DEFAULT_TOKENS = 100_000
 DEFAULT_CONTEXT_LENGTH = 256
@@ -112,6 +112,9 @@ class CacheResult:
     rank: int = 0  # under torchrun rank 0 reports for every rank; the others print nothing
     phases: dict[str, float] = field(default_factory=dict)  # this run's seconds by phase (rank 0's; see fill_store)
     writer: str = ""  # who wrote the chunks, e.g. "16 processes" (empty when nothing was written)
+    # (seconds since the start, rows run through the model so far) after each batch has gone to the writer:
+    # the steady pace, start-up and the writer's last chunks left out (benchmarks/cache_throughput.py)
+    timeline: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def bytes_per_value(self) -> float:
@@ -238,20 +241,30 @@ class _ForwardCapture:
 
 
 class _ChunkBuffers:
-    """Reused (n_layers, chunk rows, d_model) chunk buffers: pinned where the model runs on a GPU, so the
-    hooks copy rows from the device straight into the chunk (no staging buffer, no second copy on the
-    host), and never fresh memory per chunk.  With ``shared``, in shared memory that the writer's encoder
-    processes read (pinned there with cudaHostRegister, at their exact size)."""
+    """Reused (n_layers, chunk rows, d_model) chunk buffers: pinned where the model runs on a GPU (with
+    cudaHostRegister, at their exact size), so the hooks copy rows from the device straight into the chunk
+    (no staging buffer, no second copy on the host), and never fresh memory per chunk.  With ``shared``, in
+    shared memory that the writer's encoder processes read."""
 
     def __init__(self, shape: tuple[int, int, int], np_dtype: np.dtype, pinned: bool,
                  shared: SharedBuffers | None = None):
         self.shape, self.np_dtype, self.pinned, self.shared = shape, np_dtype, pinned, shared
         self.free: list[np.ndarray] = []
-        self.registered: list[int] = []  # addresses of the shared buffers pinned with cudaHostRegister
+        self.registered: list[int] = []  # addresses of the buffers pinned with cudaHostRegister
+        # seconds spent making new buffers (a phase of its own: pinning fresh memory ran at 1.3 GB/s on the
+        # H200 machine's VM, and the ring of a 32 × 1024 batch of 6 × 512 is about 600 MiB)
+        self.seconds = 0.0
 
     def take(self) -> np.ndarray:
         if self.free:
             return self.free.pop()
+        start = time.perf_counter()
+        try:
+            return self._new()
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _new(self) -> np.ndarray:
         if self.shared is not None:
             try:
                 buffer = self.shared.empty(self.shape, self.np_dtype)
@@ -263,9 +276,14 @@ class _ChunkBuffers:
             return buffer
         if not self.pinned:
             return np.empty(self.shape, dtype=self.np_dtype)
-        # torch has no uint16 for pinned allocation in every version: pin bytes, view them as the dtype
-        raw = torch.empty(int(np.prod(self.shape)) * self.np_dtype.itemsize, dtype=torch.uint8, pin_memory=True)
-        return raw.numpy().view(self.np_dtype).reshape(self.shape)
+        try:  # at its exact size (torch's pinned allocator would take 32 MiB for a chunk of 24)
+            buffer, address = pinned_empty(self.shape, self.np_dtype)
+        except PinError:  # cudaHostRegister refused: torch's allocator, which pins with cudaHostAlloc
+            # (torch has no uint16 for pinned allocation in every version: pin bytes, view them as the dtype)
+            raw = torch.empty(int(np.prod(self.shape)) * self.np_dtype.itemsize, dtype=torch.uint8, pin_memory=True)
+            return raw.numpy().view(self.np_dtype).reshape(self.shape)
+        self.registered.append(address)
+        return buffer
 
     def give_back(self, buffer: np.ndarray) -> None:
         self.free.append(buffer)
@@ -277,7 +295,7 @@ class _ChunkBuffers:
             raise GsaeError(f"could not pin shared memory for the writer's processes ({exc}); pass --writer threads") from None
 
     def close(self) -> None:
-        """Unpin the shared buffers and let their memory go (every copy into them has finished)."""
+        """Unpin the buffers and let their memory go (every copy into them has finished)."""
         for address in self.registered:
             unpin(address)
         self.registered.clear()
@@ -836,8 +854,10 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
 
     progress = make_progress(console)
     # where the seconds go (CacheResult.phases): reading and tokenizing windows, the forward pass with its
-    # hooks and device copies, waiting for the writer (back-pressure, commits); the rest is bookkeeping
-    phases = dict.fromkeys(("windows", "forward", "writer_wait"), 0.0)
+    # hooks and device copies, making the chunk buffers (in the hooks: taken out of the forward's time),
+    # waiting for the writer (back-pressure, commits); the rest is bookkeeping
+    phases = dict.fromkeys(("windows", "forward", "buffers", "writer_wait"), 0.0)
+    timeline: list[tuple[float, int]] = []
     clock = time.perf_counter
     launched = None  # on a GPU, the batch whose forward runs while the host hands the one before to the writer
 
@@ -854,6 +874,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
             writer.submit(item)
             phases["writer_wait"] += clock() - mark
             rows_this_run += len(item.tokens)
+        timeline.append((clock() - started, (timeline[-1][1] if timeline else 0) + len(batch_tokens)))
 
     try:
         with progress:
@@ -931,7 +952,10 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     fold_seconds_writing(store)
     result = _result(store, elapsed, sum(rows for _, rows in outcomes.values()), resumed_from,
                      corpus_exhausted=store.tokens_written < store.tokens_planned)
+    phases["buffers"] = assembler.buffers.seconds
+    phases["forward"] -= phases["buffers"]
     result.phases = {name: round(seconds, 3) for name, seconds in phases.items()}
+    result.timeline = timeline
     result.writer = writer.description
     return result
 

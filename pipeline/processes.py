@@ -16,12 +16,21 @@ from stores.pinned import can_pin_shared_memory
 
 KINDS = ("auto", "threads", "processes")
 
+# What `auto` takes where processes can work, per option, from the H200 session of 2026-11-28 (code at
+# 14c5971, docs/benchmarks.md): `gsae cache` took 2.81 and 2.69 s with 16 encoder processes against 2.12
+# and 2.19 s with 16 and 8 writer threads (cache_throughput.py, 524k tokens), although the writer alone
+# was faster in processes (5.39 against 4.55 GB/s into memory); the model's forward was as slow beside
+# either (1.4-1.6 s against a bare 0.6 s).  The training stream's processes did better: stream ÷ plain
+# decode 1.028 against 0.953, and the G=2 run's SAEs 600k and 909k tok/s against 577k and 836k.
+AUTO_PROCESSES = {"writer": False, "reader": True}
+
 
 def use_processes(requested: str, option: str, store: ActivationStore, device: torch.device, buffers_bytes: int) -> bool:
     """Whether ``--OPTION requested`` (one of :data:`KINDS`) takes processes for ``store``'s chunks, whose
     buffers take ``buffers_bytes``.  auto: where the work feeds a GPU, the machine has more than 2 cores and
-    processes can work (a lossless cache on a local disk, room in /dev/shm, shared memory CUDA can pin);
-    an explicit ``processes`` that cannot work is a one-line error."""
+    processes can work (a lossless cache on a local disk, room in /dev/shm, shared memory CUDA can pin),
+    for the options where they were measured faster (:data:`AUTO_PROCESSES`: the reader); an explicit
+    ``processes`` that cannot work is a one-line error."""
     if requested == "threads":
         return False
     if not is_local(store.path) or store.attrs.get("codec", {}).get("compression") != "lossless":
@@ -37,7 +46,7 @@ def use_processes(requested: str, option: str, store: ActivationStore, device: t
         if why:
             raise GsaeError(f"--{option} processes {why}; pass --{option} threads")
         return True
-    return not why and device.type == "cuda" and usable_cores() > 2
+    return not why and AUTO_PROCESSES.get(option, False) and device.type == "cuda" and usable_cores() > 2
 
 
 def start_processes(requested: str, option: str, store: ActivationStore, device: torch.device, buffers_bytes: int,

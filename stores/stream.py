@@ -35,7 +35,7 @@ import torch
 
 from stores.activation_store import ActivationStore, StoreError
 from stores.chunk_files import ChunkProcesses, usable_cores
-from stores.pinned import pin, unpin
+from stores.pinned import PinError, pin, pinned_empty, unpin
 
 
 def split_chunks(store: ActivationStore, eval_fraction: float) -> tuple[list[int], list[int]]:
@@ -135,8 +135,9 @@ class TrainingStream:
         self._uploaded: list[Any] = [None, None]  # per host buffer: its last copy to the device (an event)
         self._released: list[Any] = [None, None]  # per device window: after the last batch gathered from it
         self.processes = processes
-        self._shared: list[tuple[np.ndarray, int | None] | None] = [None, None]  # per host buffer: its shared
-        # memory and pinned address, where the processes decode
+        # per host buffer made by gsae (in the processes' shared memory, or pinned at its exact size): its
+        # memory and pinned address
+        self._host: list[tuple[np.ndarray, int | None] | None] = [None, None]
 
     # ------------------------------------------------------------------ windows
     def _window_chunk_ids(self, window: int) -> list[int]:
@@ -181,28 +182,39 @@ class TrainingStream:
         self._pending[window] = (window_data, futures)
 
     def _new_buffer(self, slot: int, size: int) -> torch.Tensor:
-        """A host window buffer of ``size`` rows: pinned on CUDA; in the processes' shared memory with them."""
-        if self.processes is None:
-            return torch.empty(size, self.store.d_model, dtype=self._dtype, pin_memory=self._cuda)
+        """A host window buffer of ``size`` rows: pinned on CUDA (at its exact size: torch's pinned allocator
+        would take 256 MiB for a window of 143); in the processes' shared memory with them."""
         itemsize = torch.empty((), dtype=self._dtype).element_size()
-        try:
-            block = self.processes.shared.empty((size, self.store.d_model * itemsize), np.dtype(np.uint8))
-        except OSError as exc:  # the old buffer stays this slot's
-            raise StoreError(f"no room in /dev/shm for a {size * self.store.d_model * itemsize / 2**20:,.0f} MiB window of "
-                             f"the training stream's processes ({exc.strerror or exc}); pass --reader threads") from None
-        self._free_shared(slot)
-        self._shared[slot] = (block, pin(block) if self._cuda else None)
+        shape = (size, self.store.d_model * itemsize)
+        if self.processes is None:
+            if not self._cuda:
+                return torch.empty(size, self.store.d_model, dtype=self._dtype)
+            try:
+                block, address = pinned_empty(shape, np.dtype(np.uint8))
+            except PinError:  # cudaHostRegister refused: torch's allocator, which pins with cudaHostAlloc
+                self._free_host(slot)
+                return torch.empty(size, self.store.d_model, dtype=self._dtype, pin_memory=True)
+        else:
+            try:
+                block = self.processes.shared.empty(shape, np.dtype(np.uint8))
+            except OSError as exc:  # the old buffer stays this slot's
+                raise StoreError(f"no room in /dev/shm for a {size * self.store.d_model * itemsize / 2**20:,.0f} MiB window "
+                                 f"of the training stream's processes ({exc.strerror or exc}); pass --reader threads") from None
+            address = pin(block) if self._cuda else None
+        self._free_host(slot)
+        self._host[slot] = (block, address)
         return torch.from_numpy(block).view(self._dtype)
 
-    def _free_shared(self, slot: int) -> None:
-        """Let go of a host buffer in shared memory (no copy out of it is running: see close and _schedule)."""
-        if self._shared[slot] is None:
+    def _free_host(self, slot: int) -> None:
+        """Let go of a host buffer gsae made (no copy out of it is running: see close and _schedule)."""
+        if self._host[slot] is None:
             return
-        block, address = self._shared[slot]
+        block, address = self._host[slot]
         if address is not None:
             unpin(address)
-        self.processes.shared.release(block)
-        self._shared[slot] = None
+        if self.processes is not None:
+            self.processes.shared.release(block)
+        self._host[slot] = None
 
     def prefetch(self) -> None:
         """Start decoding the window of the next batch now, on the pool, rather than at the first
@@ -351,6 +363,6 @@ class TrainingStream:
             self._copy_stream.synchronize()
         self._current = None
         for slot in (0, 1):
-            self._free_shared(slot)
+            self._free_host(slot)
         self._buffers, self._device_buffers = [None, None], [None, None]
         self._uploaded, self._released = [None, None], [None, None]

@@ -452,6 +452,34 @@ def test_chunk_buffers_are_reused_once_their_chunk_is_written(tmp_path, processe
     assembler.close()
 
 
+def test_pinned_chunk_buffers_are_pinned_once_at_their_exact_size_and_unpinned_at_close(tmp_path, monkeypatch):
+    """On a GPU the chunk buffers are page-aligned memory pinned with cudaHostRegister at their exact size
+    (torch's pinned allocator rounds up to a power of two: 32 MiB for a 24 MiB chunk).  Here cudaHostRegister
+    is recorded, not called: each buffer made is pinned once, whole, and unpinned once when the assembler
+    closes; the rows written are those given."""
+    import mmap
+
+    import pipeline.cache as cache_module
+    import stores.pinned as pinned_module
+
+    pinned, unpinned = {}, []
+    monkeypatch.setattr(pinned_module, "pin", lambda buffer: pinned.setdefault(buffer.ctypes.data, buffer.nbytes)
+                        and buffer.ctypes.data)
+    monkeypatch.setattr(cache_module, "unpin", unpinned.append)
+    n_layers, d, chunk, n, batch = 3, 8, 50, 1030, 70
+    store = ActivationStore.create(str(tmp_path / "c"), n_layers=n_layers, d_model=d, n_tokens=n, chunk_tokens=chunk)
+    values = np.random.default_rng(1).standard_normal((n_layers, n, d)).astype(np.float16)
+    assembler, _ = assemble_and_write(store, torch.from_numpy(values), np.arange(n, dtype=np.int32), batch, pinned=True)
+    for layer in range(n_layers):
+        np.testing.assert_array_equal(ActivationStore.open(str(tmp_path / "c")).read_rows(layer, 0, n), values[layer])
+    buffers = assembler.buffers.free
+    assert sorted(pinned) == sorted(buffer.ctypes.data for buffer in buffers) == sorted(assembler.buffers.registered)
+    assert all(address % mmap.PAGESIZE == 0 for address in pinned)  # as cudaHostRegister wants
+    assert set(pinned.values()) == {n_layers * chunk * d * 2}  # the chunk's bytes, not rounded up
+    assembler.close()
+    assert sorted(unpinned) == sorted(pinned) and not assembler.buffers.registered
+
+
 def test_a_context_longer_than_the_model_takes_is_refused_before_anything_is_written(tiny_models, tmp_path, capsys):
     """GPT-2's learned positions end at n_positions (256 here): a longer window was an IndexError deep in
     the forward, after an empty store had been made that the corrected command could not reuse."""
