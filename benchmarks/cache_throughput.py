@@ -121,7 +121,7 @@ def main() -> None:
               f"the writer's last chunks)")
     phases = result.phases
     print(f"cache's {seconds:.2f} s by phase: forward with hooks and copies {phases['forward']:.2f} s (bare: "
-          f"{tokens / bare:.2f} s), making chunk buffers {phases['buffers']:.2f} s, waiting for the writer "
+          f"{tokens / bare:.2f} s), making and letting go of the chunk buffers {phases['buffers']:.2f} s, waiting for the writer "
           f"{phases['writer_wait']:.2f} s, windows {phases['windows']:.2f} s, the rest "
           f"{seconds - sum(phases.values()):.2f} s")
     print(f"fresh memory touched per token, counted as minor page faults: cache {fresh / 1024:.1f} KiB, bare forward "

@@ -251,9 +251,9 @@ class _ChunkBuffers:
         self.shape, self.np_dtype, self.pinned, self.shared = shape, np_dtype, pinned, shared
         self.free: list[np.ndarray] = []
         self.registered: list[int] = []  # addresses of the buffers pinned with cudaHostRegister
-        # seconds spent making new buffers (a phase of its own: pinning fresh memory ran at 1.3 GB/s on the
-        # H200 machine's VM, and the ring of a 32 × 1024 batch of 6 × 512 is about 600 MiB)
-        self.seconds = 0.0
+        # seconds spent making new buffers, and letting them go (a phase of their own: pinning fresh memory
+        # ran at 1.3 GB/s on the H200 machine's VM, and the ring of a 32 × 1024 batch of 6 × 512 is 600 MiB)
+        self.seconds_making = self.seconds_closing = 0.0
 
     def take(self) -> np.ndarray:
         if self.free:
@@ -262,7 +262,7 @@ class _ChunkBuffers:
         try:
             return self._new()
         finally:
-            self.seconds += time.perf_counter() - start
+            self.seconds_making += time.perf_counter() - start
 
     def _new(self) -> np.ndarray:
         if self.shared is not None:
@@ -296,6 +296,11 @@ class _ChunkBuffers:
 
     def close(self) -> None:
         """Unpin the buffers and let their memory go (every copy into them has finished)."""
+        start = time.perf_counter()
+        self._release()
+        self.seconds_closing += time.perf_counter() - start
+
+    def _release(self) -> None:
         for address in self.registered:
             unpin(address)
         self.registered.clear()
@@ -854,7 +859,8 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
 
     progress = make_progress(console)
     # where the seconds go (CacheResult.phases): reading and tokenizing windows, the forward pass with its
-    # hooks and device copies, making the chunk buffers (in the hooks: taken out of the forward's time),
+    # hooks and device copies, making the chunk buffers (in the hooks: taken out of the forward's time) and
+    # letting them go,
     # waiting for the writer (back-pressure, commits); the rest is bookkeeping
     phases = dict.fromkeys(("windows", "forward", "buffers", "writer_wait"), 0.0)
     timeline: list[tuple[float, int]] = []
@@ -952,8 +958,9 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     fold_seconds_writing(store)
     result = _result(store, elapsed, sum(rows for _, rows in outcomes.values()), resumed_from,
                      corpus_exhausted=store.tokens_written < store.tokens_planned)
-    phases["buffers"] = assembler.buffers.seconds
-    phases["forward"] -= phases["buffers"]
+    # made in the hooks (inside the forward's seconds), let go after the loop (inside none)
+    phases["forward"] -= assembler.buffers.seconds_making
+    phases["buffers"] = assembler.buffers.seconds_making + assembler.buffers.seconds_closing
     result.phases = {name: round(seconds, 3) for name, seconds in phases.items()}
     result.timeline = timeline
     result.writer = writer.description

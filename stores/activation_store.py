@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import math
+import os
 import re
 import threading
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -57,6 +58,26 @@ class DamagedCache(StoreError):
 def default_chunk_tokens(d_model: int, dtype: str) -> int:
     """Rows per chunk so that one chunk is about 4 MiB uncompressed."""
     return max(1, TARGET_CHUNK_BYTES // (d_model * STORAGE_DTYPES[dtype][1]))
+
+
+def _local_bytes(path: Path) -> int:
+    """The sizes of the files under ``path`` (0 where there is none).  fsspec's ``du`` took 36 µs a file
+    here, this walk 10 µs: 0.1 s of a 1M-token cache's summary of Pythia-70M's shape (1,700 files), 4 s of
+    a 100M-token one."""
+    total, folders = 0, [path]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(Path(entry.path))
+                else:
+                    with contextlib.suppress(FileNotFoundError):  # a file removed meanwhile (a temporary)
+                        total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 def is_local(path: str) -> bool:
@@ -367,6 +388,7 @@ class PendingChunk:
     chunk: int
     stop: int  # the row after its last row
     futures: list[Future]
+    stats: ChunkStats | None = None  # what is written to stats/ for it, added to the running totals at commit
 
     def done(self) -> bool:
         return all(future.done() for future in self.futures)
@@ -403,6 +425,10 @@ class ActivationStore:
         if not self.complete:
             self.refresh_commits()
         self._next_to_start = self.chunks_written
+        # (chunks, sums) of stats/ over chunks 0..chunks-1, added in that order as this process commits them
+        # from chunk 0: finalize then reads no per-chunk statistics back (a file per chunk and statistic,
+        # 0.36 ms each here: 0.26 s for a 1M-token cache of Pythia-70M's shape, 27 s for 100M)
+        self._totals: tuple[int, list[np.ndarray]] | None = None
 
     def _open_array(self, name: str) -> zarr.Array:
         """The array ``name`` of the store; damaged or missing metadata (``<name>/zarr.json``) is a
@@ -606,7 +632,7 @@ class ActivationStore:
                 _put(*job)
         except OSError as exc:
             raise _write_error(self.path, exc) from None
-        self.finish_chunk(PendingChunk(chunk, stop, []))
+        self.finish_chunk(PendingChunk(chunk, stop, [], stats))
 
     def start_chunk(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray, stats: ChunkStats,
                     executor: Executor, encoder: ChunkProcesses | None = None) -> PendingChunk:
@@ -622,7 +648,7 @@ class ActivationStore:
                       if encoder is not None and encoder.shared.locate(values) is not None else None)
             futures.append(encoder.write(*direct, values) if direct is not None
                            else executor.submit(_put, array, unchecked, key, values))
-        return PendingChunk(chunk, stop, futures)
+        return PendingChunk(chunk, stop, futures, stats)
 
     def _chunk_jobs(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray,
                     stats: ChunkStats) -> tuple[int, list[tuple[zarr.Array, zarr.Array, Any, np.ndarray]]]:
@@ -685,10 +711,25 @@ class ActivationStore:
             raise _write_error(self.path, exc) from None
         for pending in done:
             self._committed[pending.chunk] = pending.stop - pending.chunk * self.chunk_tokens
+            self._add_to_totals(pending)
         if isinstance(failure, OSError):
             raise _write_error(self.path, failure) from None
         if failure is not None:
             raise failure
+
+    def _add_to_totals(self, pending: PendingChunk) -> None:
+        """Add a committed chunk's statistics to the running totals, where it is the next chunk of an
+        unbroken run from chunk 0 (otherwise, a resume or another writer's chunks: finalize reads them)."""
+        if pending.chunk == 0 and pending.stats is not None:
+            self._totals = (0, [np.zeros(self._chunk_stats[name].shape[1:], dtype=self._chunk_stats[name].dtype)
+                                for name in CHUNK_STATS])
+        if self._totals is None or self._totals[0] != pending.chunk or pending.stats is None:
+            self._totals = None
+            return
+        count, totals = self._totals
+        for total, values in zip(totals, (pending.stats.sums, pending.stats.norm_sums, pending.stats.overflow)):
+            total += np.asarray(values, dtype=total.dtype)  # as stored, then added as _sum_chunk_stats does
+        self._totals = (count + 1, totals)
 
     def _write_marker(self, chunk: int, rows: int) -> None:
         """One small object per chunk, written whole through the group's zarr store: a temporary file
@@ -733,7 +774,10 @@ class ActivationStore:
                 shapes += [(array, (n_chunks, *array.shape[1:])) for array in self._chunk_stats.values()]
                 for array, shape in shapes:
                     sync(array.async_array.resize(shape, delete_outside_chunks=False))
-            sums, norm_sums, overflow = (self._sum_chunk_stats(name, n_chunks) for name in CHUNK_STATS)
+            if self._totals is not None and self._totals[0] == n_chunks:
+                sums, norm_sums, overflow = self._totals[1]
+            else:
+                sums, norm_sums, overflow = (self._sum_chunk_stats(name, n_chunks) for name in CHUNK_STATS)
             stats = self.group["stats"]
             stats.create_array("mean", shape=sums.shape, dtype="float32", compressors=small_array_codecs(),
                                overwrite=True)[:] = (sums / n).astype(np.float32)
@@ -958,6 +1002,8 @@ class ActivationStore:
     # ---------------------------------------------------------------- inspection
     def nbytes_on_disk(self, prefix: str = "") -> int:
         """Bytes the store (or one of its sub-paths, e.g. ``layers``) takes on its file system."""
+        if is_local(self.path):
+            return _local_bytes(_local_path(self.path) / prefix)
         fs, root = fsspec.core.url_to_fs(self.path)
         target = f"{root.rstrip('/')}/{prefix}" if prefix else root
         return int(fs.du(target)) if fs.exists(target) else 0

@@ -349,3 +349,48 @@ def test_chunk_checksum_is_zarrs_crc32c_whether_or_not_it_releases_the_gil(monke
     for size in (0, 1, 7, 4096, 1 << 20, (1 << 20) + 3):
         payload = rng.integers(0, 256, size, dtype=np.uint8)
         assert codecs.chunk_checksum(payload) == google_crc32c.value(payload.tobytes())
+
+
+def test_finalize_totals_kept_while_writing_are_the_chunk_by_chunk_sums_of_what_was_stored(tmp_path):
+    """One writer from chunk 0 keeps the statistics' totals as it commits, so finalize reads none back:
+    stats/mean, stats/norm and the overflow count are bit for bit the totals added chunk by chunk in order
+    (float64, the definition), and those of a store resumed halfway, whose finalize reads them back."""
+    from stores import ChunkStats
+
+    sizes, d, n_layers = [64] * 9 + [23], 8, 3
+    rng = np.random.default_rng(5)
+    # awkward magnitudes, so that another order of additions would round differently
+    stats = [ChunkStats(rng.standard_normal((n_layers, d)) * 10.0 ** rng.integers(-8, 9, (n_layers, d)),
+                        rng.random(n_layers) * 1e6, rng.integers(0, 3, n_layers)) for _ in sizes]
+    layers = [rng.standard_normal((sum(sizes), d)).astype(np.float16) for _ in range(n_layers)]
+    tokens = rng.integers(0, 100, sum(sizes), dtype=np.int32)
+
+    def write(target: ActivationStore, chunks: range) -> None:
+        for chunk in chunks:
+            rows = slice(chunk * 64, chunk * 64 + sizes[chunk])
+            target.write_chunk(chunk, [layer[rows] for layer in layers], tokens[rows], stats[chunk])
+
+    whole = ActivationStore.create(str(tmp_path / "whole"), n_layers=n_layers, d_model=d, n_tokens=sum(sizes),
+                                   chunk_tokens=64)
+    write(whole, range(len(sizes)))
+    assert whole._totals is not None and whole._totals[0] == len(sizes)  # finalize takes them
+    whole.finalize()
+    half = ActivationStore.create(str(tmp_path / "half"), n_layers=n_layers, d_model=d, n_tokens=sum(sizes),
+                                  chunk_tokens=64)
+    write(half, range(4))
+    resumed = ActivationStore.open(str(tmp_path / "half"), mode="r+", allow_partial=True)
+    write(resumed, range(4, len(sizes)))
+    assert resumed._totals is None  # it did not see chunks 0-3 committed: finalize reads them all back
+    resumed.finalize()
+
+    sums, norm_sums, overflow = np.zeros((n_layers, d)), np.zeros(n_layers), np.zeros(n_layers, dtype=np.int64)
+    for chunk in stats:
+        sums += chunk.sums
+        norm_sums += chunk.norm_sums
+        overflow += chunk.overflow
+    for path in (tmp_path / "whole", tmp_path / "half"):
+        done = ActivationStore.open(str(path))
+        assert done.mean.tobytes() == (sums / sum(sizes)).astype(np.float32).tobytes()
+        assert done.norm.tobytes() == (norm_sums / sum(sizes)).astype(np.float32).tobytes()
+        assert done.attrs["overflow_values"] == overflow.tolist()
+    assert _tree_bytes(tmp_path / "whole") == _tree_bytes(tmp_path / "half")
