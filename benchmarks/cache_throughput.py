@@ -68,6 +68,9 @@ def main() -> None:
                         help="gsae cache --writer for both runs: threads, encoder processes, or gsae's choice")
     parser.add_argument("--write-only-gib", type=float, default=4.0,
                         help="at most this many GiB of the cached chunks are held in memory for the write-only run")
+    parser.add_argument("--worker-nice", type=int, default=None,
+                        help="the writer's threads or processes lower their CPU priority by this much (default: "
+                             "gsae's, pipeline.processes.WORKER_NICE beside a GPU, 0 on a CPU)")
     add_gil_options(parser)
     args = parser.parse_args()
     apply_gil_options(args)
@@ -94,7 +97,7 @@ def main() -> None:
         start = time.perf_counter()
         result = fill_store(store, lm, iter(windows), batch_size=args.batch_size, first_row=first_row,
                             rows_per_window=rows_per_window, console=console, write_threads=threads,
-                            writer_kind=args.writer)
+                            writer_kind=args.writer, worker_nice_by=args.worker_nice)
         seconds = time.perf_counter() - start
         cached = tokens / seconds
         fresh = (_minor_faults() - faults) * resource.getpagesize() / tokens

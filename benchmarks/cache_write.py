@@ -63,16 +63,18 @@ def source_chunks(args: argparse.Namespace) -> tuple[list[_Chunk], int, int, str
 
 
 def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
-              folder: str, encoder: ChunkProcesses | None = None, probe: bool = False) -> tuple[float, float, int, float]:
+              folder: str, encoder: ChunkProcesses | None = None, probe: bool = False,
+              nice: int = 0) -> tuple[float, float, int, float]:
     """(wall seconds, CPU seconds of the whole process, bytes of memory first touched: minor page faults,
     the GIL probe's ops/s or 0) to write and commit every chunk into a fresh store with ``threads`` writer
     threads, or with ``encoder``'s processes, the chunks then in its shared memory (as `gsae cache --writer
-    processes` writes).  ``probe``: :class:`GilProbe` runs meanwhile."""
+    processes` writes).  ``probe``: :class:`GilProbe` runs meanwhile.  ``nice``: the writer threads' lowered
+    priority (the processes' is the encoder's)."""
     rows = len(chunks[0].tokens)
     store = ActivationStore.create(os.path.join(folder, f"t{threads}"), n_layers=n_layers, d_model=d_model,
                                    n_tokens=rows * len(chunks), chunk_tokens=rows, dtype=dtype,
                                    compression=compression)
-    writer = ChunkWriter(store, threads, 0.0, encoder=encoder)
+    writer = ChunkWriter(store, threads, 0.0, encoder=encoder, nice=nice)
     spinner = GilProbe() if probe else None
     cpu, faults = _cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
@@ -266,6 +268,9 @@ def main() -> None:
                         help="only the gsae writer lines (no raw writes, no host side): e.g. under a profiler")
     parser.add_argument("--writers", default="threads,processes",
                         help="gsae's writer with threads, with encoder processes (`gsae cache --writer`), or both")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="the writer's threads or processes lower their CPU priority by this much (gsae does "
+                             "by pipeline.processes.WORKER_NICE beside a GPU); with --probe: the probe's pace")
     parser.add_argument("--probe", action="store_true",
                         help="run a GIL probe (tiny torch ops, as a model thread launching GPU kernels) beside each "
                              "writer line and print its pace ÷ its pace alone")
@@ -306,9 +311,9 @@ def main() -> None:
                 for kind in kinds:
                     processes = kind == "processes"
                     # started once, as `gsae cache` starts them (about 0.2 s); a first run maps the chunks in each
-                    encoder = ChunkProcesses(threads, shared) if processes else None
+                    encoder = ChunkProcesses(threads, shared, args.nice) if processes else None
                     run = functools.partial(write_all, in_shared if processes else chunks, n_layers, d_model, dtype,
-                                            compression, threads, encoder=encoder, probe=args.probe)
+                                            compression, threads, encoder=encoder, probe=args.probe, nice=args.nice)
                     try:
                         if encoder is not None:
                             encoder.wait_ready()

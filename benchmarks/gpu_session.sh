@@ -157,6 +157,9 @@ step cache_throughput "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --mod
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"}
 step cache_throughput_processes "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --writer processes
+# the writer threads at the model thread's priority, as before (gsae lowers theirs by 10 beside a GPU)
+step cache_throughput_nice0 "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
+    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --worker-nice 0
 # 1b. end to end: gsae cache + baseline / + group + G*, against sparsify live (the headline ratios)
 step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --sparsify-runs 2 \
     ${E2E_ARGS[@]+"${E2E_ARGS[@]}"}
@@ -178,6 +181,9 @@ if [ -f "$W/cache/zarr.json" ]; then
       --steps 48 --after-epoch ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
   step feed_steady_threads "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
       --steps 48 --after-epoch ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"} --reader threads
+  # the decode at the training thread's priority, as before (gsae lowers it by 10 on a GPU)
+  step feed_steady_nice0 "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
+      --steps 48 --after-epoch ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"} --worker-nice 0
   step stream "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"}
   step stream_processes "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" \
       ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} --reader processes
@@ -208,6 +214,9 @@ step cache_write_memory "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[
 #     busy, and 16 raw writers wrote 20.9 GB/s
 step writer_threads "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
     --threads 1,2,4,8,all --folder /dev/shm --probe
+# all the writers at nice 10 (gsae's beside a GPU), the probe beside them
+step writer_nice "$T_WRITE" "$PY" benchmarks/cache_write.py ${WRITE_ARGS[@]+"${WRITE_ARGS[@]}"} --writer-only \
+    --threads all --folder /dev/shm --probe --nice 10
 # 3b'. the same 16 writer threads with the chunk checksum holding the GIL, as before 2026-11-28 (gsae now
 #     releases it where a process has more than 2 cores: compressing alone by 16 threads on the H200 machine
 #     went from 4.67 to 8.10 GB/s)

@@ -45,7 +45,7 @@ from gil_options import add_gil_options, apply_gil_options  # noqa: E402  (bench
 from pipeline.sae import SparseAutoencoder, default_lr  # noqa: E402
 from pipeline.ranks import Ranks  # noqa: E402
 from pipeline.train import make_optimizer, train_step  # noqa: E402
-from pipeline.processes import start_processes, stop_processes  # noqa: E402
+from pipeline.processes import start_processes, stop_processes, worker_nice, worker_threads  # noqa: E402
 from stores import STORAGE_DTYPES, ActivationStore, compute_chunk_stats  # noqa: E402
 from stores.chunk_files import ChunkProcesses  # noqa: E402
 from stores.stream import TrainingStream, split_chunks  # noqa: E402
@@ -84,11 +84,13 @@ def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> 
             torch.cuda.synchronize()
 
     threads = Ranks().decode_threads(store.path)
-    processes = _reader_processes(args, store, layers, device, threads)
+    nice = worker_nice(device) if args.worker_nice is None else args.worker_nice
+    processes = _reader_processes(args, store, layers, device, threads, nice)
+    pool = worker_threads(threads, "gsae-decode", nice)
 
     def new_stream() -> TrainingStream:  # as gsae train makes it: its decode threads (more for remote stores)
         return TrainingStream(store, layers, scales, train_chunks, args.batch_size, seed=0, device=device,
-                              workers=threads, processes=processes)
+                              pool=pool, processes=processes)
 
     stream = new_stream()
     batches = [stream.next_batch().x.clone() for _ in range(args.steps)]
@@ -116,9 +118,11 @@ def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> 
         sync()
         in_memory.append((time.perf_counter() - start) / args.steps)
     stop_processes(processes)
+    pool.shutdown()
     print(f"{label}SAE {store.d_model}→{n_latents}, k={args.k}, batch {args.batch_size}, layers {layers}, "
           f"{args.steps} steps, on {device}, {threads} decode threads"
           f"{f' handing the chunks to {threads} processes' if processes is not None else ''}"
+          f"{f' (at nice +{nice})' if nice else ''}"
           f"{f', timed after the stream has handed out one epoch ({stream.windows_per_epoch} windows)' if args.after_epoch else ', timed from a fresh stream'}")
     print(f"fed by the store   {1000 * min(from_store):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in from_store)})")
     print(f"fed from memory    {1000 * min(in_memory):8.1f} ms/step  (runs {', '.join(f'{1000 * t:.0f}' for t in in_memory)})")
@@ -158,10 +162,10 @@ def _copy_store(store: ActivationStore, layers: list[int], n_chunks: int, target
 
 
 def _reader_processes(args, store: ActivationStore, layers: list[int], device: torch.device,
-                      threads: int) -> ChunkProcesses | None:
+                      threads: int, nice: int | None = None) -> ChunkProcesses | None:
     """The chunk processes `gsae train --reader args.reader` would decode with (None: threads)."""
     window = 8 * len(layers) * store.chunk_tokens * store.d_model * STORAGE_DTYPES[store.dtype][1]
-    return start_processes(args.reader, "reader", store, device, 2 * window, threads)
+    return start_processes(args.reader, "reader", store, device, 2 * window, threads, nice)
 
 
 def stream_rate(args) -> None:
@@ -326,6 +330,9 @@ if __name__ == "__main__":
                         help="feed, stream: who decodes the stream's chunks, as `gsae train --reader` (auto: processes "
                              "where the steps run on a GPU; `stream` runs on no GPU: threads unless told)")
     parser.add_argument("--epochs", type=int, default=3, help="stream: epochs timed after the first")
+    parser.add_argument("--worker-nice", type=int, default=None,
+                        help="feed: the decode threads or processes lower their CPU priority by this much (default: "
+                             "gsae train's, pipeline.processes.WORKER_NICE on a GPU, 0 on a CPU)")
     parser.add_argument("--after-epoch", action="store_true",
                         help="feed: time the store-fed steps once the stream has handed out a whole epoch (its window "
                              "buffers made and touched, as in a long run) rather than from a fresh stream")

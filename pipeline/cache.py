@@ -24,7 +24,6 @@ import itertools
 import os
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Container, Iterable, Iterator
@@ -38,7 +37,7 @@ from pipeline.corpus import Corpus, WindowPlan, check_corpus_options, iter_windo
 from pipeline.errors import GsaeError
 from pipeline.models import (LoadedModel, block_output, load_model, matmul_precision, max_positions, pick_device,
                              resolve_model_spec)
-from pipeline.processes import KINDS, start_processes
+from pipeline.processes import KINDS, start_processes, worker_nice, worker_threads
 from pipeline.progress import make_progress
 from pipeline.ranks import Ranks, current as current_ranks
 from stores import (
@@ -430,10 +429,12 @@ class ChunkWriter:
     local chunk files are written by its processes, the rest by the threads."""
 
     def __init__(self, store: ActivationStore, threads: int, seconds_before: float, rank: int | None = None,
-                 batch_rows: int = 0, encoder: ChunkProcesses | None = None):
+                 batch_rows: int = 0, encoder: ChunkProcesses | None = None, nice: int = 0):
+        """``nice``: the threads lower their CPU priority by that much (beside a GPU's thread: see
+        pipeline.processes.WORKER_NICE)."""
         self.store, self.seconds_before, self.rank = store, seconds_before, rank  # rank: several writers
         self.encoder, self.threads = encoder, threads
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-writer")
+        self.pool = worker_threads(threads, "gsae-writer", nice)
         # Enough chunks in flight to keep every thread busy, at least two, and a whole forward batch's
         # chunks (``batch_rows`` rows) plus one: with fewer, the forward thread waits for the writer
         # before the next batch, and the writer then idles while the model runs (on a GPU, the host
@@ -815,14 +816,15 @@ def rank_chunks(n_chunks: int, ranks: Ranks) -> range:
 
 def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[int]], *, batch_size: int,
                first_row: int, rows_per_window: int, console: Any, write_threads: int | None = None,
-               ranks: Ranks = Ranks(), writer_kind: str = "auto") -> CacheResult:
+               ranks: Ranks = Ranks(), writer_kind: str = "auto", worker_nice_by: int | None = None) -> CacheResult:
     """Run ``windows`` through the model in batches and write this rank's uncommitted chunks until the
     store holds its planned tokens or the windows run out, then (rank 0) finalize.
 
     Every run and every rank cuts the windows into the same batches as an uninterrupted single process
     (batch ``b`` is windows ``[b·batch_size, (b+1)·batch_size)``): the forward pass sees identical inputs
     and produces identical bytes.  A batch holding none of this rank's uncommitted rows is not run, its
-    tokens only compared with the stored ones where they are committed."""
+    tokens only compared with the stored ones where they are committed.  ``worker_nice_by``: how much the
+    writer's threads or processes lower their priority (default: pipeline.processes.worker_nice)."""
     world = ranks.world > 1
     if not world:
         fold_seconds_writing(store)  # one writer after several: their parts into timing.json first
@@ -846,10 +848,11 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     buffers_bytes = (ChunkWriter.in_flight(store, threads, batch_rows)
                      + 2 * -(-batch_size * rows_per_window // store.chunk_tokens) + 1) * _chunk_bytes(store)
     # ranks on one machine share its /dev/shm; the writer stops the processes, the assembler their memory
-    encoder = start_processes(writer_kind, "writer", store, lm.device, buffers_bytes * ranks.local_world, threads)
+    nice = worker_nice(lm.device) if worker_nice_by is None else worker_nice_by
+    encoder = start_processes(writer_kind, "writer", store, lm.device, buffers_bytes * ranks.local_world, threads, nice)
     assembler = _ChunkAssembler(store, np_dtype, todo, pinned=lm.device.type == "cuda",
                                 shared=encoder.shared if encoder is not None else None)
-    writer = ChunkWriter(store, threads, seconds_before, part, batch_rows=batch_rows, encoder=encoder)
+    writer = ChunkWriter(store, threads, seconds_before, part, batch_rows=batch_rows, encoder=encoder, nice=nice)
     capture = _ForwardCapture(lm, first_row, store.dtype)
     row = 0  # first row of the next batch
     rows_this_run = 0

@@ -11,7 +11,9 @@ import torch
 
 from pipeline.errors import GsaeError
 from stores import ActivationStore, is_local
-from stores.chunk_files import ChunkProcesses, SharedBuffers, shared_memory_room, usable_cores
+from concurrent.futures import ThreadPoolExecutor
+
+from stores.chunk_files import ChunkProcesses, SharedBuffers, lower_priority, shared_memory_room, usable_cores
 from stores.pinned import can_pin_shared_memory
 
 KINDS = ("auto", "threads", "processes")
@@ -23,6 +25,29 @@ KINDS = ("auto", "threads", "processes")
 # either (1.4-1.6 s against a bare 0.6 s).  The training stream's processes did better: stream ÷ plain
 # decode 1.028 against 0.953, and the G=2 run's SAEs 600k and 909k tok/s against 577k and 836k.
 AUTO_PROCESSES = {"writer": False, "reader": True}
+
+# How much the threads and processes that compress or decode chunks lower their CPU priority where they
+# work beside a thread driving a GPU.  That thread needs a core seldom but at once, to launch the next
+# kernels; with 16 workers busy on 16 cores it waited for one.  On the H200 the cache's forward took
+# 1.4-1.6 s against a bare 0.6 s beside 16 writer threads or processes alike, so not for the GIL alone
+# (docs/benchmarks.md, 2026-11-28).  Here a thread of tiny torch ops beside 2 writers on 2 cores kept 0.40-0.49
+# of its pace alone with processes, 0.36-0.44 with threads, and 0.80-0.82 and 0.64-0.68 with them at nice 10,
+# which then wrote 0.88-0.99 GB/s against 1.10-1.21 (`cache_write.py --writer-only --threads 2 --probe
+# --nice 10`, 2 runs each; the probe never waits, as a GPU's thread mostly does).
+# Not yet measured on a GPU; `cache_throughput.py --worker-nice 0`, `train_speed.py feed --worker-nice 0`
+# and `cache_write.py --nice` compare.  0 on a CPU, where the model or the step is itself the workers' peer.
+WORKER_NICE = 10
+
+
+def worker_nice(device: torch.device) -> int:
+    """How much the chunk workers lower their priority for work feeding ``device`` (:data:`WORKER_NICE`)."""
+    return WORKER_NICE if device.type == "cuda" else 0
+
+
+def worker_threads(count: int, name: str, nice: int) -> ThreadPoolExecutor:
+    """A pool of ``count`` threads named ``name``, each at a CPU priority lowered by ``nice``."""
+    return ThreadPoolExecutor(max_workers=count, thread_name_prefix=name, initializer=lower_priority,
+                              initargs=(nice,))
 
 
 def use_processes(requested: str, option: str, store: ActivationStore, device: torch.device, buffers_bytes: int) -> bool:
@@ -50,13 +75,14 @@ def use_processes(requested: str, option: str, store: ActivationStore, device: t
 
 
 def start_processes(requested: str, option: str, store: ActivationStore, device: torch.device, buffers_bytes: int,
-                    count: int) -> ChunkProcesses | None:
+                    count: int, nice: int | None = None) -> ChunkProcesses | None:
     """``count`` chunk processes, with shared memory of their own, where :func:`use_processes` takes them;
-    None where threads do the work.  Stop them with :func:`stop_processes`."""
+    None where threads do the work.  Their priority is lowered by ``nice`` (default :func:`worker_nice`).
+    Stop them with :func:`stop_processes`."""
     if not use_processes(requested, option, store, device, buffers_bytes):
         return None
     try:
-        return ChunkProcesses(count, SharedBuffers())
+        return ChunkProcesses(count, SharedBuffers(), worker_nice(device) if nice is None else nice)
     except OSError as exc:  # no interpreter to start (an embedded Python), or no processes left
         raise GsaeError(f"could not start the {option}'s processes ({exc}); pass --{option} threads") from None
 

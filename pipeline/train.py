@@ -23,7 +23,7 @@ from pipeline.evaluate import DEFAULT_WINDOWS, check_held_out, layer_reconstruct
 from pipeline.group import grouping_record, mark_used, result_name
 from pipeline.grouping import Grouping, default_layers, layer_span
 from pipeline.models import matmul_precision, pick_device
-from pipeline.processes import KINDS as READERS, start_processes, stop_processes
+from pipeline.processes import KINDS as READERS, start_processes, stop_processes, worker_nice, worker_threads
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
 from pipeline.run import Run, RunConfig, cache_around, cache_fingerprint, join, pack_training_state
@@ -477,7 +477,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
     device = ranks.device(pick_device(config.device))
     scope.enter_context(matmul_precision(device, config.tf32))  # as sparsify's trainer sets it (--no-tf32: off)
     threads = ranks.decode_threads(store.path)
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsae-decode")
+    pool = worker_threads(threads, "gsae-decode", worker_nice(device))  # beside a GPU: below its thread
     # ranks on one machine share its /dev/shm; a rank with no SAE reads nothing
     processes = (start_processes(request.reader, "reader", store, device, _windows_bytes(config, store, len(mine))
                                  * ranks.local_world, threads) if mine else None)

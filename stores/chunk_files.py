@@ -40,6 +40,17 @@ import crc32c
 import numpy as np
 
 
+def lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by ``nice`` (Linux, where a thread has a nice value of its
+    own; elsewhere, or where refused, nothing).  For the threads and processes that compress or decode chunks
+    beside a thread driving a GPU, which needs a core seldom but at once (see pipeline.processes)."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
+
+
 def usable_cores() -> int:
     """The cores this process may use: those it may run on (its CPU affinity: cpusets, taskset), at most its
     CPU quota rounded up (cgroups: `docker --cpus`, Kubernetes limits, SLURM).  A container given 4 CPUs of
@@ -298,14 +309,15 @@ class ChunkProcesses:
 
     _DEPTH = 2  # jobs sent to a process at once: one running, the next already in its pipe
 
-    def __init__(self, processes: int, shared: SharedBuffers):
+    def __init__(self, processes: int, shared: SharedBuffers, nice: int = 0):
+        """``nice``: each process lowers its CPU priority by that much (:func:`lower_priority`)."""
         self.shared, self.processes = shared, max(1, processes)
         self._lock = threading.Lock()
         self._queue: collections.deque[tuple[Future, tuple]] = collections.deque()
         self._workers: list[_Worker] = []
         try:
             for index in range(self.processes):
-                self._workers.append(_Worker(index, self._dispatch))
+                self._workers.append(_Worker(index, self._dispatch, nice))
         except BaseException:
             self.close()
             raise
@@ -368,7 +380,7 @@ class ChunkProcesses:
 class _Worker:
     """One chunk process and the thread that reads its answers."""
 
-    def __init__(self, index: int, on_answer: Callable[[], None]):
+    def __init__(self, index: int, on_answer: Callable[[], None], nice: int = 0):
         env = dict(os.environ)
         # the parent's import path, so `stores` is found whether gsae is installed or run from a checkout
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(os.path.abspath(path or os.curdir) for path in sys.path
@@ -381,7 +393,7 @@ class _Worker:
         # started in the folder that holds this `stores`: `python -c` puts its own folder first on the path,
         # and another folder's `stores` package would be imported instead (the jobs' paths are absolute)
         home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self.process = subprocess.Popen([sys.executable, "-c", "from stores.chunk_files import serve; serve()"],
+        self.process = subprocess.Popen([sys.executable, "-c", f"from stores.chunk_files import serve; serve({int(nice)})"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=home)
         self.pending: dict[int, Future] = {}
         self.alive = True
@@ -456,8 +468,9 @@ class _Worker:
         self._reader.join()
 
 
-def serve() -> None:
-    """A chunk process: run the jobs read from stdin, answer each on stdout, until stdin closes."""
+def serve(nice: int = 0) -> None:
+    """A chunk process: run the jobs read from stdin, answer each on stdout, until stdin closes; at a CPU
+    priority lowered by ``nice``."""
     global CHECKSUM_RELEASES_GIL
     import numcodecs.blosc
 
@@ -466,6 +479,7 @@ def serve() -> None:
     # several 256 KiB blocks then came out with its blocks in another order from run to run, not zarr's
     # bytes (the writer's threads are not main threads); and every process would start a thread per core
     numcodecs.blosc.use_threads = False
+    lower_priority(nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
     jobs = sys.stdin.buffer
     answers = os.fdopen(os.dup(1), "wb")

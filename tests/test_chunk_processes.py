@@ -465,3 +465,28 @@ def test_no_room_in_dev_shm_or_a_stopped_process_is_one_line_that_is_not_about_t
     finally:
         processes.close()
         shared.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+def test_workers_beside_a_gpu_lower_their_priority_and_only_theirs(tmp_path):
+    """The pools that compress or decode chunks beside a GPU's thread run at a lower CPU priority: each
+    thread of the pool and each chunk process, not the thread that made them (pipeline.processes)."""
+    import threading
+
+    from pipeline.processes import WORKER_NICE, worker_nice, worker_threads
+
+    assert worker_nice(torch.device("cuda")) == WORKER_NICE > 0 and worker_nice(torch.device("cpu")) == 0
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    expected = min(19, base + 5)
+    with worker_threads(2, "gsae-test", 5) as pool:
+        seen = set(pool.map(lambda _: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), range(8)))
+    assert seen == {expected}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's stays
+    processes = ChunkProcesses(2, SharedBuffers(), nice=5)
+    try:
+        processes.wait_ready()
+        assert {os.getpriority(os.PRIO_PROCESS, w.process.pid) for w in processes._workers} == {expected}
+    finally:
+        processes.close()
+        processes.shared.close()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
