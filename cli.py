@@ -518,6 +518,20 @@ def export(
                  + ", ".join(f.rsplit("/", 1)[-1] for f in folders))
 
 
+def _cap_torch_threads() -> None:
+    """torch's intra-op threads at most the cores this process may use, where no *_NUM_THREADS says
+    otherwise: OpenMP counts the cores it may run on, not a CPU quota (`docker --cpus 4` on a 64-core host
+    gave torch 64 threads sharing 4 cores' time)."""
+    from stores.chunk_files import usable_cores
+
+    if not any(os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+        import torch
+
+        cores = usable_cores()
+        if torch.get_num_threads() > cores:
+            torch.set_num_threads(cores)
+
+
 def main() -> None:
     """Entry point: runs the app and turns known errors into one line and a non-zero exit."""
     from pipeline.errors import GsaeError
@@ -530,6 +544,7 @@ def main() -> None:
     _DEBUG = os.environ.get("GSAE_DEBUG", "") not in ("", "0")
     if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # started: Ctrl-C is a KeyboardInterrupt
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    _cap_torch_threads()
     try:
         code = app(standalone_mode=False, prog_name="gsae")  # returns the code of a typer.Exit instead of raising it
         if code == 130:  # typer turns Ctrl-C into Exit(130) before it reaches the handler below

@@ -406,6 +406,24 @@ def test_cpu_quota_of_the_cgroup_caps_the_cores(tmp_path, monkeypatch):
 
     assert Ranks().threads() == 64
 
+    # the command caps torch's own threads too, unless *_NUM_THREADS chose them
+    import cli
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(module, "usable_cores", lambda: 1)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        torch.set_num_threads(2)
+        cli._cap_torch_threads()
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        cli._cap_torch_threads()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
 
 def test_a_process_lets_go_of_a_block_the_parent_released(tmp_path):
     """A window buffer that grows, or a closed stream, releases its block: the processes unmap it when they
