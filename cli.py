@@ -193,7 +193,7 @@ def cache(
     keep_bos: bool = typer.Option(CacheRequest.keep_bos, help="Also store the BOS position's activations (outliers; dropped by default)."),
     chunk_tokens: Optional[int] = typer.Option(None, help="Rows per chunk (default: about 4 MiB per chunk)."),
     write_threads: Optional[int] = typer.Option(None, help="Threads (or processes, see --writer) compressing and writing chunks (default: one per core)."),
-    writer: Workers = typer.Option(CacheRequest.writer, help="Who compresses and writes the chunks: threads, or processes (their own GIL, so the model's thread does not wait for it; lossless local caches). auto: processes where the model runs on a GPU."),
+    writer: Workers = typer.Option(CacheRequest.writer, help="Who compresses and writes the chunks: threads, or processes (their own GIL, so the model's thread does not wait for it; lossless local caches). auto: threads (on an H200 the processes made the cache slower)."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Run the model once and cache every block's residual stream to a compressed, resumable Zarr store."""

@@ -333,30 +333,34 @@ def main() -> None:
                 shared.close()
         results.update({threads: seconds for (threads, kind), seconds in results.items() if kind == kinds[0]})
         for pending in [] if args.writer_only else [None] + ([args.writer_pending] if args.writer_pending else []):
-            host_side = functools.partial(assemble_and_write, chunks, n_layers, d_model, dtype, compression, cores,
-                                          batch_rows=args.batch_rows, pending=pending,
-                                          buffers=_ChunkBuffers((n_layers, len(chunks[0].tokens), d_model),
-                                                                chunks[0].layers.dtype, torch.cuda.is_available()))
-            in_flight = f"{pending} chunks in flight" if pending else "gsae's chunks in flight"
-            with tempfile.TemporaryDirectory(dir=folder) as run_folder:
-                faults = _minor_faults()
-                host, where = min(host_side(run_folder) for _ in range(args.repeats))
-                host_fresh = (_minor_faults() - faults) * resource.getpagesize() / args.repeats
-            print(f"assembler + writer {cores:2d} thr {tokens / host:10,.0f} tok/s  {gigabytes / host:6.2f} GB/s   (the "
-                  f"cache's host side: batches of {args.batch_rows:,} rows from {where}, {in_flight}); ÷ writer alone = "
-                  f"{results[cores] / host:.2f}; fresh memory {host_fresh / (gigabytes * 1e9):.2f} × the bytes")
-            if args.forward_ms:
-                # statistics where a GPU computes them (on the device), left out on a CPU: they would be host
-                # work that a GPU run does not have
-                n_batches = -(-tokens // args.batch_rows)
-                gaps = n_batches * args.forward_ms / 1000
+            # reused by every run of this pass, and unpinned after it (pinned with cudaHostRegister on a GPU)
+            buffers = _ChunkBuffers((n_layers, len(chunks[0].tokens), d_model), chunks[0].layers.dtype,
+                                    torch.cuda.is_available())
+            try:
+                host_side = functools.partial(assemble_and_write, chunks, n_layers, d_model, dtype, compression, cores,
+                                              batch_rows=args.batch_rows, pending=pending, buffers=buffers)
+                in_flight = f"{pending} chunks in flight" if pending else "gsae's chunks in flight"
                 with tempfile.TemporaryDirectory(dir=folder) as run_folder:
-                    overlapped, _ = min(host_side(run_folder, forward_ms=args.forward_ms, stats=where == "cuda")
-                                        for _ in range(args.repeats))
-                ideal = max(results[cores], gaps)
-                print(f"  + host idle {args.forward_ms:g} ms a batch {tokens / overlapped:8,.0f} tok/s   ({n_batches} "
-                      f"batches: {gaps:.2f} s idle, writer alone {results[cores]:.2f} s, this {overlapped:.2f} s); "
-                      f"max(writer, idle) ÷ this = {ideal / overlapped:.2f} (1: the writer works while the GPU runs)")
+                    faults = _minor_faults()
+                    host, where = min(host_side(run_folder) for _ in range(args.repeats))
+                    host_fresh = (_minor_faults() - faults) * resource.getpagesize() / args.repeats
+                print(f"assembler + writer {cores:2d} thr {tokens / host:10,.0f} tok/s  {gigabytes / host:6.2f} GB/s   (the "
+                      f"cache's host side: batches of {args.batch_rows:,} rows from {where}, {in_flight}); ÷ writer alone = "
+                      f"{results[cores] / host:.2f}; fresh memory {host_fresh / (gigabytes * 1e9):.2f} × the bytes")
+                if args.forward_ms:
+                    # statistics where a GPU computes them (on the device), left out on a CPU: they would be host
+                    # work that a GPU run does not have
+                    n_batches = -(-tokens // args.batch_rows)
+                    gaps = n_batches * args.forward_ms / 1000
+                    with tempfile.TemporaryDirectory(dir=folder) as run_folder:
+                        overlapped, _ = min(host_side(run_folder, forward_ms=args.forward_ms, stats=where == "cuda")
+                                            for _ in range(args.repeats))
+                    ideal = max(results[cores], gaps)
+                    print(f"  + host idle {args.forward_ms:g} ms a batch {tokens / overlapped:8,.0f} tok/s   ({n_batches} "
+                          f"batches: {gaps:.2f} s idle, writer alone {results[cores]:.2f} s, this {overlapped:.2f} s); "
+                          f"max(writer, idle) ÷ this = {ideal / overlapped:.2f} (1: the writer works while the GPU runs)")
+            finally:
+                buffers.close()
     print(f"fresh memory touched while writing: {fresh / (gigabytes * 1e9):.2f} × the float16 bytes (minor page "
           f"faults; dear where memory is backed lazily, as in the GPU machine's VM)")
     for kind in kinds:

@@ -87,7 +87,7 @@ class CacheRequest:
     keep_bos: bool = False
     chunk_tokens: int | None = None
     write_threads: int | None = None  # None: one per core
-    writer: str = "auto"  # WRITERS; auto: processes where the model runs on a GPU, else threads
+    writer: str = "auto"  # WRITERS; auto: threads (pipeline.processes.AUTO_PROCESSES)
 
 
 @dataclass

@@ -56,8 +56,8 @@ def use_processes(requested: str, option: str, store: ActivationStore, device: t
     processes can work (a lossless cache on a local disk, room in /dev/shm, shared memory CUDA can pin),
     for the options where they were measured faster (:data:`AUTO_PROCESSES`: the reader); an explicit
     ``processes`` that cannot work is a one-line error."""
-    if requested == "threads":
-        return False
+    if requested == "threads" or (requested == "auto" and not AUTO_PROCESSES.get(option, False)):
+        return False  # (before the checks: pinning a block to see whether CUDA can starts the resource tracker)
     if not is_local(store.path) or store.attrs.get("codec", {}).get("compression") != "lossless":
         why = "needs a lossless cache on a local disk"
     elif shared_memory_room() < buffers_bytes + buffers_bytes // 4:
@@ -71,7 +71,7 @@ def use_processes(requested: str, option: str, store: ActivationStore, device: t
         if why:
             raise GsaeError(f"--{option} processes {why}; pass --{option} threads")
         return True
-    return not why and AUTO_PROCESSES.get(option, False) and device.type == "cuda" and usable_cores() > 2
+    return not why and device.type == "cuda" and usable_cores() > 2
 
 
 def start_processes(requested: str, option: str, store: ActivationStore, device: torch.device, buffers_bytes: int,

@@ -485,7 +485,8 @@ def serve(nice: int = 0) -> None:
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed here goes to stderr, never into the answers
     mapped: dict[str, mmap.mmap] = {}
-    populate = [_MADV_POPULATE_READ, _MADV_POPULATE_WRITE]  # emptied where the kernel has no such advice
+    populate = [_MADV_POPULATE_READ, _MADV_POPULATE_WRITE]  # emptied where the kernel has no such advice:
+    # each block is then populated whole when first mapped (MAP_POPULATE), as before Linux 5.14 could do better
     populated: set[tuple[str, int, int]] = set()  # (block, offset, bytes) of the jobs whose pages are mapped
 
     def in_shared(name: str, offset: int, shape: tuple[int, ...], dtype: str, writing: bool) -> np.ndarray:
@@ -498,9 +499,10 @@ def serve(nice: int = 0) -> None:
                     mapped.pop(gone).close()
                 populated.difference_update([part for part in populated if part[0] == gone])
             with open(os.path.join(_SHM_FOLDER, name), "r+b") as handle:
-                block = mapped[name] = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED)
+                whole = 0 if populate else getattr(mmap, "MAP_POPULATE", 0)
+                block = mapped[name] = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | whole)
         array = np.ndarray(shape, dtype=np.dtype(dtype), buffer=block, offset=offset)
-        if populate and (name, offset, array.nbytes) not in populated:
+        if populate and array.nbytes and (name, offset, array.nbytes) not in populated:
             populated.add((name, offset, array.nbytes))
             # Only this job's pages, in one call: a fault per 4 KiB page cost about as much as encoding
             # them, and populating the whole block when first mapped (MAP_POPULATE) made every process pay
@@ -509,8 +511,9 @@ def serve(nice: int = 0) -> None:
             start = offset - offset % mmap.PAGESIZE
             try:
                 block.madvise(populate[writing], start, offset + array.nbytes - start)
-            except (OSError, ValueError):  # an older kernel: the pages fault in one by one
-                populate.clear()
+            except OSError as exc:  # EINVAL: a kernel without the advice; other errors: the pages fault in
+                if exc.errno == errno.EINVAL:
+                    populate.clear()
         return array
 
     pickle.dump("ready", answers)

@@ -9,13 +9,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
+import weakref
 
 import numpy as np
 import torch
 
 
 class PinError(Exception):
-    """cudaHostRegister refused a buffer."""
+    """cudaHostRegister refused a buffer (or there was no memory to make one to pin)."""
+
+
+# address -> the finalizer that unpins a buffer of pinned_empty dropped without unpin()
+_UNPIN_AT_DROP: dict[int, weakref.finalize] = {}
 
 
 def pin(buffer: np.ndarray) -> int:
@@ -30,17 +35,38 @@ def pin(buffer: np.ndarray) -> int:
 
 def pinned_empty(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, int]:
     """A new C-contiguous array in page-aligned anonymous memory, pinned at its exact size, and its address
-    for :func:`unpin` (which must come before the array is dropped).  Raises :class:`PinError`."""
+    for :func:`unpin`, due once no copy uses it.  Raises :class:`PinError`."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape))
-    mapping = mmap.mmap(-1, max(1, count * dtype.itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    array = np.frombuffer(mapping, dtype=dtype, count=count).reshape(shape)
-    return array, pin(array)
+    try:
+        mapping = mmap.mmap(-1, max(1, count * dtype.itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as exc:  # no memory for it (strict overcommit): the caller's fallback, not a traceback
+        raise PinError(f"no memory for a buffer of {count * dtype.itemsize:,} bytes ({exc.strerror or exc})") from None
+    root = np.frombuffer(mapping, dtype=dtype, count=count)
+    address = pin(root)
+    # A buffer dropped without unpin() (an error on the way, a stream never closed) is unpinned as its last
+    # view goes, before its memory is unmapped: no registration is left at an address a later mmap reuses
+    finalizer = _UNPIN_AT_DROP[address] = weakref.finalize(root, _dropped, address)
+    finalizer.atexit = False  # at exit the process's pages go anyway
+    return root.reshape(shape), address
 
 
 def unpin(address: int) -> None:
     """Undo :func:`pin` (after every copy into or out of the buffer has finished).  A refusal is let be (the
     pages stay locked until the process ends), its error cleared for torch's next check."""
+    finalizer = _UNPIN_AT_DROP.pop(address, None)
+    if finalizer is not None:
+        finalizer.detach()
+    _unregister(address)
+
+
+def _dropped(address: int) -> None:
+    """A buffer of pinned_empty is going without unpin(): unpin it now."""
+    _UNPIN_AT_DROP.pop(address, None)
+    _unregister(address)
+
+
+def _unregister(address: int) -> None:
     if int(torch.cuda.cudart().cudaHostUnregister(address)):
         _clear_cuda_error()
 

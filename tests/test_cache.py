@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -459,13 +460,17 @@ def test_pinned_chunk_buffers_are_pinned_once_at_their_exact_size_and_unpinned_a
     closes; the rows written are those given."""
     import mmap
 
-    import pipeline.cache as cache_module
     import stores.pinned as pinned_module
 
     pinned, unpinned = {}, []
-    monkeypatch.setattr(pinned_module, "pin", lambda buffer: pinned.setdefault(buffer.ctypes.data, buffer.nbytes)
-                        and buffer.ctypes.data)
-    monkeypatch.setattr(cache_module, "unpin", unpinned.append)
+
+    def pin(buffer):
+        assert buffer.ctypes.data not in pinned  # never twice
+        pinned[buffer.ctypes.data] = buffer.nbytes
+        return buffer.ctypes.data
+
+    monkeypatch.setattr(pinned_module, "pin", pin)
+    monkeypatch.setattr(pinned_module, "_unregister", unpinned.append)
     n_layers, d, chunk, n, batch = 3, 8, 50, 1030, 70
     store = ActivationStore.create(str(tmp_path / "c"), n_layers=n_layers, d_model=d, n_tokens=n, chunk_tokens=chunk)
     values = np.random.default_rng(1).standard_normal((n_layers, n, d)).astype(np.float16)
@@ -478,6 +483,33 @@ def test_pinned_chunk_buffers_are_pinned_once_at_their_exact_size_and_unpinned_a
     assert set(pinned.values()) == {n_layers * chunk * d * 2}  # the chunk's bytes, not rounded up
     assembler.close()
     assert sorted(unpinned) == sorted(pinned) and not assembler.buffers.registered
+    del buffers
+    gc.collect()
+    assert sorted(unpinned) == sorted(pinned)  # unpinned once: not again when their memory goes
+
+
+def test_a_pinned_buffer_dropped_without_unpin_is_unpinned_before_its_memory_goes(monkeypatch):
+    """pinned_empty's buffers left behind (an error on the way, a stream never closed) are unpinned when their
+    last view goes, so no registration outlives the mapping at an address a later mmap may reuse."""
+    import stores.pinned as pinned_module
+
+    unregistered = []
+    monkeypatch.setattr(pinned_module, "pin", lambda buffer: buffer.ctypes.data)
+    monkeypatch.setattr(pinned_module, "_unregister", unregistered.append)
+    array, address = pinned_module.pinned_empty((3, 5000), np.dtype(np.float16))
+    view = array[1:]
+    del array
+    gc.collect()
+    assert unregistered == []  # a view still uses it
+    view[:] = 1
+    del view
+    gc.collect()
+    assert unregistered == [address] and address not in pinned_module._UNPIN_AT_DROP
+    kept, other = pinned_module.pinned_empty((4096,), np.dtype(np.uint8))
+    pinned_module.unpin(other)
+    del kept
+    gc.collect()
+    assert unregistered == [address, other]  # once
 
 
 def test_a_context_longer_than_the_model_takes_is_refused_before_anything_is_written(tiny_models, tmp_path, capsys):

@@ -251,8 +251,8 @@ def test_ctrl_c_to_the_process_group_stops_the_cache_and_its_processes_in_one_li
 
 
 def test_writer_choice(tiny_neox, tmp_path, capsys, monkeypatch):
-    """auto: threads where the model runs on the CPU, processes on a GPU where they can work; an explicit
-    --writer processes that cannot work is a one-line error."""
+    """auto: for the reader, threads where the model runs on the CPU, processes on a GPU where they can work;
+    for the writer, threads; an explicit --writer processes that cannot work is a one-line error."""
     import torch
 
     import pipeline.processes as module

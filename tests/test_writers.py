@@ -351,7 +351,7 @@ def test_chunk_checksum_is_zarrs_crc32c_whether_or_not_it_releases_the_gil(monke
         assert codecs.chunk_checksum(payload) == google_crc32c.value(payload.tobytes())
 
 
-def test_finalize_totals_kept_while_writing_are_the_chunk_by_chunk_sums_of_what_was_stored(tmp_path):
+def test_finalize_totals_kept_while_writing_are_the_chunk_by_chunk_sums_of_what_was_stored(tmp_path, monkeypatch):
     """One writer from chunk 0 keeps the statistics' totals as it commits, so finalize reads none back:
     stats/mean, stats/norm and the overflow count are bit for bit the totals added chunk by chunk in order
     (float64, the definition), and those of a store resumed halfway, whose finalize reads them back."""
@@ -372,9 +372,14 @@ def test_finalize_totals_kept_while_writing_are_the_chunk_by_chunk_sums_of_what_
 
     whole = ActivationStore.create(str(tmp_path / "whole"), n_layers=n_layers, d_model=d, n_tokens=sum(sizes),
                                    chunk_tokens=64)
+    read_back = []  # the statistics finalize reads back from disk
+    summed = ActivationStore._sum_chunk_stats
+    monkeypatch.setattr(ActivationStore, "_sum_chunk_stats",
+                        lambda self, name, n: read_back.append(name) or summed(self, name, n))
     write(whole, range(len(sizes)))
     assert whole._totals is not None and whole._totals[0] == len(sizes)  # finalize takes them
     whole.finalize()
+    assert read_back == []
     half = ActivationStore.create(str(tmp_path / "half"), n_layers=n_layers, d_model=d, n_tokens=sum(sizes),
                                   chunk_tokens=64)
     write(half, range(4))
@@ -382,6 +387,7 @@ def test_finalize_totals_kept_while_writing_are_the_chunk_by_chunk_sums_of_what_
     write(resumed, range(4, len(sizes)))
     assert resumed._totals is None  # it did not see chunks 0-3 committed: finalize reads them all back
     resumed.finalize()
+    assert read_back == ["chunk_sum", "chunk_norm_sum", "chunk_overflow"]
 
     sums, norm_sums, overflow = np.zeros((n_layers, d)), np.zeros(n_layers), np.zeros(n_layers, dtype=np.int64)
     for chunk in stats:
