@@ -4,12 +4,17 @@ save_pretrained and loaded through the same path users take (a local folder give
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# A shell without job control starts a command run in the background (`.ci/run &`) with SIGINT ignored, and
+# the commands the tests start would inherit that: the tests of Ctrl-C need it delivered
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
