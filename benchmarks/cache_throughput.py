@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--worker-nice", type=int, default=None,
                         help="the writer's threads or processes lower their CPU priority by this much (default: "
                              "gsae's, pipeline.processes.WORKER_NICE beside a GPU, 0 on a CPU)")
+    parser.add_argument("--no-buffers-ahead", dest="buffers_ahead", action="store_false",
+                        help="make the pinned chunk buffers in the hooks as they are needed, as before, not on a "
+                             "thread of their own while the first batches run (gsae's default, on a GPU only)")
     add_gil_options(parser)
     args = parser.parse_args()
     apply_gil_options(args)
@@ -97,7 +100,8 @@ def main() -> None:
         start = time.perf_counter()
         result = fill_store(store, lm, iter(windows), batch_size=args.batch_size, first_row=first_row,
                             rows_per_window=rows_per_window, console=console, write_threads=threads,
-                            writer_kind=args.writer, worker_nice_by=args.worker_nice)
+                            writer_kind=args.writer, worker_nice_by=args.worker_nice,
+                            buffers_ahead=args.buffers_ahead)
         seconds = time.perf_counter() - start
         cached = tokens / seconds
         fresh = (_minor_faults() - faults) * resource.getpagesize() / tokens

@@ -157,6 +157,9 @@ step cache_throughput "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --mod
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"}
 step cache_throughput_processes "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --writer processes
+# the chunk buffers made in the hooks as they are needed, as before (gsae makes them on a thread of their own)
+step cache_throughput_no_ahead "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
+    --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --no-buffers-ahead
 # the writer threads at the model thread's priority, as before (gsae lowers theirs by 10 beside a GPU)
 step cache_throughput_nice0 "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --worker-nice 0

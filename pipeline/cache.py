@@ -22,6 +22,7 @@ import functools
 import importlib.metadata
 import itertools
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -250,9 +251,31 @@ class _ChunkBuffers:
         self.shape, self.np_dtype, self.pinned, self.shared = shape, np_dtype, pinned, shared
         self.free: list[np.ndarray] = []
         self.registered: list[int] = []  # addresses of the buffers pinned with cudaHostRegister
-        # seconds spent making new buffers, and letting them go (a phase of their own: pinning fresh memory
-        # ran at 1.3 GB/s on the H200 machine's VM, and the ring of a 32 × 1024 batch of 6 × 512 is 600 MiB)
+        # seconds spent making new buffers where they were needed (in the hooks), and letting them go (a phase
+        # of their own: pinning fresh memory ran at 1.3 GB/s on the H200 machine's VM, and the ring of a
+        # 32 × 1024 batch of 6 × 512 is 600 MiB)
         self.seconds_making = self.seconds_closing = 0.0
+        self.made = 0
+        self._lock = threading.Lock()
+        self._ahead: threading.Thread | None = None
+        self._stop_ahead = threading.Event()
+
+    def make_ahead(self, count: int) -> None:
+        """Make buffers up to ``count`` in all on a thread of their own, into the free ones, while the first
+        batches run: where they are pinned (a GPU), beside the model's forward rather than in its hooks.
+        (Pinning is mostly page faults and the driver's call, neither of which holds the GIL.)  Not for the
+        processes' shared memory, nor on a CPU, where a new buffer costs nothing until it is written."""
+        if self.pinned and self.shared is None and count > 0:
+            self._ahead = threading.Thread(target=self._make, args=(count,), name="gsae-chunk-buffers", daemon=True)
+            self._ahead.start()
+
+    def _make(self, count: int) -> None:
+        while not self._stop_ahead.is_set() and self.made < count:
+            try:
+                buffer = self._new()
+            except Exception:  # the hooks make their own, and meet the error there
+                return
+            self.free.append(buffer)
 
     def take(self) -> np.ndarray:
         if self.free:
@@ -264,6 +287,11 @@ class _ChunkBuffers:
             self.seconds_making += time.perf_counter() - start
 
     def _new(self) -> np.ndarray:
+        with self._lock:
+            self.made += 1
+        return self._make_one()
+
+    def _make_one(self) -> np.ndarray:
         if self.shared is not None:
             try:
                 buffer = self.shared.empty(self.shape, self.np_dtype)
@@ -296,6 +324,9 @@ class _ChunkBuffers:
     def close(self) -> None:
         """Unpin the buffers and let their memory go (every copy into them has finished)."""
         start = time.perf_counter()
+        self._stop_ahead.set()
+        if self._ahead is not None:
+            self._ahead.join()
         self._release()
         self.seconds_closing += time.perf_counter() - start
 
@@ -816,7 +847,8 @@ def rank_chunks(n_chunks: int, ranks: Ranks) -> range:
 
 def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[int]], *, batch_size: int,
                first_row: int, rows_per_window: int, console: Any, write_threads: int | None = None,
-               ranks: Ranks = Ranks(), writer_kind: str = "auto", worker_nice_by: int | None = None) -> CacheResult:
+               ranks: Ranks = Ranks(), writer_kind: str = "auto", worker_nice_by: int | None = None,
+               buffers_ahead: bool = True) -> CacheResult:
     """Run ``windows`` through the model in batches and write this rank's uncommitted chunks until the
     store holds its planned tokens or the windows run out, then (rank 0) finalize.
 
@@ -824,7 +856,9 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     (batch ``b`` is windows ``[b·batch_size, (b+1)·batch_size)``): the forward pass sees identical inputs
     and produces identical bytes.  A batch holding none of this rank's uncommitted rows is not run, its
     tokens only compared with the stored ones where they are committed.  ``worker_nice_by``: how much the
-    writer's threads or processes lower their priority (default: pipeline.processes.worker_nice)."""
+    writer's threads or processes lower their priority (default: pipeline.processes.worker_nice).
+    ``buffers_ahead``: the pinned chunk buffers are made on a thread of their own as the first batches run
+    (:meth:`_ChunkBuffers.make_ahead`), not in the hooks."""
     world = ranks.world > 1
     if not world:
         fold_seconds_writing(store)  # one writer after several: their parts into timing.json first
@@ -885,6 +919,9 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
             rows_this_run += len(item.tokens)
         timeline.append((clock() - started, (timeline[-1][1] if timeline else 0) + len(batch_tokens)))
 
+    if buffers_ahead:  # the chunk buffers the batches fill and the writer holds, at most the chunks left to write
+        left = len(mine) - sum(1 for chunk in committed if chunk in mine)
+        assembler.buffers.make_ahead(min(buffers_bytes // _chunk_bytes(store), left))
     try:
         with progress:
             done = sum(rows for chunk, rows in committed.items() if chunk in mine)

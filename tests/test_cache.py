@@ -488,6 +488,36 @@ def test_pinned_chunk_buffers_are_pinned_once_at_their_exact_size_and_unpinned_a
     assert sorted(unpinned) == sorted(pinned)  # unpinned once: not again when their memory goes
 
 
+def test_pinned_chunk_buffers_made_ahead_are_taken_first_and_all_unpinned_at_close(monkeypatch):
+    """On a GPU the cache makes its ring of pinned chunk buffers on a thread of its own while the first batches
+    run: the hooks take those, make one only when none is free, and close() stops the thread and unpins every
+    buffer made, also when it comes while the thread is still making them."""
+    from pipeline.cache import _ChunkBuffers
+    import stores.pinned as pinned_module
+
+    pinned, unpinned = [], []
+    monkeypatch.setattr(pinned_module, "pin", lambda buffer: pinned.append(buffer.ctypes.data) or buffer.ctypes.data)
+    monkeypatch.setattr(pinned_module, "_unregister", unpinned.append)
+    buffers = _ChunkBuffers((2, 64, 8), np.dtype(np.float16), pinned=True)
+    buffers.make_ahead(5)
+    buffers._ahead.join()
+    assert buffers.made == len(buffers.free) == len(pinned) == 5 and buffers.seconds_making == 0
+    taken = [buffers.take() for _ in range(6)]  # the five made ahead, then one made here
+    assert buffers.made == 6 and len({t.ctypes.data for t in taken}) == 6 and buffers.seconds_making > 0
+    buffers.close()
+    assert sorted(unpinned) == sorted(pinned) and len(pinned) == 6
+
+    pinned.clear(), unpinned.clear()
+    racing = _ChunkBuffers((2, 64, 8), np.dtype(np.float16), pinned=True)
+    racing.make_ahead(10**9)
+    racing.close()  # at once: the thread stops, and what it made is let go
+    assert not racing._ahead.is_alive() and racing.made < 10**9
+    assert sorted(unpinned) == sorted(pinned) and not racing.registered and not racing.free
+    on_cpu = _ChunkBuffers((2, 64, 8), np.dtype(np.float16), pinned=False)
+    on_cpu.make_ahead(5)  # nothing to gain where a buffer costs nothing until written
+    assert on_cpu._ahead is None and on_cpu.made == 0
+
+
 def test_a_pinned_buffer_dropped_without_unpin_is_unpinned_before_its_memory_goes(monkeypatch):
     """pinned_empty's buffers left behind (an error on the way, a stream never closed) are unpinned when their
     last view goes, so no registration outlives the mapping at an address a later mmap may reuse."""
