@@ -266,10 +266,15 @@ class _ChunkBuffers:
         (Pinning is mostly page faults and the driver's call, neither of which holds the GIL.)  Not for the
         processes' shared memory, nor on a CPU, where a new buffer costs nothing until it is written."""
         if self.pinned and self.shared is None and count > 0:
-            self._ahead = threading.Thread(target=self._make, args=(count,), name="gsae-chunk-buffers", daemon=True)
-            self._ahead.start()
+            # the device this thread (a rank's) works on: CUDA's current device is per thread, and pinning from a
+            # thread still on device 0 made a context there for every rank
+            device = torch.cuda.current_device()
+            thread = threading.Thread(target=self._make, args=(count, device), name="gsae-chunk-buffers", daemon=True)
+            thread.start()
+            self._ahead = thread
 
-    def _make(self, count: int) -> None:
+    def _make(self, count: int, device: int) -> None:
+        torch.cuda.set_device(device)
         while not self._stop_ahead.is_set() and self.made < count:
             try:
                 buffer = self._new()
@@ -325,9 +330,11 @@ class _ChunkBuffers:
         """Unpin the buffers and let their memory go (every copy into them has finished)."""
         start = time.perf_counter()
         self._stop_ahead.set()
-        if self._ahead is not None:
-            self._ahead.join()
-        self._release()
+        try:
+            if self._ahead is not None:
+                self._ahead.join()
+        finally:  # also when Ctrl-C lands in the join
+            self._release()
         self.seconds_closing += time.perf_counter() - start
 
     def _release(self) -> None:
@@ -424,9 +431,10 @@ class _ChunkAssembler:
         return part.stats.result()
 
     def close(self) -> None:
-        """Let the chunk buffers go (after the writer has finished with them)."""
-        self.open.clear()
+        """Let the chunk buffers go (after the writer has finished with them): unpinned first, so that a buffer
+        only an open chunk still holds is not unpinned again as it goes."""
         self.buffers.close()
+        self.open.clear()
 
 
 @dataclass
@@ -919,10 +927,10 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
             rows_this_run += len(item.tokens)
         timeline.append((clock() - started, (timeline[-1][1] if timeline else 0) + len(batch_tokens)))
 
-    if buffers_ahead:  # the chunk buffers the batches fill and the writer holds, at most the chunks left to write
-        left = len(mine) - sum(1 for chunk in committed if chunk in mine)
-        assembler.buffers.make_ahead(min(buffers_bytes // _chunk_bytes(store), left))
     try:
+        if buffers_ahead:  # the chunk buffers the batches fill and the writer holds, at most the chunks left to write
+            left = len(mine) - sum(1 for chunk in committed if chunk in mine)
+            assembler.buffers.make_ahead(min(buffers_bytes // _chunk_bytes(store), left))
         with progress:
             done = sum(rows for chunk, rows in committed.items() if chunk in mine)
             task = progress.add_task("caching", total=end_row - first_mine, completed=done, resumed_at=done)

@@ -495,13 +495,17 @@ def test_pinned_chunk_buffers_made_ahead_are_taken_first_and_all_unpinned_at_clo
     from pipeline.cache import _ChunkBuffers
     import stores.pinned as pinned_module
 
-    pinned, unpinned = [], []
+    pinned, unpinned, devices = [], [], []
     monkeypatch.setattr(pinned_module, "pin", lambda buffer: pinned.append(buffer.ctypes.data) or buffer.ctypes.data)
     monkeypatch.setattr(pinned_module, "_unregister", unpinned.append)
+    # the thread pins on the device of the thread that started it (a rank's GPU, not device 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
     buffers = _ChunkBuffers((2, 64, 8), np.dtype(np.float16), pinned=True)
     buffers.make_ahead(5)
     buffers._ahead.join()
     assert buffers.made == len(buffers.free) == len(pinned) == 5 and buffers.seconds_making == 0
+    assert devices == [3]
     taken = [buffers.take() for _ in range(6)]  # the five made ahead, then one made here
     assert buffers.made == 6 and len({t.ctypes.data for t in taken}) == 6 and buffers.seconds_making > 0
     buffers.close()
