@@ -2,9 +2,9 @@
 
 The forward pass runs on the calling thread, which also gathers the rows into chunks with their
 statistics; compression and writing run on a pool of threads (every layer's chunk a job of its own,
-several chunks in flight, bounded), so they overlap the next forward pass and use every core.  Where the
-model runs on a GPU the chunks go to encoder processes instead (``--writer``, :mod:`stores.chunk_files`):
-their GIL is not the model thread's, and the GPU runs the next batch while the host hands the last one's
+several chunks in flight, bounded), so they overlap the next forward pass and use every core; with
+``--writer processes`` the layers' chunks go to encoder processes instead (:mod:`stores.chunk_files`),
+whose GIL is not the model thread's.  On a GPU the next batch runs while the host hands the last one's
 chunks to the writer.  Chunks are committed in order, which makes a killed run resumable to the same bytes
 (see docs/store-format.md).
 
@@ -905,8 +905,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     progress = make_progress(console)
     # where the seconds go (CacheResult.phases): reading and tokenizing windows, the forward pass with its
     # hooks and device copies, making the chunk buffers (in the hooks: taken out of the forward's time) and
-    # letting them go,
-    # waiting for the writer (back-pressure, commits); the rest is bookkeeping
+    # letting them go, waiting for the writer (back-pressure, commits); the rest is bookkeeping
     phases = dict.fromkeys(("windows", "forward", "buffers", "writer_wait"), 0.0)
     timeline: list[tuple[float, int]] = []
     clock = time.perf_counter

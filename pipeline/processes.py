@@ -7,12 +7,12 @@ memory, chunk files gsae encodes itself, and, on a GPU, shared memory that CUDA 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from pipeline.errors import GsaeError
 from stores import ActivationStore, is_local
-from concurrent.futures import ThreadPoolExecutor
-
 from stores.chunk_files import ChunkProcesses, SharedBuffers, lower_priority, shared_memory_room, usable_cores
 from stores.pinned import can_pin_shared_memory
 

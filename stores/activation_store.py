@@ -174,8 +174,6 @@ def _own_loop(array: zarr.Array) -> asyncio.AbstractEventLoop | None:
     return holder.loop
 
 
-
-
 @dataclass(frozen=True)
 class _ChunkLayout:
     """What :func:`_whole_chunk_file` needs of an array, read from zarr once per array object: its metadata

@@ -164,7 +164,6 @@ def write_or_remove_chunk_file(path: str, codec: Any, values: np.ndarray) -> Non
         os.unlink(path)
 
 
-
 _read_buffers = threading.local()  # each decoding thread's reused buffer for compressed chunk files
 
 
