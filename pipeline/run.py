@@ -59,7 +59,7 @@ class RunConfig:
     cache_fingerprint: dict[str, Any]
     source: dict[str, Any]  # model_id, context_length, prepend_bos, corpus of the cache
     groups: list[list[int]]
-    scales: dict[int, float]  # input scale of each layer (1 / its mean norm)
+    scales: dict[int, float]  # input scale of each layer (1 / its mean norm over the training rows)
     metric: str | None  # the grouping's metric; None for the per-layer baseline
     grouping: dict[str, Any] | None  # snapshot at planning: file, n_groups, amad, seconds, arguments
     d_in: int

@@ -172,8 +172,9 @@ def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
         train_chunks, eval_chunks = split_chunks(store, request.eval_fraction)
     except ValueError as exc:
         raise GsaeError(str(exc)) from None
-    store.mean  # read here too (training starts from it): damaged statistics are named before the run is made
-    norms = store.norm
+    # the training chunks' statistics (the held-out rows stay unseen); damaged ones are named before the
+    # run is made
+    norms = store.leading_stats(len(train_chunks))[1]
     attrs = store.attrs
     dead_tokens = request.dead_tokens if request.dead_tokens is not None else default_dead_tokens(request)
     return RunConfig(
@@ -330,13 +331,13 @@ def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool
     window before the optimizer is made (the first Adam of a process imports torch._dynamo: 1.4 s of
     Python on this CPU, while the decode threads release the GIL)."""
     saes, optimizers, streams, fired = {}, {}, {}, {}
-    mean = store.mean
+    mean = store.leading_stats(len(config.train_chunks))[0]
     try:
         for i in indices:
             group = config.groups[i]
             sae = _new_sae(config, seed=config.seed + i)
             scales = [config.scales[layer] for layer in group]
-            with torch.no_grad():  # b_dec at the (scaled) data mean of the group
+            with torch.no_grad():  # b_dec at the (scaled) mean of the group's training rows
                 sae.b_dec.copy_(torch.from_numpy(np.mean([mean[l] * s for l, s in zip(group, scales)], axis=0)))
             saes[i] = sae.to(device)
             streams[i] = TrainingStream(store, group, scales, config.train_chunks, config.batch_size, config.seed,

@@ -937,6 +937,28 @@ class ActivationStore:
             return self._read_stats("norm")
         return (self._sum_chunk_stats("chunk_norm_sum", self._partial_chunks()) / self.n_tokens).astype(np.float32)
 
+    def leading_stats(self, n_chunks: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, mean L2 norm), float32, of the rows of chunks 0..n_chunks-1 per layer: a training split's,
+        without the held-out chunks after it.
+
+        The larger part is never read chunk by chunk: when the leading chunks outnumber the rest, they are
+        the store's totals less the rest's chunk statistics (a held-out tail is a few per cent of a cache)."""
+        if not 0 < n_chunks <= self.n_chunks:
+            raise ValueError(f"the leading {n_chunks} chunks of a cache of {self.n_chunks}")
+        if n_chunks == self.n_chunks:
+            return self.mean, self.norm
+        rows = self.chunk_rows(n_chunks - 1)[1]
+        if self.complete and n_chunks > self.n_chunks - n_chunks:
+            # float64 from the float32 totals: a relative error of ~1e-7, as the stored mean's own
+            sums = self.mean.astype(np.float64) * self.n_tokens - self._sum_chunk_stats("chunk_sum", self.n_chunks,
+                                                                                        n_chunks)
+            norm_sums = (self.norm.astype(np.float64) * self.n_tokens
+                         - self._sum_chunk_stats("chunk_norm_sum", self.n_chunks, n_chunks))
+        else:
+            sums = self._sum_chunk_stats("chunk_sum", n_chunks)
+            norm_sums = self._sum_chunk_stats("chunk_norm_sum", n_chunks)
+        return (sums / rows).astype(np.float32), (norm_sums / rows).astype(np.float32)
+
     def _partial_chunks(self) -> int:
         if self.n_tokens == 0:
             raise StoreError(f"cache {self.path} holds no committed rows yet; re-run its `gsae cache` command")
@@ -955,12 +977,12 @@ class ActivationStore:
             raise StoreError(f"cache {self.path}: stats/{name} cannot be read ({_describe_stats_error(exc)}); "
                              f"run `gsae verify --cache {self.path}` to list the damage") from None
 
-    def _sum_chunk_stats(self, name: str, n_chunks: int) -> np.ndarray:
-        """The sum of ``stats/<name>`` over chunks 0..n_chunks-1, added chunk by chunk in order (so the totals
-        are reproducible), read a block of chunks at a time."""
+    def _sum_chunk_stats(self, name: str, n_chunks: int, first: int = 0) -> np.ndarray:
+        """The sum of ``stats/<name>`` over chunks first..n_chunks-1, added chunk by chunk in order (so the
+        totals are reproducible), read a block of chunks at a time."""
         array = self._stats_array(name)
         total = np.zeros(array.shape[1:], dtype=array.dtype)
-        for begin in range(0, n_chunks, _STATS_BLOCK):
+        for begin in range(first, n_chunks, _STATS_BLOCK):
             block = self._read_stats(name, slice(begin, min(n_chunks, begin + _STATS_BLOCK)))
             for values in block:
                 total += values

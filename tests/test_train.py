@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -65,6 +66,54 @@ def test_training_lowers_fvu_keeps_unit_decoder_and_exactly_k(cache, tmp_path, c
     assert "held-out" in out  # the header wraps where COLUMNS is 80 (pytest-xdist sets it)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert all(row["held_out_l0"] == pytest.approx(4.0, abs=0.05) for row in summary["saes"])  # TopK: k each row
+
+
+def _brute_stats(store: ActivationStore, layer: int, stop: int) -> tuple[np.ndarray, float]:
+    """float64 mean and mean L2 norm of rows [0, stop) of a layer, from the stored rows."""
+    rows = to_float32(store.read_rows(layer, 0, stop), store.dtype).astype(np.float64)
+    return rows.mean(axis=0), float(np.linalg.norm(rows, axis=1).mean())
+
+
+def test_leading_stats_are_the_leading_chunks_alone(cache):
+    """Both ways of forming them (summed chunk by chunk; the totals less the rest) against the rows."""
+    store = ActivationStore.open(str(cache))
+    assert store.n_chunks == 18  # 700-row chunks, the last of 100 rows
+    for n_chunks in (1, 7, 9, 10, 17, 18):  # up to 9 summed; from 10, the totals less the rest
+        stop = min(n_chunks * 700, store.n_tokens)
+        mean, norm = store.leading_stats(n_chunks)
+        assert mean.dtype == np.float32 and mean.shape == (store.n_layers, store.d_model) and norm.shape == (store.n_layers,)
+        for layer in range(store.n_layers):
+            expected_mean, expected_norm = _brute_stats(store, layer, stop)
+            np.testing.assert_allclose(mean[layer], expected_mean, rtol=1e-5, atol=1e-5 * np.abs(expected_mean).max())
+            assert norm[layer] == pytest.approx(expected_norm, rel=1e-6)
+    with pytest.raises(ValueError):
+        store.leading_stats(0)
+
+
+def test_scales_and_b_dec_come_from_the_training_rows_only(cache, tmp_path):
+    """A third held out: the run's scales are 1 / the training rows' mean norm and b_dec starts at their
+    scaled mean (an lr of 1e-12 leaves it there after the one step); the held-out rows are never seen."""
+    from rich.console import Console
+
+    from pipeline.train import TrainRequest, train
+
+    # the held-out fraction is not a CLI option (5 %: here one short chunk), so the request is made here
+    train(TrainRequest(cache=str(cache), out=str(tmp_path / "r"), tokens=512, batch_size=512, groups=1,
+                       eval_fraction=0.3, lr=1e-12), Console(file=io.StringIO()))
+    store = ActivationStore.open(str(cache))
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    first_held_out = config["eval_rows"][0]
+    assert first_held_out == 13 * 700  # round(18 × 0.3) = 5 chunks held out
+    sae, sae_config = load_sae(str(tmp_path / "r" / "sae_0.safetensors"), str(tmp_path / "r" / "sae_0.json"))
+    scaled_means = []
+    for layer in sae_config["layers"]:
+        train_mean, train_norm = _brute_stats(store, layer, first_held_out)
+        all_mean, all_norm = _brute_stats(store, layer, store.n_tokens)
+        assert abs(train_norm / all_norm - 1) > 1e-4  # the held-out rows would change the scale
+        assert config["scales"][str(layer)] == pytest.approx(1 / train_norm, rel=1e-6)
+        scaled_means.append(train_mean / train_norm)
+    b_dec = sae.b_dec.detach().double().numpy()
+    np.testing.assert_allclose(b_dec, np.mean(scaled_means, axis=0), rtol=1e-4, atol=1e-6)
 
 
 def test_stream_covers_every_held_in_row_with_its_scale(cache):
