@@ -137,7 +137,7 @@ def _human_bytes(n: float) -> str:
 
 
 def _check_folder(option: str, location: Optional[str]) -> None:
-    """A local --out must not be, or lie under, a file (a URL is left to its file system)."""
+    """A local folder option (--out, --run) must not be, or lie under, a file (a URL is left to its file system)."""
     from pipeline.errors import GsaeError
 
     if not location:
@@ -380,6 +380,7 @@ def train(
     from pipeline.train import train as run_train
 
     _storage(storage_option, cache, out)
+    _check_folder("--out", out)
     request = TrainRequest(
         cache=cache if resume and cache is None else _resolve_cache(cache), groups=groups, baseline=baseline, metric=metric.value, tokens=tokens,
         expansion=expansion, k=k, architecture=architecture.value, batch_size=batch_size, lr=lr, out=out,
@@ -429,6 +430,7 @@ def evaluate(
     from pipeline.evaluate import evaluate_run
 
     _storage(storage_option, run, cache)
+    _check_folder("--run", run)
     records = evaluate_run(run, tokens=tokens, windows=windows, context_length=context_length,
                            device=device.value, console=console, cache=cache)
     # two tables of at most 8 columns: 13 in one were cut to "0.…" in every cell on an 80-column terminal
@@ -511,6 +513,7 @@ def export(
     from pipeline.export import export_saelens
 
     _storage(storage_option, run, out)
+    _check_folder("--run", run)
     _check_folder("--out", out)
     folders = export_saelens(run, out)
     parent = folders[0].rsplit("/", 1)[0]

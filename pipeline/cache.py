@@ -750,7 +750,7 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
         limit = max_positions(lm.model)
         if limit is not None and request.context_length > limit:
             raise GsaeError(f"--context-length {request.context_length:,} is more than {spec.model_id} takes "
-                            f"({limit:,} positions); pass --context-length {limit:,} or less")
+                            f"({limit:,} positions); pass --context-length {limit} or less")
         plan = window_plan(lm.tokenizer, request.context_length, request.prepend_bos)
         first_row = 1 if plan.bos_token_id is not None and not request.keep_bos else 0
         rows_per_window = request.context_length - first_row

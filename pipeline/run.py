@@ -331,6 +331,17 @@ class Run:
             self.fs.rm(join(root, old), recursive=True)
         return self.url(CHECKPOINTS, name)
 
+    def remove_checkpoints(self) -> None:
+        """Remove the checkpoints of a finished run: its SAE files hold the weights, and a checkpoint (the
+        Adam moments too, mid-run) would double the run's size.  ``latest`` goes first, so a kill midway
+        leaves no pointer to a removed checkpoint."""
+        with _one_line_errors(self.url(CHECKPOINTS)):
+            root = join(self._root, CHECKPOINTS)
+            if self._exists(CHECKPOINTS, "latest"):
+                self.fs.rm(join(root, "latest"))
+            if self.fs.exists(root):
+                self.fs.rm(root, recursive=True)
+
     def _listdir(self, *parts: str) -> list[str]:
         try:
             return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(join(self._root, *parts), detail=False)]
@@ -404,6 +415,11 @@ class Run:
         where and at which matmul precision they were measured."""
         data = {"run": self.path, "arguments": arguments, "measured_on": measured_on, "records": records}
         self._write(json.dumps(data, indent=1), EVAL)
+
+
+def checkpoint_step(url: str) -> int:
+    """The step of a checkpoint :meth:`Run.latest_checkpoint` names (``.../step-000000040`` or ``.../step-000000040.1``)."""
+    return int(url.rstrip("/").rsplit("/", 1)[-1].split("-", 1)[1].split(".")[0])
 
 
 def is_cache(path: str | Path) -> bool:

@@ -26,7 +26,8 @@ from pipeline.models import matmul_precision, pick_device
 from pipeline.processes import KINDS as READERS, start_processes, stop_processes, worker_nice, worker_threads
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
-from pipeline.run import Run, RunConfig, cache_around, cache_fingerprint, join, pack_training_state
+from pipeline.run import (Run, RunConfig, cache_around, cache_fingerprint, checkpoint_step, join,
+                          pack_training_state)
 from pipeline.sae import (ARCHITECTURES, L1_COEFFICIENT, TOP_K_ARCHITECTURES, SparseAutoencoder, default_k,
                           default_lr)
 from stores import STORAGE_DTYPES, ActivationStore
@@ -35,6 +36,8 @@ from stores.stream import TrainingStream, split_chunks
 
 RUNS_ROOT = "runs"
 _SUMMARY_EVAL_ROWS = 16384  # held-out rows per layer for the summary's FVU
+# a checkpoint at least this often, whatever --checkpoint-every says: 200 steps of 29 SAEs take hours on a CPU
+CHECKPOINT_SECONDS = 900.0
 
 
 @dataclass
@@ -255,6 +258,9 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
         if typed:  # continued as it was made: an option typed otherwise would be ignored
             raise GsaeError(f"--resume continues {request.out} with the arguments it was made with, not "
                             f"{'; '.join(typed)}; leave those options out, or pass --out for a new run")
+        if run.latest_checkpoint() is None:
+            console.print(f"[yellow]note[/]: {request.out} has no checkpoint yet (it was stopped before its first): "
+                          "training starts from step 0")
         # without --cache, the cache the run recorded
         return run, _store_of(config, request.cache or config.cache, request.out)
     validate_request(request)
@@ -271,10 +277,19 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
         if run.state in ("trained", "evaluated"):
             raise GsaeError(f"{path} already holds a finished run; pass --out for a new one")
         changes = argument_changes(existing, request)
-        if changes:
+        checkpoint = run.latest_checkpoint()
+        if changes and checkpoint is None:  # stopped before its first checkpoint: nothing trained to lose
+            with run.training_lock():  # not while another process trains it
+                console.print(f"[yellow]note[/]: replacing the unfinished run in {path} ({'; '.join(changes)}): "
+                              "it was stopped before its first checkpoint")
+                existing = None
+        elif changes:
             raise GsaeError(f"{path} holds an unfinished run made with other arguments ({'; '.join(changes)}); "
                             f"continue it with `gsae train --out {path} --resume`, or pass --out for a new one")
-        console.print(f"continuing the unfinished run in {path} (same arguments)")
+    if existing is not None:
+        where = (f"from its checkpoint at step {checkpoint_step(checkpoint):,}" if checkpoint else
+                 "from step 0: it was stopped before its first checkpoint")
+        console.print(f"continuing the unfinished run in {path} (same arguments) {where}")
         if existing.grouping:  # again: a kill may have come between creating the run and marking
             mark_used(store, request.metric, _where(path))
         return run, _store_of(existing, request.cache, path)
@@ -302,7 +317,7 @@ def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore
                      "penalty sets how many latents fire: --l1-coefficient)")
     if config.tokens_per_sae != request.tokens:
         notes.append(f"--tokens {request.tokens:,} → {config.tokens_per_sae:,} per SAE "
-                     f"({config.steps:,} whole batches of {config.batch_size:,})")
+                     f"({config.steps:,} whole batch{'es' if config.steps != 1 else ''} of {config.batch_size:,})")
     try:  # what gsae eval will refuse, said before training rather than after
         check_held_out(store, config.eval_rows[0], DEFAULT_WINDOWS)
     except GsaeError as exc:
@@ -526,6 +541,18 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
                                  "n_dead": [parts[i][3] for i in range(n)], "latest": [parts[i][4] for i in range(n)]})
         ranks.barrier()
 
+    last_checkpoint = time.monotonic()
+
+    def checkpoint_due(done: int, log_step: bool) -> bool:
+        """Every --checkpoint-every steps, and once CHECKPOINT_SECONDS have passed since the last (decided by
+        rank 0 at log steps, so that every rank takes it)."""
+        if done % config.checkpoint_every == 0:
+            return True
+        late = time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS
+        if ranks.world == 1:
+            return late
+        return bool(ranks.broadcast_from_first(late)) if log_step else False
+
     bf16 = config.precision == "bfloat16"
     progress = LoggedProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("tok"),
                               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -549,6 +576,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
                                         check_finite=False, bf16=bf16)
                     nonfinite[i] |= ~torch.isfinite(output.loss.detach())
                     elapsed[i] += time.perf_counter() - t0
+                    progress.update(tasks[i], completed=(step + 1) * batch_size)  # every step: no read back
                     if log_step:  # one read back per SAE (a host sync on CUDA), not one per figure
                         bad, loss, fvu, l0, dead = torch.stack([
                             nonfinite[i].float(), output.loss.detach().float(), output.fvu.float(),
@@ -559,15 +587,16 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
                         latest[i] = {"step": step + 1, "sae": i, "layers": config.groups[i], "tokens": tokens,
                                      "loss": loss, "fvu": fvu, "l0": l0, "dead_fraction": dead / config.n_latents,
                                      "tokens_per_s": tokens / max(elapsed[i], 1e-9)}
-                        progress.update(tasks[i], completed=tokens, stats=(
+                        progress.update(tasks[i], stats=(
                             f"FVU {latest[i]['fvu']:.3f} L0 {latest[i]['l0']:.0f} dead {100 * latest[i]['dead_fraction']:.0f}%"))
                 if log_step:
                     records = ranks.gather_to_first({i: latest[i] for i in mine})
                     for i in sorted(records or {}):
                         log.write(json.dumps(records[i]) + "\n")
-                if (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
+                if step + 1 < steps and checkpoint_due(step + 1, log_step):
                     log.flush()
                     checkpoint_now(step + 1)
+                    last_checkpoint = time.monotonic()
     finally:  # an interrupted run keeps its last periodic checkpoint; --resume continues from there
         for stream in streams.values():
             stream.close()
@@ -622,5 +651,6 @@ def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder]
         wall["save_saes"] = time.perf_counter() - mark
         run.write_summary({"label": config.label, "saes": rows, "train_seconds": sum(row["seconds"] for row in rows),
                            "wall_seconds": {name: round(seconds, 3) for name, seconds in wall.items()}})
+        run.remove_checkpoints()  # the run is trained: its SAE files hold what the last checkpoint held
     ranks.barrier()
     return rows

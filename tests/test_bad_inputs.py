@@ -169,18 +169,26 @@ def test_a_held_out_slice_without_a_whole_window_is_refused_unless_windows_is_0(
         check_held_out(store, 940, 0)
 
 
-@pytest.mark.parametrize("command", ["export", "report", "run"])
+@pytest.mark.parametrize("command", ["export", "report", "run", "train"])
 @pytest.mark.parametrize("under", [False, True])
 def test_out_that_is_a_file(command, under, llama_cache, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     out = tmp_path / "a-file" / "sub" if under else tmp_path / "a-file"
     (tmp_path / "run").mkdir()
     args = {"export": ["export", "--run", tmp_path / "run"], "report": ["report", "--runs", tmp_path / "run"],
-            "run": ["run", "--cache", llama_cache]}[command]
+            "run": ["run", "--cache", llama_cache], "train": ["train", "--cache", llama_cache]}[command]
     line = _one_line(*run_cli([*args, "--out", out])[::2])
     assert f"{tmp_path / 'a-file'} is a file, not a folder" in line
     assert (tmp_path / "a-file").read_text() == "not a folder"
     assert not (llama_cache / "groups").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_run_that_is_a_file(command, tmp_path):
+    """A run's config.json given as --run: it names the file, not `gsae train --out <the file>`."""
+    (tmp_path / "config.json").write_text("{}")
+    line = _one_line(*run_cli([command, "--run", tmp_path / "config.json"])[::2])
+    assert f"--run {tmp_path / 'config.json'} is a file, not a folder" in line and "gsae train" not in line
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "0"])

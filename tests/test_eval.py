@@ -62,11 +62,17 @@ def test_eval_command_writes_records(tiny_models, tmp_path, capsys):
                     "--batch-size", 512], capsys)[0] == 0
     code, out, err = run_cli(["eval", "--run", tmp_path / "r", "--windows", 400], capsys)
     assert code == 0, err
-    # more than the held-out slice holds: said, and what was used is recorded
-    assert re.search(r"the held-out slice holds [\d,]+ rows, fewer than the 16,384 asked for", out + err)
-    used = re.search(r"the held-out slice holds (\d+) whole windows, fewer than the 400 asked for: the downstream "
-                     r"metrics use \1", out + err)
+    # more than the held-out slice holds: said (16,384 is --tokens' default: nothing was "asked for"), and what
+    # was used is recorded
+    assert re.search(r"the held-out slice holds [\d,]+ rows \(fewer than the 16,384 to evaluate\): the "
+                     r"reconstruction metrics use those", out + err)
+    used = re.search(r"the held-out slice holds (\d+) whole windows \(fewer than the 400 to evaluate\): the "
+                     r"downstream metrics use \1", out + err)
     assert used and int(used.group(1)) < 400
+    assert "asked for" not in out + err
+    # the bar over the layers, drawn once at the end where stderr is not a terminal, before the notes
+    bar = re.search(r"^eval\b.* 2/2 layers .*ETA", err, re.MULTILINE)
+    assert bar and bar.start() < err.index("the held-out slice holds"), err
     written = json.loads((tmp_path / "r" / "eval.json").read_text())
     records = written["records"]
     assert [r["layer"] for r in records] == [0, 1]
@@ -163,6 +169,8 @@ def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, caps
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     runs = json.loads((tmp_path / "runs" / "c-report" / "runs.json").read_text())
+    # each evaluation shows its bar over the layers (two here), under `gsae run` as under `gsae eval`
+    assert len(re.findall(r"^eval\b.* 2/2 layers .*ETA", err, re.MULTILINE)) == len(runs), err
     labels = [run.rsplit("-", 2)[-2] + "-" + run.rsplit("-", 1)[-1] if "-g" in run else "baseline" for run in runs]
     assert runs[0].endswith("c-baseline") and any(r.endswith("uniform-g" + r[-1]) for r in runs)
     assert len(labels) >= 3
@@ -250,6 +258,53 @@ def test_eval_of_a_run_whose_cache_moved_takes_its_new_place(pair, tmp_path, cap
     line = _one_line_error(*run_cli(["eval", "--run", run, "--windows", 0, "--cache", pair["root"] / "base"],
                                     capsys)[::2])  # not a cache at all
     assert "Traceback" not in line
+
+
+def test_eval_shows_its_progress_over_the_layers(pair, tmp_path, monkeypatch):
+    """`gsae eval` printed nothing for minutes after the model loaded. Its bar counts the (SAE, layer)
+    evaluations, with the layer and stage in its description; in a log (a console that is not a terminal)
+    it prints a plain line every PROGRESS_EVERY seconds, and the bar once at the end, before the notes."""
+    import io
+    import shutil
+    import time
+
+    from rich.console import Console
+
+    import pipeline.evaluate as evaluate
+
+    run = tmp_path / "g1"
+    shutil.copytree(pair["g1"], run)
+    assert len(evaluate.evaluate_run(str(run), windows=0, console=None)) == 2  # no console: no progress
+
+    def slowed(stage):  # each stage long enough for a few lines
+        def slow(*args, **kwargs):
+            time.sleep(0.15)
+            return stage(*args, **kwargs)
+        return slow
+
+    for name in ("layer_reconstruction", "_run_with_block_output"):
+        monkeypatch.setattr(evaluate, name, slowed(getattr(evaluate, name)))
+    monkeypatch.setattr(evaluate, "PROGRESS_EVERY", 0.03)
+    log = io.StringIO()
+    records = evaluate.evaluate_run(str(run), windows=2, console=Console(file=log, force_terminal=False, width=200))
+    text = log.getvalue()
+    assert [r["layer"] for r in records] == [0, 1]
+    lines = re.findall(r"^eval (.*): (\d)/2 layers, 00:00:\d\d elapsed(, ETA 00:00:\d\d)?$", text, re.MULTILINE)
+    stages = {stage for stage, _, _ in lines}
+    assert {"(clean forward pass)", "layer 0 (reconstruction)", "layer 0 (spliced forward pass)",
+            "layer 0 (zero-ablated forward pass)", "layer 1 (reconstruction)", "layer 1 (spliced forward pass)",
+            "layer 1 (zero-ablated forward pass)"} <= stages, text
+    assert all(done == ("1" if stage.startswith("layer 1") else "0") for stage, done, _ in lines), text
+    assert all(eta for stage, _, eta in lines if stage.startswith("layer 1")), text  # one layer done: an ETA
+    assert "layer/s" not in text  # no rate: it would read "0 layer/s" at a layer every few seconds
+    end = re.search(r"^eval\b.* 2/2 layers .*ETA", text, re.MULTILINE)  # the bar, drawn once at the end
+    assert end and end.start() > text.rindex("(zero-ablated forward pass): "), text
+    assert end.start() < text.index("rows (fewer than the 16,384 to evaluate)"), text
+    # on a terminal: the bar alone, redrawn in place, no plain lines (PROGRESS_EVERY is still 0.03 s)
+    screen = io.StringIO()
+    evaluate.evaluate_run(str(run), windows=0, console=Console(file=screen, force_terminal=True, width=120))
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())  # colours and cursor moves
+    assert re.search(r"\reval .* 2/2 layers .*ETA", drawn) and "elapsed" not in drawn, drawn
 
 
 def test_eval_at_the_shortest_context_gives_finite_downstream_metrics(pair, tmp_path, capsys):
@@ -390,3 +445,93 @@ def test_report_refuses_penalty_saes_of_different_l1_coefficients(pair, tmp_path
         runs += ["--runs", out]
     line = _one_line_error(*run_cli(["report", *runs, "--out", tmp_path / "report"], capsys)[::2])
     assert "l1_coefficient 1.0 vs 20.0" in line and "--l1-coefficient" in line
+
+
+def _summary(label: str, groups: list[list[int]], delta_ce: bool, seconds: float):
+    """A run as the report holds it, built in memory: per-layer records with or without the downstream
+    metrics (a run evaluated with `gsae eval --windows 0` has no delta_ce_percent, ce_recovered or KL)."""
+    from pipeline.report import RunSummary
+
+    records = []
+    for group in groups:
+        for layer in group:
+            record = {"layer": layer, "sae_layers": group, "explained_variance_per_token": 0.8 + 0.01 * layer,
+                      "explained_variance": 0.9, "l0": 32.0, "dead_fraction": 0.0}
+            if delta_ce:
+                record.update(delta_ce_percent=5.0 + 0.3 * layer, ce_recovered=0.9, kl_divergence=0.1)
+            records.append(record)
+    return RunSummary(f"/runs/{label}", label, None, groups, records, seconds, 0.0, None, 1000, None, 1000, {})
+
+
+def _report_runs(measured: tuple[bool, bool, bool]):
+    return [_summary("baseline", [[i] for i in range(4)], measured[0], 40.0),
+            _summary("amad-g2", [[0, 1], [2, 3]], measured[1], 20.0),
+            _summary("uniform-g1", [[0, 1, 2, 3]], measured[2], 10.0)]
+
+
+def _texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.texts]
+
+
+def test_report_figures_say_when_no_run_measured_delta_ce():
+    from pipeline.plots import plt
+    from pipeline.report import cost_figure, cost_plot, per_layer_figure, per_layer_plot
+
+    runs = _report_runs((False, False, False))
+    figure = per_layer_figure(runs)
+    ev, dce = figure.axes
+    assert len(ev.lines) >= 3 and {line.get_label() for line in ev.lines} >= {"baseline", "amad-g2", "uniform-g1"}
+    assert ev.get_xlabel() == "layer" and any(t.get_text() for t in ev.get_xticklabels())  # layers still labelled
+    assert not dce.lines and dce.get_xticks().size == 0 and dce.get_yticks().size == 0  # no −0.04…0.04 axis
+    assert _texts(dce) == ["ΔCE not measured (gsae eval --windows 0)"]
+    plt.close(figure)
+
+    figure = cost_figure(runs, runs[0])
+    ev, dce = figure.axes
+    assert sum(len(c.get_offsets()) for c in ev.collections) == 3 and _texts(ev) == ["baseline", "amad-g2", "uniform-g1"]
+    assert not dce.collections and dce.get_xticks().size == 0 and dce.get_yticks().size == 0
+    assert _texts(dce) == ["ΔCE not measured (gsae eval --windows 0)"]
+    plt.close(figure)
+    assert per_layer_plot(runs).startswith(b"\x89PNG") and cost_plot(runs, runs[0]).startswith(b"\x89PNG")
+
+
+def test_report_figures_plot_the_runs_that_measured_delta_ce():
+    from pipeline.plots import plt
+    from pipeline.report import cost_figure, per_layer_figure
+
+    runs = _report_runs((True, False, True))  # amad-g2 evaluated with --windows 0
+    figure = per_layer_figure(runs)
+    ev, dce = figure.axes
+    assert [line.get_label() for line in dce.lines if not line.get_label().startswith("_")] == ["baseline", "uniform-g1"]
+    assert list(dce.lines[0].get_ydata()) == pytest.approx([5.0, 5.3, 5.6, 5.9])
+    assert dce.get_yticks().size > 0 and "not measured" not in " ".join(_texts(dce))
+    assert "amad-g2" in dce.get_title(loc="right")  # the run left out is named
+    colour = {line.get_label(): line.get_color() for line in ev.lines}
+    assert all(line.get_color() == colour[line.get_label()] for line in dce.lines
+               if not line.get_label().startswith("_"))  # a run keeps its colour in both panels
+    plt.close(figure)
+
+    figure = cost_figure(runs, runs[0])
+    ev, dce = figure.axes
+    assert _texts(dce) == ["baseline", "uniform-g1"] and "amad-g2" in dce.get_title(loc="right")
+    points = [float(v) for c in dce.collections for p in c.get_offsets() for v in p]
+    assert points == pytest.approx([1.0, 5.45, 0.25, 5.45])  # (cost ÷ baseline, mean ΔCE %) of the two
+    plt.close(figure)
+
+    figure = per_layer_figure(_report_runs((True, True, True)))  # all measured: both panels, no note
+    assert all(ax.get_title(loc="right") == "" and len(ax.lines) >= 3 for ax in figure.axes)
+    plt.close(figure)
+
+
+@pytest.mark.parametrize("measured", [(True, True, True), (False, False, False)])
+def test_report_cost_figure_panels_do_not_overlap(measured):
+    from pipeline.plots import plt
+    from pipeline.report import cost_figure, per_layer_figure
+
+    runs = _report_runs(measured)
+    for figure in (cost_figure(runs, runs[0]), per_layer_figure(runs)):
+        renderer = figure.canvas.get_renderer()
+        figure.draw(renderer)  # the layout is made at draw time
+        first, second = (ax.get_tightbbox(renderer) for ax in figure.axes)  # labels and tick labels included
+        assert not first.overlaps(second), (first, second)
+        plt.close(figure)

@@ -269,12 +269,14 @@ def test_a_checkpoint_saved_again_at_the_same_step_keeps_one_complete(whole, tmp
     import shutil
 
     run = Run.open(shutil.copytree(whole, tmp_path / "r"))
-    first = Path(run.latest_checkpoint())
+    assert run.latest_checkpoint() is None  # a trained run keeps none: its SAE files hold the weights
     saes = [sae.train() for sae, _ in run.load_saes()]
     packed = {i: pack_training_state(sae, torch.optim.Adam(sae.parameters()), torch.zeros(sae.n_latents, dtype=torch.int64))
               for i, sae in enumerate(saes)}
-    state = json.loads((first / "state.json").read_text())
-    second = Path(run.save_checkpoint(state["step"], packed, state))
+    state = {"elapsed": [1.0] * len(saes)}
+    first = Path(run.save_checkpoint(7, packed, state))
+    assert json.loads((first / "state.json").read_text()) == {**state, "step": 7}
+    second = Path(run.save_checkpoint(7, packed, state))
     assert second != first and Path(run.latest_checkpoint()) == second and not first.exists()
     assert sorted(p.name for p in (Path(run.path) / "checkpoints").iterdir()) == sorted(["latest", second.name])
 

@@ -201,8 +201,63 @@ def test_kill_and_resume_gives_the_same_weights(cache, tmp_path, capsys):
     _kill_after_checkpoint(train_args(cache, tmp_path / "early", *args), tmp_path / "early", marker="config.json")
     assert not (tmp_path / "early" / "checkpoints" / "latest").exists()
     code, out, err = run_cli(train_args(cache, tmp_path / "early", *args), capsys)
-    assert code == 0 and "continuing the unfinished run" in out + err, err
+    assert code == 0 and "continuing the unfinished run" in out + err and "from step 0" in out + err, err
     _assert_same_saes(tmp_path / "whole", tmp_path / "early", 2)
+
+
+def test_bars_move_every_step_and_checkpoints_come_by_time_too(cache, tmp_path, monkeypatch):
+    """The bars' counts advance every step, not every --log-every; a checkpoint comes once CHECKPOINT_SECONDS
+    have passed whatever --checkpoint-every says; a finished run keeps no checkpoint (its SAE files hold it)."""
+    import pipeline.train as train_module
+    from pipeline.run import Run
+
+    counts: list[int] = []
+
+    class Recorded(train_module.LoggedProgress):
+        def update(self, task_id, **fields):
+            if "completed" in fields:
+                counts.append(int(fields["completed"]))
+            super().update(task_id, **fields)
+
+    saved: list[int] = []
+    save = Run.save_checkpoint
+
+    def recorded_save(self, step, packed, state):
+        saved.append(step)
+        return save(self, step, packed, state)
+
+    monkeypatch.setattr(train_module, "LoggedProgress", Recorded)
+    monkeypatch.setattr(Run, "save_checkpoint", recorded_save)
+    console = train_module.Console(file=io.StringIO())
+    request = dict(cache=str(cache), tokens=6 * 512, batch_size=512, groups=1, log_every=100, checkpoint_every=100)
+    train_module.train(train_module.TrainRequest(out=str(tmp_path / "a"), **request), console)
+    assert counts == [512 * step for step in range(1, 7)]
+    assert saved == [6]  # the final state only
+    assert not (tmp_path / "a" / "checkpoints").exists() and Run.open(tmp_path / "a").state == "trained"
+    monkeypatch.setattr(train_module, "CHECKPOINT_SECONDS", 0.0)
+    saved.clear()
+    train_module.train(train_module.TrainRequest(out=str(tmp_path / "b"), **request), console)
+    assert saved == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_so_and_may_be_replaced(cache, tmp_path, capsys):
+    from rich.console import Console
+
+    from pipeline.train import TrainRequest, _open_run
+
+    out = tmp_path / "r"
+    args = train_args(cache, out, "--groups", 1, "--tokens", 1024)
+    _open_run(TrainRequest(cache=str(cache), out=str(out), groups=1, tokens=1024, batch_size=512),
+              Console(file=io.StringIO()))  # what a kill before the first checkpoint leaves: config.json alone
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    code, text, err = run_cli(["train", "--out", out, "--resume"], capsys)
+    assert code == 0 and "no checkpoint yet" in text + err and "starts from step 0" in text + err, err
+    shutil.rmtree(out)
+    _open_run(TrainRequest(cache=str(cache), out=str(out), groups=1, tokens=1024, batch_size=512),
+              Console(file=io.StringIO()))
+    code, text, err = run_cli(args[:-2] + ["--tokens", 2048], capsys)  # other arguments: nothing trained to lose
+    assert code == 0 and "replacing the unfinished run" in text + err and "--tokens 1024 → 2048" in text + err, err
+    assert json.loads((out / "config.json").read_text())["steps"] == 4
 
 
 def _assert_same_saes(a_run: Path, b_run: Path, n: int) -> None:
