@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from pipeline import __version__
-from pipeline.corpus import Corpus, WindowPlan, check_corpus_options, iter_windows, open_corpus, window_plan
+from pipeline.corpus import (Corpus, WindowPlan, check_corpus_options, check_has_text, iter_windows, open_corpus,
+                             window_plan)
 from pipeline.errors import GsaeError
 from pipeline.models import (LoadedModel, block_output, load_model, matmul_precision, max_positions, pick_device,
                              resolve_model_spec)
@@ -744,6 +745,7 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
     try:
         corpus = open_corpus(request.dataset, text_field=request.text_field, split=request.split,
                              config=request.dataset_config)
+        check_has_text(corpus)
         device = ranks.device(pick_device(request.device))
         with console.status(f"loading {spec.model_id} ..."):
             lm = load_model(spec, device)

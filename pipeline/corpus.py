@@ -200,6 +200,16 @@ def open_corpus(spec: str | None, *, text_field: str = "text", split: str = "tra
     return _hub_corpus(spec, config, split, text_field)
 
 
+def check_has_text(corpus: Corpus) -> None:
+    """Read the corpus up to its first text: a record without the text field, invalid JSON or a corpus
+    with no text at all is refused before the model loads (tens of seconds) rather than after."""
+    for document in corpus.documents():
+        for piece in document:
+            if piece.strip():
+                return
+    raise GsaeError(f"corpus {corpus.spec} holds no text (white space at most)")
+
+
 # ------------------------------------------------------------------------------- windows
 @dataclass(frozen=True)
 class WindowPlan:

@@ -73,6 +73,24 @@ def test_bad_datasets(name, content, message, tiny_neox, tmp_path, capsys):
         str(tmp_path / "c"), allow_partial=True).complete
 
 
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.txt", "\n\n", "holds no text"),
+    ("nofield.jsonl", '{"body": "text"}\n', "no 'text' field"),
+    ("bad.jsonl", '{not json\n', "bad.jsonl:1 is not valid JSON"),
+])
+def test_a_corpus_without_text_is_refused_before_the_model_loads(name, content, message, tiny_neox, tmp_path, capsys,
+                                                                 monkeypatch):
+    import pipeline.cache
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline.cache, "load_model", no_load)
+    (tmp_path / name).write_text(content)
+    line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", dataset=tmp_path / name), capsys)[::2])
+    assert message in line and "model was loaded" not in line
+
+
 def test_a_chunk_larger_than_the_cache_takes_memory_for_the_cache_only(tiny_neox, tmp_path, capsys):
     """--chunk-tokens 10^9 (60 GiB per layer's chunk at d 32) for 200 tokens: one chunk of the 200, and the
     same command again finds the cache complete."""
