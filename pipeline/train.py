@@ -543,15 +543,16 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
 
     last_checkpoint = time.monotonic()
 
-    def checkpoint_due(done: int, log_step: bool) -> bool:
-        """Every --checkpoint-every steps, and once CHECKPOINT_SECONDS have passed since the last (decided by
-        rank 0 at log steps, so that every rank takes it)."""
+    def checkpoint_due(done: int) -> bool:
+        """Every --checkpoint-every steps, and once CHECKPOINT_SECONDS have passed since the last.  Under
+        torchrun rank 0 decides every 10th log step, so that every rank takes it (a collective, as the log
+        steps' gather; not one per step)."""
         if done % config.checkpoint_every == 0:
             return True
+        if ranks.world > 1 and done % (10 * config.log_every):
+            return False
         late = time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS
-        if ranks.world == 1:
-            return late
-        return bool(ranks.broadcast_from_first(late)) if log_step else False
+        return late if ranks.world == 1 else bool(ranks.broadcast_from_first(late))
 
     bf16 = config.precision == "bfloat16"
     progress = LoggedProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("tok"),
@@ -593,7 +594,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
                     records = ranks.gather_to_first({i: latest[i] for i in mine})
                     for i in sorted(records or {}):
                         log.write(json.dumps(records[i]) + "\n")
-                if step + 1 < steps and checkpoint_due(step + 1, log_step):
+                if step + 1 < steps and checkpoint_due(step + 1):
                     log.flush()
                     checkpoint_now(step + 1)
                     last_checkpoint = time.monotonic()

@@ -127,8 +127,10 @@ def test_torchrun_train_spreads_the_saes_and_gives_the_single_process_weights(ti
     cache = tmp_path / "c"
     assert run_cli(["cache", "--model", tiny_llama, "--cache", cache, *CACHE_ARGS], capsys)[0] == 0
     assert run_cli(["group", "--cache", cache], capsys)[0] == 0
-    args = ["train", "--cache", cache, "--groups", 3, "--tokens", 1024, "--batch-size", 256, "--checkpoint-every", 2,
-            "--device", "cpu"]  # compared bit for bit
+    # compared bit for bit; 101 steps: at step 100 rank 0 decides whether a checkpoint is due by time, a
+    # collective every rank must reach
+    args = ["train", "--cache", cache, "--groups", 3, "--tokens", 101 * 256, "--batch-size", 256,
+            "--checkpoint-every", 40, "--device", "cpu"]
     assert run_cli([*args, "--out", tmp_path / "one"], capsys)[0] == 0
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "cli.py", *map(str, args), "--out", str(tmp_path / "two")],
