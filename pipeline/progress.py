@@ -67,8 +67,10 @@ class LoggedProgress(Progress):
         self._unit, self._every, self._rate = unit, every, rate
         self._stopped = threading.Event()
         self._logger: threading.Thread | None = None
+        self._running = False
 
     def start(self) -> None:
+        self._running = True
         super().start()
         if not self.disable and not self.console.is_terminal and not self.console.quiet:
             self._stopped.clear()
@@ -76,6 +78,10 @@ class LoggedProgress(Progress):
             self._logger.start()
 
     def stop(self) -> None:
+        """Stop (again: nothing; rich would print another blank line where the console is not a terminal)."""
+        if not self._running:
+            return
+        self._running = False
         if self._logger is not None:
             self._stopped.set()
             self._logger.join()

@@ -242,9 +242,10 @@ def _store_of(config: RunConfig, cache: str, run: str) -> ActivationStore:
     return store
 
 
-def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore]:
+def _open_run(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> tuple[Run, ActivationStore]:
     """The run to train: a new one, or an unfinished one continued (from its last checkpoint, or from
-    the start when it was killed before its first) by ``--resume`` or by the same command again."""
+    the start when it was killed before its first) by ``--resume`` or by the same command again.  Its
+    lock is entered into ``scope`` before anything of an existing run is read to be used or replaced."""
     if request.resume:
         if not request.out:
             raise GsaeError("--resume needs --out DIR, the run to continue")
@@ -258,11 +259,12 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
         if typed:  # continued as it was made: an option typed otherwise would be ignored
             raise GsaeError(f"--resume continues {request.out} with the arguments it was made with, not "
                             f"{'; '.join(typed)}; leave those options out, or pass --out for a new run")
+        scope.enter_context(run.training_lock())
+        store = _store_of(config, request.cache or config.cache, request.out)  # without --cache, the run's
         if run.latest_checkpoint() is None:
             console.print(f"[yellow]note[/]: {request.out} has no checkpoint yet (it was stopped before its first): "
                           "training starts from step 0")
-        # without --cache, the cache the run recorded
-        return run, _store_of(config, request.cache or config.cache, request.out)
+        return run, store
     validate_request(request)
     store = ActivationStore.open(request.cache)
     config = _plan(request, store)
@@ -272,17 +274,19 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
         where = "is a gsae cache" if inside == str(path) else f"is inside the gsae cache {inside}"
         raise GsaeError(f"{path} {where}; pass --out a folder of its own for the run")
     existing = Run.read_config(path)
+    locked = existing is not None
     if existing is not None:
+        scope.enter_context(Run(path, existing).training_lock())  # from here: no other process trains or replaces it
+        existing = Run.read_config(path)  # as it is now that none may change it
         run = Run(path, existing)
         if run.state in ("trained", "evaluated"):
             raise GsaeError(f"{path} already holds a finished run; pass --out for a new one")
         changes = argument_changes(existing, request)
         checkpoint = run.latest_checkpoint()
         if changes and checkpoint is None:  # stopped before its first checkpoint: nothing trained to lose
-            with run.training_lock():  # not while another process trains it
-                console.print(f"[yellow]note[/]: replacing the unfinished run in {path} ({'; '.join(changes)}): "
-                              "it was stopped before its first checkpoint")
-                existing = None
+            console.print(f"[yellow]note[/]: replacing the unfinished run in {path} ({'; '.join(changes)}): "
+                          "it was stopped before its first checkpoint")
+            existing = None
         elif changes:
             raise GsaeError(f"{path} holds an unfinished run made with other arguments ({'; '.join(changes)}); "
                             f"continue it with `gsae train --out {path} --resume`, or pass --out for a new one")
@@ -297,7 +301,10 @@ def _open_run(request: TrainRequest, console: Any) -> tuple[Run, ActivationStore
         mark_used(store, request.metric, _where(path))
     for note in _plan_notes(request, config, store):
         console.print(f"[yellow]note[/]: {note}")
-    return Run.create(path, config), store
+    run = Run.create(path, config)
+    if not locked:  # a new run (a replaced one's lock is held already)
+        scope.enter_context(run.training_lock())
+    return run, store
 
 
 def _where(path: str) -> str:
@@ -478,8 +485,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
     if ranks.world > 1 and not request.out:  # every rank refuses before anything is made
         raise GsaeError("under torchrun, pass --out DIR: every rank must find the run")
     if ranks.first:
-        run, store = _open_run(request, console)
-        scope.enter_context(run.training_lock())  # until the SAE files and the summary are written
+        run, store = _open_run(request, console, scope)  # locked until the SAE files and the summary are written
         ranks.barrier()
     else:
         ranks.barrier()  # rank 0 has created or checked the run
@@ -609,6 +615,11 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
         checkpoint_now(steps)
     wall["final_checkpoint"] = time.perf_counter() - mark
     rows = _finish(run, store, saes, latest, elapsed, device, ranks, wall)
+    if ranks.first:  # the run is trained: its SAE files hold what the last checkpoint held
+        try:
+            run.remove_checkpoints()
+        except GsaeError as exc:  # the run is complete all the same
+            console.print(f"[yellow]note[/]: {exc}; the trained run's checkpoints/ was not removed (it may be deleted)")
     return TrainResult(run.path, rows, time.perf_counter() - started, start_step, ranks.rank)
 
 
@@ -652,6 +663,5 @@ def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder]
         wall["save_saes"] = time.perf_counter() - mark
         run.write_summary({"label": config.label, "saes": rows, "train_seconds": sum(row["seconds"] for row in rows),
                            "wall_seconds": {name: round(seconds, 3) for name, seconds in wall.items()}})
-        run.remove_checkpoints()  # the run is trained: its SAE files hold what the last checkpoint held
     ranks.barrier()
     return rows

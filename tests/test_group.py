@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -356,3 +358,17 @@ def test_a_deleted_run_no_longer_holds_its_grouping(llama_cache, tmp_path, capsy
     assert code == 1 and "afile" in err
     assert runs_using(store, "uniform") == []
     assert run_cli([*args[:-1], "--tokens", 400], capsys)[0] == 0
+    # a run stopped before its first checkpoint, replaced by one on another metric, holds that one only
+    from rich.console import Console
+
+    from pipeline.train import TrainRequest, _open_run
+
+    with contextlib.ExitStack() as scope:  # planned (and marked), then stopped
+        _open_run(TrainRequest(cache=str(llama_cache), out=str(tmp_path / "p"), metric="uniform", groups=1,
+                               tokens=512, batch_size=256), Console(file=io.StringIO()), scope)
+    assert runs_using(store, "uniform") == [str(tmp_path / "p")]
+    assert run_cli(["group", "--cache", llama_cache, "--tokens", 400, "--force"], capsys)[0] == 0  # amad
+    code, out, err = run_cli(["train", "--cache", llama_cache, "--metric", "amad", "--groups", 1, "--tokens", 512,
+                              "--batch-size", 256, "--out", tmp_path / "p"], capsys)
+    assert code == 0 and "replacing the unfinished run" in out + err, err
+    assert runs_using(store, "uniform") == [] and runs_using(store, "amad") == [str(tmp_path / "p")]

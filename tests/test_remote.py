@@ -64,6 +64,7 @@ def test_cache_to_eval_on_s3_gives_what_a_local_path_gives(tiny_llama, bucket, t
         code, _, err = run_cli(["eval", "--run", runs[name], "--windows", 2], capsys)
         assert code == 0, err
     remote_run = _remote_files(runs["remote"])
+    assert not any(key.startswith("checkpoints/") for key in remote_run)  # removed once trained, there too
     for i in range(2):
         ours_w = load_file(str(runs["local"] / f"sae_{i}.safetensors"))
         theirs_w = load_bytes(remote_run[f"sae_{i}.safetensors"])

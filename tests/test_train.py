@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -247,14 +248,22 @@ def test_a_run_stopped_before_its_first_checkpoint_says_so_and_may_be_replaced(c
 
     out = tmp_path / "r"
     args = train_args(cache, out, "--groups", 1, "--tokens", 1024)
-    _open_run(TrainRequest(cache=str(cache), out=str(out), groups=1, tokens=1024, batch_size=512),
-              Console(file=io.StringIO()))  # what a kill before the first checkpoint leaves: config.json alone
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    with contextlib.ExitStack() as scope:
+        _open_run(TrainRequest(cache=str(cache), out=str(out), groups=1, tokens=1024, batch_size=512),
+                  Console(file=io.StringIO()), scope)  # what a kill before the first checkpoint leaves
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json"]
     code, text, err = run_cli(["train", "--out", out, "--resume"], capsys)
     assert code == 0 and "no checkpoint yet" in text + err and "starts from step 0" in text + err, err
     shutil.rmtree(out)
-    _open_run(TrainRequest(cache=str(cache), out=str(out), groups=1, tokens=1024, batch_size=512),
-              Console(file=io.StringIO()))
+    with contextlib.ExitStack() as scope:
+        _open_run(TrainRequest(cache=str(cache), out=str(out), groups=1, tokens=1024, batch_size=512),
+                  Console(file=io.StringIO()), scope)
+    from pipeline.run import Run
+
+    with Run.open(out).training_lock():  # another process training it (not yet checkpointed): not replaced
+        code, _, err = run_cli(args[:-2] + ["--tokens", 2048], capsys)
+        assert code == 1 and "another gsae process is training" in err
+    assert json.loads((out / "config.json").read_text())["steps"] == 2
     code, text, err = run_cli(args[:-2] + ["--tokens", 2048], capsys)  # other arguments: nothing trained to lose
     assert code == 0 and "replacing the unfinished run" in text + err and "--tokens 1024 → 2048" in text + err, err
     assert json.loads((out / "config.json").read_text())["steps"] == 4
