@@ -82,10 +82,11 @@ def run_paper(request: PaperRequest, console: Any) -> Report:
         train_request = TrainRequest(cache=request.cache, tokens=request.tokens, expansion=request.expansion,
                                      batch_size=request.batch_size, out=str(path), **options)
         config = Run.read_config(path)
-        if config is not None and argument_changes(config, train_request):
+        state = Run(path, config).state if config is not None else None
+        # a run stopped before its first checkpoint holds nothing trained: train() replaces it, with a note
+        if state not in (None, "planned") and argument_changes(config, train_request):
             raise GsaeError(f"{path} holds a run made with other arguments "
                             f"({'; '.join(argument_changes(config, train_request))}); pass another --out")
-        state = Run(path, config).state if config is not None else None
         if state is None or STATES.index(state) < STATES.index("trained"):
             verb = "continuing" if config is not None else "training"
             console.print(f"[bold]{verb} {label}[/] → {path}")

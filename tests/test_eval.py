@@ -166,8 +166,13 @@ def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, caps
     cache = make_cache(tiny_models["neox"], tmp_path / "c", tokens=6000, context_length=32, batch_size=8,
                        chunk_tokens=400)
     args = ["run", "--cache", cache, "--tokens", 4096, "--batch-size", 512, "--windows", 2, "--out", tmp_path / "runs"]
+    # a baseline run stopped before its first checkpoint, made with other arguments: nothing trained, replaced
+    assert run_cli(["train", "--cache", cache, "--baseline", "--tokens", 1024, "--batch-size", 512,
+                    "--out", tmp_path / "runs" / "c-baseline"], capsys)[0] == 0
+    for name in ("summary.json", "sae_0.json"):  # as a kill before the first checkpoint leaves it: planned
+        (tmp_path / "runs" / "c-baseline" / name).unlink()
     code, out, err = run_cli(args, capsys)
-    assert code == 0, err
+    assert code == 0 and "replacing the unfinished run" in err and "--tokens 1024 → 4096" in err, err
     runs = json.loads((tmp_path / "runs" / "c-report" / "runs.json").read_text())
     # each evaluation shows its bar over the layers (two here), under `gsae run` as under `gsae eval`
     assert len(re.findall(r"^eval\b.* 2/2 layers .*ETA", err, re.MULTILINE)) == len(runs), err
