@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import math
 import os
 import signal
@@ -136,6 +137,25 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def _count(value: str | int) -> int:
+    """A count of tokens as researchers write it: ``100000``, ``100_000``, ``1e5``, ``100k``, ``2M``, ``1.5B``."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().replace("_", "").replace(",", "")
+    scale = _SUFFIXES.get(text[-1:].lower(), 1) if text[-1:].isalpha() else 1
+    number = text[:-1] if scale != 1 else text
+    try:
+        exact = decimal.Decimal(number) * scale
+    except decimal.InvalidOperation:
+        exact = None
+    if exact is None or not exact.is_finite() or exact != exact.to_integral_value():
+        raise typer.BadParameter(f"{value!r} is not a whole number (e.g. 100000, 1e5, 100k, 2M)")
+    return int(exact)
+
+
 def _check_folder(option: str, location: Optional[str]) -> None:
     """A local folder option (--out, --run) must not be, or lie under, a file (a URL is left to its file system)."""
     from pipeline.errors import GsaeError
@@ -177,7 +197,7 @@ def _resolve_cache(cache: Optional[str]) -> str:
 def cache(
     model: Optional[str] = typer.Option(None, help="Hub id, alias (pythia-70m, ...), folder saved with save_pretrained, or .gguf file. Default: the embedded SmolLM2-135M."),
     dataset: Optional[str] = typer.Option(None, help="pydoc (embedded default), a .txt/.jsonl/.parquet file or folder, or a hub dataset id."),
-    tokens: int = typer.Option(CacheRequest.tokens, help="Tokens (stored rows) to cache."),
+    tokens: int = typer.Option(CacheRequest.tokens, parser=_count, metavar="N", help="Tokens (stored rows) to cache (100000, 1e5, 100k)."),
     context_length: int = typer.Option(CacheRequest.context_length, help="Tokens per window, BOS included."),
     batch_size: int = typer.Option(CacheRequest.batch_size, help="Windows per forward pass."),
     cache: Optional[str] = typer.Option(None, help="Where to write the cache. Default: gsae-cache/<model>."),
@@ -191,7 +211,7 @@ def cache(
     text_field: str = typer.Option(CacheRequest.text_field, help="Text field of .jsonl / .parquet / hub records."),
     prepend_bos: Optional[bool] = typer.Option(None, "--prepend-bos/--no-prepend-bos", help="Start every window with BOS (default: when the tokenizer has one)."),
     keep_bos: bool = typer.Option(CacheRequest.keep_bos, help="Also store the BOS position's activations (outliers; dropped by default)."),
-    chunk_tokens: Optional[int] = typer.Option(None, help="Rows per chunk (default: about 4 MiB per chunk)."),
+    chunk_tokens: Optional[int] = typer.Option(None, parser=_count, metavar="N", help="Rows per chunk (default: about 4 MiB per chunk)."),
     write_threads: Optional[int] = typer.Option(None, help="Threads (or processes, see --writer) compressing and writing chunks (default: one per core)."),
     writer: Workers = typer.Option(CacheRequest.writer, help="Who compresses and writes the chunks: threads, or processes (their own GIL, so the model's thread does not wait for it; lossless local caches). auto: threads (on an H200 the processes made the cache slower)."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
@@ -310,7 +330,7 @@ def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: t
 def group(
     cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
     metric: Metric = typer.Option(GroupRequest.metric, help="amad: contiguous complete-linkage groups; uniform: equal splits."),
-    tokens: int = typer.Option(GroupRequest.tokens, help="Tokens to sample (whole chunks, at random)."),
+    tokens: int = typer.Option(GroupRequest.tokens, parser=_count, metavar="N", help="Tokens to sample (whole chunks, at random)."),
     threshold: float = typer.Option(GroupRequest.threshold, help="G* is the smallest G with AMAD below this."),
     layers: Optional[str] = typer.Option(None, help="Layers to group, e.g. 0-27 or 0,2,4 (default: all but the last)."),
     seed: int = typer.Option(GroupRequest.seed, help="Seed of the chunk sample."),
@@ -357,7 +377,7 @@ def train(
     groups: Optional[int] = typer.Option(None, help="Train the N-group partition (default: G* of the grouping)."),
     baseline: bool = typer.Option(False, help="Train one SAE per layer instead (the paper's baseline)."),
     metric: Metric = typer.Option(TrainRequest.metric, help="Which grouping to take the partition from."),
-    tokens: int = typer.Option(TrainRequest.tokens, help="Training tokens per SAE."),
+    tokens: int = typer.Option(TrainRequest.tokens, parser=_count, metavar="N", help="Training tokens per SAE (1e6, 1M)."),
     expansion: float = typer.Option(TrainRequest.expansion, help="d_sae / d_model."),
     k: Optional[int] = typer.Option(None, help="Active latents per token (default ≈ d_model/6: the paper's 128 at d=768)."),
     architecture: Architecture = typer.Option(TrainRequest.architecture, help="SAE architecture."),
@@ -368,7 +388,7 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     device: Device = typer.Option(TrainRequest.device, help="Where to train."),
     seed: int = typer.Option(TrainRequest.seed, help="Seed of initialisation and stream order."),
-    dead_tokens: Optional[int] = typer.Option(None, help="A latent silent this many tokens is dead (AuxK); default min(10M, tokens/10)."),
+    dead_tokens: Optional[int] = typer.Option(None, parser=_count, metavar="N", help="A latent silent this many tokens is dead (AuxK); default min(10M, tokens/10)."),
     checkpoint_every: int = typer.Option(TrainRequest.checkpoint_every, help="Steps between checkpoints."),
     tf32: bool = typer.Option(TrainRequest.tf32, "--tf32/--no-tf32", help="TF32 float32 matmuls on CUDA (as sparsify)."),
     precision: Precision = typer.Option(TrainRequest.precision, help="float32, or bfloat16 autocast for the forward."),
@@ -419,7 +439,7 @@ def _typed(ctx: typer.Context) -> tuple[str, ...]:
 @app.command("eval")
 def evaluate(
     run: str = typer.Option(..., help="The run directory written by gsae train."),
-    tokens: int = typer.Option(EVAL_TOKENS, help="Held-out tokens per layer for reconstruction and sparsity metrics."),
+    tokens: int = typer.Option(EVAL_TOKENS, parser=_count, metavar="N", help="Held-out tokens per layer for reconstruction and sparsity metrics."),
     windows: int = typer.Option(EVAL_WINDOWS, help="Held-out text windows for the downstream metrics (0: skip them)."),
     context_length: Optional[int] = typer.Option(None, help="Truncate the evaluation windows to this many tokens."),
     device: Device = typer.Option(TrainRequest.device, help="Where to run."),
@@ -479,7 +499,7 @@ def report_command(
 def run_all(
     cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
     groups: Optional[str] = typer.Option(None, help="Comma-separated G values for AMAD runs (default: G* and its neighbours)."),
-    tokens: int = typer.Option(PaperRequest.tokens, help="Training tokens per SAE."),
+    tokens: int = typer.Option(PaperRequest.tokens, parser=_count, metavar="N", help="Training tokens per SAE (1e6, 1M)."),
     expansion: float = typer.Option(PaperRequest.expansion, help="d_sae / d_model."),
     batch_size: int = typer.Option(PaperRequest.batch_size, help="Tokens per training step."),
     windows: int = typer.Option(PaperRequest.windows, help=f"Held-out windows for the downstream metrics (fewer than gsae eval's {EVAL_WINDOWS}: it evaluates many runs)."),

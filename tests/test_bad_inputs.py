@@ -346,3 +346,23 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
     assert process.returncode == 130, err
     assert "Traceback" not in err and len([line for line in (out + err).splitlines() if line.strip()]) == 1
     assert "interrupted" in out + err
+
+
+@pytest.mark.parametrize("text,value", [("100000", 100000), ("100_000", 100000), ("1,000", 1000), ("1e5", 100000),
+                                        ("100k", 100000), ("2M", 2_000_000), ("1.5B", 1_500_000_000),
+                                        ("2.5e3", 2500), (" 7 ", 7), ("-3", -3)])
+def test_token_counts_as_researchers_write_them(text, value):
+    import cli
+
+    assert cli._count(text) == value
+
+
+@pytest.mark.parametrize("text", ["1.5", "abc", "", "nan", "inf", "1e-3", "2x", "k"])
+def test_token_counts_that_are_not_whole_numbers(text):
+    code, _, err = run_cli(["group", "--cache", "/nonexistent", "--tokens", text])
+    assert code == 2 and "Invalid value for '--tokens'" in err and "not a whole number" in err and "Traceback" not in err
+
+
+def test_a_token_count_with_a_suffix_reaches_the_command(tmp_path):
+    line = _one_line(*run_cli(["group", "--cache", tmp_path / "none", "--tokens", "2k"])[::2])
+    assert "no gsae cache" in line  # past the parsing: --tokens 2k was taken
