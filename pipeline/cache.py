@@ -37,8 +37,8 @@ from pipeline import __version__
 from pipeline.corpus import (Corpus, WindowPlan, check_corpus_options, check_has_text, iter_windows, open_corpus,
                              window_plan)
 from pipeline.errors import GsaeError
-from pipeline.models import (LoadedModel, block_output, load_model, matmul_precision, max_positions, pick_device,
-                             resolve_model_spec)
+from pipeline.models import (LoadedModel, ModelSpec, block_output, load_model, matmul_precision, max_positions,
+                             pick_device, resolve_model_spec)
 from pipeline.processes import KINDS, start_processes, worker_nice, worker_threads
 from pipeline.progress import make_progress
 from pipeline.ranks import Ranks, current as current_ranks
@@ -724,6 +724,28 @@ def _corpus_too_short_error(corpus: Corpus, tokenizer: Any, plan: WindowPlan) ->
     )
 
 
+def _complete_as_asked(path: str, request: CacheRequest, spec: ModelSpec, corpus: Corpus,
+                       device: torch.device) -> bool:
+    """Whether the store at ``path`` is complete and was made as ``request`` asks, told without loading the
+    model (the embedded GGUF takes ~30 s to load on a CPU): only for models fingerprinted by their files;
+    the recipe's entries that need the tokenizer follow from the stored ones (same files, same tokenizer).
+    False sends the command the long way, which names any difference."""
+    if spec.kind == "hub":  # its revision is resolved by loading it
+        return False
+    store = ActivationStore.open(path, allow_partial=True)
+    recipe = store.attrs.get("recipe", {})
+    if not store.complete or not recipe:
+        return False
+    bos = recipe.get("prepend_bos")
+    wanted = {"model_id": spec.model_id, "model_fingerprint": spec.fingerprint, "corpus_fingerprint": corpus.fingerprint,
+              "context_length": request.context_length, "batch_size": request.batch_size,
+              "tokens_planned": request.tokens, "dtype": request.dtype, "compression": request.compression,
+              "keep_bits": request.keep_bits, "chunk_tokens": request.chunk_tokens, "device": device.type,
+              "prepend_bos": bos if request.prepend_bos is None else request.prepend_bos,
+              "bos_stored": not (bos and not request.keep_bos)}
+    return all(recipe.get(key) == value for key, value in wanted.items())
+
+
 def build_cache(request: CacheRequest, console: Any) -> CacheResult:
     """Stage one. Creates or resumes the store and fills it; returns what was done.
 
@@ -747,6 +769,11 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
                              config=request.dataset_config)
         check_has_text(corpus)
         device = ranks.device(pick_device(request.device))
+        if state == "store" and ranks.world == 1 and _complete_as_asked(path, request, spec, corpus, device):
+            store = ActivationStore.open(path, mode="r+")
+            store.remove_markers()  # (as below: a run killed inside finalize)
+            fold_seconds_writing(store)
+            return _result(store, 0.0, 0, store.tokens_written, already_complete=True)
         with console.status(f"loading {spec.model_id} ..."):
             lm = load_model(spec, device)
         limit = max_positions(lm.model)

@@ -91,6 +91,35 @@ def test_a_corpus_without_text_is_refused_before_the_model_loads(name, content, 
     assert message in line and "model was loaded" not in line
 
 
+def test_a_complete_cache_asked_again_is_found_without_loading_the_model(tiny_neox, tmp_path, capsys, monkeypatch):
+    """The same command on a complete cache says so without the model's load; other arguments still go the
+    long way, which names the difference."""
+    import pipeline.cache
+
+    assert run_cli(_args(tiny_neox, tmp_path / "c"), capsys)[0] == 0
+    before = (tmp_path / "c" / "zarr.json").read_bytes()
+    load = pipeline.cache.load_model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline.cache, "load_model", no_load)
+    for extra in ({}, {"prepend_bos": "--prepend-bos"}):  # BOS is what the tokenizer gave anyway
+        args = _args(tiny_neox, tmp_path / "c") + list(extra.values())
+        code, out, err = run_cli(args, capsys)
+        assert code == 0 and "already complete" in out + err, err
+    assert (tmp_path / "c" / "zarr.json").read_bytes() == before
+    for other in ({"batch_size": 8}, {"keep_bos": None}, {"dtype": "bfloat16"}):
+        args = _args(tiny_neox, tmp_path / "c", **{k: v for k, v in other.items() if v is not None})
+        if "keep_bos" in other:
+            args.append("--keep-bos")
+        line = _one_line_error(*run_cli(args, capsys)[::2])
+        assert "model was loaded" in line, other  # the long way
+    monkeypatch.setattr(pipeline.cache, "load_model", load)
+    line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", batch_size=8), capsys)[::2])
+    assert "--batch-size" in line and "model was loaded" not in line
+
+
 def test_a_chunk_larger_than_the_cache_takes_memory_for_the_cache_only(tiny_neox, tmp_path, capsys):
     """--chunk-tokens 10^9 (60 GiB per layer's chunk at d 32) for 200 tokens: one chunk of the 200, and the
     same command again finds the cache complete."""
