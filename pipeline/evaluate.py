@@ -46,6 +46,7 @@ DEFAULT_WINDOWS = 32  # held-out text windows for the downstream metrics
 # and at 1 row it is 0 (FVU ~1e27). Sparsity (dead %) over fewer tokens says nothing either.
 MIN_TOKENS = 100
 PROGRESS_EVERY = 15.0  # seconds between the progress's plain lines where the console is not a terminal
+_LOGITS_BYTES = 256 * 2**20  # float32 logits per forward pass of the downstream metrics (a batch of windows)
 
 
 class LayerProgress(LoggedProgress):
@@ -122,21 +123,50 @@ def layer_reconstruction(sae: SparseAutoencoder, store: ActivationStore, layer: 
             "dead_fraction": float(1 - active.float().mean()), "alive_latents": int(active.sum())}
 
 
+class DownstreamTotals:
+    """Sums over the predicted tokens of the clean, spliced and zero-ablated CE and of KL(clean ‖ spliced),
+    added a batch of windows at a time, so that memory holds one batch's logits (32 windows of 1,024 tokens
+    of a 50k vocabulary are 6.4 GB of float32 logits per pass)."""
+
+    def __init__(self) -> None:
+        self.tokens, self.clean, self.spliced, self.zero, self.kl = 0, 0.0, 0.0, 0.0, 0.0
+
+    def add(self, clean_logits: torch.Tensor, spliced_logits: torch.Tensor, zero_logits: torch.Tensor,
+            input_ids: torch.Tensor) -> None:
+        targets = input_ids[:, 1:].reshape(-1)
+
+        def ce_sum(logits: torch.Tensor) -> float:
+            flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+            return float(F.cross_entropy(flat, targets, reduction="sum"))
+
+        self.clean += ce_sum(clean_logits)
+        self.spliced += ce_sum(spliced_logits)
+        self.zero += ce_sum(zero_logits)
+        log_clean = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
+        log_spliced = F.log_softmax(spliced_logits[:, :-1].float(), dim=-1)
+        self.kl += float((log_clean.exp() * (log_clean - log_spliced)).sum(dim=-1).sum())
+        self.tokens += targets.numel()
+
+    def metrics(self) -> dict[str, float]:
+        """Clean, spliced and zero-ablated CE, ΔCE %, CE recovered and KL(clean ‖ spliced): means per token."""
+        clean, spliced, zero, kl = (total / self.tokens for total in (self.clean, self.spliced, self.zero, self.kl))
+        recovered = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
+        return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablated": zero,
+                "delta_ce_percent": 100.0 * (spliced - clean) / clean, "ce_recovered": recovered, "kl_divergence": kl}
+
+
 def downstream_metrics(clean_logits: torch.Tensor, spliced_logits: torch.Tensor, zero_logits: torch.Tensor,
                        input_ids: torch.Tensor) -> dict[str, float]:
-    """Clean, spliced and zero-ablated CE, ΔCE %, CE recovered and KL(clean ‖ spliced)."""
-    targets = input_ids[:, 1:].reshape(-1)
+    """Clean, spliced and zero-ablated CE, ΔCE %, CE recovered and KL(clean ‖ spliced) of whole logits."""
+    totals = DownstreamTotals()
+    totals.add(clean_logits, spliced_logits, zero_logits, input_ids)
+    return totals.metrics()
 
-    def ce(logits: torch.Tensor) -> float:
-        return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets))
 
-    clean, spliced, zero = ce(clean_logits), ce(spliced_logits), ce(zero_logits)
-    log_clean = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
-    log_spliced = F.log_softmax(spliced_logits[:, :-1].float(), dim=-1)
-    kl = float((log_clean.exp() * (log_clean - log_spliced)).sum(dim=-1).mean())
-    recovered = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
-    return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablated": zero,
-            "delta_ce_percent": 100.0 * (spliced - clean) / clean, "ce_recovered": recovered, "kl_divergence": kl}
+def windows_per_pass(lm: LoadedModel, context: int) -> int:
+    """Windows per forward pass of the downstream metrics: about _LOGITS_BYTES of float32 logits."""
+    vocab = getattr(lm.model.config, "vocab_size", None) or 50_000
+    return max(1, _LOGITS_BYTES // (4 * context * int(vocab)))
 
 
 def spec_from_store(store: ActivationStore) -> ModelSpec:
@@ -307,7 +337,9 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
 
     if lm is not None:
         stage("(clean forward pass)")
-        clean_logits = _run_with_block_output(lm, input_ids, 0, None)
+        per_pass = windows_per_pass(lm, input_ids.shape[1])
+        batches = list(input_ids.split(per_pass))
+        clean_logits = [_run_with_block_output(lm, ids, 0, None) for ids in batches]  # kept: every layer's reference
     records, notes = [], []
     # fewer there than to evaluate: said, not left to be read from eval.json's counts. Neither "asked for"
     # (the defaults apply when nothing is asked) nor option names (under `gsae run`, --tokens means training tokens)
@@ -344,12 +376,15 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
                         out[:, first:] = 0
                         return out
 
-                    stage(f"layer {layer} (spliced forward pass)")
-                    spliced_logits = _run_with_block_output(lm, input_ids, layer, splice)
-                    stage(f"layer {layer} (zero-ablated forward pass)")
-                    zero_logits = _run_with_block_output(lm, input_ids, layer, zero)
-                    record.update(downstream_metrics(clean_logits, spliced_logits, zero_logits, input_ids))
-                    del spliced_logits, zero_logits
+                    totals = DownstreamTotals()
+                    for ids, clean in zip(batches, clean_logits):
+                        stage(f"layer {layer} (spliced forward pass)")
+                        spliced_logits = _run_with_block_output(lm, ids, layer, splice)
+                        stage(f"layer {layer} (zero-ablated forward pass)")
+                        zero_logits = _run_with_block_output(lm, ids, layer, zero)
+                        totals.add(clean, spliced_logits, zero_logits, ids)
+                        del spliced_logits, zero_logits
+                    record.update(totals.metrics())
                     record["eval_windows"] = int(input_ids.shape[0])
                 records.append(record)
                 if progress is not None:

@@ -326,6 +326,31 @@ def test_eval_at_the_shortest_context_gives_finite_downstream_metrics(pair, tmp_
         assert all(r[key] == r[key] for key in ("ce_clean", "ce_spliced", "delta_ce_percent", "kl_divergence"))
 
 
+def test_downstream_metrics_a_window_at_a_time_equal_all_at_once(pair, tmp_path, capsys, monkeypatch):
+    """The spliced and zero-ablated passes run a batch of windows at a time (bounded logits): the sums give the
+    means of one pass over every window."""
+    import shutil
+
+    import pipeline.evaluate as evaluate
+
+    results = {}
+    for name, budget in (("whole", 2**40), ("one", 1)):  # every window in one pass; one window per pass
+        run = tmp_path / name
+        shutil.copytree(pair["g1"], run)
+        monkeypatch.setattr(evaluate, "_LOGITS_BYTES", budget)
+        code, _, err = run_cli(["eval", "--run", run, "--windows", 3, "--tokens", 100], capsys)
+        assert code == 0, err
+        results[name] = json.loads((run / "eval.json").read_text())["records"]
+    # a window's logits alone and in a batch differ in the last bits of float32 matmuls; ΔCE % and CE
+    # recovered are differences of CEs, so their tolerance is the CEs' absolute one
+    tolerance = {"ce_clean": 1e-6, "ce_spliced": 1e-6, "ce_zero_ablated": 1e-6, "kl_divergence": 1e-6,
+                 "delta_ce_percent": 1e-3, "ce_recovered": 1e-3}
+    for whole, one in zip(results["whole"], results["one"]):
+        assert whole["eval_windows"] == one["eval_windows"] == 3
+        for key, abs_tolerance in tolerance.items():
+            assert one[key] == pytest.approx(whole[key], rel=1e-6, abs=abs_tolerance), key
+
+
 def test_report_refuses_runs_that_cannot_be_compared(pair, tiny_models, tmp_path, capsys):
     other_cache = make_cache(tiny_models["llama"], tmp_path / "c2", tokens=3000, context_length=32, batch_size=8,
                              chunk_tokens=400)
