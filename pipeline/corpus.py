@@ -202,7 +202,8 @@ def open_corpus(spec: str | None, *, text_field: str = "text", split: str = "tra
 
 def check_has_text(corpus: Corpus) -> None:
     """Read the corpus up to its first text: a record without the text field, invalid JSON or a corpus
-    with no text at all is refused before the model loads (tens of seconds) rather than after."""
+    with no text at all is refused before the model loads (tens of seconds) rather than after.  A hub
+    dataset is streamed: this opens it once more than the cache's own read (one more round trip)."""
     for document in corpus.documents():
         for piece in document:
             if piece.strip():
