@@ -426,7 +426,7 @@ def train(
     for row in result.rows:
         if row.get("note"):
             report.print(row["note"], style="yellow", highlight=False, markup=False)
-    report.print(f"saved {len(result.rows)} SAE{'s' if len(result.rows) != 1 else ''}, metrics and checkpoints in {result.run}")
+    report.print(f"saved {len(result.rows)} SAE{'s' if len(result.rows) != 1 else ''} and their metrics in {result.run}")
 
 
 def _typed(ctx: typer.Context) -> tuple[str, ...]:
