@@ -123,28 +123,33 @@ def layer_reconstruction(sae: SparseAutoencoder, store: ActivationStore, layer: 
             "dead_fraction": float(1 - active.float().mean()), "alive_latents": int(active.sum())}
 
 
+def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log p(next token) at every position but the last, float32: what CE and KL are taken from."""
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
 class DownstreamTotals:
     """Sums over the predicted tokens of the clean, spliced and zero-ablated CE and of KL(clean ‖ spliced),
     added a batch of windows at a time, so that memory holds one batch's logits (32 windows of 1,024 tokens
-    of a 50k vocabulary are 6.4 GB of float32 logits per pass)."""
+    of a 50k vocabulary are 6.4 GB of float32 logits per pass).  The clean pass's log-probabilities come in
+    made (:func:`next_token_log_probs`, once per batch for every layer); each logits tensor is
+    log-softmaxed once, its CE the NLL of those (what ``F.cross_entropy`` computes)."""
 
     def __init__(self) -> None:
         self.tokens, self.clean, self.spliced, self.zero, self.kl = 0, 0.0, 0.0, 0.0, 0.0
 
-    def add(self, clean_logits: torch.Tensor, spliced_logits: torch.Tensor, zero_logits: torch.Tensor,
+    def add(self, clean_log_probs: torch.Tensor, spliced_logits: torch.Tensor, zero_logits: torch.Tensor,
             input_ids: torch.Tensor) -> None:
         targets = input_ids[:, 1:].reshape(-1)
 
-        def ce_sum(logits: torch.Tensor) -> float:
-            flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-            return float(F.cross_entropy(flat, targets, reduction="sum"))
+        def ce_sum(log_probs: torch.Tensor) -> float:
+            return float(F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets, reduction="sum"))
 
-        self.clean += ce_sum(clean_logits)
-        self.spliced += ce_sum(spliced_logits)
-        self.zero += ce_sum(zero_logits)
-        log_clean = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
-        log_spliced = F.log_softmax(spliced_logits[:, :-1].float(), dim=-1)
-        self.kl += float((log_clean.exp() * (log_clean - log_spliced)).sum(dim=-1).sum())
+        log_spliced = next_token_log_probs(spliced_logits)
+        self.clean += ce_sum(clean_log_probs)
+        self.spliced += ce_sum(log_spliced)
+        self.zero += ce_sum(next_token_log_probs(zero_logits))
+        self.kl += float((clean_log_probs.exp() * (clean_log_probs - log_spliced)).sum())
         self.tokens += targets.numel()
 
     def metrics(self) -> dict[str, float]:
@@ -159,7 +164,7 @@ def downstream_metrics(clean_logits: torch.Tensor, spliced_logits: torch.Tensor,
                        input_ids: torch.Tensor) -> dict[str, float]:
     """Clean, spliced and zero-ablated CE, ΔCE %, CE recovered and KL(clean ‖ spliced) of whole logits."""
     totals = DownstreamTotals()
-    totals.add(clean_logits, spliced_logits, zero_logits, input_ids)
+    totals.add(next_token_log_probs(clean_logits), spliced_logits, zero_logits, input_ids)
     return totals.metrics()
 
 
@@ -339,7 +344,8 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         stage("(clean forward pass)")
         per_pass = windows_per_pass(lm, input_ids.shape[1])
         batches = list(input_ids.split(per_pass))
-        clean_logits = [_run_with_block_output(lm, ids, 0, None) for ids in batches]  # kept: every layer's reference
+        # kept, as every layer's reference: the clean pass's log-probabilities, made once
+        clean_log_probs = [next_token_log_probs(_run_with_block_output(lm, ids, 0, None)) for ids in batches]
     records, notes = [], []
     # fewer there than to evaluate: said, not left to be read from eval.json's counts. Neither "asked for"
     # (the defaults apply when nothing is asked) nor option names (under `gsae run`, --tokens means training tokens)
@@ -377,7 +383,7 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
                         return out
 
                     totals = DownstreamTotals()
-                    for ids, clean in zip(batches, clean_logits):
+                    for ids, clean in zip(batches, clean_log_probs):
                         stage(f"layer {layer} (spliced forward pass)")
                         spliced_logits = _run_with_block_output(lm, ids, layer, splice)
                         stage(f"layer {layer} (zero-ablated forward pass)")
