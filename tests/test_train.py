@@ -89,6 +89,10 @@ def test_leading_stats_are_the_leading_chunks_alone(cache):
             assert norm[layer] == pytest.approx(expected_norm, rel=1e-6)
     with pytest.raises(ValueError):
         store.leading_stats(0)
+    # a complete store's are kept: planning and starting the SAEs read the held-out chunks' statistics once
+    kept = store.leading_stats(10)
+    store._sum_chunk_stats = None  # reading them again would fail
+    assert all(a is b for a, b in zip(store.leading_stats(10), kept))
 
 
 def test_scales_and_b_dec_come_from_the_training_rows_only(cache, tmp_path):
