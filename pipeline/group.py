@@ -24,7 +24,7 @@ from pipeline.grouping import (
     parse_layers,
 )
 from pipeline.models import pick_device
-from pipeline.run import CONFIG, cache_fingerprint
+from pipeline.run import Run, cache_fingerprint
 from stores import ActivationStore, list_side_files, read_side_file, remove_side_files, write_side_file
 
 METRICS = ("amad", "uniform")
@@ -127,26 +127,23 @@ def runs_using(store: ActivationStore, metric: str, record: dict[str, Any] | Non
             runs.append(str(json.loads(data)["run"]))
         except (ValueError, KeyError, TypeError):  # a damaged mark still says that some run uses the grouping
             runs.append(f"{_users_folder(metric)}/{name} (unreadable)")
-    return sorted(run for run in set(runs) if _may_use(run, store, metric))
+    fingerprint = cache_fingerprint(store)
+    return sorted(run for run in set(runs) if _may_use(run, fingerprint, metric))
 
 
-def _may_use(run: str, store: ActivationStore, metric: str) -> bool:
-    """Whether a marked run may still hold the grouping.  Not a run deleted since, or never made (its --out
-    was a file: the mark comes first), nor one replaced by a run of another metric or cache (`gsae train`
-    replaces a run stopped before its first checkpoint).  Only absolute local paths can be told: older
-    marks and object storage are kept, and so is a run whose config cannot be read."""
+def _may_use(run: str, fingerprint: dict[str, Any], metric: str) -> bool:
+    """Whether a marked run may still hold the grouping of ``metric`` on the cache of ``fingerprint``.  Not a
+    run deleted since, or never made (its --out was a file: the mark comes first), nor one replaced by a run
+    of another metric or cache (`gsae train` replaces a run stopped before its first checkpoint).  Only
+    absolute local paths can be told: older marks and object storage are kept, and so is a run whose config
+    cannot be read."""
     if not os.path.isabs(run):
         return True
     try:
-        with open(os.path.join(run, CONFIG), "rb") as handle:
-            config = json.loads(handle.read())
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError):
+        config = Run.read_config(run)
+    except (GsaeError, OSError):
         return True
-    if not isinstance(config, dict) or "metric" not in config:
-        return True
-    return config.get("metric") == metric and config.get("cache_fingerprint", cache_fingerprint(store)) == cache_fingerprint(store)
+    return config is not None and config.metric == metric and config.cache_fingerprint == fingerprint
 
 
 def load_grouping(store: ActivationStore, metric: str) -> Grouping | None:
