@@ -585,22 +585,8 @@ def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: Wi
                 rows_per_window: int, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
     """The store's descriptive attributes and the recipe that must match to resume."""
     tokenizer = lm.tokenizer
-    recipe = {
-        "model_id": lm.spec.model_id,
-        "model_revision": lm.info.get("revision"),
-        "model_fingerprint": lm.spec.fingerprint,
-        "corpus_fingerprint": corpus.fingerprint,
-        "context_length": request.context_length,
-        "prepend_bos": plan.bos_token_id is not None,
-        "bos_stored": rows_per_window == request.context_length,
-        "batch_size": request.batch_size,
-        "tokens_planned": request.tokens,
-        "dtype": request.dtype,
-        "compression": request.compression,
-        "keep_bits": request.keep_bits,
-        "chunk_tokens": request.chunk_tokens,
-        "device": device.type,
-    }
+    recipe = _recipe(request, lm.spec, lm.info.get("revision"), corpus, plan.bos_token_id is not None,
+                     rows_per_window == request.context_length, device)
     attributes = {
         "gsae_version": __version__,
         "model_id": lm.spec.model_id,
@@ -636,6 +622,27 @@ def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: Wi
         "recipe": recipe,
     }
     return attributes, recipe
+
+
+def _recipe(request: CacheRequest, spec: ModelSpec, revision: str | None, corpus: Corpus, prepend_bos: bool,
+            bos_stored: bool, device: torch.device) -> dict[str, Any]:
+    """The settings that must match for a re-run to resume a store (its ``recipe`` attribute)."""
+    return {
+        "model_id": spec.model_id,
+        "model_revision": revision,
+        "model_fingerprint": spec.fingerprint,
+        "corpus_fingerprint": corpus.fingerprint,
+        "context_length": request.context_length,
+        "prepend_bos": prepend_bos,
+        "bos_stored": bos_stored,
+        "batch_size": request.batch_size,
+        "tokens_planned": request.tokens,
+        "dtype": request.dtype,
+        "compression": request.compression,
+        "keep_bits": request.keep_bits,
+        "chunk_tokens": request.chunk_tokens,
+        "device": device.type,
+    }
 
 
 # what each recipe entry is, where the entry's name is not an option's (the others are --<name>)
@@ -727,23 +734,18 @@ def _corpus_too_short_error(corpus: Corpus, tokenizer: Any, plan: WindowPlan) ->
 def _complete_as_asked(path: str, request: CacheRequest, spec: ModelSpec, corpus: Corpus,
                        device: torch.device) -> bool:
     """Whether the store at ``path`` is complete and was made as ``request`` asks, told without loading the
-    model (the embedded GGUF takes ~30 s to load on a CPU): only for models fingerprinted by their files;
-    the recipe's entries that need the tokenizer follow from the stored ones (same files, same tokenizer).
-    False sends the command the long way, which names any difference."""
+    model (the embedded GGUF takes ~30 s to load on a CPU): only for models fingerprinted by their files,
+    whose revision is the stored one; the entries that need the tokenizer follow from the stored ones (same
+    files, same tokenizer).  False sends the command the long way, which names any difference."""
     if spec.kind == "hub":  # its revision is resolved by loading it
         return False
     store = ActivationStore.open(path, allow_partial=True)
     recipe = store.attrs.get("recipe", {})
     if not store.complete or not recipe:
         return False
-    bos = recipe.get("prepend_bos")
-    wanted = {"model_id": spec.model_id, "model_fingerprint": spec.fingerprint, "corpus_fingerprint": corpus.fingerprint,
-              "context_length": request.context_length, "batch_size": request.batch_size,
-              "tokens_planned": request.tokens, "dtype": request.dtype, "compression": request.compression,
-              "keep_bits": request.keep_bits, "chunk_tokens": request.chunk_tokens, "device": device.type,
-              "prepend_bos": bos if request.prepend_bos is None else request.prepend_bos,
-              "bos_stored": not (bos and not request.keep_bos)}
-    return all(recipe.get(key) == value for key, value in wanted.items())
+    bos = recipe.get("prepend_bos") if request.prepend_bos is None else request.prepend_bos
+    return recipe == _recipe(request, spec, recipe.get("model_revision"), corpus, bos,
+                             not (bos and not request.keep_bos), device)
 
 
 def build_cache(request: CacheRequest, console: Any) -> CacheResult:
