@@ -261,6 +261,7 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Show what a cache holds."""
+    from pipeline.cache import cache_command
     from stores import ActivationStore
 
     _storage(storage_option, cache)
@@ -293,6 +294,8 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
         ("gsae version", str(a.get("gsae_version"))),
     ]:
         table.add_row(name, value)
+    if not store.complete and (command := cache_command(store.path, a)) is not None:
+        table.add_row("to finish it", command)
     if any(a.get("overflow_values", [])):
         table.add_row("clipped to float16", ", ".join(f"L{l}: {n}" for l, n in enumerate(a["overflow_values"]) if n))
     report.print(table)
@@ -555,6 +558,17 @@ def _cap_torch_threads() -> None:
             torch.set_num_threads(cores)
 
 
+def _message(exc: BaseException) -> str:
+    """The one line an error prints: an incomplete cache's names the command that finishes it."""
+    from stores import IncompleteCache
+
+    if isinstance(exc, IncompleteCache):
+        from pipeline.cache import incomplete_cache_message
+
+        return incomplete_cache_message(exc)
+    return str(exc)
+
+
 def main() -> None:
     """Entry point: runs the app and turns known errors into one line and a non-zero exit."""
     from pipeline.errors import GsaeError
@@ -577,7 +591,7 @@ def main() -> None:
     except (GsaeError, StoreError, RemoteError) as exc:
         if _DEBUG:
             raise
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(_message(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: what was committed is kept (a cache's chunks, a run's last "

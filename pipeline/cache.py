@@ -22,6 +22,7 @@ import functools
 import importlib.metadata
 import itertools
 import os
+import shlex
 import threading
 import time
 from collections import deque
@@ -47,6 +48,7 @@ from stores import (
     STORAGE_DTYPES,
     ActivationStore,
     ChunkStats,
+    IncompleteCache,
     PendingChunk,
     StatsAccumulator,
     default_chunk_tokens,
@@ -645,16 +647,67 @@ def _recipe(request: CacheRequest, spec: ModelSpec, revision: str | None, corpus
     }
 
 
+def cache_command(path: str, attrs: dict[str, Any]) -> str | None:
+    """The `gsae cache` command that continues the cache at ``path`` (from its stored recipe and corpus
+    options), shell-quoted; None where the store predates a recipe.  Storage options are left out: gsae never
+    writes them anywhere."""
+    recipe, corpus = attrs.get("recipe"), attrs.get("corpus") or {}
+    if not isinstance(recipe, dict) or not isinstance(corpus, dict):
+        return None
+    words = ["gsae", "cache"]
+    source, model = attrs.get("model_source"), recipe.get("model_id")
+    if source != "embedded" and model:
+        words += ["--model", model]
+    fingerprint = str(recipe.get("model_fingerprint") or "")
+    if source == "hub" and not fingerprint.endswith("@main"):  # the revision asked for (hub:<id>@<revision>)
+        words += ["--revision", fingerprint.rpartition("@")[2]]
+    if corpus.get("spec") and corpus.get("kind") != "pydoc":
+        words += ["--dataset", corpus["spec"]]
+    if corpus.get("config"):
+        words += ["--dataset-config", corpus["config"]]
+    if corpus.get("split") not in (None, CacheRequest.split):
+        words += ["--split", corpus["split"]]
+    if corpus.get("text_field") not in (None, CacheRequest.text_field):
+        words += ["--text-field", corpus["text_field"]]
+    words += ["--cache", path, "--tokens", str(recipe["tokens_planned"]),
+              "--context-length", str(recipe["context_length"]), "--batch-size", str(recipe["batch_size"])]
+    if recipe.get("chunk_tokens") is not None:
+        words += ["--chunk-tokens", str(recipe["chunk_tokens"])]
+    if recipe.get("dtype") not in (None, CacheRequest.dtype):
+        words += ["--dtype", recipe["dtype"]]
+    if recipe.get("compression") not in (None, CacheRequest.compression):
+        words += ["--compression", recipe["compression"]]
+    if recipe.get("keep_bits") is not None:
+        words += ["--keep-bits", str(recipe["keep_bits"])]
+    if recipe.get("prepend_bos") is False:
+        words += ["--no-prepend-bos"]
+    elif recipe.get("bos_stored"):
+        words += ["--keep-bos"]
+    if recipe.get("device") and recipe["device"] != pick_device("auto").type:  # what auto would not pick here
+        words += ["--device", recipe["device"]]
+    return shlex.join(words)
+
+
+def incomplete_cache_message(error: IncompleteCache) -> str:
+    """``error``'s message with the command that finishes the cache in place of "its `gsae cache` command"."""
+    command = cache_command(error.path, error.attrs)
+    message = str(error)
+    return message if command is None else message.replace("its `gsae cache` command", f"`{command}`", 1)
+
+
 # what each recipe entry is, where the entry's name is not an option's (the others are --<name>)
 _RECIPE_WORDS = {"model_id": "--model", "model_revision": "the model's revision", "model_fingerprint": "the model's files",
                  "corpus_fingerprint": "the corpus (--dataset)", "prepend_bos": "BOS prepended (the tokenizer)",
                  "bos_stored": "BOS stored (--keep-bos)", "tokens_planned": "--tokens"}
 
 
-def _check_recipe(path: str, stored: dict[str, Any], wanted: dict[str, Any],
+def _check_recipe(path: str, attrs: dict[str, Any], wanted: dict[str, Any],
                   labels: dict[str, tuple[Any, Any]] | None = None) -> None:
-    """Refuse to resume a cache made with other settings, naming the first that differs; ``labels``: for a
-    setting recorded as a fingerprint, what it was and is in words (the corpus: its --dataset)."""
+    """Refuse to resume a cache (its attributes ``attrs``) made with other settings, naming the first that
+    differs and the command that made it; ``labels``: for a setting recorded as a fingerprint, what it was
+    and is in words (the corpus: its --dataset)."""
+    stored = attrs.get("recipe", {})
+
     def show(value: Any, label: Any = None) -> str:
         text = "the default" if value is None else repr(value)
         return f"{label!r} {text}" if label is not None else text
@@ -663,9 +716,11 @@ def _check_recipe(path: str, stored: dict[str, Any], wanted: dict[str, Any],
         if stored.get(key) != wanted[key]:
             what = _RECIPE_WORDS.get(key, f"--{key.replace('_', '-')}")
             before, now = (labels or {}).get(key, (None, None))
+            command = cache_command(path, attrs)
             raise GsaeError(
                 f"{path} holds a cache made with other settings ({what}: {show(stored.get(key), before)} there, "
-                f"{show(wanted[key], now)} now); re-run the original command to resume it, or choose another --cache"
+                f"{show(wanted[key], now)} now); re-run {f'`{command}`' if command else 'the original command'} "
+                "to resume it, or choose another --cache"
             )
 
 
@@ -796,7 +851,7 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
         complete = False
         if state == "store":
             store = ActivationStore.open(path, mode="r+", allow_partial=True)
-            _check_recipe(path, store.attrs.get("recipe", {}), recipe,
+            _check_recipe(path, store.attrs, recipe,
                           {"corpus_fingerprint": ((store.attrs.get("corpus") or {}).get("spec"), corpus.spec)})
             complete = store.complete
             if complete:  # a run killed inside finalize may have left its markers and timing parts

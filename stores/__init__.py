@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "stores.activation_store": (
-        "FLOAT16_MAX", "ActivationStore", "ChunkStats", "PendingChunk", "StatsAccumulator", "StoreError",
+        "FLOAT16_MAX", "ActivationStore", "ChunkStats", "IncompleteCache", "PendingChunk", "StatsAccumulator", "StoreError",
         "compute_chunk_stats", "default_chunk_tokens", "is_local", "list_side_files", "probe",
         "read_seconds_writing", "read_side_file", "remove_side_files", "to_float32", "write_seconds_writing",
         "write_side_file",

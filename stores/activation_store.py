@@ -51,6 +51,15 @@ class StoreError(Exception):
     """A problem with a store that the user can fix; its message is one line."""
 
 
+class IncompleteCache(StoreError):
+    """A cache whose planned tokens are not all written yet; ``attrs`` hold its recipe (the command that
+    finishes it can be rebuilt from them: ``pipeline.cache.cache_command``)."""
+
+    def __init__(self, message: str, path: str, attrs: dict[str, Any]):
+        super().__init__(message)
+        self.path, self.attrs = path, attrs
+
+
 class DamagedCache(StoreError):
     """A gsae cache's own folders under a root zarr.json that is gone or unreadable."""
 
@@ -524,11 +533,10 @@ class ActivationStore:
         store = cls(str(path), group)
         if not store.complete and not allow_partial:
             # (only `gsae group` and `gsae verify` have --allow-partial: the hint must hold for every caller)
-            raise StoreError(
+            raise IncompleteCache(
                 f"cache {path} is incomplete ({store.tokens_written:,} of {store.tokens_planned:,} tokens); "
                 "re-run its `gsae cache` command to finish it (`gsae group` and `gsae verify` can use its "
-                "committed part with --allow-partial)"
-            )
+                "committed part with --allow-partial)", str(path), dict(store.attrs))
         return store
 
     # ---------------------------------------------------------------- properties

@@ -215,6 +215,9 @@ def test_different_command_against_existing_cache(tiny_neox, tmp_path, capsys):
     assert run_cli(_args(tiny_neox, tmp_path / "c"), capsys)[0] == 0
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", context_length=48), capsys)[::2])
     assert "other settings" in line and "--context-length: 32 there, 48 now" in line
+    made_with = (f"gsae cache --model {tiny_neox.resolve()} --cache {tmp_path / 'c'} --tokens 200 --context-length 32 "
+                 "--batch-size 4 --chunk-tokens 64")
+    assert f"re-run `{made_with}` to resume it" in line, line
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", tokens=300), capsys)[::2])
     assert "--tokens: 200 there, 300 now" in line
     (tmp_path / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
@@ -515,7 +518,52 @@ def test_the_hint_for_an_incomplete_cache_names_only_commands_that_take_allow_pa
     _cache_stopped_by_a_full_disk(tiny_neox, cache, capsys, monkeypatch)
     line = _one_line_error(*run_cli(["train", "--cache", cache, "--baseline", "--tokens", 64, "--batch-size", 32],
                                     capsys)[::2])
-    assert "is incomplete" in line and "re-run its `gsae cache` command" in line
+    assert "is incomplete" in line and f"re-run `gsae cache --model {tiny_neox} --cache {cache} " in line
     assert "or pass --allow-partial" not in line and "`gsae group` and `gsae verify`" in line
     code, out, err = run_cli(["verify", "--cache", cache, "--allow-partial"], capsys)
     assert code == 0 and "ok" in out, err
+
+
+def _pydoc_jsonl(path, field: str) -> str:
+    from pydoc_data.topics import topics
+
+    path.write_text("".join(json.dumps({field: text}) + "\n" for _, text in sorted(topics.items())[:40]))
+    return str(path)
+
+
+@pytest.mark.parametrize("options", ["defaults", "lossy, kept BOS, a jsonl's own field", "bfloat16, no BOS"])
+def test_an_incomplete_cache_names_the_command_that_finishes_it(options, tiny_neox, tmp_path, capsys, monkeypatch):
+    import shlex
+
+    cache = tmp_path / "c"
+    extra = {"defaults": [],
+             "lossy, kept BOS, a jsonl's own field": [
+                 "--compression", "lossy", "--keep-bits", 7, "--keep-bos",
+                 "--dataset", _pydoc_jsonl(tmp_path / "corpus.jsonl", "body"), "--text-field", "body"],
+             "bfloat16, no BOS": ["--dtype", "bfloat16", "--no-prepend-bos"]}[options]
+    from pipeline.cache import ChunkWriter
+
+    real_submit, submitted = ChunkWriter.submit, []
+
+    def submit_then_ctrl_c(self, item):  # Ctrl-C as the second chunk goes to the writer, the first committed
+        submitted.append(item.index)
+        if len(submitted) == 2:
+            self.drain()
+            raise KeyboardInterrupt
+        real_submit(self, item)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ChunkWriter, "submit", submit_then_ctrl_c)
+        code, _, err = run_cli(_args(tiny_neox, cache) + extra, capsys)
+    assert code == 130 and "interrupted" in err, err
+    code, out, err = run_cli(["info", "--cache", cache], capsys)
+    assert code == 0 and "to finish it" in out and "--chunk-tokens" in out, err
+    line = _one_line_error(*run_cli(["train", "--cache", cache, "--baseline"], capsys)[::2])
+    assert "re-run `gsae cache " in line, line
+    command = line.split("re-run `", 1)[1].split("` to finish it", 1)[0]
+    words = shlex.split(command)
+    assert words[:2] == ["gsae", "cache"] and "--storage-option" not in words
+    # the recipe check refuses a command that differs in any setting: running this one is the test
+    code, out, err = run_cli(words[1:], capsys)
+    assert code == 0, err
+    assert "resum" in (out + err).lower() and ActivationStore.open(str(cache)).complete
