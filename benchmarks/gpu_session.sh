@@ -169,11 +169,6 @@ step cache_throughput_no_ahead "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput
 # the writer threads at the model thread's priority, as before (gsae lowers theirs by 10 beside a GPU)
 step cache_throughput_nice0 "$T_THROUGHPUT" "$PY" benchmarks/cache_throughput.py --model "$W/model" \
     --dataset "$W/corpus.jsonl" ${THROUGHPUT_ARGS[@]+"${THROUGHPUT_ARGS[@]}"} --worker-nice 0
-# 1b. end to end: gsae cache + baseline / + group + G*, against sparsify live (the headline ratios)
-step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --sparsify-runs 2 \
-    ${E2E_ARGS[@]+"${E2E_ARGS[@]}"}
-rm -rf "$W/e2e"
-
 # 4a. a small cache of the model, then store-fed ÷ memory-fed steps (a fresh stream over 12 and 48 steps, and 48
 #     steps after the stream has handed out an epoch: its buffers made and touched, as in a long run), and the
 #     training stream ÷ plain decode (with the decode on threads and in chunk processes, gsae train's default
@@ -181,11 +176,6 @@ rm -rf "$W/e2e"
 step small_cache "$T_CACHE" gsae cache --model "$W/model" --dataset "$W/corpus.jsonl" --cache "$W/cache" ${CACHE_ARGS[@]+"${CACHE_ARGS[@]}"}
 FEED_DEVICE=(--device "$([ $SMOKE = 1 ] && echo cpu || echo cuda)")
 if [ -f "$W/cache/zarr.json" ]; then
-  step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
-  # 12 steps of 8,192 rows stay inside the stream's first window (8 chunks × 4 layers), decoded at the warm-up;
-  # 48 cross three window switches (2026-11-28: 1.805 with processes, 1.714 with threads, runs of 5-10 ms)
-  step feed_long "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
-      --steps 48 ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
   step feed_steady "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
       --steps 48 --after-epoch ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
   step feed_steady_threads "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
@@ -193,6 +183,21 @@ if [ -f "$W/cache/zarr.json" ]; then
   # the decode at the training thread's priority, as before (gsae lowers it by 10 on a GPU)
   step feed_steady_nice0 "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
       --steps 48 --after-epoch ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"} --worker-nice 0
+fi
+
+# 1b. end to end: gsae cache + baseline / + group + G*, against sparsify live (the headline ratios, met on
+#     2026-11-28; after the open figures above)
+step end_to_end "$T_E2E" "$PY" benchmarks/end_to_end.py --model "$W/model" --workdir "$W/e2e" --sparsify-runs 2 \
+    ${E2E_ARGS[@]+"${E2E_ARGS[@]}"}
+rm -rf "$W/e2e"
+
+if [ -f "$W/cache/zarr.json" ]; then
+  # a fresh stream (its start-up included)
+  step feed "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
+  # 12 steps of 8,192 rows stay inside the stream's first window (8 chunks × 4 layers), decoded at the warm-up;
+  # 48 cross three window switches (2026-11-28: 1.805 with processes, 1.714 with threads, runs of 5-10 ms)
+  step feed_long "$T_FEED" "$PY" benchmarks/train_speed.py feed --cache "$W/cache" ${FEED_ARGS[@]+"${FEED_ARGS[@]}"} \
+      --steps 48 ${FEED_DEVICE[@]+"${FEED_DEVICE[@]}"}
   step stream "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"}
   step stream_processes "$T_STREAM" "$PY" benchmarks/train_speed.py stream --cache "$W/cache" \
       ${STREAM_ARGS[@]+"${STREAM_ARGS[@]}"} --reader processes
