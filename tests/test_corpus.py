@@ -1,0 +1,117 @@
+"""Local corpora as stage one reads them: bounded tokenizer calls on huge lines and records, byte-order marks,
+bad UTF-8, and Parquet text columns of every string type.  The reference is the tokenizer run on the whole text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline import corpus as corpus_module
+from pipeline.corpus import iter_windows, open_corpus, window_plan
+from pipeline.errors import GsaeError
+
+CONTEXT = 32
+
+
+def _one_line() -> str:
+    """Python's reference text as one line (its newlines and runs of spaces kept as spaces)."""
+    from pydoc_data.topics import topics
+
+    return " ".join(topics[k].replace("\n", " ") for k in sorted(topics)[:30])
+
+
+def _windows(spec, tokenizer, **options) -> list[list[int]]:
+    return list(iter_windows(open_corpus(str(spec), **options), tokenizer, window_plan(tokenizer, CONTEXT, None)))
+
+
+def _reference_windows(texts: list[str], tokenizer) -> list[list[int]]:
+    """Each text tokenized whole, joined by EOS, cut into windows of BOS + CONTEXT - 1 tokens."""
+    ids: list[int] = []
+    for i, text in enumerate(texts):
+        ids += ([tokenizer.eos_token_id] if i else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
+    body = CONTEXT - 1
+    return [[tokenizer.bos_token_id] + ids[i : i + body] for i in range(0, len(ids) - body + 1, body)]
+
+
+@pytest.mark.parametrize("suffix", ["txt", "jsonl"])
+def test_a_huge_line_or_record_is_tokenized_in_bounded_parts_with_the_whole_texts_tokens(suffix, tiny_neox,
+                                                                                      tmp_path, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_neox)
+    line = _one_line()
+    path = tmp_path / f"one.{suffix}"
+    path.write_text(line if suffix == "txt" else json.dumps({"text": line}) + "\n")
+    limit, per_call = 3000, 10_000
+    assert len(line) > 30 * limit
+    monkeypatch.setattr(corpus_module, "_TXT_BLOCK_CHARS", limit)
+    monkeypatch.setattr(corpus_module, "_TOKENIZE_CHARS", per_call)
+    calls: list[list[int]] = []
+
+    class Recording:  # the tokenizer, with the pieces of each call recorded
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, texts, **kwargs):
+            calls.append([len(text) for text in texts])
+            return tokenizer(texts, **kwargs)
+
+    windows = _windows(path, Recording())
+    assert windows == _reference_windows([line], tokenizer)
+    # a .txt block gathers whole lines (here parts of one) until it holds the limit: under twice it
+    piece = limit if suffix == "jsonl" else 2 * limit
+    assert max(max(call) for call in calls) <= piece
+    assert max(sum(call) for call in calls) < per_call + piece  # stops taking pieces past per_call characters
+
+
+def test_a_jsonl_with_a_byte_order_mark_reads_as_without(tiny_neox, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_neox)
+    texts = [_one_line()[i * 2000 : (i + 1) * 2000] for i in range(3)]
+    lines = "".join(json.dumps({"text": text}) + "\n" for text in texts)
+    (tmp_path / "plain.jsonl").write_text(lines, encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_text(lines, encoding="utf-8-sig")
+    (tmp_path / "bom.txt").write_text(texts[0], encoding="utf-8-sig")
+    assert _windows(tmp_path / "bom.jsonl", tokenizer) == _windows(tmp_path / "plain.jsonl", tokenizer)
+    assert _windows(tmp_path / "bom.txt", tokenizer) == _reference_windows(texts[:1], tokenizer)
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_named(tiny_neox, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_neox)
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "fine too"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(GsaeError, match=r"bad\.jsonl:3 is not valid UTF-8 \(byte 14 of the line\)"):
+        _windows(path, tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["dictionary", "string_view", "large_string"])
+def test_parquet_text_columns_of_every_string_type_read_alike(kind, tiny_neox, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if kind == "string_view" and not hasattr(pa, "string_view"):
+        pytest.skip("this pyarrow has no string_view")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_neox)
+    texts = [_one_line()[i * 1500 : (i + 1) * 1500] for i in range(4)] * 2  # repeats: what a dictionary holds
+    column = pa.array(texts, pa.string())
+    typed = {"dictionary": column.dictionary_encode(), "string_view": column.cast(getattr(pa, "string_view", pa.string)()),
+             "large_string": column.cast(pa.large_string())}[kind]
+    pq.write_table(pa.table({"text": column}), tmp_path / "plain.parquet")
+    pq.write_table(pa.table({"text": typed}), tmp_path / "typed.parquet")
+    assert pq.ParquetFile(tmp_path / "typed.parquet").schema_arrow.field("text").type != pa.string()
+    assert _windows(tmp_path / "typed.parquet", tokenizer) == _windows(tmp_path / "plain.parquet", tokenizer)
+    assert _windows(tmp_path / "plain.parquet", tokenizer) == _reference_windows(texts, tokenizer)
+
+
+def test_line_parts_rejoin_to_the_line_and_cut_before_a_word_where_they_can():
+    import random
+
+    from pipeline.corpus import _line_parts
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        line = "".join(rng.choice("ab  \t") for _ in range(rng.randrange(0, 60)))
+        limit = rng.randrange(1, 12)
+        parts = list(_line_parts(line, limit))
+        assert "".join(parts) == line and all(len(part) <= limit for part in parts) and all(parts[1:])
+        for part, after in zip(parts, parts[1:]):  # cut before a space, or hard at the limit (a long word)
+            assert after.startswith(" ") or len(part) == limit, (line, limit, parts)
