@@ -17,6 +17,7 @@ The BOS position is left as it is when splicing (the SAEs were not trained on it
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
@@ -49,16 +50,17 @@ PROGRESS_EVERY = 15.0  # seconds between the progress's plain lines where the co
 _LOGITS_BYTES = 256 * 2**20  # float32 logits per forward pass of the downstream metrics (a batch of windows)
 
 
-class LayerProgress(LoggedProgress):
-    """The evaluation's bar: (SAE, layer) evaluations done of all, elapsed and ETA, the current layer and
-    stage in its description. A layer takes seconds to minutes, so no rate (it would read ``0 layer/s``);
-    the ETA averages over every layer done (rich's default, over the last 30 s, has none while one layer
-    takes longer). Where the console is not a terminal, a plain line every ``every`` seconds."""
+class EvalProgress(LoggedProgress):
+    """The evaluation's bar: its steps done of all (a layer's reconstruction metrics, and each forward pass of
+    the downstream ones), elapsed and ETA, the current layer and stage in its description. A step takes
+    seconds, so no rate (it would read ``0 steps/s``); the ETA averages over every step done (rich's default,
+    over the last 30 s, has none while one step takes longer). Where the console is not a terminal, a plain
+    line every ``every`` seconds."""
 
     def __init__(self, console: Any, every: float | None = None):
         super().__init__(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                         TextColumn("layers"), TimeElapsedColumn(), TextColumn("ETA"), RemainingColumn(),
-                         console=console, transient=False, unit="layers", rate=False,
+                         TextColumn("steps"), TimeElapsedColumn(), TextColumn("ETA"), RemainingColumn(),
+                         console=console, transient=False, unit="steps", rate=False,
                          every=PROGRESS_EVERY if every is None else every,
                          speed_estimate_period=7 * 86400.0)
 
@@ -218,6 +220,26 @@ def held_out_windows(store: ActivationStore, start_row: int, n_windows: int, con
     return torch.tensor(windows, dtype=torch.long)
 
 
+def _splicer(sae: SparseAutoencoder, scale: float, first: int, device: torch.device, tf32: bool):
+    """A block output's replacement: its positions from ``first`` on through the SAE (scaled in, unscaled out)."""
+    def splice(hidden: torch.Tensor) -> torch.Tensor:
+        out = hidden.clone()
+        body = hidden[:, first:]
+        flat = body.reshape(-1, body.shape[-1])
+        with matmul_precision(device, tf32):
+            out[:, first:] = (sae(flat * scale) / scale).reshape(body.shape)
+        return out
+
+    return splice
+
+
+def _zero_from(first: int, hidden: torch.Tensor) -> torch.Tensor:
+    """A block output's replacement: zero from position ``first`` on."""
+    out = hidden.clone()
+    out[:, first:] = 0
+    return out
+
+
 def _run_with_block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int, replace) -> torch.Tensor:
     """Logits with block ``layer``'s output passed through ``replace`` (None: untouched)."""
     handle = None
@@ -328,24 +350,26 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
             if status:
                 status.stop()
         input_ids = held_out_windows(store, start_row, windows, context_length).to(torch_device)
-    # one bar over the (SAE, layer) evaluations: with the downstream metrics a layer is two forward passes
-    # of the model besides its reconstruction, minutes in all on a large model
-    progress = LayerProgress(console) if console is not None else None
+    layers = [(sae, sae_config, layer) for sae, sae_config in saes for layer in sae_config["layers"]]
+    batches = []
+    if lm is not None:
+        batches = list(input_ids.split(windows_per_pass(lm, input_ids.shape[1])))
+    # one bar over the steps: each layer's reconstruction, then per batch of windows the clean forward pass and
+    # two per layer (spliced, zero-ablated), minutes in all on a large model
+    progress = EvalProgress(console) if console is not None else None
     task = None
     if progress is not None:
         scope.enter_context(progress)
-        task = progress.add_task("eval", total=sum(len(sae_config["layers"]) for _, sae_config in saes))
+        task = progress.add_task("eval", total=len(layers) + len(batches) * (1 + 2 * len(layers)))
 
     def stage(text: str) -> None:
         if progress is not None:
             progress.update(task, description=f"eval {text}" if text else "eval")
 
-    if lm is not None:
-        stage("(clean forward pass)")
-        per_pass = windows_per_pass(lm, input_ids.shape[1])
-        batches = list(input_ids.split(per_pass))
-        # kept, as every layer's reference: the clean pass's log-probabilities, made once
-        clean_log_probs = [next_token_log_probs(_run_with_block_output(lm, ids, 0, None)) for ids in batches]
+    def step_done() -> None:
+        if progress is not None:
+            progress.advance(task)
+
     records, notes = [], []
     # fewer there than to evaluate: said, not left to be read from eval.json's counts. Neither "asked for"
     # (the defaults apply when nothing is asked) nor option names (under `gsae run`, --tokens means training tokens)
@@ -367,37 +391,37 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
                 with matmul_precision(torch_device, config.tf32):
                     reconstruction = layer_reconstruction(sae, store, layer, scale, start_row, start_row + tokens,
                                                           torch_device, reader, threads)
-                record = {"layer": layer, "sae_layers": sae_config["layers"], **reconstruction}
-                if lm is not None:
-                    def splice(hidden: torch.Tensor) -> torch.Tensor:
-                        out = hidden.clone()
-                        body = hidden[:, first:]
-                        flat = body.reshape(-1, body.shape[-1])
-                        with matmul_precision(torch_device, config.tf32):
-                            out[:, first:] = (sae(flat * scale) / scale).reshape(body.shape)
-                        return out
-
-                    def zero(hidden: torch.Tensor) -> torch.Tensor:
-                        out = hidden.clone()
-                        out[:, first:] = 0
-                        return out
-
-                    totals = DownstreamTotals()
-                    for ids, clean in zip(batches, clean_log_probs):
-                        stage(f"layer {layer} (spliced forward pass)")
-                        spliced_logits = _run_with_block_output(lm, ids, layer, splice)
-                        stage(f"layer {layer} (zero-ablated forward pass)")
-                        zero_logits = _run_with_block_output(lm, ids, layer, zero)
-                        totals.add(clean, spliced_logits, zero_logits, ids)
-                        del spliced_logits, zero_logits
-                    record.update(totals.metrics())
-                    record["eval_windows"] = int(input_ids.shape[0])
-                records.append(record)
-                if progress is not None:
-                    progress.advance(task)
+                records.append({"layer": layer, "sae_layers": sae_config["layers"], **reconstruction})
+                step_done()
             note = threshold_note(sae, sae_config["layers"],
                                   float(np.mean([r["l0"] for r in records[-len(sae_config["layers"]):]])))
             notes += [note] if note else []
+    if lm is not None:
+        # batches of windows outside, layers inside: one batch's clean log-probabilities are held at a time
+        # (all of them were 6.4 GB for 32 windows of 1,024 tokens of a 50k vocabulary); each layer's sums run
+        # over the batches in the same order as one layer at a time would take them
+        totals = [DownstreamTotals() for _ in layers]
+        shown = 0
+        for ids in batches:
+            where = f", windows {shown + 1}–{shown + len(ids)} of {len(input_ids)}" if len(batches) > 1 else ""
+            shown += len(ids)
+            stage(f"(clean forward pass{where})")
+            clean = next_token_log_probs(_run_with_block_output(lm, ids, 0, None))
+            step_done()
+            for (sae, sae_config, layer), total in zip(layers, totals):
+                stage(f"layer {layer} (spliced forward pass{where})")
+                spliced_logits = _run_with_block_output(
+                    lm, ids, layer, _splicer(sae, sae_config["scales"][str(layer)], first, torch_device, config.tf32))
+                step_done()
+                stage(f"layer {layer} (zero-ablated forward pass{where})")
+                zero_logits = _run_with_block_output(lm, ids, layer, functools.partial(_zero_from, first))
+                step_done()
+                total.add(clean, spliced_logits, zero_logits, ids)
+                del spliced_logits, zero_logits
+            del clean
+        for record, total in zip(records, totals):
+            record.update(total.metrics())
+            record["eval_windows"] = int(input_ids.shape[0])
     if progress is not None:
         stage("")  # done: "eval", the count and the time it took
         progress.stop()  # before the notes below, which a bar drawn after them would push up

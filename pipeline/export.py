@@ -60,6 +60,11 @@ def saelens_config(config: dict, layer: int, run_config: dict, run: dict | None 
             "context_size": run_config.get("context_length"),
             "dataset_path": run_config.get("corpus"),
             "sae_lens_version": "6.0.0",  # the v6 config layout; older layouts go through a legacy converter
+            # the residual stream of the model as transformers runs it: TransformerLens's default processing
+            # centres the writing weights, which moves a LayerNorm model's stream (GPT-NeoX: 7% relative); with
+            # this SAELens warns to load with from_pretrained_no_processing, and its evals pass it on, as for the
+            # SAEs SAELens trains itself
+            "model_from_pretrained_kwargs": {"center_writing_weights": False},
         },
     }
     if architecture == "topk":

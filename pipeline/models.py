@@ -283,7 +283,8 @@ def _check_causal(spec: ModelSpec, model: nn.Module, device: torch.device) -> No
     """Refuse a model whose outputs at a position depend on later tokens: an encoder (BERT and the like)
     that transformers loads as a causal LM attends both ways, so its residual stream is not a causal LM's.
     Two sequences that share their first half go through the model; that half's outputs must agree."""
-    vocab = model.get_input_embeddings().num_embeddings
+    embeddings = model.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None) or int(model.config.get_text_config().vocab_size)
     ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
     ids[1, :4] = ids[0, :4]
     with torch.inference_mode():

@@ -329,7 +329,7 @@ def sae_files(sae: SparseAutoencoder, extra: dict) -> tuple[bytes, str]:
 
 
 def load_sae(weights_path: str, config_path: str) -> tuple[SparseAutoencoder, dict]:
-    """The SAE whose :func:`sae_files` were written to these paths, and its JSON config."""
+    """The SAE whose :func:`sae_files` were written to these paths (in evaluation mode), and its JSON config."""
     with open(weights_path, "rb") as weights, open(config_path, "rb") as config:
         return sae_from_files(weights.read(), config.read(), weights_path, config_path)
 
@@ -346,8 +346,10 @@ def read_tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
 
 def sae_from_files(weights: bytes, config: bytes | str, name: str = "the SAE",
                    config_name: str | None = None) -> tuple[SparseAutoencoder, dict]:
-    """The SAE of :func:`sae_files`' two files' contents, and its config; ``name`` (the weights) and
-    ``config_name`` (the config, default "the config of ``name``") say which file in an error."""
+    """The SAE of :func:`sae_files`' two files' contents, in evaluation mode (a BatchTopK SAE then keeps the
+    latents above its threshold, as `gsae eval` and the SAELens export do, not each batch's top k), and its
+    config; ``name`` (the weights) and ``config_name`` (the config, default "the config of ``name``") say which
+    file in an error."""
     import json
 
     try:
@@ -365,4 +367,4 @@ def sae_from_files(weights: bytes, config: bytes | str, name: str = "the SAE",
         sae.load_state_dict(tensors)
     except RuntimeError as exc:  # missing keys or other shapes than its config says
         raise GsaeError(f"{name} does not match its config ({first_line(exc)})") from None
-    return sae, config
+    return sae.eval(), config

@@ -70,8 +70,8 @@ def test_eval_command_writes_records(tiny_models, tmp_path, capsys):
                      r"downstream metrics use \1", out + err)
     assert used and int(used.group(1)) < 400
     assert "asked for" not in out + err
-    # the bar over the layers, drawn once at the end where stderr is not a terminal, before the notes
-    bar = re.search(r"^eval\b.* 2/2 layers .*ETA", err, re.MULTILINE)
+    # the bar over the steps, drawn once at the end where stderr is not a terminal, before the notes
+    bar = re.search(r"^eval\b.* (\d+)/\1 steps .*ETA", err, re.MULTILINE)
     assert bar and bar.start() < err.index("the held-out slice holds"), err
     written = json.loads((tmp_path / "r" / "eval.json").read_text())
     records = written["records"]
@@ -174,8 +174,9 @@ def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, caps
     code, out, err = run_cli(args, capsys)
     assert code == 0 and "replacing the unfinished run" in err and "--tokens 1024 → 4096" in err, err
     runs = json.loads((tmp_path / "runs" / "c-report" / "runs.json").read_text())
-    # each evaluation shows its bar over the layers (two here), under `gsae run` as under `gsae eval`
-    assert len(re.findall(r"^eval\b.* 2/2 layers .*ETA", err, re.MULTILINE)) == len(runs), err
+    # each evaluation shows its bar over its steps (two layers and a batch of windows here: 2 + 1 + 2 × 2), under
+    # `gsae run` as under `gsae eval`
+    assert len(re.findall(r"^eval\b.* 7/7 steps .*ETA", err, re.MULTILINE)) == len(runs), err
     labels = [run.rsplit("-", 2)[-2] + "-" + run.rsplit("-", 1)[-1] if "-g" in run else "baseline" for run in runs]
     assert runs[0].endswith("c-baseline") and any(r.endswith("uniform-g" + r[-1]) for r in runs)
     assert len(labels) >= 3
@@ -265,10 +266,11 @@ def test_eval_of_a_run_whose_cache_moved_takes_its_new_place(pair, tmp_path, cap
     assert "Traceback" not in line
 
 
-def test_eval_shows_its_progress_over_the_layers(pair, tmp_path, monkeypatch):
-    """`gsae eval` printed nothing for minutes after the model loaded. Its bar counts the (SAE, layer)
-    evaluations, with the layer and stage in its description; in a log (a console that is not a terminal)
-    it prints a plain line every PROGRESS_EVERY seconds, and the bar once at the end, before the notes."""
+def test_eval_shows_its_progress_over_its_steps(pair, tmp_path, monkeypatch):
+    """`gsae eval` printed nothing for minutes after the model loaded. Its bar counts the steps (each layer's
+    reconstruction, then per batch of windows the clean pass and each layer's spliced and zero-ablated ones),
+    with the layer and stage in its description; in a log (a console that is not a terminal) it prints a plain
+    line every PROGRESS_EVERY seconds, and the bar once at the end, before the notes."""
     import io
     import shutil
     import time
@@ -294,22 +296,23 @@ def test_eval_shows_its_progress_over_the_layers(pair, tmp_path, monkeypatch):
     records = evaluate.evaluate_run(str(run), windows=2, console=Console(file=log, force_terminal=False, width=200))
     text = log.getvalue()
     assert [r["layer"] for r in records] == [0, 1]
-    lines = re.findall(r"^eval (.*): (\d)/2 layers, 00:00:\d\d elapsed(, ETA 00:00:\d\d)?$", text, re.MULTILINE)
-    stages = {stage for stage, _, _ in lines}
-    assert {"(clean forward pass)", "layer 0 (reconstruction)", "layer 0 (spliced forward pass)",
-            "layer 0 (zero-ablated forward pass)", "layer 1 (reconstruction)", "layer 1 (spliced forward pass)",
-            "layer 1 (zero-ablated forward pass)"} <= stages, text
-    assert all(done == ("1" if stage.startswith("layer 1") else "0") for stage, done, _ in lines), text
-    assert all(eta for stage, _, eta in lines if stage.startswith("layer 1")), text  # one layer done: an ETA
-    assert "layer/s" not in text  # no rate: it would read "0 layer/s" at a layer every few seconds
-    end = re.search(r"^eval\b.* 2/2 layers .*ETA", text, re.MULTILINE)  # the bar, drawn once at the end
+    lines = re.findall(r"^eval (.*): (\d)/7 steps, 00:00:\d\d elapsed(, ETA 00:00:\d\d)?$", text, re.MULTILINE)
+    # one batch of windows here: 2 reconstructions, 1 clean pass, 2 × 2 passes with a layer replaced, in this order
+    order = ["layer 0 (reconstruction)", "layer 1 (reconstruction)", "(clean forward pass)",
+             "layer 0 (spliced forward pass)", "layer 0 (zero-ablated forward pass)",
+             "layer 1 (spliced forward pass)", "layer 1 (zero-ablated forward pass)"]
+    assert {stage for stage, _, _ in lines} == set(order), text
+    assert all(done == str(order.index(stage)) for stage, done, _ in lines), text
+    assert all(eta for stage, done, eta in lines if done != "0"), text  # a step done: an ETA
+    assert "steps/s" not in text  # no rate: it would read "0 steps/s" at a step every few seconds
+    end = re.search(r"^eval\b.* 7/7 steps .*ETA", text, re.MULTILINE)  # the bar, drawn once at the end
     assert end and end.start() > text.rindex("(zero-ablated forward pass): "), text
     assert end.start() < text.index("rows (fewer than the 16,384 to evaluate)"), text
     # on a terminal: the bar alone, redrawn in place, no plain lines (PROGRESS_EVERY is still 0.03 s)
     screen = io.StringIO()
     evaluate.evaluate_run(str(run), windows=0, console=Console(file=screen, force_terminal=True, width=120))
     drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())  # colours and cursor moves
-    assert re.search(r"\reval .* 2/2 layers .*ETA", drawn) and "elapsed" not in drawn, drawn
+    assert re.search(r"\reval .* 2/2 steps .*ETA", drawn) and "elapsed" not in drawn, drawn
 
 
 def test_eval_at_the_shortest_context_gives_finite_downstream_metrics(pair, tmp_path, capsys):

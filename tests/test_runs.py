@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, make_cache, run_cli
 from pipeline.run import Run, pack_training_state
+from pipeline.sae import load_sae
 from stores import ActivationStore, to_float32
 
 # 12 steps, on the CPU: these tests compare weights bit for bit, and a CUDA step is reproducible only
@@ -251,6 +252,12 @@ def test_batchtopk_is_exported_as_it_is_evaluated(cache, tmp_path, capsys):
     layer = config["layers"][0]
     raw = torch.from_numpy(to_float32(store.read_rows(layer, 0, 400), store.dtype))
     scale = config["scales"][str(layer)]
+    # load_sae (the public loader, benchmarks/saelens_roundtrip.py's) gives the same SAE: in evaluation mode,
+    # keeping the latents above the threshold (in training mode each batch's top k)
+    loaded, _ = load_sae(str(out / "sae_0.safetensors"), str(out / "sae_0.json"))
+    with torch.no_grad():
+        assert not loaded.training and torch.equal(loaded(raw * scale), sae(raw * scale))
+        assert not torch.equal(loaded.train()(raw * scale), sae(raw * scale))
     folder = tmp_path / "e" / f"blocks.{layer}.hook_resid_post"
     cfg = json.loads((folder / "cfg.json").read_text())
     w = load_file(str(folder / "sae_weights.safetensors"))

@@ -291,6 +291,8 @@ def test_export_folds_the_scale(cache, tmp_path, capsys):
         folder = tmp_path / "e" / f"blocks.{layer}.hook_resid_post"
         cfg = json.loads((folder / "cfg.json").read_text())
         assert cfg["d_sae"] == config["n_latents"] and cfg["metadata"]["hook_name"] == f"blocks.{layer}.hook_resid_post"
+        # transformers' residual stream: TransformerLens users are told to load without centring the writing weights
+        assert cfg["metadata"]["model_from_pretrained_kwargs"] == {"center_writing_weights": False}
         w = load_file(str(folder / "sae_weights.safetensors"))
         assert w["W_enc"].shape == (cfg["d_in"], cfg["d_sae"]) and w["W_dec"].shape == (cfg["d_sae"], cfg["d_in"])
         raw = torch.from_numpy(to_float32(store.read_rows(layer, 0, 300), store.dtype))
