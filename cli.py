@@ -261,6 +261,8 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Show what a cache holds."""
+    from rich.markup import escape
+
     from pipeline.cache import cache_command
     from stores import ActivationStore
 
@@ -285,7 +287,7 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
         ("windows", f"{a.get('context_length')} tokens, "
                     + (f"BOS prepended, {'stored' if a.get('bos_stored') else 'not stored'}" if a.get("prepend_bos")
                        else "no BOS")),
-        ("corpus", f"{corpus.get('description')} [{corpus.get('fingerprint')}]"),
+        ("corpus", escape(f"{corpus.get('description')} [{corpus.get('fingerprint')}]")),
         ("dtype", store.dtype),
         ("codec", " → ".join(a["codec"]["chain"]) + (f" (relative error ≤ {a['codec']['relative_error_bound']:g})" if a["codec"]["compression"] == "lossy" else "")),
         ("bytes on disk", f"{_human_bytes(on_disk)} (activations {_human_bytes(activations)})"),
@@ -295,7 +297,7 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
     ]:
         table.add_row(name, value)
     if not store.complete and (command := cache_command(store.path, a)) is not None:
-        table.add_row("to finish it", command)
+        table.add_row("to finish it", escape(command))  # to be copied: a [tag] in a path stays
     if any(a.get("overflow_values", [])):
         table.add_row("clipped to float16", ", ".join(f"L{l}: {n}" for l, n in enumerate(a["overflow_values"]) if n))
     report.print(table)

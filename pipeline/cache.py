@@ -613,7 +613,7 @@ def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: Wi
         },
         "corpus": {
             "spec": corpus.spec, "kind": corpus.kind, "description": corpus.description,
-            "fingerprint": corpus.fingerprint, "text_field": request.text_field,
+            "fingerprint": corpus.fingerprint, "path": corpus.path, "text_field": request.text_field,
             "split": request.split if corpus.kind == "hub" else None,
             "config": request.dataset_config if corpus.kind == "hub" else None,
         },
@@ -661,8 +661,8 @@ def cache_command(path: str, attrs: dict[str, Any]) -> str | None:
     fingerprint = str(recipe.get("model_fingerprint") or "")
     if source == "hub" and not fingerprint.endswith("@main"):  # the revision asked for (hub:<id>@<revision>)
         words += ["--revision", fingerprint.rpartition("@")[2]]
-    if corpus.get("spec") and corpus.get("kind") != "pydoc":
-        words += ["--dataset", corpus["spec"]]
+    if corpus.get("spec") and corpus.get("kind") != "pydoc":  # a local one by its absolute path: from anywhere
+        words += ["--dataset", corpus.get("path") or corpus["spec"]]
     if corpus.get("config"):
         words += ["--dataset-config", corpus["config"]]
     if corpus.get("split") not in (None, CacheRequest.split):
@@ -716,12 +716,14 @@ def _check_recipe(path: str, attrs: dict[str, Any], wanted: dict[str, Any],
         if stored.get(key) != wanted[key]:
             what = _RECIPE_WORDS.get(key, f"--{key.replace('_', '-')}")
             before, now = (labels or {}).get(key, (None, None))
-            command = cache_command(path, attrs)
-            raise GsaeError(
-                f"{path} holds a cache made with other settings ({what}: {show(stored.get(key), before)} there, "
-                f"{show(wanted[key], now)} now); re-run {f'`{command}`' if command else 'the original command'} "
-                "to resume it, or choose another --cache"
-            )
+            if key in ("model_fingerprint", "model_revision") or (key == "corpus_fingerprint" and before == now):
+                # the same names, other contents: no option gives back the cached ones
+                hint = "the cached rows came from other contents under the same names: restore them to resume it"
+            else:
+                command = cache_command(path, attrs)
+                hint = f"re-run {f'`{command}`' if command else 'the original command'} to resume it"
+            raise GsaeError(f"{path} holds a cache made with other settings ({what}: {show(stored.get(key), before)} "
+                            f"there, {show(wanted[key], now)} now); {hint}, or choose another --cache")
 
 
 class _TokenCheck:

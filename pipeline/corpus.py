@@ -34,6 +34,7 @@ class Corpus:
     description: str
     fingerprint: str
     documents: Callable[[], Iterator[Document]]
+    path: str | None = None  # a local corpus's absolute path (``spec`` is as typed, maybe relative)
 
 
 # ------------------------------------------------------------------------------- sources
@@ -48,8 +49,10 @@ def _pydoc_corpus() -> Corpus:
 
 def _line_parts(line: str, limit: int | None = None) -> Iterator[str]:
     """``line`` (a line of a .txt file, a record's text) in parts of at most ``limit`` characters (default
-    _TXT_BLOCK_CHARS), each cut before a space that starts a word where there is one (where BPE and
-    SentencePiece tokenizers start a token: the parts' tokens are the whole line's): a file that is one long
+    _TXT_BLOCK_CHARS), each cut before a space that starts a word where there is one (where byte-level BPE and
+    Metaspace tokenizers start a token, so the parts' tokens are the whole line's; one whose normalizer puts
+    "▁" in front of every text, as Llama 2's, gives one more token at each cut, as at the 1 MiB blocks of a
+    .txt file): a file that is one long
     line, or one huge record, is tokenized in bounded parts too (whole, one 1.4 MB line took 0.77 GB in the
     tokenizer, a 42 MB one 7.5 GB)."""
     limit = limit or _TXT_BLOCK_CHARS
@@ -171,7 +174,7 @@ def _local_corpus(spec: str, path: Path, text_field: str) -> Corpus:
             yield from _file_documents(file, text_field)
 
     return Corpus(spec, "local", f"{path.resolve()} ({len(files)} file(s), {size:,} bytes)",
-                  digest.hexdigest()[:16], documents)
+                  digest.hexdigest()[:16], documents, str(path.resolve()))
 
 
 def _hub_corpus(spec: str, config: str | None, split: str, text_field: str) -> Corpus:

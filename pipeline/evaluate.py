@@ -177,13 +177,19 @@ def windows_per_pass(lm: LoadedModel, context: int) -> int:
 
 
 def spec_from_store(store: ActivationStore) -> ModelSpec:
-    """Load the model the way `gsae cache` did, from the store's attributes."""
+    """The model the cache was made with, to load as `gsae cache` did.  A hub model at the commit it resolved
+    to then (its fingerprint names the revision asked for, ``main`` by default, not that commit, so it is not
+    compared: the commit is the model); a folder, a .gguf file or the embedded model only while its files are
+    those the cache recorded (their fingerprint)."""
     source, model_id = store.attrs.get("model_source"), store.attrs.get("model_id")
-    if source == "embedded":
-        return resolve_model_spec(None)
     if source == "hub":
         return resolve_model_spec(model_id, store.attrs.get("model_revision"))
-    return resolve_model_spec(model_id)
+    spec = resolve_model_spec(None if source == "embedded" else model_id)
+    if spec.fingerprint != store.attrs.get("model_fingerprint"):
+        raise GsaeError(f"the model {spec.model_id!r} found now (fingerprint {spec.fingerprint}) is not the one "
+                        f"the cache {store.path} was made with ({store.attrs.get('model_fingerprint')}); "
+                        "put that model back")
+    return spec
 
 
 def held_out_window_count(store: ActivationStore, start_row: int) -> int:
@@ -333,12 +339,8 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
     if windows > 0:
         try:
             spec = spec_from_store(store)
-        except GsaeError as exc:  # the model folder moved or the hub is out of reach
-            raise GsaeError(f"{exc}; or pass --windows 0 to skip the downstream metrics") from None
-        if spec.fingerprint != store.attrs.get("model_fingerprint"):
-            raise GsaeError(f"the model {spec.model_id!r} found now (fingerprint {spec.fingerprint}) is not the one "
-                            f"the cache {store.path} was made with ({store.attrs.get('model_fingerprint')}); "
-                            "put that model back, or pass --windows 0 to skip the downstream metrics")
+        except GsaeError as exc:  # the model folder moved or changed, or the hub is out of reach
+            raise GsaeError(f"{exc}, or pass --windows 0 to skip the downstream metrics") from None
         status = console.status("loading the model for the downstream metrics ...") if console else None
         if status:
             status.start()

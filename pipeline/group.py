@@ -192,7 +192,9 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
     notes = []
     tokens = request.tokens
     if tokens > store.n_tokens:
-        notes.append(f"--tokens {tokens:,} is more than the cache holds; using all {store.n_tokens:,} tokens")
+        # the default too, so not "--tokens" (nothing may have been typed), as gsae eval words it
+        notes.append(f"the cache holds {store.n_tokens:,} tokens (fewer than the {tokens:,} to sample): using all "
+                     f"{store.n_tokens:,} tokens")
         tokens = store.n_tokens
     arguments = _arguments(request, layers, tokens, store)
 

@@ -59,6 +59,9 @@ class IncompleteCache(StoreError):
         super().__init__(message)
         self.path, self.attrs = path, attrs
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled whole (a Dask worker's error comes back to the client)
+        return type(self), (str(self), self.path, self.attrs)
+
 
 class DamagedCache(StoreError):
     """A gsae cache's own folders under a root zarr.json that is gone or unreadable."""

@@ -25,7 +25,10 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # torch is imported where it is used: the chunk processes start without it
+    import torch
 
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import BitRound
@@ -58,7 +61,7 @@ STORAGE_DTYPES: dict[str, tuple[str, int]] = {
 _MANTISSA_BITS = {"float16": 10, "float32": 23}
 
 
-def bit_round(values: "torch.Tensor", keep_bits: int) -> "torch.Tensor":
+def bit_round(values: torch.Tensor, keep_bits: int) -> torch.Tensor:
     """What the lossy chain's BitRound filter stores for float16 or float32 ``values``: numcodecs'
     ``BitRound.encode``, the same integer operations (round half to even on the mantissa), in torch, so
     the cache's statistics are of the stored values and can be taken where the model runs."""

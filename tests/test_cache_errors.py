@@ -531,16 +531,24 @@ def _pydoc_jsonl(path, field: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("options", ["defaults", "lossy, kept BOS, a jsonl's own field", "bfloat16, no BOS"])
+@pytest.mark.parametrize("options", ["defaults", "lossy, kept BOS, a jsonl's own field", "bfloat16, no BOS",
+                                     "a relative --dataset named like markup, finished from another folder"])
 def test_an_incomplete_cache_names_the_command_that_finishes_it(options, tiny_neox, tmp_path, capsys, monkeypatch):
     import shlex
 
+    from pydoc_data.topics import topics
+
     cache = tmp_path / "c"
+    (tmp_path / "made-here").mkdir()
+    (tmp_path / "made-here" / "c[bold].txt").write_text("\n".join(topics[k] for k in sorted(topics)[:40]))
     extra = {"defaults": [],
              "lossy, kept BOS, a jsonl's own field": [
                  "--compression", "lossy", "--keep-bits", 7, "--keep-bos",
                  "--dataset", _pydoc_jsonl(tmp_path / "corpus.jsonl", "body"), "--text-field", "body"],
-             "bfloat16, no BOS": ["--dtype", "bfloat16", "--no-prepend-bos"]}[options]
+             "bfloat16, no BOS": ["--dtype", "bfloat16", "--no-prepend-bos"],
+             "a relative --dataset named like markup, finished from another folder": ["--dataset", "c[bold].txt"],
+             }[options]
+    monkeypatch.chdir(tmp_path / "made-here")  # where the cache is made (--cache is absolute)
     from pipeline.cache import ChunkWriter
 
     real_submit, submitted = ChunkWriter.submit, []
@@ -556,8 +564,15 @@ def test_an_incomplete_cache_names_the_command_that_finishes_it(options, tiny_ne
         patch.setattr(ChunkWriter, "submit", submit_then_ctrl_c)
         code, _, err = run_cli(_args(tiny_neox, cache) + extra, capsys)
     assert code == 130 and "interrupted" in err, err
+    monkeypatch.chdir(tmp_path)  # finished from elsewhere
+    import cli
+
+    monkeypatch.setattr(cli.report, "_width", 1000)  # the table's rows on one line each
     code, out, err = run_cli(["info", "--cache", cache], capsys)
-    assert code == 0 and "to finish it" in out and "--chunk-tokens" in out, err
+    assert code == 0 and "--chunk-tokens" in out, err
+    [row] = [line for line in out.splitlines() if "to finish it" in line]
+    if "relative" in options:  # by its absolute path, its name as it is (not read as rich markup)
+        assert f"--dataset '{tmp_path / 'made-here' / 'c[bold].txt'}'" in row, row
     line = _one_line_error(*run_cli(["train", "--cache", cache, "--baseline"], capsys)[::2])
     assert "re-run `gsae cache " in line, line
     command = line.split("re-run `", 1)[1].split("` to finish it", 1)[0]
@@ -605,3 +620,22 @@ def test_a_model_that_is_not_a_decoder_only_causal_lm_is_refused(kind, says, tok
     line = _one_line_error(*run_cli(_args(model, tmp_path / "c"), capsys)[::2])
     assert says in line and "decoder-only" in line, line
     assert not (tmp_path / "c").exists()
+
+
+def test_a_cache_of_other_contents_under_the_same_names_is_not_resumed_by_its_own_command(tiny_neox, tmp_path, capsys):
+    """Where what differs is no option (the model's files, the corpus's text), the command that made the cache
+    is the one just refused: the message says to restore the contents instead."""
+    import shutil
+
+    model, corpus = tmp_path / "model", tmp_path / "corpus.txt"
+    shutil.copytree(tiny_neox, model)
+    corpus.write_text("The residual stream carries features between layers. " * 300)
+    args = _args(model, tmp_path / "c", dataset=corpus)
+    assert run_cli(args, capsys)[0] == 0
+    corpus.write_text("Other text under the same name, carried by the same stream. " * 300)
+    line = _one_line_error(*run_cli(args, capsys)[::2])
+    assert "the corpus (--dataset)" in line and "restore them to resume it" in line and "re-run" not in line, line
+    corpus.write_text("The residual stream carries features between layers. " * 300)
+    (model / "config.json").write_text((model / "config.json").read_text() + " ")
+    line = _one_line_error(*run_cli(args, capsys)[::2])
+    assert "the model's files" in line and "restore them to resume it" in line and "re-run" not in line, line

@@ -568,3 +568,29 @@ def test_report_cost_figure_panels_do_not_overlap(measured):
         first, second = (ax.get_tightbbox(renderer) for ax in figure.axes)  # labels and tick labels included
         assert not first.overlaps(second), (first, second)
         plt.close(figure)
+
+
+def test_the_model_of_a_cache_is_found_at_its_commit_or_by_its_files(tiny_neox, tmp_path):
+    """A hub model loads at the commit the cache resolved it to: its fingerprint names the revision asked for
+    (main) and is not compared, or every hub cache's downstream metrics were refused (hub:id@<sha> against
+    hub:id@main). A folder's files must still be those the cache recorded."""
+    import shutil
+    from types import SimpleNamespace
+
+    from pipeline.errors import GsaeError
+    from pipeline.evaluate import spec_from_store
+    from pipeline.models import resolve_model_spec
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    hub = SimpleNamespace(path="c", attrs={"model_source": "hub", "model_id": "EleutherAI/pythia-70m",
+                                           "model_revision": sha, "model_fingerprint": "hub:EleutherAI/pythia-70m@main"})
+    spec = spec_from_store(hub)  # resolved without the network: nothing is loaded yet
+    assert (spec.location, spec.revision) == ("EleutherAI/pythia-70m", sha)
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_neox, folder)
+    local = SimpleNamespace(path="c", attrs={"model_source": "local", "model_id": str(folder),
+                                             "model_fingerprint": resolve_model_spec(str(folder)).fingerprint})
+    assert spec_from_store(local).location == str(folder)
+    (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
+    with pytest.raises(GsaeError, match="is not the one the cache c was made with .*; put that model back"):
+        spec_from_store(local)
