@@ -712,11 +712,16 @@ def _check_recipe(path: str, attrs: dict[str, Any], wanted: dict[str, Any],
         text = "the default" if value is None else repr(value)
         return f"{label!r} {text}" if label is not None else text
 
+    hub = str(stored.get("model_fingerprint", "")).startswith("hub:")
     for key in wanted:
         if stored.get(key) != wanted[key]:
+            if key == "model_fingerprint" and hub and stored.get("model_revision") == wanted.get("model_revision"):
+                continue  # a hub model's fingerprint names the revision asked for: main then, its commit now
             what = _RECIPE_WORDS.get(key, f"--{key.replace('_', '-')}")
             before, now = (labels or {}).get(key, (None, None))
-            if key in ("model_fingerprint", "model_revision") or (key == "corpus_fingerprint" and before == now):
+            if key == "model_revision" and hub and stored.get(key):  # the hub's branch moved on since
+                hint = f"pass --revision {stored[key]} (the commit it was cached from) to resume it"
+            elif key in ("model_fingerprint", "model_revision") or (key == "corpus_fingerprint" and before == now):
                 # the same names, other contents: no option gives back the cached ones
                 hint = "the cached rows came from other contents under the same names: restore them to resume it"
             else:

@@ -639,3 +639,24 @@ def test_a_cache_of_other_contents_under_the_same_names_is_not_resumed_by_its_ow
     (model / "config.json").write_text((model / "config.json").read_text() + " ")
     line = _one_line_error(*run_cli(args, capsys)[::2])
     assert "the model's files" in line and "restore them to resume it" in line and "re-run" not in line, line
+
+
+def test_a_hub_cache_resumes_at_the_commit_it_was_cached_from_after_its_branch_moved():
+    """A hub model's recipe holds the commit it resolved to and a fingerprint naming the revision asked for
+    (main). Once main moves, the same command is refused and told the commit; `--revision <commit>` then
+    resumes (its fingerprint names the commit, the commit is the same)."""
+    from pipeline.cache import _check_recipe
+    from pipeline.errors import GsaeError
+
+    model = "EleutherAI/pythia-70m"
+    stored = {"model_id": model, "model_revision": "a" * 40, "model_fingerprint": f"hub:{model}@main",
+              "corpus_fingerprint": "c0ffee", "tokens_planned": 1000, "context_length": 256, "batch_size": 16}
+    attrs = {"recipe": stored, "model_source": "hub", "corpus": {"spec": "pydoc", "kind": "pydoc"}}
+    with pytest.raises(GsaeError, match=f"pass --revision {'a' * 40} \\(the commit it was cached from\\)"):
+        _check_recipe("c", attrs, {**stored, "model_revision": "b" * 40})  # main moved on
+    _check_recipe("c", attrs, {**stored, "model_fingerprint": f"hub:{model}@{'a' * 40}"})  # --revision aaa…: resumes
+    with pytest.raises(GsaeError, match="the model's revision"):  # another commit asked for
+        _check_recipe("c", attrs, {**stored, "model_revision": "c" * 40, "model_fingerprint": f"hub:{model}@{'c' * 40}"})
+    with pytest.raises(GsaeError, match=f"--model: '{model}' there.*re-run `gsae cache --model {model} --cache c "):
+        _check_recipe("c", attrs, {**stored, "model_id": "EleutherAI/pythia-160m",
+                                   "model_fingerprint": "hub:EleutherAI/pythia-160m@main"})
