@@ -60,7 +60,12 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
             raise GsaeError(f"--layers {spec!r}: the cache has layers 0-{n_layers - 1}, not "
                             f"{', '.join(map(str, out_of_range[:5]))}{' ...' if len(out_of_range) > 5 else ''}")
     if len(layers) < 2:
-        raise GsaeError(f"grouping needs at least two layers (got {len(layers)})")
+        if spec is None and n_layers >= 2:  # a 2-block model: the default leaves its last block out
+            raise GsaeError(f"grouping needs at least two layers, and the default leaves out the last of this "
+                            f"model's {n_layers} blocks (as the paper does); pass --layers 0-{n_layers - 1} to "
+                            "gsae group to group them all")
+        raise GsaeError(f"grouping needs at least two layers (got {len(layers)}"
+                        + (f": the cache has {n_layers} block)" if n_layers < 2 else ")"))
     return layers
 
 

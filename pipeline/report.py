@@ -246,6 +246,7 @@ def per_layer_figure(runs: list[RunSummary]):
         ax.tick_params(labelbottom=False)
     if plotted:
         plotted[-1].set_xlabel("layer")
+        plotted[-1].xaxis.get_major_locator().set_params(integer=True)  # layers, not 0.25, 0.5 ... on a short axis
         # the legend where the runs are: the first panel any of them is drawn in
         plotted[0].legend(fontsize=8)
     return figure

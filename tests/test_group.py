@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import make_cache, run_cli
+from pipeline.errors import GsaeError
 from pipeline.grouping import (amad, build_grouping, contiguous_agglomeration, contiguous_partition, parse_layers,
                                uniform_partition)
 from stores import ActivationStore, to_float32
@@ -165,6 +166,12 @@ def test_one_agglomeration_gives_nested_partitions():
 def test_parse_layers():
     assert parse_layers(None, 30) == list(range(29))
     assert parse_layers("0-3,7,5", 30) == [0, 1, 2, 3, 5, 7]
+    assert parse_layers("0-1", 2) == [0, 1]
+    # a 2-block model: the default leaves one layer, and the message says how to group both
+    with pytest.raises(GsaeError, match="leaves out the last of this model's 2 blocks .*pass --layers 0-1 to gsae group"):
+        parse_layers(None, 2)
+    with pytest.raises(GsaeError, match=r"at least two layers \(got 0: the cache has 1 block\)"):
+        parse_layers(None, 1)
 
 
 def test_rerun_reuses_and_train_can_read_groups(llama_cache, capsys):
