@@ -247,7 +247,10 @@ def cache(
         ("bytes on disk", _human_bytes(result.bytes_on_disk)),
         ("bytes per value", f"{result.bytes_per_value:.3f} (activations only)"),
         ("compression ratio", f"{result.raw_bytes / max(1, result.activation_bytes):.2f}×"),
-        ("time", f"{result.elapsed:,.1f} s" + (f" ({rate:,.0f} tok/s)" if rate else "")),
+        ("time", f"{result.elapsed:,.1f} s" + (f" ({rate:,.0f} tok/s)" if rate else "")) if not result.already_complete
+        else ("time", "nothing ran" + (f"; made in {result.seconds_made:,.1f} s "
+                                       f"({result.tokens_written / result.seconds_made:,.0f} tok/s)"
+                                       if result.seconds_made else "")),
     ] + ([("of which", f"model {result.phases['forward']:,.1f} s · waiting for the writer "
                        f"{result.phases['writer_wait']:,.1f} s · reading text {result.phases['windows']:,.1f} s"
                        + (f" · chunk buffers {result.phases['buffers']:,.1f} s" if result.phases.get("buffers", 0) >= 0.05 else ""))]

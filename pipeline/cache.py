@@ -113,6 +113,7 @@ class CacheResult:
     corpus_exhausted: bool = False
     overflow_values: list[int] = field(default_factory=list)
     rank: int = 0  # under torchrun rank 0 reports for every rank; the others print nothing
+    seconds_made: float | None = None  # an already complete cache: the seconds its making took (timing.json)
     phases: dict[str, float] = field(default_factory=dict)  # this run's seconds by phase (rank 0's; see fill_store)
     writer: str = ""  # who wrote the chunks, e.g. "16 processes" (empty when nothing was written)
     # (seconds since the start, rows run through the model so far) after each batch has gone to the writer:
@@ -837,7 +838,7 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
             store = ActivationStore.open(path, mode="r+")
             store.remove_markers()  # (as below: a run killed inside finalize)
             fold_seconds_writing(store)
-            return _result(store, 0.0, 0, store.tokens_written, already_complete=True)
+            return _complete_result(store)
         with console.status(f"loading {spec.model_id} ..."):
             lm = load_model(spec, device)
         limit = max_positions(lm.model)
@@ -884,7 +885,7 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
         if complete:
             if not ranks.first:
                 return _rank_result(store, ranks)
-            return _result(store, 0.0, 0, store.tokens_written, already_complete=True)
+            return _complete_result(store)
         if ranks.world > 1:
             store.use_markers()
         # full float32 whatever the process set before (a training run's TF32): the bytes must not depend on it
@@ -1112,6 +1113,13 @@ def _rank_result(store: ActivationStore, ranks: Ranks) -> CacheResult:
     return CacheResult(path=store.path, tokens_written=0, tokens_planned=store.tokens_planned,
                        n_layers=store.n_layers, d_model=store.d_model, bytes_on_disk=0, raw_bytes=0, elapsed=0.0,
                        tokens_this_run=0, resumed_from=0, rank=ranks.rank)
+
+
+def _complete_result(store: ActivationStore) -> CacheResult:
+    """A cache found complete: nothing ran now; its summary shows what making it took (``seconds_made``)."""
+    result = _result(store, 0.0, 0, store.tokens_written, already_complete=True)
+    result.seconds_made = read_seconds_writing(store)
+    return result
 
 
 def _result(store: ActivationStore, elapsed: float, tokens_this_run: int, resumed_from: int,

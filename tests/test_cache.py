@@ -147,6 +147,9 @@ def test_rerun_of_complete_cache_does_nothing(tiny_neox, tmp_path, capsys):
     code, out, err = run_cli(args, capsys)
     assert code == 0 and "already complete" in err
     assert _tree_bytes(tmp_path / "c") == before
+    # the summary's time is what making it took (timing.json), not this call's 0.0 s
+    made = read_seconds_writing(ActivationStore.open(str(tmp_path / "c")))
+    assert made and f"nothing ran; made in {made:,.1f} s ({200 / made:,.0f} tok/s)" in out, out
 
 
 def test_lossy_codec_stays_within_its_error_bound(tiny_llama, tmp_path, capsys):
