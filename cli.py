@@ -534,19 +534,19 @@ def run_all(
 def export(
     run: str = typer.Option(..., help="The run directory written by gsae train."),
     format: ExportFormat = typer.Option(FORMATS[0], help="Export format."),
-    out: Optional[str] = typer.Option(None, help="Where to write (default <run>/export-saelens)."),
+    out: Optional[str] = typer.Option(None, help="Where to write (default <run>/export-<format>)."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
-    """Export every layer's SAE in SAELens's layout (scale folded into the weights)."""
-    from pipeline.export import export_saelens
+    """Export every layer's SAE in SAELens's or sparsify's layout (scale folded into the weights)."""
+    from pipeline.export import export_run
 
     _storage(storage_option, run, out)
     _check_folder("--run", run)
     _check_folder("--out", out)
-    folders = export_saelens(run, out)
+    folders = export_run(run, out, format.value)
     parent = folders[0].rsplit("/", 1)[0]
-    report.print(f"wrote {len(folders)} SAELens folders under {parent}: "
-                 + ", ".join(f.rsplit("/", 1)[-1] for f in folders))
+    report.print(f"wrote {len(folders)} {'SAELens' if format.value == 'saelens' else 'sparsify'} folders under "
+                 f"{parent}: " + ", ".join(f.rsplit("/", 1)[-1] for f in folders))
 
 
 def _cap_torch_threads() -> None:

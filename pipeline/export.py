@@ -1,4 +1,4 @@
-"""Export a run's SAEs in SAELens's on-disk layout: one folder per layer, input scale folded in.
+"""Export a run's SAEs in SAELens's or sparsify's on-disk layout: one folder per layer, input scale folded in.
 
 A gsae SAE sees s·x (s scales the layer to mean norm 1). For raw activations x:
 pre = (s·x − b_dec) W_enc + b_enc = (x − b_dec/s)(s·W_enc) + b_enc and x̂ = z (W_dec/s) + b_dec/s, so each
@@ -19,7 +19,7 @@ from safetensors.torch import save
 from pipeline.errors import GsaeError
 from pipeline.run import Run, join, write_atomic
 
-FORMATS = ("saelens",)
+FORMATS = ("saelens", "sparsify")
 
 # gsae architecture -> SAELens inference architecture. BatchTopK is exported as SAELens exports it: a
 # JumpReLU whose threshold is the running threshold kept in training, the same rule gsae evaluates with.
@@ -94,12 +94,13 @@ def _same_export(old: Any, new: dict) -> bool:
         return before["run_config_sha256"] == now["run_config_sha256"]
     keys = ("group_layers", "scale", "architecture", "tokens")
     return (all(before.get(key) == now[key] for key in keys)
-            and (old.get("metadata") or {}).get("model_name") == new["metadata"]["model_name"])
+            and (old.get("metadata") or {}).get("model_name") == (new.get("metadata") or {}).get("model_name"))
 
 
-def _check_target(target: str, planned: dict[str, dict]) -> None:
+def _check_target(target: str, planned: dict[str, dict], identity_file: str = "cfg.json") -> None:
     """Refuse a target that holds anything but an earlier export of these SAEs (``planned``: folder name →
-    cfg): writing into it would leave another run's SAEs beside these, as if one run's."""
+    the JSON with their ``gsae`` section, a folder's ``identity_file``, written last): writing into it would
+    leave another run's SAEs beside these, as if one run's."""
     fs, root = fsspec.core.url_to_fs(target)
     fs.invalidate_cache(root)  # s3fs caches listings
     if not fs.isdir(root):
@@ -114,8 +115,8 @@ def _check_target(target: str, planned: dict[str, dict]) -> None:
             foreign.append(name)
             continue
         try:
-            same = _same_export(json.loads(fs.cat_file(f"{entry}/cfg.json")), planned[name])
-        except FileNotFoundError:  # an export killed between a folder's two files (cfg.json is written last)
+            same = _same_export(json.loads(fs.cat_file(f"{entry}/{identity_file}")), planned[name])
+        except FileNotFoundError:  # an export killed between a folder's files (the identity is written last)
             same = True
         except (OSError, ValueError):  # not one of ours
             same = False
@@ -125,6 +126,78 @@ def _check_target(target: str, planned: dict[str, dict]) -> None:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise GsaeError(f"{target} already holds {shown}, not an export of this run; export into an empty or new "
                         "folder (--out)")
+
+
+def export_run(run: str, out: str | None = None, format: str = "saelens") -> list[str]:
+    """Export every layer's SAE of ``run`` in ``format`` (:data:`FORMATS`); the folders written."""
+    return export_sparsify(run, out) if format == "sparsify" else export_saelens(run, out)
+
+
+def _hookpoint_prefix(trained: Run) -> str:
+    """The blocks' module path below the LM's base model (``layers``, ``h``, ``decoder.layers``): where
+    sparsify names a hookpoint, as its trainer does (`--hookpoints layers.5`)."""
+    blocks = trained.config.source.get("blocks_path")
+    if blocks is None:  # runs from before the run recorded it: its cache knows
+        from stores import ActivationStore, StoreError
+
+        try:
+            blocks = ActivationStore.open(trained.config.cache, allow_partial=True).attrs.get("blocks_path")
+        except StoreError:
+            blocks = None
+    if not blocks:
+        raise GsaeError(f"the run does not say where its model's blocks are, and its cache {trained.config.cache} "
+                        "is not there to tell (sparsify names SAEs by them); export --format saelens")
+    return blocks.split(".", 1)[1] if "." in blocks else blocks
+
+
+def sparsify_config(config: dict) -> dict:
+    """sparsify's SparseCoder cfg.json: its SparseCoderConfig and ``d_in``, nothing else (sparsify prints a line
+    for every field it does not know, on every load)."""
+    return {"activation": "topk", "expansion_factor": max(1, config["n_latents"] // config["d_in"]),
+            "normalize_decoder": False,  # the folded decoder rows are not unit norm
+            "num_latents": config["n_latents"], "k": config["k"], "multi_topk": False, "skip_connection": False,
+            "transcode": False, "d_in": config["d_in"]}
+
+
+def _sparsify_identity(config: dict, layer: int, run: dict) -> dict:
+    """A sparsify folder's ``gsae.json``: which run, group, layer and scale it came from."""
+    return {"gsae": {"layer": layer, "group_layers": config["layers"], "scale": config["scales"][str(layer)],
+                     "architecture": config["architecture"], "tokens": config.get("tokens"),
+                     "model_name": config.get("model_id"), **run}}
+
+
+def export_sparsify(run: str, out: str | None = None) -> list[str]:
+    """Write ``<out>/<hookpoint>/{cfg.json, sae.safetensors}`` for every layer, as sparsify's trainer saves a
+    SparseCoder (``SparseCoder.load_from_disk`` / ``load_many(out, local=True)`` load them). TopK SAEs only:
+    sparsify's coders are TopK (the top k of relu(pre), which keeps what gsae's relu of the top k keeps)."""
+    trained = Run.open(run, need="trained")
+    saes = trained.load_saes()
+    other = sorted({config["architecture"] for _, config in saes} - {"topk"})
+    if other:
+        raise GsaeError(f"sparsify's SparseCoder is TopK only, and this run's SAEs are {', '.join(other)}; "
+                        "export --format saelens")
+    target = out or trained.url("export-sparsify")
+    prefix = _hookpoint_prefix(trained)
+    identity = _run_identity(trained)
+    planned = {f"{prefix}.{layer}": _sparsify_identity(config, layer, identity)
+               for _, config in saes for layer in config["layers"]}
+    _check_target(target, planned, "gsae.json")
+    folders = []
+    for sae, config in saes:
+        weights = {name: t.detach() for name, t in sae.state_dict().items()}
+        for layer in config["layers"]:
+            name = f"{prefix}.{layer}"
+            folded = folded_weights(weights, config["scales"][str(layer)])
+            tensors = {"encoder.weight": folded["W_enc"].T.contiguous(), "encoder.bias": folded["b_enc"],
+                       "W_dec": folded["W_dec"], "b_dec": folded["b_dec"]}
+            folder = join(target, name)
+            fs, root = fsspec.core.url_to_fs(folder)
+            fs.makedirs(root, exist_ok=True)
+            write_atomic(join(folder, "sae.safetensors"), save(tensors))
+            write_atomic(join(folder, "cfg.json"), json.dumps(sparsify_config(config), indent=1))
+            write_atomic(join(folder, "gsae.json"), json.dumps(planned[name], indent=1))  # last: the export is whole
+            folders.append(folder)
+    return folders
 
 
 def export_saelens(run: str, out: str | None = None) -> list[str]:

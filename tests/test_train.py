@@ -281,6 +281,50 @@ def _assert_same_saes(a_run: Path, b_run: Path, n: int) -> None:
             assert torch.equal(a[key], b[key]), key
 
 
+def test_export_for_sparsify_reconstructs_as_gsae_does(cache, tmp_path, capsys):
+    """`--format sparsify`: a folder per hookpoint named as sparsify's trainer names it (the blocks below the base
+    model: ``layers.<l>`` for this Llama), cfg.json and sae.safetensors as SparseCoder.save_to_disk writes them;
+    sparsify's encode and decode (its source: relu of x − b_dec through the encoder, top k, W_dec, + b_dec) on raw
+    activations give gsae's reconstruction. Only TopK SAEs: others are refused in one line."""
+    assert run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--tokens", 4096), capsys)[0] == 0
+    code, out, err = run_cli(["export", "--run", tmp_path / "r", "--format", "sparsify"], capsys)
+    assert code == 0 and "sparsify folders" in out, err
+    sae, config = load_sae(str(tmp_path / "r" / "sae_0.safetensors"), str(tmp_path / "r" / "sae_0.json"))
+    store = ActivationStore.open(str(cache))
+    assert store.attrs["blocks_path"] == "model.layers"
+    folders = sorted(p.name for p in (tmp_path / "r" / "export-sparsify").iterdir())
+    assert folders == sorted(f"layers.{layer}" for layer in config["layers"])
+    for layer in config["layers"]:
+        folder = tmp_path / "r" / "export-sparsify" / f"layers.{layer}"
+        cfg = json.loads((folder / "cfg.json").read_text())
+        assert (cfg["d_in"], cfg["num_latents"], cfg["k"], cfg["activation"]) == (config["d_in"], config["n_latents"],
+                                                                                config["k"], "topk")
+        assert not cfg["normalize_decoder"] and not cfg["skip_connection"] and not cfg["transcode"]
+        assert set(cfg) == {"activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
+                            "skip_connection", "transcode", "d_in"}  # sparsify prints a line for any other field
+        assert json.loads((folder / "gsae.json").read_text())["gsae"]["scale"] == config["scales"][str(layer)]
+        w = load_file(str(folder / "sae.safetensors"))
+        assert sorted(w) == ["W_dec", "b_dec", "encoder.bias", "encoder.weight"]
+        assert w["encoder.weight"].shape == w["W_dec"].shape == (cfg["num_latents"], cfg["d_in"])
+        raw = torch.from_numpy(to_float32(store.read_rows(layer, 0, 300), store.dtype))
+        scale = config["scales"][str(layer)]
+        with torch.no_grad():
+            expected = sae(raw * scale) / scale
+            acts = torch.relu((raw - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
+            values, indices = acts.topk(cfg["k"], dim=-1)
+            exported = torch.zeros_like(acts).scatter_(1, indices, values) @ w["W_dec"] + w["b_dec"]
+        torch.testing.assert_close(exported, expected, rtol=1e-4, atol=1e-4 * float(raw.abs().max()))
+    assert run_cli(["export", "--run", tmp_path / "r", "--format", "sparsify"], capsys)[0] == 0  # again: rewritten
+    assert run_cli(train_args(cache, tmp_path / "r2", "--groups", 1, "--tokens", 2048, "--seed", 1), capsys)[0] == 0
+    code, _, err = run_cli(["export", "--run", tmp_path / "r2", "--format", "sparsify",
+                            "--out", tmp_path / "r" / "export-sparsify"], capsys)
+    assert code == 1 and "not an export of this run" in err, err  # another run's folders are not overwritten
+    assert run_cli(train_args(cache, tmp_path / "relu", "--groups", 1, "--tokens", 2048, "--architecture", "relu"),
+                   capsys)[0] == 0
+    code, _, err = run_cli(["export", "--run", tmp_path / "relu", "--format", "sparsify"], capsys)
+    assert code == 1 and "TopK only" in err and "--format saelens" in err and "Traceback" not in err
+
+
 def test_export_folds_the_scale(cache, tmp_path, capsys):
     assert run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--tokens", 20000), capsys)[0] == 0
     code, out, err = run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "e"], capsys)
