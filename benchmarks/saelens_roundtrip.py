@@ -1,4 +1,4 @@
-"""Check that SAELens loads gsae's export and reconstructs what gsae reconstructs.
+"""Check that SAELens (or sparsify) loads gsae's export and reconstructs what gsae reconstructs.
 
 Two steps, because sae-lens is an optional extra (`pip install -e '.[saelens]'`, or sae-lens in an
 environment of its own; the second step needs only sae-lens):
@@ -9,7 +9,11 @@ environment of its own; the second step needs only sae-lens):
 
 ``dump`` writes raw activations of every layer of the run and gsae's reconstruction of them
 (x̂ = SAE(s·x)/s); ``check`` loads each exported folder with ``sae_lens.SAE.load_from_disk`` and
-prints the largest difference between SAELens's and gsae's reconstructions.
+prints the largest difference between SAELens's and gsae's reconstructions.  For sparsify (TopK runs;
+eai-sparsify in an environment of its own, with the CPU torch pinned):
+
+    gsae export --run RUN --format sparsify --out EXPORT
+    /path/to/sparsify-venv/bin/python benchmarks/saelens_roundtrip.py check-sparsify --export EXPORT --probe probe.safetensors
 """
 
 from __future__ import annotations
@@ -64,6 +68,29 @@ def check(export: str, probe: str) -> None:
     print(f"worst relative difference {worst:.2e} ({'ok' if worst < 1e-4 else 'MISMATCH'})")
 
 
+def check_sparsify(export: str, probe: str) -> None:
+    """The same for `gsae export --format sparsify`, with ``sparsify.SparseCoder.load_many`` (eai-sparsify)."""
+    import torch
+    from safetensors.torch import load_file
+    from sparsify import SparseCoder
+
+    tensors = load_file(probe)
+    coders = SparseCoder.load_many(export, local=True)
+    worst = 0.0
+    for name, coder in coders.items():
+        layer = name.rsplit(".", 1)[-1]
+        with torch.no_grad():
+            xhat = coder(tensors[f"x.{layer}"]).sae_out
+        expected = tensors[f"xhat.{layer}"]
+        diff = float((xhat - expected).abs().max() / expected.abs().max())
+        worst = max(worst, diff)
+        print(f"{name}: max |sparsify − gsae| / max|x̂| = {diff:.2e}")
+    missing = sorted({k.split(".")[1] for k in tensors if k.startswith("x.")}
+                     - {name.rsplit(".", 1)[-1] for name in coders})
+    print(f"worst relative difference {worst:.2e} ({'ok' if worst < 1e-4 and not missing else 'MISMATCH'})"
+          + (f"; no coder for layers {', '.join(missing)}" if missing else ""))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,8 +99,12 @@ if __name__ == "__main__":
     d.add_argument("--cache", required=True)
     d.add_argument("--out", required=True)
     d.add_argument("--rows", type=int, default=512)
-    c = sub.add_parser("check")
-    c.add_argument("--export", required=True)
-    c.add_argument("--probe", required=True)
+    for command in ("check", "check-sparsify"):
+        c = sub.add_parser(command)
+        c.add_argument("--export", required=True)
+        c.add_argument("--probe", required=True)
     args = parser.parse_args()
-    dump(args.run, args.cache, args.out, args.rows) if args.command == "dump" else check(args.export, args.probe)
+    if args.command == "dump":
+        dump(args.run, args.cache, args.out, args.rows)
+    else:
+        (check if args.command == "check" else check_sparsify)(args.export, args.probe)
