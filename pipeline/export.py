@@ -116,8 +116,9 @@ def _check_target(target: str, planned: dict[str, dict], identity_file: str = "c
             continue
         try:
             same = _same_export(json.loads(fs.cat_file(f"{entry}/{identity_file}")), planned[name])
-        except FileNotFoundError:  # an export killed between a folder's files (the identity is written last)
-            same = True
+        except FileNotFoundError:  # an export killed before its last file (the identity) was written; a folder
+            # holding a whole SAE without it (sparsify's own cfg.json beside its weights) is not one of ours
+            same = identity_file == "cfg.json" or not fs.exists(f"{entry}/cfg.json")
         except (OSError, ValueError):  # not one of ours
             same = False
         if not same:
@@ -137,16 +138,18 @@ def _hookpoint_prefix(trained: Run) -> str:
     """The blocks' module path below the LM's base model (``layers``, ``h``, ``decoder.layers``): where
     sparsify names a hookpoint, as its trainer does (`--hookpoints layers.5`)."""
     blocks = trained.config.source.get("blocks_path")
-    if blocks is None:  # runs from before the run recorded it: its cache knows
+    if blocks is None:  # runs from before the run recorded it: its cache knows, if it is still this run's
+        from pipeline.run import cache_fingerprint
         from stores import ActivationStore, StoreError
 
         try:
-            blocks = ActivationStore.open(trained.config.cache, allow_partial=True).attrs.get("blocks_path")
+            store = ActivationStore.open(trained.config.cache, allow_partial=True)
+            blocks = store.attrs.get("blocks_path") if cache_fingerprint(store) == trained.config.cache_fingerprint else None
         except StoreError:
             blocks = None
     if not blocks:
-        raise GsaeError(f"the run does not say where its model's blocks are, and its cache {trained.config.cache} "
-                        "is not there to tell (sparsify names SAEs by them); export --format saelens")
+        raise GsaeError(f"the run does not say where its model's blocks are, and its cache is not at "
+                        f"{trained.config.cache} to tell (sparsify names SAEs by them); export --format saelens")
     return blocks.split(".", 1)[1] if "." in blocks else blocks
 
 
@@ -154,9 +157,18 @@ def sparsify_config(config: dict) -> dict:
     """sparsify's SparseCoder cfg.json: its SparseCoderConfig and ``d_in``, nothing else (sparsify prints a line
     for every field it does not know, on every load)."""
     return {"activation": "topk", "expansion_factor": max(1, config["n_latents"] // config["d_in"]),
-            "normalize_decoder": False,  # the folded decoder rows are not unit norm
+            "normalize_decoder": True,  # as gsae keeps them (see sparsify_weights)
             "num_latents": config["n_latents"], "k": config["k"], "multi_topk": False, "skip_connection": False,
             "transcode": False, "d_in": config["d_in"]}
+
+
+def sparsify_weights(weights: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """sparsify's tensors for raw activations of a layer with input scale ``scale``.  gsae's pre-activations of
+    s·x are s times those of (x − b_dec/s) W_enc + b_enc/s, and a TopK keeps the same latents of either: so the
+    latents are divided by s (raw units, as a SparseCoder trained on x has them) and the decoder rows stay
+    unit norm, as sparsify's own are (SAELens's export multiplies W_enc by s instead)."""
+    return {"encoder.weight": weights["W_enc"].T.contiguous(), "encoder.bias": (weights["b_enc"] / scale).contiguous(),
+            "W_dec": weights["W_dec"].contiguous(), "b_dec": (weights["b_dec"] / scale).contiguous()}
 
 
 def _sparsify_identity(config: dict, layer: int, run: dict) -> dict:
@@ -187,9 +199,7 @@ def export_sparsify(run: str, out: str | None = None) -> list[str]:
         weights = {name: t.detach() for name, t in sae.state_dict().items()}
         for layer in config["layers"]:
             name = f"{prefix}.{layer}"
-            folded = folded_weights(weights, config["scales"][str(layer)])
-            tensors = {"encoder.weight": folded["W_enc"].T.contiguous(), "encoder.bias": folded["b_enc"],
-                       "W_dec": folded["W_dec"], "b_dec": folded["b_dec"]}
+            tensors = sparsify_weights(weights, config["scales"][str(layer)])
             folder = join(target, name)
             fs, root = fsspec.core.url_to_fs(folder)
             fs.makedirs(root, exist_ok=True)

@@ -299,13 +299,15 @@ def test_export_for_sparsify_reconstructs_as_gsae_does(cache, tmp_path, capsys):
         cfg = json.loads((folder / "cfg.json").read_text())
         assert (cfg["d_in"], cfg["num_latents"], cfg["k"], cfg["activation"]) == (config["d_in"], config["n_latents"],
                                                                                 config["k"], "topk")
-        assert not cfg["normalize_decoder"] and not cfg["skip_connection"] and not cfg["transcode"]
+        assert cfg["normalize_decoder"] and not cfg["skip_connection"] and not cfg["transcode"]
         assert set(cfg) == {"activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
                             "skip_connection", "transcode", "d_in"}  # sparsify prints a line for any other field
         assert json.loads((folder / "gsae.json").read_text())["gsae"]["scale"] == config["scales"][str(layer)]
         w = load_file(str(folder / "sae.safetensors"))
         assert sorted(w) == ["W_dec", "b_dec", "encoder.bias", "encoder.weight"]
         assert w["encoder.weight"].shape == w["W_dec"].shape == (cfg["num_latents"], cfg["d_in"])
+        # the latents in raw units and the decoder rows unit norm, as a SparseCoder trained on raw activations has them
+        torch.testing.assert_close(w["W_dec"].norm(dim=1), torch.ones(cfg["num_latents"]), rtol=0, atol=1e-5)
         raw = torch.from_numpy(to_float32(store.read_rows(layer, 0, 300), store.dtype))
         scale = config["scales"][str(layer)]
         with torch.no_grad():
@@ -319,6 +321,30 @@ def test_export_for_sparsify_reconstructs_as_gsae_does(cache, tmp_path, capsys):
     code, _, err = run_cli(["export", "--run", tmp_path / "r2", "--format", "sparsify",
                             "--out", tmp_path / "r" / "export-sparsify"], capsys)
     assert code == 1 and "not an export of this run" in err, err  # another run's folders are not overwritten
+    # nor folders sparsify wrote itself (its cfg.json beside its weights, no gsae.json)
+    native = tmp_path / "native" / f"layers.{config['layers'][0]}"
+    native.mkdir(parents=True)
+    (native / "cfg.json").write_text('{"k": 4, "num_latents": 64, "d_in": 32}')
+    (native / "sae.safetensors").write_bytes(b"not ours")
+    code, _, err = run_cli(["export", "--run", tmp_path / "r", "--format", "sparsify", "--out", tmp_path / "native"],
+                           capsys)
+    assert code == 1 and "not an export of this run" in err and (native / "sae.safetensors").read_bytes() == b"not ours"
+    # a run from before runs recorded blocks_path finds it in its cache, only if that is still the run's cache
+    config_path = tmp_path / "r" / "config.json"
+    recorded = json.loads(config_path.read_text())
+    del recorded["source"]["blocks_path"]
+    config_path.write_text(json.dumps(recorded))
+    assert run_cli(["export", "--run", tmp_path / "r", "--format", "sparsify", "--out", tmp_path / "old"], capsys)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == folders
+    for change in ("moved", "another cache there"):
+        if change == "moved":
+            recorded["cache"] = str(tmp_path / "elsewhere")
+        else:  # the run's cache is back, but the run was trained on another (say, of another model)
+            recorded["cache"], recorded["cache_fingerprint"]["model_id"] = str(cache), "another/model"
+        config_path.write_text(json.dumps(recorded))
+        code, _, err = run_cli(["export", "--run", tmp_path / "r", "--format", "sparsify", "--out", tmp_path / "old2"],
+                               capsys)
+        assert code == 1 and "does not say where its model's blocks are" in err, (change, err)
     assert run_cli(train_args(cache, tmp_path / "relu", "--groups", 1, "--tokens", 2048, "--architecture", "relu"),
                    capsys)[0] == 0
     code, _, err = run_cli(["export", "--run", tmp_path / "relu", "--format", "sparsify"], capsys)
