@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 import torch
@@ -178,10 +178,28 @@ def _sparsify_identity(config: dict, layer: int, run: dict) -> dict:
                      "model_name": config.get("model_id"), **run}}
 
 
+def _write_layers(target: str, saes: list, name_of: Callable[[int], str],
+                  files_of: Callable[[dict, dict, int, str], list[tuple[str, bytes | str]]]) -> list[str]:
+    """For each SAE's member layers, the folder ``target/name_of(layer)`` with the files ``files_of(weights,
+    config, layer, name)`` gives, written in that order (its last says the folder is whole); the folders."""
+    folders = []
+    for sae, config in saes:
+        weights = {name: t.detach() for name, t in sae.state_dict().items()}
+        for layer in config["layers"]:
+            name = name_of(layer)
+            folder = join(target, name)
+            fs, root = fsspec.core.url_to_fs(folder)
+            fs.makedirs(root, exist_ok=True)
+            for file, data in files_of(weights, config, layer, name):
+                write_atomic(join(folder, file), data)
+            folders.append(folder)
+    return folders
+
+
 def export_sparsify(run: str, out: str | None = None) -> list[str]:
-    """Write ``<out>/<hookpoint>/{cfg.json, sae.safetensors}`` for every layer, as sparsify's trainer saves a
-    SparseCoder (``SparseCoder.load_from_disk`` / ``load_many(out, local=True)`` load them). TopK SAEs only:
-    sparsify's coders are TopK (the top k of relu(pre), which keeps what gsae's relu of the top k keeps)."""
+    """Write ``<out>/<hookpoint>/{sae.safetensors, cfg.json, gsae.json}`` for every layer, as sparsify's trainer
+    saves a SparseCoder (``SparseCoder.load_from_disk`` / ``load_many(out, local=True)`` load them). TopK SAEs
+    only: sparsify's coders are TopK (the top k of relu(pre), which keeps what gsae's relu of the top k keeps)."""
     trained = Run.open(run, need="trained")
     saes = trained.load_saes()
     other = sorted({config["architecture"] for _, config in saes} - {"topk"})
@@ -191,27 +209,18 @@ def export_sparsify(run: str, out: str | None = None) -> list[str]:
     target = out or trained.url("export-sparsify")
     prefix = _hookpoint_prefix(trained)
     identity = _run_identity(trained)
-    planned = {f"{prefix}.{layer}": _sparsify_identity(config, layer, identity)
+    name_of = f"{prefix}.{{}}".format
+    planned = {name_of(layer): _sparsify_identity(config, layer, identity)
                for _, config in saes for layer in config["layers"]}
     _check_target(target, planned, "gsae.json")
-    folders = []
-    for sae, config in saes:
-        weights = {name: t.detach() for name, t in sae.state_dict().items()}
-        for layer in config["layers"]:
-            name = f"{prefix}.{layer}"
-            tensors = sparsify_weights(weights, config["scales"][str(layer)])
-            folder = join(target, name)
-            fs, root = fsspec.core.url_to_fs(folder)
-            fs.makedirs(root, exist_ok=True)
-            write_atomic(join(folder, "sae.safetensors"), save(tensors))
-            write_atomic(join(folder, "cfg.json"), json.dumps(sparsify_config(config), indent=1))
-            write_atomic(join(folder, "gsae.json"), json.dumps(planned[name], indent=1))  # last: the export is whole
-            folders.append(folder)
-    return folders
+    return _write_layers(target, saes, name_of, lambda weights, config, layer, name: [
+        ("sae.safetensors", save(sparsify_weights(weights, config["scales"][str(layer)]))),
+        ("cfg.json", json.dumps(sparsify_config(config), indent=1)),
+        ("gsae.json", json.dumps(planned[name], indent=1))])  # last: the export is whole
 
 
 def export_saelens(run: str, out: str | None = None) -> list[str]:
-    """Write ``<out>/blocks.<l>.hook_resid_post/{cfg.json, sae_weights.safetensors}`` for every layer."""
+    """Write ``<out>/blocks.<l>.hook_resid_post/{sae_weights.safetensors, cfg.json}`` for every layer."""
     trained = Run.open(run, need="trained")
     target = out or trained.url("export-saelens")
     source = trained.config.source
@@ -219,18 +228,11 @@ def export_saelens(run: str, out: str | None = None) -> list[str]:
                   "prepend_bos": source.get("prepend_bos", True)}
     saes = trained.load_saes()
     identity = _run_identity(trained)
-    planned = {f"blocks.{layer}.hook_resid_post": saelens_config(config, layer, store_info, identity)
+    name_of = "blocks.{}.hook_resid_post".format
+    planned = {name_of(layer): saelens_config(config, layer, store_info, identity)
                for _, config in saes for layer in config["layers"]}
     _check_target(target, planned)
-    folders = []
-    for sae, config in saes:
-        weights = {name: t.detach() for name, t in sae.state_dict().items()}
-        for layer in config["layers"]:
-            name = f"blocks.{layer}.hook_resid_post"
-            folder = join(target, name)
-            fs, root = fsspec.core.url_to_fs(folder)
-            fs.makedirs(root, exist_ok=True)
-            write_atomic(join(folder, "sae_weights.safetensors"), save(folded_weights(weights, config["scales"][str(layer)])))
-            write_atomic(join(folder, "cfg.json"), json.dumps(planned[name], indent=1))
-            folders.append(folder)
-    return folders
+    return _write_layers(target, saes, name_of,
+                         lambda weights, config, layer, name: [
+                             ("sae_weights.safetensors", save(folded_weights(weights, config["scales"][str(layer)]))),
+                             ("cfg.json", json.dumps(planned[name], indent=1))])  # last: the export is whole
