@@ -795,20 +795,21 @@ def _corpus_too_short_error(corpus: Corpus, tokenizer: Any, plan: WindowPlan) ->
 
 
 def _complete_as_asked(path: str, request: CacheRequest, spec: ModelSpec, corpus: Corpus,
-                       device: torch.device) -> bool:
-    """Whether the store at ``path`` is complete and was made as ``request`` asks, told without loading the
-    model (the embedded GGUF takes ~30 s to load on a CPU): only for models fingerprinted by their files,
-    whose revision is the stored one; the entries that need the tokenizer follow from the stored ones (same
-    files, same tokenizer).  False sends the command the long way, which names any difference."""
+                       device: torch.device) -> ActivationStore | None:
+    """The store at ``path`` (opened to write) if it is complete and was made as ``request`` asks, told
+    without loading the model (the embedded GGUF takes ~30 s to load on a CPU): only for models fingerprinted
+    by their files, whose revision is the stored one; the entries that need the tokenizer follow from the
+    stored ones (same files, same tokenizer).  None sends the command the long way, which names any difference."""
     if spec.kind == "hub":  # its revision is resolved by loading it
-        return False
-    store = ActivationStore.open(path, allow_partial=True)
+        return None
+    store = ActivationStore.open(path, mode="r+", allow_partial=True)
     recipe = store.attrs.get("recipe", {})
     if not store.complete or not recipe:
-        return False
+        return None
     bos = recipe.get("prepend_bos") if request.prepend_bos is None else request.prepend_bos
-    return recipe == _recipe(request, spec, recipe.get("model_revision"), corpus, bos,
+    same = recipe == _recipe(request, spec, recipe.get("model_revision"), corpus, bos,
                              not (bos and not request.keep_bos), device)
+    return store if same else None
 
 
 def build_cache(request: CacheRequest, console: Any) -> CacheResult:
@@ -834,8 +835,8 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
                              config=request.dataset_config)
         check_has_text(corpus)
         device = ranks.device(pick_device(request.device))
-        if state == "store" and ranks.world == 1 and _complete_as_asked(path, request, spec, corpus, device):
-            store = ActivationStore.open(path, mode="r+")
+        if state == "store" and ranks.world == 1 and (store := _complete_as_asked(path, request, spec, corpus,
+                                                                                   device)) is not None:
             store.remove_markers()  # (as below: a run killed inside finalize)
             fold_seconds_writing(store)
             return _complete_result(store)

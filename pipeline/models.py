@@ -253,8 +253,8 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         raise GsaeError(f"could not load model {spec.model_id!r}: {joined_lines(exc)}") from None
     _check_weights(spec, model, loading)
     model.eval().to(device)
-    _check_causal(spec, model, device)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    _check_causal(spec, model, device, config)
     n_layers = int(config.num_hidden_layers)
     d_model = int(config.hidden_size)
     blocks_path, blocks = find_blocks(model, n_layers)
@@ -279,12 +279,11 @@ def _check_weights(spec: ModelSpec, model: nn.Module, loading: dict[str, Any]) -
                         "(with save_pretrained)")
 
 
-def _check_causal(spec: ModelSpec, model: nn.Module, device: torch.device) -> None:
+def _check_causal(spec: ModelSpec, model: nn.Module, device: torch.device, config: Any) -> None:
     """Refuse a model whose outputs at a position depend on later tokens: an encoder (BERT and the like)
     that transformers loads as a causal LM attends both ways, so its residual stream is not a causal LM's.
     Two sequences that share their first half go through the model; that half's outputs must agree."""
-    embeddings = model.get_input_embeddings()
-    vocab = getattr(embeddings, "num_embeddings", None) or int(model.config.get_text_config().vocab_size)
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) or int(config.vocab_size)  # the text config
     ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
     ids[1, :4] = ids[0, :4]
     with torch.inference_mode():
