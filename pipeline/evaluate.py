@@ -364,13 +364,17 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         scope.enter_context(progress)
         task = progress.add_task("eval", total=len(layers) + len(batches) * (1 + 2 * len(layers)))
 
+    done = [0]  # steps finished whose count the bar does not show yet
+
     def stage(text: str) -> None:
+        """Name the step that starts now and count those finished before it, in one update: a plain line
+        printed between the two would show a finished step's count beside its description."""
         if progress is not None:
-            progress.update(task, description=f"eval {text}" if text else "eval")
+            progress.update(task, advance=done[0], description=f"eval {text}" if text else "eval")
+        done[0] = 0
 
     def step_done() -> None:
-        if progress is not None:
-            progress.advance(task)
+        done[0] += 1
 
     records, notes = [], []
     # fewer there than to evaluate: said, not left to be read from eval.json's counts. Neither "asked for"
