@@ -66,14 +66,24 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 
 
-@dataclass
 class Batch:
     """One training batch: ``x`` (B, d) float32 on the device, scaled; ``layers``/``rows`` say where
-    each row came from (host int64 arrays)."""
+    each row came from (host int64 arrays).
 
-    x: torch.Tensor
-    layers: np.ndarray
-    rows: np.ndarray
+    Those two are gathered when first read: training never reads them, and on the H200 the two gathers
+    (~70 µs for a batch of 8,192) were 2% of a 3-ms step on the training thread."""
+
+    def __init__(self, x: torch.Tensor, window_layers: np.ndarray, window_rows: np.ndarray, picked: np.ndarray):
+        self.x = x
+        self._window_layers, self._window_rows, self._picked = window_layers, window_rows, picked
+
+    @property
+    def layers(self) -> np.ndarray:
+        return self._window_layers[self._picked]
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self._window_rows[self._picked]
 
 
 @dataclass
@@ -322,16 +332,17 @@ class TrainingStream:
         """The next batch: ``x`` float32 on the stream's device, scaled."""
         current, part = self._next_picked()
         picked = current.order[part]
-        layers, rows = current.layers[picked], current.rows[picked]
         window = current.on_device
         if window is None:
             x = current.values.index_select(0, torch.from_numpy(picked)).float()
-            return Batch(x.mul_(torch.from_numpy(self._scale_of[layers])[:, None]), layers, rows)
-        if window.ready is not None:  # the training stream waits for the copy on the device, not here
-            torch.cuda.current_stream(self.device).wait_event(window.ready)
-        index = window.order[part]
-        x = window.values.index_select(0, index).float()
-        return Batch(x.mul_(window.scales.index_select(0, index)[:, None]), layers, rows)
+            x.mul_(torch.from_numpy(self._scale_of[current.layers[picked]])[:, None])
+        else:
+            if window.ready is not None:  # the training stream waits for the copy on the device, not here
+                torch.cuda.current_stream(self.device).wait_event(window.ready)
+            index = window.order[part]
+            x = window.values.index_select(0, index).float()
+            x.mul_(window.scales.index_select(0, index)[:, None])
+        return Batch(x, current.layers, current.rows, picked)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
