@@ -5,6 +5,7 @@ from __future__ import annotations
 import decimal
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -110,6 +111,9 @@ _STORAGE_OPTION_HELP = ("key=value for the file system of an fsspec URL (s3://..
                         "repeatable; used by this process only, never written anywhere.")
 
 
+_STORAGE_KEYS: set[str] = set()  # the --storage-option keys given: an fsspec file system may refuse one late
+
+
 def _storage(options: list[str], *locations: Optional[str]) -> None:
     """Check the protocols of the given locations and hand --storage-option values to fsspec."""
     import json
@@ -124,9 +128,14 @@ def _storage(options: list[str], *locations: Optional[str]) -> None:
             raise GsaeError(f"--storage-option {item!r}: give key=value, e.g. endpoint_url=http://127.0.0.1:9000")
         try:
             parsed[key] = json.loads(value)  # true, 3, {"a": 1} as JSON; anything else as a string
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
+            if value.lstrip()[:1] in ("{", "["):  # meant as JSON: as a string it fails later, far from here
+                raise GsaeError(f"--storage-option {key}: {value!r} is not valid JSON ({exc.msg}), e.g. "
+                                f"{key}='{{\"region_name\": \"us-east-1\"}}'") from None
             parsed[key] = value
+    _STORAGE_KEYS.update(parsed)
     use_storage_options(parsed, [str(location) for location in locations if location])
+
 
 
 def _human_bytes(n: float) -> str:
@@ -273,7 +282,7 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
     store = ActivationStore.open(_resolve_cache(cache), allow_partial=True)
     a = store.attrs
     on_disk = store.nbytes_on_disk()
-    activations = store.nbytes_on_disk("layers")  # bytes per value: the activations alone (not groups/, stats/)
+    activations = store.activation_bytes()  # bytes per value: the activations alone (not groups/, stats/)
     values = store.n_tokens * store.n_layers * store.d_model
     status = "complete" if store.complete else (
         f"incomplete: {store.tokens_written:,} of {store.tokens_planned:,} tokens "
@@ -486,8 +495,8 @@ def evaluate(
 def report_command(
     runs: list[str] = typer.Option(..., "--runs", help="Run directories (baseline and group runs), evaluated with gsae eval."),
     out: str = typer.Option("report", help="Folder for report.md and the plots."),
-    cache_seconds: Optional[float] = typer.Option(None, help="Seconds the cache took to produce, for a cache "
-                                                  "that recorded none (the A of the total cost)."),
+    cache_seconds: Optional[float] = typer.Option(None, help="Seconds the cache took to produce (the A of the total "
+                                                  "cost), for a cache that recorded none; given, it replaces any recorded."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Put a baseline and group runs side by side: Markdown tables in the paper's shape and PNG plots."""
@@ -511,6 +520,7 @@ def run_all(
     expansion: float = typer.Option(PaperRequest.expansion, help="d_sae / d_model."),
     batch_size: int = typer.Option(PaperRequest.batch_size, help="Tokens per training step."),
     windows: int = typer.Option(PaperRequest.windows, help=f"Held-out windows for the downstream metrics (fewer than gsae eval's {EVAL_WINDOWS}: it evaluates many runs)."),
+    layers: Optional[str] = typer.Option(None, help="Layers to group and train, e.g. 0-27 or 0,2,4 (default: all but the last)."),
     out: str = typer.Option(PaperRequest.out, help="Where the runs and the report go."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
@@ -525,7 +535,7 @@ def run_all(
         raise GsaeError(f"--groups {groups!r}: give comma-separated integers such as 3,4,5") from None
     _check_folder("--out", out)
     result = run_paper(PaperRequest(cache=_resolve_cache(cache), groups=counts, tokens=tokens, expansion=expansion,
-                                    batch_size=batch_size, windows=windows, out=out), console)
+                                    batch_size=batch_size, windows=windows, out=out, layers=layers), console)
     report.print(result.tables)
     report.print(f"wrote report.md and plots in {result.folder}")
 
@@ -625,6 +635,10 @@ def _unexpected(exc: BaseException) -> str:
     if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # the latter: torch's CPU allocator
         return "ran out of memory (run with --debug for the traceback)"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    refused = re.search(r"unexpected keyword argument '(\w+)'", lines[0] if lines else "")
+    if isinstance(exc, TypeError) and refused and refused[1] in _STORAGE_KEYS:  # s3fs passes its extras on
+        return (f"--storage-option {refused[1]}: the file system does not take it ({lines[0]}); see its "
+                "documentation (s3fs: S3FileSystem's arguments) for the options it does")
     what = type(exc).__name__ + (f": {lines[0]}" if lines else "")
     return f"{what} (an input gsae does not check, or a bug; run with --debug for the traceback)"
 

@@ -33,7 +33,7 @@ from pipeline.models import (LoadedModel, ModelSpec, block_output, load_model, m
                              resolve_model_spec)
 from pipeline.progress import LoggedProgress, RemainingColumn
 from pipeline.ranks import Ranks
-from pipeline.run import EVAL, Run, cache_fingerprint
+from pipeline.run import EVAL, Run, cache_fingerprint, fingerprint_changes
 from pipeline.sae import SparseAutoencoder
 from stores import ActivationStore, probe
 from stores.stream import as_tensor
@@ -322,9 +322,10 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         raise GsaeError(f"the cache {run} was trained on is no longer at {config.cache}; if it moved, pass "
                         "--cache with its new place")
     store = ActivationStore.open(cache or config.cache)
-    if cache_fingerprint(store) != config.cache_fingerprint:
-        raise GsaeError(f"the cache {cache or config.cache} is not the one {run} was trained on; "
-                        "evaluate with that cache")
+    differ = fingerprint_changes(config.cache_fingerprint, cache_fingerprint(store))
+    if differ:
+        raise GsaeError(f"the cache {cache or config.cache} is not the one {run} was trained on (there vs here: "
+                        f"{'; '.join(differ)}); evaluate with that cache")
     start_row = int(config.eval_rows[0])
     held_out = store.n_tokens - start_row
     check_held_out(store, start_row, windows)

@@ -139,12 +139,13 @@ def _hookpoint_prefix(trained: Run) -> str:
     sparsify names a hookpoint, as its trainer does (`--hookpoints layers.5`)."""
     blocks = trained.config.source.get("blocks_path")
     if blocks is None:  # runs from before the run recorded it: its cache knows, if it is still this run's
-        from pipeline.run import cache_fingerprint
+        from pipeline.run import cache_fingerprint, fingerprint_changes
         from stores import ActivationStore, StoreError
 
         try:
             store = ActivationStore.open(trained.config.cache, allow_partial=True)
-            blocks = store.attrs.get("blocks_path") if cache_fingerprint(store) == trained.config.cache_fingerprint else None
+            same = not fingerprint_changes(trained.config.cache_fingerprint, cache_fingerprint(store))
+            blocks = store.attrs.get("blocks_path") if same else None
         except StoreError:
             blocks = None
     if not blocks:

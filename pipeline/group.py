@@ -24,7 +24,7 @@ from pipeline.grouping import (
     parse_layers,
 )
 from pipeline.models import pick_device
-from pipeline.run import Run, cache_fingerprint
+from pipeline.run import Run, cache_fingerprint, fingerprint_changes
 from stores import ActivationStore, list_side_files, read_side_file, remove_side_files, write_side_file
 
 METRICS = ("amad", "uniform")
@@ -143,7 +143,7 @@ def _may_use(run: str, fingerprint: dict[str, Any], metric: str) -> bool:
         config = Run.read_config(run)
     except (GsaeError, OSError):
         return True
-    return config is not None and config.metric == metric and config.cache_fingerprint == fingerprint
+    return config is not None and config.metric == metric and not fingerprint_changes(config.cache_fingerprint, fingerprint)
 
 
 def load_grouping(store: ActivationStore, metric: str) -> Grouping | None:

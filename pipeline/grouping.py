@@ -62,8 +62,8 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     if len(layers) < 2:
         if spec is None and n_layers >= 2:  # a 2-block model: the default leaves its last block out
             raise GsaeError(f"grouping needs at least two layers, and the default leaves out the last of this "
-                            f"model's {n_layers} blocks (as the paper does); pass --layers 0-{n_layers - 1} to "
-                            "gsae group to group them all")
+                            f"model's {n_layers} blocks (as the paper does); pass --layers 0-{n_layers - 1} (to gsae "
+                            "group or gsae run) to group them all")
         raise GsaeError(f"grouping needs at least two layers (got {len(layers)}"
                         + (f": the cache has {n_layers} block)" if n_layers < 2 else ")"))
     return layers

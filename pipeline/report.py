@@ -14,9 +14,9 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import GsaeError
-from pipeline.evaluate import read_eval
+from pipeline.evaluate import eval_argument_changes, read_eval
 from pipeline.grouping import layer_span
-from pipeline.run import SUMMARY, Run, RunConfig, join, write_atomic
+from pipeline.run import SUMMARY, Run, RunConfig, fingerprint_changes, join, write_atomic
 from pipeline.sae import TOP_K_ARCHITECTURES
 from stores import ActivationStore, StoreError, read_seconds_writing
 from stores.remote import describe_storage_error
@@ -54,6 +54,7 @@ class RunSummary:
     cache_fingerprint: dict[str, Any]
     cache_note: str | None = None  # why cache_seconds is None
     sae: dict[str, Any] = field(default_factory=dict)  # architecture, n_latents, k: what the runs must share
+    evaluated_with: dict[str, Any] | None = None  # eval.json's arguments (None: an eval.json that records none)
     name: str = ""  # how tables and plots show it: the label, or where two runs share one, with their folders
 
     def __post_init__(self) -> None:
@@ -88,7 +89,9 @@ def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
         _check_json_files(str(path), config)
     run = Run.open(path, need="evaluated")
     config = run.config
-    records = read_eval(run)["records"]
+    evaluation = read_eval(run)
+    records = evaluation["records"]
+    evaluated_with = evaluation.get("arguments") if isinstance(evaluation.get("arguments"), dict) else None
     summary = run.summary
     train_seconds = summary.get("train_seconds") if isinstance(summary, dict) else None
     if not isinstance(train_seconds, (int, float)):
@@ -114,7 +117,8 @@ def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
                        # k matters only where there is a top-k (relu, jumprelu: unused, and recorded differently),
                        # the penalty's weight only where there is none
                        "k": config.k if config.architecture in TOP_K_ARCHITECTURES else None,
-                       "l1_coefficient": None if config.architecture in TOP_K_ARCHITECTURES else config.l1_coefficient})
+                       "l1_coefficient": None if config.architecture in TOP_K_ARCHITECTURES else config.l1_coefficient},
+                      evaluated_with=evaluated_with)
 
 
 def _check_json_files(path: str, config: RunConfig) -> None:
@@ -151,8 +155,7 @@ def check_comparable(paths: list[str], runs: list["RunSummary"] | None = None) -
         return
     reference = next((r for r in runs if r.label == "baseline"), runs[0])
     for run in runs:
-        a, b = reference.cache_fingerprint, run.cache_fingerprint
-        differ = [f"{key} {a.get(key)} vs {b.get(key)}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+        differ = fingerprint_changes(reference.cache_fingerprint, run.cache_fingerprint)
         if differ:
             raise GsaeError(f"cannot compare {reference.path} and {run.path}: they were trained on different caches "
                             f"({'; '.join(differ)})")
@@ -161,6 +164,12 @@ def check_comparable(paths: list[str], runs: list["RunSummary"] | None = None) -
         if shape:
             raise GsaeError(f"cannot compare {reference.path} and {run.path}: their SAEs differ ({'; '.join(shape)}); "
                             "train them with the same --architecture, --expansion and --k (or --l1-coefficient)")
+        if reference.evaluated_with is not None and run.evaluated_with is not None:
+            # dead % (never fired on the evaluation's tokens) and the means depend on how much was evaluated
+            evaluated = eval_argument_changes(reference.evaluated_with, run.evaluated_with)
+            if evaluated:
+                raise GsaeError(f"cannot compare {reference.path} and {run.path}: they were evaluated with other "
+                                f"arguments ({'; '.join(evaluated)}); evaluate them alike with `gsae eval`")
         if run.tokens_per_sae != reference.tokens_per_sae:
             raise GsaeError(f"cannot compare {reference.path} and {run.path}: {reference.tokens_per_sae:,} vs "
                             f"{run.tokens_per_sae:,} training tokens per SAE; train them with the same --tokens "

@@ -133,11 +133,24 @@ def _from_unversioned(old: dict[str, Any]) -> dict[str, Any]:
 
 
 def cache_fingerprint(store: ActivationStore) -> dict[str, Any]:
-    """What identifies the cache a run trains on: a resume or an evaluation must find the same one."""
+    """What identifies the cache a run trains on: a resume or an evaluation must find the same one.  Besides
+    the model, the text and the shape, every setting that changes the rows (windows, BOS, lossy bits) or
+    which of them are held out (the chunking)."""
     a = store.attrs
+    codec = a.get("codec") or {}
     return {"model_id": a.get("model_id"), "model_fingerprint": a.get("model_fingerprint"),
             "corpus_fingerprint": a.get("corpus", {}).get("fingerprint"), "tokens": store.n_tokens,
-            "n_layers": store.n_layers, "d_model": store.d_model, "dtype": store.dtype}
+            "n_layers": store.n_layers, "d_model": store.d_model, "dtype": store.dtype,
+            "context_length": a.get("context_length"), "prepend_bos": a.get("prepend_bos"),
+            "bos_stored": a.get("bos_stored"), "chunk_tokens": store.chunk_tokens,
+            "compression": codec.get("compression"), "keep_bits": codec.get("keep_bits")}
+
+
+def fingerprint_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """How two caches' fingerprints differ ("context length 128 vs 64"), over the settings both record: a
+    run of an older gsae recorded fewer, and those it did not record are not held against it."""
+    return [f"{key.replace('_', ' ')} {before[key]} vs {after[key]}" for key in before
+            if key in after and before[key] != after[key]]
 
 
 def write_atomic(url: str | Path, data: bytes | str) -> None:

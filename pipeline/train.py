@@ -26,7 +26,7 @@ from pipeline.models import matmul_precision, pick_device
 from pipeline.processes import KINDS as READERS, start_processes, stop_processes, worker_nice, worker_threads
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
-from pipeline.run import (Run, RunConfig, cache_around, cache_fingerprint, checkpoint_step, join,
+from pipeline.run import (Run, RunConfig, cache_around, cache_fingerprint, checkpoint_step, fingerprint_changes, join,
                           pack_training_state)
 from pipeline.sae import (ARCHITECTURES, L1_COEFFICIENT, TOP_K_ARCHITECTURES, SparseAutoencoder, default_k,
                           default_lr)
@@ -111,10 +111,13 @@ def validate_request(request: TrainRequest) -> None:
 def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list[int]], str, dict[str, Any] | None]:
     """(groups, label, snapshot of the grouping they come from): the baseline's one layer per SAE, or the
     N-group partition of the grouping saved next to the cache (`gsae group` makes it)."""
-    if request.baseline:
-        # the layers grouping takes, without its two-layer minimum (a model of one or two blocks: one SAE)
-        return [[layer] for layer in default_layers(store.n_layers) or [0]], "baseline", None
     record = grouping_record(store, request.metric)
+    if request.baseline:
+        # the layers of the --metric grouping, so that the baseline covers what the group runs cover (a
+        # `gsae group --layers` subset); without one, those grouping takes by default, without its two-layer
+        # minimum (a model of one or two blocks: one SAE)
+        layers = Grouping.from_json(record).layers if record is not None else default_layers(store.n_layers) or [0]
+        return [[layer] for layer in layers], "baseline", None
     if record is None:
         raise GsaeError(f"no {request.metric} grouping next to {store.path}: run `gsae group --metric "
                         f"{request.metric} --cache {store.path}` first (or train --baseline)")
@@ -233,13 +236,10 @@ def _shown(value: Any) -> str:
 
 def _store_of(config: RunConfig, cache: str, run: str) -> ActivationStore:
     store = ActivationStore.open(cache)
-    now = cache_fingerprint(store)
-    if config.cache_fingerprint != now:
-        was = config.cache_fingerprint
-        differ = "; ".join(f"{key.replace('_', ' ')} {was.get(key)} there, {now.get(key)} here"
-                           for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key))
-        raise GsaeError(f"the cache {cache} differs from the one run {run} was trained on ({differ}); "
-                        "resume with that cache")
+    differ = fingerprint_changes(config.cache_fingerprint, cache_fingerprint(store))
+    if differ:
+        raise GsaeError(f"the cache {cache} differs from the one run {run} was trained on (there vs here: "
+                        f"{'; '.join(differ)}); resume with that cache")
     return store
 
 

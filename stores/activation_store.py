@@ -36,7 +36,7 @@ from zarr.storage import LocalStore, MemoryStore
 from stores.chunk_files import ChunkProcesses, ProcessStopped, has_nonzero_byte, read_chunk_file, write_chunk_file
 from stores.codecs import STORAGE_DTYPES, activation_codecs, bit_round, quiet_numcodecs, small_array_codecs
 from stores.messages import first_line
-from stores.remote import join, write_whole
+from stores.remote import describe_storage_error, join, write_whole
 
 
 FORMAT_NAME = "gsae-activations"
@@ -126,7 +126,12 @@ def probe(path: str) -> str:
         return "absent"
     try:
         group = zarr.open_group(str(path), mode="r")
-    except Exception:
+    except Exception as exc:
+        # refused, not damaged (an object store that lets a key list but not read): a good cache must not
+        # look like one to re-create
+        refused = describe_storage_error(exc) or (isinstance(exc, PermissionError) and f"permission denied ({exc.strerror or exc})")
+        if refused:
+            raise StoreError(f"cannot read {path}'s zarr.json: {refused}") from None
         # a cache's own folders with a root zarr.json that is gone or unreadable: damaged, not foreign
         if looks_like_cache(str(path)):
             raise DamagedCache(f"{path} looks like a gsae cache whose zarr.json is missing or damaged; restore the "
@@ -1048,6 +1053,21 @@ class ActivationStore:
         fs, root = fsspec.core.url_to_fs(self.path)
         target = f"{root.rstrip('/')}/{prefix}" if prefix else root
         return int(fs.du(target)) if fs.exists(target) else 0
+
+    def activation_bytes(self) -> int:
+        """Bytes the readable chunks of the activations take: of an incomplete cache, not the chunks a run
+        killed before it committed them left behind (they would inflate its bytes per value)."""
+        if self.complete:
+            return self.nbytes_on_disk("layers")
+        fs, root = fsspec.core.url_to_fs(self.path)
+        total = 0
+        for layer, array in enumerate(self._layers):
+            folder = f"{root.rstrip('/')}/layers/{layer}"
+            sizes = fs.find(folder, detail=True) if fs.exists(folder) else {}
+            for chunk in range(self.n_chunks):
+                key = array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+                total += int((sizes.get(f"{folder}/{key}") or {}).get("size", 0))  # an all-zero chunk: no file
+        return total
 
     def raw_activation_bytes(self) -> int:
         """Bytes the written activations would take uncompressed in the storage dtype."""

@@ -127,6 +127,17 @@ def test_kill_9_then_resume_gives_identical_bytes(tiny_neox, tmp_path, capsys):
     assert partial_seconds > 0
     with pytest.raises(Exception, match="incomplete"):
         ActivationStore.open(str(killed))
+    # the bytes per value `gsae info` shows count the committed chunks only, not one written but not
+    # committed when the run was killed (here made sure of: a chunk file past the committed ones); the
+    # whole cache's chunk files are those bytes (the resumed cache is byte-identical to it, below)
+    layer_0 = killed / "layers" / "0" / "c"
+    stray = layer_0 / str(partial.n_chunks_planned - 1) / "0"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes((layer_0 / "0" / "0").read_bytes())
+    committed = sum((tmp_path / "whole" / "layers" / str(layer) / "c" / str(chunk) / "0").stat().st_size
+                    for layer in range(partial.n_layers) for chunk in range(partial.n_chunks))
+    assert partial.activation_bytes() == committed < partial.nbytes_on_disk("layers")
+    stray.unlink()
 
     code, _, err = run_cli([*args, "--cache", killed], capsys)
     assert code == 0, err

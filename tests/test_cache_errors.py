@@ -660,3 +660,19 @@ def test_a_hub_cache_resumes_at_the_commit_it_was_cached_from_after_its_branch_m
     with pytest.raises(GsaeError, match=f"--model: '{model}' there.*re-run `gsae cache --model {model} --cache c "):
         _check_recipe("c", attrs, {**stored, "model_id": "EleutherAI/pythia-160m",
                                    "model_fingerprint": "hub:EleutherAI/pythia-160m@main"})
+
+
+def test_a_cache_whose_zarr_json_may_not_be_read_is_not_called_damaged(tiny_neox, tmp_path, capsys, monkeypatch):
+    """An object store that lets a key be listed but not read (s3fs raises PermissionError("Forbidden")): the
+    cache was called damaged, to be restored or re-created, where the credentials were at fault."""
+    import zarr
+
+    cache = tmp_path / "c"
+    assert run_cli(_args(tiny_neox, cache), capsys)[0] == 0
+
+    def forbidden(*args, **kwargs):
+        raise PermissionError("Forbidden")
+
+    monkeypatch.setattr(zarr, "open_group", forbidden)
+    line = _one_line_error(*run_cli(["info", "--cache", cache], capsys)[::2])
+    assert "cannot read" in line and "permission denied (Forbidden)" in line and "damaged" not in line

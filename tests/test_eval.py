@@ -126,7 +126,7 @@ def test_report_from_two_runs(tiny_models, tmp_path, capsys):
     # a second amad-g1 run (another seed): the two rows and columns are told apart by their folders
     assert run_cli(["train", "--cache", cache, "--groups", 1, "--seed", 1, "--out", tmp_path / "g1b", "--tokens", 8000,
                     "--batch-size", 512], capsys)[0] == 0
-    assert run_cli(["eval", "--run", tmp_path / "g1b", "--windows", 0], capsys)[0] == 0
+    assert run_cli(["eval", "--run", tmp_path / "g1b", "--windows", 2], capsys)[0] == 0  # as the others: comparable
     code, _, err = run_cli(["report", "--runs", tmp_path / "base", "--runs", tmp_path / "g1", "--runs", tmp_path / "g1b",
                             "--out", tmp_path / "rep3"], capsys)
     text = (tmp_path / "rep3" / "report.md").read_text()
@@ -138,7 +138,7 @@ def test_report_from_two_runs(tiny_models, tmp_path, capsys):
     assert run_cli(["group", "--cache", cache, "--metric", "uniform", "--layers", "0,2"], capsys)[0] == 0
     assert run_cli(["train", "--cache", cache, "--metric", "uniform", "--groups", 1, "--out", tmp_path / "u0",
                     "--tokens", 8000, "--batch-size", 512], capsys)[0] == 0
-    assert run_cli(["eval", "--run", tmp_path / "u0", "--windows", 0], capsys)[0] == 0
+    assert run_cli(["eval", "--run", tmp_path / "u0", "--windows", 2], capsys)[0] == 0
     code, _, err = run_cli(["report", "--runs", tmp_path / "base", "--runs", tmp_path / "u0", "--out", tmp_path / "rep4"],
                            capsys)
     assert code == 0, err
@@ -201,6 +201,54 @@ def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, caps
         assert data["arguments"]["windows"] == 2
         assert all(r["eval_windows"] == 2 and r["delta_ce_percent"] == r["delta_ce_percent"] for r in data["records"])
     assert kept == {run: (Path(run) / "eval.json").stat().st_mtime_ns for run in runs[2:]}  # the others reused
+
+
+def test_run_reuses_only_runs_of_this_cache_and_these_groups(tiny_models, tmp_path, capsys):
+    """`gsae run` names runs by the cache's folder name: a run of another cache of that name (here chunked
+    otherwise: other held-out rows) was reported as this cache's, and one trained on a grouping replaced
+    since was reused.  `--layers` groups a subset, and the baseline covers the same layers."""
+    a = make_cache(tiny_models["neox"], tmp_path / "a" / "c", tokens=6000, context_length=32, batch_size=8,
+                   chunk_tokens=400)
+    b = make_cache(tiny_models["neox"], tmp_path / "b" / "c", tokens=6000, context_length=32, batch_size=8,
+                   chunk_tokens=500)
+    args = ["run", "--tokens", 1024, "--batch-size", 512, "--windows", 0, "--groups", 1]
+    code, _, err = run_cli([*args, "--cache", a, "--out", tmp_path / "runs"], capsys)
+    assert code == 0 and "layers 0–1: G* = " in err, err
+    line = _one_line_error(*run_cli([*args, "--cache", b, "--out", tmp_path / "runs"], capsys)[::2])
+    assert "c-baseline holds a run trained on another cache" in line and "chunk tokens 400 vs 500" in line
+    # eval and report compare the same settings
+    line = _one_line_error(*run_cli(["eval", "--run", tmp_path / "runs" / "c-baseline", "--windows", 0,
+                                     "--cache", b], capsys)[::2])
+    assert "is not the one" in line and "chunk tokens 400 vs 500" in line
+    # --layers: the groupings runs use are replaced only with gsae group --force, and named so
+    line = _one_line_error(*run_cli([*args, "--cache", a, "--out", tmp_path / "runs", "--layers", "1-2"], capsys)[::2])
+    assert "--layers 1-2 --force" in line
+    for metric in ("amad", "uniform"):
+        assert run_cli(["group", "--cache", a, "--metric", metric, "--layers", "1-2", "--force"], capsys)[0] == 0
+    line = _one_line_error(*run_cli([*args, "--cache", a, "--out", tmp_path / "runs", "--layers", "1-2"], capsys)[::2])
+    assert "c-baseline holds a run trained on the layer groups [0], [1], not on those of the grouping now ([1], [2])" in line
+    code, _, err = run_cli([*args, "--cache", a, "--out", tmp_path / "sub", "--layers", "1-2"], capsys)
+    assert code == 0 and "layers 1–2: G* = " in err, err
+    for label, groups in (("baseline", [[1], [2]]), ("amad-g1", [[1, 2]])):
+        assert json.loads((tmp_path / "sub" / f"c-{label}" / "config.json").read_text())["groups"] == groups
+    # `gsae train --baseline` follows the grouping too
+    assert run_cli(["train", "--cache", a, "--baseline", "--tokens", 1024, "--batch-size", 512,
+                    "--out", tmp_path / "base"], capsys)[0] == 0
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["groups"] == [[1], [2]]
+
+
+def test_report_refuses_runs_evaluated_otherwise(pair, tmp_path, capsys):
+    """dead % (latents that never fired on the evaluation's tokens) and the means depend on what was
+    evaluated: runs evaluated with other arguments were put side by side without a word."""
+    import shutil
+
+    other = tmp_path / "g1"
+    shutil.copytree(pair["g1"], other)
+    assert run_cli(["eval", "--run", other, "--windows", 0, "--tokens", 1000], capsys)[0] == 0
+    line = _one_line_error(*run_cli(["report", "--runs", pair["base"], "--runs", other, "--out", tmp_path / "rep"],
+                                    capsys)[::2])
+    assert "evaluated with other arguments (--tokens 16384 → 1000)" in line
+    assert run_cli(["report", "--runs", pair["base"], "--runs", pair["g1"], "--out", tmp_path / "rep"], capsys)[0] == 0
 
 
 # ---------------------------------------------------------------- bad inputs and comparisons (one line each)
@@ -369,7 +417,7 @@ def test_report_refuses_runs_that_cannot_be_compared(pair, tiny_models, tmp_path
 
     line = _one_line_error(*report(pair["base"], tmp_path / "other")[::2])
     assert "different caches" in line and str(pair["base"]) in line and str(tmp_path / "other") in line
-    assert "n_layers 3 vs 4" in line
+    assert "n layers 3 vs 4" in line
     line = _one_line_error(*report(pair["base"], tmp_path / "short")[::2])
     assert "2,048 vs 1,024 training tokens per SAE" in line and str(tmp_path / "short") in line
     line = _one_line_error(*report(pair["base"], tmp_path / "wide")[::2])

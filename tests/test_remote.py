@@ -98,6 +98,21 @@ def test_a_missing_protocol_and_a_bad_storage_option_are_one_line(capsys):
     assert code == 1 and "key=value" in err
 
 
+def test_storage_options_the_file_system_cannot_take_are_named(tiny_llama, bucket, capsys, monkeypatch):
+    """An option s3fs passes on to its session failed there, as a TypeError "an input gsae does not check,
+    or a bug"; a dict given as broken JSON reached s3fs as a string ('str' object has no attribute 'copy')."""
+    import copy
+
+    import fsspec
+
+    monkeypatch.setattr(fsspec.config, "conf", copy.deepcopy(fsspec.config.conf))  # this test's options stay here
+    code, _, err = run_cli(["info", "--cache", f"{bucket}/c", "--storage-option", "bogus_opt=1"], capsys)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "--storage-option bogus_opt: the file system does not take it" in err
+    code, _, err = run_cli(["info", "--cache", f"{bucket}/c", "--storage-option", "client_kwargs={bad"], capsys)
+    assert code == 1 and "--storage-option client_kwargs: '{bad' is not valid JSON" in err, err
+
+
 def test_group_on_a_two_process_dask_cluster_gives_the_local_matrix(tiny_llama, bucket, tmp_path, capsys):
     """Workers open the store by URL themselves (credentials from their environment): the same D as the
     local threaded scheduler, for a local cache and for one on S3."""
