@@ -426,6 +426,12 @@ def train(
     result = run_train(request, console)
     if result.rank:  # under torchrun rank 0 reports for every rank
         return
+    if result.trained_already:
+        console.print(f"{result.run} holds this run, trained already (the same arguments): nothing to train",
+                      markup=False, highlight=False)
+        shown = ("sae", "layers", "train_fvu", "held_out_fvu", "l0", "held_out_l0", "dead_fraction", "tokens_per_s", "seconds")
+        if not all(isinstance(row.get(key), (int, float, list)) for row in result.rows for key in shown):
+            return  # a summary.json of an older gsae: its table is not shown again
     table = Table(title=f"gsae train · {result.run}")
     # held-out FVU beside the L0 it was measured at (BatchTopK: its inference threshold's, not k)
     # an SAE's own steps: the run's SAEs take turns, so the bars' rates (wall time) are lower where there are several
@@ -443,7 +449,8 @@ def train(
     for row in result.rows:
         if row.get("note"):
             report.print(row["note"], style="yellow", highlight=False, markup=False)
-    report.print(f"saved {len(result.rows)} SAE{'s' if len(result.rows) != 1 else ''} and their metrics in {result.run}")
+    if not result.trained_already:
+        report.print(f"saved {len(result.rows)} SAE{'s' if len(result.rows) != 1 else ''} and their metrics in {result.run}")
 
 
 def _typed(ctx: typer.Context) -> tuple[str, ...]:

@@ -99,8 +99,9 @@ def _same_export(old: Any, new: dict) -> bool:
 
 def _check_target(target: str, planned: dict[str, dict], identity_file: str = "cfg.json") -> None:
     """Refuse a target that holds anything but an earlier export of these SAEs (``planned``: folder name →
-    the JSON with their ``gsae`` section, a folder's ``identity_file``, written last): writing into it would
-    leave another run's SAEs beside these, as if one run's."""
+    the JSON with their ``gsae`` section, a folder's ``identity_file``: SAELens's cfg.json, written last;
+    sparsify's gsae.json, written first): writing into it would leave another run's SAEs beside these, as if
+    one run's."""
     fs, root = fsspec.core.url_to_fs(target)
     fs.invalidate_cache(root)  # s3fs caches listings
     if not fs.isdir(root):
@@ -182,7 +183,7 @@ def _sparsify_identity(config: dict, layer: int, run: dict) -> dict:
 def _write_layers(target: str, saes: list, name_of: Callable[[int], str],
                   files_of: Callable[[dict, dict, int, str], list[tuple[str, bytes | str]]]) -> list[str]:
     """For each SAE's member layers, the folder ``target/name_of(layer)`` with the files ``files_of(weights,
-    config, layer, name)`` gives, written in that order (its last says the folder is whole); the folders."""
+    config, layer, name)`` gives, written in that order; the folders."""
     folders = []
     for sae, config in saes:
         weights = {name: t.detach() for name, t in sae.state_dict().items()}
@@ -214,10 +215,12 @@ def export_sparsify(run: str, out: str | None = None) -> list[str]:
     planned = {name_of(layer): _sparsify_identity(config, layer, identity)
                for _, config in saes for layer in config["layers"]}
     _check_target(target, planned, "gsae.json")
+    # gsae.json first: a folder killed before it has its cfg.json is still known as this export's (a cfg.json
+    # without a gsae.json is sparsify's own, and is not overwritten); cfg.json last, as sparsify loads a folder
     return _write_layers(target, saes, name_of, lambda weights, config, layer, name: [
+        ("gsae.json", json.dumps(planned[name], indent=1)),
         ("sae.safetensors", save(sparsify_weights(weights, config["scales"][str(layer)]))),
-        ("cfg.json", json.dumps(sparsify_config(config), indent=1)),
-        ("gsae.json", json.dumps(planned[name], indent=1))])  # last: the export is whole
+        ("cfg.json", json.dumps(sparsify_config(config), indent=1))])
 
 
 def export_saelens(run: str, out: str | None = None) -> list[str]:

@@ -96,6 +96,33 @@ def _read_record(store: ActivationStore, metric: str) -> dict[str, Any] | None:
     return record
 
 
+def _draw_pictures(store: ActivationStore, metric: str, grouping: Grouping) -> dict[str, str]:
+    """Draw the distance heatmap and the AMAD curve next to the cache; their names and SHA-256."""
+    from pipeline.plots import amad_curve, distance_heatmap  # matplotlib: only when pictures are drawn
+
+    title = f"{store.attrs.get('model_id')} · {grouping.sample['tokens']:,} tokens"
+    hashes = {}
+    for name, draw in ((f"groups/{metric}-distance.png", distance_heatmap), (f"groups/{metric}-amad.png", amad_curve)):
+        picture = draw(grouping, title)
+        write_side_file(store, name, picture)
+        hashes[name] = hashlib.sha256(picture).hexdigest()
+    return hashes
+
+
+def _pictures_stale(store: ActivationStore, record: dict[str, Any]) -> bool:
+    """Whether a record's pictures are not the ones drawn with it: a kill after drawing a later grouping's
+    and before writing its record leaves them (they are drawn first).  Records of a gsae that kept no
+    hashes are taken as they are."""
+    hashes = record.get("picture_sha256")
+    if not isinstance(hashes, dict):
+        return False
+    for name, digest in hashes.items():
+        picture = read_side_file(store, name)
+        if picture is None or hashlib.sha256(picture).hexdigest() != digest:
+            return True
+    return False
+
+
 def grouping_record(store: ActivationStore, metric: str) -> dict[str, Any] | None:
     """The record saved next to the cache for ``metric`` (grouping, arguments, seconds), if any of the
     current format; a damaged one is a one-line :class:`GsaeError` naming the file."""
@@ -214,6 +241,9 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
     if existing is not None:
         if existing.get("arguments") == arguments and not request.force:
             grouping = Grouping.from_json(existing)
+            if _pictures_stale(store, existing):  # a kill between drawing them and writing the record
+                existing["picture_sha256"] = _draw_pictures(store, request.metric, grouping)
+                write_side_file(store, result_name(request.metric), json.dumps(existing, indent=1).encode())
             return GroupResult(grouping, f"{store.path}/{result_name(request.metric)}",
                                [f"{store.path}/{name}" if name.startswith("groups/") else name  # older: full paths
                                 for name in existing.get("pictures", [])],
@@ -237,15 +267,12 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
     notes += _sample_note(tokens, grouping)
 
     plotting.join()
-    from pipeline.plots import amad_curve, distance_heatmap  # matplotlib: only when pictures are drawn
-
-    title = f"{store.attrs.get('model_id')} · {sample['tokens']:,} tokens"
-    names = [f"groups/{request.metric}-distance.png", f"groups/{request.metric}-amad.png"]
-    pictures = [write_side_file(store, names[0], distance_heatmap(grouping, title)),
-                write_side_file(store, names[1], amad_curve(grouping, title))]
+    hashes = _draw_pictures(store, request.metric, grouping)
+    names = list(hashes)
     # the record names them inside the cache (as written, they would be relative to the folder group ran in)
     record = {"format": GROUPING_FORMAT, **grouping.to_json(), "arguments": arguments, "seconds": round(seconds, 3),
-              "pictures": names, "gsae_version": __version__}
+              "pictures": names, "picture_sha256": hashes, "gsae_version": __version__}
     path = write_side_file(store, result_name(request.metric), json.dumps(record, indent=1).encode())
+    pictures = [f"{store.path}/{name}" for name in names]
     remove_side_files(store, _users_folder(request.metric))  # the runs keep their own record of the old one
     return GroupResult(grouping, path, pictures, False, seconds, notes)

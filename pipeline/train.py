@@ -78,6 +78,7 @@ class TrainResult:
     seconds: float = 0.0
     resumed_from: int = 0
     rank: int = 0
+    trained_already: bool = False  # nothing trained: the run was finished before this call
 
 
 def validate_request(request: TrainRequest) -> None:
@@ -254,13 +255,14 @@ def _open_run(request: TrainRequest, console: Any, scope: contextlib.ExitStack) 
         if config is None:
             raise GsaeError(f"nothing to resume at {request.out}: no config.json there")
         run = Run(request.out, config)
-        if run.state in ("trained", "evaluated"):
-            raise GsaeError(f"{request.out} holds a finished run: nothing to resume (pass --out for a new one)")
         typed = argument_changes(config, request, only=request.given)
         if typed:  # continued as it was made: an option typed otherwise would be ignored
             raise GsaeError(f"--resume continues {request.out} with the arguments it was made with, not "
                             f"{'; '.join(typed)}; leave those options out, or pass --out for a new run")
         scope.enter_context(run.training_lock())
+        run = Run(request.out, Run.read_config(request.out))  # as it is now that none may change it
+        if run.state in ("trained", "evaluated"):
+            raise _trained_already(run)
         store = _store_of(config, request.cache or config.cache, request.out)  # without --cache, the run's
         if run.latest_checkpoint() is None:
             console.print(f"[yellow]note[/]: {request.out} has no checkpoint yet (it was stopped before its first): "
@@ -280,9 +282,12 @@ def _open_run(request: TrainRequest, console: Any, scope: contextlib.ExitStack) 
         scope.enter_context(Run(path, existing).training_lock())  # from here: no other process trains or replaces it
         existing = Run.read_config(path)  # as it is now that none may change it
         run = Run(path, existing)
-        if run.state in ("trained", "evaluated"):
-            raise GsaeError(f"{path} already holds a finished run; pass --out for a new one")
         changes = argument_changes(existing, request)
+        if run.state in ("trained", "evaluated"):
+            if changes:
+                raise GsaeError(f"{path} already holds a finished run, made with other arguments "
+                                f"({'; '.join(changes)}); pass --out for a new one")
+            raise _trained_already(run)
         checkpoint = run.latest_checkpoint()
         if changes and checkpoint is None:  # stopped before its first checkpoint: nothing trained to lose
             console.print(f"[yellow]note[/]: replacing the unfinished run in {path} ({'; '.join(changes)}): "
@@ -306,6 +311,26 @@ def _open_run(request: TrainRequest, console: Any, scope: contextlib.ExitStack) 
     if not locked:  # a new run (a replaced one's lock is held already)
         scope.enter_context(run.training_lock())
     return run, store
+
+
+class TrainedAlready(Exception):
+    """The run asked for is trained already: the same command again after it finished (or after a kill
+    between its summary and the removal of its checkpoints)."""
+
+    def __init__(self, run: Run):
+        super().__init__(run.path)
+        self.run = run
+
+
+def _trained_already(run: Run) -> Exception:
+    """What the same command finds at a finished run: nothing to train, once the checkpoints a kill
+    between its summary.json and their removal left are gone (they doubled the run's size for good).
+    Under torchrun, the refusal it always was: the other ranks wait for rank 0's run."""
+    if current_ranks().world > 1:
+        return GsaeError(f"{run.path} already holds a finished run; pass --out for a new one")
+    with contextlib.suppress(GsaeError):  # the run is complete all the same
+        run.remove_checkpoints()
+    return TrainedAlready(run)
 
 
 def _where(path: str) -> str:
@@ -486,7 +511,12 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
     if ranks.world > 1 and not request.out:  # every rank refuses before anything is made
         raise GsaeError("under torchrun, pass --out DIR: every rank must find the run")
     if ranks.first:
-        run, store = _open_run(request, console, scope)  # locked until the SAE files and the summary are written
+        try:
+            run, store = _open_run(request, console, scope)  # locked until the SAE files and the summary are written
+        except TrainedAlready as done:
+            summary = done.run.summary if isinstance(done.run.summary, dict) else {}
+            return TrainResult(done.run.path, list(summary.get("saes", [])), 0.0, done.run.config.steps,
+                               trained_already=True)
         ranks.barrier()
     else:
         ranks.barrier()  # rank 0 has created or checked the run

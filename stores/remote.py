@@ -10,7 +10,10 @@ environment).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import threading
 from typing import Any
 
 import fsspec
@@ -38,10 +41,39 @@ def write_whole(url: str, data: bytes | str) -> None:
     if not isinstance(fs, LocalFileSystem):
         fs.pipe_file(path, payload)
         return
-    partial = f"{os.path.dirname(path)}/.{os.path.basename(path)}.partial"
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    # a temporary of this writer's own: two processes writing one file (two `gsae eval` of a run) each
+    # rename their own whole file into place, where a shared name had one rename the other's away mid-write
+    partial = f"{folder}/.{name}.{os.getpid()}-{threading.get_ident()}.partial"
     with open(partial, "wb") as handle:
         handle.write(payload)
     os.replace(partial, path)
+    _remove_stale_temporaries(folder, name)
+
+
+def _remove_stale_temporaries(folder: str, name: str) -> None:
+    """Remove the temporaries of ``name`` that writers killed before their rename left (their process is
+    gone), and the one of gsae before temporaries carried their writer's id."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(?:(\d+)-\d+\.)?partial")
+    try:
+        entries = [(entry, match[1]) for entry in os.listdir(folder) if (match := pattern.fullmatch(entry))]
+    except OSError:
+        return
+    for entry, writer in entries:
+        if writer is not None and _alive(int(writer)):
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(f"{folder}/{entry}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class RemoteError(Exception):

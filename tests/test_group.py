@@ -185,6 +185,45 @@ def test_rerun_reuses_and_train_can_read_groups(llama_cache, capsys):
     assert grouping.groups_for(2) == [[0, 1], [2]]  # layers 0..L-2 of the 4-layer model
 
 
+def test_pictures_drawn_for_a_grouping_whose_record_a_kill_stopped_are_redrawn(llama_cache, tmp_path, capsys):
+    """The pictures are drawn before the record is written: a kill in between left another grouping's
+    pictures beside the record, and the same command reused the record and never drew them again."""
+    import hashlib
+    import shutil
+
+    import pipeline.group as group_module
+
+    cache = tmp_path / "c"
+    shutil.copytree(llama_cache, cache)
+    shutil.rmtree(cache / "groups", ignore_errors=True)
+    args = ["group", "--cache", cache, "--tokens", 500, "--threshold", 0.2]
+    assert run_cli(args, capsys)[0] == 0
+    record = json.loads((cache / "groups" / "amad.json").read_text())
+
+    def pictures() -> dict[str, str]:
+        return {name: hashlib.sha256((cache / name).read_bytes()).hexdigest() for name in record["pictures"]}
+
+    assert record["picture_sha256"] == pictures()
+    real = group_module.write_side_file
+
+    def killed(store, relative, data):
+        if relative == "groups/amad.json":
+            raise KeyboardInterrupt
+        return real(store, relative, data)
+
+    group_module.write_side_file = killed
+    try:
+        assert run_cli([*args[:-1], 0.05], capsys)[0] == 130
+    finally:
+        group_module.write_side_file = real
+    assert json.loads((cache / "groups" / "amad.json").read_text()) == record  # the record of threshold 0.2 ...
+    assert pictures() != record["picture_sha256"]  # ... beside the pictures of 0.05
+    code, _, err = run_cli(args, capsys)
+    assert code == 0 and "reusing" in err, err
+    assert pictures() == json.loads((cache / "groups" / "amad.json").read_text())["picture_sha256"] \
+        == record["picture_sha256"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--threshold", 0], "--threshold must be between 0 and 1"),
     (["--threshold", 1.5], "--threshold must be between 0 and 1"),

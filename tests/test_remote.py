@@ -4,6 +4,9 @@ each gives what the local path gives, byte for byte, matrix for matrix, weight f
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +180,38 @@ def test_ranks_get_balanced_whole_saes():
         best = min(max(sum(c for c, o in zip(costs, split) if o == r) for r in range(3))
                    for split in product(range(3), repeat=len(costs)))
         assert load <= 4 / 3 * best + 1e-9
+
+
+def test_write_whole_uses_a_temporary_of_its_own_and_removes_dead_writers(tmp_path):
+    """Two `gsae eval` of one run shared `.eval.json.partial`: the second's rename took the first's file
+    away, which then failed ("No such file or directory"), and a rename mid-write could have published half
+    a file. Each writer now has its own; those of killed writers (and of older gsae) go at the next write."""
+    import threading
+
+    from stores.remote import write_whole
+
+    target = tmp_path / "eval.json"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = f".eval.json.{os.getpid()}-{threading.get_ident() + 1}.partial"  # another thread of a live process
+    for name in (f".eval.json.{dead.pid}-1.partial", ".eval.json.partial", live, ".eval.json.x.partial",
+                 ".eval.json.tmp.1-2.partial"):
+        (tmp_path / name).write_text("left")
+    errors = []
+
+    def write(text: str) -> None:
+        try:
+            for _ in range(200):
+                write_whole(str(target), text * 1000)
+        except OSError as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write, args=(text,)) for text in "ab"]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    assert not errors and target.read_text() in ("a" * 1000, "b" * 1000)
+    # the dead writer's and the old unnamed temporaries are gone; a live writer's and other files stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval.json", live, ".eval.json.x.partial",
+                                                                 ".eval.json.tmp.1-2.partial"])

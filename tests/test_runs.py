@@ -78,6 +78,13 @@ def hit(tensors, _real=m.save):
     return _real(tensors)
 m.save = hit
 """,
+    # the run is trained (summary.json written), its checkpoints not yet removed
+    "after the summary": """
+import pipeline.run as m
+def hit(self, _real=m.Run.remove_checkpoints):
+    kill()
+m.Run.remove_checkpoints = hit
+""",
     # the final SAE files: SAE 0 saved, SAE 1's weights written but not its JSON
     "during the final write": """
 import pipeline.run as m
@@ -115,6 +122,15 @@ def _assert_same_saes(a: Path, b: Path) -> None:
 def test_kill_9_anywhere_then_the_same_command_finishes_the_run(point, cache, whole, tmp_path, capsys):
     out = tmp_path / "r"
     _run_killed(_train(cache, out), _KILL_POINTS[point])
+    if point == "after the summary":  # trained: the same command removes the checkpoints left, trains nothing
+        assert Run.open(out).state == "trained" and (out / "checkpoints").exists()
+        code, text, err = run_cli(_train(cache, out), capsys)
+        assert code == 0 and "trained already (the same arguments): nothing to train" in text + err, err
+        assert not (out / "checkpoints").exists() and "saved" not in text + err
+        held_out = json.loads((out / "summary.json").read_text())["saes"][1]["held_out_fvu"]
+        assert "gsae train" in text and f"{held_out:.3f}" in text  # the summary's table again
+        _assert_same_saes(whole, out)
+        return
     assert Run.open(out).state in ("planned", "training")
     if point == "during the final write":  # the checkpoint after the last step: weights, no Adam moments
         final = Path(Run.open(out).latest_checkpoint())
@@ -409,7 +425,7 @@ def test_a_train_that_cannot_start_leaves_no_run_behind(cache, tmp_path, capsys)
 def test_a_run_finds_its_cache_from_any_folder_and_a_finished_one_is_not_resumed(cache, tmp_path, monkeypatch,
                                                                                    capsys):
     """The run records its local cache as an absolute path (it was relative to the folder `train` ran
-    in); `--resume` of a finished run is refused like the same command without it."""
+    in); `--resume` of a finished run trains nothing, like the same command without it."""
     monkeypatch.chdir(Path(cache).parent)
     out = tmp_path / "r"
     assert run_cli(["train", "--cache", Path(cache).name, "--out", out, "--groups", 2, "--tokens", 512,
@@ -418,8 +434,8 @@ def test_a_run_finds_its_cache_from_any_folder_and_a_finished_one_is_not_resumed
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(["eval", "--run", out, "--windows", 0], capsys)
     assert code == 0, err
-    code, _, err = run_cli(["train", "--out", out, "--resume"], capsys)
-    assert code == 1 and "finished run" in err and "Traceback" not in err
+    code, text, err = run_cli(["train", "--out", out, "--resume"], capsys)
+    assert code == 0 and "trained already" in text + err and "Traceback" not in err, err
 
 
 def test_a_garbled_latest_pointer_is_an_error_not_a_restart(cache, tmp_path, capsys):

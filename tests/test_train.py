@@ -317,6 +317,30 @@ def test_export_for_sparsify_reconstructs_as_gsae_does(cache, tmp_path, capsys):
             exported = torch.zeros_like(acts).scatter_(1, indices, values) @ w["W_dec"] + w["b_dec"]
         torch.testing.assert_close(exported, expected, rtol=1e-4, atol=1e-4 * float(raw.abs().max()))
     assert run_cli(["export", "--run", tmp_path / "r", "--format", "sparsify"], capsys)[0] == 0  # again: rewritten
+    # interrupted before any of a folder's files: the same command finishes it (a folder killed before its
+    # gsae.json, cfg.json written, was refused as sparsify's own when gsae.json came last)
+    import pipeline.export as export_module
+
+    real = export_module.write_atomic
+    for file in ("gsae.json", "sae.safetensors", "cfg.json"):
+        def interrupted(url, data, file=file):
+            if str(url).endswith(f"{folders[-1]}/{file}"):
+                raise KeyboardInterrupt
+            real(url, data)
+
+        export_module.write_atomic = interrupted
+        try:
+            assert run_cli(["export", "--run", tmp_path / "r", "--format", "sparsify", "--out", tmp_path / file],
+                           capsys)[0] == 130
+        finally:
+            export_module.write_atomic = real
+        code, _, err = run_cli(["export", "--run", tmp_path / "r", "--format", "sparsify", "--out", tmp_path / file],
+                               capsys)
+        assert code == 0, (file, err)
+        for folder in folders:
+            for name in ("gsae.json", "sae.safetensors", "cfg.json"):
+                assert (tmp_path / file / folder / name).read_bytes() == \
+                    (tmp_path / "r" / "export-sparsify" / folder / name).read_bytes()
     assert run_cli(train_args(cache, tmp_path / "r2", "--groups", 1, "--tokens", 2048, "--seed", 1), capsys)[0] == 0
     code, _, err = run_cli(["export", "--run", tmp_path / "r2", "--format", "sparsify",
                             "--out", tmp_path / "r" / "export-sparsify"], capsys)
@@ -414,8 +438,10 @@ def test_resume_errors(cache, tmp_path, tiny_models, capsys):
     code, _, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "none", "--resume"], capsys)
     assert code == 1 and "nothing to resume" in err
     assert run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--tokens", 5000), capsys)[0] == 0
-    code, _, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "r", "--resume"], capsys)
-    assert code == 1 and "holds a finished run" in err
+    code, out, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "r", "--resume"], capsys)
+    assert code == 0 and "trained already (the same arguments): nothing to train" in out + err, err
+    code, _, err = run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--tokens", 6000), capsys)
+    assert code == 1 and "already holds a finished run, made with other arguments (--tokens 5000 → 6000)" in err
     (tmp_path / "r" / "summary.json").unlink()  # unfinished again: its last checkpoint is still there
     other = tmp_path / "other"
     assert run_cli(["cache", "--model", tiny_models["neox"], "--cache", other, "--tokens", 3000,
