@@ -22,6 +22,7 @@ from pipeline.grouping import (
     build_grouping,
     compute_distances,
     parse_layers,
+    sampled_from,
 )
 from pipeline.models import pick_device
 from pipeline.run import Run, cache_fingerprint, fingerprint_changes
@@ -217,12 +218,15 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
         raise GsaeError(f"cache {request.cache} holds no rows yet")
     layers = parse_layers(request.layers, store.n_layers)
     notes = []
-    tokens = request.tokens
-    if tokens > store.n_tokens:
+    tokens = min(request.tokens, store.n_tokens)  # as the grouping's arguments record it
+    candidates = sampled_from(store)
+    rows = sum(stop - start for start, stop in map(store.readable_rows, candidates))
+    if request.tokens > rows:
         # the default too, so not "--tokens" (nothing may have been typed), as gsae eval words it
-        notes.append(f"the cache holds {store.n_tokens:,} tokens (fewer than the {tokens:,} to sample): using all "
-                     f"{store.n_tokens:,} tokens")
-        tokens = store.n_tokens
+        held_out = store.n_chunks - len(candidates)
+        notes.append(f"the cache holds {rows:,} tokens to sample (fewer than the {request.tokens:,} asked"
+                     + (f"; its last {f'{held_out:,} chunks are' if held_out != 1 else 'chunk is'} held out for evaluation, "
+                        "and not sampled" if held_out else "") + f"): using all {rows:,}")
     arguments = _arguments(request, layers, tokens, store)
 
     try:

@@ -21,6 +21,7 @@ import torch
 from pipeline.errors import GsaeError
 from pipeline.models import pick_device
 from stores import ActivationStore
+from stores.stream import split_chunks
 
 DEFAULT_SAMPLE_TOKENS = 300_000
 DEFAULT_THRESHOLD = 0.2
@@ -81,11 +82,19 @@ def layer_span(layers: list[int], dash: str = "-", separator: str = ",") -> str:
     return separator.join(f"{run[0]}{dash}{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs)
 
 
+def sampled_from(store: ActivationStore) -> list[int]:
+    """The chunks the grouping samples: the training chunks, so that the layers' distances (and so the
+    partitions, G* and the AMAD of each) are not measured on the rows runs are evaluated on; all of a cache
+    of one chunk."""
+    return split_chunks(store)[0] if store.n_chunks >= 2 else list(range(store.n_chunks))
+
+
 def sample_chunks(store: ActivationStore, tokens: int, seed: int) -> list[int]:
-    """Whole chunks drawn at random (seeded) until they hold ``tokens`` rows; sorted."""
-    order = np.random.default_rng(seed).permutation(store.n_chunks)
+    """Whole chunks of :func:`sampled_from` drawn at random (seeded) until they hold ``tokens`` rows; sorted."""
+    candidates = sampled_from(store)
+    order = np.random.default_rng(seed).permutation(len(candidates))
     chosen, rows = [], 0
-    for chunk in order:
+    for chunk in (candidates[i] for i in order):
         if rows >= tokens:
             break
         start, stop = store.readable_rows(int(chunk))

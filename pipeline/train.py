@@ -32,7 +32,7 @@ from pipeline.sae import (ARCHITECTURES, L1_COEFFICIENT, TOP_K_ARCHITECTURES, Sp
                           default_lr)
 from stores import STORAGE_DTYPES, ActivationStore
 from stores.chunk_files import ChunkProcesses
-from stores.stream import TrainingStream, split_chunks
+from stores.stream import HELD_OUT_FRACTION, TrainingStream, split_chunks
 
 RUNS_ROOT = "runs"
 _SUMMARY_EVAL_ROWS = 16384  # held-out rows per layer for the summary's FVU
@@ -56,7 +56,7 @@ class TrainRequest:
     resume: bool = False
     device: str = "auto"
     seed: int = 0
-    eval_fraction: float = 0.05
+    eval_fraction: float = HELD_OUT_FRACTION
     dead_tokens: int | None = None
     checkpoint_every: int = 200
     log_every: int = 10

@@ -38,7 +38,11 @@ from stores.chunk_files import ChunkProcesses, usable_cores
 from stores.pinned import PinError, pin, pinned_empty, unpin
 
 
-def split_chunks(store: ActivationStore, eval_fraction: float) -> tuple[list[int], list[int]]:
+#: the share of a cache's chunks (its last ones) held out from training, for evaluation
+HELD_OUT_FRACTION = 0.05
+
+
+def split_chunks(store: ActivationStore, eval_fraction: float = HELD_OUT_FRACTION) -> tuple[list[int], list[int]]:
     """(training chunks, held-out chunks): the held-out slice is the last chunks of the corpus."""
     n = store.n_chunks
     if n < 2:

@@ -254,7 +254,11 @@ def test_a_grouping_from_an_older_format_is_recomputed(llama_cache, capsys):
 
 def test_group_more_tokens_than_cache_uses_all(llama_cache, capsys):
     code, _, err = run_cli(["group", "--cache", llama_cache, "--tokens", 10**9, "--metric", "uniform", "--force"], capsys)
-    assert code == 0 and "using all 2,000 tokens" in err
+    # all but the held-out chunk (the last of 16): runs are evaluated on its rows, and D is not measured on them
+    assert code == 0 and "holds 1,920 tokens to sample" in err and "its last chunk is held out" in err, err
+    assert "using all 1,920" in err
+    sample = json.loads((llama_cache / "groups" / "uniform.json").read_text())["sample"]
+    assert sample["chunks"] == list(range(15)) and sample["tokens"] == 1920
 
 
 def test_group_refuses_missing_or_incomplete_cache(llama_cache, tmp_path, capsys):
@@ -352,12 +356,12 @@ def test_group_allow_partial_on_a_cache_whose_writer_stopped_midway(tmp_path, ca
     assert code == 1 and "Traceback" not in err and "incomplete" in err and "--allow-partial" in err
     code, out, err = run_cli(["group", "--cache", path, "--allow-partial", "--layers", "0-3", "--tokens", 10**6], capsys)
     assert code == 0, err
-    assert "using all 192 tokens" in err and "G*" in out
+    assert "using all 128" in err and "G*" in out  # the last committed chunk held out
     partial = ActivationStore.open(str(path), allow_partial=True)
     expected = np.stack([values.astype(np.float64).mean(axis=0) for values in written])
     np.testing.assert_allclose(partial.mean, expected, rtol=1e-6, atol=1e-6)
     saved = json.loads((path / "groups" / "amad.json").read_text())
-    assert saved["sample"]["row_ranges"] == [[0, 64], [64, 128], [128, 192]]
+    assert saved["sample"]["row_ranges"] == [[0, 64], [64, 128]]
     np.testing.assert_allclose(np.asarray(saved["distance"]),
                                numpy_distance(partial, saved["layers"], saved["sample"]["row_ranges"]), atol=1e-4)
 
