@@ -131,7 +131,8 @@ def _storage(options: list[str], *locations: Optional[str]) -> None:
         except json.JSONDecodeError as exc:
             if value.lstrip()[:1] in ("{", "["):  # meant as JSON: as a string it fails later, far from here
                 raise GsaeError(f"--storage-option {key}: {value!r} is not valid JSON ({exc.msg}), e.g. "
-                                f"{key}='{{\"region_name\": \"us-east-1\"}}'") from None
+                                f"{key}='{{\"region_name\": \"us-east-1\"}}' (a string that starts so: give it "
+                                "as a JSON string, in double quotes)") from None
             parsed[key] = value
     _STORAGE_KEYS.update(parsed)
     use_storage_options(parsed, [str(location) for location in locations if location])
@@ -429,9 +430,8 @@ def train(
     if result.trained_already:
         console.print(f"{result.run} holds this run, trained already (the same arguments): nothing to train",
                       markup=False, highlight=False)
-        shown = ("sae", "layers", "train_fvu", "held_out_fvu", "l0", "held_out_l0", "dead_fraction", "tokens_per_s", "seconds")
-        if not all(isinstance(row.get(key), (int, float, list)) for row in result.rows for key in shown):
-            return  # a summary.json of an older gsae: its table is not shown again
+        if not result.rows:  # a summary.json of an older gsae, without every figure of the table
+            return
     table = Table(title=f"gsae train · {result.run}")
     # held-out FVU beside the L0 it was measured at (BatchTopK: its inference threshold's, not k)
     # an SAE's own steps: the run's SAEs take turns, so the bars' rates (wall time) are lower where there are several

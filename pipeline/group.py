@@ -26,7 +26,7 @@ from pipeline.grouping import (
 )
 from pipeline.models import pick_device
 from pipeline.run import Run, cache_fingerprint, fingerprint_changes
-from stores import ActivationStore, list_side_files, read_side_file, remove_side_files, write_side_file
+from stores import ActivationStore, StoreError, list_side_files, read_side_file, remove_side_files, write_side_file
 
 METRICS = ("amad", "uniform")
 # 2: true contiguous complete linkage (format 1 came from scikit-learn's connectivity-constrained
@@ -246,8 +246,18 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
         if existing.get("arguments") == arguments and not request.force:
             grouping = Grouping.from_json(existing)
             if _pictures_stale(store, existing):  # a kill between drawing them and writing the record
-                existing["picture_sha256"] = _draw_pictures(store, request.metric, grouping)
-                write_side_file(store, result_name(request.metric), json.dumps(existing, indent=1).encode())
+                try:
+                    existing["picture_sha256"] = _draw_pictures(store, request.metric, grouping)
+                    write_side_file(store, result_name(request.metric), json.dumps(existing, indent=1).encode())
+                except StoreError:  # a cache this process may not write (read-only storage): used as it is
+                    notes.append(f"the pictures beside {result_name(request.metric)} are not those of its grouping, "
+                                 "and cannot be redrawn here (the cache is not writable)")
+            held_out = sorted(set(grouping.sample.get("chunks", [])) - set(candidates))
+            if held_out:  # kept: runs may use it; the arguments are the same
+                notes = [note for note in notes if not note.startswith("the cache holds")]
+                notes.append(f"this grouping was made by an earlier gsae, which sampled the held-out chunks too "
+                             f"({', '.join(map(str, held_out[:5]))}{' ...' if len(held_out) > 5 else ''}): `gsae group "
+                             f"--metric {request.metric} --force` samples the training chunks only")
             return GroupResult(grouping, f"{store.path}/{result_name(request.metric)}",
                                [f"{store.path}/{name}" if name.startswith("groups/") else name  # older: full paths
                                 for name in existing.get("pictures", [])],

@@ -19,8 +19,8 @@ from pipeline.evaluate import (check_eval_arguments, check_held_out, eval_argume
 from pipeline.group import GroupingInUse, GroupRequest, run_group
 from pipeline.grouping import layer_span, parse_layers
 from pipeline.report import Report, build_report
-from pipeline.run import STATES, Run, RunConfig, cache_fingerprint, fingerprint_changes, join, write_atomic
-from pipeline.train import RUNS_ROOT, TrainRequest, argument_changes, check_sae_shape, train, validate_request
+from pipeline.run import STATES, Run, join, write_atomic
+from pipeline.train import RUNS_ROOT, TrainRequest, check_existing, check_sae_shape, plan, train, validate_request
 from stores import ActivationStore
 from stores.stream import split_chunks
 
@@ -67,29 +67,28 @@ def run_paper(request: PaperRequest, console: Any) -> Report:
     layers = f" --layers {request.layers}" if request.layers is not None else ""
     try:
         amad = run_group(GroupRequest(cache=request.cache, metric="amad", layers=request.layers), console).grouping
-        uniform = run_group(GroupRequest(cache=request.cache, metric="uniform", layers=request.layers), console).grouping
+        run_group(GroupRequest(cache=request.cache, metric="uniform", layers=request.layers), console)
     except GroupingInUse as exc:  # `gsae run` has no --force: it groups with `gsae group`'s other defaults
         raise GsaeError(f"{exc.problem}; `gsae run` groups with `gsae group`'s defaults: {exc.action} first with "
                         f"`gsae group --cache {request.cache} --metric {exc.metric}{layers} --force`") from None
     chosen, n_layers = amad.chosen, len(amad.layers)
     counts = request.groups or sorted({max(1, chosen - 1), chosen, min(n_layers, chosen + 1)})
-    plans = [("baseline", dict(baseline=True), [[layer] for layer in amad.layers])]
-    plans += [(f"amad-g{n}", dict(groups=n, metric="amad"), amad.groups_for(n)) for n in counts]
-    plans += [(f"uniform-g{chosen}", dict(groups=chosen, metric="uniform"), uniform.groups_for(chosen))]
+    plans = [("baseline", dict(baseline=True))]
+    plans += [(f"amad-g{n}", dict(groups=n, metric="amad")) for n in counts]
+    plans += [(f"uniform-g{chosen}", dict(groups=chosen, metric="uniform"))]
     slug = request.cache.rstrip("/").rsplit("/", 1)[-1]
-    fingerprint = cache_fingerprint(ActivationStore.open(request.cache))
     steps = []  # every run folder checked before any trains: a refusal does not come after hours of training
-    for label, options, groups in plans:
+    for label, options in plans:
         path = join(request.out, f"{slug}-{label}")
         train_request = TrainRequest(cache=request.cache, tokens=request.tokens, expansion=request.expansion,
                                      batch_size=request.batch_size, out=str(path), **options)
         config = Run.read_config(path)
+        if config is not None:  # as `gsae train` will: stop at a finished or checkpointed run made otherwise
+            check_existing(Run(path, config), train_request, plan(train_request)[0])
         state = Run(path, config).state if config is not None else None
-        # a run stopped before its first checkpoint holds nothing trained: train() replaces it, with a note
-        if state not in (None, "planned"):
-            _check_reusable(path, config, train_request, fingerprint, groups)
         steps.append((label, path, train_request, config, state))
-    console.print(f"layers {layer_span(amad.layers, '–')}: G* = {chosen} by AMAD, {_spans(amad.groups_for(chosen))}")
+    spans = ", ".join(f"[{layer_span(group, '–')}]" for group in amad.groups_for(chosen))
+    console.print(f"layers {layer_span(amad.layers, '–')}: G* = {chosen} by AMAD, {spans}")
     wanted = eval_arguments(tokens=EVAL_TOKENS, windows=request.windows)  # what evaluate_run below is asked
     runs = []
     for label, path, train_request, config, state in steps:
@@ -108,27 +107,6 @@ def run_paper(request: PaperRequest, console: Any) -> Report:
     report = build_report(runs, join(request.out, f"{slug}-report"))
     write_atomic(join(report.folder, "runs.json"), json.dumps(runs, indent=1))
     return report
-
-
-def _check_reusable(path: str, config: RunConfig, request: TrainRequest, fingerprint: dict[str, Any],
-                    groups: list[list[int]]) -> None:
-    """Refuse a run folder whose run is not the one this command would train: other arguments, another
-    cache (runs are named by the cache's folder name, which two caches may share), or another partition
-    (the grouping was replaced since, `gsae group --force`)."""
-    changes = argument_changes(config, request)
-    if changes:
-        raise GsaeError(f"{path} holds a run made with other arguments ({'; '.join(changes)}); pass another --out")
-    changes = fingerprint_changes(config.cache_fingerprint, fingerprint)
-    if changes:
-        raise GsaeError(f"{path} holds a run trained on another cache ({config.cache}; there vs here: "
-                        f"{'; '.join(changes)}); pass another --out")
-    if config.groups != groups:
-        raise GsaeError(f"{path} holds a run trained on the layer groups {_spans(config.groups)}, not on those of "
-                        f"the grouping now ({_spans(groups)}); pass another --out")
-
-
-def _spans(groups: list[list[int]]) -> str:
-    return ", ".join(f"[{layer_span(group, '–')}]" for group in groups)
 
 
 def _evaluation_needed(run: Run, wanted: dict[str, Any]) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -91,7 +92,7 @@ def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
     config = run.config
     evaluation = read_eval(run)
     records = evaluation["records"]
-    evaluated_with = evaluation.get("arguments") if isinstance(evaluation.get("arguments"), dict) else None
+    evaluated_with = _evaluated_with(evaluation.get("arguments"), records, config)
     summary = run.summary
     train_seconds = summary.get("train_seconds") if isinstance(summary, dict) else None
     if not isinstance(train_seconds, (int, float)):
@@ -119,6 +120,21 @@ def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
                        "k": config.k if config.architecture in TOP_K_ARCHITECTURES else None,
                        "l1_coefficient": None if config.architecture in TOP_K_ARCHITECTURES else config.l1_coefficient},
                       evaluated_with=evaluated_with)
+
+
+def _evaluated_with(arguments: Any, records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any] | None:
+    """What an evaluation measured, from the arguments its eval.json records (None where it records none):
+    ``tokens`` as the held-out rows it read (``--tokens`` above what the slice holds reads all of it), and
+    ``context_length`` as the cache's where it was left out (whole windows)."""
+    if not isinstance(arguments, dict):
+        return None
+    measured = dict(arguments)
+    rows = {record.get("tokens") for record in records}
+    if len(rows) == 1 and isinstance(next(iter(rows)), int):
+        measured["tokens"] = next(iter(rows))
+    if measured.get("context_length") is None:
+        measured["context_length"] = config.source.get("context_length")
+    return measured
 
 
 def _check_json_files(path: str, config: RunConfig) -> None:
@@ -153,23 +169,27 @@ def check_comparable(paths: list[str], runs: list["RunSummary"] | None = None) -
         seen[key] = path
     if not runs:
         return
+    # every pair: a run of an older gsae records fewer settings (cache, evaluation), so a reference run
+    # could leave a difference between two others unseen
+    for first, other in itertools.combinations(runs, 2):
+        differ = fingerprint_changes(first.cache_fingerprint, other.cache_fingerprint)
+        if differ:
+            raise GsaeError(f"cannot compare {first.path} and {other.path}: they were trained on different caches "
+                            f"({'; '.join(differ)})")
+        if first.evaluated_with is not None and other.evaluated_with is not None:
+            # dead % (never fired on the evaluation's rows) and the means depend on what was evaluated
+            evaluated = eval_argument_changes(first.evaluated_with, other.evaluated_with)
+            if evaluated:
+                raise GsaeError(f"cannot compare {first.path} and {other.path}: they were evaluated otherwise "
+                                f"({'; '.join(evaluated)}; --tokens: the held-out rows each measured); evaluate "
+                                "them alike with `gsae eval`")
     reference = next((r for r in runs if r.label == "baseline"), runs[0])
     for run in runs:
-        differ = fingerprint_changes(reference.cache_fingerprint, run.cache_fingerprint)
-        if differ:
-            raise GsaeError(f"cannot compare {reference.path} and {run.path}: they were trained on different caches "
-                            f"({'; '.join(differ)})")
         shape = [f"{key} {reference.sae.get(key)} vs {run.sae.get(key)}" for key in reference.sae
                  if reference.sae.get(key) != run.sae.get(key)]
         if shape:
             raise GsaeError(f"cannot compare {reference.path} and {run.path}: their SAEs differ ({'; '.join(shape)}); "
                             "train them with the same --architecture, --expansion and --k (or --l1-coefficient)")
-        if reference.evaluated_with is not None and run.evaluated_with is not None:
-            # dead % (never fired on the evaluation's tokens) and the means depend on how much was evaluated
-            evaluated = eval_argument_changes(reference.evaluated_with, run.evaluated_with)
-            if evaluated:
-                raise GsaeError(f"cannot compare {reference.path} and {run.path}: they were evaluated with other "
-                                f"arguments ({'; '.join(evaluated)}); evaluate them alike with `gsae eval`")
         if run.tokens_per_sae != reference.tokens_per_sae:
             raise GsaeError(f"cannot compare {reference.path} and {run.path}: {reference.tokens_per_sae:,} vs "
                             f"{run.tokens_per_sae:,} training tokens per SAE; train them with the same --tokens "

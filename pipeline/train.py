@@ -26,8 +26,8 @@ from pipeline.models import matmul_precision, pick_device
 from pipeline.processes import KINDS as READERS, start_processes, stop_processes, worker_nice, worker_threads
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
-from pipeline.run import (Run, RunConfig, cache_around, cache_fingerprint, checkpoint_step, fingerprint_changes, join,
-                          pack_training_state)
+from pipeline.run import (SUMMARY, Run, RunConfig, cache_around, cache_fingerprint, checkpoint_step, fingerprint_changes,
+                          join, pack_training_state)
 from pipeline.sae import (ARCHITECTURES, L1_COEFFICIENT, TOP_K_ARCHITECTURES, SparseAutoencoder, default_k,
                           default_lr)
 from stores import STORAGE_DTYPES, ActivationStore
@@ -112,13 +112,17 @@ def validate_request(request: TrainRequest) -> None:
 def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list[int]], str, dict[str, Any] | None]:
     """(groups, label, snapshot of the grouping they come from): the baseline's one layer per SAE, or the
     N-group partition of the grouping saved next to the cache (`gsae group` makes it)."""
-    record = grouping_record(store, request.metric)
     if request.baseline:
         # the layers of the --metric grouping, so that the baseline covers what the group runs cover (a
-        # `gsae group --layers` subset); without one, those grouping takes by default, without its two-layer
-        # minimum (a model of one or two blocks: one SAE)
+        # `gsae group --layers` subset); without one (or with a damaged one, which the baseline does not
+        # need), those grouping takes by default, without its two-layer minimum (one or two blocks: one SAE)
+        try:
+            record = grouping_record(store, request.metric)
+        except GsaeError:
+            record = None
         layers = Grouping.from_json(record).layers if record is not None else default_layers(store.n_layers) or [0]
         return [[layer] for layer in layers], "baseline", None
+    record = grouping_record(store, request.metric)
     if record is None:
         raise GsaeError(f"no {request.metric} grouping next to {store.path}: run `gsae group --metric "
                         f"{request.metric} --cache {store.path}` first (or train --baseline)")
@@ -268,9 +272,7 @@ def _open_run(request: TrainRequest, console: Any, scope: contextlib.ExitStack) 
             console.print(f"[yellow]note[/]: {request.out} has no checkpoint yet (it was stopped before its first): "
                           "training starts from step 0")
         return run, store
-    validate_request(request)
-    store = ActivationStore.open(request.cache)
-    config = _plan(request, store)
+    config, store = plan(request)
     path = request.out or join(RUNS_ROOT, f"{store.path.rstrip('/').rsplit('/', 1)[-1]}-{config.label}")
     inside = cache_around(path)  # before any note: nothing of a run goes into a cache
     if inside is not None:
@@ -282,20 +284,14 @@ def _open_run(request: TrainRequest, console: Any, scope: contextlib.ExitStack) 
         scope.enter_context(Run(path, existing).training_lock())  # from here: no other process trains or replaces it
         existing = Run.read_config(path)  # as it is now that none may change it
         run = Run(path, existing)
-        changes = argument_changes(existing, request)
+        changes = check_existing(run, request, config)
         if run.state in ("trained", "evaluated"):
-            if changes:
-                raise GsaeError(f"{path} already holds a finished run, made with other arguments "
-                                f"({'; '.join(changes)}); pass --out for a new one")
             raise _trained_already(run)
         checkpoint = run.latest_checkpoint()
-        if changes and checkpoint is None:  # stopped before its first checkpoint: nothing trained to lose
+        if changes:  # stopped before its first checkpoint: nothing trained to lose
             console.print(f"[yellow]note[/]: replacing the unfinished run in {path} ({'; '.join(changes)}): "
                           "it was stopped before its first checkpoint")
             existing = None
-        elif changes:
-            raise GsaeError(f"{path} holds an unfinished run made with other arguments ({'; '.join(changes)}); "
-                            f"continue it with `gsae train --out {path} --resume`, or pass --out for a new one")
     if existing is not None:
         where = (f"from its checkpoint at step {checkpoint_step(checkpoint):,}" if checkpoint else
                  "from step 0: it was stopped before its first checkpoint")
@@ -311,6 +307,63 @@ def _open_run(request: TrainRequest, console: Any, scope: contextlib.ExitStack) 
     if not locked:  # a new run (a replaced one's lock is held already)
         scope.enter_context(run.training_lock())
     return run, store
+
+
+def run_changes(existing: RunConfig, request: TrainRequest, planned: RunConfig) -> list[str]:
+    """How the run ``request`` plans (``planned``) differs from ``existing``, the run already in its folder:
+    its arguments, its cache (by fingerprint: two caches may share the folder name runs are named by), its
+    layer groups (the grouping replaced since, or the baseline's layers)."""
+    changes = argument_changes(existing, request)
+    cache = fingerprint_changes(existing.cache_fingerprint, planned.cache_fingerprint)
+    if cache:
+        changes.append(f"another cache ({existing.cache} there; {'; '.join(cache)})")
+    if existing.groups != planned.groups:
+        changes.append(f"layer groups {_spans(existing.groups)} → {_spans(planned.groups)}")
+    return changes
+
+
+def _spans(groups: list[list[int]]) -> str:
+    return " ".join(f"[{layer_span(group, '–')}]" for group in groups)
+
+
+def check_existing(run: Run, request: TrainRequest, planned: RunConfig) -> list[str]:
+    """What the same command may do with the run already in its --out.  A finished run, or one with a
+    checkpoint, made otherwise (:func:`run_changes`) stops it, in one line naming the changes; a run stopped
+    before its first checkpoint made otherwise is replaced (its changes are returned); [] where the run is
+    the one asked for (continued, or trained already)."""
+    changes = run_changes(run.config, request, planned)
+    if changes and run.state in ("trained", "evaluated"):
+        raise GsaeError(f"{run.path} already holds a finished run, made otherwise ({'; '.join(changes)}); pass --out "
+                        "for a new one")
+    if changes and run.latest_checkpoint() is not None:
+        raise GsaeError(f"{run.path} holds an unfinished run made otherwise ({'; '.join(changes)}); continue it with "
+                        f"`gsae train --out {run.path} --resume`, or pass --out for a new one")
+    return changes
+
+
+def plan(request: TrainRequest) -> tuple[RunConfig, ActivationStore]:
+    """The run ``request`` would make, and its cache (refusing what :func:`validate_request` refuses)."""
+    validate_request(request)
+    store = ActivationStore.open(request.cache)
+    return _plan(request, store), store
+
+
+_ROW_NUMBERS = ("train_fvu", "held_out_fvu", "l0", "held_out_l0", "dead_fraction", "tokens_per_s", "seconds")
+
+
+def _summary_rows(run: Run) -> list[dict[str, Any]]:
+    """A finished run's rows, as `gsae train` showed them: those of its summary.json, checked (a damaged file
+    is one line naming it); [] for a summary of an older gsae without every figure of the table."""
+    summary = run.summary  # a file that is not JSON is one line already
+    rows = summary.get("saes") if isinstance(summary, dict) else None
+    if not isinstance(rows, list) or len(rows) != len(run.config.groups) or not all(isinstance(r, dict) for r in rows):
+        raise GsaeError(f"{run.url(SUMMARY)} is damaged (not a row per SAE); train the run again (pass --out for a "
+                        "new one, or delete it)")
+    def whole(row: dict[str, Any]) -> bool:
+        return (isinstance(row.get("sae"), int) and isinstance(row.get("layers"), list)
+                and all(isinstance(layer, int) for layer in row["layers"])
+                and all(isinstance(row.get(key), (int, float)) for key in _ROW_NUMBERS))
+    return rows if all(whole(row) for row in rows) else []
 
 
 class TrainedAlready(Exception):
@@ -514,9 +567,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
         try:
             run, store = _open_run(request, console, scope)  # locked until the SAE files and the summary are written
         except TrainedAlready as done:
-            summary = done.run.summary if isinstance(done.run.summary, dict) else {}
-            return TrainResult(done.run.path, list(summary.get("saes", [])), 0.0, done.run.config.steps,
-                               trained_already=True)
+            return TrainResult(done.run.path, _summary_rows(done.run), 0.0, done.run.config.steps, trained_already=True)
         ranks.barrier()
     else:
         ranks.barrier()  # rank 0 has created or checked the run

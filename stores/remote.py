@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import threading
+import time
+import uuid
 from typing import Any
 
 import fsspec
@@ -42,38 +43,38 @@ def write_whole(url: str, data: bytes | str) -> None:
         fs.pipe_file(path, payload)
         return
     folder, name = os.path.dirname(path), os.path.basename(path)
-    # a temporary of this writer's own: two processes writing one file (two `gsae eval` of a run) each
-    # rename their own whole file into place, where a shared name had one rename the other's away mid-write
-    partial = f"{folder}/.{name}.{os.getpid()}-{threading.get_ident()}.partial"
-    with open(partial, "wb") as handle:
-        handle.write(payload)
-    os.replace(partial, path)
+    # a temporary of this writer's own (as chunk_files' chunk writes): two processes writing one file (two
+    # `gsae eval` of a run) each rename their own whole file into place, where a shared name had one
+    # rename the other's away mid-write; a process id would not tell writers in other containers apart
+    partial = f"{folder}/.{name}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(payload)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
     _remove_stale_temporaries(folder, name)
 
 
+#: a temporary this old is a killed writer's: writing one of gsae's files takes seconds
+STALE_SECONDS = 3600
+
+
 def _remove_stale_temporaries(folder: str, name: str) -> None:
-    """Remove the temporaries of ``name`` that writers killed before their rename left (their process is
-    gone), and the one of gsae before temporaries carried their writer's id."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.(?:(\d+)-\d+\.)?partial")
+    """Remove the temporaries of ``name`` that writers killed before their rename left: those older than
+    :data:`STALE_SECONDS` (gsae's before temporaries had a writer's own name among them)."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(?:[0-9a-f]{{32}}\.)?partial")
     try:
-        entries = [(entry, match[1]) for entry in os.listdir(folder) if (match := pattern.fullmatch(entry))]
+        entries = [entry for entry in os.listdir(folder) if pattern.fullmatch(entry)]
     except OSError:
         return
-    for entry, writer in entries:
-        if writer is not None and _alive(int(writer)):
-            continue
+    now = time.time()
+    for entry in entries:
         with contextlib.suppress(OSError):
-            os.remove(f"{folder}/{entry}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+            if now - os.stat(f"{folder}/{entry}").st_mtime > STALE_SECONDS:
+                os.remove(f"{folder}/{entry}")
 
 
 class RemoteError(Exception):

@@ -215,8 +215,9 @@ def test_run_reuses_only_runs_of_this_cache_and_these_groups(tiny_models, tmp_pa
     code, _, err = run_cli([*args, "--cache", a, "--out", tmp_path / "runs"], capsys)
     assert code == 0 and "layers 0–1: G* = " in err, err
     line = _one_line_error(*run_cli([*args, "--cache", b, "--out", tmp_path / "runs"], capsys)[::2])
-    assert "c-baseline holds a run trained on another cache" in line and "chunk tokens 400 vs 500" in line
-    # eval and report compare the same settings
+    assert "c-baseline already holds a finished run, made otherwise (another cache" in line
+    assert "chunk tokens 400 vs 500" in line
+    # eval compares the same settings (report: test_report_refuses_runs_that_cannot_be_compared)
     line = _one_line_error(*run_cli(["eval", "--run", tmp_path / "runs" / "c-baseline", "--windows", 0,
                                      "--cache", b], capsys)[::2])
     assert "is not the one" in line and "chunk tokens 400 vs 500" in line
@@ -226,9 +227,14 @@ def test_run_reuses_only_runs_of_this_cache_and_these_groups(tiny_models, tmp_pa
     for metric in ("amad", "uniform"):
         assert run_cli(["group", "--cache", a, "--metric", metric, "--layers", "1-2", "--force"], capsys)[0] == 0
     line = _one_line_error(*run_cli([*args, "--cache", a, "--out", tmp_path / "runs", "--layers", "1-2"], capsys)[::2])
-    assert "c-baseline holds a run trained on the layer groups [0], [1], not on those of the grouping now ([1], [2])" in line
+    assert "c-baseline already holds a finished run, made otherwise (layer groups [0] [1] → [1] [2])" in line
+    # a run stopped before its first checkpoint holds nothing trained: replaced, also where its groups changed
+    stopped = tmp_path / "sub" / "c-amad-g1"
+    stopped.mkdir(parents=True)
+    (stopped / "config.json").write_bytes((tmp_path / "runs" / "c-amad-g1" / "config.json").read_bytes())
     code, _, err = run_cli([*args, "--cache", a, "--out", tmp_path / "sub", "--layers", "1-2"], capsys)
     assert code == 0 and "layers 1–2: G* = " in err, err
+    assert "replacing the unfinished run" in err and "layer groups [0–1] → [1–2]" in err
     for label, groups in (("baseline", [[1], [2]]), ("amad-g1", [[1, 2]])):
         assert json.loads((tmp_path / "sub" / f"c-{label}" / "config.json").read_text())["groups"] == groups
     # `gsae train --baseline` follows the grouping too
@@ -244,10 +250,22 @@ def test_report_refuses_runs_evaluated_otherwise(pair, tmp_path, capsys):
 
     other = tmp_path / "g1"
     shutil.copytree(pair["g1"], other)
+    # --tokens 1000 reads all of the 400 held-out rows, as the default does: the same evaluation
     assert run_cli(["eval", "--run", other, "--windows", 0, "--tokens", 1000], capsys)[0] == 0
+    assert run_cli(["report", "--runs", pair["base"], "--runs", other, "--out", tmp_path / "rep"], capsys)[0] == 0
+    assert run_cli(["eval", "--run", other, "--windows", 0, "--tokens", 200], capsys)[0] == 0
     line = _one_line_error(*run_cli(["report", "--runs", pair["base"], "--runs", other, "--out", tmp_path / "rep"],
                                     capsys)[::2])
-    assert "evaluated with other arguments (--tokens 16384 → 1000)" in line
+    assert "evaluated otherwise (--tokens 400 → 200" in line
+    # compared pairwise: the two group runs, beside a baseline whose eval.json records no arguments (an
+    # older gsae's), were compared with that baseline only
+    recorded = json.loads((pair["base"] / "eval.json").read_text())
+    older = tmp_path / "older"
+    shutil.copytree(pair["base"], older)
+    (older / "eval.json").write_text(json.dumps({key: recorded[key] for key in ("run", "records")}))
+    line = _one_line_error(*run_cli(["report", "--runs", older, "--runs", pair["g1"], "--runs", other,
+                                     "--out", tmp_path / "rep"], capsys)[::2])
+    assert "evaluated otherwise" in line and str(other) in line
     assert run_cli(["report", "--runs", pair["base"], "--runs", pair["g1"], "--out", tmp_path / "rep"], capsys)[0] == 0
 
 

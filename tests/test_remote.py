@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,21 +180,22 @@ def test_ranks_get_balanced_whole_saes():
         assert load <= 4 / 3 * best + 1e-9
 
 
-def test_write_whole_uses_a_temporary_of_its_own_and_removes_dead_writers(tmp_path):
+def test_write_whole_uses_a_temporary_of_its_own_and_removes_stale_ones(tmp_path):
     """Two `gsae eval` of one run shared `.eval.json.partial`: the second's rename took the first's file
-    away, which then failed ("No such file or directory"), and a rename mid-write could have published half
-    a file. Each writer now has its own; those of killed writers (and of older gsae) go at the next write."""
+    away, which then failed ("No such file or directory"). Each writer now has its own temporary; those a
+    killed writer left (older than an hour; gsae's older, unnamed one too) go at the next write of the file."""
     import threading
+    import time
 
-    from stores.remote import write_whole
+    from stores.remote import STALE_SECONDS, write_whole
 
     target = tmp_path / "eval.json"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    live = f".eval.json.{os.getpid()}-{threading.get_ident() + 1}.partial"  # another thread of a live process
-    for name in (f".eval.json.{dead.pid}-1.partial", ".eval.json.partial", live, ".eval.json.x.partial",
-                 ".eval.json.tmp.1-2.partial"):
+    old, recent = f".eval.json.{'a' * 32}.partial", f".eval.json.{'b' * 32}.partial"
+    for name in (old, ".eval.json.partial", recent, ".eval.json.x.partial", ".eval.json2.partial"):
         (tmp_path / name).write_text("left")
+    for name in (old, ".eval.json.partial", ".eval.json.x.partial", ".eval.json2.partial"):
+        stamp = time.time() - STALE_SECONDS - 60
+        os.utime(tmp_path / name, (stamp, stamp))
     errors = []
 
     def write(text: str) -> None:
@@ -212,6 +211,6 @@ def test_write_whole_uses_a_temporary_of_its_own_and_removes_dead_writers(tmp_pa
     for thread in writers:
         thread.join()
     assert not errors and target.read_text() in ("a" * 1000, "b" * 1000)
-    # the dead writer's and the old unnamed temporaries are gone; a live writer's and other files stay
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval.json", live, ".eval.json.x.partial",
-                                                                 ".eval.json.tmp.1-2.partial"])
+    # the stale temporaries of eval.json are gone; a recent one (a writer at work) and other files stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval.json", recent, ".eval.json.x.partial",
+                                                                 ".eval.json2.partial"])

@@ -441,7 +441,12 @@ def test_resume_errors(cache, tmp_path, tiny_models, capsys):
     code, out, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "r", "--resume"], capsys)
     assert code == 0 and "trained already (the same arguments): nothing to train" in out + err, err
     code, _, err = run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--tokens", 6000), capsys)
-    assert code == 1 and "already holds a finished run, made with other arguments (--tokens 5000 → 6000)" in err
+    assert code == 1 and "already holds a finished run, made otherwise (--tokens 5000 → 6000)" in err
+    summary = (tmp_path / "r" / "summary.json").read_text()
+    (tmp_path / "r" / "summary.json").write_text('{"saes": 3}')  # damaged: named in one line
+    code, _, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "r", "--resume"], capsys)
+    assert code == 1 and "summary.json is damaged" in err and "Traceback" not in err, err
+    (tmp_path / "r" / "summary.json").write_text(summary)
     (tmp_path / "r" / "summary.json").unlink()  # unfinished again: its last checkpoint is still there
     other = tmp_path / "other"
     assert run_cli(["cache", "--model", tiny_models["neox"], "--cache", other, "--tokens", 3000,
