@@ -134,11 +134,16 @@ def write_chunk_file(path: str, codec: Any, values: np.ndarray) -> None:
     encoded = np.frombuffer(codec.encode(raw), dtype=np.uint8)
     checksum = np.uint32(chunk_checksum(encoded)).tobytes()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.{uuid.uuid4().hex}.partial"
+    replace_whole(path, f"{path}.{uuid.uuid4().hex}.partial", encoded, checksum)
+
+
+def replace_whole(path: str, temporary: str, *parts: Any) -> None:
+    """Write ``parts`` (bytes-like) to ``temporary``, a name of this writer's own, and rename it to ``path``:
+    a kill leaves the old file or the new one, never half of one; a failure removes the temporary."""
     try:
         with open(temporary, "wb") as handle:
-            handle.write(encoded)
-            handle.write(checksum)
+            for part in parts:
+                handle.write(part)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -21,6 +21,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
+from stores.chunk_files import replace_whole
 from stores.messages import first_line
 
 #: the extra of gsae that installs each protocol's file system (`pip install 'gsae[s3]'`)
@@ -46,15 +47,7 @@ def write_whole(url: str, data: bytes | str) -> None:
     # a temporary of this writer's own (as chunk_files' chunk writes): two processes writing one file (two
     # `gsae eval` of a run) each rename their own whole file into place, where a shared name had one
     # rename the other's away mid-write; a process id would not tell writers in other containers apart
-    partial = f"{folder}/.{name}.{uuid.uuid4().hex}.partial"
-    try:
-        with open(partial, "wb") as handle:
-            handle.write(payload)
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise
+    replace_whole(path, f"{folder}/.{name}.{uuid.uuid4().hex}.partial", payload)
     _remove_stale_temporaries(folder, name)
 
 
