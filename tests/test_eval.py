@@ -181,8 +181,12 @@ def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, caps
     assert runs[0].endswith("c-baseline") and any(r.endswith("uniform-g" + r[-1]) for r in runs)
     assert len(labels) >= 3
     before = {run: (tmp_path / "runs" / run.split("/")[-1] / "sae_0.safetensors").stat().st_mtime for run in runs}
+    left = tmp_path / "runs" / "c-baseline" / "checkpoints"  # as a kill after the run's summary leaves them
+    (left / "step-000000008").mkdir(parents=True)
+    (left / "latest").write_text("step-000000008")
     code, _, err = run_cli(args, capsys)
     assert code == 0 and "trained already" in err
+    assert not left.exists()
     after = {run: (tmp_path / "runs" / run.split("/")[-1] / "sae_0.safetensors").stat().st_mtime for run in runs}
     assert before == after
     # an eval.json made with other arguments (or recording none) is made again with this command's
