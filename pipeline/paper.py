@@ -95,11 +95,11 @@ def run_paper(request: PaperRequest, console: Any) -> Report:
         if state is None or STATES.index(state) < STATES.index("trained"):
             verb = "continuing" if config is not None else "training"
             console.print(f"[bold]{verb} {label}[/] → {path}")
+            train(train_request, console)  # an unfinished run with the same arguments continues
         else:
             console.print(f"{label}: trained already ({path})")
-        # an unfinished run with the same arguments continues; a trained one loses the checkpoints a kill
-        # after its summary left
-        train(train_request, console)
+            if Run(path, config).has_checkpoints():  # a kill after its summary left them: train removes them
+                train(train_request, console)  # (only then: a trained run may lie where this process cannot write)
         reason = _evaluation_needed(Run.open(path), wanted)
         if reason is not None:
             console.print(f"evaluating {label}" + (f" again: {reason}" if reason else ""))

@@ -124,14 +124,15 @@ def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
 
 def _evaluated_with(arguments: Any, records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any] | None:
     """What an evaluation measured, from the arguments its eval.json records (None where it records none):
-    ``tokens`` as the held-out rows it read (``--tokens`` above what the slice holds reads all of it), and
-    ``context_length`` as the cache's where it was left out (whole windows)."""
+    ``tokens`` and ``windows`` as the held-out rows and windows it read (more than the slice holds reads all
+    of it), and ``context_length`` as the cache's where it was left out (whole windows)."""
     if not isinstance(arguments, dict):
         return None
     measured = dict(arguments)
-    rows = {record.get("tokens") for record in records}
-    if len(rows) == 1 and isinstance(next(iter(rows)), int):
-        measured["tokens"] = next(iter(rows))
+    for key, recorded in (("tokens", "tokens"), ("windows", "eval_windows")):  # as read: a slice may hold fewer
+        values = {record.get(recorded) for record in records}
+        if len(values) == 1 and isinstance(next(iter(values)), int):
+            measured[key] = next(iter(values))
     if measured.get("context_length") is None:
         measured["context_length"] = config.source.get("context_length")
     return measured
@@ -181,8 +182,7 @@ def check_comparable(paths: list[str], runs: list["RunSummary"] | None = None) -
             evaluated = eval_argument_changes(first.evaluated_with, other.evaluated_with)
             if evaluated:
                 raise GsaeError(f"cannot compare {first.path} and {other.path}: they were evaluated otherwise "
-                                f"({'; '.join(evaluated)}; --tokens: the held-out rows each measured); evaluate "
-                                "them alike with `gsae eval`")
+                                f"({'; '.join(evaluated)}: what each measured); evaluate them alike with `gsae eval`")
     reference = next((r for r in runs if r.label == "baseline"), runs[0])
     for run in runs:
         shape = [f"{key} {reference.sae.get(key)} vs {run.sae.get(key)}" for key in reference.sae

@@ -361,6 +361,10 @@ class Run:
         except FileNotFoundError:
             return []
 
+    def has_checkpoints(self) -> bool:
+        """Whether ``checkpoints/`` holds anything (a finished run's are removed; a kill may leave them)."""
+        return bool(self._listdir(CHECKPOINTS))
+
     def latest_checkpoint(self) -> str | None:
         pointer = self._read(CHECKPOINTS, "latest")
         if pointer is None:

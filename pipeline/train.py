@@ -81,8 +81,9 @@ class TrainResult:
     trained_already: bool = False  # nothing trained: the run was finished before this call
 
 
-def validate_request(request: TrainRequest) -> None:
-    """Refuse, before anything is made, a request whose options cannot train (one line each)."""
+def validate_request(request: TrainRequest, device: bool = True) -> None:
+    """Refuse, before anything is made, a request whose options cannot train (one line each); ``device``:
+    also one whose --device is not here."""
     if request.architecture not in ARCHITECTURES:
         raise GsaeError(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
     if request.reader not in READERS:
@@ -106,7 +107,8 @@ def validate_request(request: TrainRequest) -> None:
         raise GsaeError(f"--precision must be one of {', '.join(PRECISIONS)} (got {request.precision})")
     if request.groups is not None and request.baseline:
         raise GsaeError("give either --groups N or --baseline, not both")
-    pick_device(request.device)  # before the run folder is made: a run that cannot start leaves nothing
+    if device:
+        pick_device(request.device)  # before the run folder is made: a run that cannot start leaves nothing
 
 
 def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list[int]], str, dict[str, Any] | None]:
@@ -114,12 +116,9 @@ def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list
     N-group partition of the grouping saved next to the cache (`gsae group` makes it)."""
     if request.baseline:
         # the layers of the --metric grouping, so that the baseline covers what the group runs cover (a
-        # `gsae group --layers` subset); without one (or with a damaged one, which the baseline does not
-        # need), those grouping takes by default, without its two-layer minimum (one or two blocks: one SAE)
-        try:
-            record = grouping_record(store, request.metric)
-        except GsaeError:
-            record = None
+        # `gsae group --layers` subset; a damaged one is named in one line); without one, those grouping
+        # takes by default, without its two-layer minimum (a model of one or two blocks: one SAE)
+        record = grouping_record(store, request.metric)
         layers = Grouping.from_json(record).layers if record is not None else default_layers(store.n_layers) or [0]
         return [[layer] for layer in layers], "baseline", None
     record = grouping_record(store, request.metric)
@@ -174,11 +173,11 @@ def check_sae_shape(d: int, expansion: float, k: int | None, uses_k: bool = True
 
 
 def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
-    """The run's configuration: groups, scales, SAE shape, learning rate, held-out slice."""
+    """The run's configuration: groups, scales, SAE shape, learning rate, held-out slice (whether it fits
+    this machine is :func:`_check_trainable`'s)."""
     d = store.d_model
     n_latents, k = check_sae_shape(d, request.expansion, request.k, uses_k=request.architecture in TOP_K_ARCHITECTURES)
     groups, label, grouping = _partition(request, store)
-    _check_fits(len(groups), n_latents, d, request)
     try:
         train_chunks, eval_chunks = split_chunks(store, request.eval_fraction)
     except ValueError as exc:
@@ -272,6 +271,9 @@ def _open_run(request: TrainRequest, console: Any, scope: contextlib.ExitStack) 
             console.print(f"[yellow]note[/]: {request.out} has no checkpoint yet (it was stopped before its first): "
                           "training starts from step 0")
         return run, store
+    at_out = Run.read_config(request.out) if request.out else None
+    if at_out is None or Run(request.out, at_out).state not in ("trained", "evaluated"):
+        pick_device(request.device)  # first (a finished run is found so without its device: _check_trainable)
     config, store = plan(request)
     path = request.out or join(RUNS_ROOT, f"{store.path.rstrip('/').rsplit('/', 1)[-1]}-{config.label}")
     inside = cache_around(path)  # before any note: nothing of a run goes into a cache
@@ -292,6 +294,7 @@ def _open_run(request: TrainRequest, console: Any, scope: contextlib.ExitStack) 
             console.print(f"[yellow]note[/]: replacing the unfinished run in {path} ({'; '.join(changes)}): "
                           "it was stopped before its first checkpoint")
             existing = None
+    _check_trainable(config, request)
     if existing is not None:
         where = (f"from its checkpoint at step {checkpoint_step(checkpoint):,}" if checkpoint else
                  "from step 0: it was stopped before its first checkpoint")
@@ -342,10 +345,18 @@ def check_existing(run: Run, request: TrainRequest, planned: RunConfig) -> list[
 
 
 def plan(request: TrainRequest) -> tuple[RunConfig, ActivationStore]:
-    """The run ``request`` would make, and its cache (refusing what :func:`validate_request` refuses)."""
-    validate_request(request)
+    """The run ``request`` would make, and its cache (refusing what :func:`validate_request` refuses, but
+    not a device this machine lacks, nor SAEs too large for it: a run trained elsewhere is still found to
+    be trained already here)."""
+    validate_request(request, device=False)
     store = ActivationStore.open(request.cache)
     return _plan(request, store), store
+
+
+def _check_trainable(config: RunConfig, request: TrainRequest) -> None:
+    """Refuse, before a run is made or continued, a device this machine lacks or SAEs that do not fit it."""
+    pick_device(request.device)
+    _check_fits(len(config.groups), config.n_latents, config.d_in, request)
 
 
 _ROW_NUMBERS = ("train_fvu", "held_out_fvu", "l0", "held_out_l0", "dead_fraction", "tokens_per_s", "seconds")

@@ -58,7 +58,7 @@ STALE_SECONDS = 3600
 def _remove_stale_temporaries(folder: str, name: str) -> None:
     """Remove the temporaries of ``name`` that writers killed before their rename left: those older than
     :data:`STALE_SECONDS` (gsae's before temporaries had a writer's own name among them)."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.(?:[0-9a-f]{{32}}\.)?partial")
+    pattern = re.compile(rf"\.{re.escape(name)}\.(?:[0-9a-f]{{32}}\.|\d+-\d+\.)?partial")  # and 7866963's pid-thread
     try:
         entries = [entry for entry in os.listdir(folder) if pattern.fullmatch(entry)]
     except OSError:

@@ -162,7 +162,7 @@ def test_runs_that_share_a_label_are_told_apart_by_their_folders():
     assert [r.label for r in runs][:3] == ["baseline", "amad-g3", "amad-g3"]  # what the report's logic keys on
 
 
-def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, capsys):
+def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, capsys, monkeypatch):
     cache = make_cache(tiny_models["neox"], tmp_path / "c", tokens=6000, context_length=32, batch_size=8,
                        chunk_tokens=400)
     args = ["run", "--cache", cache, "--tokens", 4096, "--batch-size", 512, "--windows", 2, "--out", tmp_path / "runs"]
@@ -184,9 +184,19 @@ def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, caps
     left = tmp_path / "runs" / "c-baseline" / "checkpoints"  # as a kill after the run's summary leaves them
     (left / "step-000000008").mkdir(parents=True)
     (left / "latest").write_text("step-000000008")
+    # trained runs are found so where they could not be trained (SAEs too large for this machine, say
+    # trained on a GPU and reported from a laptop): the check that they fit is made before training only
+    import pipeline.train as train_module
+    from pipeline.errors import GsaeError
+
+    def too_large(*_):
+        raise GsaeError("the SAEs do not fit")
+
+    monkeypatch.setattr(train_module, "_check_fits", too_large)
     code, _, err = run_cli(args, capsys)
-    assert code == 0 and "trained already" in err
+    assert code == 0 and "trained already" in err, err
     assert not left.exists()
+    monkeypatch.undo()
     after = {run: (tmp_path / "runs" / run.split("/")[-1] / "sae_0.safetensors").stat().st_mtime for run in runs}
     assert before == after
     # an eval.json made with other arguments (or recording none) is made again with this command's
@@ -241,10 +251,30 @@ def test_run_reuses_only_runs_of_this_cache_and_these_groups(tiny_models, tmp_pa
     assert "replacing the unfinished run" in err and "layer groups [0–1] → [1–2]" in err
     for label, groups in (("baseline", [[1], [2]]), ("amad-g1", [[1, 2]])):
         assert json.loads((tmp_path / "sub" / f"c-{label}" / "config.json").read_text())["groups"] == groups
-    # `gsae train --baseline` follows the grouping too
-    assert run_cli(["train", "--cache", a, "--baseline", "--tokens", 1024, "--batch-size", 512,
-                    "--out", tmp_path / "base"], capsys)[0] == 0
+    # `gsae train --baseline` follows the grouping too, and names a damaged one rather than take other layers
+    base = ["train", "--cache", a, "--baseline", "--tokens", 1024, "--batch-size", 512, "--out", tmp_path / "base"]
+    assert run_cli(base, capsys)[0] == 0
     assert json.loads((tmp_path / "base" / "config.json").read_text())["groups"] == [[1], [2]]
+    (a / "groups" / "amad.json").write_text('{"broken')
+    line = _one_line_error(*run_cli(base, capsys)[::2])
+    assert "amad.json" in line and "damaged" in line
+
+
+def test_an_evaluation_is_compared_by_what_it_measured():
+    """--tokens and --windows above what the held-out slice holds read all of it: the same evaluation as
+    any other that reads all of it; --context-length left out is the cache's windows."""
+    from types import SimpleNamespace
+
+    from pipeline.report import _evaluated_with
+
+    config = SimpleNamespace(source={"context_length": 64})
+    records = [{"layer": 0, "tokens": 400, "eval_windows": 15}, {"layer": 1, "tokens": 400, "eval_windows": 15}]
+    for asked in ({"tokens": 16384, "windows": 40, "context_length": None},
+                  {"tokens": 1000, "windows": 15, "context_length": 64}):
+        assert _evaluated_with(asked, records, config) == {"tokens": 400, "windows": 15, "context_length": 64}
+    assert _evaluated_with({"tokens": 16384, "windows": 0, "context_length": None}, [{"layer": 0, "tokens": 400}],
+                           config) == {"tokens": 400, "windows": 0, "context_length": 64}
+    assert _evaluated_with(None, records, config) is None
 
 
 def test_report_refuses_runs_evaluated_otherwise(pair, tmp_path, capsys):

@@ -191,9 +191,10 @@ def test_write_whole_uses_a_temporary_of_its_own_and_removes_stale_ones(tmp_path
 
     target = tmp_path / "eval.json"
     old, recent = f".eval.json.{'a' * 32}.partial", f".eval.json.{'b' * 32}.partial"
-    for name in (old, ".eval.json.partial", recent, ".eval.json.x.partial", ".eval.json2.partial"):
+    pid_named = ".eval.json.12345-6789.partial"  # as 7866963 named them
+    for name in (old, ".eval.json.partial", pid_named, recent, ".eval.json.x.partial", ".eval.json2.partial"):
         (tmp_path / name).write_text("left")
-    for name in (old, ".eval.json.partial", ".eval.json.x.partial", ".eval.json2.partial"):
+    for name in (old, ".eval.json.partial", pid_named, ".eval.json.x.partial", ".eval.json2.partial"):
         stamp = time.time() - STALE_SECONDS - 60
         os.utime(tmp_path / name, (stamp, stamp))
     errors = []
