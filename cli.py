@@ -138,7 +138,6 @@ def _storage(options: list[str], *locations: Optional[str]) -> None:
     use_storage_options(parsed, [str(location) for location in locations if location])
 
 
-
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -360,7 +359,7 @@ def group(
 ) -> None:
     """Compute layer distances (Dask, sampled chunks), the AMAD curve and the layer groups."""
     from pipeline.group import run_group
-    from pipeline.grouping import layer_span
+    from pipeline.grouping import layer_span, partition_text
 
     _storage(storage_option, cache)
     result = run_group(GroupRequest(
@@ -382,7 +381,7 @@ def group(
         table.add_row(f"{point['n_groups']}{mark}", f"{point['amad']:.3f}", spans, style=style)
     report.print(table)
     chosen = grouping.groups_for(grouping.chosen)
-    report.print(f"G* = {grouping.chosen}: " + ", ".join(f"[{layer_span(g, '–')}]" for g in chosen))
+    report.print(f"G* = {grouping.chosen}: {partition_text(chosen)}")
     if not result.reused:  # a reused result was said so above; nothing was written
         report.print(f"saved {result.json_path}" + (f" and {len(result.pictures)} pictures" if result.pictures else "")
                      + f" in {result.seconds:.1f} s")

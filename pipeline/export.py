@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save
 
 from pipeline.errors import GsaeError
-from pipeline.run import Run, join, write_atomic
+from pipeline.run import Run, cache_fingerprint, fingerprint_changes, join, write_atomic
+from stores import ActivationStore, StoreError
 
 FORMATS = ("saelens", "sparsify")
 
@@ -140,9 +141,6 @@ def _hookpoint_prefix(trained: Run) -> str:
     sparsify names a hookpoint, as its trainer does (`--hookpoints layers.5`)."""
     blocks = trained.config.source.get("blocks_path")
     if blocks is None:  # runs from before the run recorded it: its cache knows, if it is still this run's
-        from pipeline.run import cache_fingerprint, fingerprint_changes
-        from stores import ActivationStore, StoreError
-
         try:
             store = ActivationStore.open(trained.config.cache, allow_partial=True)
             same = not fingerprint_changes(trained.config.cache_fingerprint, cache_fingerprint(store))

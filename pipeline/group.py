@@ -221,12 +221,13 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
     tokens = min(request.tokens, store.n_tokens)  # as the grouping's arguments record it
     candidates = sampled_from(store)
     rows = sum(stop - start for start, stop in map(store.readable_rows, candidates))
+    all_rows = []  # the note that all the rows to sample are used
     if request.tokens > rows:
         # the default too, so not "--tokens" (nothing may have been typed), as gsae eval words it
         held_out = store.n_chunks - len(candidates)
-        notes.append(f"the cache holds {rows:,} tokens to sample (fewer than the {request.tokens:,} asked"
-                     + (f"; its last {f'{held_out:,} chunks are' if held_out != 1 else 'chunk is'} held out for evaluation, "
-                        "and not sampled" if held_out else "") + f"): using all {rows:,}")
+        all_rows.append(f"the cache holds {rows:,} tokens to sample (fewer than the {request.tokens:,} asked"
+                        + (f"; its last {f'{held_out:,} chunks are' if held_out != 1 else 'chunk is'} held out for "
+                           "evaluation, and not sampled" if held_out else "") + f"): using all {rows:,}")
     arguments = _arguments(request, layers, tokens, store)
 
     try:
@@ -253,8 +254,9 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
                     notes.append(f"the pictures beside {result_name(request.metric)} are not those of its grouping, "
                                  "and cannot be redrawn here (the cache is not writable)")
             held_out = sorted(set(grouping.sample.get("chunks", [])) - set(candidates))
-            if held_out:  # kept: runs may use it; the arguments are the same
-                notes = [note for note in notes if not note.startswith("the cache holds")]
+            if not held_out:
+                notes = all_rows + notes
+            else:  # kept: runs may use it; the arguments are the same
                 notes.append(f"this grouping was made by an earlier gsae, which sampled the held-out chunks too "
                              f"({', '.join(map(str, held_out[:5]))}{' ...' if len(held_out) > 5 else ''}): `gsae group "
                              f"--metric {request.metric} --force` samples the training chunks only")
@@ -278,7 +280,7 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
             raise GsaeError("the GPU ran out of memory computing the layer distances; pass --device cpu") from None
     grouping = build_grouping(request.metric, layers, distance, request.threshold, sample)
     seconds = time.perf_counter() - started
-    notes += _sample_note(tokens, grouping)
+    notes = all_rows + notes + _sample_note(tokens, grouping)
 
     plotting.join()
     hashes = _draw_pictures(store, request.metric, grouping)

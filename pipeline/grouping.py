@@ -82,6 +82,11 @@ def layer_span(layers: list[int], dash: str = "-", separator: str = ",") -> str:
     return separator.join(f"{run[0]}{dash}{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs)
 
 
+def partition_text(groups: list[list[int]], separator: str = ", ") -> str:
+    """A partition as users read it: ``[0–3], [4], [5–9]``."""
+    return separator.join(f"[{layer_span(group, '–')}]" for group in groups)
+
+
 def sampled_from(store: ActivationStore) -> list[int]:
     """The chunks the grouping samples: the training chunks, so that the layers' distances (and so the
     partitions, G* and the AMAD of each) are not measured on the rows runs are evaluated on; all of a cache

@@ -17,7 +17,7 @@ from pipeline.evaluate import DEFAULT_TOKENS as EVAL_TOKENS
 from pipeline.evaluate import (check_eval_arguments, check_held_out, eval_argument_changes, eval_arguments, evaluate_run,
                                 read_eval)
 from pipeline.group import GroupingInUse, GroupRequest, run_group
-from pipeline.grouping import layer_span, parse_layers
+from pipeline.grouping import layer_span, parse_layers, partition_text
 from pipeline.report import Report, build_report
 from pipeline.run import STATES, Run, join, write_atomic
 from pipeline.train import RUNS_ROOT, TrainRequest, check_existing, check_sae_shape, plan, train, validate_request
@@ -87,8 +87,7 @@ def run_paper(request: PaperRequest, console: Any) -> Report:
             check_existing(Run(path, config), train_request, plan(train_request)[0])
         state = Run(path, config).state if config is not None else None
         steps.append((label, path, train_request, config, state))
-    spans = ", ".join(f"[{layer_span(group, '–')}]" for group in amad.groups_for(chosen))
-    console.print(f"layers {layer_span(amad.layers, '–')}: G* = {chosen} by AMAD, {spans}")
+    console.print(f"layers {layer_span(amad.layers, '–')}: G* = {chosen} by AMAD, {partition_text(amad.groups_for(chosen))}")
     wanted = eval_arguments(tokens=EVAL_TOKENS, windows=request.windows)  # what evaluate_run below is asked
     runs = []
     for label, path, train_request, config, state in steps:

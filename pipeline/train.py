@@ -21,7 +21,7 @@ from pipeline import __version__
 from pipeline.errors import GsaeError, check_seed
 from pipeline.evaluate import DEFAULT_WINDOWS, check_held_out, layer_reconstruction, threshold_note
 from pipeline.group import grouping_record, mark_used, result_name
-from pipeline.grouping import Grouping, default_layers, layer_span
+from pipeline.grouping import Grouping, default_layers, layer_span, partition_text
 from pipeline.models import matmul_precision, pick_device
 from pipeline.processes import KINDS as READERS, start_processes, stop_processes, worker_nice, worker_threads
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
@@ -114,14 +114,13 @@ def validate_request(request: TrainRequest, device: bool = True) -> None:
 def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list[int]], str, dict[str, Any] | None]:
     """(groups, label, snapshot of the grouping they come from): the baseline's one layer per SAE, or the
     N-group partition of the grouping saved next to the cache (`gsae group` makes it)."""
+    record = grouping_record(store, request.metric)  # a damaged one is named in one line
     if request.baseline:
         # the layers of the --metric grouping, so that the baseline covers what the group runs cover (a
-        # `gsae group --layers` subset; a damaged one is named in one line); without one, those grouping
-        # takes by default, without its two-layer minimum (a model of one or two blocks: one SAE)
-        record = grouping_record(store, request.metric)
+        # `gsae group --layers` subset); without one, those grouping takes by default, without its two-layer
+        # minimum (a model of one or two blocks: one SAE)
         layers = Grouping.from_json(record).layers if record is not None else default_layers(store.n_layers) or [0]
         return [[layer] for layer in layers], "baseline", None
-    record = grouping_record(store, request.metric)
     if record is None:
         raise GsaeError(f"no {request.metric} grouping next to {store.path}: run `gsae group --metric "
                         f"{request.metric} --cache {store.path}` first (or train --baseline)")
@@ -321,12 +320,8 @@ def run_changes(existing: RunConfig, request: TrainRequest, planned: RunConfig) 
     if cache:
         changes.append(f"another cache ({existing.cache} there; {'; '.join(cache)})")
     if existing.groups != planned.groups:
-        changes.append(f"layer groups {_spans(existing.groups)} → {_spans(planned.groups)}")
+        changes.append(f"layer groups {partition_text(existing.groups, ' ')} → {partition_text(planned.groups, ' ')}")
     return changes
-
-
-def _spans(groups: list[list[int]]) -> str:
-    return " ".join(f"[{layer_span(group, '–')}]" for group in groups)
 
 
 def check_existing(run: Run, request: TrainRequest, planned: RunConfig) -> list[str]:
