@@ -137,12 +137,14 @@ def test_a_corpus_failing_before_anything_is_committed_leaves_no_store(tiny_neox
     written: the store made for it goes, so other arguments are not refused against an empty cache."""
     line = json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 20})
     (tmp_path / "late.jsonl").write_text("\n".join([line] * 150 + ["{not json"]) + "\n")
-    args = _args(tiny_neox, tmp_path / "c", dataset=tmp_path / "late.jsonl", tokens=100_000, chunk_tokens=100_000)
+    args = _args(tiny_neox, tmp_path / "c", dataset=tmp_path / "late.jsonl", tokens=100_000, chunk_tokens=100_000,
+                 batch_size=64)
     assert "late.jsonl:151 is not valid JSON" in _one_line_error(*run_cli(args, capsys)[::2])
     assert not (tmp_path / "c").exists()
     assert run_cli(_args(tiny_neox, tmp_path / "c", tokens=300), capsys)[0] == 0  # pydoc, other --tokens
     # with chunks committed before the error, the store stays: the same command continues it
-    args = _args(tiny_neox, tmp_path / "d", dataset=tmp_path / "late.jsonl", tokens=100_000)
+    args = _args(tiny_neox, tmp_path / "d", dataset=tmp_path / "late.jsonl", tokens=100_000, chunk_tokens=2048,
+                 batch_size=64)
     assert "late.jsonl:151 is not valid JSON" in _one_line_error(*run_cli(args, capsys)[::2])
     assert ActivationStore.open(str(tmp_path / "d"), allow_partial=True).tokens_written > 0
 

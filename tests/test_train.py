@@ -194,7 +194,7 @@ def _kill_after_checkpoint(args: list[str], run: Path, marker: str = "checkpoint
 def test_kill_and_resume_gives_the_same_weights(cache, tmp_path, capsys):
     # on the CPU: bit for bit (tests/test_cuda.py checks what holds on CUDA); latents dead after 10 steps, so
     # AuxK runs and the checkpoint holds queued dead counts (DeadCount) that the resumed run must use
-    args = ["--groups", 2, "--tokens", 400000, "--batch-size", 256, "--checkpoint-every", 40, "--device", "cpu",
+    args = ["--groups", 2, "--tokens", 128000, "--batch-size", 256, "--checkpoint-every", 40, "--device", "cpu",
             "--dead-tokens", 2560]
     assert run_cli(train_args(cache, tmp_path / "whole", *args), capsys)[0] == 0
     _kill_after_checkpoint(train_args(cache, tmp_path / "killed", *args), tmp_path / "killed")
