@@ -384,9 +384,7 @@ class TrainedAlready(Exception):
 def _trained_already(run: Run) -> Exception:
     """What the same command finds at a finished run: nothing to train, once the checkpoints a kill
     between its summary.json and their removal left are gone (they doubled the run's size for good).
-    Under torchrun, the refusal it always was: the other ranks wait for rank 0's run."""
-    if current_ranks().world > 1:
-        return GsaeError(f"{run.path} already holds a finished run; pass --out for a new one")
+    Under torchrun rank 0 finds it, and tells the other ranks (:func:`_train`)."""
     with contextlib.suppress(GsaeError):  # the run is complete all the same
         run.remove_checkpoints()
     return TrainedAlready(run)
@@ -573,10 +571,12 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
         try:
             run, store = _open_run(request, console, scope)  # locked until the SAE files and the summary are written
         except TrainedAlready as done:
+            ranks.broadcast_from_first(True)  # the other ranks have nothing to train either
             return TrainResult(done.run.path, _summary_rows(done.run), 0.0, done.run.config.steps, trained_already=True)
-        ranks.barrier()
+        ranks.broadcast_from_first(False)
     else:
-        ranks.barrier()  # rank 0 has created or checked the run
+        if ranks.broadcast_from_first(None):  # rank 0 has created or checked the run, or found it trained already
+            return TrainResult(request.out, rank=ranks.rank, trained_already=True)
         run = Run.open(request.out)
         store = _store_of(run.config, request.cache or run.config.cache, run.path)
         console = Console(quiet=True)

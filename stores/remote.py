@@ -11,6 +11,7 @@ environment).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import time
@@ -98,7 +99,22 @@ def use_storage_options(options: dict[str, Any], locations: list[str]) -> None:
         check_protocol(location)
         protocol = get_protocol(str(location))
         if options and protocol not in _LOCAL:
+            check_option_types(protocol, options)
             fsspec.config.conf.setdefault(protocol, {}).update(options)
+
+
+def check_option_types(protocol: str, options: dict[str, Any]) -> None:
+    """Raise :class:`RemoteError` for an option whose file system takes a boolean or a number (its default
+    says so) but was given something else: ``anon=maybe`` reached s3fs as the string "maybe", which it
+    takes as true, and a run then went anonymous without a word."""
+    parameters = inspect.signature(fsspec.get_filesystem_class(protocol).__init__).parameters
+    for key, value in options.items():
+        default = parameters[key].default if key in parameters else inspect.Parameter.empty
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise RemoteError(f"--storage-option {key}: {value!r} is not true or false")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise RemoteError(f"--storage-option {key}: {value!r} is not a number")
 
 
 _STORAGE_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "adlfs", "azure")

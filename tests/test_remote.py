@@ -99,6 +99,21 @@ def test_a_missing_protocol_and_a_bad_storage_option_are_one_line(capsys):
     assert code == 1 and "key=value" in err
 
 
+def test_a_storage_option_of_the_wrong_type_is_named():
+    """s3fs took anon=maybe (a string) as true: the run went anonymous without a word."""
+    from stores.remote import RemoteError, check_option_types
+
+    with pytest.raises(RemoteError, match="--storage-option anon: 'maybe' is not true or false"):
+        check_option_types("s3", {"anon": "maybe"})
+    with pytest.raises(RemoteError, match="--storage-option max_concurrency: 'lots' is not a number"):
+        check_option_types("s3", {"max_concurrency": "lots"})
+    with pytest.raises(RemoteError, match="--storage-option use_ssl: 1 is not true or false"):
+        check_option_types("s3", {"use_ssl": 1})
+    # right types, options without a default to go by, and those s3fs passes on to its session: left to s3fs
+    check_option_types("s3", {"anon": True, "max_concurrency": 4, "endpoint_url": "http://127.0.0.1:9000",
+                              "client_kwargs": {"region_name": "x"}, "profile": "p"})
+
+
 def test_storage_options_the_file_system_cannot_take_are_named(tiny_llama, bucket, capsys, monkeypatch):
     """An option s3fs passes on to its session failed there, as a TypeError "an input gsae does not check,
     or a bug"; a dict given as broken JSON reached s3fs as a string ('str' object has no attribute 'copy')."""
@@ -162,6 +177,14 @@ def test_torchrun_train_spreads_the_saes_and_gives_the_single_process_weights(ti
     metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert sorted({(r["step"], r["sae"]) for r in metrics}) == [(r["step"], r["sae"]) for r in metrics]
     assert {r["sae"] for r in metrics} == {0, 1, 2}
+    # the same torchrun command again: every rank learns from rank 0 that the run is trained already
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "cli.py", *map(str, args), "--out", str(tmp_path / "two")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = again.stdout + again.stderr
+    assert said.count("trained already") == 1 and "Traceback" not in said, said  # rank 0 says it, once
+    assert json.loads((tmp_path / "two" / "summary.json").read_text()) == two
 
 
 def test_ranks_get_balanced_whole_saes():
