@@ -322,21 +322,26 @@ def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: t
 ) -> None:
     """Read every chunk, check its checksum and shape, and name any corrupt chunk."""
     from pipeline.progress import make_progress
-    from stores import ActivationStore
+    from stores import ActivationStore, StoreError
 
     _storage(storage_option, cache)
     store = ActivationStore.open(_resolve_cache(cache), allow_partial=allow_partial)
-    problems = []
+    problems, damaged_stats = [], None
     with make_progress(console, unit="chunk") as progress:
         task = progress.add_task("verifying", total=store.n_chunks * (store.n_layers + 1))
-        for name, layer, start, stop, problem in store.iter_chunk_checks():
-            if problem:
-                problems.append((layer if layer >= 0 else store.n_layers, start, stop, problem))
-            progress.advance(task)
+        try:
+            for name, layer, start, stop, problem in store.iter_chunk_checks():
+                if problem:
+                    problems.append((layer if layer >= 0 else store.n_layers, start, stop, problem))
+                progress.advance(task)
+        except StoreError as exc:  # the statistics, checked last: the chunks' list first, then this line
+            damaged_stats = exc
+    for layer, start, stop, problem in sorted(problems):  # by layer, the tokens last, then by row
+        where = f"layer {layer}" if layer < store.n_layers else "tokens"
+        report.print(f"[red]corrupt[/] {where} rows {start:,}–{stop - 1:,}: {problem}")
+    if damaged_stats is not None:
+        raise damaged_stats
     if problems:
-        for layer, start, stop, problem in sorted(problems):  # by layer, the tokens last, then by row
-            where = f"layer {layer}" if layer < store.n_layers else "tokens"
-            report.print(f"[red]corrupt[/] {where} rows {start:,}–{stop - 1:,}: {problem}")
         report.print(f"[red]{len(problems):,} of {store.n_chunks * (store.n_layers + 1):,} chunks are damaged[/]; "
                      "restore the cache from a copy or re-create it with `gsae cache`")
         raise typer.Exit(1)
@@ -409,7 +414,7 @@ def train(
     checkpoint_every: int = typer.Option(TrainRequest.checkpoint_every, help="Steps between checkpoints."),
     tf32: bool = typer.Option(TrainRequest.tf32, "--tf32/--no-tf32", help="TF32 float32 matmuls on CUDA (as sparsify)."),
     precision: Precision = typer.Option(TrainRequest.precision, help="float32, or bfloat16 autocast for the forward."),
-    reader: Workers = typer.Option(TrainRequest.reader, help="Who decodes the chunks: threads, or processes (their own GIL, so the training loop does not wait for it; lossless local caches). auto: processes where training runs on a GPU."),
+    reader: Workers = typer.Option(TrainRequest.reader, help="Who decodes the chunks: threads, or processes (their own GIL, so the training loop does not wait for it; lossless local caches). auto: processes where training runs on a GPU and the machine has more than 2 cores."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
 ) -> None:
     """Train group SAEs (or the per-layer baseline) from the cache, streaming chunks with prefetch."""

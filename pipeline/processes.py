@@ -58,20 +58,32 @@ def use_processes(requested: str, option: str, store: ActivationStore, device: t
     ``processes`` that cannot work is a one-line error."""
     if requested == "threads" or (requested == "auto" and not AUTO_PROCESSES.get(option, False)):
         return False  # (before the checks: pinning a block to see whether CUDA can starts the resource tracker)
-    if not is_local(store.path) or store.attrs.get("codec", {}).get("compression") != "lossless":
-        why = "needs a lossless cache on a local disk"
-    elif shared_memory_room() < buffers_bytes + buffers_bytes // 4:
+    why = _cache_refusal(store)
+    if not why and shared_memory_room() < buffers_bytes + buffers_bytes // 4:
         why = (f"needs {_mib(buffers_bytes)} of shared memory for its chunk buffers, and /dev/shm has "
                f"{_mib(shared_memory_room())} free")
-    elif device.type == "cuda" and not can_pin_shared_memory():
+    elif not why and device.type == "cuda" and not can_pin_shared_memory():
         why = "needs shared memory that CUDA can pin (cudaHostRegister failed here)"
-    else:
-        why = ""
     if requested == "processes":
         if why:
             raise GsaeError(f"--{option} processes {why}; pass --{option} threads")
         return True
     return not why and device.type == "cuda" and usable_cores() > 2
+
+
+def _cache_refusal(store: ActivationStore) -> str:
+    """Why chunk processes cannot work on ``store``'s chunks ('' where they can)."""
+    if not is_local(store.path) or store.attrs.get("codec", {}).get("compression") != "lossless":
+        return "needs a lossless cache on a local disk"
+    return ""
+
+
+def check_cache(requested: str, option: str, store: ActivationStore) -> None:
+    """Refuse ``--OPTION processes`` for a cache they cannot work on, before anything is made for the command
+    (the machine's checks, /dev/shm and pinning, come when they start: :func:`use_processes`)."""
+    why = _cache_refusal(store) if requested == "processes" else ""
+    if why:
+        raise GsaeError(f"--{option} processes {why}; pass --{option} threads")
 
 
 def start_processes(requested: str, option: str, store: ActivationStore, device: torch.device, buffers_bytes: int,

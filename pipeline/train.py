@@ -23,7 +23,8 @@ from pipeline.evaluate import DEFAULT_WINDOWS, check_held_out, layer_reconstruct
 from pipeline.group import grouping_record, mark_used, result_name
 from pipeline.grouping import Grouping, default_layers, layer_span, partition_text
 from pipeline.models import matmul_precision, pick_device
-from pipeline.processes import KINDS as READERS, start_processes, stop_processes, worker_nice, worker_threads
+from pipeline.processes import KINDS as READERS, check_cache as check_processes_cache, start_processes, stop_processes
+from pipeline.processes import worker_nice, worker_threads
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
 from pipeline.run import (SUMMARY, Run, RunConfig, cache_around, cache_fingerprint, checkpoint_step, fingerprint_changes,
@@ -293,7 +294,7 @@ def _open_run(request: TrainRequest, console: Any, scope: contextlib.ExitStack) 
             console.print(f"[yellow]note[/]: replacing the unfinished run in {path} ({'; '.join(changes)}): "
                           "it was stopped before its first checkpoint")
             existing = None
-    _check_trainable(config, request)
+    _check_trainable(config, request, store)
     if existing is not None:
         where = (f"from its checkpoint at step {checkpoint_step(checkpoint):,}" if checkpoint else
                  "from step 0: it was stopped before its first checkpoint")
@@ -348,9 +349,11 @@ def plan(request: TrainRequest) -> tuple[RunConfig, ActivationStore]:
     return _plan(request, store), store
 
 
-def _check_trainable(config: RunConfig, request: TrainRequest) -> None:
-    """Refuse, before a run is made or continued, a device this machine lacks or SAEs that do not fit it."""
+def _check_trainable(config: RunConfig, request: TrainRequest, store: ActivationStore) -> None:
+    """Refuse, before a run is made or continued, a device this machine lacks, SAEs that do not fit it, or
+    ``--reader processes`` on a cache they cannot read."""
     pick_device(request.device)
+    check_processes_cache(request.reader, "reader", store)
     _check_fits(len(config.groups), config.n_latents, config.d_in, request)
 
 

@@ -439,8 +439,10 @@ def test_verify_reports_damaged_statistics_and_chunks_together(trained, tmp_path
     cache = _copy_of(trained, tmp_path)
     _flip_a_byte(cache / "stats" / "mean" / "c" / "0" / "0")
     _flip_a_byte(cache / "layers" / "2" / "c" / "1" / "0")
-    line = _one_line_error(*run_cli(["verify", "--cache", cache], capsys)[::2])
+    code, out, err = run_cli(["verify", "--cache", cache], capsys)
+    line = _one_line_error(code, err)
     assert "stats/mean: checksum mismatch" in line and "also 1 damaged chunk (first: layer 2 rows 500–999" in line
+    assert "corrupt layer 2 rows 500–999: checksum mismatch" in out  # the chunks' list, as without the stats
 
 
 @pytest.mark.parametrize("content", ['{"zarr_format": 3, "node_type": "arr', '{"zarr_format": 3, "node_type": "array"}',

@@ -287,6 +287,12 @@ def test_writer_choice(tiny_neox, tmp_path, capsys, monkeypatch):
     assert code == 1 and "--writer processes needs a lossless cache on a local disk" in err
     assert len(err.strip().splitlines()) == 1 and "caching" not in err  # refused before the model loads
     assert not (tmp_path / "lossy").exists()
+    # the reader's, before the run folder is made (it was made, and the next command "replaced" it)
+    assert run_cli([*_cache_args(tiny_neox, 600), "--cache", tmp_path / "lossy", "--compression", "lossy"], capsys)[0] == 0
+    code, _, err = run_cli(["train", "--cache", tmp_path / "lossy", "--out", tmp_path / "run", "--baseline",
+                            "--tokens", 256, "--batch-size", 64, "--reader", "processes"], capsys)
+    assert code == 1 and "--reader processes needs a lossless cache on a local disk" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
