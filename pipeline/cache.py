@@ -57,7 +57,7 @@ from stores import (
     read_seconds_writing,
     write_seconds_writing,
 )
-from stores.activation_store import fold_seconds_writing
+from stores.activation_store import FirstFailure, fold_seconds_writing
 from stores.chunk_files import ChunkProcesses, SharedBuffers
 from stores.codecs import keep_bits_range
 from stores.pinned import PinError, pin, pinned_empty, unpin
@@ -489,6 +489,7 @@ class ChunkWriter:
         # is 64 chunks, 8 GiB).
         self.max_pending = self.in_flight(store, threads, batch_rows)
         self.pending: deque[tuple[PendingChunk, Callable[[], None] | None]] = deque()  # with its release
+        self.failure = FirstFailure()  # a failed write: the threads begin no other
         self.started = time.perf_counter()
         self._recorded = float("-inf")  # when the seconds were last recorded
 
@@ -505,7 +506,7 @@ class ChunkWriter:
         # commit then leaves exactly the chunks committed so far, see test_cache_errors).
         self._commit(0)
         self.pending.append((self.store.start_chunk(item.index, list(item.layers), item.tokens, item.stats, self.pool,
-                                                    self.encoder), item.release))
+                                                    self.encoder, self.failure), item.release))
         if len(self.pending) > self.max_pending:
             self._commit(len(self.pending) - self.max_pending)
 

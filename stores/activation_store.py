@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
 import errno
 import json
 import math
@@ -396,6 +397,26 @@ def _write_target(array: zarr.Array, unchecked: zarr.Array, values: np.ndarray) 
     return unchecked if has_nonzero_byte(values) else array
 
 
+class FirstFailure:
+    """The first error among one writer's writes: once a write has failed, those not yet begun fail the same
+    way without writing.  A full disk then stops every write at once, in the worker thread that saw it, rather
+    than when the committing thread next looks (under load that thread came up to ~100 ms later, and the
+    pool had begun more of the failed chunk's writes and the next chunks')."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    def run(self, job: Callable[..., Any], *args: Any) -> Any:
+        if self.error is not None:
+            raise copy.copy(self.error)  # a copy: tracebacks are not shared between threads
+        try:
+            return job(*args)
+        except BaseException as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+
 @dataclass
 class PendingChunk:
     """A chunk whose writes were started by :meth:`ActivationStore.start_chunk`, not yet committed."""
@@ -650,19 +671,23 @@ class ActivationStore:
         self.finish_chunk(PendingChunk(chunk, stop, [], stats))
 
     def start_chunk(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray, stats: ChunkStats,
-                    executor: Executor, encoder: ChunkProcesses | None = None) -> PendingChunk:
+                    executor: Executor, encoder: ChunkProcesses | None = None,
+                    failure: FirstFailure | None = None) -> PendingChunk:
         """Start writing one chunk: every layer's chunk, the tokens and the statistics, as separate jobs
         on ``executor``, each run whole on its worker thread (see :func:`_put`): encoding releases the
         GIL, so layers compress in parallel.  With ``encoder``, the writes of whole local chunk files in its
         shared memory (the layers' chunks) go to its processes instead (the same bytes; see
-        :mod:`stores.chunk_files`), the others (the tokens and statistics) to ``executor``.  Nothing is committed until :meth:`finish_chunk`."""
+        :mod:`stores.chunk_files`), the others (the tokens and statistics) to ``executor``.  With ``failure``
+        (one per writer), the threads' writes are not begun once one of them has failed.  Nothing is committed
+        until :meth:`finish_chunk`."""
         stop, jobs = self._chunk_jobs(chunk, layers, tokens, stats)
         futures = []
         for array, unchecked, key, values in jobs:  # the processes take the chunks in their shared memory
             direct = (_direct_chunk_file(array, key, values)
                       if encoder is not None and encoder.shared.locate(values) is not None else None)
             futures.append(encoder.write(*direct, values) if direct is not None
-                           else executor.submit(_put, array, unchecked, key, values))
+                           else executor.submit(_put, array, unchecked, key, values) if failure is None
+                           else executor.submit(failure.run, _put, array, unchecked, key, values))
         return PendingChunk(chunk, stop, futures, stats)
 
     def _chunk_jobs(self, chunk: int, layers: list[np.ndarray], tokens: np.ndarray,

@@ -361,8 +361,8 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tiny_neox, tmp_path,
 
 
 def test_a_chunk_whose_write_fails_starts_none_of_its_other_writes(tmp_path, monkeypatch):
-    """A write error (disk full) stops the chunk it belongs to: its writes not yet started never run (the
-    writer thread may have taken one more), nor do the later chunks'; no buffer is handed back."""
+    """A write error (disk full) stops the chunk it belongs to: its writes not yet started never run, nor do
+    the later chunks', however slowly the committing thread learns of it; no buffer is handed back."""
     import threading
     import time
 
@@ -380,7 +380,7 @@ def test_a_chunk_whose_write_fails_starts_none_of_its_other_writes(tmp_path, mon
     real_put = store_module._put
 
     def put(array, unchecked, key, values):
-        if failed.is_set():  # slow from here: the error reaches the caller before this write ends
+        if failed.is_set():  # slow from here: the committing thread learns of the error in the meantime
             time.sleep(0.05)
             after.append((array.path, key))
         if array.path == "layers/0" and isinstance(key, slice) and key.start == 0:
@@ -399,8 +399,9 @@ def test_a_chunk_whose_write_fails_starts_none_of_its_other_writes(tmp_path, mon
             writer.drain()
         finally:
             writer.close()
-    # at most one write had been taken by the writer thread before the error reached the caller
-    assert len(after) <= 1 and released == [], after
+    # none begun after the error (the writer thread took more before the committing thread cancelled them,
+    # one or two of them when the machine was busy)
+    assert after == [] and released == [], after
 
 
 def _copy_of(trained, tmp_path):
