@@ -46,7 +46,8 @@ def pinned_empty(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, i
     address = pin(root)
     # A buffer dropped without unpin() (an error on the way, a stream never closed) is unpinned as its last
     # view goes, before its memory is unmapped: no registration is left at an address a later mmap reuses
-    finalizer = _UNPIN_AT_DROP[address] = weakref.finalize(root, _dropped, address)
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+    finalizer = _UNPIN_AT_DROP[address] = weakref.finalize(root, _dropped, address, device)
     finalizer.atexit = False  # at exit the process's pages go anyway
     return root.reshape(shape), address
 
@@ -60,10 +61,13 @@ def unpin(address: int) -> None:
     _unregister(address)
 
 
-def _dropped(address: int) -> None:
-    """A buffer of pinned_empty is going without unpin(): unpin it now."""
+def _dropped(address: int, device: int | None) -> None:
+    """A buffer of pinned_empty is going without unpin(): unpin it now, on the device current where it was
+    pinned (the last view may go in any thread, whose current device is 0: under torchrun the call would
+    make a context on another rank's GPU)."""
     _UNPIN_AT_DROP.pop(address, None)
-    _unregister(address)
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+        _unregister(address)
 
 
 def _unregister(address: int) -> None:

@@ -538,12 +538,25 @@ def test_pinned_chunk_buffers_made_ahead_are_taken_first_and_all_unpinned_at_clo
 
 def test_a_pinned_buffer_dropped_without_unpin_is_unpinned_before_its_memory_goes(monkeypatch):
     """pinned_empty's buffers left behind (an error on the way, a stream never closed) are unpinned when their
-    last view goes, so no registration outlives the mapping at an address a later mmap may reuse."""
+    last view goes, so no registration outlives the mapping at an address a later mmap may reuse; on the
+    device current where they were pinned (the last view may go in another thread, whose device is 0)."""
+    import contextlib
+
     import stores.pinned as pinned_module
 
-    unregistered = []
+    unregistered, current = [], [0]
+
+    @contextlib.contextmanager
+    def device(index):
+        current.insert(0, index)
+        yield
+        current.pop(0)
+
     monkeypatch.setattr(pinned_module, "pin", lambda buffer: buffer.ctypes.data)
-    monkeypatch.setattr(pinned_module, "_unregister", unregistered.append)
+    monkeypatch.setattr(pinned_module, "_unregister", lambda address: unregistered.append((address, current[0])))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)  # a rank's GPU
+    monkeypatch.setattr(torch.cuda, "device", device)
     array, address = pinned_module.pinned_empty((3, 5000), np.dtype(np.float16))
     view = array[1:]
     del array
@@ -552,12 +565,12 @@ def test_a_pinned_buffer_dropped_without_unpin_is_unpinned_before_its_memory_goe
     view[:] = 1
     del view
     gc.collect()
-    assert unregistered == [address] and address not in pinned_module._UNPIN_AT_DROP
+    assert unregistered == [(address, 2)] and address not in pinned_module._UNPIN_AT_DROP
     kept, other = pinned_module.pinned_empty((4096,), np.dtype(np.uint8))
     pinned_module.unpin(other)
     del kept
     gc.collect()
-    assert unregistered == [address, other]  # once
+    assert [address for address, _ in unregistered] == [address, other]  # once
 
 
 def test_a_context_longer_than_the_model_takes_is_refused_before_anything_is_written(tiny_models, tmp_path, capsys):
