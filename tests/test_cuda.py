@@ -242,3 +242,45 @@ def test_cuda_auxk_decodes_densely_up_to_32_k_aux_with_the_loss_and_gradients_of
     fast_grads, reference_grads = gradients(sae, fast.loss), gradients(sae, reference)
     for name, expected in reference_grads.items():
         assert float((fast_grads[name] - expected).abs().max()) <= 1e-9 * float(expected.abs().max()), name
+
+
+def test_pinned_memory_is_pinned_asynchronous_and_a_refusal_leaves_no_cuda_error():
+    """stores.pinned on the device: pinned_empty's memory is pinned for torch and a non_blocking copy into it
+    returns before it is done; a refused cudaHostRegister (the same memory twice) is a PinError and leaves no
+    CUDA error for the next kernel (the stream's and the cache's fallback depend on it); unpin, a buffer
+    dropped without unpin, and the cache's make-ahead thread let every registration go."""
+    import gc
+    import time
+
+    from pipeline.cache import _ChunkBuffers
+    from stores.pinned import PinError, pin, pinned_empty, unpin
+
+    buffer, address = pinned_empty((64, 1 << 20), np.dtype(np.uint8))  # 64 MiB
+    host = torch.from_numpy(buffer)
+    assert host.is_pinned()
+    device = torch.full(host.shape, 7, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    host.copy_(device, non_blocking=True)
+    queued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    assert queued < (time.perf_counter() - start) / 2, "a copy into pinned memory waited for the GPU"
+    assert buffer[0, 0] == 7 and buffer[-1, -1] == 7
+    with pytest.raises(PinError):
+        pin(buffer)
+    x = torch.randn(256, 256, device="cuda")
+    assert torch.isfinite((x @ x).sum()).item()  # no error left for this launch to raise
+    unpin(address)
+    assert not torch.from_numpy(buffer).is_pinned()
+    dropped, _ = pinned_empty((8, 1 << 20), np.dtype(np.uint8))
+    del dropped
+    gc.collect()
+    assert (torch.ones(8, device="cuda") * 2).sum().item() == 16
+    buffers = _ChunkBuffers((2, 4096, 512), np.dtype(np.float16), pinned=True)
+    buffers.make_ahead(3)
+    buffers._ahead.join()
+    assert len(buffers.free) == len(buffers.registered) == 3
+    assert all(torch.from_numpy(b).is_pinned() for b in buffers.free)
+    buffers.close()
+    assert not buffers.registered and not buffers.free
+    torch.cuda.synchronize()
