@@ -136,20 +136,24 @@ def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list
     return point["groups"], f"{request.metric}-g{n}", snapshot
 
 
-def _check_fits(n_saes: int, n_latents: int, d: int, request: TrainRequest) -> None:
+def _check_fits(n_saes: int, n_latents: int, d: int, request: TrainRequest, windows_bytes: int = 0) -> None:
     """Refuse, before the run is made, SAEs that cannot fit this process's device: weights and Adam's two
-    moments (6 n·d floats per SAE, all of this process's SAEs at once) and one batch's latents (3 batch·n)."""
+    moments (6 n·d floats per SAE, all of this process's SAEs at once), one batch's latents (3 batch·n) and
+    ``windows_bytes``, the windows of their streams (on a GPU their device copies, on the CPU the windows)."""
     here = math.ceil(n_saes / current_ranks().world)
-    need = 4 * (here * 6 * n_latents * d + 3 * request.batch_size * n_latents)
+    need = 4 * (here * 6 * n_latents * d + 3 * request.batch_size * n_latents) + windows_bytes
     device = pick_device(request.device)
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device.index or 0).total_memory
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have:
-        raise GsaeError(f"{here} SAE{'s' if here > 1 else ''} of {n_latents:,} latents × d_model {d} need about "
+        raise GsaeError(f"{here} SAE{'s' if here > 1 else ''} of {n_latents:,} latents × d_model {d}, with their "
+                        f"training windows ({windows_bytes / 2**30:,.1f} GiB), need about "
                         f"{need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of the {device.type}; "
-                        "lower --expansion or --batch-size (or spread the SAEs over ranks with torchrun)")
+                        "lower --expansion or --batch-size (or spread the SAEs over ranks with torchrun)"
+                        + ("; the windows grow with the layers per SAE and the cache's chunk size (gsae cache "
+                           "--chunk-tokens)" if 2 * windows_bytes > need else ""))
 
 
 def check_sae_shape(d: int, expansion: float, k: int | None, uses_k: bool = True) -> tuple[int, int]:
@@ -354,7 +358,8 @@ def _check_trainable(config: RunConfig, request: TrainRequest, store: Activation
     ``--reader processes`` on a cache they cannot read."""
     pick_device(request.device)
     check_processes_cache(request.reader, "reader", store)
-    _check_fits(len(config.groups), config.n_latents, config.d_in, request)
+    here = math.ceil(len(config.groups) / current_ranks().world)
+    _check_fits(len(config.groups), config.n_latents, config.d_in, request, _windows_bytes(config, store, here))
 
 
 _ROW_NUMBERS = ("train_fvu", "held_out_fvu", "l0", "held_out_l0", "dead_fraction", "tokens_per_s", "seconds")

@@ -474,6 +474,18 @@ def test_saes_that_cannot_fit_the_device_are_refused_before_the_run_is_made(cach
     assert code == 1 and "GiB of the cpu" in err and not out.exists(), err
 
 
+def test_the_fit_check_counts_the_streams_windows():
+    """Small SAEs whose streams' windows (two per SAE, as large as a group's rows in 8 chunks) do not fit: the
+    check counted only the SAEs' weights, moments and latents."""
+    from pipeline.errors import GsaeError
+    from pipeline.train import TrainRequest, _check_fits
+
+    request = TrainRequest(cache="unused", batch_size=64, device="cpu")
+    _check_fits(3, 256, 32, request, windows_bytes=0)
+    with pytest.raises(GsaeError, match=r"with their training windows \(931,322\.6 GiB\), need about .*--chunk-tokens"):
+        _check_fits(3, 256, 32, request, windows_bytes=10**15)
+
+
 def test_a_second_process_training_the_same_run_is_refused(cache, whole, tmp_path, capsys):
     """Two `gsae train` on one run at once: the second used to announce "continuing the unfinished run"
     and die on a checkpoint file the first had replaced. The run's lock (an flock, dropped by the system
