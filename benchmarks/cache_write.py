@@ -31,6 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the gsae command sets it (before torch starts)
 
 import numcodecs.blosc  # noqa: E402
 import numpy as np  # noqa: E402

@@ -358,8 +358,8 @@ def _check_trainable(config: RunConfig, request: TrainRequest, store: Activation
     ``--reader processes`` on a cache they cannot read."""
     pick_device(request.device)
     check_processes_cache(request.reader, "reader", store)
-    here = math.ceil(len(config.groups) / current_ranks().world)
-    _check_fits(len(config.groups), config.n_latents, config.d_in, request, _windows_bytes(config, store, here))
+    _check_fits(len(config.groups), config.n_latents, config.d_in, request,
+                max(_windows_bytes(config, store, saes) for saes in _saes_of_ranks(config, current_ranks().world)))
 
 
 _ROW_NUMBERS = ("train_fvu", "held_out_fvu", "l0", "held_out_l0", "dead_fraction", "tokens_per_s", "seconds")
@@ -430,11 +430,18 @@ def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore
     return notes
 
 
-def _windows_bytes(config: RunConfig, store: ActivationStore, streams: int) -> int:
-    """The host window buffers of ``streams`` training streams: two windows each, of the largest group."""
+def _saes_of_ranks(config: RunConfig, world: int) -> list[list[int]]:
+    """The SAEs each of ``world`` ranks trains (each wholly on one, balanced by tokens)."""
+    owner = assign_ranks([config.tokens_per_sae] * len(config.groups), world)
+    return [[i for i, rank in enumerate(owner) if rank == r] for r in range(world)]
+
+
+def _windows_bytes(config: RunConfig, store: ActivationStore, saes: list[int]) -> int:
+    """The window buffers of the streams of SAEs ``saes``: two windows each (on a GPU, and as many copies there),
+    of its group's rows in ``window_chunks`` chunks and a batch in front for the rows carried."""
     itemsize = STORAGE_DTYPES[store.dtype][1]
-    largest = max(len(group) for group in config.groups)
-    return streams * 2 * (config.window_chunks * largest * store.chunk_tokens + config.batch_size) * store.d_model * itemsize
+    rows = sum(config.window_chunks * len(config.groups[i]) * store.chunk_tokens + config.batch_size for i in saes)
+    return 2 * rows * store.d_model * itemsize
 
 
 def _build(config: RunConfig, store: ActivationStore, device: torch.device, pool: ThreadPoolExecutor,
@@ -590,15 +597,15 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
         console = Console(quiet=True)
     config = run.config
     n = len(config.groups)
-    owner = assign_ranks([config.tokens_per_sae] * n, ranks.world)
-    mine = [i for i in range(n) if owner[i] == ranks.rank]
+    by_rank = _saes_of_ranks(config, ranks.world)
+    mine = by_rank[ranks.rank]
     device = ranks.device(pick_device(config.device))
     scope.enter_context(matmul_precision(device, config.tf32))  # as sparsify's trainer sets it (--no-tf32: off)
     threads = ranks.decode_threads(store.path)
     pool = worker_threads(threads, "gsae-decode", worker_nice(device))  # beside a GPU: below its thread
     # ranks on one machine share its /dev/shm; a rank with no SAE reads nothing
-    processes = (start_processes(request.reader, "reader", store, device, _windows_bytes(config, store, len(mine))
-                                 * ranks.local_world, threads) if mine else None)
+    processes = (start_processes(request.reader, "reader", store, device, ranks.local_world
+                                 * max(_windows_bytes(config, store, saes) for saes in by_rank), threads) if mine else None)
     scope.callback(stop_processes, processes)  # also when the run fails
     checkpoint = run.latest_checkpoint()
     steps, batch_size = config.steps, config.batch_size

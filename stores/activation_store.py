@@ -15,6 +15,7 @@ import collections
 import contextlib
 import copy
 import errno
+import functools
 import json
 import math
 import os
@@ -398,23 +399,39 @@ def _write_target(array: zarr.Array, unchecked: zarr.Array, values: np.ndarray) 
 
 
 class FirstFailure:
-    """The first error among one writer's writes: once a write has failed, those not yet begun fail the same
-    way without writing.  A full disk then stops every write at once, in the worker thread that saw it, rather
-    than when the committing thread next looks (under load that thread came up to ~100 ms later, and the
-    pool had begun more of the failed chunk's writes and the next chunks')."""
+    """The first error among one writer's writes: once a write has failed, the threads' writes not yet begun,
+    and the encoder processes' not yet handed to them, fail the same way without writing (what the processes
+    were sent, they finish).  A full disk then stops the threads' writes at once, in the worker thread that
+    saw it, rather than when the committing thread next looks (under load that thread came up to ~100 ms
+    later, and the pool had begun more of the failed chunk's writes and the next chunks')."""
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
 
     def run(self, job: Callable[..., Any], *args: Any) -> Any:
+        """``job(*args)`` on a writer thread, unless a write has failed."""
         if self.error is not None:
             raise copy.copy(self.error)  # a copy: tracebacks are not shared between threads
         try:
             return job(*args)
         except BaseException as exc:
-            if self.error is None:
-                self.error = exc
+            self.note(exc)
             raise
+
+    def note(self, error: BaseException | None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+
+    def handed(self, start: Callable[[], Future]) -> Future:
+        """``start()``'s future (a write in an encoder process), or a failed one without starting it where a
+        write has failed; its failure is noted."""
+        if self.error is not None:
+            future: Future = Future()
+            future.set_exception(copy.copy(self.error))
+            return future
+        future = start()
+        future.add_done_callback(lambda done: self.note(None if done.cancelled() else done.exception()))
+        return future
 
 
 @dataclass
@@ -678,15 +695,15 @@ class ActivationStore:
         GIL, so layers compress in parallel.  With ``encoder``, the writes of whole local chunk files in its
         shared memory (the layers' chunks) go to its processes instead (the same bytes; see
         :mod:`stores.chunk_files`), the others (the tokens and statistics) to ``executor``.  With ``failure``
-        (one per writer), the threads' writes are not begun once one of them has failed.  Nothing is committed
+        (one per writer), no write is begun once one has failed (:class:`FirstFailure`).  Nothing is committed
         until :meth:`finish_chunk`."""
         stop, jobs = self._chunk_jobs(chunk, layers, tokens, stats)
+        failure = failure or FirstFailure()  # (one of this chunk's own)
         futures = []
         for array, unchecked, key, values in jobs:  # the processes take the chunks in their shared memory
             direct = (_direct_chunk_file(array, key, values)
                       if encoder is not None and encoder.shared.locate(values) is not None else None)
-            futures.append(encoder.write(*direct, values) if direct is not None
-                           else executor.submit(_put, array, unchecked, key, values) if failure is None
+            futures.append(failure.handed(functools.partial(encoder.write, *direct, values)) if direct is not None
                            else executor.submit(failure.run, _put, array, unchecked, key, values))
         return PendingChunk(chunk, stop, futures, stats)
 

@@ -103,13 +103,22 @@ def use_storage_options(options: dict[str, Any], locations: list[str]) -> None:
             fsspec.config.conf.setdefault(protocol, {}).update(options)
 
 
+#: the protocols whose file system's options take only the type of their default (s3fs); elsewhere a default
+#: does not tell: gcsfs's requester_pays=False also takes the project to bill, fsspec's expiry_time=False a number
+_TYPED_BY_DEFAULT = ("s3", "s3a")
+
+
 def check_option_types(protocol: str, options: dict[str, Any]) -> None:
-    """Raise :class:`RemoteError` for an option whose file system takes a boolean or a number (its default
-    says so) but was given something else: ``anon=maybe`` reached s3fs as the string "maybe", which it
+    """Raise :class:`RemoteError` for an option of s3fs that takes a boolean or a number (its default says so)
+    but was given something else (null aside): ``anon=maybe`` reached s3fs as the string "maybe", which it
     takes as true, and a run then went anonymous without a word."""
+    if protocol not in _TYPED_BY_DEFAULT:
+        return
     parameters = inspect.signature(fsspec.get_filesystem_class(protocol).__init__).parameters
     for key, value in options.items():
         default = parameters[key].default if key in parameters else inspect.Parameter.empty
+        if value is None:
+            continue
         if isinstance(default, bool) and not isinstance(value, bool):
             raise RemoteError(f"--storage-option {key}: {value!r} is not true or false")
         if isinstance(default, (int, float)) and not isinstance(default, bool) and (

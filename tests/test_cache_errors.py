@@ -404,6 +404,36 @@ def test_a_chunk_whose_write_fails_starts_none_of_its_other_writes(tmp_path, mon
     assert after == [] and released == [], after
 
 
+def test_a_failed_write_in_an_encoder_process_stops_the_writes_not_yet_handed_out():
+    """--writer processes: a process's failed write is noted when its answer comes; from then on neither the
+    threads' writes nor the processes' begin (FirstFailure), as with a thread's failed write."""
+    from concurrent.futures import Future
+
+    from stores.activation_store import FirstFailure
+
+    failure, started = FirstFailure(), []
+
+    def start(fails: bool) -> Future:
+        started.append(fails)
+        future: Future = Future()
+        if fails:
+            future.set_exception(OSError(errno.ENOSPC, "No space left on device"))
+        else:
+            future.set_result(None)
+        return future
+
+    assert failure.handed(lambda: start(False)).result() is None
+    with pytest.raises(OSError):
+        failure.handed(lambda: start(True)).result()
+    later = failure.handed(lambda: start(False))
+    with pytest.raises(OSError) as caught:
+        later.result()
+    assert caught.value.errno == errno.ENOSPC and started == [False, True]  # the last one never started
+    with pytest.raises(OSError):
+        failure.run(started.append, "a thread's write")
+    assert started == [False, True]
+
+
 def _copy_of(trained, tmp_path):
     import shutil
 

@@ -109,9 +109,11 @@ def test_a_storage_option_of_the_wrong_type_is_named():
         check_option_types("s3", {"max_concurrency": "lots"})
     with pytest.raises(RemoteError, match="--storage-option use_ssl: 1 is not true or false"):
         check_option_types("s3", {"use_ssl": 1})
-    # right types, options without a default to go by, and those s3fs passes on to its session: left to s3fs
+    # right types, null, options without a default to go by, and those s3fs passes on to its session: left to s3fs
     check_option_types("s3", {"anon": True, "max_concurrency": 4, "endpoint_url": "http://127.0.0.1:9000",
-                              "client_kwargs": {"region_name": "x"}, "profile": "p"})
+                              "client_kwargs": {"region_name": "x"}, "profile": "p", "use_ssl": None})
+    # other file systems' defaults do not tell their types: gcsfs's requester_pays=False takes a project name
+    check_option_types("memory", {"global_store": "maybe"})
 
 
 def test_storage_options_the_file_system_cannot_take_are_named(tiny_llama, bucket, capsys, monkeypatch):

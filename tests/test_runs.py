@@ -474,16 +474,30 @@ def test_saes_that_cannot_fit_the_device_are_refused_before_the_run_is_made(cach
     assert code == 1 and "GiB of the cpu" in err and not out.exists(), err
 
 
-def test_the_fit_check_counts_the_streams_windows():
-    """Small SAEs whose streams' windows (two per SAE, as large as a group's rows in 8 chunks) do not fit: the
-    check counted only the SAEs' weights, moments and latents."""
+def test_the_fit_check_counts_the_streams_windows(cache, monkeypatch):
+    """The streams keep two windows per SAE (on a GPU, and as many device copies): the fit check counted only the
+    SAEs' weights, moments and latents. Its estimate against the buffers real streams make, per group (a
+    bound by the largest group refused uneven partitions that fit); and the check refuses on it."""
+    import pipeline.train as train_module
     from pipeline.errors import GsaeError
-    from pipeline.train import TrainRequest, _check_fits
+    from stores.stream import TrainingStream
 
-    request = TrainRequest(cache="unused", batch_size=64, device="cpu")
-    _check_fits(3, 256, 32, request, windows_bytes=0)
+    config, store = train_module.plan(train_module.TrainRequest(cache=str(cache), baseline=True, batch_size=64,
+                                                                tokens=640, device="cpu"))
+    config.groups = [config.groups[0], [layer for group in config.groups[1:] for layer in group]]  # uneven: 1 and 2
+    made = []
+    for group in config.groups:
+        stream = TrainingStream(store, group, [1.0] * len(group), config.train_chunks, config.batch_size, seed=0,
+                                window_chunks=config.window_chunks)
+        stream.next_batch()  # its first window, and the next one being decoded: both buffers
+        made.append(sum(buffer.numel() * buffer.element_size() for buffer in stream._buffers))
+        stream.close()
+    for i, real in enumerate(made):  # 15 training chunks: windows of 8 and 7
+        assert real <= train_module._windows_bytes(config, store, [i]) <= 1.1 * real, (i, real)
+    assert train_module._windows_bytes(config, store, [0, 1]) <= 1.1 * sum(made)
+    monkeypatch.setattr(train_module, "_windows_bytes", lambda *args: 10**15)
     with pytest.raises(GsaeError, match=r"with their training windows \(931,322\.6 GiB\), need about .*--chunk-tokens"):
-        _check_fits(3, 256, 32, request, windows_bytes=10**15)
+        train_module._check_trainable(config, train_module.TrainRequest(cache=str(cache), device="cpu"), store)
 
 
 def test_a_second_process_training_the_same_run_is_refused(cache, whole, tmp_path, capsys):
