@@ -387,7 +387,7 @@ def run(args: argparse.Namespace, work: Path, cache_tokens: int) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-    say(f"end_to_end: gsae (cache once, train from it) vs sparsify (live), in one process")
+    say("end_to_end: gsae (cache once, train from it) vs sparsify (live), in one process")
     say(f"device {device.type} ({name}), torch {torch.__version__}, {os.cpu_count()} CPU cores, "
         f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     for note in standins():

@@ -29,7 +29,7 @@ from numcodecs import get_codec  # noqa: E402
 from pipeline.evaluate import layer_reconstruction  # noqa: E402
 from pipeline.sae import SparseAutoencoder, default_k, default_lr  # noqa: E402
 from pipeline.train import make_optimizer, train_step  # noqa: E402
-from stores import ActivationStore, to_float32  # noqa: E402
+from stores import ActivationStore  # noqa: E402
 from stores.codecs import activation_codecs  # noqa: E402
 from stores.stream import split_chunks  # noqa: E402
 
