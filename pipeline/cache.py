@@ -489,7 +489,7 @@ class ChunkWriter:
         # is 64 chunks, 8 GiB).
         self.max_pending = self.in_flight(store, threads, batch_rows)
         self.pending: deque[tuple[PendingChunk, Callable[[], None] | None]] = deque()  # with its release
-        self.failure = FirstFailure()  # a failed write: the threads begin no other
+        self.failure = FirstFailure()  # after a failed write, no other begins
         self.started = time.perf_counter()
         self._recorded = float("-inf")  # when the seconds were last recorded
 
