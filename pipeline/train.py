@@ -139,14 +139,19 @@ def _partition(request: TrainRequest, store: ActivationStore) -> tuple[list[list
 def _check_fits(n_saes: int, n_latents: int, d: int, request: TrainRequest, windows_bytes: int = 0) -> None:
     """Refuse, before the run is made, SAEs that cannot fit this process's device: weights and Adam's two
     moments (6 n·d floats per SAE, all of this process's SAEs at once), one batch's latents (3 batch·n) and
-    ``windows_bytes``, the windows of their streams (on a GPU their device copies, on the CPU the windows)."""
-    here = math.ceil(n_saes / current_ranks().world)
+    ``windows_bytes``, the windows of their streams (on a GPU their device copies, on the CPU the windows); on
+    a GPU, also the host windows (pinned: the ranks on this machine's together) that fit its memory."""
+    ranks = current_ranks()
+    here = math.ceil(n_saes / ranks.world)
     need = 4 * (here * 6 * n_latents * d + 3 * request.batch_size * n_latents) + windows_bytes
     device = pick_device(request.device)
-    if device.type == "cuda":
-        have = torch.cuda.get_device_properties(device.index or 0).total_memory
-    else:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    have = torch.cuda.get_device_properties(device.index or 0).total_memory if device.type == "cuda" else host
+    if device.type == "cuda" and windows_bytes * ranks.local_world > host:
+        raise GsaeError(f"the training windows of {here} SAE{'s' if here > 1 else ''} per rank need "
+                        f"{windows_bytes * ranks.local_world / 2**30:,.1f} GiB of pinned host memory, more than the "
+                        f"{host / 2**30:,.1f} GiB of this machine; spread the SAEs over more machines (torchrun), or "
+                        "make the cache's chunks smaller (gsae cache --chunk-tokens)")
     if need > have:
         raise GsaeError(f"{here} SAE{'s' if here > 1 else ''} of {n_latents:,} latents × d_model {d}, with their "
                         f"training windows ({windows_bytes / 2**30:,.1f} GiB), need about "

@@ -498,6 +498,13 @@ def test_the_fit_check_counts_the_streams_windows(cache, monkeypatch):
     monkeypatch.setattr(train_module, "_windows_bytes", lambda *args: 10**15)
     with pytest.raises(GsaeError, match=r"with their training windows \(931,322\.6 GiB\), need about .*--chunk-tokens"):
         train_module._check_trainable(config, train_module.TrainRequest(cache=str(cache), device="cpu"), store)
+    # on a GPU the host keeps a pinned copy of each window too: a GPU with room for them, a host without
+    huge = type("Properties", (), {"total_memory": 10**18})()
+    monkeypatch.setattr(train_module, "pick_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: huge)
+    with pytest.raises(GsaeError, match=r"per rank need 931,322\.6 GiB of pinned host memory, more than the .* of this machine"):
+        train_module._check_fits(2, 256, 32, train_module.TrainRequest(cache=str(cache)), windows_bytes=10**15)
+    train_module._check_fits(2, 256, 32, train_module.TrainRequest(cache=str(cache)), windows_bytes=2**20)
 
 
 def test_a_second_process_training_the_same_run_is_refused(cache, whole, tmp_path, capsys):
