@@ -364,7 +364,7 @@ def _check_trainable(config: RunConfig, request: TrainRequest, store: Activation
     pick_device(request.device)
     check_processes_cache(request.reader, "reader", store)
     _check_fits(len(config.groups), config.n_latents, config.d_in, request,
-                max(_windows_bytes(config, store, saes) for saes in _saes_of_ranks(config, current_ranks().world)))
+                _largest_rank_windows(config, store, current_ranks().world))
 
 
 _ROW_NUMBERS = ("train_fvu", "held_out_fvu", "l0", "held_out_l0", "dead_fraction", "tokens_per_s", "seconds")
@@ -439,6 +439,11 @@ def _saes_of_ranks(config: RunConfig, world: int) -> list[list[int]]:
     """The SAEs each of ``world`` ranks trains (each wholly on one, balanced by tokens)."""
     owner = assign_ranks([config.tokens_per_sae] * len(config.groups), world)
     return [[i for i, rank in enumerate(owner) if rank == r] for r in range(world)]
+
+
+def _largest_rank_windows(config: RunConfig, store: ActivationStore, world: int) -> int:
+    """The window buffers of the rank of ``world`` whose SAEs' windows are the largest."""
+    return max(_windows_bytes(config, store, saes) for saes in _saes_of_ranks(config, world))
 
 
 def _windows_bytes(config: RunConfig, store: ActivationStore, saes: list[int]) -> int:
@@ -602,15 +607,14 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
         console = Console(quiet=True)
     config = run.config
     n = len(config.groups)
-    by_rank = _saes_of_ranks(config, ranks.world)
-    mine = by_rank[ranks.rank]
+    mine = _saes_of_ranks(config, ranks.world)[ranks.rank]
     device = ranks.device(pick_device(config.device))
     scope.enter_context(matmul_precision(device, config.tf32))  # as sparsify's trainer sets it (--no-tf32: off)
     threads = ranks.decode_threads(store.path)
     pool = worker_threads(threads, "gsae-decode", worker_nice(device))  # beside a GPU: below its thread
     # ranks on one machine share its /dev/shm; a rank with no SAE reads nothing
     processes = (start_processes(request.reader, "reader", store, device, ranks.local_world
-                                 * max(_windows_bytes(config, store, saes) for saes in by_rank), threads) if mine else None)
+                                 * _largest_rank_windows(config, store, ranks.world), threads) if mine else None)
     scope.callback(stop_processes, processes)  # also when the run fails
     checkpoint = run.latest_checkpoint()
     steps, batch_size = config.steps, config.batch_size

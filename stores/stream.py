@@ -209,17 +209,16 @@ class TrainingStream:
                 self._free_host(slot)
                 return torch.empty(size, self.store.d_model, dtype=self._dtype, pin_memory=True)
         else:
+            window = f"a {size * self.store.d_model * itemsize / 2**20:,.0f} MiB window of the training stream's processes"
             try:
                 block = self.processes.shared.empty(shape, np.dtype(np.uint8))
             except OSError as exc:  # the old buffer stays this slot's
-                raise StoreError(f"no room in /dev/shm for a {size * self.store.d_model * itemsize / 2**20:,.0f} MiB window "
-                                 f"of the training stream's processes ({exc.strerror or exc}); pass --reader threads") from None
+                raise StoreError(f"no room in /dev/shm for {window} ({exc.strerror or exc}); pass --reader threads") from None
             try:
                 address = pin(block) if self._cuda else None
             except PinError as exc:  # (the processes' start pinned a page of theirs: seldom here)
                 self.processes.shared.release(block)
-                raise StoreError(f"cannot pin a {size * self.store.d_model * itemsize / 2**20:,.0f} MiB window of the "
-                                 f"training stream's processes for the GPU ({exc}); pass --reader threads") from None
+                raise StoreError(f"cannot pin {window} for the GPU ({exc}); pass --reader threads") from None
         self._free_host(slot)
         self._host[slot] = (block, address)
         return torch.from_numpy(block).view(self._dtype)
