@@ -225,7 +225,7 @@ def _layout(array: zarr.Array) -> _ChunkLayout | None:
             return found[2]
     layout = None
     if isinstance(array.store, LocalStore) and array.ndim >= 1:
-        chunk_shape = tuple(metadata.chunk_grid.chunk_shape)
+        chunk_shape = tuple(array.chunks)
         if chunk_shape[1:] == tuple(array.shape[1:]):
             layout = _ChunkLayout(
                 Path(array.store.root) / array.path, metadata.encode_chunk_key, chunk_shape, tuple(array.shape),
@@ -270,13 +270,20 @@ def _chunk_codec(codecs: tuple, zstd: bool = False) -> Any:
     from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
     if not (len(codecs) == 3 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[2], Crc32cCodec)
-            and np.little_endian and (codecs[0].endian is None or codecs[0].endian.value == "little")):
+            and np.little_endian and getattr(codecs[0].endian, "value", codecs[0].endian) in (None, "little")):
         return None
     if isinstance(codecs[1], BloscCodec):
         return getattr(codecs[1], "_blosc_codec", None)
     if zstd and isinstance(codecs[1], ZstdCodec):
         return getattr(codecs[1], "_zstd_codec", None)
     return None
+
+
+def _indexing_grid(array: zarr.Array) -> Any:
+    """The chunk grid zarr's indexers take: the array's runtime grid from zarr 3.2 on (where the metadata
+    holds only a description: zarr 3.2+ needs Python 3.12+), its metadata's before."""
+    grid = getattr(array.async_array, "_chunk_grid", None)
+    return array.metadata.chunk_grid if grid is None else grid
 
 
 def _decode_chunk_file(path: Path, out: np.ndarray) -> bool:
@@ -313,7 +320,7 @@ def _get(array: zarr.Array, rows: slice, out: np.ndarray | None = None) -> np.nd
     loop = _own_loop(array)
     if loop is None:
         return array.get_basic_selection(rows, out=buffer)
-    indexer = BasicIndexer(rows, array.shape, array.metadata.chunk_grid)
+    indexer = BasicIndexer(rows, array.shape, _indexing_grid(array))
     return loop.run_until_complete(array.async_array._get_selection(
         indexer, out=buffer, prototype=default_buffer_prototype()))
 
