@@ -168,7 +168,7 @@ def test_parse_layers():
     assert parse_layers("0-3,7,5", 30) == [0, 1, 2, 3, 5, 7]
     assert parse_layers("0-1", 2) == [0, 1]
     # a 2-block model: the default leaves one layer, and the message says how to group both
-    with pytest.raises(GsaeError, match="leaves out the last of this model's 2 blocks .*pass --layers 0-1 \(to gsae group or gsae run\)"):
+    with pytest.raises(GsaeError, match=r"leaves out the last of this model's 2 blocks .*pass --layers 0-1 \(to gsae group or gsae run\)"):
         parse_layers(None, 2)
     with pytest.raises(GsaeError, match=r"at least two layers \(got 0: the cache has 1 block\)"):
         parse_layers(None, 1)
