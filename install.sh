@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Install gsae and what it needs into ./.venv, on a machine with only Python 3.10+ (python3 or python).
+# Install gsae and what it needs into ./.venv, on a machine with only Python 3.11+ (python3 or python).
 # A virtual environment works where the system interpreter is externally managed (PEP 668: Debian 12,
 # Ubuntu 24.04) and where there is no `python` command.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="$(command -v python3 || command -v python || true)"
 if [ -z "$PY" ]; then
-    echo "install.sh: no python3 or python on PATH; install Python 3.10 or newer" >&2
+    echo "install.sh: no python3 or python on PATH; install Python 3.11 or newer" >&2
+    exit 1
+fi
+# zarr 3 (the store) needs Python 3.11+: say so here rather than as pip's "no matching distribution"
+if ! "$PY" -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)"; then
+    echo "install.sh: $PY is Python $("$PY" -c 'import platform; print(platform.python_version())'); gsae needs 3.11 or newer (its store, zarr 3, does)" >&2
     exit 1
 fi
 # A torch built with CUDA already installed for this Python is kept (the venv sees it through
