@@ -8,7 +8,8 @@
 #
 # (a) installs the wheels in .whl (made here by ../shared/gpu/wheels.sh) into /tmp/site, as
 #     /work/shared/gpu/README.md says; without .whl it uses this Python's packages;
-# (b) runs each benchmark under its own `timeout`, most important first: the CUDA tests alone,
+# (b) runs each benchmark under its own `timeout`, most important first: a tiny cache and `gsae verify` of it
+#     (store_check: where it fails, as with zarr 3.4 on 2026-11-28, every other step is skipped), the CUDA tests alone,
 #     cache_throughput (writer threads, gsae's default, and encoder processes), end_to_end, a small cache and
 #     the feed (fresh stream and after an epoch) and stream ratios, cache_throughput into memory (also with 8
 #     writer threads, and with the checksum holding the GIL), cache_write, the writer by threads (and with the
@@ -89,7 +90,7 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run under timeout, bounded by what
   local name=$1 max=$2; shift 2
   local left=$((BUDGET - (SECONDS - START) - RESERVE))
   local limit=$((max < left ? max : left))
-  local always="model small_cache"
+  local always="model store_check small_cache"
   [[ " ${ONLY:-} " == *" train_"* ]] && always+=" group_small"  # the train steps need its grouping
   if [ -n "${ONLY:-}" ] && [[ " $always $ONLY " != *" ${name%_summary} "* ]]; then return 0; fi
   ORDER+=("$name")
@@ -147,6 +148,18 @@ fi
 # the model (Pythia-70M-shaped, random weights) and the repeated pydoc corpus, shared by the steps
 step model 90 "$PY" benchmarks/end_to_end.py --only-build-model "$W/model" --corpus-out "$W/corpus.jsonl" \
     --cache-tokens "$CORPUS_TOKENS" ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"}
+
+# a tiny cache and its read-back first (seconds): where the store does not work with that machine's packages
+# (2026-11-28: zarr 3.4 there, 3.1 on the CPU machines; every cache failed), the steps after it would each
+# fail on it, so they are skipped and the budget is kept
+step store_check 60 env GSAE_DEBUG=1 sh -c 'gsae cache --model "$1" --dataset "$2" --cache "$3" --tokens 4096 \
+    --context-length 64 --batch-size 8 --chunk-tokens 1024 && gsae verify --cache "$3" && echo "store check: ok"' \
+    store_check "$W/model" "$W/corpus.jsonl" "$W/check"
+if ! grep -q "^store check: ok" "$W/logs/store_check.log" 2>/dev/null; then
+  echo "== the store does not work here (store_check above): the other steps are skipped"
+  BUDGET=$((SECONDS - START))
+fi
+rm -rf "$W/check"
 
 # 0. the CUDA tests alone first (a minute): the CUDA paths changed since the last full suite there
 step tests_cuda_quick 90 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_cuda.py tests/test_sae.py
