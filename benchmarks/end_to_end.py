@@ -570,6 +570,9 @@ def run(args: argparse.Namespace, work: Path, cache_tokens: int) -> None:
                 f"   (target ≤ 0.5; cache time excluded; train G alone {results['groups'] / live:.3f})")
     else:
         say("no ratio: sparsify live did not finish")
+    missing = [name for name in ("cache", "baseline", "groups", "sparsify") if name not in results]
+    if missing:  # the figures that exist are printed above; a session's step table shows the rest failed
+        raise SystemExit(f"end_to_end: {', '.join(missing)} did not finish (see the lines above)")
 
 
 def steps_note(run: Path) -> str:
