@@ -800,17 +800,22 @@ def _complete_as_asked(path: str, request: CacheRequest, spec: ModelSpec, corpus
     """The store at ``path`` (opened to write) if it is complete and was made as ``request`` asks, told
     without loading the model (the embedded GGUF takes ~30 s to load on a CPU): only for models fingerprinted
     by their files, whose revision is the stored one; the entries that need the tokenizer follow from the
-    stored ones (same files, same tokenizer).  None sends the command the long way, which names any difference."""
+    stored ones (same files, same tokenizer).  A store made with other settings, complete or not, is refused
+    here as the long way would refuse it after loading the model: with other files the model's fingerprint
+    differs too.  None sends the command the long way (resuming, or a hub model)."""
     if spec.kind == "hub":  # its revision is resolved by loading it
         return None
     store = ActivationStore.open(path, mode="r+", allow_partial=True)
     recipe = store.attrs.get("recipe", {})
-    if not store.complete or not recipe:
+    if not recipe:
         return None
     bos = recipe.get("prepend_bos") if request.prepend_bos is None else request.prepend_bos
-    same = recipe == _recipe(request, spec, recipe.get("model_revision"), corpus, bos,
-                             not (bos and not request.keep_bos), device)
-    return store if same else None
+    wanted = _recipe(request, spec, recipe.get("model_revision"), corpus, bos, not (bos and not request.keep_bos),
+                     device)
+    if recipe != wanted:
+        _check_recipe(path, store.attrs, wanted,
+                      {"corpus_fingerprint": ((store.attrs.get("corpus") or {}).get("spec"), corpus.spec)})
+    return store if store.complete and recipe == wanted else None
 
 
 def build_cache(request: CacheRequest, console: Any) -> CacheResult:

@@ -213,8 +213,13 @@ def test_a_cache_whose_root_zarr_json_is_damaged_is_called_damaged(damage, tiny_
     assert "is a gsae cache, not a run" in _one_line_error(*run_cli(["export", "--run", cache], capsys)[::2])
 
 
-def test_different_command_against_existing_cache(tiny_neox, tmp_path, capsys):
+def test_different_command_against_existing_cache(tiny_neox, tmp_path, capsys, monkeypatch):
     assert run_cli(_args(tiny_neox, tmp_path / "c"), capsys)[0] == 0
+
+    def no_model(*args, **kwargs):  # a local model's settings are told apart from its files: nothing loads
+        raise AssertionError("the model was loaded to refuse other settings")
+
+    monkeypatch.setattr("pipeline.cache.load_model", no_model)
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", context_length=48), capsys)[::2])
     assert "other settings" in line and "--context-length: 32 there, 48 now" in line
     made_with = (f"gsae cache --model {tiny_neox.resolve()} --cache {tmp_path / 'c'} --tokens 200 --context-length 32 "
