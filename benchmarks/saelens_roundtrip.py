@@ -14,6 +14,9 @@ eai-sparsify in an environment of its own, with the CPU torch pinned):
 
     gsae export --run RUN --format sparsify --out EXPORT
     /path/to/sparsify-venv/bin/python benchmarks/saelens_roundtrip.py check-sparsify --export EXPORT --probe probe.safetensors
+
+(with ``SPARSIFY_DISABLE_TRITON=1`` where that environment's torch is a CUDA build on a machine without a GPU:
+sparsify's Triton decoder then fails with "0 active drivers")
 """
 
 from __future__ import annotations

@@ -138,6 +138,8 @@ def _sum_per_latent(indices: torch.Tensor, grad: torch.Tensor, rows: torch.Tenso
     compute = grad.dtype if grad.dtype in (torch.float32, torch.float64) or grad.is_cuda else torch.float32
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta": the CSR × dense product is all we use
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        # torch 2.11 (not 2.13) warns that the checks are off even where check_invariants=False turns them off
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
         sparse = torch.sparse_csr_tensor(row_starts, tokens, grad.flatten()[order].to(compute),
                                          (n_latents, indices.shape[0]), check_invariants=False)
     return (sparse @ rows.to(compute)).to(grad.dtype)  # CPU CSR matmul has no float16/bfloat16 kernel
