@@ -92,8 +92,8 @@ def test_a_corpus_without_text_is_refused_before_the_model_loads(name, content, 
 
 
 def test_a_complete_cache_asked_again_is_found_without_loading_the_model(tiny_neox, tmp_path, capsys, monkeypatch):
-    """The same command on a complete cache says so without the model's load; other arguments still go the
-    long way, which names the difference."""
+    """The same command on a complete cache says so without the model's load; other arguments are refused
+    without it too, with the line the long way (the model loaded) gives."""
     import pipeline.cache
 
     assert run_cli(_args(tiny_neox, tmp_path / "c"), capsys)[0] == 0
@@ -109,15 +109,19 @@ def test_a_complete_cache_asked_again_is_found_without_loading_the_model(tiny_ne
         code, out, err = run_cli(args, capsys)
         assert code == 0 and "already complete" in out + err, err
     assert (tmp_path / "c" / "zarr.json").read_bytes() == before
-    for other in ({"batch_size": 8}, {"keep_bos": None}, {"dtype": "bfloat16"}):
+    for other, named in (({"batch_size": 8}, "--batch-size: 4 there, 8 now"),
+                         ({"keep_bos": None}, "BOS stored (--keep-bos): False there, True now"),
+                         ({"dtype": "bfloat16"}, "--dtype: 'float16' there, 'bfloat16' now")):
         args = _args(tiny_neox, tmp_path / "c", **{k: v for k, v in other.items() if v is not None})
         if "keep_bos" in other:
             args.append("--keep-bos")
         line = _one_line_error(*run_cli(args, capsys)[::2])
-        assert "model was loaded" in line, other  # the long way
-    monkeypatch.setattr(pipeline.cache, "load_model", load)
-    line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", batch_size=8), capsys)[::2])
-    assert "--batch-size" in line and "model was loaded" not in line
+        assert named in line and "model was loaded" not in line, (other, line)
+        with monkeypatch.context() as long_way:  # the model loaded, then its recipe checked
+            long_way.setattr(pipeline.cache, "load_model", load)
+            long_way.setattr(pipeline.cache, "_complete_as_asked", lambda *args: None)
+            assert _one_line_error(*run_cli(args, capsys)[::2]) == line
+    assert (tmp_path / "c" / "zarr.json").read_bytes() == before
 
 
 def test_a_chunk_larger_than_the_cache_takes_memory_for_the_cache_only(tiny_neox, tmp_path, capsys):
