@@ -42,7 +42,9 @@ class RateColumn(ProgressColumn):
         self.unit = unit
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed or _mean_speed(task)
+        # a finished bar: the rate over the whole task, as the summary gives it (rich's is its last estimate,
+        # which leaves out the time before the first update: a resumed cache's first batch, say)
+        speed = (_mean_speed(task) or task.finished_speed) if task.finished else (task.speed or _mean_speed(task))
         return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
 
 

@@ -559,6 +559,27 @@ def test_a_resumed_task_rate_counts_only_this_process_rows():
     assert 0 < rate < 100 / 0.05 * 1.01
 
 
+def test_a_finished_task_shows_its_rate_over_the_whole_task():
+    """rich's rate leaves out the time before a task's first update: a resumed cache whose first batch
+    re-ran committed rows ended showing 380 tok/s where its summary said 247."""
+    import time
+
+    from rich.progress import Progress
+
+    from pipeline.progress import RateColumn
+
+    progress = Progress()
+    task = progress.add_task("caching", total=200, completed=100, resumed_at=100)
+    time.sleep(0.2)  # the first batch
+    progress.update(task, advance=50)
+    time.sleep(0.01)
+    progress.update(task, advance=50)
+    shown = float(RateColumn("tok").render(progress.tasks[0]).plain.split()[0].replace(",", ""))
+    elapsed = progress.tasks[0].elapsed
+    assert progress.tasks[0].finished and shown == pytest.approx(100 / elapsed, rel=0.01)
+    assert shown < 100 / 0.2
+
+
 def test_tf32_holds_only_inside_a_training_or_evaluation_call():
     """torch's TF32 switch is global: training sets it for its own call and restores the process's state
     after, also when the call fails, so a later cache in the same process writes full-float32 bytes; a state
