@@ -28,10 +28,12 @@ def _duration(seconds: float) -> str:
 
 def _mean_speed(task: Task) -> float | None:
     """Items per second since the task started; rich estimates over recent updates only, so slow rows
-    get none. ``task.fields["resumed_at"]``: where a resumed task started counting (not done in this process)."""
-    if not task.elapsed:
+    get none. ``task.fields["resumed_at"]``: where a resumed task started counting (not done in this process).
+    A finished task's time ends where it finished (rich's ``elapsed`` goes on growing after that)."""
+    seconds = task.finished_time if task.finished else task.elapsed
+    if not seconds:
         return None
-    return (task.completed - task.fields.get("resumed_at", 0)) / task.elapsed
+    return (task.completed - task.fields.get("resumed_at", 0)) / seconds
 
 
 class RateColumn(ProgressColumn):
