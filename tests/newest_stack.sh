@@ -9,7 +9,7 @@
 #     GSAE_SMOKE=1 bash tests/newest_stack.sh  # the GPU session script's --smoke there instead of pytest
 #
 # The first run makes a chroot in $ROOT (default /opt/gsae-newest; about 12 GB with torch's CUDA build from
-# PyPI, which runs on the CPU) in about 5 minutes; later runs copy this checkout's tracked and untracked
+# PyPI, which runs on the CPU) in about 4 minutes (210 s here); later runs copy this checkout's tracked and untracked
 # (not ignored) files into $ROOT/src and run there. FRESH=1 makes the environment again (newer releases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,13 @@ mounts() {  # what the tests need inside: processes, shared memory (/dev/shm), a
   cp -L /etc/resolv.conf /etc/hosts "$ROOT/etc/"
   cp -L /etc/hostname "$ROOT/etc/" 2>/dev/null || true
 }
+unmount() {  # every mount made above, so that no later `rm -rf` of $ROOT can reach the host's /dev through it
+  local m
+  for m in dev/shm dev/pts dev sys proc; do
+    if mountpoint -q "$ROOT/$m" 2>/dev/null; then umount -l "$ROOT/$m"; fi
+  done
+}
+trap unmount EXIT
 inside() {  # inside CMD...: run in the chroot with a clean environment
   chroot "$ROOT" /usr/bin/env -i PATH="$VENV/bin:/usr/sbin:/usr/bin:/sbin:/bin" HOME=/root LANG=C.UTF-8 \
       TERM="${TERM:-dumb}" PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive \
@@ -39,8 +46,16 @@ inside() {  # inside CMD...: run in the chroot with a clean environment
 
 if [ "${FRESH:-0}" = 1 ] || [ ! -f "$ROOT/.gsae-ready" ]; then  # (made last: a setup cut short starts again)
   t0=$SECONDS
-  for m in dev/shm dev/pts dev sys proc; do mountpoint -q "$ROOT/$m" 2>/dev/null && umount -l "$ROOT/$m"; done
-  rm -rf --one-file-system "$ROOT"  # (a mount left inside is not followed: /dev is bound there)
+  # only a folder this script made (its mark), or an empty one, is removed and made again
+  if [ -d "$ROOT" ] && [ ! -e "$ROOT/.gsae-newest" ] && [ ! -e "$ROOT/.gsae-ready" ] && [ -n "$(ls -A "$ROOT")" ]; then
+    echo "newest_stack.sh: $ROOT holds files this script did not make; pass another ROOT=" >&2; exit 1
+  fi
+  unmount
+  if grep -q " $ROOT/" /proc/self/mountinfo; then  # (something else mounted inside: never rm through it)
+    echo "newest_stack.sh: something is still mounted under $ROOT; unmount it first" >&2; exit 1
+  fi
+  rm -rf --one-file-system "$ROOT"
+  mkdir -p "$ROOT" && touch "$ROOT/.gsae-newest"
   command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
   debootstrap --variant=minbase trixie "$ROOT" http://deb.debian.org/debian >/dev/null
   mounts
