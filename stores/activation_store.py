@@ -225,8 +225,11 @@ def _layout(array: zarr.Array) -> _ChunkLayout | None:
             return found[2]
     layout = None
     if isinstance(array.store, LocalStore) and array.ndim >= 1:
-        chunk_shape = tuple(array.chunks)
-        if chunk_shape[1:] == tuple(array.shape[1:]):
+        try:  # the files on disk: shards where the array has them (their codec is then zarr's: see _chunk_codec)
+            chunk_shape = tuple(array.shards or array.chunks)
+        except NotImplementedError:  # a rectilinear grid (zarr 3.2+, opt-in): no one chunk shape, zarr reads it
+            chunk_shape = ()
+        if chunk_shape and chunk_shape[1:] == tuple(array.shape[1:]):
             layout = _ChunkLayout(
                 Path(array.store.root) / array.path, metadata.encode_chunk_key, chunk_shape, tuple(array.shape),
                 array.dtype, _chunk_codec(metadata.codecs), _chunk_codec(metadata.codecs, zstd=True),

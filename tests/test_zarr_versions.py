@@ -82,3 +82,19 @@ def test_a_selection_zarr_reads_for_gsae_is_the_rows_written(tmp_path):
     np.testing.assert_array_equal(_get(array, slice(3, 13)), values[3:13])
     out = np.empty((8, 4), np.float16)  # one whole chunk: gsae's own decode
     np.testing.assert_array_equal(_get(array, slice(8, 16), out), values[8:16])
+
+
+def test_a_sharded_array_is_read_by_zarr(tmp_path):
+    """The files of a sharded array are its shards, and their codec is zarr's own: gsae neither names a chunk
+    file inside one nor decodes it itself."""
+    from stores.activation_store import _layout, _whole_chunk_file
+
+    array = zarr.create_array(str(tmp_path / "s"), shape=(32, 4), chunks=(4, 4), shards=(16, 4), dtype="float16",
+                              compressors=activation_codecs("lossless", "float16").compressors, fill_value=0)
+    values = np.arange(32 * 4, dtype=np.float16).reshape(32, 4)
+    array[:] = values
+    assert _layout(array).chunk_shape == (16, 4) and _layout(array).blosc is None
+    out = np.empty((16, 4), np.float16)
+    assert _whole_chunk_file(array, slice(16, 32), out.shape, out.dtype) is None
+    np.testing.assert_array_equal(_get(array, slice(16, 32), out), values[16:])
+    np.testing.assert_array_equal(_get(array, slice(4, 8)), values[4:8])
