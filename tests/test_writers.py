@@ -336,6 +336,34 @@ def test_resumed_cache_bar_never_goes_back(tiny_neox, tmp_path, capsys, monkeypa
     assert seen and min(seen) == 2000 and seen == sorted(seen) and seen[-1] == 3000
 
 
+def test_an_incomplete_cache_asked_with_other_settings_is_refused_before_the_model_loads(tiny_neox, tmp_path,
+                                                                                        monkeypatch):
+    """A killed cache re-run with another --batch-size: refused from its stored recipe, with the line the long
+    way (the model loaded) gives; the same command as before still resumes it."""
+    import pipeline.cache as cache_module
+
+    args = _args(tiny_neox, tmp_path / "c", 3000)
+    assert run_cli(args)[0] == 0
+    _rewind_to(tmp_path / "c", chunks=40)
+    other = ["8" if previous == "--batch-size" else value for previous, value in zip([None, *args], args)]
+    assert other != args
+    load = cache_module.load_model
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cache_module, "load_model", no_model)
+    code, out, err = run_cli(other)
+    early = (out + err).strip().splitlines()[-1]
+    assert code == 1 and "--batch-size: 4 there, 8 now" in early and "model was loaded" not in early, out + err
+    monkeypatch.setattr(cache_module, "load_model", load)
+    monkeypatch.setattr(cache_module, "_complete_as_asked", lambda *a: None)
+    code, out, err = run_cli(other)
+    assert code == 1 and (out + err).strip().splitlines()[-1] == early
+    monkeypatch.undo()
+    assert run_cli(args)[0] == 0 and ActivationStore.open(str(tmp_path / "c")).complete
+
+
 @pytest.mark.parametrize("releases_gil", [False, True])
 def test_chunk_checksum_is_zarrs_crc32c_whether_or_not_it_releases_the_gil(monkeypatch, releases_gil):
     """The direct write and decode paths checksum with the crc32c package (GIL released on more than 2
