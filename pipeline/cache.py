@@ -802,7 +802,9 @@ def _complete_as_asked(path: str, request: CacheRequest, spec: ModelSpec, corpus
     by their files, whose revision is the stored one; the entries that need the tokenizer follow from the
     stored ones (same files, same tokenizer).  A store made with other settings, complete or not, is refused
     here as the long way would refuse it after loading the model: with other files the model's fingerprint
-    differs too.  None sends the command the long way (resuming, or a hub model)."""
+    differs too.  (Left out, --prepend-bos reads as the stored choice here, the tokenizer's there: a cache made
+    with --no-prepend-bos, asked without it and with another setting, has that setting named rather than BOS;
+    the command the line gives has --no-prepend-bos.)  None sends the command the long way (resuming, a hub model)."""
     if spec.kind == "hub":  # its revision is resolved by loading it
         return None
     store = ActivationStore.open(path, mode="r+", allow_partial=True)
