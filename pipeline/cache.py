@@ -703,12 +703,12 @@ _RECIPE_WORDS = {"model_id": "--model", "model_revision": "the model's revision"
                  "bos_stored": "BOS stored (--keep-bos)", "tokens_planned": "--tokens"}
 
 
-def _check_recipe(path: str, attrs: dict[str, Any], wanted: dict[str, Any],
-                  labels: dict[str, tuple[Any, Any]] | None = None) -> None:
+def _check_recipe(path: str, attrs: dict[str, Any], wanted: dict[str, Any], corpus_spec: str | None = None) -> None:
     """Refuse to resume a cache (its attributes ``attrs``) made with other settings, naming the first that
-    differs and the command that made it; ``labels``: for a setting recorded as a fingerprint, what it was
-    and is in words (the corpus: its --dataset)."""
+    differs and the command that made it; ``corpus_spec``: the --dataset asked for, named beside the cached
+    one where the corpus (recorded as a fingerprint) differs."""
     stored = attrs.get("recipe", {})
+    labels = {"corpus_fingerprint": ((attrs.get("corpus") or {}).get("spec"), corpus_spec)} if corpus_spec is not None else {}
 
     def show(value: Any, label: Any = None) -> str:
         text = "the default" if value is None else repr(value)
@@ -720,7 +720,7 @@ def _check_recipe(path: str, attrs: dict[str, Any], wanted: dict[str, Any],
             if key == "model_fingerprint" and hub and stored.get("model_revision") == wanted.get("model_revision"):
                 continue  # a hub model's fingerprint names the revision asked for: main then, its commit now
             what = _RECIPE_WORDS.get(key, f"--{key.replace('_', '-')}")
-            before, now = (labels or {}).get(key, (None, None))
+            before, now = labels.get(key, (None, None))
             if key == "model_revision" and hub and stored.get(key):  # the hub's branch moved on since
                 hint = f"pass --revision {stored[key]} (the commit it was cached from) to resume it"
             elif key in ("model_fingerprint", "model_revision") or (key == "corpus_fingerprint" and before == now):
@@ -814,10 +814,10 @@ def _complete_as_asked(path: str, request: CacheRequest, spec: ModelSpec, corpus
     bos = recipe.get("prepend_bos") if request.prepend_bos is None else request.prepend_bos
     wanted = _recipe(request, spec, recipe.get("model_revision"), corpus, bos, not (bos and not request.keep_bos),
                      device)
-    if recipe != wanted:
-        _check_recipe(path, store.attrs, wanted,
-                      {"corpus_fingerprint": ((store.attrs.get("corpus") or {}).get("spec"), corpus.spec)})
-    return store if store.complete and recipe == wanted else None
+    same = recipe == wanted
+    if not same:
+        _check_recipe(path, store.attrs, wanted, corpus.spec)
+    return store if store.complete and same else None
 
 
 def build_cache(request: CacheRequest, console: Any) -> CacheResult:
@@ -868,8 +868,7 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
         complete = False
         if state == "store":
             store = ActivationStore.open(path, mode="r+", allow_partial=True)
-            _check_recipe(path, store.attrs, recipe,
-                          {"corpus_fingerprint": ((store.attrs.get("corpus") or {}).get("spec"), corpus.spec)})
+            _check_recipe(path, store.attrs, recipe, corpus.spec)
             complete = store.complete
             if complete:  # a run killed inside finalize may have left its markers and timing parts
                 store.remove_markers()
