@@ -84,7 +84,7 @@ def _feed_ratio(store: ActivationStore, layers: list[int], args, label: str) -> 
             torch.cuda.synchronize()
 
     threads = Ranks().decode_threads(store.path)
-    nice = worker_nice(device) if args.worker_nice is None else args.worker_nice
+    nice = worker_nice(device, "reader") if args.worker_nice is None else args.worker_nice
     processes = _reader_processes(args, store, layers, device, threads, nice)
     pool = worker_threads(threads, "gsae-decode", nice)
 
@@ -207,7 +207,7 @@ def stream_rate(args) -> None:
 
     def streamed() -> tuple[float, float]:
         """(rows/s of a fresh stream's first epoch, rows/s of the ``args.epochs`` after it)."""
-        stream = TrainingStream(store, layers, scales, chunks, args.batch_size, seed=0, processes=processes)
+        stream = TrainingStream(store, layers, scales, chunks, args.batch_size, seed=0, pool=pool, processes=processes)
         rates, handed = [], 0
         for epochs in (1, args.epochs):
             n_batches = (handed + epochs * rows) // args.batch_size - handed // args.batch_size
@@ -219,7 +219,10 @@ def stream_rate(args) -> None:
         stream.close()
         return rates[0], rates[1]
 
-    processes = _reader_processes(args, store, layers, torch.device("cpu"), cores)
+    # the decode threads (or processes) as gsae train makes them on this device: one per core, at its priority
+    nice = worker_nice(torch.device("cpu"), "reader") if args.worker_nice is None else args.worker_nice
+    processes = _reader_processes(args, store, layers, torch.device("cpu"), cores, nice)
+    pool = worker_threads(cores, "gsae-decode", nice)
     try:
         plain(), streamed()  # warm-up
         plains, colds, streams = [], [], []
@@ -230,9 +233,11 @@ def stream_rate(args) -> None:
             streams.append(warm)
     finally:
         stop_processes(processes)
+        pool.shutdown()
     print(f"{len(layers)} layers × {len(chunks)} chunks = {rows:,} rows of d = {store.d_model}, batch {args.batch_size}, "
           f"{cores} cores, {args.epochs} epochs timed; the stream's decode "
-          f"{'handed to ' + str(cores) + ' processes' if processes is not None else 'on its threads'}")
+          f"{'handed to ' + str(cores) + ' processes' if processes is not None else 'on its threads'}"
+          f"{f' (at nice +{nice})' if nice else ''}")
     print(f"plain thread-pool decode to float32 {max(plains):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in plains)})")
     print(f"training stream                     {max(streams):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in streams)})")
     print(f"  its first epoch (start-up)        {max(colds):12,.0f} rows/s  (runs {', '.join(f'{r:,.0f}' for r in colds)})")
@@ -331,8 +336,8 @@ if __name__ == "__main__":
                              "where the steps run on a GPU; `stream` runs on no GPU: threads unless told)")
     parser.add_argument("--epochs", type=int, default=3, help="stream: epochs timed after the first")
     parser.add_argument("--worker-nice", type=int, default=None,
-                        help="feed: the decode threads or processes lower their CPU priority by this much (default: "
-                             "gsae train's, pipeline.processes.WORKER_NICE on a GPU, 0 on a CPU)")
+                        help="feed, stream: the decode threads or processes lower their CPU priority by this much (default: "
+                             "gsae train's, pipeline.processes.WORKER_NICE)")
     parser.add_argument("--after-epoch", action="store_true",
                         help="feed: time the store-fed steps once the stream has handed out a whole epoch (its window "
                              "buffers made and touched, as in a long run) rather than from a fresh stream")

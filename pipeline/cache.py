@@ -992,7 +992,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     buffers_bytes = (ChunkWriter.in_flight(store, threads, batch_rows)
                      + 2 * -(-batch_size * rows_per_window // store.chunk_tokens) + 1) * _chunk_bytes(store)
     # ranks on one machine share its /dev/shm; the writer stops the processes, the assembler their memory
-    nice = worker_nice(lm.device) if worker_nice_by is None else worker_nice_by
+    nice = worker_nice(lm.device, "writer") if worker_nice_by is None else worker_nice_by
     encoder = start_processes(writer_kind, "writer", store, lm.device, buffers_bytes * ranks.local_world, threads, nice)
     assembler = _ChunkAssembler(store, np_dtype, todo, pinned=lm.device.type == "cuda",
                                 shared=encoder.shared if encoder is not None else None)

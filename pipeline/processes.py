@@ -35,13 +35,20 @@ AUTO_PROCESSES = {"writer": False, "reader": True}
 # which then wrote 0.88-0.99 GB/s against 1.10-1.21 (`cache_write.py --writer-only --threads 2 --probe
 # --nice 10`, 2 runs each; the probe never waits, as a GPU's thread mostly does).
 # Not yet measured on a GPU; `cache_throughput.py --worker-nice 0`, `train_speed.py feed --worker-nice 0`
-# and `cache_write.py --nice` compare.  0 on a CPU, where the model or the step is itself the workers' peer.
+# and `cache_write.py --nice` compare.
+# On a CPU the reader's threads are lowered too: there the training thread itself gathers, converts and
+# scales each batch from the decoded window, with torch's threads, while the decode of the next window
+# runs; at nice +10 the stream alone handed out a median ~1.0M rows/s against ~0.87M (batches of 8,192 rows of
+# d = 512 from 4 layers × 16 chunks, 2 threads, 5 runs of 4 each way, 2026-11-29), and a CPU `gsae train
+# --baseline` (5 SAEs, 512 → 2048, its steps ~400× slower than the decode) took 57.0 and 55.0 s against 55.4 and 57.2.
+# The writer stays at 0 on a CPU, where the model's forward is its peer and each waits for the other.
 WORKER_NICE = 10
 
 
-def worker_nice(device: torch.device) -> int:
-    """How much the chunk workers lower their priority for work feeding ``device`` (:data:`WORKER_NICE`)."""
-    return WORKER_NICE if device.type == "cuda" else 0
+def worker_nice(device: torch.device, option: str) -> int:
+    """How much the chunk workers of ``option`` ("writer": `gsae cache`; "reader": `gsae train`) lower
+    their priority for work feeding ``device`` (:data:`WORKER_NICE`)."""
+    return WORKER_NICE if device.type == "cuda" or option == "reader" else 0
 
 
 def worker_threads(count: int, name: str, nice: int) -> ThreadPoolExecutor:
@@ -94,7 +101,7 @@ def start_processes(requested: str, option: str, store: ActivationStore, device:
     if not use_processes(requested, option, store, device, buffers_bytes):
         return None
     try:
-        return ChunkProcesses(count, SharedBuffers(), worker_nice(device) if nice is None else nice)
+        return ChunkProcesses(count, SharedBuffers(), worker_nice(device, option) if nice is None else nice)
     except OSError as exc:  # no interpreter to start (an embedded Python), or no processes left
         raise GsaeError(f"could not start the {option}'s processes ({exc}); pass --{option} threads") from None
 

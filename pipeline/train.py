@@ -611,7 +611,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
     device = ranks.device(pick_device(config.device))
     scope.enter_context(matmul_precision(device, config.tf32))  # as sparsify's trainer sets it (--no-tf32: off)
     threads = ranks.decode_threads(store.path)
-    pool = worker_threads(threads, "gsae-decode", worker_nice(device))  # beside a GPU: below its thread
+    pool = worker_threads(threads, "gsae-decode", worker_nice(device, "reader"))  # below the training thread
     # ranks on one machine share its /dev/shm; a rank with no SAE reads nothing
     processes = (start_processes(request.reader, "reader", store, device, ranks.local_world
                                  * _largest_rank_windows(config, store, ranks.world), threads) if mine else None)

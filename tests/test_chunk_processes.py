@@ -526,7 +526,11 @@ def test_workers_beside_a_gpu_lower_their_priority_and_only_theirs(tmp_path):
 
     from pipeline.processes import WORKER_NICE, worker_nice, worker_threads
 
-    assert worker_nice(torch.device("cuda")) == WORKER_NICE > 0 and worker_nice(torch.device("cpu")) == 0
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert worker_nice(cuda, "writer") == worker_nice(cuda, "reader") == WORKER_NICE > 0
+    # on a CPU the training thread gathers each batch itself, beside the decode; the forward and the
+    # writer wait for each other
+    assert worker_nice(cpu, "reader") == WORKER_NICE and worker_nice(cpu, "writer") == 0
     base = os.getpriority(os.PRIO_PROCESS, 0)
     expected = min(19, base + 5)
     with worker_threads(2, "gsae-test", 5) as pool:
