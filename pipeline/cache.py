@@ -802,16 +802,16 @@ def _complete_as_asked(path: str, request: CacheRequest, spec: ModelSpec, corpus
     by their files, whose revision is the stored one; the entries that need the tokenizer follow from the
     stored ones (same files, same tokenizer).  A store made with other settings, complete or not, is refused
     here as the long way would refuse it after loading the model: with other files the model's fingerprint
-    differs too.  (Left out, --prepend-bos reads as the stored choice here, the tokenizer's there: a cache made
-    with --no-prepend-bos, asked without it and with another setting, has that setting named rather than BOS;
-    the command the line gives has --no-prepend-bos.)  None sends the command the long way (resuming, a hub model)."""
+    differs too.  None sends the command the long way (resuming, a hub model, and a cache made without BOS asked
+    without --no-prepend-bos: whether the tokenizer prepends one by default is known once it is loaded)."""
     if spec.kind == "hub":  # its revision is resolved by loading it
         return None
     store = ActivationStore.open(path, mode="r+", allow_partial=True)
     recipe = store.attrs.get("recipe", {})
-    if not recipe:
+    if not recipe or (request.prepend_bos is None and recipe.get("prepend_bos") is not True):
         return None
-    bos = recipe.get("prepend_bos") if request.prepend_bos is None else request.prepend_bos
+    # stored True was the tokenizer's default or asked for, and the same files give the same tokenizer
+    bos = True if request.prepend_bos is None else request.prepend_bos
     wanted = _recipe(request, spec, recipe.get("model_revision"), corpus, bos, not (bos and not request.keep_bos),
                      device)
     same = recipe == wanted

@@ -124,6 +124,27 @@ def test_a_complete_cache_asked_again_is_found_without_loading_the_model(tiny_ne
     assert (tmp_path / "c" / "zarr.json").read_bytes() == before
 
 
+def test_a_cache_made_without_bos_is_refused_when_asked_with_the_tokenizers_bos(tiny_neox, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A complete --no-prepend-bos cache asked without that flag (so with the tokenizer's BOS) is refused, as it
+    would be made otherwise, whatever else is asked; asked with the flag, it is found complete without the load."""
+    import pipeline.cache
+
+    cache = tmp_path / "c"
+    assert run_cli(_args(tiny_neox, cache) + ["--no-prepend-bos"], capsys)[0] == 0
+    before = (cache / "zarr.json").read_bytes()
+    loads = []
+    real_load = pipeline.cache.load_model
+    monkeypatch.setattr(pipeline.cache, "load_model", lambda *args, **kw: loads.append(1) or real_load(*args, **kw))
+    for extra in ([], ["--batch-size", 8]):
+        line = _one_line_error(*run_cli(_args(tiny_neox, cache) + extra, capsys)[::2])
+        assert "BOS prepended (the tokenizer): False there, True now" in line and "--no-prepend-bos" in line, line
+    code, out, err = run_cli(_args(tiny_neox, cache) + ["--no-prepend-bos"], capsys)
+    assert code == 0 and "already complete" in out + err, err
+    assert len(loads) == 2  # the two refusals, which needed the tokenizer; not the last
+    assert (cache / "zarr.json").read_bytes() == before
+
+
 def test_a_chunk_larger_than_the_cache_takes_memory_for_the_cache_only(tiny_neox, tmp_path, capsys):
     """--chunk-tokens 10^9 (60 GiB per layer's chunk at d 32) for 200 tokens: one chunk of the 200, and the
     same command again finds the cache complete."""
