@@ -4,14 +4,25 @@
 # Ubuntu 24.04) and where there is no `python` command.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY="$(command -v python3 || command -v python || true)"
+# The first Python 3.11+ among these names (python3 may be an older one beside a newer python3.12).
+# zarr 3 (the store) needs 3.11+: say so here rather than as pip's "no matching distribution".
+PY=""
+FOUND=()
+for name in python3 python python3.13 python3.12 python3.11; do
+    candidate="$(command -v "$name" || true)"
+    [ -n "$candidate" ] || continue
+    if "$candidate" -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)" >/dev/null 2>&1; then
+        PY="$candidate"
+        break
+    fi
+    FOUND+=("$candidate is Python $("$candidate" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '?')")
+done
 if [ -z "$PY" ]; then
-    echo "install.sh: no python3 or python on PATH; install Python 3.11 or newer" >&2
-    exit 1
-fi
-# zarr 3 (the store) needs Python 3.11+: say so here rather than as pip's "no matching distribution"
-if ! "$PY" -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)"; then
-    echo "install.sh: $PY is Python $("$PY" -c 'import platform; print(platform.python_version())'); gsae needs 3.11 or newer (its store, zarr 3, does)" >&2
+    if [ ${#FOUND[@]} -eq 0 ]; then
+        echo "install.sh: no python3 or python on PATH; install Python 3.11 or newer" >&2
+    else
+        echo "install.sh: $(IFS=';'; echo "${FOUND[*]}" | sed 's/;/; /g'); gsae needs 3.11 or newer (its store, zarr 3, does)" >&2
+    fi
     exit 1
 fi
 # A torch built with CUDA already installed for this Python is kept (the venv sees it through
