@@ -35,13 +35,14 @@ fi
 if [ ! -x .venv/bin/python ]; then
     if ! "$PY" -m venv ${VENV_FLAGS[@]+"${VENV_FLAGS[@]}"} .venv >/dev/null 2>&1; then
         rm -rf .venv
-        # Debian and Ubuntu ship venv separately (python3-venv); install it when we may
+        # Debian and Ubuntu ship venv separately, per Python version (python3.11-venv); install it when we may
+        VENV_PACKAGE="python$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
         if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-            echo "install.sh: python3 -m venv failed; installing python3-venv with apt-get" >&2
-            apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+            echo "install.sh: $PY -m venv failed; installing $VENV_PACKAGE with apt-get" >&2
+            apt-get update -qq && apt-get install -y -qq "$VENV_PACKAGE" >/dev/null
             "$PY" -m venv ${VENV_FLAGS[@]+"${VENV_FLAGS[@]}"} .venv
         else
-            echo "install.sh: python3 -m venv failed; install python3-venv (sudo apt-get install python3-venv) and re-run" >&2
+            echo "install.sh: $PY -m venv failed; install $VENV_PACKAGE (sudo apt-get install $VENV_PACKAGE) and re-run" >&2
             exit 1
         fi
     fi
