@@ -877,9 +877,10 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
                 store.remove_stale_temporaries()  # no rank writes yet: the others wait below
         elif state == "absent":
             # a chunk holds at most the cache: zarr writes a short chunk through a buffer of the whole chunk,
-            # and --chunk-tokens 10^9 asked it for 60 GiB per layer (the default is ~4 MiB, whatever --tokens)
+            # and --chunk-tokens 10^9 asked it for 60 GiB per layer (the default is ~4 MiB, fewer rows for a
+            # small cache)
             chunk_tokens = (min(request.chunk_tokens, request.tokens) if request.chunk_tokens
-                            else default_chunk_tokens(lm.d_model, request.dtype))
+                            else default_chunk_tokens(lm.d_model, request.dtype, request.tokens))
             store = ActivationStore.create(
                 path, n_layers=lm.n_layers, d_model=lm.d_model, n_tokens=request.tokens,
                 chunk_tokens=chunk_tokens, dtype=request.dtype, compression=request.compression,

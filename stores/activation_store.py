@@ -69,9 +69,22 @@ class DamagedCache(StoreError):
     """A gsae cache's own folders under a root zarr.json that is gone or unreadable."""
 
 
-def default_chunk_tokens(d_model: int, dtype: str) -> int:
-    """Rows per chunk so that one chunk is about 4 MiB uncompressed."""
-    return max(1, TARGET_CHUNK_BYTES // (d_model * STORAGE_DTYPES[dtype][1]))
+#: a cache smaller than this many 4 MiB chunks is cut into about this many (see default_chunk_tokens)
+SMALL_CACHE_CHUNKS = 20
+#: ... of at least this many rows each
+MIN_CHUNK_TOKENS = 256
+
+
+def default_chunk_tokens(d_model: int, dtype: str, n_tokens: int | None = None) -> int:
+    """Rows per chunk so that one chunk is about 4 MiB uncompressed; for a cache of ``n_tokens`` smaller than
+    :data:`SMALL_CACHE_CHUNKS` such chunks, about that many chunks (at least :data:`MIN_CHUNK_TOKENS` rows each).
+
+    Why: training holds out the last ~5% of the chunks, at least one, and needs one more to train on. A
+    20,000-token cache of a model with d_model 64 was one 4 MiB chunk, which `gsae train` refused."""
+    rows = max(1, TARGET_CHUNK_BYTES // (d_model * STORAGE_DTYPES[dtype][1]))
+    if n_tokens is not None:
+        rows = min(rows, max(MIN_CHUNK_TOKENS, -(-n_tokens // SMALL_CACHE_CHUNKS)))
+    return rows
 
 
 def _local_bytes(path: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -594,3 +595,38 @@ def test_a_huge_token_count_on_a_short_corpus_ends_with_what_there_was(tiny_mode
     assert code == 0, err
     store = ActivationStore.open(str(tmp_path / "s"))
     assert store.complete and 0 < store.n_tokens < 10**5 and store.layer_array(0).shape[0] == store.n_tokens
+
+
+def test_default_chunks_of_a_small_cache():
+    """~4 MiB chunks; a cache of fewer than 20 of them is cut into ~20 (at least 256 rows), so that
+    training's held-out ~5% is one chunk and there are chunks left to train on."""
+    from stores import default_chunk_tokens
+
+    for d, n_tokens in ((32, 10**8), (576, 10**6), (576, 72_800), (576, 72_799), (32, 2_000), (64, 20_000),
+                        (576, 5_121), (576, 3_000), (32, 300), (32, 100), (8192, 5_000)):
+        four_mib = 4 * 2**20 // (2 * d)
+        rows = default_chunk_tokens(d, "float16", n_tokens)
+        chunks = math.ceil(n_tokens / rows)
+        assert rows <= four_mib
+        if n_tokens >= 20 * four_mib:  # a large cache: 4 MiB chunks, at least 20 of them
+            assert rows == four_mib
+        elif n_tokens >= 20 * 256 and four_mib >= 256:  # a small one: about 20 chunks
+            assert chunks in (19, 20), (d, n_tokens, rows)
+        else:  # a tiny one: chunks of 256 rows (or 4 MiB, where that is less)
+            assert rows == min(256, four_mib)
+        if n_tokens < 20 * four_mib:  # training holds out one chunk, and has more to train on where it can
+            assert max(1, round(chunks * 0.05)) == 1 and (chunks > 1 or n_tokens <= rows)
+    assert default_chunk_tokens(576, "float16") == 3640  # no --tokens given: 4 MiB
+
+
+def test_a_small_cache_with_the_default_chunks_trains(tiny_neox, tmp_path, capsys):
+    """2,000 tokens of a d_model-32 model were one 4 MiB chunk (65,536 rows), which `gsae train` refused."""
+    cache = tmp_path / "c"
+    args = cache_args(tiny_neox, cache, tokens=2000)
+    args = args[: args.index("--chunk-tokens")] + args[args.index("--chunk-tokens") + 2:]
+    assert run_cli(args, capsys)[0] == 0
+    store = ActivationStore.open(str(cache))
+    assert (store.chunk_tokens, store.n_chunks) == (256, 8)
+    code, out, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "r", "--baseline", "--tokens", 2048,
+                              "--batch-size", 256], capsys)
+    assert code == 0, err
