@@ -914,6 +914,15 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
             _remove_if_empty(path)
 
 
+def _check_token_ids(ids: np.ndarray, n_embeddings: int | None, lm: LoadedModel) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer that is not the model's): torch's
+    embedding lookup raised "IndexError: index out of range in self" on the CPU, and a device assert on CUDA."""
+    if n_embeddings is not None and ids.size and (largest := int(ids.max())) >= n_embeddings:
+        raise GsaeError(f"the tokenizer of {lm.spec.model_id!r} gives token id {largest:,} for this corpus, beyond the "
+                        f"model's {n_embeddings:,} input embeddings: the tokenizer is not this model's (save the "
+                        "model's own with save_pretrained beside it)")
+
+
 def _remove_store(path: str) -> None:
     """Remove the store at ``path`` (made by this run, in a folder that was empty or absent)."""
     fs, root = fsspec.core.url_to_fs(path)
@@ -994,6 +1003,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                      + 2 * -(-batch_size * rows_per_window // store.chunk_tokens) + 1) * _chunk_bytes(store)
     # ranks on one machine share its /dev/shm; the writer stops the processes, the assembler their memory
     nice = worker_nice(lm.device, "writer") if worker_nice_by is None else worker_nice_by
+    n_embeddings = getattr(lm.model.get_input_embeddings(), "num_embeddings", None)
     encoder = start_processes(writer_kind, "writer", store, lm.device, buffers_bytes * ranks.local_world, threads, nice)
     assembler = _ChunkAssembler(store, np_dtype, todo, pinned=lm.device.type == "cuda",
                                 shared=encoder.shared if encoder is not None else None)
@@ -1048,6 +1058,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                     next_todo = todo.first_from(next_todo + 1)
                 # one pass over the batch's Python ints (torch.tensor on the lists took 3.5× as long here)
                 ids = np.asarray(group, dtype=np.int64)
+                _check_token_ids(ids, n_embeddings, lm)
                 tokens = ids[:, first_row:].reshape(-1)[: stop - row].astype(np.int32)
                 if next_todo is not None and store.chunk_rows(next_todo)[0] < stop:
                     mark = clock()

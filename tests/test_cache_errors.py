@@ -741,3 +741,18 @@ def test_a_cache_whose_zarr_json_may_not_be_read_is_not_called_damaged(tiny_neox
     monkeypatch.setattr(zarr, "open_group", forbidden)
     line = _one_line_error(*run_cli(["info", "--cache", cache], capsys)[::2])
     assert "cannot read" in line and "permission denied (Forbidden)" in line and "damaged" not in line
+
+
+def test_a_tokenizer_with_ids_beyond_the_models_embeddings_is_one_line(tiny_neox, tokenizer_dir, tmp_path, capsys):
+    """A folder whose tokenizer is not the model's (ids past its embedding table): one line naming both
+    sizes, and no store left behind, where torch's embedding lookup said "index out of range in self"."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import _save
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_neox)
+    model.resize_token_embeddings(100)  # the tokenizer has 512 ids: the corpus uses some above 99
+    folder = _save(model, tokenizer_dir, tmp_path / "small-vocab")
+    line = _one_line_error(*run_cli(_args(folder, tmp_path / "c"), capsys)[::2])
+    assert "beyond the model's 100 input embeddings" in line and "gives token id" in line, line
+    assert not (tmp_path / "c").exists()
