@@ -454,7 +454,8 @@ def train(
         if row.get("note"):
             report.print(row["note"], style="yellow", highlight=False, markup=False)
     if not result.trained_already:
-        report.print(f"saved {len(result.rows)} SAE{'s' if len(result.rows) != 1 else ''} and their metrics in {result.run}")
+        saved = "1 SAE and its" if len(result.rows) == 1 else f"{len(result.rows)} SAEs and their"
+        report.print(f"saved {saved} metrics in {result.run}")
 
 
 def _typed(ctx: typer.Context) -> tuple[str, ...]:

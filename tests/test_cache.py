@@ -630,3 +630,5 @@ def test_a_small_cache_with_the_default_chunks_trains(tiny_neox, tmp_path, capsy
     code, out, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "r", "--baseline", "--tokens", 2048,
                               "--batch-size", 256], capsys)
     assert code == 0, err
+    n = len(json.loads((tmp_path / "r" / "summary.json").read_text())["saes"])
+    assert f"saved {n} SAEs and their metrics" in out if n > 1 else "saved 1 SAE and its metrics" in out, out
