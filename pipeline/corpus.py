@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import dataclass
@@ -140,6 +141,51 @@ def _is_text(pa: Any, kind: Any) -> bool:
             or getattr(pa.types, "is_string_view", lambda _: False)(kind))
 
 
+class _Utf8Check:
+    """Refuse a text file that is not UTF-8, read block by block in the pass that fingerprints it (before the
+    model loads, and before a cache holds any of it): a Latin-1 or UTF-16 .txt was cached as replacement
+    characters and NULs without a word, and a bad line deep in a .jsonl stopped a cache half-way."""
+
+    def __init__(self, file: Path):
+        self.file, self.offset, self.lines, self.line_start = file, 0, 0, 0  # (line_start: its byte in the file)
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def _where(self, position: int, block: bytes) -> tuple[str, int]:
+        """``file:line`` of byte ``position`` of ``block``, and that byte's place in its line."""
+        line = self.lines + block.count(b"\n", 0, position) + 1
+        newline = block.rfind(b"\n", 0, position)
+        start = self.offset + newline + 1 if newline >= 0 else self.line_start
+        return f"{self.file}:{line}", self.offset + position - start + 1
+
+    def feed(self, block: bytes) -> None:
+        if self.offset == 0 and block[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise GsaeError(f"{self.file} is UTF-16 text (its byte-order mark says so); gsae reads UTF-8: re-encode "
+                            "it (iconv -f UTF-16 -t UTF-8)")
+        nul = block.find(b"\x00")
+        if nul >= 0:
+            where, byte = self._where(nul, block)
+            raise GsaeError(f"{where} holds a NUL byte (byte {byte:,} of the line): not UTF-8 text (UTF-16, or not "
+                            "text at all?)")
+        pending = len(self.decoder.getstate()[0])  # the bytes of a character the last block cut
+        try:
+            self.decoder.decode(block)
+        except UnicodeDecodeError as exc:
+            where, byte = self._where(max(0, exc.start - pending), block)
+            raise GsaeError(f"{where} is not valid UTF-8 (byte {byte:,} of the line); re-encode the file as UTF-8 "
+                            "(iconv -f <its encoding> -t UTF-8)") from None
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            self.line_start = self.offset + newline + 1
+        self.offset += len(block)
+        self.lines += block.count(b"\n")
+
+    def finish(self) -> None:
+        try:
+            self.decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise GsaeError(f"{self.file} ends inside a UTF-8 character (cut short?)") from None
+
+
 def _file_documents(path: Path, text_field: str) -> Iterator[Document]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
@@ -162,9 +208,14 @@ def _local_corpus(spec: str, path: Path, text_field: str) -> Corpus:
     try:
         for file in files:
             digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+            check = _Utf8Check(file) if file.suffix.lower() in (".txt", ".jsonl") else None
             with file.open("rb") as handle:
                 for block in iter(lambda: handle.read(1 << 22), b""):
                     digest.update(block)
+                    if check is not None:
+                        check.feed(block)
+            if check is not None:
+                check.finish()
     except OSError as exc:
         raise GsaeError(f"cannot read {spec}: {exc.strerror or exc}") from None
     size = sum(f.stat().st_size for f in files)

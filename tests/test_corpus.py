@@ -115,3 +115,57 @@ def test_line_parts_rejoin_to_the_line_and_cut_before_a_word_where_they_can():
         assert "".join(parts) == line and all(len(part) <= limit for part in parts) and all(parts[1:])
         for part, after in zip(parts, parts[1:]):  # cut before a space, or hard at the limit (a long word)
             assert after.startswith(" ") or len(part) == limit, (line, limit, parts)
+
+
+def _first_bad_line(data: bytes) -> tuple[int, int] | None:
+    """Brute force: (line, byte of the line) of the first byte that is not UTF-8, line by line."""
+    for number, line in enumerate(data.split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return number, exc.start + 1
+    return None
+
+
+@pytest.mark.parametrize("suffix", ["txt", "jsonl"])
+def test_a_text_file_that_is_not_utf8_is_refused_when_opened(suffix, tmp_path):
+    """Latin-1 and UTF-16 text were cached as replacement characters and NULs; now the file:line is named
+    when the corpus is opened (the pass that fingerprints it), before a model loads or a chunk is written.
+    A character cut by the 4 MiB blocks of that pass is fine; the line of a bad byte past them is right."""
+    def line(text: str) -> bytes:
+        return (json.dumps({"text": text}) if suffix == "jsonl" else text).encode() + b"\n"
+
+    good = line("caf\u00e9 na\u00efve \u20ac") * 3
+    block = 1 << 22
+    filler = line("x" * 1000) * (block // 1000 + 10)
+    cut = filler[: block - 2] + b"\n"  # the first block ends one byte into the next line's first character
+    cases = {
+        "latin1": good + "caf\u00e9".encode("latin-1") + b"\n",
+        "deep": cut + "\u00e9\u00e9".encode() + b"\n" + filler + b"ok \xff no\n",
+        "utf16": "\ufeffhello world\n".encode("utf-16-le"),
+        "utf16be": "\ufeffhello world\n".encode("utf-16-be"),
+        "nul": good + b"bin\x00ary\n",
+        "truncated": good + "\u20ac".encode()[:2],
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.{suffix}"
+        path.write_bytes(data)
+        with pytest.raises(GsaeError) as raised:
+            open_corpus(str(path))
+        message = str(raised.value)
+        assert "\n" not in message
+        if name.startswith("utf16"):
+            assert message.startswith(f"{path} is UTF-16 text"), message
+        elif name == "nul":
+            byte = data.split(b"\n")[3].index(0) + 1
+            assert f"{path}:4 holds a NUL byte (byte {byte} of the line)" in message, message
+        elif name == "truncated":
+            assert message == f"{path} ends inside a UTF-8 character (cut short?)"
+        else:
+            bad_line, byte = _first_bad_line(data)
+            assert f"{path}:{bad_line} is not valid UTF-8 (byte {byte:,} of the line)" in message, message
+    # valid UTF-8 with a character cut by the blocks, and a UTF-8 byte-order mark: read as before
+    path = tmp_path / f"fine.{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + cut + "\u00e9\u00e9 fine".encode() + b"\n")
+    assert _first_bad_line(path.read_bytes()) is None
+    open_corpus(str(path))
