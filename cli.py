@@ -149,6 +149,10 @@ def _human_bytes(n: float) -> str:
 _SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 
+#: the largest token count an option takes: every count up to it is exact in a float64 (rates, ETAs, JSON)
+MAX_COUNT = 2**53
+
+
 def _count(value: str | int) -> int:
     """A count of tokens as researchers write it: ``100000``, ``100_000``, ``1e5``, ``100k``, ``2M``, ``1.5B``."""
     if isinstance(value, int):
@@ -162,6 +166,8 @@ def _count(value: str | int) -> int:
         exact = None
     if exact is None or not exact.is_finite() or exact != exact.to_integral_value():
         raise typer.BadParameter(f"{value!r} is not a whole number (e.g. 100000, 1e5, 100k, 2M)")
+    if abs(exact) > MAX_COUNT:  # 1e30 overflowed a C size in the cache, and lost its last digits to floats in train
+        raise typer.BadParameter(f"{value!r} is more than gsae counts (at most 2^53 = {MAX_COUNT:,})")
     return int(exact)
 
 

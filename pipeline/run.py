@@ -465,6 +465,22 @@ def cache_around(path: str | Path) -> str | None:
     return None
 
 
+def check_new_run_folder(path: str | Path) -> None:
+    """Refuse a new run's ``--out`` that already holds other files (no run's config.json): a run's files
+    would be written among them, where `gsae export` and `gsae cache` refuse such a folder."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+    try:
+        if not fs.isdir(root):
+            return  # absent (a file there is refused when the run is made)
+        names = sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False))
+    except OSError:
+        return  # unreadable: making the run says so
+    foreign = [name for name in names if name != LOCK]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise GsaeError(f"--out {path} already holds {shown}, not a gsae run; pass an empty or new folder")
+
+
 class _RewrittenLog(io.StringIO):
     """A log on object storage: appended to in memory, written whole (one PUT) at every flush."""
 

@@ -27,8 +27,8 @@ from pipeline.processes import KINDS as READERS, check_cache as check_processes_
 from pipeline.processes import worker_nice, worker_threads
 from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
-from pipeline.run import (SUMMARY, Run, RunConfig, cache_around, cache_fingerprint, checkpoint_step, fingerprint_changes,
-                          join, pack_training_state)
+from pipeline.run import (SUMMARY, Run, RunConfig, cache_around, cache_fingerprint, check_new_run_folder, checkpoint_step,
+                          fingerprint_changes, join, pack_training_state)
 from pipeline.sae import (ARCHITECTURES, L1_COEFFICIENT, TOP_K_ARCHITECTURES, SparseAutoencoder, default_k,
                           default_lr)
 from stores import STORAGE_DTYPES, ActivationStore
@@ -206,7 +206,7 @@ def _plan(request: TrainRequest, store: ActivationStore) -> RunConfig:
         groups=groups, scales={layer: float(1.0 / norms[layer]) for group in groups for layer in group},
         metric=None if request.baseline else request.metric, grouping=grouping,
         d_in=d, n_latents=n_latents, k=k, architecture=request.architecture,
-        lr=request.lr or default_lr(n_latents), steps=math.ceil(request.tokens / request.batch_size),
+        lr=request.lr or default_lr(n_latents), steps=-(-request.tokens // request.batch_size),
         batch_size=request.batch_size, dead_tokens=dead_tokens, seed=request.seed,
         window_chunks=request.window_chunks, checkpoint_every=request.checkpoint_every, log_every=request.log_every,
         device=request.device, tf32=request.tf32, precision=request.precision, l1_coefficient=request.l1_coefficient,
@@ -291,6 +291,8 @@ def _open_run(request: TrainRequest, console: Any, scope: contextlib.ExitStack) 
         raise GsaeError(f"{path} {where}; pass --out a folder of its own for the run")
     existing = Run.read_config(path)
     locked = existing is not None
+    if not locked:
+        check_new_run_folder(path)
     if existing is not None:
         scope.enter_context(Run(path, existing).training_lock())  # from here: no other process trains or replaces it
         existing = Run.read_config(path)  # as it is now that none may change it

@@ -366,3 +366,30 @@ def test_token_counts_that_are_not_whole_numbers(text):
 def test_a_token_count_with_a_suffix_reaches_the_command(tmp_path):
     line = _one_line(*run_cli(["group", "--cache", tmp_path / "none", "--tokens", "2k"])[::2])
     assert "no gsae cache" in line  # past the parsing: --tokens 2k was taken
+
+
+@pytest.mark.parametrize("command", ["cache", "train", "group"])
+def test_a_token_count_past_2_to_the_53_is_refused(command):
+    """1e30 overflowed a C size in `gsae cache` and lost its last digits to float division in `gsae train`."""
+    import cli
+
+    assert cli._count("9007199254740992") == 2**53 == cli.MAX_COUNT
+    code, _, err = run_cli([command, "--tokens", "1e30"])
+    assert code == 2 and "'1e30' is more than gsae counts (at most 2^53 = 9,007,199,254,740,992)" in err, err
+
+
+def test_train_out_holding_other_files_is_refused(llama_cache, tmp_path):
+    """A new run's --out that holds other files (no run's config.json): one line, nothing written there; an
+    empty folder, or one holding only a run's lock file, is taken."""
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    line = _one_line(*run_cli(["train", "--cache", llama_cache, "--out", out, "--baseline", "--tokens", 1024,
+                               "--batch-size", 64])[::2])
+    assert line == f"error: --out {out} already holds notes.md, not a gsae run; pass an empty or new folder"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md"]
+    (out / "notes.md").unlink()
+    (out / ".lock").write_text("")
+    code, _, err = run_cli(["train", "--cache", llama_cache, "--out", out, "--baseline", "--tokens", 1024,
+                            "--batch-size", 64])
+    assert code == 0, err
