@@ -111,7 +111,10 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 raise GsaeError(f"{path}:{number} is not valid JSON") from None
-            if not isinstance(record, dict) or text_field not in record:
+            if not isinstance(record, dict):
+                kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(record), "a number")
+                raise GsaeError(f"{path}:{number} is {kind}, not a JSON object (a .jsonl file holds one object per line)")
+            if text_field not in record:
                 raise GsaeError(f"{path}:{number} has no {text_field!r} field (set --text-field)")
             yield _line_parts(_text(record[text_field], f"{path}:{number}", text_field))
 

@@ -16,7 +16,7 @@ import fsspec
 import torch
 from safetensors.torch import save
 
-from pipeline.errors import GsaeError
+from pipeline.errors import GsaeError, write_errors
 from pipeline.run import Run, cache_fingerprint, fingerprint_changes, join, write_atomic
 from stores import ActivationStore, StoreError
 
@@ -189,9 +189,10 @@ def _write_layers(target: str, saes: list, name_of: Callable[[int], str],
             name = name_of(layer)
             folder = join(target, name)
             fs, root = fsspec.core.url_to_fs(folder)
-            fs.makedirs(root, exist_ok=True)
-            for file, data in files_of(weights, config, layer, name):
-                write_atomic(join(folder, file), data)
+            with write_errors(folder):
+                fs.makedirs(root, exist_ok=True)
+                for file, data in files_of(weights, config, layer, name):
+                    write_atomic(join(folder, file), data)
             folders.append(folder)
     return folders
 

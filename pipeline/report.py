@@ -14,7 +14,7 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import GsaeError
+from pipeline.errors import GsaeError, write_errors
 from pipeline.evaluate import eval_argument_changes, read_eval
 from pipeline.grouping import layer_span
 from pipeline.run import SUMMARY, Run, RunConfig, fingerprint_changes, join, write_atomic
@@ -362,9 +362,10 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
     name_runs(runs)
     baseline = next((r for r in runs if r.label == "baseline"), None)
     fs, root = fsspec.core.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
-    write_atomic(join(out, "per-layer.png"), per_layer_plot(runs))
-    write_atomic(join(out, "cost.png"), cost_plot(runs, baseline))
+    with write_errors(out):
+        fs.makedirs(root, exist_ok=True)
+        write_atomic(join(out, "per-layer.png"), per_layer_plot(runs))
+        write_atomic(join(out, "cost.png"), cost_plot(runs, baseline))
     lines = ["# gsae report", "", "| run | G | AMAD | mean EV/token | mean EV pooled | mean ΔCE % | mean KL | "
              "mean L0 | dead % | tokens/SAE | A s | training s | AMAD s | training ÷ baseline | "
              "total ÷ baseline |", "|" + " --- |" * 15]
@@ -412,5 +413,6 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
                          if record else "-")
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     lines += ["", "![EV and ΔCE per layer](per-layer.png)", "", "![quality against cost](cost.png)", ""]
-    write_atomic(join(out, "report.md"), "\n".join(lines))
+    with write_errors(out):
+        write_atomic(join(out, "report.md"), "\n".join(lines))
     return Report(out, "\n".join(lines))

@@ -25,7 +25,6 @@ file and the summary), ``evaluated`` (eval.json as well).
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import os
@@ -38,7 +37,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import save
 
-from pipeline.errors import GsaeError
+from pipeline.errors import GsaeError, write_errors
 from pipeline.sae import L1_COEFFICIENT, SparseAutoencoder, read_tensors, sae_files, sae_from_files
 from stores import ActivationStore
 from stores.messages import first_line
@@ -155,19 +154,8 @@ def fingerprint_changes(before: dict[str, Any], after: dict[str, Any]) -> list[s
 
 def write_atomic(url: str | Path, data: bytes | str) -> None:
     """:func:`stores.remote.write_whole` (never half a file), with a failure as one line."""
-    with _one_line_errors(str(url)):
+    with write_errors(str(url)):
         write_whole(str(url), data)
-
-
-@contextlib.contextmanager
-def _one_line_errors(where: str) -> Iterator[None]:
-    """An OSError while writing a run's files (disk full, not a folder, no permission) as one line."""
-    try:
-        yield
-    except OSError as exc:
-        reason = "disk full: free some space and re-run the same command" if exc.errno == errno.ENOSPC \
-            else (exc.strerror or str(exc))
-        raise GsaeError(f"cannot write {where}: {reason}") from None
 
 
 class Run:
@@ -192,7 +180,7 @@ class Run:
         return self.fs.exists(join(self._root, *parts))
 
     def _write(self, data: bytes | str, *parts: str) -> None:
-        with _one_line_errors(self.url(*parts)):
+        with write_errors(self.url(*parts)):
             self.fs.makedirs(join(self._root, *parts[:-1]), exist_ok=True)
         write_atomic(self.url(*parts), data)
 
@@ -234,7 +222,7 @@ class Run:
     @classmethod
     def create(cls, path: str | Path, config: RunConfig) -> "Run":
         run = cls(path, config)
-        with _one_line_errors(str(path)):
+        with write_errors(str(path)):
             run.fs.makedirs(run._root, exist_ok=True)
         run.write_config()
         return run
@@ -270,7 +258,7 @@ class Run:
         if fcntl is None or not isinstance(self.fs, LocalFileSystem):
             yield
             return
-        with _one_line_errors(self.path):  # the lock file's own errors; not those of the training it guards
+        with write_errors(self.path):  # the lock file's own errors; not those of the training it guards
             handle = open(os.path.join(self._root, LOCK), "a+")
         with handle:
             try:
@@ -320,7 +308,7 @@ class Run:
         any moment leaves one complete checkpoint (re-saving the same step gets a new name).  Locally
         the new one is written into a hidden folder and renamed; on object storage its files are PUT
         under the new name, which nothing names until ``latest`` is written last."""
-        with _one_line_errors(self.url(CHECKPOINTS)):
+        with write_errors(self.url(CHECKPOINTS)):
             return self._save_checkpoint(step, packed, state)
 
     def _save_checkpoint(self, step: int, packed: dict[int, dict[str, torch.Tensor]], state: dict[str, Any]) -> str:
@@ -348,7 +336,7 @@ class Run:
         """Remove the checkpoints of a finished run: its SAE files hold the weights, and a checkpoint (the
         Adam moments too, mid-run) would double the run's size.  ``latest`` goes first, so a kill midway
         leaves no pointer to a removed checkpoint."""
-        with _one_line_errors(self.url(CHECKPOINTS)):
+        with write_errors(self.url(CHECKPOINTS)):
             root = join(self._root, CHECKPOINTS)
             if self._exists(CHECKPOINTS, "latest"):
                 self.fs.rm(join(root, "latest"))
@@ -413,8 +401,13 @@ class Run:
         """Every trained SAE with its config, in evaluation mode."""
         loaded = []
         for i in range(len(self.config.groups)):
-            sae, sae_config = sae_from_files(self._read(f"sae_{i}.safetensors"), self._read(f"sae_{i}.json"),
-                                             join(self.path, f"sae_{i}.safetensors"), join(self.path, f"sae_{i}.json"))
+            names = (f"sae_{i}.safetensors", f"sae_{i}.json")
+            files = [self._read(name) for name in names]
+            for name, data in zip(names, files):
+                if data is None:  # (a run is trained once its summary is written: a file removed after)
+                    raise GsaeError(f"{join(self.path, name)} is missing: this run lost SAE {i}; train it again "
+                                    "into a new --out")
+            sae, sae_config = sae_from_files(*files, *(join(self.path, name) for name in names))
             loaded.append((sae.to(device).eval(), sae_config))
         return loaded
 

@@ -169,3 +169,15 @@ def test_a_text_file_that_is_not_utf8_is_refused_when_opened(suffix, tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + cut + "\u00e9\u00e9 fine".encode() + b"\n")
     assert _first_bad_line(path.read_bytes()) is None
     open_corpus(str(path))
+
+
+@pytest.mark.parametrize("line,kind", [('["a list"]', "a list"), ('"text"', "a string"), ("42", "a number"),
+                                       ("null", "null"), ("true", "a boolean")])
+def test_a_jsonl_line_that_is_not_an_object_is_named_so(line, kind, tiny_neox, tmp_path):
+    """Not "has no 'text' field (set --text-field)": no field name would help."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_neox)
+    path = tmp_path / "lines.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(GsaeError) as raised:
+        _windows(path, tokenizer)
+    assert str(raised.value) == f"{path}:2 is {kind}, not a JSON object (a .jsonl file holds one object per line)"

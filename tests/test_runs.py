@@ -406,6 +406,15 @@ def test_a_damaged_sae_file_is_a_one_line_error(whole, tmp_path, capsys):
     (run / "sae_1.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     code, _, err = run_cli(["export", "--run", run, "--format", "saelens", "--out", tmp_path / "x"], capsys)
     assert code == 1 and "Traceback" not in err and "sae_1.safetensors is damaged" in err, err
+    for name in ("sae_1.safetensors",):  # removed: named as missing, not as damaged (without its .json the run
+        shutil.rmtree(run)  # is not trained, and eval and export say so)
+        shutil.copytree(whole, run)
+        (run / name).unlink()
+        for command in (["export", "--run", run, "--out", tmp_path / "x"], ["eval", "--run", run, "--windows", 0]):
+            code, _, err = run_cli(command, capsys)
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert code == 1 and lines == [f"error: {run / name} is missing: this run lost SAE 1; train it again into "
+                                           "a new --out"], err
 
 
 def test_a_train_that_cannot_start_leaves_no_run_behind(cache, tmp_path, capsys):
@@ -519,3 +528,29 @@ def test_a_second_process_training_the_same_run_is_refused(cache, whole, tmp_pat
     code, _, err = run_cli(_train(cache, out), capsys)
     assert code == 0, err
     _assert_same_saes(whole, out)
+
+
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_a_failed_write_of_export_or_report_is_one_line(command, whole, tmp_path, capsys, monkeypatch):
+    """A full disk (or no permission) while writing an export or a report: one line naming where, not
+    "an input gsae does not check, or a bug"."""
+    import errno
+    import shutil
+
+    import pipeline.export
+    import pipeline.report
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    run = tmp_path / "r"
+    shutil.copytree(whole, run)
+    if command == "report":  # a report is of evaluated runs
+        assert run_cli(["eval", "--run", run, "--windows", 0], capsys)[0] == 0
+    monkeypatch.setattr(pipeline.export if command == "export" else pipeline.report, "write_atomic", full)
+    args = ["export", "--run", run] if command == "export" else ["report", "--runs", run]
+    code, _, err = run_cli([*args, "--out", tmp_path / "out"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: cannot write {tmp_path / 'out'}") and lines[0].endswith(
+        ": disk full: free some space and re-run the same command"), err
