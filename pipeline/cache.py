@@ -899,19 +899,39 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
             store.use_markers()
         # full float32 whatever the process set before (a training run's TF32): the bytes must not depend on it
         with matmul_precision(device, tf32=False):
-            return fill_store(store, lm, windows, batch_size=request.batch_size, first_row=first_row,
+            return fill_store(store, lm, _read_corpus(windows), batch_size=request.batch_size, first_row=first_row,
                               rows_per_window=rows_per_window, console=console, write_threads=request.write_threads,
                               ranks=ranks, writer_kind=request.writer)
-    except BaseException:
+    except BaseException as exc:
         # a store this run made and committed nothing to (the corpus failed at its first batches, say) goes:
         # left, it held the path against any other arguments, with nothing in it to resume
         if state == "absent" and ranks.world == 1 and store is not None and not store.committed_chunks():
             _remove_store(path)
             store = None
+        if isinstance(exc, CorpusFailed) and store is not None and ranks.world == 1:
+            kept = sum(stop - start for start, stop in map(store.chunk_rows, store.committed_chunks()))
+            # its command would fail at the same place, and a corrected corpus has another fingerprint
+            raise GsaeError(f"{exc}; {path} keeps the {kept:,} tokens cached before it, which only this corpus, "
+                            "unchanged, can finish: remove that folder (or pass another --cache) to cache the "
+                            "corrected corpus") from None
         raise
     finally:
         if store is None and created_folder:
             _remove_if_empty(path)
+
+
+class CorpusFailed(GsaeError):
+    """The corpus could not be read further while the cache was being filled (a bad record)."""
+
+
+def _read_corpus(windows: Iterator[list[int]]) -> Iterator[list[int]]:
+    """``windows``, with a GsaeError raised while reading them marked as the corpus's (:class:`CorpusFailed`)."""
+    try:
+        yield from windows
+    except CorpusFailed:
+        raise
+    except GsaeError as exc:
+        raise CorpusFailed(str(exc)) from None
 
 
 def _check_token_ids(ids: np.ndarray, n_embeddings: int | None, lm: LoadedModel) -> None:

@@ -756,3 +756,21 @@ def test_a_tokenizer_with_ids_beyond_the_models_embeddings_is_one_line(tiny_neox
     line = _one_line_error(*run_cli(_args(folder, tmp_path / "c"), capsys)[::2])
     assert "beyond the model's 100 input embeddings" in line and "gives token id" in line, line
     assert not (tmp_path / "c").exists()
+
+
+def test_a_bad_record_deep_in_the_corpus_says_what_the_cache_keeps(tiny_neox, tmp_path, capsys):
+    """A record the corpus cannot give, after chunks were committed: its line, then what the cache keeps and
+    that only this corpus can finish it (its own command fails at the same record; a corrected corpus is
+    another corpus)."""
+    corpus = tmp_path / "lines.jsonl"
+    records = [{"text": f"record {i}: " + "the quick brown fox jumps over the lazy dog " * 6} for i in range(400)]
+    records[90] = {"text": 42}  # in the second tokenizer call of 64 records (~190 tokens each), ~12,000 tokens in
+    corpus.write_text("".join(json.dumps(record) + "\n" for record in records))
+    cache = tmp_path / "c"
+    line = _one_line_error(*run_cli(_args(tiny_neox, cache, tokens=20000, dataset=corpus), capsys)[::2])
+    store = ActivationStore.open(str(cache), allow_partial=True)
+    kept = sum(stop - start for start, stop in map(store.chunk_rows, store.committed_chunks()))
+    assert 0 < kept < 20000 and not store.complete, line
+    assert line == (f"error: {corpus}:91: its 'text' is int 42, not text (set --text-field); {cache} keeps the "
+                    f"{kept:,} tokens cached before it, which only this corpus, unchanged, can finish: remove that "
+                    "folder (or pass another --cache) to cache the corrected corpus"), line
