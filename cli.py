@@ -525,6 +525,8 @@ def report_command(
     if cache_seconds is not None and not (math.isfinite(cache_seconds) and cache_seconds > 0):
         raise GsaeError(f"--cache-seconds must be positive (got {cache_seconds})")
     _check_folder("--out", out)
+    for run in runs:
+        _check_folder("--runs", run)
     result = build_report(runs, out, cache_seconds)
     report.print(result.tables)
     report.print(f"wrote report.md and plots in {result.folder}")

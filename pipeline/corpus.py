@@ -236,7 +236,8 @@ def _hub_corpus(spec: str, config: str | None, split: str, text_field: str) -> C
 
     if not hub_reachable():
         raise GsaeError(
-            f"could not fetch dataset {spec!r} from the Hugging Face Hub (no connection); pass a local "
+            f"could not fetch dataset {spec!r} from the Hugging Face Hub (no connection), and no local file or "
+            f"folder is named so here; pass a local "
             ".txt/.jsonl/.parquet file or folder to --dataset, or leave it out to use the embedded pydoc corpus"
         )
 

@@ -233,6 +233,8 @@ class Run:
         config = cls.read_config(path)
         if config is None and is_cache(path):
             raise GsaeError(f"{path} is a gsae cache, not a run; pass the folder `gsae train --out` wrote")
+        if config is None and "://" not in str(path) and not Path(path).exists():
+            raise GsaeError(f"{path} does not exist: give a run's folder (the --out of `gsae train`)")
         if config is None:
             raise GsaeError(f"{path} is not a gsae run (no {CONFIG}); `gsae train --out {path}` makes one")
         run = cls(path, config)

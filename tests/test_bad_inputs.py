@@ -393,3 +393,17 @@ def test_train_out_holding_other_files_is_refused(llama_cache, tmp_path):
     code, _, err = run_cli(["train", "--cache", llama_cache, "--out", out, "--baseline", "--tokens", 1024,
                             "--batch-size", 64])
     assert code == 0, err
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "report"])
+def test_a_run_that_does_not_exist_or_is_a_file(command, tmp_path):
+    """Named so, not as "not a gsae run; `gsae train --out <it>` makes one" (which a file cannot be)."""
+    option = "--runs" if command == "report" else "--run"
+    line = _one_line(*run_cli([command, option, tmp_path / "none"])[::2])
+    assert line == f"error: {tmp_path / 'none'} does not exist: give a run's folder (the --out of `gsae train`)"
+    (tmp_path / "a-file").write_text("")
+    line = _one_line(*run_cli([command, option, tmp_path / "a-file"])[::2])
+    assert line == f"error: {option} {tmp_path / 'a-file'} is a file, not a folder; choose another {option}"
+    (tmp_path / "empty").mkdir()
+    line = _one_line(*run_cli([command, option, tmp_path / "empty"])[::2])
+    assert "is not a gsae run (no config.json)" in line

@@ -774,3 +774,14 @@ def test_a_bad_record_deep_in_the_corpus_says_what_the_cache_keeps(tiny_neox, tm
     assert line == (f"error: {corpus}:91: its 'text' is int 42, not text (set --text-field); {cache} keeps the "
                     f"{kept:,} tokens cached before it, which only this corpus, unchanged, can finish: remove that "
                     "folder (or pass another --cache) to cache the corrected corpus"), line
+
+
+def test_a_hub_dataset_offline_or_a_mistyped_folder_is_one_line(tiny_neox, tmp_path, capsys, monkeypatch):
+    """No connection here: a dataset name that is no local file either is one line saying both (a mistyped
+    folder reads as a hub id), before the model loads."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("pipeline.corpus.hub_reachable", lambda: False)
+    line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", dataset="my_corpus_dir"), capsys)[::2])
+    assert line.startswith("error: could not fetch dataset 'my_corpus_dir' from the Hugging Face Hub (no "
+                           "connection), and no local file or folder is named so here; pass a local"), line
+    assert not (tmp_path / "c").exists()
