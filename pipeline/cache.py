@@ -612,6 +612,7 @@ def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: Wi
             "class": type(tokenizer).__name__,
             "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
             "vocab_size": len(tokenizer),
+            "bos_token_id": getattr(tokenizer, "bos_token_id", None),  # its own, prepended or not (a re-run reads it)
         },
         "corpus": {
             "spec": corpus.spec, "kind": corpus.kind, "description": corpus.description,
@@ -802,16 +803,23 @@ def _complete_as_asked(path: str, request: CacheRequest, spec: ModelSpec, corpus
     by their files, whose revision is the stored one; the entries that need the tokenizer follow from the
     stored ones (same files, same tokenizer).  A store made with other settings, complete or not, is refused
     here as the long way would refuse it after loading the model: with other files the model's fingerprint
-    differs too.  None sends the command the long way (resuming, a hub model, and a cache made without BOS asked
-    without --no-prepend-bos: whether the tokenizer prepends one by default is known once it is loaded)."""
+    differs too.  None sends the command the long way (resuming, a hub model, and a cache made before
+    2026-11-29 without BOS asked without --no-prepend-bos: whether its tokenizer has one was not stored)."""
     if spec.kind == "hub":  # its revision is resolved by loading it
         return None
     store = ActivationStore.open(path, mode="r+", allow_partial=True)
     recipe = store.attrs.get("recipe", {})
-    if not recipe or (request.prepend_bos is None and recipe.get("prepend_bos") is not True):
+    if not recipe:
         return None
-    # stored True was the tokenizer's default or asked for, and the same files give the same tokenizer
-    bos = True if request.prepend_bos is None else request.prepend_bos
+    bos = request.prepend_bos
+    if bos is None:  # the tokenizer's default: BOS where it has one (the same files give the same tokenizer)
+        tokenizer = store.attrs.get("tokenizer") or {}
+        if recipe.get("prepend_bos") is True:
+            bos = True
+        elif "bos_token_id" in tokenizer:
+            bos = tokenizer["bos_token_id"] is not None
+        else:
+            return None
     wanted = _recipe(request, spec, recipe.get("model_revision"), corpus, bos, not (bos and not request.keep_bos),
                      device)
     same = recipe == wanted
@@ -880,7 +888,7 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
             # and --chunk-tokens 10^9 asked it for 60 GiB per layer (the default is ~4 MiB, fewer rows for a
             # small cache)
             chunk_tokens = (min(request.chunk_tokens, request.tokens) if request.chunk_tokens
-                            else default_chunk_tokens(lm.d_model, request.dtype, request.tokens))
+                            else default_chunk_tokens(lm.d_model, request.dtype, request.tokens, rows_per_window))
             store = ActivationStore.create(
                 path, n_layers=lm.n_layers, d_model=lm.d_model, n_tokens=request.tokens,
                 chunk_tokens=chunk_tokens, dtype=request.dtype, compression=request.compression,

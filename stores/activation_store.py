@@ -71,19 +71,22 @@ class DamagedCache(StoreError):
 
 #: a cache smaller than this many 4 MiB chunks is cut into about this many (see default_chunk_tokens)
 SMALL_CACHE_CHUNKS = 20
-#: ... of at least this many rows each
+#: ... of at least this many rows each, and of two windows
 MIN_CHUNK_TOKENS = 256
 
 
-def default_chunk_tokens(d_model: int, dtype: str, n_tokens: int | None = None) -> int:
+def default_chunk_tokens(d_model: int, dtype: str, n_tokens: int | None = None, rows_per_window: int = 0) -> int:
     """Rows per chunk so that one chunk is about 4 MiB uncompressed; for a cache of ``n_tokens`` smaller than
-    :data:`SMALL_CACHE_CHUNKS` such chunks, about that many chunks (at least :data:`MIN_CHUNK_TOKENS` rows each).
+    :data:`SMALL_CACHE_CHUNKS` such chunks, about that many chunks of equal size, each of at least
+    :data:`MIN_CHUNK_TOKENS` rows and two windows of ``rows_per_window``.
 
-    Why: training holds out the last ~5% of the chunks, at least one, and needs one more to train on. A
-    20,000-token cache of a model with d_model 64 was one 4 MiB chunk, which `gsae train` refused."""
+    Why: training holds out the last ~5% of the chunks, at least one, and needs one more to train on; the
+    held-out chunk is evaluated in whole windows.  A 20,000-token cache of a model with d_model 64 was one
+    4 MiB chunk, which `gsae train` refused.  Equal chunks: a short last one made a held-out slice of a few rows."""
     rows = max(1, TARGET_CHUNK_BYTES // (d_model * STORAGE_DTYPES[dtype][1]))
-    if n_tokens is not None:
-        rows = min(rows, max(MIN_CHUNK_TOKENS, -(-n_tokens // SMALL_CACHE_CHUNKS)))
+    if n_tokens is not None and n_tokens < SMALL_CACHE_CHUNKS * rows:
+        rows = min(rows, max(MIN_CHUNK_TOKENS, 2 * rows_per_window, -(-n_tokens // SMALL_CACHE_CHUNKS)))
+        rows = -(-n_tokens // -(-n_tokens // rows))  # the same number of chunks, of equal size
     return rows
 
 

@@ -598,24 +598,29 @@ def test_a_huge_token_count_on_a_short_corpus_ends_with_what_there_was(tiny_mode
 
 
 def test_default_chunks_of_a_small_cache():
-    """~4 MiB chunks; a cache of fewer than 20 of them is cut into ~20 (at least 256 rows), so that
-    training's held-out ~5% is one chunk and there are chunks left to train on."""
+    """~4 MiB chunks; a cache of fewer than 20 of them is cut into ~20 equal ones (of at least 256 rows and
+    two windows), so that training's held-out ~5% is one chunk, holding a whole window, and there are chunks
+    left to train on."""
     from stores import default_chunk_tokens
 
-    for d, n_tokens in ((32, 10**8), (576, 10**6), (576, 72_800), (576, 72_799), (32, 2_000), (64, 20_000),
-                        (576, 5_121), (576, 3_000), (32, 300), (32, 100), (8192, 5_000)):
+    for d, n_tokens, window in ((32, 10**8, 255), (576, 10**6, 1023), (576, 72_800, 255), (576, 72_799, 255),
+                                (32, 2_000, 31), (64, 20_000, 63), (576, 5_121, 255), (576, 3_000, 255),
+                                (1024, 5_000, 255), (32, 1_800, 31), (32, 300, 63), (8192, 5_000, 1023),
+                                (512, 50_000, 1023)):
         four_mib = 4 * 2**20 // (2 * d)
-        rows = default_chunk_tokens(d, "float16", n_tokens)
+        rows = default_chunk_tokens(d, "float16", n_tokens, window)
         chunks = math.ceil(n_tokens / rows)
+        last = n_tokens - (chunks - 1) * rows
         assert rows <= four_mib
         if n_tokens >= 20 * four_mib:  # a large cache: 4 MiB chunks, at least 20 of them
             assert rows == four_mib
-        elif n_tokens >= 20 * 256 and four_mib >= 256:  # a small one: about 20 chunks
+            continue
+        assert chunks <= 20 and rows - last < chunks, (d, n_tokens, rows, last)  # equal, to a row each
+        if n_tokens >= 20 * max(256, 2 * window) and four_mib >= 256:
             assert chunks in (19, 20), (d, n_tokens, rows)
-        else:  # a tiny one: chunks of 256 rows (or 4 MiB, where that is less)
-            assert rows == min(256, four_mib)
-        if n_tokens < 20 * four_mib:  # training holds out one chunk, and has more to train on where it can
-            assert max(1, round(chunks * 0.05)) == 1 and (chunks > 1 or n_tokens <= rows)
+        if chunks > 1:  # training holds out one chunk, which holds a whole window, and trains on the others
+            assert max(1, round(chunks * 0.05)) == 1, (d, n_tokens, rows)
+            assert last >= window or four_mib < 2 * window, (d, n_tokens, rows, last)  # (4 MiB is the most)
     assert default_chunk_tokens(576, "float16") == 3640  # no --tokens given: 4 MiB
 
 
@@ -626,7 +631,7 @@ def test_a_small_cache_with_the_default_chunks_trains(tiny_neox, tmp_path, capsy
     args = args[: args.index("--chunk-tokens")] + args[args.index("--chunk-tokens") + 2:]
     assert run_cli(args, capsys)[0] == 0
     store = ActivationStore.open(str(cache))
-    assert (store.chunk_tokens, store.n_chunks) == (256, 8)
+    assert (store.chunk_tokens, store.n_chunks) == (250, 8)  # 8 equal chunks
     code, out, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "r", "--baseline", "--tokens", 2048,
                               "--batch-size", 256], capsys)
     assert code == 0, err

@@ -127,7 +127,8 @@ def test_a_complete_cache_asked_again_is_found_without_loading_the_model(tiny_ne
 def test_a_cache_made_without_bos_is_refused_when_asked_with_the_tokenizers_bos(tiny_neox, tmp_path, capsys,
                                                                                 monkeypatch):
     """A complete --no-prepend-bos cache asked without that flag (so with the tokenizer's BOS) is refused, as it
-    would be made otherwise, whatever else is asked; asked with the flag, it is found complete without the load."""
+    would be made otherwise, whatever else is asked, with the line the long way gives; asked with the flag, it is
+    found complete.  None of it loads the model: the stored tokenizer's BOS tells its default."""
     import pipeline.cache
 
     cache = tmp_path / "c"
@@ -139,9 +140,13 @@ def test_a_cache_made_without_bos_is_refused_when_asked_with_the_tokenizers_bos(
     for extra in ([], ["--batch-size", 8]):
         line = _one_line_error(*run_cli(_args(tiny_neox, cache) + extra, capsys)[::2])
         assert "BOS prepended (the tokenizer): False there, True now" in line and "--no-prepend-bos" in line, line
+        with monkeypatch.context() as long_way:  # the model loaded, then its recipe checked
+            long_way.setattr(pipeline.cache, "_complete_as_asked", lambda *args: None)
+            assert _one_line_error(*run_cli(_args(tiny_neox, cache) + extra, capsys)[::2]) == line
+    assert len(loads) == 2  # the long ways only
     code, out, err = run_cli(_args(tiny_neox, cache) + ["--no-prepend-bos"], capsys)
     assert code == 0 and "already complete" in out + err, err
-    assert len(loads) == 2  # the two refusals, which needed the tokenizer; not the last
+    assert len(loads) == 2
     assert (cache / "zarr.json").read_bytes() == before
 
 
@@ -785,3 +790,30 @@ def test_a_hub_dataset_offline_or_a_mistyped_folder_is_one_line(tiny_neox, tmp_p
     assert line.startswith("error: could not fetch dataset 'my_corpus_dir' from the Hugging Face Hub (no "
                            "connection), and no local file or folder is named so here; pass a local"), line
     assert not (tmp_path / "c").exists()
+
+
+def test_a_tokenizer_without_bos_finds_its_complete_cache_without_loading_the_model(tiny_neox, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """No BOS by the tokenizer's default (its own has none): the same command again is told from the stored
+    tokenizer's BOS, without the model's load; with --prepend-bos it is refused (long way: it cannot be)."""
+    import shutil
+
+    import pipeline.cache
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "no-bos"
+    shutil.copytree(tiny_neox, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.bos_token = None
+    tokenizer.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).bos_token_id is None
+    cache = tmp_path / "c"
+    assert run_cli(_args(folder, cache), capsys)[0] == 0
+    assert ActivationStore.open(str(cache)).attrs["recipe"]["prepend_bos"] is False
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline.cache, "load_model", no_load)
+    code, out, err = run_cli(_args(folder, cache), capsys)
+    assert code == 0 and "already complete" in out + err, err
