@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 # zarr 3 (the store) needs 3.11+: say so here rather than as pip's "no matching distribution".
 PY=""
 FOUND=()
-for name in python3 python python3.13 python3.12 python3.11; do
+for name in python3 python python3.14 python3.13 python3.12 python3.11; do
     candidate="$(command -v "$name" || true)"
     [ -n "$candidate" ] || continue
     if "$candidate" -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)" >/dev/null 2>&1; then

@@ -154,9 +154,10 @@ class _Utf8Check:
         self.decoder = codecs.getincrementaldecoder("utf-8")()
 
     def _where(self, position: int, block: bytes) -> tuple[str, int]:
-        """``file:line`` of byte ``position`` of ``block``, and that byte's place in its line."""
-        line = self.lines + block.count(b"\n", 0, position) + 1
-        newline = block.rfind(b"\n", 0, position)
+        """``file:line`` of byte ``position`` of ``block`` (negative: in the bytes of a character the last
+        block cut, which hold no newline), and that byte's place in its line."""
+        line = self.lines + block.count(b"\n", 0, max(0, position)) + 1
+        newline = block.rfind(b"\n", 0, max(0, position))
         start = self.offset + newline + 1 if newline >= 0 else self.line_start
         return f"{self.file}:{line}", self.offset + position - start + 1
 
@@ -164,18 +165,21 @@ class _Utf8Check:
         if self.offset == 0 and block[:2] in (b"\xff\xfe", b"\xfe\xff"):
             raise GsaeError(f"{self.file} is UTF-16 text (its byte-order mark says so); gsae reads UTF-8: re-encode "
                             "it (iconv -f UTF-16 -t UTF-8)")
-        nul = block.find(b"\x00")
+        pending = len(self.decoder.getstate()[0])  # the bytes of a character the last block cut
+        bad = None
+        try:
+            self.decoder.decode(block)
+        except UnicodeDecodeError as exc:
+            bad = exc.start - pending
+        nul = block.find(b"\x00", 0, len(block) if bad is None else max(0, bad))  # whichever comes first
         if nul >= 0:
             where, byte = self._where(nul, block)
             raise GsaeError(f"{where} holds a NUL byte (byte {byte:,} of the line): not UTF-8 text (UTF-16, or not "
                             "text at all?)")
-        pending = len(self.decoder.getstate()[0])  # the bytes of a character the last block cut
-        try:
-            self.decoder.decode(block)
-        except UnicodeDecodeError as exc:
-            where, byte = self._where(max(0, exc.start - pending), block)
+        if bad is not None:
+            where, byte = self._where(bad, block)
             raise GsaeError(f"{where} is not valid UTF-8 (byte {byte:,} of the line); re-encode the file as UTF-8 "
-                            "(iconv -f <its encoding> -t UTF-8)") from None
+                            "(iconv -f <its encoding> -t UTF-8)")
         newline = block.rfind(b"\n")
         if newline >= 0:
             self.line_start = self.offset + newline + 1

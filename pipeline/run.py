@@ -41,7 +41,7 @@ from pipeline.errors import GsaeError, write_errors
 from pipeline.sae import L1_COEFFICIENT, SparseAutoencoder, read_tensors, sae_files, sae_from_files
 from stores import ActivationStore
 from stores.messages import first_line
-from stores.remote import join, write_whole
+from stores.remote import is_temporary, join, write_whole
 
 RUN_FORMAT = 1
 STATES = ("planned", "training", "trained", "evaluated")
@@ -470,7 +470,7 @@ def check_new_run_folder(path: str | Path) -> None:
         names = sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False))
     except OSError:
         return  # unreadable: making the run says so
-    foreign = [name for name in names if name != LOCK]
+    foreign = [name for name in names if name != LOCK and not is_temporary(name)]  # (a run killed making its config)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise GsaeError(f"--out {path} already holds {shown}, not a gsae run; pass an empty or new folder")

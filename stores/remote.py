@@ -56,6 +56,11 @@ def write_whole(url: str, data: bytes | str) -> None:
 STALE_SECONDS = 3600
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of :func:`write_whole`'s temporaries (a writer's, running or killed)."""
+    return re.fullmatch(r"\..+\.(?:[0-9a-f]{32}\.|\d+-\d+\.)?partial", name) is not None
+
+
 def _remove_stale_temporaries(folder: str, name: str) -> None:
     """Remove the temporaries of ``name`` that writers killed before their rename left: those older than
     :data:`STALE_SECONDS` (gsae's before temporaries had a writer's own name among them)."""

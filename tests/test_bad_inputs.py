@@ -374,13 +374,14 @@ def test_a_token_count_past_2_to_the_53_is_refused(command):
     import cli
 
     assert cli._count("9007199254740992") == 2**53 == cli.MAX_COUNT
-    code, _, err = run_cli([command, "--tokens", "1e30"])
-    assert code == 2 and "'1e30' is more than gsae counts (at most 2^53 = 9,007,199,254,740,992)" in err, err
+    for text in ("1e30", "1e9999999", "-1e30", "1.5e30"):  # (the second: past decimal's own exponent)
+        code, _, err = run_cli([command, "--tokens", text])
+        assert code == 2 and f"'{text}' is more than gsae counts (at most 2^53 = 9,007,199,254,740,992)" in err, err
 
 
 def test_train_out_holding_other_files_is_refused(llama_cache, tmp_path):
     """A new run's --out that holds other files (no run's config.json): one line, nothing written there; an
-    empty folder, or one holding only a run's lock file, is taken."""
+    empty folder, or one holding only a run's lock file and a killed write's temporary, is taken."""
     out = tmp_path / "notes"
     out.mkdir()
     (out / "notes.md").write_text("mine")
@@ -390,6 +391,7 @@ def test_train_out_holding_other_files_is_refused(llama_cache, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["notes.md"]
     (out / "notes.md").unlink()
     (out / ".lock").write_text("")
+    (out / f".config.json.{'0' * 32}.partial").write_text("{")  # a run killed while writing its config
     code, _, err = run_cli(["train", "--cache", llama_cache, "--out", out, "--baseline", "--tokens", 1024,
                             "--batch-size", 64])
     assert code == 0, err

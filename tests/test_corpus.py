@@ -146,6 +146,11 @@ def test_a_text_file_that_is_not_utf8_is_refused_when_opened(suffix, tmp_path):
         "utf16be": "\ufeffhello world\n".encode("utf-16-be"),
         "nul": good + b"bin\x00ary\n",
         "truncated": good + "\u20ac".encode()[:2],
+        # a character cut by the blocks, then a byte that cannot continue it: the byte named is the cut one's first
+        "cut_bad_a": filler[: block - 1] + b"\xc3A\n",
+        "cut_bad_b": filler[: block - 2] + b"\xe2\x82(\n",
+        "cut_bad_c": filler[: block - 1] + b"\xe2\x82(\n",
+        "bad_then_nul": good + b"caf\xe9\nline\nbin\x00\n",  # the first of the two is named
     }
     for name, data in cases.items():
         path = tmp_path / f"{name}.{suffix}"
