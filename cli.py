@@ -160,17 +160,18 @@ def _count(value: str | int) -> int:
     text = value.strip().replace("_", "").replace(",", "")
     scale = _SUFFIXES.get(text[-1:].lower(), 1) if text[-1:].isalpha() else 1
     number = text[:-1] if scale != 1 else text
+    # 1e30 overflowed a C size in the cache, and lost its last digits to floats in train
+    too_large = typer.BadParameter(f"{value!r} is more than gsae counts (at most 2^53 = {MAX_COUNT:,})")
     try:
         exact = decimal.Decimal(number) * scale
-        too_large = exact.is_finite() and abs(exact) > MAX_COUNT
     except decimal.Overflow:  # past the context's exponent (1e9999999)
-        exact, too_large = decimal.Decimal(1), True
+        raise too_large from None
     except decimal.InvalidOperation:
-        exact, too_large = None, False
-    if not too_large and (exact is None or not exact.is_finite() or exact != exact.to_integral_value()):
+        exact = None
+    if exact is not None and exact.is_finite() and abs(exact) > MAX_COUNT:
+        raise too_large
+    if exact is None or not exact.is_finite() or exact != exact.to_integral_value():
         raise typer.BadParameter(f"{value!r} is not a whole number (e.g. 100000, 1e5, 100k, 2M)")
-    if too_large:  # 1e30 overflowed a C size in the cache, and lost its last digits to floats in train
-        raise typer.BadParameter(f"{value!r} is more than gsae counts (at most 2^53 = {MAX_COUNT:,})")
     return int(exact)
 
 

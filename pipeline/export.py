@@ -19,6 +19,7 @@ from safetensors.torch import save
 from pipeline.errors import GsaeError, write_errors
 from pipeline.run import Run, cache_fingerprint, fingerprint_changes, join, write_atomic
 from stores import ActivationStore, StoreError
+from stores.messages import first_few
 
 FORMATS = ("saelens", "sparsify")
 
@@ -126,8 +127,7 @@ def _check_target(target: str, planned: dict[str, dict], identity_file: str = "c
         if not same:
             foreign.append(name)
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise GsaeError(f"{target} already holds {shown}, not an export of this run; export into an empty or new "
+        raise GsaeError(f"{target} already holds {first_few(foreign)}, not an export of this run; export into an empty or new "
                         "folder (--out)")
 
 
@@ -189,10 +189,10 @@ def _write_layers(target: str, saes: list, name_of: Callable[[int], str],
             name = name_of(layer)
             folder = join(target, name)
             fs, root = fsspec.core.url_to_fs(folder)
-            with write_errors(folder):
+            with write_errors(folder):  # (write_atomic says its own failures in one line)
                 fs.makedirs(root, exist_ok=True)
-                for file, data in files_of(weights, config, layer, name):
-                    write_atomic(join(folder, file), data)
+            for file, data in files_of(weights, config, layer, name):
+                write_atomic(join(folder, file), data)
             folders.append(folder)
     return folders
 

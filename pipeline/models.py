@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.errors import GsaeError
 from pipeline.hub import hub_reachable
-from stores.messages import joined_lines
+from stores.messages import first_few, joined_lines
 
 DEVICES = ("auto", "cpu", "cuda")
 EMBEDDED_NAME = "smollm2-135m"
@@ -273,9 +273,8 @@ def _check_weights(spec: ModelSpec, model: nn.Module, loading: dict[str, Any]) -
     hidden), and differently on every load, so a cache and its evaluation would see two models."""
     missing = sorted(loading.get("missing_keys") or [])
     if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise GsaeError(f"model {spec.model_id!r} loads as {type(model).__name__} without {len(missing)} of its "
-                        f"weights ({shown}), which would be random; gsae needs a decoder-only causal LM saved whole "
+                        f"weights ({first_few(missing)}), which would be random; gsae needs a decoder-only causal LM saved whole "
                         "(with save_pretrained)")
 
 

@@ -362,10 +362,10 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
     name_runs(runs)
     baseline = next((r for r in runs if r.label == "baseline"), None)
     fs, root = fsspec.core.url_to_fs(out)
-    with write_errors(out):
+    with write_errors(out):  # (write_atomic says its own failures in one line)
         fs.makedirs(root, exist_ok=True)
-        write_atomic(join(out, "per-layer.png"), per_layer_plot(runs))
-        write_atomic(join(out, "cost.png"), cost_plot(runs, baseline))
+    write_atomic(join(out, "per-layer.png"), per_layer_plot(runs))
+    write_atomic(join(out, "cost.png"), cost_plot(runs, baseline))
     lines = ["# gsae report", "", "| run | G | AMAD | mean EV/token | mean EV pooled | mean ΔCE % | mean KL | "
              "mean L0 | dead % | tokens/SAE | A s | training s | AMAD s | training ÷ baseline | "
              "total ÷ baseline |", "|" + " --- |" * 15]
@@ -413,6 +413,5 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
                          if record else "-")
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     lines += ["", "![EV and ΔCE per layer](per-layer.png)", "", "![quality against cost](cost.png)", ""]
-    with write_errors(out):
-        write_atomic(join(out, "report.md"), "\n".join(lines))
+    write_atomic(join(out, "report.md"), "\n".join(lines))
     return Report(out, "\n".join(lines))

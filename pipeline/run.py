@@ -40,7 +40,7 @@ from safetensors.torch import save
 from pipeline.errors import GsaeError, write_errors
 from pipeline.sae import L1_COEFFICIENT, SparseAutoencoder, read_tensors, sae_files, sae_from_files
 from stores import ActivationStore
-from stores.messages import first_line
+from stores.messages import first_few, first_line
 from stores.remote import is_temporary, join, write_whole
 
 RUN_FORMAT = 1
@@ -472,8 +472,7 @@ def check_new_run_folder(path: str | Path) -> None:
         return  # unreadable: making the run says so
     foreign = [name for name in names if name != LOCK and not is_temporary(name)]  # (a run killed making its config)
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise GsaeError(f"--out {path} already holds {shown}, not a gsae run; pass an empty or new folder")
+        raise GsaeError(f"--out {path} already holds {first_few(foreign)}, not a gsae run; pass an empty or new folder")
 
 
 class _RewrittenLog(io.StringIO):

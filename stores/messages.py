@@ -10,6 +10,12 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
     return (line[:limit] if limit else line) or type(exc).__name__
 
 
+def first_few(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``names``, comma-separated, and how many more there are."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def joined_lines(exc: BaseException, limit: int = 300) -> str:
     """``Type: message`` with the message's lines joined into one (transformers' often run over several),
     cut at ``limit`` characters; the type alone where the message is empty."""

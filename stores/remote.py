@@ -56,15 +56,19 @@ def write_whole(url: str, data: bytes | str) -> None:
 STALE_SECONDS = 3600
 
 
+#: the end of a temporary's name after ``.<file name>`` (and 7866963's pid-thread, and the older bare one)
+_TEMPORARY_TAIL = r"\.(?:[0-9a-f]{32}\.|\d+-\d+\.)?partial"
+
+
 def is_temporary(name: str) -> bool:
     """Whether a file name is one of :func:`write_whole`'s temporaries (a writer's, running or killed)."""
-    return re.fullmatch(r"\..+\.(?:[0-9a-f]{32}\.|\d+-\d+\.)?partial", name) is not None
+    return re.fullmatch(rf"\..+{_TEMPORARY_TAIL}", name) is not None
 
 
 def _remove_stale_temporaries(folder: str, name: str) -> None:
     """Remove the temporaries of ``name`` that writers killed before their rename left: those older than
     :data:`STALE_SECONDS` (gsae's before temporaries had a writer's own name among them)."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.(?:[0-9a-f]{{32}}\.|\d+-\d+\.)?partial")  # and 7866963's pid-thread
+    pattern = re.compile(rf"\.{re.escape(name)}{_TEMPORARY_TAIL}")
     try:
         entries = [entry for entry in os.listdir(folder) if pattern.fullmatch(entry)]
     except OSError:
