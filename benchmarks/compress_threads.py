@@ -5,7 +5,7 @@ then CRC32C), five ways, in one run:
     python benchmarks/compress_threads.py                           # 1, 2 and all threads, into /dev/shm
     python benchmarks/compress_threads.py --threads 1,2,4,8,16 --chunks 256 --folder /tmp
 
-- ``numcodecs``: what gsae's writer did per chunk before 2026-11-28 (``stores.activation_store.
+- ``numcodecs``: what gsae's writer did per chunk before 2026-11-28 (``stores.chunk_io.
   _encode_chunk_file``): numcodecs' ``Blosc.encode`` (blosc runs without the GIL, but numcodecs then copies
   the compressed bytes into a new bytes object, ``dest[:cbytes]``, with the GIL held, into memory that may
   be fresh), then google_crc32c (holds the GIL), then a file written and renamed into place;

@@ -11,11 +11,12 @@ from typing import Any
 
 _EXPORTS = {
     "stores.activation_store": (
-        "FLOAT16_MAX", "ActivationStore", "ChunkStats", "IncompleteCache", "PendingChunk", "StatsAccumulator", "StoreError",
-        "compute_chunk_stats", "default_chunk_tokens", "is_local", "list_side_files", "probe",
+        "ActivationStore", "IncompleteCache", "PendingChunk", "StoreError", "default_chunk_tokens", "is_local",
+        "list_side_files", "probe",
         "read_seconds_writing", "read_side_file", "remove_side_files", "to_float32", "write_seconds_writing",
         "write_side_file",
     ),
+    "stores.chunk_stats": ("FLOAT16_MAX", "ChunkStats", "StatsAccumulator", "compute_chunk_stats"),
     "stores.codecs": ("STORAGE_DTYPES", "activation_codecs"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -2,7 +2,7 @@
 
 A chunk file of a local array whose codecs are bytes → blosc or zstd → crc32c is the codec's output
 followed by its CRC32C, little-endian, renamed into place from a temporary file.  gsae writes and decodes
-such files itself (``stores.activation_store._encode_chunk_file`` and ``_decode_chunk_file``; why
+such files itself (``stores.chunk_io._encode_chunk_file`` and ``_decode_chunk_file``; why
 there): on the writer's or the stream's threads, or, with :class:`ChunkProcesses`, in processes of their
 own (`gsae cache --writer`, `gsae train --reader`).
 

@@ -403,7 +403,7 @@ def test_a_chunk_whose_write_fails_starts_none_of_its_other_writes(tmp_path, mon
 
     import numpy as np
 
-    import stores.activation_store as store_module
+    import stores.chunk_io as store_module
     from pipeline.cache import ChunkWriter, _Chunk
     from stores import compute_chunk_stats
     from stores.activation_store import StoreError
@@ -412,7 +412,7 @@ def test_a_chunk_whose_write_fails_starts_none_of_its_other_writes(tmp_path, mon
     store = ActivationStore.create(str(tmp_path / "c"), n_layers=n_layers, d_model=d, n_tokens=4 * rows,
                                    chunk_tokens=rows)
     failed, after, released = threading.Event(), [], []
-    real_put = store_module._put
+    real_put = store_module.put
 
     def put(array, unchecked, key, values):
         if failed.is_set():  # slow from here: the committing thread learns of the error in the meantime
@@ -423,7 +423,7 @@ def test_a_chunk_whose_write_fails_starts_none_of_its_other_writes(tmp_path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_put(array, unchecked, key, values)
 
-    monkeypatch.setattr(store_module, "_put", put)
+    monkeypatch.setattr(store_module, "put", put)
     writer = ChunkWriter(store, 1, 0.0)
     with pytest.raises(StoreError, match="disk full"):
         try:

@@ -70,7 +70,7 @@ def test_processes_write_zarrs_bytes_from_shared_memory(tmp_path, dtype):
     """Chunks written by the encoder processes, the activations read where they lie in shared memory (the
     tokens and statistics on the threads), make zarr's store file for file; a short chunk (through zarr, on
     the threads) and an all-zero one (no file) included."""
-    import stores.activation_store as module
+    import stores.chunk_io as module
 
     def make(path: Path, processes: bool) -> dict[str, bytes]:
         store = ActivationStore.create(str(path), n_layers=2, d_model=8, n_tokens=450, chunk_tokens=100, dtype=dtype)

@@ -184,7 +184,7 @@ def test_whole_chunks_read_from_their_files_equal_zarrs_read(tmp_path, monkeypat
     """read_into decodes a whole local chunk from its file (not through zarr): byte for byte zarr's read,
     for every layer and chunk; a short last chunk, and codecs other than bytes → blosc → crc32c, go
     through zarr."""
-    from stores.activation_store import _whole_chunk_file
+    from stores.chunk_io import whole_chunk_file
 
     store = _store(tmp_path / "c", dtype, compression)
     fast = 0
@@ -195,11 +195,11 @@ def test_whole_chunks_read_from_their_files_equal_zarrs_read(tmp_path, monkeypat
             out = np.full((stop - start, store.d_model), 7, dtype=array.dtype)
             store.read_into(layer, start, stop, out)
             np.testing.assert_array_equal(out.view(np.uint8), array[start:stop].view(np.uint8))
-            fast += _whole_chunk_file(array, slice(start, stop), out.shape, out.dtype) is not None
+            fast += whole_chunk_file(array, slice(start, stop), out.shape, out.dtype) is not None
     whole_chunks = store.n_layers * (store.n_chunks - 1)
     assert fast == (whole_chunks if compression == "lossless" else 0)
     # read_rows takes the same path for each whole chunk of a range, and zarr's for the rest (past the end too)
-    import stores.activation_store as module
+    import stores.chunk_io as module
 
     direct = []
     real = module._decode_chunk_file

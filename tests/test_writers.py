@@ -240,7 +240,7 @@ def test_chunk_files_written_directly_are_zarrs_bytes(tmp_path, monkeypatch, dty
 
     import torch
 
-    import stores.activation_store as module
+    import stores.chunk_io as module
     from stores import compute_chunk_stats
 
     direct = []
@@ -286,7 +286,7 @@ def test_chunk_files_written_directly_are_zarrs_bytes(tmp_path, monkeypatch, dty
 @pytest.mark.parametrize("array_name,key", [("layers/0", slice(0, 100)), ("stats/chunk_overflow", 1), ("tokens", slice(100, 200))])
 def test_an_all_zero_chunk_removes_its_file_as_zarr_does(tmp_path, monkeypatch, array_name, key):
     """A whole chunk rewritten with zeros (the fill value) leaves no file, whether gsae removes it or zarr."""
-    import stores.activation_store as module
+    import stores.chunk_io as module
 
     trees, removed = {}, []
     real = module._remove_empty_chunk_file
@@ -301,9 +301,9 @@ def test_an_all_zero_chunk_removes_its_file_as_zarr_does(tmp_path, monkeypatch, 
         array = store.group[array_name]
         unchecked = array.with_config({"write_empty_chunks": True})
         shape = array.shape[1:] if isinstance(key, int) else (100, *array.shape[1:])
-        module._put(array, unchecked, key, np.ones(shape, dtype=array.dtype))
+        module.put(array, unchecked, key, np.ones(shape, dtype=array.dtype))
         before = sorted(p.name for p in (tmp_path / name / array_name / "c").rglob("*") if p.is_file())
-        module._put(array, unchecked, key, np.zeros(shape, dtype=array.dtype))
+        module.put(array, unchecked, key, np.zeros(shape, dtype=array.dtype))
         trees[name] = before, sorted(p.name for p in (tmp_path / name / array_name / "c").rglob("*") if p.is_file())
     assert trees["direct"] == trees["zarr"] and trees["zarr"][0] and not trees["zarr"][1]
     assert removed == [True]  # gsae removed the file itself (the first, non-zero write is not its job)
