@@ -33,7 +33,8 @@ from rich.console import Console  # noqa: E402
 
 from cache_write import in_shared_memory  # noqa: E402  (benchmarks/, the script's folder)
 from gil_options import add_gil_options, apply_gil_options  # noqa: E402
-from pipeline.cache import WRITERS, ChunkWriter, _Chunk, fill_store  # noqa: E402
+from pipeline.cache import WRITERS, fill_store  # noqa: E402
+from pipeline.chunk_writer import Chunk, ChunkWriter  # noqa: E402
 from pipeline.corpus import iter_windows, open_corpus, window_plan  # noqa: E402
 from pipeline.models import load_model, pick_device, resolve_model_spec  # noqa: E402
 from pipeline.ranks import Ranks  # noqa: E402
@@ -156,7 +157,7 @@ def write_only(cache: ActivationStore, folder: str, threads: int, max_bytes: int
         start, stop = cache.readable_rows(c)
         layers = np.stack([cache.read_rows(layer, start, stop) for layer in range(cache.n_layers)])
         # statistics made here, not timed: in gsae cache they are made where the model runs, not by the writer
-        chunks.append(_Chunk(c, layers, cache.tokens(start, stop), compute_chunk_stats(list(layers), cache.dtype)))
+        chunks.append(Chunk(c, layers, cache.tokens(start, stop), compute_chunk_stats(list(layers), cache.dtype)))
     target = ActivationStore.create(folder, n_layers=cache.n_layers, d_model=cache.d_model,
                                     n_tokens=n_chunks * cache.chunk_tokens, chunk_tokens=cache.chunk_tokens,
                                     dtype=cache.dtype, compression=cache.attrs["codec"]["compression"])

@@ -7,7 +7,7 @@ writer with 1, 2 and all threads, beside a plain sequential write of the same ra
 
 With ``--cache``, real activations are read once (``--chunks`` chunks of every layer) and written again
 into temporary stores with the cache's own codec; without it, Gaussian float16 rows of the given shape.
-Each configuration writes the same chunks through ``pipeline.cache.ChunkWriter`` (the writer of
+Each configuration writes the same chunks through ``pipeline.chunk_writer.ChunkWriter`` (the writer of
 `gsae cache`: a job per layer's chunk, several chunks in flight, commits in order), timed from the first
 chunk to the last commit.  Prints tok/s and GB/s of float16, the cores the process kept busy (CPU
 seconds ÷ wall seconds: "1 thread" must stay near one core, or the ratio flatters) and the 2-thread ÷
@@ -39,12 +39,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gil_options import add_gil_options, apply_gil_options  # noqa: E402  (benchmarks/, the script's folder)
-from pipeline.cache import ChunkWriter, _Chunk, _ChunkAssembler, _ChunkBuffers  # noqa: E402
+from pipeline.capture import ChunkAssembler, ChunkBuffers  # noqa: E402
+from pipeline.chunk_writer import Chunk, ChunkWriter  # noqa: E402
 from stores import ActivationStore, ChunkStats, compute_chunk_stats  # noqa: E402
 from stores.chunk_files import ChunkProcesses, SharedBuffers  # noqa: E402
 
 
-def source_chunks(args: argparse.Namespace) -> tuple[list[_Chunk], int, int, str, str]:
+def source_chunks(args: argparse.Namespace) -> tuple[list[Chunk], int, int, str, str]:
     """(chunks with every layer's rows, n_layers, d_model, dtype, compression) held in memory."""
     if args.cache:
         store = ActivationStore.open(args.cache)
@@ -52,18 +53,18 @@ def source_chunks(args: argparse.Namespace) -> tuple[list[_Chunk], int, int, str
         for c in range(min(args.chunks, store.n_chunks)):
             start, stop = store.readable_rows(c)
             layers = np.stack([store.read_rows(layer, start, stop) for layer in range(store.n_layers)])
-            chunks.append(_Chunk(c, layers, store.tokens(start, stop), compute_chunk_stats(list(layers), store.dtype)))
+            chunks.append(Chunk(c, layers, store.tokens(start, stop), compute_chunk_stats(list(layers), store.dtype)))
         return chunks, store.n_layers, store.d_model, store.dtype, store.attrs["codec"]["compression"]
     rng = np.random.default_rng(0)
     rows = max(1, 4 * 2**20 // (args.d_model * 2))
     chunks = []
     for c in range(args.chunks):
         layers = rng.standard_normal((args.layers, rows, args.d_model), dtype=np.float32).astype(np.float16)
-        chunks.append(_Chunk(c, layers, np.zeros(rows, np.int32), compute_chunk_stats(list(layers), "float16")))
+        chunks.append(Chunk(c, layers, np.zeros(rows, np.int32), compute_chunk_stats(list(layers), "float16")))
     return chunks, args.layers, args.d_model, "float16", "lossless"
 
 
-def write_all(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
+def write_all(chunks: list[Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
               folder: str, encoder: ChunkProcesses | None = None, probe: bool = False,
               nice: int = 0) -> tuple[float, float, int, float]:
     """(wall seconds, CPU seconds of the whole process, bytes of memory first touched: minor page faults,
@@ -130,19 +131,19 @@ class GilProbe:
         return probe.rate
 
 
-def in_shared_memory(chunks: list[_Chunk], shared: SharedBuffers) -> list[_Chunk]:
+def in_shared_memory(chunks: list[Chunk], shared: SharedBuffers) -> list[Chunk]:
     """The chunks with their layers copied into ``shared`` (where `gsae cache --writer processes` keeps them)."""
     moved = []
     for chunk in chunks:
         layers = shared.empty(chunk.layers.shape, chunk.layers.dtype)
         layers[...] = chunk.layers
-        moved.append(_Chunk(chunk.index, layers, chunk.tokens, chunk.stats))
+        moved.append(Chunk(chunk.index, layers, chunk.tokens, chunk.stats))
     return moved
 
 
-def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
+def assemble_and_write(chunks: list[Chunk], n_layers: int, d_model: int, dtype: str, compression: str, threads: int,
                        folder: str, batch_rows: int, forward_ms: float = 0.0, stats: bool = True,
-                       pending: int | None = None, buffers: _ChunkBuffers | None = None) -> tuple[float, str]:
+                       pending: int | None = None, buffers: ChunkBuffers | None = None) -> tuple[float, str]:
     """(wall seconds, where the rows came from) for the cache's host side without the model: batches of
     ``batch_rows`` rows, each block's rows handed to the cache's assembler as its forward hooks hand them
     over (from the GPU's memory where there is one: copied into the pinned chunk buffers, statistics on
@@ -171,7 +172,7 @@ def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype:
     writer = ChunkWriter(store, threads, 0.0, batch_rows=batch_rows if device.type == "cuda" or forward_ms else 0)
     writer.max_pending = pending or writer.max_pending
     pinned = device.type == "cuda"
-    assembler = (_ChunkAssembler(store, chunks[0].layers.dtype, pinned=pinned) if stats
+    assembler = (ChunkAssembler(store, chunks[0].layers.dtype, pinned=pinned) if stats
                  else _KnownStats(store, chunks, pinned))
     if buffers is not None:
         assembler.buffers = buffers
@@ -192,10 +193,10 @@ def assemble_and_write(chunks: list[_Chunk], n_layers: int, d_model: int, dtype:
     return time.perf_counter() - start, device.type
 
 
-class _KnownStats(_ChunkAssembler):
+class _KnownStats(ChunkAssembler):
     """The cache's assembler with the statistics left out: each chunk gets those computed beforehand."""
 
-    def __init__(self, store: ActivationStore, chunks: list[_Chunk], pinned: bool):
+    def __init__(self, store: ActivationStore, chunks: list[Chunk], pinned: bool):
         super().__init__(store, chunks[0].layers.dtype, pinned=pinned)
         self.known = {chunk.index: chunk.stats for chunk in chunks}
 
@@ -211,7 +212,7 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def sequential_raw(chunks: list[_Chunk], folder: str) -> float:
+def sequential_raw(chunks: list[Chunk], folder: str) -> float:
     """Seconds to write the same raw bytes to one file, uncompressed, with fsync: what the disk gives.
 
     The arrays are written from their own memory: a ``tobytes()`` copy per chunk (as this did until
@@ -227,7 +228,7 @@ def sequential_raw(chunks: list[_Chunk], folder: str) -> float:
     return time.perf_counter() - start
 
 
-def parallel_raw(chunks: list[_Chunk], folder: str, threads: int) -> float:
+def parallel_raw(chunks: list[Chunk], folder: str, threads: int) -> float:
     """Seconds for ``threads`` threads to write the same raw bytes, a file per chunk and layer as the
     writer's jobs are, then fsync them: what the file system gives several writers."""
     from concurrent.futures import ThreadPoolExecutor
@@ -335,7 +336,7 @@ def main() -> None:
         results.update({threads: seconds for (threads, kind), seconds in results.items() if kind == kinds[0]})
         for pending in [] if args.writer_only else [None] + ([args.writer_pending] if args.writer_pending else []):
             # reused by every run of this pass, and unpinned after it (pinned with cudaHostRegister on a GPU)
-            buffers = _ChunkBuffers((n_layers, len(chunks[0].tokens), d_model), chunks[0].layers.dtype,
+            buffers = ChunkBuffers((n_layers, len(chunks[0].tokens), d_model), chunks[0].layers.dtype,
                                     torch.cuda.is_available())
             try:
                 host_side = functools.partial(assemble_and_write, chunks, n_layers, d_model, dtype, compression, cores,

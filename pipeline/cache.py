@@ -1,7 +1,7 @@
 """Stage one: run the model once and write every block's residual stream to the activation store.
 
 The forward pass runs on the calling thread, which also gathers the rows into chunks with their
-statistics; compression and writing run on a pool of threads (every layer's chunk a job of its own,
+statistics (:mod:`pipeline.capture`); compression and writing (:mod:`pipeline.chunk_writer`) run on a pool of threads (every layer's chunk a job of its own,
 several chunks in flight, bounded), so they overlap the next forward pass and use every core; with
 ``--writer processes`` the layers' chunks go to encoder processes instead (:mod:`stores.chunk_files`),
 whose GIL is not the model thread's.  On a GPU the next batch runs while the host hands the last one's
@@ -23,44 +23,38 @@ import importlib.metadata
 import itertools
 import os
 import shlex
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Container, Iterable, Iterator
+from typing import Any, Container, Iterator
 
 import fsspec
 import numpy as np
 import torch
 
 from pipeline import __version__
+from pipeline.capture import ChunkAssembler, ForwardCapture
+from pipeline.chunk_writer import ChunkWriter, chunk_bytes
 from pipeline.corpus import (Corpus, WindowPlan, check_corpus_options, check_has_text, iter_windows, open_corpus,
                              window_plan)
 from pipeline.errors import GsaeError
-from pipeline.models import (LoadedModel, ModelSpec, block_output, load_model, matmul_precision, max_positions,
+from pipeline.models import (LoadedModel, ModelSpec, load_model, matmul_precision, max_positions,
                              pick_device, resolve_model_spec)
-from pipeline.processes import KINDS, start_processes, worker_nice, worker_threads
+from pipeline.processes import KINDS, start_processes, worker_nice
 from pipeline.progress import make_progress
 from pipeline.ranks import Ranks, current as current_ranks
 from stores import (
-    FLOAT16_MAX,
     STORAGE_DTYPES,
     ActivationStore,
-    ChunkStats,
     IncompleteCache,
-    PendingChunk,
-    StatsAccumulator,
     default_chunk_tokens,
     is_local,
     probe,
     read_seconds_writing,
     write_seconds_writing,
 )
-from stores.activation_store import FirstFailure, fold_seconds_writing
-from stores.chunk_files import ChunkProcesses, SharedBuffers
+from stores.activation_store import fold_seconds_writing
 from stores.codecs import keep_bits_range
-from stores.pinned import PinError, pin, pinned_empty, unpin
 
 DEFAULT_TOKENS = 100_000
 DEFAULT_CONTEXT_LENGTH = 256
@@ -178,398 +172,6 @@ def _prepare_folder(path: str) -> bool:
     return not existed
 
 
-class _ForwardCapture:
-    """Forward hooks on every block that hand each block's stored rows to a callback, where the model runs."""
-
-    class _Stop(Exception):
-        """Raised by the last block's hook: nothing after it is needed."""
-
-    def __init__(self, lm: LoadedModel, first_row: int, dtype: str):
-        self.lm = lm
-        self.first_row = first_row  # 1 drops the BOS position
-        self.dtype = dtype
-        self.on_stored: Callable[[int, torch.Tensor], None] | None = None  # set by run()
-        self.handles = [block.register_forward_hook(self._hook(layer)) for layer, block in enumerate(lm.blocks)]
-
-    def _hook(self, layer: int):
-        last = layer == self.lm.n_layers - 1
-
-        def hook(module: Any, inputs: Any, output: Any) -> None:
-            if self.on_stored is not None:
-                self.on_stored(layer, self._stored(block_output(output)[:, self.first_row :]))
-            if last:
-                raise self._Stop
-
-        return hook
-
-    def _stored(self, hidden: torch.Tensor) -> torch.Tensor:
-        """A block's rows (batch × positions flattened) in the storage dtype, still where the model runs."""
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        if self.dtype == "float16":
-            stored = hidden.to(torch.float16)
-            if stored.is_cuda:  # beyond the float16 range: clip, counted in the chunk stats
-                stored.clamp_(-FLOAT16_MAX, FLOAT16_MAX)  # always: testing first would wait for the GPU
-            elif torch.isinf(stored).any():
-                stored.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
-            return stored
-        if self.dtype == "bfloat16":
-            return hidden.to(torch.bfloat16).view(torch.int16)
-        return hidden.to(torch.float32)
-
-    def run(self, input_ids: torch.Tensor, on_stored: Callable[[int, torch.Tensor], None]) -> Any:
-        """Run the model on ``input_ids``; ``on_stored(layer, rows)`` gets each block's stored rows as
-        soon as they exist (on a GPU: before any later block runs, so no layer's rows outlive its hook).
-        On a GPU this returns once the work is queued, with an event that marks it done (copies included:
-        the caller waits for it before it uses the rows); on a CPU, once it is done, with None."""
-        self.on_stored = on_stored
-        with torch.inference_mode():
-            try:
-                self.lm.model.base_model(input_ids=input_ids, use_cache=False)
-            except self._Stop:
-                pass
-            except BaseException:
-                if input_ids.is_cuda:  # no copy still lands in a chunk buffer after an error
-                    torch.cuda.current_stream().synchronize()
-                raise
-            finally:
-                self.on_stored = None
-        if not input_ids.is_cuda:
-            return None
-        done = torch.cuda.Event(blocking=True)  # waited for on the host: block, do not spin a core
-        done.record()
-        return done
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-class _ChunkBuffers:
-    """Reused (n_layers, chunk rows, d_model) chunk buffers: pinned where the model runs on a GPU (with
-    cudaHostRegister, at their exact size), so the hooks copy rows from the device straight into the chunk
-    (no staging buffer, no second copy on the host), and never fresh memory per chunk.  With ``shared``, in
-    shared memory that the writer's encoder processes read."""
-
-    def __init__(self, shape: tuple[int, int, int], np_dtype: np.dtype, pinned: bool,
-                 shared: SharedBuffers | None = None):
-        self.shape, self.np_dtype, self.pinned, self.shared = shape, np_dtype, pinned, shared
-        self.free: list[np.ndarray] = []
-        self.registered: list[int] = []  # addresses of the buffers pinned with cudaHostRegister
-        # seconds spent making new buffers where they were needed (in the hooks), and letting them go (a phase
-        # of their own: pinning fresh memory ran at 1.3 GB/s on the H200 machine's VM, and the ring of a
-        # 32 × 1024 batch of 6 × 512 is 600 MiB)
-        self.seconds_making = self.seconds_closing = 0.0
-        self.made = 0
-        self._lock = threading.Lock()
-        self._ahead: threading.Thread | None = None
-        self._stop_ahead = threading.Event()
-
-    def make_ahead(self, count: int) -> None:
-        """Make buffers up to ``count`` in all on a thread of their own, into the free ones, while the first
-        batches run: where they are pinned (a GPU), beside the model's forward rather than in its hooks.
-        (Pinning is mostly page faults and the driver's call, neither of which holds the GIL.)  Not for the
-        processes' shared memory, nor on a CPU, where a new buffer costs nothing until it is written."""
-        if self.pinned and self.shared is None and count > 0:
-            # the device this thread (a rank's) works on: CUDA's current device is per thread, and pinning from a
-            # thread still on device 0 made a context there for every rank
-            device = torch.cuda.current_device()
-            thread = threading.Thread(target=self._make, args=(count, device), name="gsae-chunk-buffers", daemon=True)
-            thread.start()
-            self._ahead = thread
-
-    def _make(self, count: int, device: int) -> None:
-        torch.cuda.set_device(device)
-        while not self._stop_ahead.is_set() and self.made < count:
-            try:
-                buffer = self._new()
-            except Exception:  # the hooks make their own, and meet the error there
-                return
-            self.free.append(buffer)
-
-    def take(self) -> np.ndarray:
-        if self.free:
-            return self.free.pop()
-        start = time.perf_counter()
-        try:
-            return self._new()
-        finally:
-            self.seconds_making += time.perf_counter() - start
-
-    def _new(self) -> np.ndarray:
-        with self._lock:
-            self.made += 1
-        return self._make_one()
-
-    def _make_one(self) -> np.ndarray:
-        if self.shared is not None:
-            try:
-                buffer = self.shared.empty(self.shape, self.np_dtype)
-            except OSError as exc:
-                raise GsaeError(f"no room in /dev/shm for another chunk buffer of the writer's processes "
-                                f"({exc.strerror or exc}); pass --writer threads") from None
-            if self.pinned:
-                self._register(buffer)
-            return buffer
-        if not self.pinned:
-            return np.empty(self.shape, dtype=self.np_dtype)
-        try:  # at its exact size (torch's pinned allocator would take 32 MiB for a chunk of 24)
-            buffer, address = pinned_empty(self.shape, self.np_dtype)
-        except PinError:  # cudaHostRegister refused: torch's allocator, which pins with cudaHostAlloc
-            # (torch has no uint16 for pinned allocation in every version: pin bytes, view them as the dtype)
-            raw = torch.empty(int(np.prod(self.shape)) * self.np_dtype.itemsize, dtype=torch.uint8, pin_memory=True)
-            return raw.numpy().view(self.np_dtype).reshape(self.shape)
-        self.registered.append(address)
-        return buffer
-
-    def give_back(self, buffer: np.ndarray) -> None:
-        self.free.append(buffer)
-
-    def _register(self, buffer: np.ndarray) -> None:
-        try:
-            self.registered.append(pin(buffer))
-        except PinError as exc:
-            raise GsaeError(f"could not pin shared memory for the writer's processes ({exc}); pass --writer threads") from None
-
-    def close(self) -> None:
-        """Unpin the buffers and let their memory go (every copy into them has finished)."""
-        start = time.perf_counter()
-        self._stop_ahead.set()
-        try:
-            if self._ahead is not None:
-                self._ahead.join()
-        finally:  # also when Ctrl-C lands in the join
-            self._release()
-        self.seconds_closing += time.perf_counter() - start
-
-    def _release(self) -> None:
-        for address in self.registered:
-            unpin(address)
-        self.registered.clear()
-        self.free.clear()
-        if self.shared is not None:
-            self.shared.close()
-
-
-class _ChunkAssembler:
-    """Collects rows from batches into whole chunks of the store, with their statistics.
-
-    Only the chunks in ``chunks`` are assembled (this rank's uncommitted ones; default: every chunk from
-    the committed prefix on).  Each block's rows are taken in its forward hook (:meth:`take`), segment by
-    segment, a segment being a forward batch's rows inside one chunk: copied into the chunk's buffer and
-    added to its statistics there, on the model's device with torch's threads.  The batches are the same
-    in every run and on every rank, so the sums come out bit-identical."""
-
-    def __init__(self, store: ActivationStore, np_dtype: np.dtype, chunks: Container[int] | None = None,
-                 pinned: bool = False, shared: SharedBuffers | None = None):
-        self.store = store
-        self.np_dtype = np_dtype
-        self.chunks = range(store.chunks_written, store.n_chunks_planned) if chunks is None else chunks
-        self.open: dict[int, _Open] = {}
-        self.buffers = _ChunkBuffers((store.n_layers, store.chunk_tokens, store.d_model), np_dtype, pinned, shared)
-
-    def _segments(self, row: int, stop: int) -> Iterator[tuple[int, _Open, int, int]]:
-        """(chunk, its open part, first row, row after the last) for each of this assembler's chunks that
-        the rows ``[row, stop)`` fall in, opening the parts they start."""
-        step = self.store.chunk_tokens
-        for chunk in range(row // step, -(-stop // step)):
-            if chunk not in self.chunks:
-                continue
-            chunk_start, chunk_stop = self.store.chunk_rows(chunk)
-            first, last = max(row, chunk_start), min(stop, chunk_stop)
-            if first >= last:
-                continue
-            part = self.open.get(chunk)
-            if part is None:
-                whole = self.buffers.take()
-                part = self.open[chunk] = _Open(whole, whole[:, : chunk_stop - chunk_start],
-                                                np.empty(chunk_stop - chunk_start, dtype=np.int32), chunk_start)
-            yield chunk, part, first, last
-
-    def take(self, row: int, stop: int, layer: int, values: torch.Tensor) -> None:
-        """One block's rows ``[row, stop)`` of a batch (``values[i]`` is row ``row + i``, stored dtype, on
-        whatever device the model runs): into the chunks they fall in and their statistics.  From a GPU
-        the copies are asynchronous, and so is the read-back of the statistics of a chunk the last block
-        completes; the event of :meth:`_ForwardCapture.run` marks them done."""
-        last_layer = layer == self.store.n_layers - 1
-        for chunk, part, first, last in self._segments(row, stop):
-            rows = values[first - row : last - row]
-            self._add_stats(part, layer, rows)
-            target = torch.from_numpy(part.buffer[layer, first - part.start : last - part.start])
-            target.copy_(rows.view(target.dtype), non_blocking=values.is_cuda)
-            if last_layer and last == self.store.chunk_rows(chunk)[1] and part.stats is not None:
-                part.stats.start_result()
-
-    def _add_stats(self, part: _Open, layer: int, rows: torch.Tensor) -> None:
-        if part.stats is None:  # a lossy store's statistics are of its bit-rounded rows, as stored
-            part.stats = StatsAccumulator(self.store.n_layers, self.store.d_model, self.store.dtype, rows.device,
-                                          keep_bits=(self.store.attrs.get("codec") or {}).get("keep_bits"))
-        part.stats.add(layer, rows)
-
-    def add(self, row: int, tokens: np.ndarray) -> Iterator[_Chunk]:
-        """Close the rows ``[row, row + len(tokens))`` of one batch, whose every block :meth:`take` has
-        taken (and whose device copies have finished); yield the chunks they complete."""
-        stop = row + len(tokens)
-        for chunk, part, first, last in list(self._segments(row, stop)):
-            if first - part.start != part.filled:
-                raise RuntimeError(f"chunk {chunk}: rows from {first} given, {part.start + part.filled} expected")
-            take = last - first
-            part.tokens[part.filled : part.filled + take] = tokens[first - row : last - row]
-            part.filled += take
-            if part.filled == part.buffer.shape[1]:
-                yield self._emit(chunk)
-
-    def flush(self) -> _Chunk | None:
-        """The last, short chunk when the corpus ran out before the planned tokens."""
-        for chunk, part in sorted(self.open.items()):
-            if part.filled:
-                part.buffer, part.tokens = part.buffer[:, : part.filled], part.tokens[: part.filled]
-                return self._emit(chunk)
-        return None
-
-    def _emit(self, chunk: int) -> _Chunk:
-        part = self.open.pop(chunk)
-        return _Chunk(chunk, part.buffer, part.tokens, self._stats_of(chunk, part),
-                      release=functools.partial(self.buffers.give_back, part.whole))
-
-    def _stats_of(self, chunk: int, part: _Open) -> ChunkStats:
-        return part.stats.result()
-
-    def close(self) -> None:
-        """Let the chunk buffers go (after the writer has finished with them): unpinned first, so that a buffer
-        only an open chunk still holds is not unpinned again as it goes."""
-        self.buffers.close()
-        self.open.clear()
-
-
-@dataclass
-class _Open:
-    """A chunk being assembled."""
-
-    whole: np.ndarray  # the reused buffer it lives in
-    buffer: np.ndarray  # (n_layers, rows, d_model) in the storage dtype: the chunk's part of ``whole``
-    tokens: np.ndarray
-    start: int  # the chunk's first row in the store
-    stats: StatsAccumulator | None = None  # made on the device of the first rows added
-    filled: int = 0
-
-
-@dataclass
-class _Chunk:
-    index: int
-    layers: np.ndarray  # (n_layers, rows, d_model) in the storage dtype
-    tokens: np.ndarray
-    stats: ChunkStats
-    release: Callable[[], None] | None = None  # hands its buffer back for reuse once it is written
-
-
-_IN_FLIGHT_BYTES = 2 << 30  # the most chunks in flight a forward batch may ask for (see ChunkWriter)
-
-
-class ChunkWriter:
-    """Compresses and writes chunks on a pool of threads, every layer's chunk a job of its own, and
-    commits them in order on the calling thread.  At most ``max_pending`` chunks are in flight: the
-    forward pass waits (back-pressure) rather than letting memory grow.  With ``encoder`` the whole
-    local chunk files are written by its processes, the rest by the threads."""
-
-    def __init__(self, store: ActivationStore, threads: int, seconds_before: float, rank: int | None = None,
-                 batch_rows: int = 0, encoder: ChunkProcesses | None = None, nice: int = 0):
-        """``nice``: the threads lower their CPU priority by that much (beside a GPU's thread: see
-        pipeline.processes.WORKER_NICE)."""
-        self.store, self.seconds_before, self.rank = store, seconds_before, rank  # rank: several writers
-        self.encoder, self.threads = encoder, threads
-        self.pool = worker_threads(threads, "gsae-writer", nice)
-        # Enough chunks in flight to keep every thread busy, at least two, and a whole forward batch's
-        # chunks (``batch_rows`` rows) plus one: with fewer, the forward thread waits for the writer
-        # before the next batch, and the writer then idles while the model runs (on a GPU, the host
-        # waits there).  benchmarks/cache_write.py --forward-ms times this: with the host idle 100 ms per
-        # batch of 32,736 rows (8 chunks), 9 in flight reached 0.65-0.67 of max(writer, idle time) on this
-        # 2-core machine where 2 reached 0.40-0.57 in the same processes (noisy: the writer alone took
-        # 1.1-2.0 s); a 16-core GPU host, whose cores the writer does not fill, is where it matters.
-        # At most _IN_FLIGHT_BYTES of chunks for that (a 32-layer d 4096 model's batch of 32 × 1024 rows
-        # is 64 chunks, 8 GiB).
-        self.max_pending = self.in_flight(store, threads, batch_rows)
-        self.pending: deque[tuple[PendingChunk, Callable[[], None] | None]] = deque()  # with its release
-        self.failure = FirstFailure()  # after a failed write, no other begins
-        self.started = time.perf_counter()
-        self._recorded = float("-inf")  # when the seconds were last recorded
-
-    @staticmethod
-    def in_flight(store: ActivationStore, threads: int, batch_rows: int = 0) -> int:
-        """The most chunks in flight (``max_pending``, see __init__)."""
-        per_batch = min(-(-batch_rows // store.chunk_tokens) + 1, _IN_FLIGHT_BYTES // _chunk_bytes(store)) if batch_rows else 0
-        return max(2, -(-2 * threads // (store.n_layers + 4)), per_batch)
-
-    def submit(self, item: _Chunk) -> None:
-        """Commit the chunks already written, start writing ``item``, and wait while too many are in flight."""
-        # Commit first: a chunk that finished before ``item`` starts is committed before any of
-        # ``item``'s writes can land, whatever the speed of the pool (a disk that fills up after a
-        # commit then leaves exactly the chunks committed so far, see test_cache_errors).
-        self._commit(0)
-        self.pending.append((self.store.start_chunk(item.index, list(item.layers), item.tokens, item.stats, self.pool,
-                                                    self.encoder, self.failure), item.release))
-        if len(self.pending) > self.max_pending:
-            self._commit(len(self.pending) - self.max_pending)
-
-    def drain(self) -> None:
-        self._commit(len(self.pending))
-        self._record_seconds(every=0.0)
-
-    def _commit(self, oldest: int) -> None:
-        """Commit the ``oldest`` chunks in flight, waiting for their writes, and every chunk after them
-        whose writes are done: one commit for all (ActivationStore.finish_chunks)."""
-        n = oldest
-        while n < len(self.pending) and self.pending[n][0].done():
-            n += 1
-        if not n:
-            return
-        batch = [self.pending.popleft() for _ in range(n)]
-        try:
-            self.store.finish_chunks([pending for pending, _ in batch])  # re-raises a write error (disk full) here
-        except BaseException:
-            for pending, _ in batch:  # the failed chunk's writes not yet started, and those after it: none of them
-                for future in pending.futures:
-                    future.cancel()
-            raise
-        for _, release in batch:
-            if release is not None:  # written: its buffer can take another chunk
-                release()
-        self._record_seconds()
-
-    def _record_seconds(self, every: float = 1.0) -> None:
-        """Record the time spent producing activations so far, summed over resumed runs: the "A" of the
-        paper's cost (with several writers, each rank's own seconds in a part of its own: see
-        write_seconds_writing).  At most once every ``every`` seconds: each record is a file written on the
-        model's thread (about 2 ms a chunk here), and a killed run loses at most that much of its count."""
-        now = time.perf_counter()
-        if now - self._recorded >= every:
-            write_seconds_writing(self.store, self.seconds_before + now - self.started, self.rank)
-            self._recorded = now
-
-    def close(self) -> None:
-        for pending, _ in self.pending:
-            for future in pending.futures:
-                future.cancel()  # the threads' jobs not yet started (what the processes were sent, they finish)
-        self.pool.shutdown(wait=True)
-        if self.encoder is not None:
-            self.encoder.close()
-
-    @property
-    def description(self) -> str:
-        """Who writes, e.g. "16 processes" or "2 threads"."""
-        if self.encoder is not None:
-            return f"{self.encoder.processes} process{'es' if self.encoder.processes != 1 else ''}"
-        return f"{self.threads} thread{'s' if self.threads != 1 else ''}"
-
-    def write_all(self, chunks: Iterable[_Chunk]) -> None:
-        """Write and commit every chunk, then stop the pool (also when a write fails)."""
-        try:
-            for chunk in chunks:
-                self.submit(chunk)
-            self.drain()
-        finally:
-            self.close()
-
-
 def _to_device(ids: np.ndarray, device: torch.device) -> torch.Tensor:
     """The batch's token ids where the model runs.  To a GPU through pinned memory, without waiting: a copy
     from pageable memory makes torch wait for everything queued (the last batch's forward), and the next
@@ -578,11 +180,6 @@ def _to_device(ids: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def _chunk_bytes(store: ActivationStore) -> int:
-    """Bytes of one chunk of every layer, as stored."""
-    return store.n_layers * store.chunk_tokens * store.d_model * STORAGE_DTYPES[store.dtype][1]
 
 
 def _attributes(request: CacheRequest, lm: LoadedModel, corpus: Corpus, plan: WindowPlan,
@@ -1006,7 +603,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     tokens only compared with the stored ones where they are committed.  ``worker_nice_by``: how much the
     writer's threads or processes lower their priority (default: pipeline.processes.worker_nice).
     ``buffers_ahead``: the pinned chunk buffers are made on a thread of their own as the first batches run
-    (:meth:`_ChunkBuffers.make_ahead`), not in the hooks."""
+    (:meth:`ChunkBuffers.make_ahead`), not in the hooks."""
     world = ranks.world > 1
     if not world:
         fold_seconds_writing(store)  # one writer after several: their parts into timing.json first
@@ -1028,15 +625,15 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     # the chunk buffers: those in flight, and those two batches fill (on a GPU the next batch runs while the
     # last one's chunks go to the writer; whole ones and one begun on each side)
     buffers_bytes = (ChunkWriter.in_flight(store, threads, batch_rows)
-                     + 2 * -(-batch_size * rows_per_window // store.chunk_tokens) + 1) * _chunk_bytes(store)
+                     + 2 * -(-batch_size * rows_per_window // store.chunk_tokens) + 1) * chunk_bytes(store)
     # ranks on one machine share its /dev/shm; the writer stops the processes, the assembler their memory
     nice = worker_nice(lm.device, "writer") if worker_nice_by is None else worker_nice_by
     n_embeddings = getattr(lm.model.get_input_embeddings(), "num_embeddings", None)
     encoder = start_processes(writer_kind, "writer", store, lm.device, buffers_bytes * ranks.local_world, threads, nice)
-    assembler = _ChunkAssembler(store, np_dtype, todo, pinned=lm.device.type == "cuda",
+    assembler = ChunkAssembler(store, np_dtype, todo, pinned=lm.device.type == "cuda",
                                 shared=encoder.shared if encoder is not None else None)
     writer = ChunkWriter(store, threads, seconds_before, part, batch_rows=batch_rows, encoder=encoder, nice=nice)
-    capture = _ForwardCapture(lm, first_row, store.dtype)
+    capture = ForwardCapture(lm, first_row, store.dtype)
     row = 0  # first row of the next batch
     rows_this_run = 0
     next_todo = todo.first_from(mine.start)  # the first pending chunk not wholly before ``row``
@@ -1070,7 +667,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     try:
         if buffers_ahead:  # the chunk buffers the batches fill and the writer holds, at most the chunks left to write
             left = len(mine) - sum(1 for chunk in committed if chunk in mine)
-            assembler.buffers.make_ahead(min(buffers_bytes // _chunk_bytes(store), left))
+            assembler.buffers.make_ahead(min(buffers_bytes // chunk_bytes(store), left))
         with progress:
             done = sum(rows for chunk, rows in committed.items() if chunk in mine)
             task = progress.add_task("caching", total=end_row - first_mine, completed=done, resumed_at=done)

@@ -329,7 +329,7 @@ def test_embedded_model_on_embedded_corpus(tmp_path, capsys):
 def _writer_chunks(n_layers: int, d_model: int, sizes: list[int]):
     """Chunks for ChunkWriter: random rows, one all-zero layer chunk (zarr leaves it out) and one of
     -0.0 only (zero by value, not by bits: zarr keeps it)."""
-    from pipeline.cache import _Chunk
+    from pipeline.chunk_writer import Chunk
     from stores import compute_chunk_stats
 
     rng = np.random.default_rng(3)
@@ -340,7 +340,7 @@ def _writer_chunks(n_layers: int, d_model: int, sizes: list[int]):
             layers[0] = 0.0
             layers[1] = -0.0
         tokens = rng.integers(0, 1000, rows, dtype=np.int32)
-        chunks.append(_Chunk(index, layers, tokens, compute_chunk_stats(list(layers), "float16")))
+        chunks.append(Chunk(index, layers, tokens, compute_chunk_stats(list(layers), "float16")))
     return chunks
 
 
@@ -351,7 +351,7 @@ def _new_store(path: Path, sizes: list[int]) -> ActivationStore:
 def test_chunk_writer_writes_the_bytes_of_plain_zarr_writes(tmp_path):
     """The writer threads run zarr's write path on their own event loops and skip zarr's empty-chunk
     test for chunks with a non-zero byte; the files must be those of plain ``array[...] = values``."""
-    from pipeline.cache import ChunkWriter
+    from pipeline.chunk_writer import ChunkWriter
 
     sizes = [40, 40, 40, 17]  # the last chunk short, as when the corpus runs out
     chunks = _writer_chunks(3, 16, sizes)
@@ -381,7 +381,7 @@ def test_chunk_writer_encodes_on_its_own_threads(tmp_path, monkeypatch):
 
     from numcodecs.blosc import Blosc
 
-    from pipeline.cache import ChunkWriter
+    from pipeline.chunk_writer import ChunkWriter
 
     seen: set[str] = set()
     encode = Blosc.encode  # what zarr's blosc codec and the store's direct chunk write both call
@@ -404,7 +404,7 @@ def test_chunk_writer_encodes_on_its_own_threads(tmp_path, monkeypatch):
 
 def test_chunk_writer_on_a_store_outside_local_files(tmp_path):
     """fsspec stores keep zarr's own event loop (their file systems are bound to it)."""
-    from pipeline.cache import ChunkWriter
+    from pipeline.chunk_writer import ChunkWriter
 
     sizes = [40, 40, 17]
     chunks = _writer_chunks(3, 16, sizes)
@@ -422,18 +422,19 @@ def assemble_and_write(store: ActivationStore, values: torch.Tensor, tokens: np.
     """Hand the rows ``values`` (n_layers, n, d; float16, on any device) to the cache's assembler batch by
     batch as the forward hooks do, write the chunks with its writer (``processes``: its encoder processes,
     the chunk buffers in shared memory), finalize; (assembler, writer).  The caller closes the assembler."""
-    from pipeline.cache import ChunkWriter, _ChunkAssembler
+    from pipeline.capture import ChunkAssembler
+    from pipeline.chunk_writer import ChunkWriter
     from stores.chunk_files import ChunkProcesses, SharedBuffers
 
     shared = SharedBuffers() if processes else None
-    assembler = _ChunkAssembler(store, np.dtype(np.float16), pinned=pinned, shared=shared)
+    assembler = ChunkAssembler(store, np.dtype(np.float16), pinned=pinned, shared=shared)
     writer = ChunkWriter(store, 2, 0.0, batch_rows=batch, encoder=ChunkProcesses(2, shared) if shared else None)
     try:
         for row in range(0, len(tokens), batch):
             stop = min(row + batch, len(tokens))
             for layer in range(store.n_layers):
                 assembler.take(row, stop, layer, values[layer, row:stop])
-            if values.is_cuda:  # as _ForwardCapture.run waits for the device before the rows are used
+            if values.is_cuda:  # as ForwardCapture.run waits for the device before the rows are used
                 torch.cuda.current_stream().synchronize()
             for item in assembler.add(row, tokens[row:stop]):
                 writer.submit(item)
@@ -507,7 +508,7 @@ def test_pinned_chunk_buffers_made_ahead_are_taken_first_and_all_unpinned_at_clo
     """On a GPU the cache makes its ring of pinned chunk buffers on a thread of its own while the first batches
     run: the hooks take those, make one only when none is free, and close() stops the thread and unpins every
     buffer made, also when it comes while the thread is still making them."""
-    from pipeline.cache import _ChunkBuffers
+    from pipeline.capture import ChunkBuffers
     import stores.pinned as pinned_module
 
     pinned, unpinned, devices = [], [], []
@@ -516,7 +517,7 @@ def test_pinned_chunk_buffers_made_ahead_are_taken_first_and_all_unpinned_at_clo
     # the thread pins on the device of the thread that started it (a rank's GPU, not device 0)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(torch.cuda, "set_device", devices.append)
-    buffers = _ChunkBuffers((2, 64, 8), np.dtype(np.float16), pinned=True)
+    buffers = ChunkBuffers((2, 64, 8), np.dtype(np.float16), pinned=True)
     buffers.make_ahead(5)
     buffers._ahead.join()
     assert buffers.made == len(buffers.free) == len(pinned) == 5 and buffers.seconds_making == 0
@@ -527,12 +528,12 @@ def test_pinned_chunk_buffers_made_ahead_are_taken_first_and_all_unpinned_at_clo
     assert sorted(unpinned) == sorted(pinned) and len(pinned) == 6
 
     pinned.clear(), unpinned.clear()
-    racing = _ChunkBuffers((2, 64, 8), np.dtype(np.float16), pinned=True)
+    racing = ChunkBuffers((2, 64, 8), np.dtype(np.float16), pinned=True)
     racing.make_ahead(10**9)
     racing.close()  # at once: the thread stops, and what it made is let go
     assert not racing._ahead.is_alive() and racing.made < 10**9
     assert sorted(unpinned) == sorted(pinned) and not racing.registered and not racing.free
-    on_cpu = _ChunkBuffers((2, 64, 8), np.dtype(np.float16), pinned=False)
+    on_cpu = ChunkBuffers((2, 64, 8), np.dtype(np.float16), pinned=False)
     on_cpu.make_ahead(5)  # nothing to gain where a buffer costs nothing until written
     assert on_cpu._ahead is None and on_cpu.made == 0
 

@@ -404,7 +404,7 @@ def test_a_chunk_whose_write_fails_starts_none_of_its_other_writes(tmp_path, mon
     import numpy as np
 
     import stores.chunk_io as store_module
-    from pipeline.cache import ChunkWriter, _Chunk
+    from pipeline.chunk_writer import Chunk, ChunkWriter
     from stores import compute_chunk_stats
     from stores.activation_store import StoreError
 
@@ -429,7 +429,7 @@ def test_a_chunk_whose_write_fails_starts_none_of_its_other_writes(tmp_path, mon
         try:
             for c in range(4):
                 layers = np.random.default_rng(c).standard_normal((n_layers, rows, d)).astype(np.float16)
-                writer.submit(_Chunk(c, layers, np.zeros(rows, np.int32), compute_chunk_stats(list(layers), "float16"),
+                writer.submit(Chunk(c, layers, np.zeros(rows, np.int32), compute_chunk_stats(list(layers), "float16"),
                                      release=lambda c=c: released.append(c)))
             writer.drain()
         finally:
@@ -619,7 +619,7 @@ def test_an_incomplete_cache_names_the_command_that_finishes_it(options, tiny_ne
              "a relative --dataset named like markup, finished from another folder": ["--dataset", "c[bold].txt"],
              }[options]
     monkeypatch.chdir(tmp_path / "made-here")  # where the cache is made (--cache is absolute)
-    from pipeline.cache import ChunkWriter
+    from pipeline.chunk_writer import ChunkWriter
 
     real_submit, submitted = ChunkWriter.submit, []
 

@@ -252,7 +252,7 @@ def test_pinned_memory_is_pinned_asynchronous_and_a_refusal_leaves_no_cuda_error
     import gc
     import time
 
-    from pipeline.cache import _ChunkBuffers
+    from pipeline.capture import ChunkBuffers
     from stores.pinned import PinError, pin, pinned_empty, unpin
 
     buffer, address = pinned_empty((64, 1 << 20), np.dtype(np.uint8))  # 64 MiB
@@ -276,7 +276,7 @@ def test_pinned_memory_is_pinned_asynchronous_and_a_refusal_leaves_no_cuda_error
     del dropped
     gc.collect()
     assert (torch.ones(8, device="cuda") * 2).sum().item() == 16
-    buffers = _ChunkBuffers((2, 4096, 512), np.dtype(np.float16), pinned=True)
+    buffers = ChunkBuffers((2, 4096, 512), np.dtype(np.float16), pinned=True)
     buffers.make_ahead(3)
     buffers._ahead.join()
     assert len(buffers.free) == len(buffers.registered) == 3
