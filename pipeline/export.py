@@ -62,19 +62,35 @@ def saelens_config(config: dict, layer: int, run_config: dict, run: dict | None 
             "context_size": run_config.get("context_length"),
             "dataset_path": run_config.get("corpus"),
             "sae_lens_version": "6.0.0",  # the v6 config layout; older layouts go through a legacy converter
+            # not trained by SAELens (absent, SAELens fills in its own version), as its converters of others' SAEs say
+            "sae_lens_training_version": None,
             # the residual stream of the model as transformers runs it: TransformerLens's default processing
             # centres the writing weights, which moves a LayerNorm model's stream (GPT-NeoX: 7% relative); with
             # this SAELens warns to load with from_pretrained_no_processing, and its evals pass it on, as for the
             # SAEs SAELens trains itself
-            "model_from_pretrained_kwargs": {"center_writing_weights": False},
+            "model_from_pretrained_kwargs": {"center_writing_weights": False, **_revision_kwargs(run_config)},
         },
     }
+    if run_config.get("model_revision"):
+        cfg["metadata"]["model_revision"] = run_config["model_revision"]
     if architecture == "topk":
         cfg["k"] = config["k"]
         cfg["rescale_acts_by_decoder_norm"] = False  # folded decoder rows are not unit norm
     cfg["gsae"] = {"group_layers": config["layers"], "scale": config["scales"][str(layer)],
                    "architecture": config["architecture"], "tokens": config.get("tokens"), **(run or {})}
+    # SAELens keeps only its own fields of cfg.json, but every key of its metadata (and writes them back with
+    # save_model): the provenance travels with a loaded SAE there
+    cfg["metadata"]["gsae"] = cfg["gsae"]
     return cfg
+
+
+def _revision_kwargs(run_config: dict) -> dict:
+    """``revision``, the commit of a hub model the cache ran, for ``model_from_pretrained_kwargs``:
+    TransformerLens passes it on to transformers, so SAELens's evals load the weights the SAEs were trained on
+    (a Pythia ``step1000`` checkpoint, or main as it was), not the hub's main branch of the day."""
+    if run_config.get("model_source") == "hub" and run_config.get("model_revision"):
+        return {"revision": run_config["model_revision"]}
+    return {}
 
 
 def _run_identity(trained: Run) -> dict[str, str]:
@@ -136,17 +152,23 @@ def export_run(run: str, out: str | None = None, format: str = "saelens") -> lis
     return export_sparsify(run, out) if format == "sparsify" else export_saelens(run, out)
 
 
+def _source(trained: Run, key: str) -> Any:
+    """The run's record of its cache's attribute ``key``; for a run from before it recorded that key, the
+    cache's, if the cache is still at its place and still this run's (else None)."""
+    if key in trained.config.source:
+        return trained.config.source[key]
+    try:
+        store = ActivationStore.open(trained.config.cache, allow_partial=True)
+    except StoreError:
+        return None
+    same = not fingerprint_changes(trained.config.cache_fingerprint, cache_fingerprint(store))
+    return store.attrs.get(key) if same else None
+
+
 def _hookpoint_prefix(trained: Run) -> str:
     """The blocks' module path below the LM's base model (``layers``, ``h``, ``decoder.layers``): where
     sparsify names a hookpoint, as its trainer does (`--hookpoints layers.5`)."""
-    blocks = trained.config.source.get("blocks_path")
-    if blocks is None:  # runs from before the run recorded it: its cache knows, if it is still this run's
-        try:
-            store = ActivationStore.open(trained.config.cache, allow_partial=True)
-            same = not fingerprint_changes(trained.config.cache_fingerprint, cache_fingerprint(store))
-            blocks = store.attrs.get("blocks_path") if same else None
-        except StoreError:
-            blocks = None
+    blocks = _source(trained, "blocks_path")
     if not blocks:
         raise GsaeError(f"the run does not say where its model's blocks are, and its cache is not at "
                         f"{trained.config.cache} to tell (sparsify names SAEs by them); export --format saelens")
@@ -228,7 +250,8 @@ def export_saelens(run: str, out: str | None = None) -> list[str]:
     target = out or trained.url("export-saelens")
     source = trained.config.source
     store_info = {"context_length": source.get("context_length"), "corpus": source.get("corpus"),
-                  "prepend_bos": source.get("prepend_bos", True)}
+                  "prepend_bos": source.get("prepend_bos", True), "model_source": _source(trained, "model_source"),
+                  "model_revision": _source(trained, "model_revision")}
     saes = trained.load_saes()
     identity = _run_identity(trained)
     name_of = "blocks.{}.hook_resid_post".format

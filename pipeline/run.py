@@ -56,7 +56,7 @@ class RunConfig:
     label: str  # "baseline", "amad-g7", ...
     cache: str
     cache_fingerprint: dict[str, Any]
-    source: dict[str, Any]  # model_id, context_length, prepend_bos, corpus of the cache
+    source: dict[str, Any]  # model_id, context_length, prepend_bos, corpus, blocks_path, model_source, model_revision of the cache
     groups: list[list[int]]
     scales: dict[int, float]  # input scale of each layer (1 / its mean norm over the training rows)
     metric: str | None  # the grouping's metric; None for the per-layer baseline

@@ -386,7 +386,12 @@ def test_export_folds_the_scale(cache, tmp_path, capsys):
         cfg = json.loads((folder / "cfg.json").read_text())
         assert cfg["d_sae"] == config["n_latents"] and cfg["metadata"]["hook_name"] == f"blocks.{layer}.hook_resid_post"
         # transformers' residual stream: TransformerLens users are told to load without centring the writing weights
+        # (a local model: no hub revision to pin)
         assert cfg["metadata"]["model_from_pretrained_kwargs"] == {"center_writing_weights": False}
+        # not trained by SAELens (absent, SAELens would write its own version in); the provenance in the metadata,
+        # the one part of cfg.json beyond its own fields that SAELens keeps
+        assert cfg["metadata"]["sae_lens_training_version"] is None and "model_revision" not in cfg["metadata"]
+        assert cfg["metadata"]["gsae"] == cfg["gsae"] and cfg["gsae"]["scale"] == config["scales"][str(layer)]
         w = load_file(str(folder / "sae_weights.safetensors"))
         assert w["W_enc"].shape == (cfg["d_in"], cfg["d_sae"]) and w["W_dec"].shape == (cfg["d_sae"], cfg["d_in"])
         raw = torch.from_numpy(to_float32(store.read_rows(layer, 0, 300), store.dtype))
@@ -418,6 +423,36 @@ def test_export_folds_the_scale(cache, tmp_path, capsys):
     code, _, err = run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "other"], capsys)
     assert code == 1 and "already holds notes.txt" in err
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+
+
+def test_the_saelens_export_pins_a_hub_models_commit(cache, tmp_path, capsys):
+    """A cache of a hub model records the commit it ran; the export passes it to TransformerLens (which hands it
+    to transformers) and names it in the metadata, also for a run from before runs recorded it (read from its
+    cache, while that is still the run's)."""
+    assert run_cli(train_args(cache, tmp_path / "r", "--groups", 1, "--tokens", 2048), capsys)[0] == 0
+    run_config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert run_config["source"]["model_source"] == "local" and run_config["source"]["model_revision"] is None
+    # as if cached from the hub at a commit, by a gsae before runs recorded it: the run knows neither
+    hub_cache = tmp_path / "hub-cache"
+    shutil.copytree(cache, hub_cache)
+    meta = json.loads((hub_cache / "zarr.json").read_text())
+    meta["attributes"].update(model_source="hub", model_revision="0123abcd")
+    (hub_cache / "zarr.json").write_text(json.dumps(meta))
+    run_config["cache"] = str(hub_cache)
+    for key in ("model_source", "model_revision"):
+        del run_config["source"][key]
+    (tmp_path / "r" / "config.json").write_text(json.dumps(run_config))
+    assert run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "e"], capsys)[0] == 0
+    for folder in (tmp_path / "e").iterdir():
+        metadata = json.loads((folder / "cfg.json").read_text())["metadata"]
+        assert metadata["model_from_pretrained_kwargs"] == {"center_writing_weights": False, "revision": "0123abcd"}
+        assert metadata["model_revision"] == "0123abcd"
+    # a cache that is no longer the run's tells nothing
+    shutil.rmtree(hub_cache)
+    assert run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "e2"], capsys)[0] == 0
+    for folder in (tmp_path / "e2").iterdir():
+        metadata = json.loads((folder / "cfg.json").read_text())["metadata"]
+        assert metadata["model_from_pretrained_kwargs"] == {"center_writing_weights": False}
 
 
 @pytest.mark.parametrize("extra,message", [
