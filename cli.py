@@ -608,8 +608,34 @@ def _message(exc: BaseException) -> str:
     return str(exc)
 
 
+_TERMINATED = False  # set by SIGTERM's handler in the `gsae` program (entry)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (kill, SLURM's time limit, docker stop) stops a command as Ctrl-C does: the same clean-up (the
+    writer's and the stream's processes, shared memory), and one line; before, it ended the process silently
+    and the processes' shared memory was left to multiprocessing's warnings."""
+    global _TERMINATED
+    _TERMINATED = True
+    raise KeyboardInterrupt
+
+
+def entry() -> None:
+    """The `gsae` program: :func:`main`, with the process's signals its own.  SIGTERM stops a command as Ctrl-C
+    does; once the command is over, Ctrl-C and SIGTERM no longer interrupt the interpreter's exit (a Ctrl-C in
+    torch's atexit clean-up printed a traceback after the run had been saved)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        main()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def main() -> None:
-    """Entry point: runs the app and turns known errors into one line and a non-zero exit."""
+    """Runs the app and turns known errors into one line and a non-zero exit."""
     from pipeline.errors import GsaeError
     from stores import StoreError
     from rich.markup import escape
@@ -633,9 +659,10 @@ def main() -> None:
         console.print(f"[red]error:[/] {escape(_message(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: what was committed is kept (a cache's chunks, a run's last "
+        what = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
+        console.print(f"[yellow]{what}[/]: what was committed is kept (a cache's chunks, a run's last "
                       "checkpoint); re-run the same command to resume")
-        sys.exit(130)
+        sys.exit(128 + signal.SIGTERM if _TERMINATED else 130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
@@ -681,4 +708,4 @@ def _click_exceptions() -> tuple[type, ...]:
 
 
 if __name__ == "__main__":
-    main()
+    entry()

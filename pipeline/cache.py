@@ -37,7 +37,8 @@ from pipeline.capture import ChunkAssembler, ForwardCapture
 from pipeline.chunk_writer import ChunkWriter, chunk_bytes
 from pipeline.corpus import (Corpus, WindowPlan, check_corpus_options, check_has_text, iter_windows, open_corpus,
                              window_plan)
-from pipeline.errors import GsaeError
+from pipeline.errors import GsaeError, write_errors
+from pipeline.locks import exclusive
 from pipeline.models import (LoadedModel, ModelSpec, load_model, matmul_precision, max_positions,
                              pick_device, resolve_model_spec)
 from pipeline.processes import KINDS, start_processes, worker_nice
@@ -440,6 +441,25 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
     path = request.cache or default_cache_path(spec.slug)
     if ranks.world > 1:
         torch.set_num_threads(ranks.threads())  # ranks on one machine share its cores
+    with _cache_lock(path, ranks):
+        return _build_cache(request, console, spec, path, ranks)
+
+
+def _cache_lock(path: str, ranks: Ranks) -> contextlib.AbstractContextManager:
+    """No second `gsae cache` on a local cache while one writes it (rank 0 for a torchrun job): two started
+    at once both made the store anew, and the one that failed first removed the other's files, leaving a
+    damaged cache.  The lock file lies beside the cache folder, ``.<name>.lock``: inside it, zarr's creation of
+    the store would remove it."""
+    if not ranks.first or not is_local(path):
+        return contextlib.nullcontext()
+    folder = Path(str(path).removeprefix("file://")).absolute()
+    with write_errors(str(folder.parent)):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    return exclusive(str(folder.parent / f".{folder.name}.lock"),
+                     f"another gsae process is writing the cache {path} now; wait for it, or pass another --cache")
+
+
+def _build_cache(request: CacheRequest, console: Any, spec: ModelSpec, path: str, ranks: Ranks) -> CacheResult:
     state = probe(path) if ranks.first else "shared"
     created_folder = _prepare_folder(path) if state == "absent" else False
     store: ActivationStore | None = None

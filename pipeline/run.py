@@ -38,6 +38,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import save
 
 from pipeline.errors import GsaeError, write_errors
+from pipeline.locks import exclusive
 from pipeline.sae import L1_COEFFICIENT, SparseAutoencoder, read_tensors, sae_files, sae_from_files
 from stores import ActivationStore
 from stores.messages import first_few, first_line
@@ -251,27 +252,13 @@ class Run:
     def training_lock(self) -> Iterator[None]:
         """Hold the run's lock while training it: a second `gsae train` on the same local run stops in one
         line instead of writing beside the first (it died on a checkpoint file the first had replaced).
-        An flock: the system drops it when the process ends, kill -9 included.  Runs on object storage
-        (or without fcntl) take no lock."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX
-            fcntl = None
-        if fcntl is None or not isinstance(self.fs, LocalFileSystem):
+        Runs on object storage take no lock."""
+        if not isinstance(self.fs, LocalFileSystem):
             yield
             return
-        with write_errors(self.path):  # the lock file's own errors; not those of the training it guards
-            handle = open(os.path.join(self._root, LOCK), "a+")
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise GsaeError(f"another gsae process is training {self.path} now; wait for it, or pass --out "
-                                "for a new run") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with exclusive(os.path.join(self._root, LOCK), f"another gsae process is training {self.path} now; wait "
+                       "for it, or pass --out for a new run"):
+            yield
 
     @property
     def state(self) -> str:

@@ -484,7 +484,10 @@ def serve(nice: int = 0) -> None:
     # bytes (the writer's threads are not main threads); and every process would start a thread per core
     numcodecs.blosc.use_threads = False
     lower_priority(nice)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
+    # Ctrl-C reaches the whole process group, and SIGTERM every process of a SLURM job: the parent stops us
+    # (closing our stdin) after its own clean-up, which needs us until then
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     jobs = sys.stdin.buffer
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed here goes to stderr, never into the answers

@@ -348,6 +348,31 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
     assert "interrupted" in out + err
 
 
+def test_ctrl_c_after_the_command_is_over_does_not_interrupt_the_exit():
+    """A Ctrl-C once the command had finished landed in torch's atexit clean-up and printed "Exception ignored
+    in atexit callback ... KeyboardInterrupt" with a traceback, after the run was saved.  Here a 3-s atexit
+    callback (registered first, so it runs last) stands for that clean-up."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    script = ("import atexit, sys, time; atexit.register(time.sleep, 3); sys.argv[0] = 'gsae'; import cli; "
+              "print('started', flush=True); cli.entry()")
+    process = subprocess.Popen([sys.executable, "-c", script, "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "started"
+    out = process.stdout.read(1)  # the help's first character: the command is under way or done
+    time.sleep(1.0)  # past the help (typer prints it in milliseconds), inside the atexit callback's sleep
+    assert process.poll() is None
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
 @pytest.mark.parametrize("text,value", [("100000", 100000), ("100_000", 100000), ("1,000", 1000), ("1e5", 100000),
                                         ("100k", 100000), ("2M", 2_000_000), ("1.5B", 1_500_000_000),
                                         ("2.5e3", 2500), (" 7 ", 7), ("-3", -3)])

@@ -146,6 +146,32 @@ def test_kill_9_then_resume_gives_identical_bytes(tiny_neox, tmp_path, capsys):
     assert read_seconds_writing(ActivationStore.open(str(killed))) > partial_seconds  # both runs' time
 
 
+def test_a_second_cache_command_on_a_cache_being_written_is_refused(tiny_neox, tmp_path, capsys):
+    """Two `gsae cache` on one new folder at once both made the store, and the first to fail removed the
+    other's files: a damaged cache that only rm -rf cleared.  Now the second is refused in one line while the
+    first writes, and nothing of the first's is touched; a kill -9 leaves no lock behind."""
+    args = ["cache", "--model", tiny_neox, "--tokens", 200000, "--context-length", CONTEXT, "--batch-size", 4,
+            "--chunk-tokens", 50, "--cache", tmp_path / "c"]
+    command = [sys.executable, "-c", "import sys; sys.argv[0] = 'gsae'; import cli; cli.entry()", *map(str, args)]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while _chunks_written(tmp_path / "c") < 2 and first.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert first.poll() is None, "the first run finished before the second could start; raise --tokens"
+        code, _, err = run_cli(args, capsys)
+        assert code == 1 and "another gsae process is writing the cache" in err and "Traceback" not in err, err
+        assert first.poll() is None  # still writing, its store intact
+        assert ActivationStore.open(str(tmp_path / "c"), allow_partial=True).tokens_written > 0
+    finally:
+        first.kill()
+        first.wait()
+    # the lock went with the process: the same command finishes the cache
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert ActivationStore.open(str(tmp_path / "c")).complete
+
+
 def test_parallel_writers_give_the_same_bytes_as_one(tiny_neox, tmp_path, capsys):
     for threads in (1, 5):
         assert run_cli(cache_args(tiny_neox, tmp_path / f"t{threads}", tokens=3000, write_threads=threads), capsys)[0] == 0

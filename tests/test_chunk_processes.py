@@ -223,11 +223,15 @@ def test_cache_with_writer_processes_gives_the_threads_bytes_and_resumes_after_k
     assert _tree_bytes(killed) == _tree_bytes(tmp_path / "threads")
 
 
-def test_ctrl_c_to_the_process_group_stops_the_cache_and_its_processes_in_one_line(tiny_neox, tmp_path):
-    """Ctrl-C in a terminal reaches every process of the group: the encoder processes ignore it, the cache
-    stops with its one line, and no process is left."""
+@pytest.mark.parametrize("signum,code,said", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_to_the_process_group_stops_the_cache_and_its_processes_in_one_line(
+        tiny_neox, tmp_path, signum, code, said):
+    """Ctrl-C in a terminal reaches every process of the group, and so does SIGTERM in a SLURM job (or a kill of
+    the group): the encoder processes ignore both, the cache stops with its one line, and no process is left
+    (SIGTERM ended it silently, and multiprocessing warned of leaked shared memory)."""
     cache = tmp_path / "c"
-    command = [sys.executable, "-c", "import sys; sys.argv[0] = 'gsae'; import cli; cli.main()",
+    command = [sys.executable, "-c", "import sys; sys.argv[0] = 'gsae'; import cli; cli.entry()",
                *map(str, _cache_args(tiny_neox, 200000)), "--cache", str(cache), "--writer", "processes"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
@@ -239,14 +243,15 @@ def test_ctrl_c_to_the_process_group_stops_the_cache_and_its_processes_in_one_li
     assert process.poll() is None, "the run finished before it could be interrupted; raise --tokens"
     workers = _encoder_processes(process.pid)
     assert workers
-    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, signum)
     try:
         out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 130, err
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert process.returncode == code, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "leaked" not in err, err
+    assert f"{said}: what was committed is kept" in out + err
     assert _gone(workers)
 
 
