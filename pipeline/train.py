@@ -277,9 +277,12 @@ def _open_run(request: TrainRequest, console: Any, scope: contextlib.ExitStack) 
         if run.state in ("trained", "evaluated"):
             raise _trained_already(run)
         store = _store_of(config, request.cache or config.cache, request.out)  # without --cache, the run's
-        if run.latest_checkpoint() is None:
+        checkpoint = run.latest_checkpoint()
+        if checkpoint is None:
             console.print(f"[yellow]note[/]: {request.out} has no checkpoint yet (it was stopped before its first): "
                           "training starts from step 0")
+        else:
+            console.print(f"continuing {request.out} from its checkpoint at step {checkpoint_step(checkpoint):,}")
         return run, store
     at_out = Run.read_config(request.out) if request.out else None
     if at_out is None or Run(request.out, at_out).state not in ("trained", "evaluated"):

@@ -67,14 +67,15 @@ class DamagedCache(StoreError):
 
 #: a cache smaller than this many 4 MiB chunks is cut into about this many (see default_chunk_tokens)
 SMALL_CACHE_CHUNKS = 20
-#: ... of at least this many rows each, and of two windows
+#: ... cut first into chunks of at least this many rows and two windows, then made equal (so at least half that)
 MIN_CHUNK_TOKENS = 256
 
 
 def default_chunk_tokens(d_model: int, dtype: str, n_tokens: int | None = None, rows_per_window: int = 0) -> int:
     """Rows per chunk so that one chunk is about 4 MiB uncompressed; for a cache of ``n_tokens`` smaller than
-    :data:`SMALL_CACHE_CHUNKS` such chunks, about that many chunks of equal size, each of at least
-    :data:`MIN_CHUNK_TOKENS` rows and two windows of ``rows_per_window``.
+    :data:`SMALL_CACHE_CHUNKS` such chunks, about that many chunks of equal size: the cache cut into chunks of
+    at least :data:`MIN_CHUNK_TOKENS` rows and two windows of ``rows_per_window``, then made equal, so each
+    holds more than half that: at least one whole window.
 
     Why: training holds out the last ~5% of the chunks, at least one, and needs one more to train on; the
     held-out chunk is evaluated in whole windows.  A 20,000-token cache of a model with d_model 64 was one

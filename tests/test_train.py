@@ -199,8 +199,9 @@ def test_kill_and_resume_gives_the_same_weights(cache, tmp_path, capsys):
     assert run_cli(train_args(cache, tmp_path / "whole", *args), capsys)[0] == 0
     _kill_after_checkpoint(train_args(cache, tmp_path / "killed", *args), tmp_path / "killed")
     assert not (tmp_path / "killed" / "sae_0.safetensors").exists()
-    code, _, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "killed", "--resume"], capsys)
+    code, out, err = run_cli(["train", "--cache", cache, "--out", tmp_path / "killed", "--resume"], capsys)
     assert code == 0, err
+    assert re.search(r"continuing \S*killed from its checkpoint at step \d+", out + err), out + err  # says where from
     _assert_same_saes(tmp_path / "whole", tmp_path / "killed", 2)
     # killed before its first checkpoint: the same command again finishes it, with the same weights
     _kill_after_checkpoint(train_args(cache, tmp_path / "early", *args), tmp_path / "early", marker="config.json")
