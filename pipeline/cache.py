@@ -452,7 +452,7 @@ def _cache_lock(path: str, ranks: Ranks) -> contextlib.AbstractContextManager:
     the store would remove it."""
     if not ranks.first or not is_local(path):
         return contextlib.nullcontext()
-    folder = Path(str(path).removeprefix("file://")).absolute()
+    folder = Path(str(path).removeprefix("file://")).resolve()  # one lock whichever path names it (a symlink, ..)
     with write_errors(str(folder.parent)):
         folder.parent.mkdir(parents=True, exist_ok=True)
     return exclusive(str(folder.parent / f".{folder.name}.lock"),
