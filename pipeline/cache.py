@@ -54,7 +54,7 @@ from stores import (
     read_seconds_writing,
     write_seconds_writing,
 )
-from stores.activation_store import fold_seconds_writing
+from stores.activation_store import fold_seconds_writing, writer_lock_file
 from stores.codecs import keep_bits_range
 
 DEFAULT_TOKENS = 100_000
@@ -448,15 +448,13 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
 def _cache_lock(path: str, ranks: Ranks) -> contextlib.AbstractContextManager:
     """No second `gsae cache` on a local cache while one writes it (rank 0 for a torchrun job): two started
     at once both made the store anew, and the one that failed first removed the other's files, leaving a
-    damaged cache.  The lock file lies beside the cache folder, ``.<name>.lock``: inside it, zarr's creation of
-    the store would remove it."""
-    if not ranks.first or not is_local(path):
+    damaged cache (the lock file: :func:`stores.activation_store.writer_lock_file`)."""
+    lock = writer_lock_file(path) if ranks.first else None
+    if lock is None:  # another rank (rank 0 holds it), or object storage
         return contextlib.nullcontext()
-    folder = Path(str(path).removeprefix("file://")).resolve()  # one lock whichever path names it (a symlink, ..)
-    with write_errors(str(folder.parent)):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    return exclusive(str(folder.parent / f".{folder.name}.lock"),
-                     f"another gsae process is writing the cache {path} now; wait for it, or pass another --cache")
+    with write_errors(os.path.dirname(lock)):
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+    return exclusive(lock, f"another gsae process is writing the cache {path} now; wait for it, or pass another --cache")
 
 
 def _build_cache(request: CacheRequest, console: Any, spec: ModelSpec, path: str, ranks: Ranks) -> CacheResult:

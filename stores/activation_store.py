@@ -115,6 +115,36 @@ def _local_path(path: str) -> Path:
     return Path(str(path).removeprefix("file://"))
 
 
+def writer_lock_file(path: str) -> str | None:
+    """The file `gsae cache` holds an flock on while it writes a local cache: ``.<name>.lock`` beside the cache
+    folder (inside it, zarr's creation of the store would remove it), one whichever path names the cache; None
+    for object storage, where nothing is locked."""
+    if not is_local(path):
+        return None
+    folder = _local_path(path).resolve()
+    return str(folder.parent / f".{folder.name}.lock")
+
+
+def being_written(path: str) -> bool:
+    """Whether another process (a `gsae cache`) holds the cache's writer lock now."""
+    lock = writer_lock_file(path)
+    try:
+        import fcntl
+
+        handle = os.open(lock, os.O_RDONLY) if lock is not None else None
+    except (ImportError, OSError):  # not POSIX, or no lock file: nobody has written it
+        return False
+    if handle is None:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(handle)  # (drops the shared lock taken just now, if it was)
+    return False
+
+
 CREATING = "creating"  # attribute of a store whose arrays are not all made yet
 CHUNK_STATS = ("chunk_sum", "chunk_norm_sum", "chunk_overflow")  # stats/<name>: one entry per chunk
 _STATS_BLOCK = 256  # chunks of per-chunk statistics read at a time (a block of SmolLM2's is 35 MB)
@@ -329,6 +359,9 @@ class ActivationStore:
     def open(cls, path: str, *, mode: str = "r", allow_partial: bool = False) -> "ActivationStore":
         """Open an existing cache; refuse an incomplete one unless ``allow_partial``."""
         if probe(path) != "store":
+            if being_written(path):  # made while its model loads: the folder is there, the store not yet
+                raise StoreError(f"the gsae cache at {path} is being made by another `gsae cache` now, which has not "
+                                 "written its first chunk yet; wait for it")
             raise StoreError(f"no gsae cache at {path}; create one with `gsae cache`")
         group = zarr.open_group(str(path), mode=mode)
         version = group.attrs.get("format_version")
@@ -336,7 +369,12 @@ class ActivationStore:
             raise StoreError(f"{path} has store format {version}, this gsae reads {FORMAT_VERSION}")
         store = cls(str(path), group)
         if not store.complete and not allow_partial:
-            # (only `gsae group` and `gsae verify` have --allow-partial: the hint must hold for every caller)
+            # (only `gsae group` and `gsae verify` have --allow-partial: the hints must hold for every caller)
+            if being_written(path):
+                raise IncompleteCache(
+                    f"cache {path} is being written by another `gsae cache` now ({store.tokens_written:,} of "
+                    f"{store.tokens_planned:,} tokens so far); wait for it to finish (`gsae group` and `gsae verify` "
+                    "can use its committed part with --allow-partial)", str(path), dict(store.attrs))
             raise IncompleteCache(
                 f"cache {path} is incomplete ({store.tokens_written:,} of {store.tokens_planned:,} tokens); "
                 "re-run its `gsae cache` command to finish it (`gsae group` and `gsae verify` can use its "

@@ -161,6 +161,9 @@ def test_a_second_cache_command_on_a_cache_being_written_is_refused(tiny_neox, t
         assert first.poll() is None, "the first run finished before the second could start; raise --tokens"
         code, _, err = run_cli(args, capsys)
         assert code == 1 and "another gsae process is writing the cache" in err and "Traceback" not in err, err
+        # the other commands say it is being written, rather than to re-run its command
+        code, _, err = run_cli(["group", "--cache", tmp_path / "c"], capsys)
+        assert code == 1 and "is being written by another `gsae cache` now" in err and "--allow-partial" in err, err
         assert first.poll() is None  # still writing, its store intact
         assert ActivationStore.open(str(tmp_path / "c"), allow_partial=True).tokens_written > 0
     finally:
@@ -170,6 +173,25 @@ def test_a_second_cache_command_on_a_cache_being_written_is_refused(tiny_neox, t
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
     assert ActivationStore.open(str(tmp_path / "c")).complete
+
+
+def test_a_cache_whose_writer_has_not_made_the_store_yet_is_named_so(tmp_path, capsys):
+    """While `gsae cache` loads its model (45 s for SmolLM2 here) its folder is there and empty: the other
+    commands said "no gsae cache at ...; create one with `gsae cache`"."""
+    (tmp_path / "c").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pipeline.locks import exclusive; from stores.activation_store import writer_lock_file\n"
+        f"with exclusive(writer_lock_file({str(tmp_path / 'c')!r}), 'busy'):\n"
+        "    print('locked', flush=True); time.sleep(60)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = run_cli(["train", "--cache", tmp_path / "c"], capsys)
+        assert code == 1 and "is being made by another `gsae cache` now" in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run_cli(["train", "--cache", tmp_path / "c"], capsys)  # nobody makes it: none there
+    assert code == 1 and "no gsae cache at" in err, err
 
 
 def test_parallel_writers_give_the_same_bytes_as_one(tiny_neox, tmp_path, capsys):
