@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import math
 import os
@@ -614,24 +615,37 @@ _TERMINATED = False  # set by SIGTERM's handler in the `gsae` program (entry)
 def _terminate(signum: int, frame: object) -> None:
     """SIGTERM (kill, SLURM's time limit, docker stop) stops a command as Ctrl-C does: the same clean-up (the
     writer's and the stream's processes, shared memory), and one line; before, it ended the process silently
-    and the processes' shared memory was left to multiprocessing's warnings."""
+    and the processes' shared memory was left to multiprocessing's warnings.  Once: a second SIGTERM (SLURM's and
+    a wrapper's) does not cut that clean-up short; SIGKILL still ends it."""
     global _TERMINATED
     _TERMINATED = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM once the command is over: leave at once, with the signal's exit code.  Python's
+    KeyboardInterrupt there landed in torch's atexit clean-up and printed a traceback after the run had been
+    saved; ignoring the signals instead left a hung exit (a stuck thread) to kill -9."""
+    os._exit(128 + signum)
 
 
 def entry() -> None:
     """The `gsae` program: :func:`main`, with the process's signals its own.  SIGTERM stops a command as Ctrl-C
-    does; once the command is over, Ctrl-C and SIGTERM no longer interrupt the interpreter's exit (a Ctrl-C in
-    torch's atexit clean-up printed a traceback after the run had been saved)."""
-    if threading.current_thread() is threading.main_thread():
+    does (not under torchrun, whose agent stops the ranks with it: one blocked in a collective would only run
+    a Python handler once the collective returned); once the command is over, either ends the process at once."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if main_thread:
+            for stream in (sys.stdout, sys.stderr):  # what the command printed is out before any exit
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            signal.signal(signal.SIGINT, _exit_now)
+            signal.signal(signal.SIGTERM, _exit_now)
 
 
 def main() -> None:

@@ -37,8 +37,7 @@ from pipeline.capture import ChunkAssembler, ForwardCapture
 from pipeline.chunk_writer import ChunkWriter, chunk_bytes
 from pipeline.corpus import (Corpus, WindowPlan, check_corpus_options, check_has_text, iter_windows, open_corpus,
                              window_plan)
-from pipeline.errors import GsaeError, write_errors
-from pipeline.locks import exclusive
+from pipeline.errors import GsaeError
 from pipeline.models import (LoadedModel, ModelSpec, load_model, matmul_precision, max_positions,
                              pick_device, resolve_model_spec)
 from pipeline.processes import KINDS, start_processes, worker_nice
@@ -56,6 +55,7 @@ from stores import (
 )
 from stores.activation_store import fold_seconds_writing, writer_lock_file
 from stores.codecs import keep_bits_range
+from stores.locks import exclusive
 
 DEFAULT_TOKENS = 100_000
 DEFAULT_CONTEXT_LENGTH = 256
@@ -445,16 +445,28 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
         return _build_cache(request, console, spec, path, ranks)
 
 
-def _cache_lock(path: str, ranks: Ranks) -> contextlib.AbstractContextManager:
-    """No second `gsae cache` on a local cache while one writes it (rank 0 for a torchrun job): two started
-    at once both made the store anew, and the one that failed first removed the other's files, leaving a
-    damaged cache (the lock file: :func:`stores.activation_store.writer_lock_file`)."""
+@contextlib.contextmanager
+def _cache_lock(path: str, ranks: Ranks) -> Iterator[None]:
+    """No second `gsae cache` on a local cache while one writes it (rank 0 holds the lock for a torchrun job,
+    and every rank stops alike when it is taken): two started at once both made the store anew, and the one that
+    failed first removed the other's files, leaving a damaged cache (the lock file:
+    :func:`stores.activation_store.writer_lock_file`; none on object storage)."""
     lock = writer_lock_file(path) if ranks.first else None
-    if lock is None:  # another rank (rank 0 holds it), or object storage
-        return contextlib.nullcontext()
-    with write_errors(os.path.dirname(lock)):
-        os.makedirs(os.path.dirname(lock), exist_ok=True)
-    return exclusive(lock, f"another gsae process is writing the cache {path} now; wait for it, or pass another --cache")
+    refused = None
+    with contextlib.ExitStack() as held:
+        if lock is not None:
+            with contextlib.suppress(OSError):  # a parent it cannot make: no lock, and _prepare_folder says why
+                os.makedirs(os.path.dirname(lock), exist_ok=True)
+            try:
+                held.enter_context(exclusive(lock, GsaeError(
+                    f"another gsae process is writing the cache {path} now; wait for it, or pass another --cache")))
+            except GsaeError as exc:
+                refused = str(exc)
+        if ranks.world > 1:
+            refused = ranks.broadcast_from_first(refused)
+        if refused:
+            raise GsaeError(refused)
+        yield
 
 
 def _build_cache(request: CacheRequest, console: Any, spec: ModelSpec, path: str, ranks: Ranks) -> CacheResult:

@@ -18,7 +18,7 @@ from safetensors.torch import save
 
 from pipeline.errors import GsaeError, write_errors
 from pipeline.run import Run, cache_fingerprint, fingerprint_changes, join, write_atomic
-from stores import ActivationStore, StoreError
+from stores import ActivationStore
 from stores.messages import first_few
 
 FORMATS = ("saelens", "sparsify")
@@ -152,23 +152,30 @@ def export_run(run: str, out: str | None = None, format: str = "saelens") -> lis
     return export_sparsify(run, out) if format == "sparsify" else export_saelens(run, out)
 
 
-def _source(trained: Run, key: str) -> Any:
-    """The run's record of its cache's attribute ``key``; for a run from before it recorded that key, the
-    cache's, if the cache is still at its place and still this run's (else None)."""
-    if key in trained.config.source:
-        return trained.config.source[key]
-    try:
-        store = ActivationStore.open(trained.config.cache, allow_partial=True)
-    except StoreError:
-        return None
-    same = not fingerprint_changes(trained.config.cache_fingerprint, cache_fingerprint(store))
-    return store.attrs.get(key) if same else None
+_FROM_THE_CACHE = ("blocks_path", "model_source", "model_revision")  # keys runs began to record later
+
+
+def _source(trained: Run) -> dict[str, Any]:
+    """The run's record of its cache (``source``); for a run from before it recorded some keys, those of the
+    cache, where it is still at its place and still this run's (read once, best effort: the export does not
+    need it otherwise, and a cache out of reach leaves those keys None)."""
+    source = dict(trained.config.source)
+    missing = [key for key in _FROM_THE_CACHE if key not in source]
+    if missing:
+        try:
+            store = ActivationStore.open(trained.config.cache, allow_partial=True)
+            same = not fingerprint_changes(trained.config.cache_fingerprint, cache_fingerprint(store))
+            attrs = store.attrs if same else {}
+        except Exception:  # gone, damaged, a file system not installed, no credentials: not needed to export
+            attrs = {}
+        source.update({key: attrs.get(key) for key in missing})
+    return source
 
 
 def _hookpoint_prefix(trained: Run) -> str:
     """The blocks' module path below the LM's base model (``layers``, ``h``, ``decoder.layers``): where
     sparsify names a hookpoint, as its trainer does (`--hookpoints layers.5`)."""
-    blocks = _source(trained, "blocks_path")
+    blocks = _source(trained)["blocks_path"]
     if not blocks:
         raise GsaeError(f"the run does not say where its model's blocks are, and its cache is not at "
                         f"{trained.config.cache} to tell (sparsify names SAEs by them); export --format saelens")
@@ -248,10 +255,10 @@ def export_saelens(run: str, out: str | None = None) -> list[str]:
     """Write ``<out>/blocks.<l>.hook_resid_post/{sae_weights.safetensors, cfg.json}`` for every layer."""
     trained = Run.open(run, need="trained")
     target = out or trained.url("export-saelens")
-    source = trained.config.source
+    source = _source(trained)
     store_info = {"context_length": source.get("context_length"), "corpus": source.get("corpus"),
-                  "prepend_bos": source.get("prepend_bos", True), "model_source": _source(trained, "model_source"),
-                  "model_revision": _source(trained, "model_revision")}
+                  "prepend_bos": source.get("prepend_bos", True), "model_source": source["model_source"],
+                  "model_revision": source["model_revision"]}
     saes = trained.load_saes()
     identity = _run_identity(trained)
     name_of = "blocks.{}.hook_resid_post".format

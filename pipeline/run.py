@@ -38,10 +38,10 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import save
 
 from pipeline.errors import GsaeError, write_errors
-from pipeline.locks import exclusive
 from pipeline.sae import L1_COEFFICIENT, SparseAutoencoder, read_tensors, sae_files, sae_from_files
 from stores import ActivationStore
 from stores.messages import first_few, first_line
+from stores.locks import exclusive
 from stores.remote import is_temporary, join, write_whole
 
 RUN_FORMAT = 1
@@ -256,8 +256,8 @@ class Run:
         if not isinstance(self.fs, LocalFileSystem):
             yield
             return
-        with exclusive(os.path.join(self._root, LOCK), f"another gsae process is training {self.path} now; wait "
-                       "for it, or pass --out for a new run"):
+        with exclusive(os.path.join(self._root, LOCK), GsaeError(f"another gsae process is training {self.path} now; "
+                                                                  "wait for it, or pass --out for a new run")):
             yield
 
     @property

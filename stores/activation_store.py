@@ -34,6 +34,7 @@ from stores import chunk_io
 from stores.chunk_files import ChunkProcesses, ProcessStopped
 from stores.chunk_stats import ChunkStats
 from stores.codecs import STORAGE_DTYPES, activation_codecs, quiet_numcodecs, small_array_codecs
+from stores.locks import held_by_another
 from stores.messages import first_line
 from stores.remote import describe_storage_error, join, write_whole
 
@@ -128,21 +129,7 @@ def writer_lock_file(path: str) -> str | None:
 def being_written(path: str) -> bool:
     """Whether another process (a `gsae cache`) holds the cache's writer lock now."""
     lock = writer_lock_file(path)
-    try:
-        import fcntl
-
-        handle = os.open(lock, os.O_RDONLY) if lock is not None else None
-    except (ImportError, OSError):  # not POSIX, or no lock file: nobody has written it
-        return False
-    if handle is None:
-        return False
-    try:
-        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(handle)  # (drops the shared lock taken just now, if it was)
-    return False
+    return lock is not None and held_by_another(lock)
 
 
 CREATING = "creating"  # attribute of a store whose arrays are not all made yet

@@ -100,7 +100,8 @@ def tiny_llama(tiny_models) -> Path:
 
 
 def run_cli(args: list[str], capsys=None) -> tuple[int, str, str]:
-    """Run ``gsae ARGS`` in this process through the real entry point; return (exit code, out, err).
+    """Run ``gsae ARGS`` in this process through ``cli.main`` (the program's entry point, ``cli.entry``, adds only
+    its process-wide signal handlers, which a test process must not take); return (exit code, out, err).
 
     Without ``capsys`` the output goes to a buffer of its own."""
     import contextlib

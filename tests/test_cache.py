@@ -180,8 +180,8 @@ def test_a_cache_whose_writer_has_not_made_the_store_yet_is_named_so(tmp_path, c
     commands said "no gsae cache at ...; create one with `gsae cache`"."""
     (tmp_path / "c").mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pipeline.locks import exclusive; from stores.activation_store import writer_lock_file\n"
-        f"with exclusive(writer_lock_file({str(tmp_path / 'c')!r}), 'busy'):\n"
+        "import sys, time; from stores.locks import exclusive; from stores.activation_store import writer_lock_file\n"
+        f"with exclusive(writer_lock_file({str(tmp_path / 'c')!r}), RuntimeError('busy')):\n"
         "    print('locked', flush=True); time.sleep(60)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -192,6 +192,51 @@ def test_a_cache_whose_writer_has_not_made_the_store_yet_is_named_so(tmp_path, c
         holder.wait()
     code, _, err = run_cli(["train", "--cache", tmp_path / "c"], capsys)  # nobody makes it: none there
     assert code == 1 and "no gsae cache at" in err, err
+
+
+def test_the_writer_lock_is_one_whichever_path_names_the_cache_and_never_blocks_where_none_can_be_had(
+        tmp_path, monkeypatch, tiny_neox, capsys):
+    """One lock file for a cache named relatively, absolutely, through a symlink, with `..`, a trailing slash or
+    file://, none on object storage; a reader's brief shared lock does not turn a writer away; a file system
+    without flock, or a folder the lock cannot go into, leaves the work unlocked rather than failing it."""
+    import errno
+    import threading
+
+    import stores.locks as locks
+    from pipeline.errors import GsaeError
+    from stores.activation_store import writer_lock_file
+
+    (tmp_path / "caches" / "c").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "caches")
+    monkeypatch.chdir(tmp_path)
+    lock = str(tmp_path / "caches" / ".c.lock")
+    for spelling in ("caches/c", "caches/c/", str(tmp_path / "caches" / "c"), "link/c", "caches/../caches/c",
+                     f"file://{tmp_path}/caches/c"):
+        assert writer_lock_file(spelling) == lock, spelling
+    assert writer_lock_file("s3://bucket/c") is None and writer_lock_file("memory://c") is None
+
+    busy = GsaeError("busy")
+    handle = os.open(lock, os.O_RDONLY | os.O_CREAT)
+    locks.fcntl.flock(handle, locks.fcntl.LOCK_SH)  # a reader asking held_by_another, for 80 ms
+    threading.Timer(0.08, os.close, [handle]).start()
+    with locks.exclusive(lock, busy):  # waits those out
+        assert locks.held_by_another(lock)  # (flock: another descriptor of the file sees it, as another process would)
+    assert not locks.held_by_another(lock)
+    with locks.exclusive(lock, busy):
+        with pytest.raises(GsaeError, match="busy"), locks.exclusive(lock, busy):
+            pass
+
+    def no_flock(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locks.fcntl, "flock", no_flock)
+    with locks.exclusive(lock, busy), locks.exclusive(lock, busy):  # nothing locked, nothing refused
+        pass
+    monkeypatch.undo()
+    # a parent that is a file: no lock, and the cache's own line says why
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(["cache", "--model", tiny_neox, "--tokens", 1000, "--cache", tmp_path / "afile" / "c"], capsys)
+    assert code == 1 and "cannot write the cache at" in err and "afile" in err, err
 
 
 def test_parallel_writers_give_the_same_bytes_as_one(tiny_neox, tmp_path, capsys):

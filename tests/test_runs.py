@@ -391,7 +391,9 @@ def test_a_damaged_checkpoint_is_a_one_line_error_and_leaves_no_decode_running(c
     weights = sorted((out / "checkpoints").glob("*/sae_0.safetensors"))[-1]
     weights.write_bytes(weights.read_bytes()[:100])
     code, _, err = run_cli(["train", "--cache", cache, "--out", out, "--resume"], capsys)
-    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    lines = err.strip().splitlines()  # the step it continues from, then the error: one line
+    assert code == 1 and "Traceback" not in err and lines[-1].startswith("error: checkpoint file"), err
+    assert lines[:-1] == [line for line in lines[:-1] if line.startswith("continuing ")], err
     deadline = time.monotonic() + 10
     while any(t.name.startswith("gsae-decode") for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.05)

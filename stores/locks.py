@@ -1,0 +1,78 @@
+"""One process at a time on a local folder: an exclusive flock on a lock file, which the system drops when the
+process ends (kill -9 included), so a killed command never leaves a stale lock behind.  Where no lock can be
+had (a folder others own, a read-only disk, a file system without flock: Lustre mounted ``noflock``, NFS without
+lockd), the work goes on unlocked, as on object storage, which has no locks at all."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: nothing is locked
+    fcntl = None
+
+#: errors of open or flock that mean "no lock to be had here", not "someone holds it"
+_NO_LOCKING = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL,
+               errno.ENOENT, errno.ENOTDIR, errno.EISDIR}
+# a reader's brief shared lock (held_by_another) must not turn a writer away: it tries a few times
+_TRIES, _PAUSE = 5, 0.04
+
+
+def _open(lock_file: str, create: bool) -> int | None:
+    """A read-only descriptor of ``lock_file`` (flock needs no write access), made if ``create``; None where
+    there is none to be had."""
+    if fcntl is None:
+        return None
+    try:
+        return os.open(lock_file, os.O_RDONLY | (os.O_CREAT if create else 0), 0o666)
+    except OSError as exc:
+        if exc.errno in _NO_LOCKING:
+            return None
+        raise
+
+
+def _flock(handle: int, operation: int) -> bool:
+    """flock, without waiting: False where another process holds a conflicting lock."""
+    try:
+        fcntl.flock(handle, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_LOCKING:
+            raise
+    return True  # locked, or no locking on this file system
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: str, busy: Exception) -> Iterator[None]:
+    """Hold ``lock_file`` for the ``with`` block; raise ``busy`` where another process holds it."""
+    handle = _open(lock_file, create=True)
+    if handle is None:
+        yield
+        return
+    try:
+        for attempt in range(_TRIES):
+            if _flock(handle, fcntl.LOCK_EX):
+                break
+            if attempt + 1 == _TRIES:
+                raise busy
+            time.sleep(_PAUSE)
+        yield
+    finally:
+        os.close(handle)  # drops the lock
+
+
+def held_by_another(lock_file: str) -> bool:
+    """Whether another process holds ``lock_file`` now (a brief shared lock is taken and dropped to tell)."""
+    handle = _open(lock_file, create=False)
+    if handle is None:
+        return False
+    try:
+        return not _flock(handle, fcntl.LOCK_SH)
+    finally:
+        os.close(handle)
