@@ -23,16 +23,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _interrupted_while_starting(signum: int, frame: object) -> None:
-    """Ctrl-C while the imports below run (torch, transformers: seconds): one line, nothing was made yet.
-    A KeyboardInterrupt there printed a 30-line traceback out of torch's import; main() restores Python's
-    handler before any command runs."""
-    sys.stderr.write("interrupted while starting: nothing was done\n")
-    os._exit(130)
+    """Ctrl-C or SIGTERM while the imports below run (torch, transformers: seconds): one line, nothing was made
+    yet.  A KeyboardInterrupt there printed a 30-line traceback out of torch's import, and SIGTERM ended the
+    process without a word; main() and entry() set the command's own handlers before any command runs."""
+    sys.stderr.write(f"{'terminated (SIGTERM)' if signum == signal.SIGTERM else 'interrupted'} while starting: "
+                     "nothing was done\n")
+    os._exit(128 + signum)
 
 
-if (os.path.basename(sys.argv[0]) == "gsae" and threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):  # the command, not an import elsewhere
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+if os.path.basename(sys.argv[0]) == "gsae" and threading.current_thread() is threading.main_thread():
+    # the command, not an import elsewhere; under torchrun SIGTERM keeps its default (see entry)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        signal.signal(signal.SIGTERM, _interrupted_while_starting)
 
 import typer  # noqa: E402
 from rich.console import Console, ConsoleDimensions  # noqa: E402
@@ -660,6 +664,8 @@ def main() -> None:
     _DEBUG = os.environ.get("GSAE_DEBUG", "") not in ("", "0")
     if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # started: Ctrl-C is a KeyboardInterrupt
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is _interrupted_while_starting:  # (entry sets its own before this)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _cap_torch_threads()
     try:
         code = app(standalone_mode=False, prog_name="gsae")  # returns the code of a typer.Exit instead of raising it

@@ -329,8 +329,10 @@ def test_model_folder_with_a_tokenizer_config_but_no_tokenizer_file_is_named(tin
     assert not (tmp_path / "c").exists()
 
 
-def test_ctrl_c_while_the_command_starts_is_one_line():
-    """SIGINT during the imports (torch, transformers) printed a 30-line traceback out of torch's import."""
+@pytest.mark.parametrize("signum,code,said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_while_the_command_starts_is_one_line(signum, code, said):
+    """SIGINT during the imports (torch, transformers) printed a 30-line traceback out of torch's import; SIGTERM
+    there ended the process without a word."""
     import signal
     import subprocess
     import sys
@@ -338,14 +340,14 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
 
     from conftest import ROOT
 
-    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.argv[0] = 'gsae'; import cli; cli.main()",
+    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.argv[0] = 'gsae'; import cli; cli.entry()",
                                 "info"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)  # inside the imports: they take seconds
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, signum))
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    assert process.returncode == code, err
     assert "Traceback" not in err and len([line for line in (out + err).splitlines() if line.strip()]) == 1
-    assert "interrupted" in out + err
+    assert f"{said} while starting: nothing was done" in out + err
 
 
 def test_ctrl_c_after_the_command_is_over_ends_the_process_at_once():
