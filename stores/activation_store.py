@@ -116,6 +116,13 @@ def _local_path(path: str) -> Path:
     return Path(str(path).removeprefix("file://"))
 
 
+def _zarr_path(path: str) -> str:
+    """What zarr opens: a local cache by its path, also one named by a file:// URL (zarr 3.1 took that for an
+    fsspec store: its creation deleted the folder and then failed on the first file, and the chunk files took
+    zarr's slow path, not gsae's own)."""
+    return str(_local_path(path)) if is_local(path) else str(path)
+
+
 def writer_lock_file(path: str) -> str | None:
     """The file `gsae cache` holds an flock on while it writes a local cache: ``.<name>.lock`` beside the cache
     folder (inside it, zarr's creation of the store would remove it), one whichever path names the cache; None
@@ -157,7 +164,7 @@ def probe(path: str) -> str:
     if not fs.ls(root):
         return "absent"
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(_zarr_path(path), mode="r")
     except Exception as exc:
         # refused, not damaged (an object store that lets a key list but not read): a good cache must not
         # look like one to re-create
@@ -318,7 +325,7 @@ class ActivationStore:
         try:
             # marked as being created until every array exists: a kill in between leaves a folder that
             # probe() reports absent, so the same command creates it again
-            group = zarr.open_group(str(path), mode="w", attributes={"format": FORMAT_NAME, CREATING: True})
+            group = zarr.open_group(_zarr_path(path), mode="w", attributes={"format": FORMAT_NAME, CREATING: True})
             group.create_array(
                 "tokens", shape=(n_tokens,), chunks=(chunk_tokens,), dtype="int32",
                 compressors=small_array_codecs(), fill_value=0, config=write_cfg,
@@ -350,7 +357,7 @@ class ActivationStore:
                 raise StoreError(f"the gsae cache at {path} is being made by another `gsae cache` now, which has not "
                                  "written its first chunk yet; wait for it")
             raise StoreError(f"no gsae cache at {path}; create one with `gsae cache`")
-        group = zarr.open_group(str(path), mode=mode)
+        group = zarr.open_group(_zarr_path(path), mode=mode)
         version = group.attrs.get("format_version")
         if version != FORMAT_VERSION:  # before its arrays are opened: another format may lay them out otherwise
             raise StoreError(f"{path} has store format {version}, this gsae reads {FORMAT_VERSION}")

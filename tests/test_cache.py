@@ -239,6 +239,19 @@ def test_the_writer_lock_is_one_whichever_path_names_the_cache_and_never_blocks_
     assert code == 1 and "cannot write the cache at" in err and "afile" in err, err
 
 
+def test_a_cache_named_by_a_file_url_is_the_cache_of_its_path(tiny_neox, tmp_path, capsys):
+    """`--cache file:///abs/path` on a new folder failed ("cannot write to file:///...: No such file or
+    directory"): zarr took the URL for an fsspec store, whose creation deleted the folder first."""
+    assert run_cli(cache_args(tiny_neox, tmp_path / "plain", tokens=1500), capsys)[0] == 0
+    url = f"file://{tmp_path / 'url'}"
+    code, _, err = run_cli(cache_args(tiny_neox, url, tokens=1500), capsys)
+    assert code == 0, err
+    assert _tree_bytes(tmp_path / "url") == _tree_bytes(tmp_path / "plain")
+    code, out, err = run_cli(["info", "--cache", url], capsys)
+    assert code == 0 and "complete" in out + err, err
+    assert run_cli(cache_args(tiny_neox, url, tokens=1500), capsys)[0] == 0  # found complete, as by its path
+
+
 def test_parallel_writers_give_the_same_bytes_as_one(tiny_neox, tmp_path, capsys):
     for threads in (1, 5):
         assert run_cli(cache_args(tiny_neox, tmp_path / f"t{threads}", tokens=3000, write_threads=threads), capsys)[0] == 0
