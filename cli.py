@@ -31,11 +31,16 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+def _under_torchrun() -> bool:
+    """A rank of a torchrun job, whose agent stops the ranks with SIGTERM: they keep its default (see entry)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 if os.path.basename(sys.argv[0]) == "gsae" and threading.current_thread() is threading.main_thread():
-    # the command, not an import elsewhere; under torchrun SIGTERM keeps its default (see entry)
+    # the command, not an import elsewhere
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and not _under_torchrun():
         signal.signal(signal.SIGTERM, _interrupted_while_starting)
 
 import typer  # noqa: E402
@@ -639,7 +644,7 @@ def entry() -> None:
     does (not under torchrun, whose agent stops the ranks with it: one blocked in a collective would only run
     a Python handler once the collective returned); once the command is over, either ends the process at once."""
     main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if main_thread and not _under_torchrun():
         signal.signal(signal.SIGTERM, _terminate)
     try:
         main()

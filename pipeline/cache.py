@@ -457,11 +457,11 @@ def _cache_lock(path: str, ranks: Ranks) -> Iterator[None]:
         if lock is not None:
             with contextlib.suppress(OSError):  # a parent it cannot make: no lock, and _prepare_folder says why
                 os.makedirs(os.path.dirname(lock), exist_ok=True)
+            busy = f"another gsae process is writing the cache {path} now; wait for it, or pass another --cache"
             try:
-                held.enter_context(exclusive(lock, GsaeError(
-                    f"another gsae process is writing the cache {path} now; wait for it, or pass another --cache")))
-            except GsaeError as exc:
-                refused = str(exc)
+                held.enter_context(exclusive(lock, GsaeError(busy)))
+            except GsaeError:
+                refused = busy
         if ranks.world > 1:
             refused = ranks.broadcast_from_first(refused)
         if refused:

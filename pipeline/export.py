@@ -256,13 +256,10 @@ def export_saelens(run: str, out: str | None = None) -> list[str]:
     trained = Run.open(run, need="trained")
     target = out or trained.url("export-saelens")
     source = _source(trained)
-    store_info = {"context_length": source.get("context_length"), "corpus": source.get("corpus"),
-                  "prepend_bos": source.get("prepend_bos", True), "model_source": source["model_source"],
-                  "model_revision": source["model_revision"]}
     saes = trained.load_saes()
     identity = _run_identity(trained)
     name_of = "blocks.{}.hook_resid_post".format
-    planned = {name_of(layer): saelens_config(config, layer, store_info, identity)
+    planned = {name_of(layer): saelens_config(config, layer, source, identity)
                for _, config in saes for layer in config["layers"]}
     _check_target(target, planned)
     return _write_layers(target, saes, name_of,
