@@ -262,7 +262,7 @@ class Run:
 
     @property
     def state(self) -> str:
-        if self.summary is not None and all(self._exists(f"sae_{i}.json") for i in range(len(self.config.groups))):
+        if self._exists(SUMMARY):  # written after every SAE: one lost later is named where it is loaded
             return "evaluated" if self._exists(EVAL) else "trained"
         return "training" if self.latest_checkpoint() is not None else "planned"
 
@@ -386,6 +386,17 @@ class Run:
         self._write(weights, f"sae_{i}.safetensors")
         self._write(config, f"sae_{i}.json")
 
+    def _lost_sae(self, i: int, name: str) -> GsaeError:
+        # a run is trained once its summary is written, after every SAE's files: one missing was removed after
+        return GsaeError(f"{join(self.path, name)} is missing: this run lost SAE {i}; train it again into a new --out")
+
+    def check_sae_files(self) -> None:
+        """Refuse, in one line, a trained run that lost an SAE's file."""
+        for i in range(len(self.config.groups)):
+            for name in (f"sae_{i}.safetensors", f"sae_{i}.json"):
+                if not self._exists(name):
+                    raise self._lost_sae(i, name)
+
     def load_saes(self, device: torch.device | str = "cpu") -> list[tuple[SparseAutoencoder, dict[str, Any]]]:
         """Every trained SAE with its config, in evaluation mode."""
         loaded = []
@@ -393,9 +404,8 @@ class Run:
             names = (f"sae_{i}.safetensors", f"sae_{i}.json")
             files = [self._read(name) for name in names]
             for name, data in zip(names, files):
-                if data is None:  # (a run is trained once its summary is written: a file removed after)
-                    raise GsaeError(f"{join(self.path, name)} is missing: this run lost SAE {i}; train it again "
-                                    "into a new --out")
+                if data is None:
+                    raise self._lost_sae(i, name)
             sae, sae_config = sae_from_files(*files, *(join(self.path, name) for name in names))
             loaded.append((sae.to(device).eval(), sae_config))
         return loaded

@@ -379,6 +379,7 @@ _ROW_NUMBERS = ("train_fvu", "held_out_fvu", "l0", "held_out_l0", "dead_fraction
 def _summary_rows(run: Run) -> list[dict[str, Any]]:
     """A finished run's rows, as `gsae train` showed them: those of its summary.json, checked (a damaged file
     is one line naming it); [] for a summary of an older gsae without every figure of the table."""
+    run.check_sae_files()  # a table of SAEs one of which is gone would say the run is fine
     summary = run.summary  # a file that is not JSON is one line already
     rows = summary.get("saes") if isinstance(summary, dict) else None
     if not isinstance(rows, list) or len(rows) != len(run.config.groups) or not all(isinstance(r, dict) for r in rows):

@@ -400,7 +400,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_and_leaves_no_decode_running(c
     assert not any(t.name.startswith("gsae-decode") for t in threading.enumerate())
 
 
-def test_a_damaged_sae_file_is_a_one_line_error(whole, tmp_path, capsys):
+def test_a_damaged_sae_file_is_a_one_line_error(whole, cache, tmp_path, capsys):
     import shutil
 
     run = tmp_path / "r"
@@ -408,11 +408,12 @@ def test_a_damaged_sae_file_is_a_one_line_error(whole, tmp_path, capsys):
     (run / "sae_1.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     code, _, err = run_cli(["export", "--run", run, "--format", "saelens", "--out", tmp_path / "x"], capsys)
     assert code == 1 and "Traceback" not in err and "sae_1.safetensors is damaged" in err, err
-    for name in ("sae_1.safetensors",):  # removed: named as missing, not as damaged (without its .json the run
-        shutil.rmtree(run)  # is not trained, and eval and export say so)
+    for name in ("sae_1.safetensors", "sae_1.json"):  # removed after the summary: named as missing, not as
+        shutil.rmtree(run)  # damaged; the json too (the run read as never trained, and train retrained it)
         shutil.copytree(whole, run)
         (run / name).unlink()
-        for command in (["export", "--run", run, "--out", tmp_path / "x"], ["eval", "--run", run, "--windows", 0]):
+        for command in (["export", "--run", run, "--out", tmp_path / "x"], ["eval", "--run", run, "--windows", 0],
+                        _train(cache, run)):
             code, _, err = run_cli(command, capsys)
             lines = [line for line in err.splitlines() if line.strip()]
             assert code == 1 and lines == [f"error: {run / name} is missing: this run lost SAE 1; train it again into "
