@@ -262,7 +262,8 @@ def cache(
     if result.already_complete:
         console.print(f"[green]cache {result.path} is already complete[/]; nothing to do")
     if result.corpus_exhausted:
-        console.print(f"[yellow]the corpus ran out after {result.tokens_written:,} of {result.tokens_planned:,} tokens; the cache holds what there was[/]")
+        console.print(f"[yellow]the corpus ran out after {result.tokens_written:,} of {result.tokens_planned:,} tokens; the cache holds what there was"
+                      + (f": {result.chunking_note}" if result.chunking_note else "") + "[/]")
     overflow = [(layer, n) for layer, n in enumerate(result.overflow_values) if n]
     if overflow:
         listed = ", ".join(f"layer {layer}: {n:,}" for layer, n in overflow[:8])

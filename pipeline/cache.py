@@ -108,6 +108,7 @@ class CacheResult:
     corpus_exhausted: bool = False
     overflow_values: list[int] = field(default_factory=list)
     rank: int = 0  # under torchrun rank 0 reports for every rank; the others print nothing
+    chunking_note: str = ""  # where the corpus ran out: what its chunks, sized for --tokens, mean for training
     seconds_made: float | None = None  # an already complete cache: the seconds its making took (timing.json)
     phases: dict[str, float] = field(default_factory=dict)  # this run's seconds by phase (rank 0's; see fill_store)
     writer: str = ""  # who wrote the chunks, e.g. "16 processes" (empty when nothing was written)
@@ -774,6 +775,8 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     fold_seconds_writing(store)
     result = _result(store, elapsed, sum(rows for _, rows in outcomes.values()), resumed_from,
                      corpus_exhausted=store.tokens_written < store.tokens_planned)
+    if result.corpus_exhausted:
+        result.chunking_note = chunking_note(store)
     # made in the hooks (inside the forward's seconds), let go after the loop (inside none)
     phases["forward"] -= assembler.buffers.seconds_making
     phases["buffers"] = assembler.buffers.seconds_making + assembler.buffers.seconds_closing
@@ -781,6 +784,29 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     result.timeline = timeline
     result.writer = writer.description
     return result
+
+
+def chunking_note(store: ActivationStore) -> str:
+    """For a cache whose corpus ran out: its chunks were sized for the planned tokens, so it may hold too few
+    of them to train on (training holds the last ~5% out, at least one) where ``--tokens`` set to what the
+    corpus held would have cut it finer.  "" where that would change nothing or ``--chunk-tokens`` was given."""
+    from stores.stream import HELD_OUT_FRACTION
+
+    written, n = store.tokens_written, store.n_chunks
+    if store.attrs.get("recipe", {}).get("chunk_tokens") is not None:
+        return ""
+    finer = default_chunk_tokens(store.d_model, store.dtype, written, int(store.attrs.get("rows_per_window") or 0))
+    if finer >= store.chunk_tokens:
+        return ""
+    shape = f"{n} chunk{'s' if n > 1 else ''} (of {store.chunk_tokens:,} rows, sized for {store.tokens_planned:,} tokens)"
+    held_out = max(1, round(n * HELD_OUT_FRACTION))  # as stores.stream.split_chunks
+    if n >= 2 and held_out / n <= 2 * HELD_OUT_FRACTION:
+        return ""
+    use = ("too few for `gsae train`, which holds one out and trains on the others" if n < 2 else
+           f"`gsae train` holds {held_out} of them out ({held_out / n:.0%} of the tokens, ~{HELD_OUT_FRACTION:.0%} where "
+           "there are 20 or more)")
+    return (f"{shape}: {use}; to cut it into ~{-(-written // finer)} chunks, cache it again with --tokens {written} "
+            "(into a new --cache, or remove this one)")
 
 
 def _rank_result(store: ActivationStore, ranks: Ranks) -> CacheResult:

@@ -744,3 +744,33 @@ def test_a_small_cache_with_the_default_chunks_trains(tiny_neox, tmp_path, capsy
     assert code == 0, err
     n = len(json.loads((tmp_path / "r" / "summary.json").read_text())["saes"])
     assert f"saved {n} SAEs and their metrics" in out if n > 1 else "saved 1 SAE and its metrics" in out, out
+
+
+def test_a_corpus_that_runs_out_says_how_to_cut_it_into_enough_chunks(tiny_neox, tmp_path, capsys):
+    """Chunks are sized from --tokens before the corpus is read: a corpus far shorter than that left one big
+    chunk, which `gsae train` refuses (it holds one out) after the cache had said only "ran out".  The note
+    names the --tokens that cuts what the corpus holds into enough chunks, and that command does."""
+    from stores.stream import split_chunks
+
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(f"Sentence number {i} is about the quick brown fox." for i in range(600)))
+    args = ["cache", "--model", tiny_neox, "--dataset", text, "--context-length", CONTEXT, "--batch-size", 4]
+    code, _, err = run_cli([*args, "--cache", tmp_path / "c", "--tokens", 10_000_000], capsys)
+    assert code == 0, err
+    store = ActivationStore.open(str(tmp_path / "c"))
+    assert store.n_chunks == 1
+    note = " ".join(err.split())
+    assert f"1 chunk (of {store.chunk_tokens:,} rows, sized for 10,000,000 tokens): too few for `gsae train`" in note
+    suggested = int(re.search(r"cache it again with --tokens (\d+)", note).group(1))
+    assert suggested == store.n_tokens
+    with pytest.raises(ValueError, match="at least 2"):
+        split_chunks(store)
+    code, _, err = run_cli([*args, "--cache", tmp_path / "c2", "--tokens", suggested], capsys)
+    assert code == 0 and "ran out" not in err, err
+    again = ActivationStore.open(str(tmp_path / "c2"))
+    assert again.n_tokens == suggested and again.n_chunks >= 10
+    training, held_out = split_chunks(again)
+    assert len(held_out) == 1 and len(training) == again.n_chunks - 1
+    # a chunk size the user chose is theirs: no advice about it
+    code, _, err = run_cli([*args, "--cache", tmp_path / "c3", "--tokens", 10_000_000, "--chunk-tokens", 100_000], capsys)
+    assert code == 0 and "ran out" in err and "cache it again" not in err, err
