@@ -125,48 +125,63 @@ def layer_reconstruction(sae: SparseAutoencoder, store: ActivationStore, layer: 
             "dead_fraction": float(1 - active.float().mean()), "alive_latents": int(active.sum())}
 
 
-def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """log p(next token) at every position but the last, float32: what CE and KL are taken from."""
-    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+def token_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log p(next token) at every position, float32: what CE and KL are taken from."""
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+#: eval.json's ``arguments`` record where CE and KL were averaged: over the positions the splice replaces, as
+#: SAELens's evaluator does (it skips BOS); an eval.json without it (before 2026-11-29) also averaged the BOS
+#: position in, whose logits no splice changes
+DOWNSTREAM_POSITIONS = "spliced"
 
 
 class DownstreamTotals:
-    """Sums over the predicted tokens of the clean, spliced and zero-ablated CE and of KL(clean ‖ spliced),
-    added a batch of windows at a time, so that memory holds one batch's logits (32 windows of 1,024 tokens
-    of a 50k vocabulary are 6.4 GB of float32 logits per pass).  The clean pass's log-probabilities come in
-    made (:func:`next_token_log_probs`, once per batch for every layer); each logits tensor is
-    log-softmaxed once, its CE the NLL of those (what ``F.cross_entropy`` computes)."""
+    """Sums of the clean, spliced and zero-ablated CE and of KL(clean ‖ spliced) over the positions the splice
+    replaces (``first`` on: BOS is never spliced), added a batch of windows at a time, so that memory holds
+    one batch's logits (32 windows of 1,024 tokens of a 50k vocabulary are 6.4 GB of float32 logits per pass).
+    CE is the NLL of the next token at those positions but the last (which has none); KL is taken at all of
+    them, the last included, as SAELens does.  The clean pass's log-probabilities come in made
+    (:func:`token_log_probs`, once per batch for every layer); each logits tensor is log-softmaxed once, its
+    CE the NLL of those (what ``F.cross_entropy`` computes)."""
 
-    def __init__(self) -> None:
-        self.tokens, self.clean, self.spliced, self.zero, self.kl = 0, 0.0, 0.0, 0.0, 0.0
+    def __init__(self, first: int = 0) -> None:
+        self.first = first
+        self.ce_tokens, self.kl_tokens, self.clean, self.spliced, self.zero, self.kl = 0, 0, 0.0, 0.0, 0.0, 0.0
 
     def add(self, clean_log_probs: torch.Tensor, spliced_logits: torch.Tensor, zero_logits: torch.Tensor,
             input_ids: torch.Tensor) -> None:
-        targets = input_ids[:, 1:].reshape(-1)
+        first = self.first
+        targets = input_ids[:, first + 1:].reshape(-1)
 
         def ce_sum(log_probs: torch.Tensor) -> float:
-            return float(F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets, reduction="sum"))
+            predicting = log_probs[:, first:-1]
+            return float(F.nll_loss(predicting.reshape(-1, predicting.shape[-1]), targets, reduction="sum"))
 
-        log_spliced = next_token_log_probs(spliced_logits)
+        log_spliced = token_log_probs(spliced_logits)
         self.clean += ce_sum(clean_log_probs)
         self.spliced += ce_sum(log_spliced)
-        self.zero += ce_sum(next_token_log_probs(zero_logits))
-        self.kl += float((clean_log_probs.exp() * (clean_log_probs - log_spliced)).sum())
-        self.tokens += targets.numel()
+        self.zero += ce_sum(token_log_probs(zero_logits))
+        clean, spliced = clean_log_probs[:, first:], log_spliced[:, first:]
+        self.kl += float((clean.exp() * (clean - spliced)).sum())
+        self.ce_tokens += targets.numel()
+        self.kl_tokens += clean.shape[0] * clean.shape[1]
 
     def metrics(self) -> dict[str, float]:
         """Clean, spliced and zero-ablated CE, ΔCE %, CE recovered and KL(clean ‖ spliced): means per token."""
-        clean, spliced, zero, kl = (total / self.tokens for total in (self.clean, self.spliced, self.zero, self.kl))
+        clean, spliced, zero = (total / self.ce_tokens for total in (self.clean, self.spliced, self.zero))
         recovered = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
         return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablated": zero,
-                "delta_ce_percent": 100.0 * (spliced - clean) / clean, "ce_recovered": recovered, "kl_divergence": kl}
+                "delta_ce_percent": 100.0 * (spliced - clean) / clean, "ce_recovered": recovered,
+                "kl_divergence": self.kl / self.kl_tokens}
 
 
 def downstream_metrics(clean_logits: torch.Tensor, spliced_logits: torch.Tensor, zero_logits: torch.Tensor,
-                       input_ids: torch.Tensor) -> dict[str, float]:
-    """Clean, spliced and zero-ablated CE, ΔCE %, CE recovered and KL(clean ‖ spliced) of whole logits."""
-    totals = DownstreamTotals()
-    totals.add(next_token_log_probs(clean_logits), spliced_logits, zero_logits, input_ids)
+                       input_ids: torch.Tensor, first: int = 0) -> dict[str, float]:
+    """Clean, spliced and zero-ablated CE, ΔCE %, CE recovered and KL(clean ‖ spliced) of whole logits, over the
+    positions from ``first`` on (see :class:`DownstreamTotals`)."""
+    totals = DownstreamTotals(first)
+    totals.add(token_log_probs(clean_logits), spliced_logits, zero_logits, input_ids)
     return totals.metrics()
 
 
@@ -265,8 +280,10 @@ def _run_with_block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int,
 
 def eval_arguments(tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_WINDOWS,
                    context_length: int | None = None) -> dict[str, Any]:
-    """The arguments that decide what an evaluation measures, as eval.json records them (``arguments``)."""
-    return {"tokens": tokens, "windows": windows, "context_length": context_length}
+    """What decides what an evaluation measures, as eval.json records it (``arguments``): the options, and
+    where CE and KL were averaged (:data:`DOWNSTREAM_POSITIONS`)."""
+    return {"tokens": tokens, "windows": windows, "context_length": context_length,
+            "downstream_positions": DOWNSTREAM_POSITIONS}
 
 
 def eval_argument_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -274,8 +291,12 @@ def eval_argument_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> l
     def show(value: Any) -> str:
         return "none" if value is None else str(value)
 
-    return [f"--{key.replace('_', '-')} {show(recorded.get(key))} → {show(value)}"
-            for key, value in wanted.items() if recorded.get(key, "?") != value]
+    changes = [f"--{key.replace('_', '-')} {show(recorded.get(key))} → {show(value)}"
+               for key, value in wanted.items() if key != "downstream_positions" and recorded.get(key, "?") != value]
+    positions = [evaluation.get("downstream_positions") for evaluation in (recorded, wanted)]
+    if positions[0] != positions[1] and recorded.get("windows") and wanted.get("windows"):  # both measured CE
+        changes.append("CE and KL averaged over other positions, a gsae's before 2026-11-29 also over the unspliced BOS")
+    return changes
 
 
 def read_eval(run: Run) -> dict[str, Any] | None:
@@ -407,13 +428,13 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         # batches of windows outside, layers inside: one batch's clean log-probabilities are held at a time
         # (all of them were 6.4 GB for 32 windows of 1,024 tokens of a 50k vocabulary); each layer's sums run
         # over the batches in the same order as one layer at a time would take them
-        totals = [DownstreamTotals() for _ in layers]
+        totals = [DownstreamTotals(first) for _ in layers]
         shown = 0
         for ids in batches:
             where = f", windows {shown + 1}–{shown + len(ids)} of {len(input_ids)}" if len(batches) > 1 else ""
             shown += len(ids)
             stage(f"(clean forward pass{where})")
-            clean = next_token_log_probs(_run_with_block_output(lm, ids, 0, None))
+            clean = token_log_probs(_run_with_block_output(lm, ids, 0, None))
             step_done()
             for (sae, sae_config, layer), total in zip(layers, totals):
                 stage(f"layer {layer} (spliced forward pass{where})")

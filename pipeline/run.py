@@ -262,7 +262,7 @@ class Run:
 
     @property
     def state(self) -> str:
-        if self._exists(SUMMARY):  # written after every SAE: one lost later is named where it is loaded
+        if self.summary is not None:  # written after every SAE (one lost later is named where it is loaded); damaged: one line
             return "evaluated" if self._exists(EVAL) else "trained"
         return "training" if self.latest_checkpoint() is not None else "planned"
 

@@ -54,6 +54,58 @@ def test_identity_splice_gives_zero_delta_and_kl(tiny_llama):
     assert ablated["kl_divergence"] > 0
 
 
+def test_downstream_metrics_equal_a_float64_position_by_position_reference(tiny_llama):
+    """CE over the predictions made at the spliced positions (``first`` on, the last predicting nothing) and KL
+    at every spliced position, the last included (as SAELens's evaluator: BOS left out), against sums written
+    out position by position in float64; the unspliced positions' logits are equal in both passes."""
+    from pipeline.evaluate import DownstreamTotals, token_log_probs
+
+    lm = load_model(resolve_model_spec(str(tiny_llama)), torch.device("cpu"))
+    ids = torch.randint(0, 400, (3, 12), generator=torch.Generator().manual_seed(1))
+    clean = _run_with_block_output(lm, ids, 0, None)
+    noisy = _run_with_block_output(lm, ids, 1, lambda h: torch.cat([h[:, :1], h[:, 1:].flip(-1)], dim=1))
+    zero = _run_with_block_output(lm, ids, 1, lambda h: torch.cat([h[:, :1], torch.zeros_like(h[:, 1:])], dim=1))
+    assert torch.equal(clean[:, 0], noisy[:, 0])  # causal: BOS's logits do not see the splice
+    for first in (0, 1):
+        p, q, z = (torch.log_softmax(x.double(), -1) for x in (clean, noisy, zero))
+        ce = {name: [] for name in ("clean", "spliced", "zero")}
+        kl = []
+        for w in range(ids.shape[0]):
+            for t in range(first, ids.shape[1]):
+                kl.append(float((p[w, t].exp() * (p[w, t] - q[w, t])).sum()))
+                if t + 1 < ids.shape[1]:
+                    for name, lp in (("clean", p), ("spliced", q), ("zero", z)):
+                        ce[name].append(-float(lp[w, t, ids[w, t + 1]]))
+        mean = {name: sum(v) / len(v) for name, v in ce.items()}
+        assert len(ce["clean"]) == 3 * (11 - first) and len(kl) == 3 * (12 - first)
+        m = downstream_metrics(clean, noisy, zero, ids, first)
+        assert m["ce_clean"] == pytest.approx(mean["clean"], rel=1e-6)
+        assert m["ce_spliced"] == pytest.approx(mean["spliced"], rel=1e-6)
+        assert m["ce_zero_ablated"] == pytest.approx(mean["zero"], rel=1e-6)
+        # float32 log-probabilities: ~1e-7 absolute per position (leaving position 0 in or out moves it by 1/12)
+        assert m["kl_divergence"] == pytest.approx(sum(kl) / len(kl), rel=1e-3, abs=1e-7)
+        assert m["delta_ce_percent"] == pytest.approx(100 * (mean["spliced"] - mean["clean"]) / mean["clean"], abs=1e-4)
+        # a batch of windows at a time gives the same means
+        totals = DownstreamTotals(first)
+        for w in range(ids.shape[0]):
+            totals.add(token_log_probs(clean[w:w + 1]), noisy[w:w + 1], zero[w:w + 1], ids[w:w + 1])
+        batched = totals.metrics()
+        for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "kl_divergence"):
+            assert batched[key] == pytest.approx(m[key], rel=1e-6, abs=1e-7), key
+
+
+def test_evaluations_of_older_gsae_are_told_apart_by_where_ce_was_averaged():
+    from pipeline.evaluate import eval_argument_changes, eval_arguments
+
+    new = eval_arguments(tokens=1000, windows=8)
+    old = {key: value for key, value in new.items() if key != "downstream_positions"}  # before 2026-11-29
+    assert eval_argument_changes(new, new) == []
+    for pair in ((old, new), (new, old)):
+        assert [c.split(",")[0] for c in eval_argument_changes(*pair)] == ["CE and KL averaged over other positions"]
+    no_ce = eval_arguments(tokens=1000, windows=0)  # no downstream metrics: nothing averaged differently
+    assert eval_argument_changes({k: v for k, v in no_ce.items() if k != "downstream_positions"}, no_ce) == []
+
+
 def test_eval_command_writes_records(tiny_models, tmp_path, capsys):
     cache = make_cache(tiny_models["neox"], tmp_path / "c", tokens=6000, context_length=32, batch_size=8,
                        chunk_tokens=400)
@@ -203,7 +255,8 @@ def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, caps
     baseline, other = tmp_path / "runs" / "c-baseline", Path(runs[1])
     assert run_cli(["eval", "--run", baseline, "--windows", 0], capsys)[0] == 0
     recorded = json.loads((other / "eval.json").read_text())
-    assert recorded["arguments"] == {"tokens": 16384, "windows": 2, "context_length": None}
+    assert recorded["arguments"] == {"tokens": 16384, "windows": 2, "context_length": None,
+                                     "downstream_positions": "spliced"}
     (other / "eval.json").write_text(json.dumps({key: recorded[key] for key in ("run", "records")}))
     kept = {run: (Path(run) / "eval.json").stat().st_mtime_ns for run in runs[2:]}
     code, _, err = run_cli(args, capsys)
@@ -423,7 +476,7 @@ def test_eval_at_the_shortest_context_gives_finite_downstream_metrics(pair, tmp_
     code, _, err = run_cli(["eval", "--run", run, "--windows", 2, "--context-length", 3, "--tokens", 100], capsys)
     assert code == 0, err
     data = json.loads((run / "eval.json").read_text())
-    assert data["arguments"] == {"tokens": 100, "windows": 2, "context_length": 3}
+    assert data["arguments"] == {"tokens": 100, "windows": 2, "context_length": 3, "downstream_positions": "spliced"}
     for r in data["records"]:
         assert r["tokens"] == 100 and r["eval_windows"] == 2
         assert all(r[key] == r[key] for key in ("ce_clean", "ce_spliced", "delta_ce_percent", "kl_divergence"))
