@@ -295,8 +295,12 @@ def eval_argument_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> l
                for key, value in wanted.items() if key != "downstream_positions" and recorded.get(key, "?") != value]
     positions = [evaluation.get("downstream_positions") for evaluation in (recorded, wanted)]
     if positions[0] != positions[1] and recorded.get("windows") and wanted.get("windows"):  # both measured CE
-        changes.append("CE and KL averaged over other positions, a gsae's before 2026-11-29 also over the unspliced BOS")
+        changes.append(f"CE and KL averaged over {_POSITIONS_SHOWN.get(positions[0], positions[0])} → "
+                       f"{_POSITIONS_SHOWN.get(positions[1], positions[1])}")
     return changes
+
+
+_POSITIONS_SHOWN = {None: "every position, BOS too (gsae before 2026-11-29)", DOWNSTREAM_POSITIONS: "the spliced positions"}
 
 
 def read_eval(run: Run) -> dict[str, Any] | None:

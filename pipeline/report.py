@@ -183,6 +183,12 @@ def check_comparable(paths: list[str], runs: list["RunSummary"] | None = None) -
             if evaluated:
                 raise GsaeError(f"cannot compare {first.path} and {other.path}: they were evaluated otherwise "
                                 f"({'; '.join(evaluated)}: what each measured); evaluate them alike with `gsae eval`")
+        elif (known := first.evaluated_with or other.evaluated_with) and known.get("downstream_positions") and known.get("windows"):
+            # an eval.json recording no arguments is older still: its CE and KL (if any) were averaged over BOS too
+            older = first if first.evaluated_with is None else other
+            raise GsaeError(f"cannot compare {first.path} and {other.path}: the eval.json of {older.path} is a gsae's "
+                            "from before 2026-11-29 (it records no arguments), whose CE and KL were averaged over every "
+                            "position, BOS too; evaluate them alike with `gsae eval`")
     reference = next((r for r in runs if r.label == "baseline"), runs[0])
     for run in runs:
         shape = [f"{key} {reference.sae.get(key)} vs {run.sae.get(key)}" for key in reference.sae
