@@ -273,7 +273,7 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
     # matplotlib takes ~0.4 s to import: done on a thread of its own while the distances are computed
     plotting = threading.Thread(target=_import_quietly, args=("pipeline.plots",), daemon=True)
     plotting.start()
-    with console.status(f"computing layer distances over {tokens:,} sampled tokens ..."):
+    with console.status(f"computing layer distances over {min(tokens, rows):,} sampled tokens ..."):  # (held-out rows not sampled)
         try:
             distance, sample = compute_distances(store, layers, tokens, request.seed, request.scheduler, request.device)
         except torch.cuda.OutOfMemoryError:
