@@ -243,7 +243,7 @@ def cache(
     chunk_tokens: Optional[int] = typer.Option(None, parser=_count, metavar="N", help="Rows per chunk (default: about 4 MiB per chunk)."),
     write_threads: Optional[int] = typer.Option(None, help="Threads (or processes, see --writer) compressing and writing chunks (default: one per core)."),
     writer: Workers = typer.Option(CacheRequest.writer, help="Who compresses and writes the chunks: threads, or processes (their own GIL, so the model's thread does not wait for it; lossless local caches). auto: threads (on an H200 the processes made the cache slower)."),
-    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
     """Run the model once and cache every block's residual stream to a compressed, resumable Zarr store."""
     from pipeline.cache import build_cache
@@ -291,7 +291,7 @@ def cache(
 
 @app.command()
 def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
-    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
     """Show what a cache holds."""
     from rich.markup import escape
@@ -316,7 +316,8 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
         ("revision", str(a.get("model_revision") or "–")),
         ("layers × d_model", f"{store.n_layers} × {store.d_model} ({a.get('hook_point')}, {a.get('blocks_path')})"),
         ("tokens", f"{store.n_tokens:,} in {store.n_chunks} chunk{'' if store.n_chunks == 1 else 's'} "
-                   f"of {store.chunk_tokens:,}"),
+                   f"of {store.chunk_tokens:,}" + (f" (the last {last:,})" if store.n_chunks > 1 and (
+                       last := store.n_tokens - (store.n_chunks - 1) * store.chunk_tokens) != store.chunk_tokens else "")),
         ("windows", f"{a.get('context_length')} tokens, "
                     + (f"BOS prepended, {'stored' if a.get('bos_stored') else 'not stored'}" if a.get("prepend_bos")
                        else "no BOS")),
@@ -339,7 +340,7 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
 @app.command()
 def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
            allow_partial: bool = typer.Option(False, help="Verify the committed chunks of an incomplete cache."),
-    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
     """Read every chunk, check its checksum and shape, and name any corrupt chunk."""
     from pipeline.progress import make_progress
@@ -381,7 +382,7 @@ def group(
     allow_partial: bool = typer.Option(False, help="Use the committed part of an incomplete cache."),
     force: bool = typer.Option(False, help="Recompute and replace a saved grouping made with other arguments."),
     device: Device = typer.Option(GroupRequest.device, help="Where the distances are computed (auto: the GPU where there is one)."),
-    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
     """Compute layer distances (Dask, sampled chunks), the AMAD curve and the layer groups."""
     from pipeline.group import run_group
@@ -436,7 +437,7 @@ def train(
     tf32: bool = typer.Option(TrainRequest.tf32, "--tf32/--no-tf32", help="TF32 float32 matmuls on CUDA (as sparsify)."),
     precision: Precision = typer.Option(TrainRequest.precision, help="float32, or bfloat16 autocast for the forward."),
     reader: Workers = typer.Option(TrainRequest.reader, help="Who decodes the chunks: threads, or processes (their own GIL, so the training loop does not wait for it; lossless local caches). auto: processes where training runs on a GPU and the machine has more than 2 cores."),
-    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
     """Train group SAEs (or the per-layer baseline) from the cache, streaming chunks with prefetch."""
     from pipeline.grouping import layer_span
@@ -469,8 +470,9 @@ def train(
                       f"{100 * row['dead_fraction']:.1f}", f"{row['tokens_per_s']:,.0f}", f"{row['seconds']:.1f} s")
     report.print(table)
     if len(result.rows) > 1:
-        report.print("tok/s and time count each SAE's own steps; the SAEs take turns, so the run took about their "
-                     "sum (summary.json: wall_seconds)", style="dim", highlight=False)
+        report.print("tok/s and time count each SAE's own steps; the SAEs take turns, so their training took about "
+                     f"the sum, {sum(row['seconds'] for row in result.rows):,.1f} s (summary.json's wall_seconds splits "
+                     "the last gsae train process's time)", style="dim", highlight=False)
     for row in result.rows:
         if row.get("note"):
             report.print(row["note"], style="yellow", highlight=False, markup=False)
@@ -494,7 +496,7 @@ def evaluate(
     context_length: Optional[int] = typer.Option(None, help="Truncate the evaluation windows to this many tokens."),
     device: Device = typer.Option(TrainRequest.device, help="Where to run."),
     cache: Optional[str] = typer.Option(None, help="Where the run's cache is now, if it moved (default: where the run recorded it)."),
-    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
     """Evaluate every layer of a run: reconstruction, sparsity, spliced CE / KL. Writes <run>/eval.json."""
     from pipeline.evaluate import evaluate_run
@@ -530,7 +532,7 @@ def report_command(
     out: str = typer.Option("report", help="Folder for report.md and the plots."),
     cache_seconds: Optional[float] = typer.Option(None, help="Seconds the cache took to produce (the A of the total "
                                                   "cost), for a cache that recorded none; given, it replaces any recorded."),
-    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
     """Put a baseline and group runs side by side: Markdown tables in the paper's shape and PNG plots."""
     from pipeline.errors import GsaeError
@@ -557,7 +559,7 @@ def run_all(
     windows: int = typer.Option(PaperRequest.windows, help=f"Held-out windows for the downstream metrics (fewer than gsae eval's {EVAL_WINDOWS}: it evaluates many runs)."),
     layers: Optional[str] = typer.Option(None, help="Layers to group and train, e.g. 0-27 or 0,2,4 (default: all but the last)."),
     out: str = typer.Option(PaperRequest.out, help="Where the runs and the report go."),
-    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
     """The whole paper on one cache: group, train baseline and group runs, evaluate, report."""
     from pipeline.errors import GsaeError
@@ -580,7 +582,7 @@ def export(
     run: str = typer.Option(..., help="The run directory written by gsae train."),
     format: ExportFormat = typer.Option(FORMATS[0], help="Export format."),
     out: Optional[str] = typer.Option(None, help="Where to write (default <run>/export-<format>)."),
-    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP),
+    storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
     """Export every layer's SAE in SAELens's or sparsify's layout (scale folded into the weights)."""
     from pipeline.export import export_run
@@ -590,8 +592,10 @@ def export(
     _check_folder("--out", out)
     folders = export_run(run, out, format.value)
     parent = folders[0].rsplit("/", 1)[0]
+    names = [f.rsplit("/", 1)[-1] for f in folders]
+    shown = ", ".join(names) if len(names) <= 4 else f"{names[0]}, {names[1]}, ..., {names[-1]}"
     report.print(f"wrote {len(folders)} {'SAELens' if format.value == 'saelens' else 'sparsify'} folders under "
-                 f"{parent}: " + ", ".join(f.rsplit("/", 1)[-1] for f in folders))
+                 f"{parent}: {shown}")
 
 
 def _cap_torch_threads() -> None:

@@ -438,7 +438,8 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         totals = [DownstreamTotals(first) for _ in layers]
         shown = 0
         for ids in batches:
-            where = f", windows {shown + 1}–{shown + len(ids)} of {len(input_ids)}" if len(batches) > 1 else ""
+            span = f"windows {shown + 1}–{shown + len(ids)}" if len(ids) > 1 else f"window {shown + 1}"
+            where = f", {span} of {len(input_ids)}" if len(batches) > 1 else ""
             shown += len(ids)
             stage(f"(clean forward pass{where})")
             clean = token_log_probs(_run_with_block_output(lm, ids, 0, None))
