@@ -411,6 +411,10 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
     if tokens > held_out:
         notes.append(f"the held-out slice holds {held_out:,} rows (fewer than the {tokens:,} to evaluate): the "
                      "reconstruction metrics use those")
+    if min(tokens, held_out) < config.dead_tokens:  # training's dead % (summary.json) counts over dead_tokens
+        notes.append(f"dead % here counts the latents silent over the {min(tokens, held_out):,} rows evaluated per "
+                     f"layer; training calls a latent dead after {config.dead_tokens:,} tokens without firing, so "
+                     "this dead % reads higher than training's")
     if lm is not None and windows > len(input_ids):
         notes.append(f"the held-out slice holds {len(input_ids)} whole window{'s' if len(input_ids) > 1 else ''} "
                      f"(fewer than the {windows} to evaluate): the downstream metrics use {len(input_ids)}")

@@ -227,9 +227,9 @@ def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, caps
     code, out, err = run_cli(args, capsys)
     assert code == 0 and "replacing the unfinished run" in err and "--tokens 1024 → 4096" in err, err
     runs = json.loads((tmp_path / "runs" / "c-report" / "runs.json").read_text())
-    # each evaluation shows its bar over its steps (two layers and a batch of windows here: 2 + 1 + 2 × 2), under
-    # `gsae run` as under `gsae eval`
-    assert len(re.findall(r"^eval\b.* 7/7 steps .*ETA", err, re.MULTILINE)) == len(runs), err
+    # each evaluation shows its bar over its forward passes (two layers and a batch of windows here: 1 + 2 × 2),
+    # under `gsae run` as under `gsae eval`
+    assert len(re.findall(r"^eval\b.* 5/5 steps .*ETA", err, re.MULTILINE)) == len(runs), err
     labels = [run.rsplit("-", 2)[-2] + "-" + run.rsplit("-", 1)[-1] if "-g" in run else "baseline" for run in runs]
     assert runs[0].endswith("c-baseline") and any(r.endswith("uniform-g" + r[-1]) for r in runs)
     assert len(labels) >= 3
