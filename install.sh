@@ -33,6 +33,7 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/dev/
     VENV_FLAGS=(--system-site-packages)
 fi
 if [ ! -x .venv/bin/python ]; then
+    echo "install.sh: making .venv with $PY, then installing into it (a few minutes, quietly)" >&2
     if ! "$PY" -m venv ${VENV_FLAGS[@]+"${VENV_FLAGS[@]}"} .venv >/dev/null 2>&1; then
         rm -rf .venv
         # Debian and Ubuntu ship venv separately, per Python version (python3.11-venv); install it when we may
@@ -48,7 +49,6 @@ if [ ! -x .venv/bin/python ]; then
     fi
 fi
 VPY=.venv/bin/python
-echo "install.sh: made .venv with $PY; installing into it (a few minutes, quietly)" >&2
 "$VPY" -m pip install --quiet --upgrade pip
 # torch first, pinned. PyPI's Linux torch is the CUDA build (several GB with its nvidia-* packages): right
 # beside an NVIDIA GPU, a waste elsewhere, where PyTorch's own CPU index has the CPU build. Where that index
@@ -60,7 +60,9 @@ if "$VPY" -c "import torch" >/dev/null 2>&1; then
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "install.sh: an NVIDIA GPU is here: torch 2.13.0 from PyPI, with CUDA" >&2
     "$VPY" -m pip install --quiet torch==2.13.0
-elif "$VPY" -c "import urllib.request; urllib.request.urlopen('$CPU_INDEX/torch/', timeout=10)" >/dev/null 2>&1; then
+elif https_proxy="${https_proxy:-$("$VPY" -m pip config get global.proxy 2>/dev/null || true)}" \
+        "$VPY" -c "import urllib.request; urllib.request.urlopen('$CPU_INDEX/torch/', timeout=10)" >/dev/null 2>&1; then
+    # (urllib reads https_proxy; a proxy set in pip's own configuration is handed to it too)
     echo "install.sh: torch 2.13.0, CPU build, from $CPU_INDEX" >&2
     "$VPY" -m pip install --quiet --index-url "$CPU_INDEX" torch==2.13.0
 else

@@ -56,6 +56,7 @@ from stores import (
 from stores.activation_store import fold_seconds_writing, writer_lock_file
 from stores.codecs import keep_bits_range
 from stores.locks import exclusive
+from stores.stream import HELD_OUT_FRACTION, held_out_chunks
 
 DEFAULT_TOKENS = 100_000
 DEFAULT_CONTEXT_LENGTH = 256
@@ -787,26 +788,57 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
 
 
 def chunking_note(store: ActivationStore) -> str:
-    """For a cache whose corpus ran out: its chunks were sized for the planned tokens, so it may hold too few
-    of them to train on (training holds the last ~5% out, at least one) where ``--tokens`` set to what the
-    corpus held would have cut it finer.  "" where that would change nothing or ``--chunk-tokens`` was given."""
-    from stores.stream import HELD_OUT_FRACTION
+    """For a cache whose corpus ran out: see :func:`chunking_advice`."""
+    return chunking_advice(store.tokens_written, store.tokens_planned, store.chunk_tokens, store.d_model, store.dtype,
+                           int(store.attrs.get("rows_per_window") or 0),
+                           store.attrs.get("recipe", {}).get("chunk_tokens") is not None)
 
-    written, n = store.tokens_written, store.n_chunks
-    if store.attrs.get("recipe", {}).get("chunk_tokens") is not None:
+
+def _held_out_rows(tokens: int, chunk_tokens: int) -> int:
+    """Rows of the chunks training holds out (the last ones, the short last one among them)."""
+    n = -(-tokens // chunk_tokens)
+    return tokens - (n - held_out_chunks(n)) * chunk_tokens
+
+
+def chunking_advice(tokens: int, planned: int, chunk_tokens: int, d_model: int, dtype: str, rows_per_window: int,
+                    chunk_tokens_given: bool) -> str:
+    """What the chunks of a cache whose corpus ran out at ``tokens`` of ``planned`` mean for training, where that
+    is a problem: too few to train on (training holds the last ~5% out, at least one chunk), a held-out slice
+    too short to evaluate (100 rows and a whole window), or holding out far more than 5%.  The chunks were sized
+    before the corpus was read, from ``planned`` (or by ``--chunk-tokens``): the advice names the ``--tokens``
+    that sizes them for what the corpus held, where that cuts it into more chunks, or says the corpus is too
+    small.  "" where there is no problem, or nothing better to suggest."""
+    from pipeline.evaluate import MIN_TOKENS
+
+    n = -(-tokens // chunk_tokens)
+
+    def problem(size: int) -> tuple[str, bool]:
+        """What is wrong with chunks of ``size`` rows, and whether it keeps the cache from training or evaluation."""
+        if -(-tokens // size) < 2:
+            return "too few for `gsae train`, which holds one out and trains on the others", True
+        held = _held_out_rows(tokens, size)
+        windows = tokens // rows_per_window - -(-(tokens - held) // rows_per_window) if rows_per_window else 1
+        if held < MIN_TOKENS or windows < 1:  # as pipeline.evaluate.check_held_out
+            return (f"`gsae train` would hold out its last {held:,} rows, too few to evaluate ({MIN_TOKENS} rows "
+                    f"and a whole window of {rows_per_window:,} are needed)"), True
+        if held / tokens > 2 * HELD_OUT_FRACTION:
+            return (f"`gsae train` holds out {held / tokens:.0%} of the rows (~{HELD_OUT_FRACTION:.0%} where there are "
+                    "20 chunks or more)"), False
+        return "", False
+
+    now, hard = problem(chunk_tokens)
+    if not now:
         return ""
-    finer = default_chunk_tokens(store.d_model, store.dtype, written, int(store.attrs.get("rows_per_window") or 0))
-    if finer >= store.chunk_tokens:
-        return ""
-    shape = f"{n} chunk{'s' if n > 1 else ''} (of {store.chunk_tokens:,} rows, sized for {store.tokens_planned:,} tokens)"
-    held_out = max(1, round(n * HELD_OUT_FRACTION))  # as stores.stream.split_chunks
-    if n >= 2 and held_out / n <= 2 * HELD_OUT_FRACTION:
-        return ""
-    use = ("too few for `gsae train`, which holds one out and trains on the others" if n < 2 else
-           f"`gsae train` holds {held_out} of them out ({held_out / n:.0%} of the tokens, ~{HELD_OUT_FRACTION:.0%} where "
-           "there are 20 or more)")
-    return (f"{shape}: {use}; to cut it into ~{-(-written // finer)} chunks, cache it again with --tokens {written} "
-            "(into a new --cache, or remove this one)")
+    sized = "--chunk-tokens" if chunk_tokens_given else f"{planned:,} tokens"
+    shape = f"{n} chunk{'s' if n > 1 else ''} (of {chunk_tokens:,} rows, sized for {sized})"
+    if chunk_tokens_given:  # the size is the user's: said only where it cannot be trained on or evaluated
+        return f"{shape}: {now}; cache it again with a smaller --chunk-tokens, or more text" if hard else ""
+    finer = default_chunk_tokens(d_model, dtype, tokens, rows_per_window)  # what --tokens set to what it held gives
+    more = -(-tokens // finer)
+    if finer < chunk_tokens and not problem(finer)[1] and (hard or more > n):
+        return (f"{shape}: {now}; to cut it into {more} equal chunks, cache it again with --tokens {tokens} "
+                "(into a new --cache, or remove this one)")
+    return f"{shape}: {now}; the corpus is too small for a cache gsae can train on: give it more text" if hard else ""
 
 
 def _rank_result(store: ActivationStore, ranks: Ranks) -> CacheResult:

@@ -295,12 +295,12 @@ def eval_argument_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> l
                for key, value in wanted.items() if key != "downstream_positions" and recorded.get(key, "?") != value]
     positions = [evaluation.get("downstream_positions") for evaluation in (recorded, wanted)]
     if positions[0] != positions[1] and recorded.get("windows") and wanted.get("windows"):  # both measured CE
-        changes.append(f"CE and KL averaged over {_POSITIONS_SHOWN.get(positions[0], positions[0])} → "
+        changes.append(f"CE and KL averaged {_POSITIONS_SHOWN.get(positions[0], positions[0])} → "
                        f"{_POSITIONS_SHOWN.get(positions[1], positions[1])}")
     return changes
 
 
-_POSITIONS_SHOWN = {None: "every position, BOS too (gsae before 2026-11-29)", DOWNSTREAM_POSITIONS: "the spliced positions"}
+_POSITIONS_SHOWN = {None: "as gsae did before 2026-11-29", DOWNSTREAM_POSITIONS: "over the spliced positions"}
 
 
 def read_eval(run: Run) -> dict[str, Any] | None:
@@ -413,8 +413,8 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
                      "reconstruction metrics use those")
     if min(tokens, held_out) < config.dead_tokens:  # training's dead % (summary.json) counts over dead_tokens
         notes.append(f"dead % here counts the latents silent over the {min(tokens, held_out):,} rows evaluated per "
-                     f"layer; training calls a latent dead after {config.dead_tokens:,} tokens without firing, so "
-                     "this dead % reads higher than training's")
+                     f"layer; training calls a latent dead after {config.dead_tokens:,} tokens without firing (over all "
+                     "the layers of its SAE), so this dead % can read higher than training's")
     if lm is not None and windows > len(input_ids):
         notes.append(f"the held-out slice holds {len(input_ids)} whole window{'s' if len(input_ids) > 1 else ''} "
                      f"(fewer than the {windows} to evaluate): the downstream metrics use {len(input_ids)}")

@@ -184,11 +184,13 @@ def check_comparable(paths: list[str], runs: list["RunSummary"] | None = None) -
                 raise GsaeError(f"cannot compare {first.path} and {other.path}: they were evaluated otherwise "
                                 f"({'; '.join(evaluated)}: what each measured); evaluate them alike with `gsae eval`")
         elif (known := first.evaluated_with or other.evaluated_with) and known.get("downstream_positions") and known.get("windows"):
-            # an eval.json recording no arguments is older still: its CE and KL (if any) were averaged over BOS too
+            # an eval.json recording no arguments is older still: its CE and KL, where it has them, were averaged
+            # as before 2026-11-29
             older = first if first.evaluated_with is None else other
-            raise GsaeError(f"cannot compare {first.path} and {other.path}: the eval.json of {older.path} is a gsae's "
-                            "from before 2026-11-29 (it records no arguments), whose CE and KL were averaged over every "
-                            "position, BOS too; evaluate them alike with `gsae eval`")
+            if any("ce_clean" in record for record in older.records):
+                raise GsaeError(f"cannot compare {first.path} and {other.path}: the eval.json of {older.path} comes from a "
+                                "gsae before 2026-11-29, which averaged CE and KL over other positions; evaluate it "
+                                f"again with `gsae eval --run {older.path}`")
     reference = next((r for r in runs if r.label == "baseline"), runs[0])
     for run in runs:
         shape = [f"{key} {reference.sae.get(key)} vs {run.sae.get(key)}" for key in reference.sae

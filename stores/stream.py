@@ -48,8 +48,13 @@ def split_chunks(store: ActivationStore, eval_fraction: float = HELD_OUT_FRACTIO
     if n < 2:
         raise ValueError(f"the cache has {n} chunk; training needs at least 2 (one is held out): cache more "
                          "tokens, or fewer per chunk (`gsae cache --chunk-tokens`)")
-    held_out = max(1, round(n * eval_fraction))
+    held_out = held_out_chunks(n, eval_fraction)
     return list(range(n - held_out)), list(range(n - held_out, n))
+
+
+def held_out_chunks(n_chunks: int, eval_fraction: float = HELD_OUT_FRACTION) -> int:
+    """How many of a cache's last chunks training holds out: ~``eval_fraction`` of them, at least one."""
+    return max(1, round(n_chunks * eval_fraction))
 
 
 def as_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:

@@ -771,6 +771,54 @@ def test_a_corpus_that_runs_out_says_how_to_cut_it_into_enough_chunks(tiny_neox,
     assert again.n_tokens == suggested and again.n_chunks >= 10
     training, held_out = split_chunks(again)
     assert len(held_out) == 1 and len(training) == again.n_chunks - 1
-    # a chunk size the user chose is theirs: no advice about it
+    # a chunk size the user chose: no --tokens to suggest, but the cache cannot be trained on as it is
     code, _, err = run_cli([*args, "--cache", tmp_path / "c3", "--tokens", 10_000_000, "--chunk-tokens", 100_000], capsys)
-    assert code == 0 and "ran out" in err and "cache it again" not in err, err
+    assert code == 0 and "ran out" in err and "--tokens" not in err and "a smaller --chunk-tokens" in err, err
+
+
+def test_the_chunking_advice_holds_for_every_corpus_size():
+    """Over corpus sizes from a window to a few hundred thousand tokens (whole windows, as a cache holds), against
+    the checks training and
+    evaluation make (stores.stream.split_chunks, pipeline.evaluate.check_held_out) on the chunk grid each layout
+    gives: silent only where the cache trains and evaluates and holds out at most ~10%; a suggested --tokens
+    makes a cache that trains and evaluates; "too small" only where even that would not."""
+    from types import SimpleNamespace
+
+    from pipeline.cache import chunking_advice
+    from pipeline.errors import GsaeError
+    from pipeline.evaluate import check_held_out
+    from stores import default_chunk_tokens
+    from stores.stream import split_chunks
+
+    def usable(tokens: int, chunk: int, window: int) -> tuple[bool, float]:
+        store = SimpleNamespace(n_chunks=-(-tokens // chunk), n_tokens=tokens, path="c",
+                                attrs={"rows_per_window": window})
+        try:
+            held = split_chunks(store)[1]
+            check_held_out(store, held[0] * chunk, windows=1)
+        except (ValueError, GsaeError):
+            return False, 1.0
+        return True, (tokens - held[0] * chunk) / tokens
+
+    rng = np.random.default_rng(0)
+    sizes = sorted({int(x) for x in np.exp(rng.uniform(np.log(64), np.log(400_000), 400))} | {126, 567, 13797, 45045})
+    for size in sizes:
+        for d_model, window in ((64, 63), (576, 255), (32, 31)):
+            tokens, planned = size - size % window, 10_000_000  # a cache holds whole windows
+            if not tokens:
+                continue
+            chunk = default_chunk_tokens(d_model, "float16", planned, window)
+            advice = chunking_advice(tokens, planned, chunk, d_model, "float16", window, False)
+            ok, share = usable(tokens, chunk, window)
+            if not advice:
+                assert ok and share <= 0.1, (tokens, d_model)
+                continue
+            suggested = re.search(r"--tokens (\d+)", advice)
+            if suggested:
+                assert int(suggested.group(1)) == tokens
+                finer = default_chunk_tokens(d_model, "float16", tokens, window)
+                assert usable(tokens, finer, window)[0], (tokens, d_model, advice)
+                assert f"into {-(-tokens // finer)} equal chunks" in advice
+            else:
+                assert "too small" in advice and not ok, (tokens, d_model, advice)
+                assert not usable(tokens, default_chunk_tokens(d_model, "float16", tokens, window), window)[0]

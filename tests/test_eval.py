@@ -100,9 +100,10 @@ def test_evaluations_of_older_gsae_are_told_apart_by_where_ce_was_averaged():
     new = eval_arguments(tokens=1000, windows=8)
     old = {key: value for key, value in new.items() if key != "downstream_positions"}  # before 2026-11-29
     assert eval_argument_changes(new, new) == []
-    assert eval_argument_changes(old, new) == ["CE and KL averaged over every position, BOS too (gsae before "
-                                               "2026-11-29) → the spliced positions"]
-    assert eval_argument_changes(new, old)[0].startswith("CE and KL averaged over the spliced positions → every")
+    assert eval_argument_changes(old, new) == ["CE and KL averaged as gsae did before 2026-11-29 → over the spliced "
+                                               "positions"]
+    assert eval_argument_changes(new, old) == ["CE and KL averaged over the spliced positions → as gsae did before "
+                                               "2026-11-29"]
     no_ce = eval_arguments(tokens=1000, windows=0)  # no downstream metrics: nothing averaged differently
     assert eval_argument_changes({k: v for k, v in no_ce.items() if k != "downstream_positions"}, no_ce) == []
 
@@ -355,12 +356,21 @@ def test_report_refuses_runs_evaluated_otherwise(pair, tmp_path, capsys):
                                      "--out", tmp_path / "rep"], capsys)[::2])
     assert "evaluated otherwise" in line and str(other) in line
     assert run_cli(["report", "--runs", pair["base"], "--runs", pair["g1"], "--out", tmp_path / "rep"], capsys)[0] == 0
-    # that older eval.json beside one with CE and KL, which it averaged over BOS too: refused, naming it
+    # an eval.json with CE and KL but no arguments (older still: averaged as before 2026-11-29) beside a new one
+    # with them: refused, naming it
     assert run_cli(["eval", "--run", other, "--windows", 2, "--tokens", 1000], capsys)[0] == 0
-    for runs in ((older, other), (other, older)):
+    older_ce = tmp_path / "older_ce"
+    shutil.copytree(pair["base"], older_ce)
+    assert run_cli(["eval", "--run", older_ce, "--windows", 2, "--tokens", 1000], capsys)[0] == 0
+    recorded = json.loads((older_ce / "eval.json").read_text())
+    (older_ce / "eval.json").write_text(json.dumps({key: recorded[key] for key in ("run", "records")}))
+    for runs in ((older_ce, other), (other, older_ce)):
         line = _one_line_error(*run_cli(["report", *[a for run in runs for a in ("--runs", run)],
                                          "--out", tmp_path / "rep"], capsys)[::2])
-        assert f"the eval.json of {older} is a gsae's from before 2026-11-29" in line, line
+        assert f"the eval.json of {older_ce} comes from a gsae before 2026-11-29" in line, line
+        assert line.endswith(f"evaluate it again with `gsae eval --run {older_ce}`"), line
+    # one without CE (made with --windows 0) has nothing averaged otherwise: compared as before
+    assert run_cli(["report", "--runs", older, "--runs", other, "--out", tmp_path / "rep"], capsys)[0] == 0
 
 
 # ---------------------------------------------------------------- bad inputs and comparisons (one line each)
