@@ -308,6 +308,8 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
     status = "complete" if store.complete else (
         f"incomplete: {store.tokens_written:,} of {store.tokens_planned:,} tokens "
         f"({store.chunks_written:,} of {store.n_chunks_planned:,} chunks)")
+    start, stop = store.readable_rows(store.n_chunks - 1) if store.n_chunks else (0, 0)
+    short_last = f" (the last {stop - start:,})" if store.n_chunks > 1 and stop - start != store.chunk_tokens else ""
     table = Table(title=f"gsae cache {store.path}", show_header=False)
     corpus = a.get("corpus", {})
     for name, value in [
@@ -316,8 +318,7 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
         ("revision", str(a.get("model_revision") or "–")),
         ("layers × d_model", f"{store.n_layers} × {store.d_model} ({a.get('hook_point')}, {a.get('blocks_path')})"),
         ("tokens", f"{store.n_tokens:,} in {store.n_chunks} chunk{'' if store.n_chunks == 1 else 's'} "
-                   f"of {store.chunk_tokens:,}" + (f" (the last {last:,})" if store.n_chunks > 1 and (
-                       last := store.n_tokens - (store.n_chunks - 1) * store.chunk_tokens) != store.chunk_tokens else "")),
+                   f"of {store.chunk_tokens:,}{short_last}"),
         ("windows", f"{a.get('context_length')} tokens, "
                     + (f"BOS prepended, {'stored' if a.get('bos_stored') else 'not stored'}" if a.get("prepend_bos")
                        else "no BOS")),

@@ -808,7 +808,7 @@ def chunking_advice(tokens: int, planned: int, chunk_tokens: int, d_model: int, 
     before the corpus was read, from ``planned`` (or by ``--chunk-tokens``): the advice names the ``--tokens``
     that sizes them for what the corpus held, where that cuts it into more chunks, or says the corpus is too
     small.  "" where there is no problem, or nothing better to suggest."""
-    from pipeline.evaluate import MIN_TOKENS
+    from pipeline.evaluate import MIN_TOKENS, whole_windows
 
     n = -(-tokens // chunk_tokens)
 
@@ -817,7 +817,7 @@ def chunking_advice(tokens: int, planned: int, chunk_tokens: int, d_model: int, 
         if -(-tokens // size) < 2:
             return "too few for `gsae train`, which holds one out and trains on the others", True
         held = _held_out_rows(tokens, size)
-        windows = tokens // rows_per_window - -(-(tokens - held) // rows_per_window) if rows_per_window else 1
+        windows = whole_windows(tokens, tokens - held, rows_per_window) if rows_per_window else 1
         if held < MIN_TOKENS or windows < 1:  # as pipeline.evaluate.check_held_out
             return (f"`gsae train` would hold out its last {held:,} rows, too few to evaluate ({MIN_TOKENS} rows "
                     f"and a whole window of {rows_per_window:,} are needed)"), True

@@ -209,8 +209,13 @@ def spec_from_store(store: ActivationStore) -> ModelSpec:
 
 def held_out_window_count(store: ActivationStore, start_row: int) -> int:
     """How many whole windows the held-out rows from ``start_row`` on hold."""
-    rows_per_window = int(store.attrs["rows_per_window"])
-    return store.n_tokens // rows_per_window - -(-start_row // rows_per_window)
+    return whole_windows(store.n_tokens, start_row, int(store.attrs["rows_per_window"]))
+
+
+def whole_windows(n_tokens: int, start_row: int, rows_per_window: int) -> int:
+    """How many whole windows (the cache's, every ``rows_per_window`` rows from row 0) rows ``start_row`` to
+    ``n_tokens`` hold."""
+    return n_tokens // rows_per_window - -(-start_row // rows_per_window)
 
 
 def check_held_out(store: ActivationStore, start_row: int, windows: int) -> None:
