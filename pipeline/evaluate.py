@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
+from pipeline.block_replay import BlockReplay
 from pipeline.errors import GsaeError
 from pipeline.grouping import layer_span
-from pipeline.models import (LoadedModel, ModelSpec, block_output, load_model, matmul_precision, pick_device,
+from pipeline.models import (LoadedModel, ModelSpec, load_model, matmul_precision, pick_device,
                              resolve_model_spec)
 from pipeline.progress import LoggedProgress, RemainingColumn
 from pipeline.ranks import Ranks
@@ -142,7 +143,7 @@ class DownstreamTotals:
     one batch's logits (32 windows of 1,024 tokens of a 50k vocabulary are 6.4 GB of float32 logits per pass).
     CE is the NLL of the next token at those positions but the last (which has none); KL is taken at all of
     them, the last included, as SAELens does.  The clean pass's log-probabilities come in made
-    (:func:`token_log_probs`, once per batch for every layer); each logits tensor is log-softmaxed once, its
+    (:func:`token_log_probs`, once per batch for every layer, and so may KL's weights); each logits tensor is log-softmaxed once, its
     CE the NLL of those (what ``F.cross_entropy`` computes)."""
 
     def __init__(self, first: int = 0) -> None:
@@ -150,20 +151,23 @@ class DownstreamTotals:
         self.ce_tokens, self.kl_tokens, self.clean, self.spliced, self.zero, self.kl = 0, 0, 0.0, 0.0, 0.0, 0.0
 
     def add(self, clean_log_probs: torch.Tensor, spliced_logits: torch.Tensor, zero_logits: torch.Tensor,
-            input_ids: torch.Tensor) -> None:
+            input_ids: torch.Tensor, clean_probs: torch.Tensor | None = None) -> None:
+        """``clean_probs``: ``clean_log_probs[:, first:].exp()``, KL's weights, if made already (once per batch)."""
         first = self.first
-        targets = input_ids[:, first + 1:].reshape(-1)
+        targets = input_ids[:, first + 1:].unsqueeze(-1)
 
         def ce_sum(log_probs: torch.Tensor) -> float:
-            predicting = log_probs[:, first:-1]
-            return float(F.nll_loss(predicting.reshape(-1, predicting.shape[-1]), targets, reduction="sum"))
+            # the NLL of the next tokens, gathered: nll_loss wanted the slice flattened, a copy of the batch's
+            # log-probabilities (0.04 s per call, three per layer, for two 256-token windows of SmolLM2 here)
+            return -float(log_probs[:, first:-1].gather(-1, targets).sum(dtype=torch.float64))
 
         log_spliced = token_log_probs(spliced_logits)
         self.clean += ce_sum(clean_log_probs)
         self.spliced += ce_sum(log_spliced)
         self.zero += ce_sum(token_log_probs(zero_logits))
         clean, spliced = clean_log_probs[:, first:], log_spliced[:, first:]
-        self.kl += float((clean.exp() * (clean - spliced)).sum())
+        weights = clean.exp() if clean_probs is None else clean_probs
+        self.kl += float((weights * (clean - spliced)).sum())
         self.ce_tokens += targets.numel()
         self.kl_tokens += clean.shape[0] * clean.shape[1]
 
@@ -264,23 +268,6 @@ def _zero_from(first: int, hidden: torch.Tensor) -> torch.Tensor:
     out = hidden.clone()
     out[:, first:] = 0
     return out
-
-
-def _run_with_block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int, replace) -> torch.Tensor:
-    """Logits with block ``layer``'s output passed through ``replace`` (None: untouched)."""
-    handle = None
-    if replace is not None:
-        def hook(module: Any, inputs: Any, output: Any):
-            hidden = block_output(output)
-            new = replace(hidden)
-            return (new, *output[1:]) if isinstance(output, (tuple, list)) else new
-        handle = lm.blocks[layer].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            return lm.model(input_ids=input_ids, use_cache=False).logits
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 def eval_arguments(tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_WINDOWS,
@@ -445,25 +432,29 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         # (all of them were 6.4 GB for 32 windows of 1,024 tokens of a 50k vocabulary); each layer's sums run
         # over the batches in the same order as one layer at a time would take them
         totals = [DownstreamTotals(first) for _ in layers]
+        # the spliced and zero-ablated passes run from the clean pass's output of their block on, where the model
+        # allows it (checked on the first batch): the same logits, the blocks before it not run again
+        passes_from = BlockReplay(lm, [layer for _, _, layer in layers])
         shown = 0
         for ids in batches:
             span = f"windows {shown + 1}–{shown + len(ids)}" if len(ids) > 1 else f"window {shown + 1}"
             where = f", {span} of {len(input_ids)}" if len(batches) > 1 else ""
             shown += len(ids)
             stage(f"(clean forward pass{where})")
-            clean = token_log_probs(_run_with_block_output(lm, ids, 0, None))
+            clean = token_log_probs(passes_from.clean(ids))
+            clean_probs = clean[:, first:].exp()  # KL's weights, the same for every layer
             step_done()
             for (sae, sae_config, layer), total in zip(layers, totals):
                 stage(f"layer {layer} (spliced forward pass{where})")
-                spliced_logits = _run_with_block_output(
-                    lm, ids, layer, _splicer(sae, sae_config["scales"][str(layer)], first, torch_device, config.tf32))
+                spliced_logits = passes_from.run(
+                    layer, _splicer(sae, sae_config["scales"][str(layer)], first, torch_device, config.tf32))
                 step_done()
                 stage(f"layer {layer} (zero-ablated forward pass{where})")
-                zero_logits = _run_with_block_output(lm, ids, layer, functools.partial(_zero_from, first))
+                zero_logits = passes_from.run(layer, functools.partial(_zero_from, first))
                 step_done()
-                total.add(clean, spliced_logits, zero_logits, ids)
+                total.add(clean, spliced_logits, zero_logits, ids, clean_probs)
                 del spliced_logits, zero_logits
-            del clean
+            del clean, clean_probs
         for record, total in zip(records, totals):
             record.update(total.metrics())
             record["eval_windows"] = int(input_ids.shape[0])

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import make_cache, run_cli
-from pipeline.evaluate import _run_with_block_output, downstream_metrics, reconstruction_metrics
+from pipeline.block_replay import run_with_block_output
+from pipeline.evaluate import downstream_metrics, reconstruction_metrics
 from pipeline.models import load_model, resolve_model_spec
 
 
@@ -43,9 +44,9 @@ def test_per_token_ev_centres_on_the_mean_it_is_given():
 def test_identity_splice_gives_zero_delta_and_kl(tiny_llama):
     lm = load_model(resolve_model_spec(str(tiny_llama)), torch.device("cpu"))
     ids = torch.randint(0, 400, (3, 20))
-    clean = _run_with_block_output(lm, ids, 0, None)
-    identity = _run_with_block_output(lm, ids, 1, lambda h: h.clone())
-    zero = _run_with_block_output(lm, ids, 1, lambda h: torch.zeros_like(h))
+    clean = run_with_block_output(lm, ids, 0, None)
+    identity = run_with_block_output(lm, ids, 1, lambda h: h.clone())
+    zero = run_with_block_output(lm, ids, 1, lambda h: torch.zeros_like(h))
     m = downstream_metrics(clean, identity, zero, ids)
     assert m["delta_ce_percent"] == pytest.approx(0, abs=1e-5) and m["kl_divergence"] == pytest.approx(0, abs=1e-6)
     assert m["ce_recovered"] == pytest.approx(1.0)
@@ -62,9 +63,9 @@ def test_downstream_metrics_equal_a_float64_position_by_position_reference(tiny_
 
     lm = load_model(resolve_model_spec(str(tiny_llama)), torch.device("cpu"))
     ids = torch.randint(0, 400, (3, 12), generator=torch.Generator().manual_seed(1))
-    clean = _run_with_block_output(lm, ids, 0, None)
-    noisy = _run_with_block_output(lm, ids, 1, lambda h: torch.cat([h[:, :1], h[:, 1:].flip(-1)], dim=1))
-    zero = _run_with_block_output(lm, ids, 1, lambda h: torch.cat([h[:, :1], torch.zeros_like(h[:, 1:])], dim=1))
+    clean = run_with_block_output(lm, ids, 0, None)
+    noisy = run_with_block_output(lm, ids, 1, lambda h: torch.cat([h[:, :1], h[:, 1:].flip(-1)], dim=1))
+    zero = run_with_block_output(lm, ids, 1, lambda h: torch.cat([h[:, :1], torch.zeros_like(h[:, 1:])], dim=1))
     assert torch.equal(clean[:, 0], noisy[:, 0])  # causal: BOS's logits do not see the splice
     for first in (0, 1):
         p, q, z = (torch.log_softmax(x.double(), -1) for x in (clean, noisy, zero))
@@ -459,8 +460,10 @@ def test_eval_shows_its_progress_over_its_steps(pair, tmp_path, monkeypatch):
             return stage(*args, **kwargs)
         return slow
 
-    for name in ("layer_reconstruction", "_run_with_block_output"):
-        monkeypatch.setattr(evaluate, name, slowed(getattr(evaluate, name)))
+    import pipeline.block_replay as block_replay
+
+    for module, name in ((evaluate, "layer_reconstruction"), (block_replay, "run_with_block_output")):
+        monkeypatch.setattr(module, name, slowed(getattr(module, name)))
     monkeypatch.setattr(evaluate, "PROGRESS_EVERY", 0.03)
     log = io.StringIO()
     records = evaluate.evaluate_run(str(run), windows=2, console=Console(file=log, force_terminal=False, width=200))
