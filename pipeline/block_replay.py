@@ -10,10 +10,10 @@ about 40% less forward work per layer on average.
 
 This works through the model's own forward, whatever its architecture, as long as its blocks pass on nothing
 but their outputs.  Whether they do is checked, not assumed: before the first batch, every evaluated layer is
-replayed unchanged on the first window's first tokens and must give their clean logits; a layer that does not
-(or fails) has every pass run through the whole model with a hook, as it always could.  (Gemma 3n and Gemma 4
-with shared keys and values fail it for the layers before the last that stores them: the later layers read
-those from a dict the earlier ones fill as they run.)
+replayed with a replacement on the first window's first tokens and must give the whole model's logits with that
+replacement; a layer that does not (or fails) has its passes run through the whole model with a hook, as they
+always could.  (Gemma 3n and Gemma 4 with shared keys and values fail it from the first layer that stores them
+up to the one before the last: a later layer reads them from a dict that the skipped blocks would have filled.)
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class _StandIn(nn.Module):
         super().__init__()
         object.__setattr__(self, "_block", block)
         object.__setattr__(self, "_output", output)
+        self.train(block.training)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._output()
@@ -75,7 +76,15 @@ class _StandIn(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_block"], name)
+            block = self.__dict__.get("_block")
+            if block is None:
+                raise
+            return getattr(block, name)
+
+
+def _probe(hidden: torch.Tensor) -> torch.Tensor:
+    """The check's replacement: one that moves every later logit."""
+    return hidden.flip(-1)
 
 
 class BlockReplay:
@@ -87,19 +96,25 @@ class BlockReplay:
         self.layers = sorted(set(layers), reverse=True)  # deepest first: each saves the most blocks
         self.kept_bytes = KEPT_BYTES if kept_bytes is None else kept_bytes
         self.replayable: set[int] | None = None  # the layers that passed the check; None until checked
-        self._kept: dict[int, tuple[Any, torch.Tensor]] = {}  # layer: (its clean output, that hidden state cloned)
+        self._token_bytes: dict[int, float] = {}  # a kept output's bytes per token, per layer (from the check)
+        self._kept: dict[int, tuple[Any, torch.Tensor]] = {}  # layer: (its clean output, its hidden state copied)
         self.input_ids: torch.Tensor | None = None
 
     def clean(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The clean logits of ``input_ids``; keeps the evaluated blocks' outputs for :meth:`run` (the first time,
-        after checking that replaying them gives the clean logits)."""
-        keep = self._layers_to_keep(input_ids)
-        if self.replayable is None and keep:
-            # every layer (a later, shorter batch may keep more), on the first window's first CHECK_TOKENS: the
-            # check's passes then cost little beside the batch's (on the whole first batch they added half the
-            # evaluation of a single-batch run)
+        after checking which layers replay exactly)."""
+        budget = self._budget()
+        if self.replayable is None and budget > 0:
+            # every layer, on the first window's first CHECK_TOKENS: the check's passes then cost little beside
+            # the batch's (on the whole first batch they added half the evaluation of a single-batch run)
             self.replayable = self._check(input_ids[:1, :CHECK_TOKENS])
-        logits, self._kept = self._recorded(input_ids, [layer for layer in keep if layer in (self.replayable or ())])
+        keep, held = [], 0.0
+        for layer in self.layers if budget > 0 else []:
+            size = self._token_bytes.get(layer, 0.0) * input_ids.numel()
+            if layer in (self.replayable or ()) and held + size <= budget:
+                keep.append(layer)
+                held += size
+        logits, self._kept = self._recorded(input_ids, keep)
         return logits
 
     def run(self, layer: int, replace: Replace) -> torch.Tensor:
@@ -109,24 +124,30 @@ class BlockReplay:
             return run_with_block_output(self.lm, self.input_ids, layer, replace)
         return self._replayed(layer, replace)
 
-    def _layers_to_keep(self, input_ids: torch.Tensor) -> list[int]:
-        dtype = next(self.lm.model.parameters()).dtype
-        each = input_ids.numel() * self.lm.d_model * dtype.itemsize
-        return self.layers[: max(0, self.kept_bytes // max(1, each))]
+    def _budget(self) -> int:
+        """Bytes the kept outputs may take: KEPT_BYTES, and on a GPU at most a quarter of its free memory (the
+        logits of a pass and their log-probabilities need room beside them)."""
+        device = self.lm.device
+        if device.type == "cuda":
+            return min(self.kept_bytes, torch.cuda.mem_get_info(device)[0] // 4)
+        return self.kept_bytes
 
     def _replayed(self, layer: int, replace: Replace | None) -> torch.Tensor:
         output, hidden = self._kept[layer]
+        # what the stand-ins before ``layer`` return goes only to the next stand-in, which ignores it: an empty
+        # tensor, so that nothing the model does between blocks can write into the kept one
+        ignored = with_output(output, torch.empty_like(hidden))
 
         def replaced() -> Any:  # each pass gets a hidden state of its own: the kept one stays clean
             return with_output(output, replace(hidden.clone()) if replace is not None else hidden.clone())
 
-        with self._standing_in(layer, replaced, lambda: output):
+        with self._standing_in(layer, replaced, lambda: ignored):
             return run_with_block_output(self.lm, self.input_ids, layer, None)
 
     @contextlib.contextmanager
     def _standing_in(self, layer: int, replaced: Callable[[], Any], ignored: Callable[[], Any]) -> Iterator[None]:
         """Blocks 0..``layer`` replaced by stand-ins: ``layer``'s hands on ``replaced()``, the ones before it
-        ``ignored()`` (what they return goes only to the next stand-in, which ignores it)."""
+        ``ignored()``."""
         blocks = self.lm.blocks
         originals = [blocks[i] for i in range(layer + 1)]
         try:
@@ -143,7 +164,10 @@ class BlockReplay:
 
         def keeper(layer: int):
             def hook(module: Any, inputs: Any, output: Any) -> None:
-                kept[layer] = (output, block_output(output).clone())  # a copy: a later block may change it in place
+                # a copy, as the output's only hidden state (the block's own goes with the pass): a later block
+                # may change its input in place
+                hidden = block_output(output).clone()
+                kept[layer] = (with_output(output, hidden), hidden)
             return hook
 
         self.input_ids, self._kept = input_ids, {}
@@ -155,17 +179,25 @@ class BlockReplay:
                 handle.remove()
 
     def _check(self, input_ids: torch.Tensor) -> set[int]:
-        """The evaluated layers that, replayed unchanged on ``input_ids``, give the clean logits."""
-        clean, self._kept = self._recorded(input_ids, self.layers)
-        scale = max(1.0, float(clean.abs().max()))
+        """The evaluated layers whose replay of a replacement (:func:`_probe`) on ``input_ids`` gives the whole
+        model's logits with that replacement.  A replacement that changes the logits, not none: where the model's
+        loop never calls the stand-ins (blocks it holds elsewhere too), an unchanged replay would equal the clean
+        pass while every spliced one did too."""
+        _, self._kept = self._recorded(input_ids, self.layers)
         agree = set()
         try:
             for layer in self.layers:
+                if layer not in self._kept:  # the model's forward never ran this block
+                    continue
+                hidden = self._kept[layer][1]
+                self._token_bytes[layer] = hidden.numel() * hidden.element_size() / input_ids.numel()
+                expected = run_with_block_output(self.lm, input_ids, layer, _probe)
                 try:
-                    replayed = self._replayed(layer, None)
+                    replayed = self._replayed(layer, _probe)
                 except Exception:  # a model whose loop needs more from its blocks than their outputs
                     continue
-                if replayed.shape == clean.shape and float((replayed - clean).abs().max()) <= AGREE * scale:
+                scale = max(1.0, float(expected.abs().max()))
+                if replayed.shape == expected.shape and float((replayed - expected).abs().max()) <= AGREE * scale:
                     agree.add(layer)
             return agree
         finally:

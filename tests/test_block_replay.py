@@ -150,3 +150,29 @@ def test_outputs_kept_within_the_budget_deepest_first(tiny_llama):
     nothing.clean(ids)
     assert nothing.replayable is None and not nothing._kept  # nothing kept, nothing checked
     assert torch.equal(nothing.run(1, _zero), run_with_block_output(lm, ids, 1, _zero))
+
+
+def test_a_model_that_never_calls_the_stand_ins_runs_the_whole_model(tiny_llama):
+    """Where the forward runs blocks held elsewhere (here lm.blocks is a copy of the model's list), a replay is
+    a clean pass whatever the replacement: an unchanged replay would pass a check against the clean logits, so the
+    check replays a replacement and compares with the whole model's (found in review)."""
+    lm = load_model(resolve_model_spec(str(tiny_llama)), torch.device("cpu"))
+    lm.blocks = torch.nn.ModuleList(list(lm.blocks))
+    ids = _ids(lm)
+    replay = BlockReplay(lm, range(lm.n_layers))
+    replay.clean(ids)
+    assert replay.replayable == set()
+    for layer in range(lm.n_layers):
+        assert torch.equal(replay.run(layer, _flip), run_with_block_output(lm, ids, layer, _flip))
+
+
+def test_kept_outputs_hold_one_copy_each(tiny_llama):
+    """The kept output's hidden state is the copy (the block's own is let go with its pass), and the budget counts
+    what a kept layer takes per token."""
+    lm = load_model(resolve_model_spec(str(tiny_llama)), torch.device("cpu"))
+    ids = _ids(lm)
+    replay = BlockReplay(lm, range(lm.n_layers))
+    replay.clean(ids)
+    for output, hidden in replay._kept.values():
+        assert (output[0] if isinstance(output, tuple) else output) is hidden
+    assert replay._token_bytes == {layer: lm.d_model * 4 for layer in range(lm.n_layers)}

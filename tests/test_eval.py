@@ -768,3 +768,42 @@ def test_the_model_of_a_cache_is_found_at_its_commit_or_by_its_files(tiny_neox, 
     (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
     with pytest.raises(GsaeError, match="is not the one the cache c was made with .*; put that model back"):
         spec_from_store(local)
+
+
+@pytest.mark.parametrize("kept", ["default", 0])
+def test_eval_splices_each_layer_as_passes_composed_by_hand(pair, tmp_path, capsys, monkeypatch, kept):
+    """eval.json's CE and KL per layer equal downstream_metrics of whole-model passes composed here, each with
+    that layer's own SAE and scale, one window at a time or all at once; with the passes from the replaced block
+    on (the default) and with every pass through the whole model (nothing kept)."""
+    import shutil
+
+    import pipeline.block_replay as block_replay
+    import pipeline.evaluate as evaluate
+    from pipeline.run import Run
+    from stores import ActivationStore
+
+    if kept != "default":
+        monkeypatch.setattr(block_replay, "KEPT_BYTES", kept)
+    monkeypatch.setattr(evaluate, "_LOGITS_BYTES", 1)  # a window per pass: three batches
+    run = tmp_path / "g1"
+    shutil.copytree(pair["base"], run)  # one SAE per layer: a layer spliced with another's SAE shows
+    code, _, err = run_cli(["eval", "--run", run, "--windows", 3, "--tokens", 100, "--device", "cpu"], capsys)
+    assert code == 0, err
+    records = json.loads((run / "eval.json").read_text())["records"]
+    trained = Run.open(str(run), need="trained")
+    store = ActivationStore.open(trained.config.cache)
+    lm = load_model(evaluate.spec_from_store(store), torch.device("cpu"))
+    ids = evaluate.held_out_windows(store, int(trained.config.eval_rows[0]), 3, None)
+    first = 1 if store.attrs.get("prepend_bos") else 0
+    clean = run_with_block_output(lm, ids, 0, None)
+    layers = {layer: (sae, config) for sae, config in trained.load_saes() for layer in config["layers"]}
+    assert [r["layer"] for r in records] == sorted(layers) and len(layers) >= 2
+    for record in records:
+        sae, config = layers[record["layer"]]
+        splice = evaluate._splicer(sae, config["scales"][str(record["layer"])], first, torch.device("cpu"), False)
+        spliced = run_with_block_output(lm, ids, record["layer"], splice)
+        zero = run_with_block_output(lm, ids, record["layer"], lambda h: torch.cat(
+            [h[:, :first], torch.zeros_like(h[:, first:])], dim=1))
+        expected = downstream_metrics(clean, spliced, zero, ids, first)
+        for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "kl_divergence"):
+            assert record[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), (record["layer"], key)
