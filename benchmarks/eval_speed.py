@@ -44,8 +44,11 @@ def largest_difference(a: list[dict], b: list[dict]) -> float:
     worst = 0.0
     for x, y in zip(a, b):
         for key in _METRICS:
-            if key in x and not (math.isnan(x[key]) and math.isnan(y[key])):
-                worst = max(worst, abs(x[key] - y[key]) / max(1e-12, abs(x[key])))
+            if key not in x or (math.isnan(x[key]) and math.isnan(y[key])):
+                continue
+            if math.isnan(x[key]) or math.isnan(y[key]):
+                return math.inf
+            worst = max(worst, abs(x[key] - y[key]) / max(1e-12, abs(x[key])))
     return worst
 
 
