@@ -122,54 +122,54 @@ def configs():
                                           layer_types=["sliding_attention", "full_attention"] * 2)
     # ---- extras beyond the brief's list (hybrids, KV sharing, and encoders for the refusal path) ----
     LT4 = ["sliding_attention", "full_attention"] * 2
-    c["x_gemma3n"] = lambda: t.Gemma3nTextConfig(hidden_size=H, num_hidden_layers=4, num_attention_heads=4,
+    c["gemma3n"] = lambda: t.Gemma3nTextConfig(hidden_size=H, num_hidden_layers=4, num_attention_heads=4,
                                                  num_key_value_heads=2, head_dim=8, intermediate_size=64,
                                                  max_position_embeddings=256, sliding_window=16, layer_types=LT4,
                                                  vocab_size_per_layer_input=512, hidden_size_per_layer_input=8,
                                                  num_kv_shared_layers=2, laurel_rank=4, altup_num_inputs=2,
                                                  activation_sparsity_pattern=[0.0] * 4)
-    c["x_gemma4"] = lambda: t.Gemma4TextConfig(hidden_size=H, num_hidden_layers=4, num_attention_heads=4,
+    c["gemma4"] = lambda: t.Gemma4TextConfig(hidden_size=H, num_hidden_layers=4, num_attention_heads=4,
                                                num_key_value_heads=2, head_dim=8, global_head_dim=8,
                                                intermediate_size=64, max_position_embeddings=256, sliding_window=16,
                                                layer_types=LT4, vocab_size_per_layer_input=512,
                                                hidden_size_per_layer_input=8, num_kv_shared_layers=2)
-    c["x_gemma4_noshare"] = lambda: t.Gemma4TextConfig(hidden_size=H, num_hidden_layers=4, num_attention_heads=4,
+    c["gemma4_noshare"] = lambda: t.Gemma4TextConfig(hidden_size=H, num_hidden_layers=4, num_attention_heads=4,
                                                        num_key_value_heads=2, head_dim=8, global_head_dim=8,
                                                        intermediate_size=64, max_position_embeddings=256,
                                                        sliding_window=16, layer_types=LT4,
                                                        vocab_size_per_layer_input=512,
                                                        hidden_size_per_layer_input=8, num_kv_shared_layers=0)
-    c["x_qwen3_next"] = lambda: t.Qwen3NextConfig(**L, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8,
+    c["qwen3_next"] = lambda: t.Qwen3NextConfig(**L, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8,
                                                   linear_num_key_heads=2, linear_num_value_heads=4, num_experts=4,
                                                   num_experts_per_tok=2, moe_intermediate_size=32,
                                                   shared_expert_intermediate_size=32,
                                                   layer_types=["linear_attention", "full_attention"] * 2)
-    c["x_falcon_h1"] = lambda: t.FalconH1Config(**L, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8,
+    c["falcon_h1"] = lambda: t.FalconH1Config(**L, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8,
                                                 mamba_d_state=8, mamba_chunk_size=16)
-    c["x_lfm2"] = lambda: t.Lfm2Config(**L, full_attn_idxs=[1, 3], block_multiple_of=16)
-    c["x_bamba"] = lambda: t.BambaConfig(**L, attn_layer_indices=[1, 3], mamba_n_heads=8, mamba_d_head=8,
+    c["lfm2"] = lambda: t.Lfm2Config(**L, full_attn_idxs=[1, 3], block_multiple_of=16)
+    c["bamba"] = lambda: t.BambaConfig(**L, attn_layer_indices=[1, 3], mamba_n_heads=8, mamba_d_head=8,
                                          mamba_d_state=8, mamba_chunk_size=16)
-    c["x_granitemoehybrid"] = lambda: t.GraniteMoeHybridConfig(**L, num_local_experts=4, shared_intermediate_size=32,
+    c["granitemoehybrid"] = lambda: t.GraniteMoeHybridConfig(**L, num_local_experts=4, shared_intermediate_size=32,
                                                                layer_types=["mamba", "attention"] * 2,
                                                                mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8,
                                                                mamba_chunk_size=16)
-    c["x_nemotron_h"] = lambda: t.NemotronHConfig(hidden_size=H, num_attention_heads=4, num_key_value_heads=2,
+    c["nemotron_h"] = lambda: t.NemotronHConfig(hidden_size=H, num_attention_heads=4, num_key_value_heads=2,
                                                   head_dim=8, intermediate_size=64, max_position_embeddings=256,
                                                   layers_block_type=["mamba", "attention", "mlp", "mamba"],
                                                   ssm_state_size=8, mamba_num_heads=8, mamba_head_dim=8, n_groups=1,
                                                   chunk_size=16, use_mamba_kernels=False)
-    c["x_cohere2"] = lambda: t.Cohere2Config(**L, sliding_window=16, pad_token_id=0,
+    c["cohere2"] = lambda: t.Cohere2Config(**L, sliding_window=16, pad_token_id=0,
                                              layer_types=LT4)
-    c["x_olmo3"] = lambda: t.Olmo3Config(**L, sliding_window=16, pad_token_id=0, layer_types=LT4)
-    c["x_llama4_text"] = lambda: t.Llama4TextConfig(**L, head_dim=8, intermediate_size_mlp=64, num_local_experts=2,
+    c["olmo3"] = lambda: t.Olmo3Config(**L, sliding_window=16, pad_token_id=0, layer_types=LT4)
+    c["llama4_text"] = lambda: t.Llama4TextConfig(**L, head_dim=8, intermediate_size_mlp=64, num_local_experts=2,
                                                     attention_chunk_size=16, no_rope_layer_interval=2)
-    c["x_rwkv"] = lambda: t.RwkvConfig(hidden_size=H, num_hidden_layers=3, attention_hidden_size=H,
+    c["rwkv"] = lambda: t.RwkvConfig(hidden_size=H, num_hidden_layers=3, attention_hidden_size=H,
                                        intermediate_size=64, context_length=256)
-    c["x_bert"] = lambda: t.BertConfig(hidden_size=H, num_hidden_layers=3, num_attention_heads=4,
+    c["bert"] = lambda: t.BertConfig(hidden_size=H, num_hidden_layers=3, num_attention_heads=4,
                                        intermediate_size=64, max_position_embeddings=256)
-    c["x_bert_decoder"] = lambda: t.BertConfig(hidden_size=H, num_hidden_layers=3, num_attention_heads=4,
+    c["bert_decoder"] = lambda: t.BertConfig(hidden_size=H, num_hidden_layers=3, num_attention_heads=4,
                                                intermediate_size=64, max_position_embeddings=256, is_decoder=True)
-    c["x_t5"] = lambda: t.T5Config(d_model=H, d_kv=8, d_ff=64, num_layers=3, num_heads=4)
+    c["t5"] = lambda: t.T5Config(d_model=H, d_kv=8, d_ff=64, num_layers=3, num_heads=4)
     return c
 
 
@@ -337,10 +337,12 @@ def summary(results: list[dict]) -> None:
     every = [r for r in loaded if all(b.get("usable") == list(range(r["n_layers"])) for b in r.get("batches", []))]
     diffs = [b.get("max_rel_diff") for r in loaded for b in r.get("batches", [])]
     errors = [r["arch"] for r in loaded if r.get("error") or any(b.get("error") for b in r.get("batches", []))]
+    others = sorted(f"{r['arch']} {r['batches'][0].get('usable')}" for r in loaded if r not in every)
     print(f"{len(results)} configurations, {len(loaded)} loaded by gsae, {len(every)} with every layer replayable; "
-          f"the others: {', '.join(sorted(r['arch'] + ' ' + str(r['batches'][0].get('usable')) for r in loaded if r not in every)) or 'none'}")
-    print(f"largest difference, replayed ÷ whole model's logits, relative to their largest: "
-          f"{max((d for d in diffs if d is not None), default=float('nan')):.3g}; errors: {', '.join(errors) or 'none'}")
+          f"the others (the layers that are): {', '.join(others) or 'none'}")
+    largest = max((d for d in diffs if d is not None), default=float("nan"))
+    print(f"largest difference, replayed ÷ whole model's logits, relative to their largest: {largest:.3g}; "
+          f"errors: {', '.join(errors) or 'none'}")
     whole = sum(b.get("t_whole", 0) for r in loaded for b in r.get("batches", []))
     replayed = sum(b.get("t_run", 0) for r in loaded for b in r.get("batches", []))
     print(f"time of the replaced passes, summed: replayed ÷ whole model = {replayed / max(whole, 1e-9):.3f}")
@@ -355,7 +357,8 @@ if __name__ == "__main__":
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("archs", nargs="*", help="configurations to run (default: all)")
-    parser.add_argument("--workdir", default=None, help="where the models and results.jsonl go (default: a temporary folder)")
+    parser.add_argument("--workdir", default=None,
+                        help="where the models and results.jsonl go (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         WORK = Path(args.workdir or scratch).resolve()

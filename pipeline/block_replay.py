@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.models import LoadedModel, block_output
 
 Replace = Callable[[torch.Tensor], torch.Tensor]
+Kept = tuple[Any, torch.Tensor]  # a block's clean output (its hidden state the copy), and that copy
 
 #: kept clean block outputs per batch of windows at most (deepest layers first: they save the most blocks)
 KEPT_BYTES = 1 << 30
@@ -43,7 +44,8 @@ def with_output(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
 
 
-def run_with_block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int, replace: Replace | None) -> torch.Tensor:
+def run_with_block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int,
+                          replace: Replace | None) -> torch.Tensor:
     """Logits of the whole model with block ``layer``'s output passed through ``replace`` (None: untouched)."""
     handle = None
     if replace is not None:
@@ -97,7 +99,7 @@ class BlockReplay:
         self.kept_bytes = KEPT_BYTES if kept_bytes is None else kept_bytes
         self.replayable: set[int] | None = None  # the layers that passed the check; None until checked
         self._token_bytes: dict[int, float] = {}  # a kept output's bytes per token, per layer (from the check)
-        self._kept: dict[int, tuple[Any, torch.Tensor]] = {}  # layer: (its clean output, its hidden state copied)
+        self._kept: dict[int, Kept] = {}
         self.input_ids: torch.Tensor | None = None
 
     def clean(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -158,9 +160,9 @@ class BlockReplay:
             for i, block in enumerate(originals):
                 blocks[i] = block
 
-    def _recorded(self, input_ids: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, dict[int, tuple[Any, torch.Tensor]]]:
+    def _recorded(self, input_ids: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, dict[int, Kept]]:
         """The clean logits of ``input_ids``, and the outputs of blocks ``keep`` (the batch :meth:`run` replaces in)."""
-        kept: dict[int, tuple[Any, torch.Tensor]] = {}
+        kept: dict[int, Kept] = {}
 
         def keeper(layer: int):
             def hook(module: Any, inputs: Any, output: Any) -> None:

@@ -143,8 +143,8 @@ class DownstreamTotals:
     one batch's logits (32 windows of 1,024 tokens of a 50k vocabulary are 6.4 GB of float32 logits per pass).
     CE is the NLL of the next token at those positions but the last (which has none); KL is taken at all of
     them, the last included, as SAELens does.  The clean pass's log-probabilities come in made
-    (:func:`token_log_probs`, once per batch for every layer, and so may KL's weights); each logits tensor is log-softmaxed once, its
-    CE the NLL of those (what ``F.cross_entropy`` computes)."""
+    (:func:`token_log_probs`, once per batch for every layer, and so may KL's weights); each logits tensor is
+    log-softmaxed once, its CE the NLL of those (what ``F.cross_entropy`` computes)."""
 
     def __init__(self, first: int = 0) -> None:
         self.first = first
@@ -433,7 +433,7 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         # over the batches in the same order as one layer at a time would take them
         totals = [DownstreamTotals(first) for _ in layers]
         # the spliced and zero-ablated passes run from the clean pass's output of their block on, where the model
-        # allows it (checked on the first batch): the same logits, the blocks before it not run again
+        # allows it (checked per layer before the first batch): the same logits, the blocks before not run again
         passes_from = BlockReplay(lm, [layer for _, _, layer in layers])
         shown = 0
         for ids in batches:
