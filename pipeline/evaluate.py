@@ -321,17 +321,21 @@ def check_eval_arguments(tokens: int, windows: int, context_length: int | None) 
 
 
 def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_WINDOWS, context_length: int | None = None,
-                 device: str = "auto", console: Any = None, cache: str | None = None) -> list[dict[str, Any]]:
+                 device: str = "auto", console: Any = None, cache: str | None = None,
+                 models: dict[tuple[ModelSpec, torch.device], LoadedModel] | None = None) -> list[dict[str, Any]]:
     """Evaluate every layer of a run; writes ``<run>/eval.json`` and returns its records.  On CUDA the SAEs'
     float32 matmuls run in TF32 where the run trained so (``tf32`` in its config), as its held-out FVU was
     measured; the language model runs in full float32, as it ran to make the cache (:func:`matmul_precision`,
-    for this call only).  ``cache``: where the run's cache is now, if it moved (checked by its fingerprint)."""
+    for this call only).  ``cache``: where the run's cache is now, if it moved (checked by its fingerprint).
+    ``models``: language models loaded by earlier calls, taken from it and added to it (`gsae run` evaluates
+    several runs of one cache; loading the embedded GGUF model took 34 s of each evaluation's 160)."""
     with contextlib.ExitStack() as scope:
-        return _evaluate_run(run, tokens, windows, context_length, device, console, scope, cache)
+        return _evaluate_run(run, tokens, windows, context_length, device, console, scope, cache, models)
 
 
 def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | None, device: str, console: Any,
-                  scope: contextlib.ExitStack, cache: str | None = None) -> list[dict[str, Any]]:
+                  scope: contextlib.ExitStack, cache: str | None = None,
+                  models: dict[tuple[ModelSpec, torch.device], LoadedModel] | None = None) -> list[dict[str, Any]]:
     check_eval_arguments(tokens, windows, context_length)
     trained = Run.open(run, need="trained")
     config = trained.config
@@ -359,16 +363,19 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
             spec = spec_from_store(store)
         except GsaeError as exc:  # the model folder moved or changed, or the hub is out of reach
             raise GsaeError(f"{exc}, or pass --windows 0 to skip the downstream metrics") from None
-        status = console.status("loading the model for the downstream metrics ...") if console else None
+        lm = (models or {}).get((spec, torch_device))
+        status = console.status("loading the model for the downstream metrics ...") if console and lm is None else None
         if status:
             status.start()
         try:
-            lm = load_model(spec, torch_device)
+            lm = lm or load_model(spec, torch_device)
         except GsaeError as exc:
             raise GsaeError(f"{exc}; or pass --windows 0 to skip the downstream metrics") from None
         finally:
             if status:
                 status.stop()
+        if models is not None:
+            models[(spec, torch_device)] = lm
         input_ids = held_out_windows(store, start_row, windows, context_length).to(torch_device)
     layers = [(sae, sae_config, layer) for sae, sae_config in saes for layer in sae_config["layers"]]
     batches = []

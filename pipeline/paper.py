@@ -90,6 +90,7 @@ def run_paper(request: PaperRequest, console: Any) -> Report:
     console.print(f"layers {layer_span(amad.layers, '–')}: G* = {chosen} by AMAD, {partition_text(amad.groups_for(chosen))}")
     wanted = eval_arguments(tokens=EVAL_TOKENS, windows=request.windows)  # what evaluate_run below is asked
     runs = []
+    models: dict = {}  # the language model, loaded by the first evaluation, for the others
     for label, path, train_request, config, state in steps:
         if state is None or STATES.index(state) < STATES.index("trained"):
             verb = "continuing" if config is not None else "training"
@@ -103,7 +104,7 @@ def run_paper(request: PaperRequest, console: Any) -> Report:
         if reason is not None:
             console.print(f"evaluating {label}" + (f" again: {reason}" if reason else ""))
             evaluate_run(path, tokens=wanted["tokens"], windows=wanted["windows"],
-                         context_length=wanted["context_length"], console=console)
+                         context_length=wanted["context_length"], console=console, models=models)
         runs.append(path)
     report = build_report(runs, join(request.out, f"{slug}-report"))
     write_atomic(join(report.folder, "runs.json"), json.dumps(runs, indent=1))

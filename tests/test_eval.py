@@ -226,9 +226,14 @@ def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, caps
                     "--out", tmp_path / "runs" / "c-baseline"], capsys)[0] == 0
     for name in ("summary.json", "sae_0.json"):  # as a kill before the first checkpoint leaves it: planned
         (tmp_path / "runs" / "c-baseline" / name).unlink()
+    import pipeline.evaluate as evaluate
+
+    loads = []  # the evaluations share one load of the language model
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: loads.append(a) or load_model(*a, **k))
     code, out, err = run_cli(args, capsys)
     assert code == 0 and "replacing the unfinished run" in err and "--tokens 1024 → 4096" in err, err
     runs = json.loads((tmp_path / "runs" / "c-report" / "runs.json").read_text())
+    assert len(loads) == 1 and len(runs) >= 3
     # each evaluation shows its bar over its forward passes (two layers and a batch of windows here: 1 + 2 × 2),
     # under `gsae run` as under `gsae eval`
     assert len(re.findall(r"^eval\b.* 5/5 steps .*ETA", err, re.MULTILINE)) == len(runs), err
