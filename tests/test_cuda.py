@@ -284,3 +284,22 @@ def test_pinned_memory_is_pinned_asynchronous_and_a_refusal_leaves_no_cuda_error
     buffers.close()
     assert not buffers.registered and not buffers.free
     torch.cuda.synchronize()
+
+
+def test_cuda_replayed_passes_equal_the_whole_model_there(tiny_llama):
+    """`gsae eval`'s passes from the replaced block on (pipeline.block_replay) on CUDA: every layer passes the
+    check and gives the whole model's logits (the kept outputs live on the GPU, budgeted by its free memory)."""
+    from pipeline.block_replay import BlockReplay, run_with_block_output
+    from pipeline.models import load_model, resolve_model_spec
+
+    lm = load_model(resolve_model_spec(str(tiny_llama)), torch.device("cuda"))
+    ids = torch.randint(0, 400, (3, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    replay = BlockReplay(lm, range(lm.n_layers))
+    clean = replay.clean(ids)
+    assert replay.replayable == set(range(lm.n_layers)) and set(replay._kept) == set(range(lm.n_layers))
+    assert all(hidden.is_cuda for _, hidden in replay._kept.values())
+    scale = float(clean.abs().max())
+    for layer in range(lm.n_layers):
+        for replace in (lambda h: h.flip(-1), lambda h: torch.zeros_like(h)):
+            expected = run_with_block_output(lm, ids, layer, replace)
+            assert float((replay.run(layer, replace) - expected).abs().max()) <= 1e-5 * scale, layer
