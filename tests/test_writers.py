@@ -92,7 +92,9 @@ def test_killed_rank_resumes_to_identical_bytes(tiny_neox, tmp_path, capsys):
 
     partial = ActivationStore.open(str(killed), allow_partial=True)
     committed = partial.committed_chunks()
-    assert not partial.complete and 0 < len(committed) < partial.n_chunks_planned
+    # on a loaded machine the ranks may have committed every chunk before the kill (seen once in the newest-stack
+    # suite): killed before the store was finalized, that is a partial store to resume too
+    assert not partial.complete and 0 < len(committed) <= partial.n_chunks_planned
     assert partial.attrs["chunks_written"] == 0  # several writers never touch the attribute counter
     # partial readers see the committed prefix only
     assert partial.n_tokens == partial.tokens_written <= sum(committed.values())
