@@ -192,7 +192,7 @@ def build_tokenizer() -> None:
     fast.save_pretrained(TOK)
 
 
-def tb_tail(exc: BaseException, n: int = 6) -> str:
+def tb_tail(exc: BaseException) -> str:
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
     return "".join(lines)[-1500:]
 
@@ -334,10 +334,11 @@ def driver(archs: list[str], out: Path, jobs: int = 2, timeout: float = 300) -> 
 
 def summary(results: list[dict]) -> None:
     loaded = [r for r in results if r.get("loaded")]
-    every = [r for r in loaded if all(b.get("usable") == list(range(r["n_layers"])) for b in r.get("batches", []))]
+    every = [r for r in loaded if r.get("batches")
+             and all(b.get("usable") == list(range(r["n_layers"])) for b in r["batches"])]
     diffs = [b.get("max_rel_diff") for r in loaded for b in r.get("batches", [])]
     errors = [r["arch"] for r in loaded if r.get("error") or any(b.get("error") for b in r.get("batches", []))]
-    others = sorted(f"{r['arch']} {r['batches'][0].get('usable')}" for r in loaded if r not in every)
+    others = sorted(f"{r['arch']} {(r.get('batches') or [{}])[0].get('usable')}" for r in loaded if r not in every)
     print(f"{len(results)} configurations, {len(loaded)} loaded by gsae, {len(every)} with every layer replayable; "
           f"the others (the layers that are): {', '.join(others) or 'none'}")
     largest = max((d for d in diffs if d is not None), default=float("nan"))

@@ -111,7 +111,7 @@ class BlockReplay:
             # the batch's (on the whole first batch they added half the evaluation of a single-batch run)
             self.replayable = self._check(input_ids[:1, :CHECK_TOKENS])
         keep, held = [], 0.0
-        for layer in self.layers if budget > 0 else []:
+        for layer in self.layers:  # only checked layers have a size, and none fits a budget of 0
             size = self._token_bytes.get(layer, 0.0) * input_ids.numel()
             if layer in (self.replayable or ()) and held + size <= budget:
                 keep.append(layer)

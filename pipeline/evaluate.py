@@ -368,7 +368,8 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         if status:
             status.start()
         try:
-            lm = lm or load_model(spec, torch_device)
+            if lm is None:
+                lm = load_model(spec, torch_device)
         except GsaeError as exc:
             raise GsaeError(f"{exc}; or pass --windows 0 to skip the downstream metrics") from None
         finally:
