@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -227,6 +228,38 @@ def _check_tokenizer(tokenizer: Any, spec: ModelSpec) -> None:
                         f"({', '.join(_TOKENIZER_FILES)}) are missing or empty{where}")
 
 
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """While inside, each GGUF file is parsed once and gguf's tensor-name map built once per architecture and
+    depth, however often transformers asks.
+
+    Why: loading a GGUF model through transformers parses the whole file three times (config, tokenizer,
+    weights; gguf's reader builds a NumPy view per string of the vocabulary and merges: 6-8 s each for the
+    embedded SmolLM2-135M), and builds gguf's name map once per module of the model (397 times, 7 s);
+    huggingface/transformers#40334.  Measured on the embedded model: 34.7 s to load, 14 s inside this (see
+    docs/benchmarks.md).  transformers imports both names from ``gguf`` when it calls them, so they are
+    swapped there and put back after.  Both are read-only: the reader maps the file read-only."""
+    try:
+        import gguf
+    except ImportError:  # no GGUF support installed: nothing to parse
+        yield
+        return
+    make_reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers or mode != "r":  # only a read-only reader is safe to hand out twice
+            readers[key] = make_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, name_map
+
+
 def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     """Load the tokenizer and causal LM for ``spec`` in float32 on ``device``, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -234,13 +267,18 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    with gguf_parsed_once() if spec.gguf_file else contextlib.nullcontext():
+        return _load_model(spec, device, AutoModelForCausalLM, AutoTokenizer)
+
+
+def _load_model(spec: ModelSpec, device: torch.device, model_loader: Any, tokenizer_loader: Any) -> LoadedModel:
     try:
         try:
-            tokenizer = _from_pretrained(AutoTokenizer, spec)
+            tokenizer = _from_pretrained(tokenizer_loader, spec)
         except (OSError, ValueError) as exc:
             raise _tokenizer_error(spec, exc) from None
         _check_tokenizer(tokenizer, spec)
-        model, loading = _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32, output_loading_info=True)
+        model, loading = _from_pretrained(model_loader, spec, dtype=torch.float32, output_loading_info=True)
     except GsaeError:
         raise
     except ValueError as exc:
