@@ -20,6 +20,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the gsae command sets it (see cli.py)
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws a raw bar per load
 
 import pipeline.block_replay as block_replay  # noqa: E402
 from pipeline.evaluate import evaluate_run  # noqa: E402
