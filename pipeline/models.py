@@ -234,17 +234,17 @@ def gguf_parsed_once() -> Iterator[None]:
     depth, however often transformers asks.
 
     Why: loading a GGUF model through transformers parses the whole file three times (config, tokenizer,
-    weights; gguf's reader builds a NumPy view per string of the vocabulary and merges: 6-8 s each for the
-    embedded SmolLM2-135M), and builds gguf's name map once per module of the model (397 times, 7 s);
-    huggingface/transformers#40334.  Measured on the embedded model: 34.7 s to load, 14 s inside this (see
-    docs/benchmarks.md).  transformers imports both names from ``gguf`` when it calls them, so they are
+    weights; gguf's reader builds a NumPy view per string of the vocabulary and merges: 5 s each for the
+    embedded SmolLM2-135M), and builds gguf's name map once per module of the model (397 times, 8 s);
+    huggingface/transformers#40334.  The embedded model loads in 16 s with this, 34 s without
+    (benchmarks/model_load.py).  transformers imports both names from ``gguf`` when it calls them, so they are
     swapped there and put back after.  Both are read-only: the reader maps the file read-only."""
     try:
         import gguf
     except ImportError:  # no GGUF support installed: nothing to parse
         yield
         return
-    make_reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    make_reader, name_map = gguf.GGUFReader, getattr(gguf, "get_tensor_name_map", None)
     readers: dict[tuple[str, str], Any] = {}
 
     def reader(path: Any, mode: str = "r") -> Any:
@@ -253,11 +253,15 @@ def gguf_parsed_once() -> Iterator[None]:
             readers[key] = make_reader(path, mode)
         return readers[key]
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    gguf.GGUFReader = reader
+    if name_map is not None:
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
     try:
         yield
     finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, name_map
+        gguf.GGUFReader = make_reader
+        if name_map is not None:
+            gguf.get_tensor_name_map = name_map
 
 
 def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
