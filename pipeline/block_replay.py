@@ -105,6 +105,7 @@ class BlockReplay:
     def clean(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The clean logits of ``input_ids``; keeps the evaluated blocks' outputs for :meth:`run` (the first time,
         after checking which layers replay exactly)."""
+        self._kept = {}  # the last batch's: let go before the free memory is measured
         budget = self._budget()
         if self.replayable is None and budget > 0:
             # every layer, on the first window's first CHECK_TOKENS: the check's passes then cost little beside
@@ -128,10 +129,13 @@ class BlockReplay:
 
     def _budget(self) -> int:
         """Bytes the kept outputs may take: KEPT_BYTES, and on a GPU at most a quarter of its free memory (the
-        logits of a pass and their log-probabilities need room beside them)."""
+        logits of a pass and their log-probabilities need room beside them), counting what torch's allocator holds
+        unused as free: the driver's figure leaves it out."""
         device = self.lm.device
         if device.type == "cuda":
-            return min(self.kept_bytes, torch.cuda.mem_get_info(device)[0] // 4)
+            free = torch.cuda.mem_get_info(device)[0]
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return min(self.kept_bytes, free // 4)
         return self.kept_bytes
 
     def _replayed(self, layer: int, replace: Replace | None) -> torch.Tensor:

@@ -255,7 +255,9 @@ def test_pinned_memory_is_pinned_asynchronous_and_a_refusal_leaves_no_cuda_error
     from pipeline.capture import ChunkBuffers
     from stores.pinned import PinError, pin, pinned_empty, unpin
 
-    buffer, address = pinned_empty((64, 1 << 20), np.dtype(np.uint8))  # 64 MiB
+    # 256 MiB: its copy takes 5-10 ms, so a worker descheduled for a millisecond on a busy machine does not
+    # make a queued copy look like one that waited
+    buffer, address = pinned_empty((256, 1 << 20), np.dtype(np.uint8))
     host = torch.from_numpy(buffer)
     assert host.is_pinned()
     device = torch.full(host.shape, 7, dtype=torch.uint8, device="cuda")
