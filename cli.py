@@ -234,7 +234,7 @@ def cache(
     keep_bits: Optional[int] = typer.Option(None, help=f"Mantissa bits kept by --compression lossy (default {DEFAULT_KEEP_BITS})."),
     dtype: StorageDtype = typer.Option(CacheRequest.dtype, help="Storage dtype of activations."),
     device: Device = typer.Option(CacheRequest.device, help="Where the model runs."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) of --model."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) of --model (default: the Hub's main)."),
     dataset_config: Optional[str] = typer.Option(None, help="Configuration name of a hub dataset."),
     split: str = typer.Option(CacheRequest.split, help="Split of a hub dataset."),
     text_field: str = typer.Option(CacheRequest.text_field, help="Text field of .jsonl / .parquet / hub records."),
@@ -310,7 +310,7 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
         f"({store.chunks_written:,} of {store.n_chunks_planned:,} chunks)")
     start, stop = store.readable_rows(store.n_chunks - 1) if store.n_chunks else (0, 0)
     short_last = f" (the last {stop - start:,})" if store.n_chunks > 1 and stop - start != store.chunk_tokens else ""
-    table = Table(title=f"gsae cache {store.path}", show_header=False)
+    table = Table(title=f"gsae info · {store.path}", show_header=False)
     corpus = a.get("corpus", {})
     for name, value in [
         ("status", status),

@@ -305,10 +305,13 @@ _RECIPE_WORDS = {"model_id": "--model", "model_revision": "the model's revision"
 
 
 def _check_recipe(path: str, attrs: dict[str, Any], wanted: dict[str, Any], corpus_spec: str | None = None) -> None:
-    """Refuse to resume a cache (its attributes ``attrs``) made with other settings, naming the first that
-    differs and the command that made it; ``corpus_spec``: the --dataset asked for, named beside the cached
-    one where the corpus (recorded as a fingerprint) differs."""
+    """Refuse a cache (its attributes ``attrs``) made with other settings, naming the first that differs and the
+    command that made it (which resumes an incomplete one; a complete one is there to be used as it is);
+    ``corpus_spec``: the --dataset asked for, named beside the cached one where the corpus (recorded as a
+    fingerprint) differs."""
     stored = attrs.get("recipe", {})
+    complete = bool(attrs.get("complete"))
+    verb = "use" if complete else "resume"
     labels = {"corpus_fingerprint": ((attrs.get("corpus") or {}).get("spec"), corpus_spec)} if corpus_spec is not None else {}
 
     def show(value: Any, label: Any = None) -> str:
@@ -323,15 +326,18 @@ def _check_recipe(path: str, attrs: dict[str, Any], wanted: dict[str, Any], corp
             what = _RECIPE_WORDS.get(key, f"--{key.replace('_', '-')}")
             before, now = labels.get(key, (None, None))
             if key == "model_revision" and hub and stored.get(key):  # the hub's branch moved on since
-                hint = f"pass --revision {stored[key]} (the commit it was cached from) to resume it"
+                hint = f"pass --revision {stored[key]} (the commit it was cached from) to {verb} it"
             elif key in ("model_fingerprint", "model_revision") or (key == "corpus_fingerprint" and before == now):
                 # the same names, other contents: no option gives back the cached ones
-                hint = "the cached rows came from other contents under the same names: restore them to resume it"
+                hint = f"the cached rows came from other contents under the same names: restore them to {verb} it"
             else:
                 command = cache_command(path, attrs)
-                hint = f"re-run {f'`{command}`' if command else 'the original command'} to resume it"
-            raise GsaeError(f"{path} holds a cache made with other settings ({what}: {show(stored.get(key), before)} "
-                            f"there, {show(wanted[key], now)} now); {hint}, or choose another --cache")
+                made_by = f"`{command}`" if command else "the original command"
+                # a complete cache: its own command only says it is complete; "resume" would promise more
+                hint = f"{made_by} made it: use it as it is" if complete else f"re-run {made_by} to resume it"
+            raise GsaeError(f"{path} holds {'a complete' if complete else 'an incomplete'} cache made with other "
+                            f"settings ({what}: {show(stored.get(key), before)} there, {show(wanted[key], now)} now); "
+                            f"{hint}, or choose another --cache")
 
 
 class _TokenCheck:

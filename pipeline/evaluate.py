@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
 from pipeline.block_replay import BlockReplay
 from pipeline.errors import GsaeError
 from pipeline.grouping import layer_span
 from pipeline.models import (LoadedModel, ModelSpec, load_model, matmul_precision, pick_device,
                              resolve_model_spec)
-from pipeline.progress import LoggedProgress, RemainingColumn
+from pipeline.progress import CountColumn, LoggedProgress, RemainingColumn
 from pipeline.ranks import Ranks
 from pipeline.run import EVAL, Run, cache_fingerprint, fingerprint_changes
 from pipeline.sae import SparseAutoencoder
@@ -59,7 +59,7 @@ class EvalProgress(LoggedProgress):
     line every ``every`` seconds."""
 
     def __init__(self, console: Any, every: float | None = None):
-        super().__init__(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        super().__init__(TextColumn("[progress.description]{task.description}"), BarColumn(), CountColumn(),
                          TextColumn("steps"), TimeElapsedColumn(), TextColumn("ETA"), RemainingColumn(),
                          console=console, transient=False, unit="steps", rate=False,
                          every=PROGRESS_EVERY if every is None else every,

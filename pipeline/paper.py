@@ -105,6 +105,8 @@ def run_paper(request: PaperRequest, console: Any) -> Report:
             console.print(f"evaluating {label}" + (f" again: {reason}" if reason else ""))
             evaluate_run(path, tokens=wanted["tokens"], windows=wanted["windows"],
                          context_length=wanted["context_length"], console=console, models=models)
+        else:
+            console.print(f"{label}: evaluated already, with these arguments")
         runs.append(path)
     report = build_report(runs, join(request.out, f"{slug}-report"))
     write_atomic(join(report.folder, "runs.json"), json.dumps(runs, indent=1))

@@ -8,7 +8,6 @@ import time
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     ProgressColumn,
     Task,
@@ -48,6 +47,15 @@ class RateColumn(ProgressColumn):
         # which leaves out the time before the first update: a resumed cache's first batch, say)
         speed = (_mean_speed(task) or task.finished_speed) if task.finished else (task.speed or _mean_speed(task))
         return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+
+
+class CountColumn(ProgressColumn):
+    """``4,080/6,000``: done of the total, with thousands separators as the plain lines write them (rich's
+    MofNCompleteColumn writes ``4080/6000``)."""
+
+    def render(self, task: Task) -> Text:
+        total = f"/{task.total:,.0f}" if task.total is not None else ""
+        return Text(f"{task.completed:,.0f}{total}", style="progress.download")
 
 
 class RemainingColumn(TimeRemainingColumn):
@@ -115,7 +123,7 @@ def make_progress(console: Console, unit: str = "tok") -> Progress:
     return LoggedProgress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        CountColumn(),
         RateColumn(unit),
         TimeElapsedColumn(),
         TextColumn("ETA"),

@@ -33,7 +33,8 @@ PAPER = [
 COST_NOTE = (
     "Cost, as the paper counts it: total = (A + T·G) ÷ (A + T·L). A is the shared cost of producing the "
     "activations: the cache's recorded model-and-write time (timing.json) scaled to the tokens each SAE "
-    "trained on, A = cache seconds × tokens per SAE ÷ cache tokens. T is the cost of training one SAE; "
+    "trained on, A = cache seconds × tokens per SAE ÷ cache tokens, at most the whole cache's time (rows read "
+    "more than once cost no second forward). T is the cost of training one SAE; "
     "T·G is this run's measured training time for its G SAEs and T·L the per-layer baseline's for its L. "
     "The training-only ratio leaves A out and is ≈ G/L. The grouping's own time (AMAD s) is shown apart."
 )
@@ -66,10 +67,12 @@ class RunSummary:
         return self.train_seconds / baseline.train_seconds if baseline else float("nan")
 
     def activation_seconds(self) -> float:
-        """A: the cache's time scaled to the tokens one SAE trained on (NaN when not recorded)."""
+        """A: the cache's time scaled to the tokens one SAE trained on, at most the whole cache's: an SAE that
+        trained on more tokens than the cache holds read rows again, which ran no forward (NaN when not
+        recorded)."""
         if self.cache_seconds is None:
             return float("nan")
-        return self.cache_seconds * self.tokens_per_sae / self.cache_tokens
+        return self.cache_seconds * min(self.tokens_per_sae, self.cache_tokens) / self.cache_tokens
 
     def total_cost(self, baseline: "RunSummary | None") -> float:
         """The paper's (A + T·G) ÷ (A + T·L), with T·G and T·L the measured training times."""
@@ -400,6 +403,10 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
                      "left empty.")
     for note in dict.fromkeys(run.cache_note for run in runs if run.cache_note):
         notes.append(f"A s and total ÷ baseline are left empty: {note}; pass --cache-seconds.")
+    reread = [run.name for run in runs if run.tokens_per_sae > run.cache_tokens]
+    if reread:
+        notes.append(f"{'Every run' if len(reread) == len(runs) else ', '.join(reread)} trained on more tokens per "
+                     f"SAE than the cache holds ({runs[0].cache_tokens:,}): A s is the whole cache's time, not scaled up.")
     if any(run.mean("delta_ce_percent") != run.mean("delta_ce_percent") for run in runs):
         notes.append("ΔCE and KL are left empty for runs evaluated with `--windows 0`.")
     lines += [""] + notes if notes else []

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
 from pipeline import __version__
 from pipeline.errors import GsaeError, check_seed
@@ -25,7 +25,7 @@ from pipeline.grouping import Grouping, default_layers, layer_span, partition_te
 from pipeline.models import matmul_precision, pick_device
 from pipeline.processes import KINDS as READERS, check_cache as check_processes_cache, start_processes, stop_processes
 from pipeline.processes import worker_nice, worker_threads
-from pipeline.progress import LoggedProgress, RateColumn, RemainingColumn
+from pipeline.progress import CountColumn, LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
 from pipeline.run import (SUMMARY, Run, RunConfig, cache_around, cache_fingerprint, check_new_run_folder, checkpoint_step,
                           fingerprint_changes, join, pack_training_state)
@@ -680,7 +680,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
         return late if ranks.world == 1 else bool(ranks.broadcast_from_first(late))
 
     bf16 = config.precision == "bfloat16"
-    progress = LoggedProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("tok"),
+    progress = LoggedProgress(TextColumn("{task.description}"), BarColumn(), CountColumn(), RateColumn("tok"),
                               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
                               RemainingColumn(), console=console)
     started = time.perf_counter()

@@ -254,7 +254,8 @@ def test_different_command_against_existing_cache(tiny_neox, tmp_path, capsys, m
     assert "other settings" in line and "--context-length: 32 there, 48 now" in line
     made_with = (f"gsae cache --model {tiny_neox.resolve()} --cache {tmp_path / 'c'} --tokens 200 --context-length 32 "
                  "--batch-size 4 --chunk-tokens 64")
-    assert f"re-run `{made_with}` to resume it" in line, line
+    assert "holds a complete cache made with other settings" in line and f"`{made_with}` made it: use it as it is" in line
+    assert "resume" not in line, line  # there is nothing to resume in a complete cache
     line = _one_line_error(*run_cli(_args(tiny_neox, tmp_path / "c", tokens=300), capsys)[::2])
     assert "--tokens: 200 there, 300 now" in line
     (tmp_path / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
@@ -570,6 +571,18 @@ def _cache_stopped_by_a_full_disk(model, cache, capsys, monkeypatch) -> None:
         assert "disk full" in _one_line_error(*run_cli(_args(model, cache), capsys)[::2])
 
 
+def test_an_incomplete_cache_asked_with_other_settings_names_the_command_that_resumes_it(tiny_neox, tmp_path, capsys,
+                                                                                         monkeypatch):
+    cache = tmp_path / "c"
+    _cache_stopped_by_a_full_disk(tiny_neox, cache, capsys, monkeypatch)
+    line = _one_line_error(*run_cli(_args(tiny_neox, cache, context_length=48), capsys)[::2])
+    made_with = (f"gsae cache --model {tiny_neox.resolve()} --cache {cache} --tokens 200 --context-length 32 "
+                 "--batch-size 4 --chunk-tokens 64")
+    assert "holds an incomplete cache made with other settings (--context-length: 32 there, 48 now)" in line, line
+    assert f"re-run `{made_with}` to resume it, or choose another --cache" in line, line
+    assert run_cli(_args(tiny_neox, cache), capsys)[0] == 0  # which it does
+
+
 def test_a_garbled_timing_json_is_one_line_and_deleting_it_lets_the_cache_resume(tiny_neox, tmp_path, capsys,
                                                                                   monkeypatch):
     cache = tmp_path / "c"
@@ -704,11 +717,11 @@ def test_a_cache_of_other_contents_under_the_same_names_is_not_resumed_by_its_ow
     assert run_cli(args, capsys)[0] == 0
     corpus.write_text("Other text under the same name, carried by the same stream. " * 300)
     line = _one_line_error(*run_cli(args, capsys)[::2])
-    assert "the corpus (--dataset)" in line and "restore them to resume it" in line and "re-run" not in line, line
+    assert "the corpus (--dataset)" in line and "restore them to use it" in line and "re-run" not in line, line
     corpus.write_text("The residual stream carries features between layers. " * 300)
     (model / "config.json").write_text((model / "config.json").read_text() + " ")
     line = _one_line_error(*run_cli(args, capsys)[::2])
-    assert "the model's files" in line and "restore them to resume it" in line and "re-run" not in line, line
+    assert "the model's files" in line and "restore them to use it" in line and "re-run" not in line, line
 
 
 def test_a_hub_cache_resumes_at_the_commit_it_was_cached_from_after_its_branch_moved():

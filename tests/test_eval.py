@@ -170,14 +170,17 @@ def test_report_from_two_runs(tiny_models, tmp_path, capsys):
 
     cache_seconds = read_seconds_writing(ActivationStore.open(str(cache)))
     train = {name: json.loads((tmp_path / name / "summary.json").read_text())["train_seconds"] for name in ("base", "g1")}
-    a = cache_seconds * 8192 / 6000  # 16 steps of 512 tokens per SAE, from a 6,000-token cache
+    # 16 steps of 512 tokens per SAE from a 6,000-token cache: its rows were read again, which ran no forward, so A
+    # is the whole cache's time (scaled up, it was 8192 / 6000 of it)
+    a = cache_seconds
     total = (a + train["g1"]) / (a + train["base"])
     row = next(line for line in text.splitlines() if line.startswith("| amad-g1 |"))
     assert row.rstrip(" |").endswith(f"{total:.3f}") and f"| {a:.1f} |" in row
     assert "(A + T·G) ÷ (A + T·L)" in text
+    assert "Every run trained on more tokens per SAE than the cache holds (6,000): A s is the whole cache's" in text
     code, _, _ = run_cli(["report", "--runs", tmp_path / "base", "--runs", tmp_path / "g1", "--out", tmp_path / "rep2",
                           "--cache-seconds", 100], capsys)
-    assert code == 0 and f"| {100 * 8192 / 6000:.1f} |" in (tmp_path / "rep2" / "report.md").read_text()
+    assert code == 0 and "| 100.0 |" in (tmp_path / "rep2" / "report.md").read_text()
     # a second amad-g1 run (another seed): the two rows and columns are told apart by their folders
     assert run_cli(["train", "--cache", cache, "--groups", 1, "--seed", 1, "--out", tmp_path / "g1b", "--tokens", 8000,
                     "--batch-size", 512], capsys)[0] == 0
@@ -255,6 +258,7 @@ def test_run_does_the_whole_comparison_and_reuses_it(tiny_models, tmp_path, caps
     monkeypatch.setattr(train_module, "_check_fits", too_large)
     code, _, err = run_cli(args, capsys)
     assert code == 0 and "trained already" in err, err
+    assert err.count("evaluated already, with these arguments") == len(runs), err  # said, not silently reused
     assert not left.exists()
     monkeypatch.undo()
     after = {run: (tmp_path / "runs" / run.split("/")[-1] / "sae_0.safetensors").stat().st_mtime for run in runs}
