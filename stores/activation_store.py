@@ -760,13 +760,34 @@ class ActivationStore:
 
     def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         stop = self.n_tokens if stop is None else stop
+        rows = range(*slice(start, stop).indices(self._tokens.shape[0]))
         try:
-            return self._tokens[start:stop]
+            values = self._tokens[start:stop]
         except Exception as exc:  # a chunk that fails its checksum or decompression
-            rows = range(*slice(start, stop).indices(self._tokens.shape[0]))
-            span = f"rows {rows.start:,}–{rows.stop - 1:,}" if len(rows) else "rows"
-            raise StoreError(f"cache {self.path}: tokens {span} cannot be read ({_describe_decode_error(exc)}); "
-                             f"run `gsae verify --cache {self.path}` to list every damaged chunk") from None
+            raise self._tokens_error(rows, _describe_decode_error(exc)) from None
+        self._check_token_chunks_present(rows, values)
+        return values
+
+    def _check_token_chunks_present(self, rows: range, values: np.ndarray) -> None:
+        """zarr reads a missing chunk as zeros (its fill value): the model would then run on windows of token 0
+        and eval write their metrics as if nothing were wrong.  A chunk whose rows read are all 0 is looked up;
+        absent, it is damage (a chunk of token 0 alone, which text never gives, would be absent too: zarr stores
+        no chunk equal to the fill value)."""
+        if rows.step != 1:
+            return
+        size = self.chunk_tokens
+        for chunk in range(rows.start // size, -(-rows.stop // size)):
+            first, last = max(rows.start, chunk * size), min(rows.stop, (chunk + 1) * size)
+            if values[first - rows.start : last - rows.start].any():
+                continue
+            key = f"{self._tokens.path}/{self._tokens.metadata.encode_chunk_key((chunk,))}"
+            if not sync(self._tokens.store.exists(key)):
+                raise self._tokens_error(range(first, last), "chunk missing")
+
+    def _tokens_error(self, rows: range, problem: str) -> StoreError:
+        span = f"rows {rows.start:,}–{rows.stop - 1:,}" if len(rows) else "rows"
+        return StoreError(f"cache {self.path}: tokens {span} cannot be read ({problem}); "
+                          f"run `gsae verify --cache {self.path}` to list every damaged chunk")
 
     @property
     def mean(self) -> np.ndarray:
@@ -946,6 +967,9 @@ class ActivationStore:
                         values = array[start:stop]
                         if values.shape[0] != stop - start:
                             problem = f"decoded {values.shape[0]} rows, expected {stop - start}"
+                        elif not values.any() and not sync(array.store.exists(key)):
+                            # a size but no chunk (a folder in its place): zarr read it as the fill value
+                            problem = "chunk missing (not a file)"
                     except Exception as exc:  # a corrupt chunk fails its checksum or decompression
                         problem = _describe_decode_error(exc)
                 yield name, layer, start, stop, problem

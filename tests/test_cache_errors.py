@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 
 import pytest
 
@@ -353,6 +354,35 @@ def test_a_damaged_chunk_stops_with_one_line_naming_cache_layer_and_rows(damage,
     line = _one_line_error(*run_cli(args, capsys)[::2])
     assert f"cache {cache}: layer 1 rows" in line and "gsae verify" in line
     assert ("chunk missing" if damage == "missing" else "checksum mismatch") in line
+
+
+@pytest.mark.parametrize("damage", ["missing", "a folder"])
+def test_a_missing_tokens_chunk_stops_eval_instead_of_running_the_model_on_zeros(damage, trained, tmp_path, capsys):
+    """zarr reads a missing chunk as zeros: eval ran the model on windows of token 0 and wrote their metrics
+    (found by helper-68); a chunk file replaced by a folder read so too, and `gsae verify` said ok."""
+    import shutil
+
+    cache = tmp_path / "c"
+    shutil.copytree(trained / "c", cache)
+    held_out = sorted((cache / "tokens" / "c").iterdir(), key=lambda p: int(p.name))[-1]  # what eval reads
+    held_out.unlink()
+    if damage == "a folder":
+        held_out.mkdir()
+    run = tmp_path / "r"
+    shutil.copytree(trained / "r", run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "cache": str(cache)}))
+    line = _one_line_error(*run_cli(["eval", "--run", run, "--windows", 1, "--tokens", 100], capsys)[::2])
+    assert re.search(rf"cache {re.escape(str(cache))}: tokens rows 2,[5-9]\d\d–2,[5-9]\d\d cannot be read \(chunk missing\)",
+                     line), line  # the rows read, in the held-out chunk 2,500–2,999
+    assert not (run / "eval.json").exists()
+    code, out, _ = run_cli(["verify", "--cache", cache], capsys)
+    assert code == 1 and "corrupt tokens rows 2,500–2,999: chunk missing" in out, out
+    layer_chunk = cache / "layers" / "2" / "c" / "1" / "0"  # a layer's chunk replaced by a folder: verify names it
+    layer_chunk.unlink()
+    layer_chunk.mkdir()
+    code, out, _ = run_cli(["verify", "--cache", cache], capsys)
+    assert code == 1 and "corrupt layer 2 rows 500–999: chunk missing" in out, out
 
 
 def test_a_cache_killed_while_its_store_is_created_is_made_by_the_same_command(tiny_neox, tmp_path, capsys):
