@@ -48,23 +48,43 @@ def _flock(handle: int, operation: int) -> bool:
     return True  # locked, or no locking on this file system
 
 
+def _names(handle: int, lock_file: str) -> bool:
+    """Whether ``lock_file`` still names the file ``handle`` has open (a holder that removed it, or removed and
+    made it anew, leaves a lock on a file no one else will open)."""
+    try:
+        return os.path.samestat(os.fstat(handle), os.stat(lock_file))
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def exclusive(lock_file: str, busy: Exception) -> Iterator[None]:
-    """Hold ``lock_file`` for the ``with`` block; raise ``busy`` where another process holds it."""
-    handle = _open(lock_file, create=True)
-    if handle is None:
-        yield
-        return
+def exclusive(lock_file: str, busy: Exception, remove: bool = False) -> Iterator[None]:
+    """Hold ``lock_file`` for the ``with`` block; raise ``busy`` where another process holds it.  ``remove``:
+    delete the file when done (still holding it: a process that opened it meanwhile finds, once it has the lock,
+    that the name is gone, and opens the name afresh)."""
+    handle, held = _open(lock_file, create=True), False
     try:
         for attempt in range(_TRIES):
-            if _flock(handle, fcntl.LOCK_EX):
+            if handle is None:  # no lock to be had here: unlocked
                 break
-            if attempt + 1 == _TRIES:
-                raise busy
-            time.sleep(_PAUSE)
+            if _flock(handle, fcntl.LOCK_EX):
+                if _names(handle, lock_file):
+                    held = True
+                    break
+                os.close(handle)  # the holder removed it as this process waited: not a lock on the name
+                handle = _open(lock_file, create=True)
+                continue
+            if attempt + 1 < _TRIES:
+                time.sleep(_PAUSE)
+        else:
+            raise busy
         yield
     finally:
-        os.close(handle)  # drops the lock
+        if held and remove and _names(handle, lock_file):
+            with contextlib.suppress(OSError):
+                os.unlink(lock_file)
+        if handle is not None:
+            os.close(handle)  # drops the lock
 
 
 def held_by_another(lock_file: str) -> bool:

@@ -175,6 +175,55 @@ def test_a_second_cache_command_on_a_cache_being_written_is_refused(tiny_neox, t
     assert ActivationStore.open(str(tmp_path / "c")).complete
 
 
+def test_the_writer_lock_goes_with_the_command_and_a_waiter_locks_the_name_afresh(tiny_neox, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A refused `gsae cache` (a corpus with no text) left `gsae-cache/.<name>.lock` behind, and a finished one its
+    lock file (found by helper-68): both go now.  Removing a lock file is safe only if a process that opened it
+    before and gets the lock after sees that the name is gone and locks it afresh; else two would hold "the" lock."""
+    import threading
+
+    import stores.locks as locks
+    from pipeline.errors import GsaeError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    code, _, err = run_cli(["cache", "--model", tiny_neox, "--dataset", tmp_path / "empty.txt", "--tokens", 300], capsys)
+    assert code == 1 and "holds no text" in err, err
+    assert not (tmp_path / "gsae-cache").exists()
+    assert run_cli(cache_args(tiny_neox, tmp_path / "c", tokens=300), capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "empty.txt"]
+
+    lock, busy = str(tmp_path / ".x.lock"), GsaeError("busy")
+    refused_once, holding, release = threading.Event(), threading.Event(), threading.Event()
+    real_flock = locks._flock
+
+    def flock(handle, operation):
+        locked = real_flock(handle, operation)
+        if not locked:
+            refused_once.set()  # the waiter has the old file open and is refused: now the holder lets go
+        return locked
+
+    monkeypatch.setattr(locks, "_flock", flock)
+
+    def waiter():
+        with locks.exclusive(lock, busy, remove=True):
+            holding.set()
+            release.wait(10)
+
+    first = locks.exclusive(lock, busy, remove=True)
+    first.__enter__()
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert refused_once.wait(10)
+    first.__exit__(None, None, None)  # removes the file, then drops the lock on it
+    assert holding.wait(10)
+    with pytest.raises(GsaeError, match="busy"), locks.exclusive(lock, busy):  # the waiter holds the name
+        pass
+    release.set()
+    thread.join()
+    assert not os.path.exists(lock)
+
+
 def test_a_cache_whose_writer_has_not_made_the_store_yet_is_named_so(tmp_path, capsys):
     """While `gsae cache` loads its model (45 s for SmolLM2 here) its folder is there and empty: the other
     commands said "no gsae cache at ...; create one with `gsae cache`"."""
