@@ -249,10 +249,12 @@ class ActivationStore:
         if missing:
             raise StoreError(f"cache {self.path}: zarr.json lacks the attribute {missing[0]!r}; the cache is damaged: "
                              "restore it from a copy or re-create it with `gsae cache`")
+        self._check_attribute_values()
         # opened once: indexing the group re-reads an array's metadata every time
         self._layers = [self._open_array(f"layers/{layer}") for layer in range(self.n_layers)]
         self._tokens = self._open_array("tokens")
         self._chunk_stats = {name: self._open_array(f"stats/{name}") for name in CHUNK_STATS}
+        self._check_layout()
         self._unchecked: dict[str, zarr.Array] | None = None  # write handles, see chunk_io._write_target
         # chunk -> rows of every committed chunk; a complete store needs no list (all rows are committed)
         self._committed: dict[int, int] = {}
@@ -265,6 +267,49 @@ class ActivationStore:
         # 0.36 ms each here: 0.26 s for a 1M-token cache of Pythia-70M's shape, 27 s for 100M)
         self._totals: tuple[int, list[np.ndarray]] | None = None
         self._leading: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # leading_stats of a complete store
+
+    def _damaged(self, what: str) -> StoreError:
+        return StoreError(f"cache {self.path}: zarr.json's {what}; the cache is damaged: restore it from a copy or "
+                          "re-create it with `gsae cache`")
+
+    def _check_attribute_values(self) -> None:
+        """Attributes of the right kind: an edited or damaged zarr.json ("tokens_written": "abc", "chunk_tokens": 0)
+        failed deep inside a reader with Python's own words (int(), division by zero, a negative dimension)."""
+        a = self.attrs
+        for key, least in (("n_layers", 1), ("d_model", 1), ("chunk_tokens", 1), ("tokens_planned", 1),
+                           ("tokens_written", 0), ("chunks_written", 0)):
+            if not isinstance(a[key], int) or isinstance(a[key], bool) or a[key] < least:
+                kind = "a positive whole number" if least else "a whole number ≥ 0"
+                raise self._damaged(f"{key} is {a[key]!r}, not {kind}")
+        if not isinstance(a["complete"], bool):
+            raise self._damaged(f"complete is {a['complete']!r}, not true or false")
+        if a["dtype"] not in STORAGE_DTYPES:
+            raise self._damaged(f"dtype is {a['dtype']!r}, not one of {', '.join(STORAGE_DTYPES)}")
+
+    def _check_layout(self) -> None:
+        """Attributes that agree with the arrays: a complete store's arrays hold exactly its rows (finalize shrinks
+        them to what was written), an incomplete one's the rows planned."""
+        rows, width = self._layers[0].shape[0], self._layers[0].shape[-1]
+        for array in self._layers[1:]:
+            if array.shape != self._layers[0].shape:
+                raise self._damaged(f"layers differ in shape ({array.path}: {array.shape}, "
+                                    f"{self._layers[0].path}: {self._layers[0].shape})")
+        if width != self.d_model or self._layers[0].ndim != 2:
+            raise self._damaged(f"d_model is {self.d_model}, but its layers hold rows of {width}")
+        if self._layers[0].chunks[0] != self.chunk_tokens:
+            raise self._damaged(f"chunk_tokens is {self.chunk_tokens:,}, but its layers' chunks hold "
+                                f"{self._layers[0].chunks[0]:,} rows")
+        if self._tokens.shape[0] != rows:
+            raise self._damaged(f"tokens array holds {self._tokens.shape[0]:,} rows, its layers {rows:,}")
+        a = self.attrs
+        if self.complete:
+            if a["tokens_written"] != rows or a["chunks_written"] != -(-rows // self.chunk_tokens):
+                raise self._damaged(f"counts ({a['tokens_written']:,} tokens in {a['chunks_written']:,} chunks) "
+                                    f"do not match its complete arrays ({rows:,} rows, chunks of "
+                                    f"{self.chunk_tokens:,})")
+        elif a["tokens_planned"] != rows or a["tokens_written"] > rows:
+            raise self._damaged(f"counts ({a['tokens_written']:,} of {a['tokens_planned']:,} tokens planned) do not "
+                                f"match its arrays ({rows:,} rows)")
 
     def _open_array(self, name: str) -> zarr.Array:
         """The array ``name`` of the store; damaged or missing metadata (``<name>/zarr.json``) is a

@@ -356,6 +356,36 @@ def test_a_damaged_chunk_stops_with_one_line_naming_cache_layer_and_rows(damage,
     assert ("chunk missing" if damage == "missing" else "checksum mismatch") in line
 
 
+@pytest.mark.parametrize("edit, says", [
+    ({"tokens_written": "abc"}, "tokens_written is 'abc', not a whole number ≥ 0"),
+    ({"chunk_tokens": 0}, "chunk_tokens is 0, not a positive whole number"),
+    ({"d_model": 64}, "d_model is 64, but its layers hold rows of 32"),
+    ({"tokens_planned": -5}, "tokens_planned is -5, not a positive whole number"),
+    ({"complete": "yes"}, "complete is 'yes', not true or false"),
+    ({"dtype": "int8"}, "dtype is 'int8', not one of"),
+    ({"chunks_written": 2, "tokens_written": 1000}, "counts (1,000 tokens in 2 chunks) do not match its complete arrays "
+                                                    "(3,000 rows, chunks of 500)"),
+    ({"complete": False, "tokens_planned": 2000}, "counts (3,000 of 2,000 tokens planned) do not match its arrays"),
+])
+@pytest.mark.parametrize("command", ["verify", "train"])
+def test_attributes_that_do_not_fit_the_cache_are_called_damaged(edit, says, command, trained, tmp_path, capsys):
+    """An edited or damaged zarr.json failed inside a reader in Python's own words ("invalid literal for int()",
+    "division by zero", "negative dimension"), or, with counts that agree with each other but not with the arrays,
+    verify said ok and train trained on a third of the cache (found by helper-68)."""
+    import shutil
+
+    cache = tmp_path / "c"
+    shutil.copytree(trained / "c", cache)
+    metadata = json.loads((cache / "zarr.json").read_text())
+    metadata["attributes"].update(edit)
+    (cache / "zarr.json").write_text(json.dumps(metadata))
+    args = {"verify": ["verify", "--cache", cache],
+            "train": ["train", "--cache", cache, "--out", tmp_path / "r", "--baseline", "--tokens", 512,
+                      "--batch-size", 256]}[command]
+    line = _one_line_error(*run_cli(args, capsys)[::2])
+    assert f"cache {cache}: zarr.json's {says}" in line and "the cache is damaged" in line, line
+
+
 @pytest.mark.parametrize("damage", ["missing", "a folder"])
 def test_a_missing_tokens_chunk_stops_eval_instead_of_running_the_model_on_zeros(damage, trained, tmp_path, capsys):
     """zarr reads a missing chunk as zeros: eval ran the model on windows of token 0 and wrote their metrics
