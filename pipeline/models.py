@@ -211,11 +211,27 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "merges.txt", "
 def _tokenizer_error(spec: ModelSpec, exc: BaseException) -> GsaeError:
     """A tokenizer that would not load: where a local folder holds none of the files a tokenizer is built
     from, say that (transformers' own message is about sentencepiece and slow tokenizers)."""
+    if spec.gguf_file:  # the tokenizer is read first, so a damaged or cut-short file fails here, not for the tokenizer
+        return gguf_error(spec, exc)
     folder = Path(spec.location) if spec.kind == "local" else None
     if folder is not None and folder.is_dir() and not any((folder / name).exists() for name in _TOKENIZER_FILES):
         return GsaeError(f"the tokenizer of {spec.model_id!r} cannot be built: {folder} holds none of "
                          f"{', '.join(_TOKENIZER_FILES)} (save the tokenizer there with save_pretrained)")
+    if folder is not None and (folder / "config.json").is_file():  # read with the tokenizer, but the model's
+        try:
+            json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as bad:
+            return GsaeError(f"could not load model {spec.model_id!r}: its config.json is not valid JSON "
+                             f"({joined_lines(bad)})")
     return GsaeError(f"could not load the tokenizer of {spec.model_id!r}: {joined_lines(exc)}")
+
+
+def gguf_error(spec: ModelSpec, exc: BaseException) -> GsaeError:
+    """A GGUF file that would not load: gguf's and transformers' errors for a damaged or cut-short file are about
+    shapes and encodings ("cannot reshape array of size 66784 into shape (576,360)")."""
+    path = Path(spec.location) / str(spec.gguf_file)
+    size = f"{path.stat().st_size:,} bytes" if path.is_file() else "missing"
+    return GsaeError(f"could not load the GGUF file {path} ({size}; damaged or cut short?): {joined_lines(exc)}")
 
 
 def _check_tokenizer(tokenizer: Any, spec: ModelSpec) -> None:
@@ -290,8 +306,12 @@ def _load_model(spec: ModelSpec, device: torch.device, model_loader: Any, tokeni
         if unknown:
             raise GsaeError(f"model {spec.model_id!r} ({unknown.group(1)}) is not a causal LM that transformers' "
                             "AutoModelForCausalLM loads; gsae caches the residual stream of decoder-only LMs") from None
+        if spec.gguf_file:
+            raise gguf_error(spec, exc) from None
         raise GsaeError(f"could not load model {spec.model_id!r}: {joined_lines(exc)}") from None
     except Exception as exc:  # missing or damaged files (safetensors, tokenizer) raise many types
+        if spec.gguf_file:
+            raise gguf_error(spec, exc) from None
         raise GsaeError(f"could not load model {spec.model_id!r}: {joined_lines(exc)}") from None
     _check_weights(spec, model, loading)
     model.eval().to(device)

@@ -116,3 +116,36 @@ def test_the_gguf_names_are_restored_when_loading_fails(tmp_path):
             assert gguf.GGUFReader is not reader
             gguf.GGUFReader(str(broken))
     assert gguf.GGUFReader is reader and gguf.get_tensor_name_map is name_map
+
+
+@pytest.mark.parametrize("damage", ["cut in half", "random bytes after the header"])
+def test_a_damaged_gguf_file_is_named_so_not_blamed_on_the_tokenizer(damage, tiny_gguf, tmp_path):
+    """transformers reads the tokenizer first, so a damaged file failed as "could not load the tokenizer of ...:
+    cannot reshape array of size 66784 into shape (576,360)" (found by helper-68 on the embedded model)."""
+    from pipeline.errors import GsaeError
+
+    data = tiny_gguf.read_bytes()
+    broken = tmp_path / "broken.gguf"
+    if damage == "cut in half":
+        broken.write_bytes(data[: len(data) // 2])
+    else:
+        broken.write_bytes(data[:24] + np.random.default_rng(0).integers(0, 256, len(data) - 24, np.uint8).tobytes())
+    with pytest.raises(GsaeError) as error:
+        load_model(resolve_model_spec(str(broken)), torch.device("cpu"))
+    message = str(error.value)
+    assert message.startswith(f"could not load the GGUF file {broken} ({broken.stat().st_size:,} bytes; damaged or "
+                              "cut short?)"), message
+    assert "\n" not in message
+
+
+def test_a_folder_whose_config_json_is_not_json_is_named_so(tiny_llama, tmp_path):
+    import shutil
+
+    from pipeline.errors import GsaeError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(GsaeError, match=r"its config.json is not valid JSON") as error:
+        load_model(resolve_model_spec(str(model)), torch.device("cpu"))
+    assert "tokenizer" not in str(error.value)
