@@ -54,8 +54,10 @@ class CountColumn(ProgressColumn):
     MofNCompleteColumn writes ``4080/6000``)."""
 
     def render(self, task: Task) -> Text:
-        total = f"/{task.total:,.0f}" if task.total is not None else ""
-        return Text(f"{task.completed:,.0f}{total}", style="progress.download")
+        if task.total is None:
+            return Text(f"{task.completed:,.0f}", style="progress.download")
+        total = f"{task.total:,.0f}"  # the count padded to the total's width: the bar keeps its place as it fills
+        return Text(f"{task.completed:>{len(total)},.0f}/{total}", style="progress.download")
 
 
 class RemainingColumn(TimeRemainingColumn):

@@ -288,28 +288,34 @@ class ActivationStore:
 
     def _check_layout(self) -> None:
         """Attributes that agree with the arrays: a complete store's arrays hold exactly its rows (finalize shrinks
-        them to what was written), an incomplete one's the rows planned."""
-        rows, width = self._layers[0].shape[0], self._layers[0].shape[-1]
-        for array in self._layers[1:]:
-            if array.shape != self._layers[0].shape:
-                raise self._damaged(f"layers differ in shape ({array.path}: {array.shape}, "
-                                    f"{self._layers[0].path}: {self._layers[0].shape})")
-        if width != self.d_model or self._layers[0].ndim != 2:
-            raise self._damaged(f"d_model is {self.d_model}, but its layers hold rows of {width}")
-        if self._layers[0].chunks[0] != self.chunk_tokens:
+        them to what was written); an incomplete one's the rows planned, or fewer, but never fewer than its committed
+        rows, array by array: a finalize killed after shrinking some or all of them but before it marked the store
+        complete (the same command shrinks them again and completes it), or a reader that opens the store while
+        another process finalizes it."""
+        first = self._layers[0]
+        for array in self._layers:
+            if array.ndim != 2 or array.shape[-1] != self.d_model:
+                raise self._damaged(f"d_model is {self.d_model}, but its layers hold rows of {array.shape[-1]}")
+        if first.chunks[0] != self.chunk_tokens:
             raise self._damaged(f"chunk_tokens is {self.chunk_tokens:,}, but its layers' chunks hold "
-                                f"{self._layers[0].chunks[0]:,} rows")
-        if self._tokens.shape[0] != rows:
-            raise self._damaged(f"tokens array holds {self._tokens.shape[0]:,} rows, its layers {rows:,}")
+                                f"{first.chunks[0]:,} rows")
         a = self.attrs
+        arrays = [*self._layers, self._tokens]
         if self.complete:
+            rows = first.shape[0]
+            for array in arrays:
+                if array.shape[0] != rows:
+                    raise self._damaged(f"arrays differ in rows ({array.path}: {array.shape[0]:,}, "
+                                        f"{first.path}: {rows:,})")
             if a["tokens_written"] != rows or a["chunks_written"] != -(-rows // self.chunk_tokens):
                 raise self._damaged(f"counts ({a['tokens_written']:,} tokens in {a['chunks_written']:,} chunks) "
                                     f"do not match its complete arrays ({rows:,} rows, chunks of "
                                     f"{self.chunk_tokens:,})")
-        elif a["tokens_planned"] != rows or a["tokens_written"] > rows:
-            raise self._damaged(f"counts ({a['tokens_written']:,} of {a['tokens_planned']:,} tokens planned) do not "
-                                f"match its arrays ({rows:,} rows)")
+            return
+        for array in arrays:
+            if not a["tokens_written"] <= array.shape[0] <= a["tokens_planned"]:
+                raise self._damaged(f"counts ({a['tokens_written']:,} of {a['tokens_planned']:,} tokens planned) do "
+                                    f"not match its arrays ({array.path}: {array.shape[0]:,} rows)")
 
     def _open_array(self, name: str) -> zarr.Array:
         """The array ``name`` of the store; damaged or missing metadata (``<name>/zarr.json``) is a

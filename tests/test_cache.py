@@ -381,6 +381,47 @@ def test_float16_overflow_is_clipped_and_reported(tokenizer_dir, tmp_path, capsy
         assert np.isfinite(store.read_rows(layer, 0, 200)).all()
 
 
+@pytest.mark.parametrize("kill", ["after every array shrank", "after one layer shrank"])
+def test_a_finalize_killed_after_shrinking_the_arrays_is_finished_by_the_same_command(kill, tiny_neox, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """The corpus ran out: finalize shrinks the arrays to what was written, then marks the store complete.  A kill
+    in between left arrays shorter than planned in a store not yet complete, which the layout check called damaged
+    (found in review); the same command finishes it, with the bytes of a run never killed."""
+    import stores.activation_store as activation_store
+
+    text = tmp_path / "short.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    args = lambda cache: cache_args(tiny_neox, cache, tokens=100000, dataset=text)  # noqa: E731
+    assert run_cli(args(tmp_path / "whole"), capsys)[0] == 0
+    resized = []
+    real_sync = activation_store.sync
+
+    def sync(coroutine, *a, **k):  # (raised here, on the calling thread: not inside zarr's event loop)
+        if "resize" in getattr(coroutine, "__qualname__", ""):
+            if kill == "after one layer shrank" and resized:
+                coroutine.close()
+                raise KeyboardInterrupt
+            resized.append(coroutine)
+        return real_sync(coroutine, *a, **k)
+
+    def set_attrs(self, **values):
+        if values.get("complete"):
+            raise KeyboardInterrupt
+        return real_set_attrs(self, **values)
+
+    real_set_attrs = ActivationStore._set_attrs
+    with monkeypatch.context() as patch:
+        patch.setattr(activation_store, "sync", sync)
+        patch.setattr(ActivationStore, "_set_attrs", set_attrs)
+        code, _, err = run_cli(args(tmp_path / "c"), capsys)
+    assert code == 130, err
+    partial = ActivationStore.open(str(tmp_path / "c"), allow_partial=True)  # not "damaged"
+    assert not partial.complete and len(resized) >= 1
+    code, _, err = run_cli(args(tmp_path / "c"), capsys)
+    assert code == 0, err
+    assert _tree_bytes(tmp_path / "c") == _tree_bytes(tmp_path / "whole")
+
+
 def test_corpus_shorter_than_tokens_keeps_what_there_is(tiny_neox, tmp_path, capsys):
     text = tmp_path / "short.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
@@ -391,7 +432,7 @@ def test_corpus_shorter_than_tokens_keeps_what_there_is(tiny_neox, tmp_path, cap
     assert store.complete and 0 < store.n_tokens < 100000
     # the bar ends full at what the corpus gave, its ETA at 0 (not stopped short of 100,000 with an old ETA)
     final = re.findall(r"caching ━+ ([\d,]+)/([\d,]+) .*ETA (\S+)", err)[-1]
-    assert final == (f"{store.n_tokens}", f"{store.n_tokens}", "0:00:00")
+    assert final == (f"{store.n_tokens:,}", f"{store.n_tokens:,}", "0:00:00")
     assert store.layer_array(0).shape[0] == store.n_tokens and store.n_tokens % (CONTEXT - 1) == 0
 
 

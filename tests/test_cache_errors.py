@@ -365,7 +365,8 @@ def test_a_damaged_chunk_stops_with_one_line_naming_cache_layer_and_rows(damage,
     ({"dtype": "int8"}, "dtype is 'int8', not one of"),
     ({"chunks_written": 2, "tokens_written": 1000}, "counts (1,000 tokens in 2 chunks) do not match its complete arrays "
                                                     "(3,000 rows, chunks of 500)"),
-    ({"complete": False, "tokens_planned": 2000}, "counts (3,000 of 2,000 tokens planned) do not match its arrays"),
+    ({"complete": False, "tokens_planned": 2000}, "counts (3,000 of 2,000 tokens planned) do not match its arrays "
+                                                  "(layers/0: 3,000 rows)"),
 ])
 @pytest.mark.parametrize("command", ["verify", "train"])
 def test_attributes_that_do_not_fit_the_cache_are_called_damaged(edit, says, command, trained, tmp_path, capsys):
