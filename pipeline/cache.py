@@ -463,15 +463,13 @@ def _cache_lock(path: str, ranks: Ranks) -> Iterator[None]:
     refused = None
     with contextlib.ExitStack() as held:
         if lock is not None:
-            parent = os.path.dirname(lock)
-            if not os.path.isdir(parent):  # made for the lock: gone again if the command leaves nothing in it
-                held.callback(_remove_if_empty, parent)
+            # (the folder made for it stays: removed, a process waiting on the lock would find no folder to
+            # open the lock file in, and go on unlocked)
             with contextlib.suppress(OSError):  # a parent it cannot make: no lock, and _prepare_folder says why
-                os.makedirs(parent, exist_ok=True)
+                os.makedirs(os.path.dirname(lock), exist_ok=True)
             busy = f"another gsae process is writing the cache {path} now; wait for it, or pass another --cache"
             try:
-                # the lock file goes with the command: a refused one (a bad corpus, say) left it, and the folder
-                # made for it, behind
+                # the lock file goes with the command: a refused one (a bad corpus, say) left it behind
                 held.enter_context(exclusive(lock, GsaeError(busy), remove=True))
             except GsaeError:
                 refused = busy

@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.errors import GsaeError
 from pipeline.hub import hub_reachable
-from stores.messages import first_few, joined_lines
+from stores.messages import first_few, first_line, joined_lines
 
 DEVICES = ("auto", "cpu", "cuda")
 EMBEDDED_NAME = "smollm2-135m"
@@ -227,11 +227,28 @@ def _tokenizer_error(spec: ModelSpec, exc: BaseException) -> GsaeError:
 
 
 def gguf_error(spec: ModelSpec, exc: BaseException) -> GsaeError:
-    """A GGUF file that would not load: gguf's and transformers' errors for a damaged or cut-short file are about
-    shapes and encodings ("cannot reshape array of size 66784 into shape (576,360)")."""
+    """A GGUF file that would not load, saying so where the file is damaged or cut short: gguf's and transformers'
+    errors for those are about shapes and encodings ("cannot reshape array of size 66784 into shape (576,360)").
+    A whole file that transformers cannot load (an architecture or quantization it does not support) gets its
+    error alone."""
     path = Path(spec.location) / str(spec.gguf_file)
-    size = f"{path.stat().st_size:,} bytes" if path.is_file() else "missing"
-    return GsaeError(f"could not load the GGUF file {path} ({size}; damaged or cut short?): {joined_lines(exc)}")
+    damage = _gguf_damage(path)
+    return GsaeError(f"could not load the GGUF file {path}{f' ({damage})' if damage else ''}: {joined_lines(exc)}")
+
+
+def _gguf_damage(path: Path) -> str | None:
+    """What is wrong with the file itself, or None where gguf reads it whole (within gguf_parsed_once, the reader
+    is the one already made)."""
+    try:
+        import gguf
+
+        size = path.stat().st_size
+        needed = max((t.data_offset + t.n_bytes for t in gguf.GGUFReader(path).tensors), default=0)
+    except ImportError:
+        return None
+    except Exception as exc:  # gguf's reader refuses it
+        return f"unreadable, damaged or cut short: {first_line(exc, 120)}"
+    return f"cut short: {size:,} bytes, its tensors need {needed:,}" if needed > size else None
 
 
 def _check_tokenizer(tokenizer: Any, spec: ModelSpec) -> None:

@@ -31,7 +31,7 @@ PAPER = [
 
 
 COST_NOTE = (
-    "Cost, as the paper counts it: total = (A + T·G) ÷ (A + T·L). A is the shared cost of producing the "
+    "Cost, with the paper's formula: total = (A + T·G) ÷ (A + T·L). A is the shared cost of producing the "
     "activations: the cache's recorded model-and-write time (timing.json) scaled to the tokens each SAE "
     "trained on, A = cache seconds × tokens per SAE ÷ cache tokens, at most the whole cache's time (rows read "
     "more than once cost no second forward). T is the cost of training one SAE; "

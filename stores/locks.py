@@ -43,7 +43,8 @@ def _flock(handle: int, operation: int) -> bool:
     except BlockingIOError:
         return False
     except OSError as exc:
-        if exc.errno not in _NO_LOCKING:
+        # ESTALE: on NFS, a file its holder removed (exclusive then finds the name gone, and opens it afresh)
+        if exc.errno not in _NO_LOCKING and exc.errno != errno.ESTALE:
             raise
     return True  # locked, or no locking on this file system
 
@@ -71,7 +72,8 @@ def exclusive(lock_file: str, busy: Exception, remove: bool = False) -> Iterator
                 if _names(handle, lock_file):
                     held = True
                     break
-                os.close(handle)  # the holder removed it as this process waited: not a lock on the name
+                stale, handle = handle, None  # (closed once: a re-open that raises must not close the number again)
+                os.close(stale)  # the holder removed it as this process waited: not a lock on the name
                 handle = _open(lock_file, create=True)
                 continue
             if attempt + 1 < _TRIES:

@@ -133,9 +133,34 @@ def test_a_damaged_gguf_file_is_named_so_not_blamed_on_the_tokenizer(damage, tin
     with pytest.raises(GsaeError) as error:
         load_model(resolve_model_spec(str(broken)), torch.device("cpu"))
     message = str(error.value)
-    assert message.startswith(f"could not load the GGUF file {broken} ({broken.stat().st_size:,} bytes; damaged or "
-                              "cut short?)"), message
-    assert "\n" not in message
+    # cut short: gguf's reader refuses a float32 file (its tensors are shaped as they are read); a quantized one
+    # (the embedded model) it reads, and gsae compares the file's size with what its tensors need
+    assert message.startswith(f"could not load the GGUF file {broken} (unreadable, damaged or cut short: ") or (
+        message.startswith(f"could not load the GGUF file {broken} (cut short: {broken.stat().st_size:,} bytes, "
+                           f"its tensors need {len(data):,})")), message
+    assert "\n" not in message and "tokenizer" not in message.split(":")[0]
+
+
+def test_a_gguf_file_cut_short_is_told_from_its_tensors_sizes(tiny_gguf, tmp_path, monkeypatch):
+    """A quantized file cut short reads (gguf maps its tensors lazily) and fails in transformers; the message
+    says how much is missing."""
+    from pipeline.models import ModelSpec, gguf_error
+
+    short = tmp_path / "short.gguf"
+    data = tiny_gguf.read_bytes()
+    short.write_bytes(data)
+    real = gguf.GGUFReader
+    whole = real(str(tiny_gguf))  # the tensors of the whole file, as a reader of a quantized cut file sees them
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, mode="r": whole)
+    short.write_bytes(data[: len(data) - 1000])
+    spec = ModelSpec("gguf", str(tmp_path), "short.gguf", str(short))
+    message = str(gguf_error(spec, ValueError("cannot reshape array")))
+    assert f"(cut short: {len(data) - 1000:,} bytes, its tensors need {len(data):,})" in message, message
+    monkeypatch.setattr(gguf, "GGUFReader", real)
+    whole_spec = ModelSpec("gguf", str(tiny_gguf.parent), tiny_gguf.name, str(tiny_gguf))
+    message = str(gguf_error(whole_spec, ValueError("GGUF model with architecture x is not supported yet.")))
+    assert message == f"could not load the GGUF file {tiny_gguf}: ValueError: GGUF model with architecture x is " \
+                      "not supported yet.", message  # a whole file: transformers' error alone
 
 
 def test_a_folder_whose_config_json_is_not_json_is_named_so(tiny_llama, tmp_path):
