@@ -271,7 +271,8 @@ def gguf_parsed_once() -> Iterator[None]:
     embedded SmolLM2-135M), and builds gguf's name map once per module of the model (397 times, 8 s);
     huggingface/transformers#40334.  The embedded model loads in 16 s with this, 34 s without
     (benchmarks/model_load.py).  transformers imports both names from ``gguf`` when it calls them, so they are
-    swapped there and put back after.  Both are read-only: the reader maps the file read-only."""
+    swapped there and put back after.  Both are read-only: the reader maps the file read-only.  Not for threads
+    that load models at once (the swap is the module's): gsae loads its models on the main thread."""
     try:
         import gguf
     except ImportError:  # no GGUF support installed: nothing to parse
