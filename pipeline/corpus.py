@@ -210,6 +210,9 @@ def _local_corpus(spec: str, path: Path, text_field: str) -> Corpus:
         if not files:
             raise GsaeError(f"folder {spec} holds no .txt, .jsonl or .parquet file")
     elif path.suffix.lower() in LOCAL_SUFFIXES:
+        if not path.is_file():  # a named pipe (or a device) blocked until Ctrl-C, then was read twice at best
+            raise GsaeError(f"cannot read {spec}: not a regular file (gsae reads a corpus twice, for its "
+                            "fingerprint and to cache it: save the text to a file)")
         files = [path]
     else:
         raise GsaeError(f"cannot read {spec}: a dataset file must end in .txt, .jsonl or .parquet")

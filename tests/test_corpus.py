@@ -186,3 +186,13 @@ def test_a_jsonl_line_that_is_not_an_object_is_named_so(line, kind, tiny_neox, t
     with pytest.raises(GsaeError) as raised:
         _windows(path, tokenizer)
     assert str(raised.value) == f"{path}:2 is {kind}, not a JSON object (a .jsonl file holds one object per line)"
+
+
+def test_a_named_pipe_is_refused_rather_than_waited_on(tmp_path):
+    """A FIFO named as the corpus blocked until Ctrl-C (found by helper-68)."""
+    import os
+
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(GsaeError, match=r"corpus.txt: not a regular file"):
+        open_corpus(str(fifo))
