@@ -785,8 +785,8 @@ class ActivationStore:
             first = max(start, chunk * self.chunk_tokens)
             if values[first - start].any():
                 continue
-            key = f"{array.path}/{array.metadata.encode_chunk_key((chunk, 0))}"
-            if not sync(array.store.exists(key)) and self._read_stats("chunk_norm_sum", (chunk, layer)) > 0:
+            missing = not sync(array.store.exists(_chunk_key(array, chunk)))
+            if missing and self._read_stats("chunk_norm_sum", (chunk, layer)) > 0:
                 chunk_stop = min(stop, (chunk + 1) * self.chunk_tokens)
                 raise self._read_error(layer, first, chunk_stop, "chunk missing")
 
@@ -831,8 +831,7 @@ class ActivationStore:
             first, last = max(rows.start, chunk * size), min(rows.stop, (chunk + 1) * size)
             if values[first - rows.start : last - rows.start].any():
                 continue
-            key = f"{self._tokens.path}/{self._tokens.metadata.encode_chunk_key((chunk,))}"
-            if not sync(self._tokens.store.exists(key)):
+            if not sync(self._tokens.store.exists(_chunk_key(self._tokens, chunk))):
                 raise self._tokens_error(range(first, last), "chunk missing")
 
     def _tokens_error(self, rows: range, problem: str) -> StoreError:
@@ -969,8 +968,8 @@ class ActivationStore:
             folder = f"{root.rstrip('/')}/layers/{layer}"
             sizes = fs.find(folder, detail=True) if fs.exists(folder) else {}
             for chunk in range(self.n_chunks):
-                key = array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
-                total += int((sizes.get(f"{folder}/{key}") or {}).get("size", 0))  # an all-zero chunk: no file
+                key = f"{root.rstrip('/')}/{_chunk_key(array, chunk)}"  # (array.path is layers/<layer>)
+                total += int((sizes.get(key) or {}).get("size", 0))  # an all-zero chunk: no file
         return total
 
     def raw_activation_bytes(self) -> int:
@@ -1003,7 +1002,7 @@ class ActivationStore:
         for chunk in range(self.n_chunks):
             start, stop = self.readable_rows(chunk)
             for name, layer, array in arrays:
-                key = f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
+                key = _chunk_key(array, chunk)
                 problem = None
                 try:  # one request on an object store: its size says whether it exists too
                     size = sync(array.store.getsize(key))
@@ -1024,6 +1023,11 @@ class ActivationStore:
                     except Exception as exc:  # a corrupt chunk fails its checksum or decompression
                         problem = _describe_decode_error(exc)
                 yield name, layer, start, stop, problem
+
+
+def _chunk_key(array: zarr.Array, chunk: int) -> str:
+    """The store key of chunk ``chunk`` (along the rows; an array is one chunk wide) of ``array``."""
+    return f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
 
 
 def _describe_stats_error(exc: Exception) -> str:
