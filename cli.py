@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import decimal
+import functools
 import math
 import os
 import re
@@ -12,7 +13,7 @@ import sys
 import threading
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 # transformers' GGUF loader draws a raw tqdm bar; gsae shows its own progress instead
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -47,16 +48,11 @@ import typer  # noqa: E402
 from rich.console import Console, ConsoleDimensions  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-# Defaults and choices come from the stages (their request dataclasses and constants), never restated here.
-from pipeline.cache import CACHE_ROOT, WRITERS, CacheRequest  # noqa: E402
-from pipeline.evaluate import DEFAULT_TOKENS as EVAL_TOKENS  # noqa: E402
-from pipeline.evaluate import DEFAULT_WINDOWS as EVAL_WINDOWS  # noqa: E402
-from pipeline.export import FORMATS  # noqa: E402
-from pipeline.group import METRICS, GroupRequest  # noqa: E402
-from pipeline.models import DEVICES  # noqa: E402
-from pipeline.paper import PaperRequest  # noqa: E402
-from pipeline.sae import ARCHITECTURES  # noqa: E402
-from pipeline.train import PRECISIONS, TrainRequest  # noqa: E402
+# Defaults and choices come from the stages' requests (pipeline.requests), never restated here; that module and
+# stores.codecs import neither torch nor zarr, so `--help` and a bad option's message come at once.
+from pipeline.requests import (ARCHITECTURES, CACHE_ROOT, DEVICES, EVAL_TOKENS, EVAL_WINDOWS, FORMATS,  # noqa: E402
+                               METRICS, PRECISIONS, WORKER_KINDS, CacheRequest, GroupRequest, PaperRequest,
+                               TrainRequest)
 from stores.codecs import COMPRESSIONS, DEFAULT_KEEP_BITS, STORAGE_DTYPES  # noqa: E402
 
 app = typer.Typer(
@@ -105,9 +101,26 @@ Device = _choices("Device", DEVICES)
 Metric = _choices("Metric", METRICS)
 Architecture = _choices("Architecture", ARCHITECTURES)
 Precision = _choices("Precision", PRECISIONS)
-Workers = _choices("Workers", WRITERS)
+Workers = _choices("Workers", WORKER_KINDS)
 ExportFormat = _choices("ExportFormat", FORMATS)
 _DEBUG = False  # --debug or GSAE_DEBUG=1: show tracebacks
+
+
+def _command(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``app.command``, with torch's threads capped (:func:`_cap_torch_threads`) and the command's signal handlers
+    set (:func:`_command_signals`) when the command runs: not before, so that `--help` and a bad option's message
+    need no torch."""
+
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(function)  # typer reads the options from the wrapped function's signature
+        def run(*args: Any, **kwargs: Any) -> None:
+            _cap_torch_threads()  # imports torch, most of a command's start, while Ctrl-C still says "starting"
+            _command_signals()
+            return function(*args, **kwargs)
+
+        return app.command(name)(run)
+
+    return register
 
 
 @app.callback()
@@ -222,7 +235,7 @@ def _resolve_cache(cache: Optional[str]) -> str:
     raise GsaeError(f"several caches under ./{CACHE_ROOT} ({', '.join(p.name for p in found)}); pass --cache")
 
 
-@app.command()
+@_command()
 def cache(
     model: Optional[str] = typer.Option(None, help="Hub id, alias (pythia-70m, ...), folder saved with save_pretrained, or .gguf file. Default: the embedded SmolLM2-135M."),
     dataset: Optional[str] = typer.Option(None, help="pydoc (embedded default), a .txt/.jsonl/.parquet file or folder, or a hub dataset id."),
@@ -289,7 +302,7 @@ def cache(
     report.print(table)
 
 
-@app.command()
+@_command()
 def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
@@ -338,7 +351,7 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
     report.print(table)
 
 
-@app.command()
+@_command()
 def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
            allow_partial: bool = typer.Option(False, help="Verify the committed chunks of an incomplete cache."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
@@ -371,7 +384,7 @@ def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: t
     report.print(f"[green]ok[/]: {store.n_chunks * (store.n_layers + 1):,} chunks of {store.path} decode and match their checksums")
 
 
-@app.command()
+@_command()
 def group(
     cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
     metric: Metric = typer.Option(GroupRequest.metric, help="amad: contiguous complete-linkage groups; uniform: equal splits."),
@@ -415,7 +428,7 @@ def group(
                      + f" in {result.seconds:.1f} s")
 
 
-@app.command()
+@_command()
 def train(
     ctx: typer.Context,
     cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
@@ -489,7 +502,7 @@ def _typed(ctx: typer.Context) -> tuple[str, ...]:
                  if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE")
 
 
-@app.command("eval")
+@_command("eval")
 def evaluate(
     run: str = typer.Option(..., help="The run directory written by gsae train."),
     tokens: int = typer.Option(EVAL_TOKENS, parser=_count, metavar="N", help="Held-out tokens per layer for reconstruction and sparsity metrics."),
@@ -527,7 +540,7 @@ def evaluate(
     report.print(f"wrote {run}/eval.json")
 
 
-@app.command("report")
+@_command("report")
 def report_command(
     runs: list[str] = typer.Option(..., "--runs", help="Run directories (baseline and group runs), evaluated with gsae eval."),
     out: str = typer.Option("report", help="Folder for report.md and the plots."),
@@ -550,7 +563,7 @@ def report_command(
     report.print(f"wrote report.md and plots in {result.folder}")
 
 
-@app.command("run")
+@_command("run")
 def run_all(
     cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
     groups: Optional[str] = typer.Option(None, help="Comma-separated G values for AMAD runs (default: G* and its neighbours)."),
@@ -578,7 +591,7 @@ def run_all(
     report.print(f"wrote report.md and plots in {result.folder}")
 
 
-@app.command()
+@_command()
 def export(
     run: str = typer.Option(..., help="The run directory written by gsae train."),
     format: ExportFormat = typer.Option(FORMATS[0], help="Export format."),
@@ -603,11 +616,11 @@ def _cap_torch_threads() -> None:
     """torch's intra-op threads at most the cores this process may use, where no *_NUM_THREADS says
     otherwise: OpenMP counts the cores it may run on, not a CPU quota (`docker --cpus 4` on a 64-core host
     gave torch 64 threads sharing 4 cores' time)."""
+    import torch
+
     from stores.chunk_files import usable_cores
 
     if not any(os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
-        import torch
-
         cores = usable_cores()
         if torch.get_num_threads() > cores:
             torch.set_num_threads(cores)
@@ -625,6 +638,21 @@ def _message(exc: BaseException) -> str:
 
 
 _TERMINATED = False  # set by SIGTERM's handler in the `gsae` program (entry)
+_SIGTERM_STOPS_COMMANDS = False  # set by entry: a command's SIGTERM is handled as Ctrl-C (_terminate)
+
+
+def _command_signals() -> None:
+    """A command's own handlers, once it has started (its imports done): Ctrl-C is a KeyboardInterrupt, which
+    main() turns into one line after the command's clean-up, and so is SIGTERM in the `gsae` program (entry);
+    elsewhere SIGTERM is left as it was, or set back to its default from the starting one."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _SIGTERM_STOPS_COMMANDS:
+        signal.signal(signal.SIGTERM, _terminate)
+    elif signal.getsignal(signal.SIGTERM) is _interrupted_while_starting:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -649,9 +677,9 @@ def entry() -> None:
     """The `gsae` program: :func:`main`, with the process's signals its own.  SIGTERM stops a command as Ctrl-C
     does (not under torchrun, whose agent stops the ranks with it: one blocked in a collective would only run
     a Python handler once the collective returned); once the command is over, either ends the process at once."""
+    global _SIGTERM_STOPS_COMMANDS
     main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread and not _under_torchrun():
-        signal.signal(signal.SIGTERM, _terminate)
+    _SIGTERM_STOPS_COMMANDS = main_thread and not _under_torchrun()  # from the command's start (_command_signals)
     try:
         main()
     finally:
@@ -663,32 +691,28 @@ def entry() -> None:
             signal.signal(signal.SIGTERM, _exit_now)
 
 
-def main() -> None:
-    """Runs the app and turns known errors into one line and a non-zero exit."""
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """gsae's own errors, whose message is the one line printed.  Imported only once one is raised: the store's
+    and the file systems' modules (zarr, fsspec) would slow `--help` down."""
     from pipeline.errors import GsaeError
     from stores import StoreError
-    from rich.markup import escape
+    from stores.remote import RemoteError
 
-    from stores.remote import RemoteError, describe_storage_error
+    return GsaeError, StoreError, RemoteError
+
+
+def main() -> None:
+    """Runs the app and turns known errors into one line and a non-zero exit."""
+    from rich.markup import escape
 
     global _DEBUG
     _DEBUG = os.environ.get("GSAE_DEBUG", "") not in ("", "0")
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # started: Ctrl-C is a KeyboardInterrupt
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if signal.getsignal(signal.SIGTERM) is _interrupted_while_starting:  # (entry sets its own before this)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _cap_torch_threads()
     try:
         code = app(standalone_mode=False, prog_name="gsae")  # returns the code of a typer.Exit instead of raising it
         if code == 130:  # typer turns Ctrl-C into Exit(130) before it reaches the handler below
             raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
-    except (GsaeError, StoreError, RemoteError) as exc:
-        if _DEBUG:
-            raise
-        console.print(f"[red]error:[/] {escape(_message(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(1)
     except KeyboardInterrupt:
         what = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
         console.print(f"[yellow]{what}[/]: what was committed is kept (a cache's chunks, a run's last "
@@ -698,12 +722,17 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as exc:  # click usage errors: a bad option value exits 2 with the usage line
+    except Exception as exc:  # click usage errors (a bad option value exits 2 with the usage line), then gsae's
         if isinstance(exc, _click_exceptions()):
             exc.show()
             sys.exit(exc.exit_code)
         if _DEBUG:
             raise
+        if isinstance(exc, _known_errors()):  # after click's: a usage error imports no store (and no torch)
+            console.print(f"[red]error:[/] {escape(_message(exc))}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        from stores.remote import describe_storage_error
+
         storage = describe_storage_error(exc)
         console.print(f"[red]error:[/] {escape(storage if storage is not None else _unexpected(exc))}",
                       highlight=False, soft_wrap=True)

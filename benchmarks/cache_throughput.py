@@ -33,7 +33,8 @@ from rich.console import Console  # noqa: E402
 
 from cache_write import in_shared_memory  # noqa: E402  (benchmarks/, the script's folder)
 from gil_options import add_gil_options, apply_gil_options  # noqa: E402
-from pipeline.cache import WRITERS, fill_store  # noqa: E402
+from pipeline.cache import fill_store  # noqa: E402
+from pipeline.requests import WORKER_KINDS  # noqa: E402
 from pipeline.chunk_writer import Chunk, ChunkWriter  # noqa: E402
 from pipeline.corpus import iter_windows, open_corpus, window_plan  # noqa: E402
 from pipeline.models import load_model, pick_device, resolve_model_spec  # noqa: E402
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--folder", default=".", help="where the temporary store goes (/dev/shm: memory, not the disk)")
     parser.add_argument("--write-threads", type=int, default=None,
                         help="writer threads for both runs (default: gsae cache's, a thread per core)")
-    parser.add_argument("--writer", choices=WRITERS, default="auto",
+    parser.add_argument("--writer", choices=WORKER_KINDS, default="auto",
                         help="gsae cache --writer for both runs: threads, encoder processes, or gsae's choice")
     parser.add_argument("--write-only-gib", type=float, default=4.0,
                         help="at most this many GiB of the cached chunks are held in memory for the write-only run")

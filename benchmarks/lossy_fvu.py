@@ -31,7 +31,7 @@ from pipeline.sae import SparseAutoencoder, default_k, default_lr  # noqa: E402
 from pipeline.train import make_optimizer, train_step  # noqa: E402
 from stores import ActivationStore  # noqa: E402
 from stores.codecs import activation_codecs  # noqa: E402
-from stores.stream import split_chunks  # noqa: E402
+from stores.held_out import split_chunks  # noqa: E402
 
 
 def train_on(rows: np.ndarray, scale: float, args: argparse.Namespace, seed: int) -> SparseAutoencoder:

@@ -41,7 +41,7 @@ from sparsify_speed import NEVER_DEAD, gsae_step, matmul_precision, sparsify_ste
 
 from pipeline.sae import default_lr
 from stores import ActivationStore, to_float32
-from stores.stream import split_chunks
+from stores.held_out import split_chunks
 
 TARGET = 1.0
 TOOLS = ("gsae", "sparsify")

@@ -48,7 +48,8 @@ from pipeline.train import make_optimizer, train_step  # noqa: E402
 from pipeline.processes import start_processes, stop_processes, worker_nice, worker_threads  # noqa: E402
 from stores import STORAGE_DTYPES, ActivationStore, compute_chunk_stats  # noqa: E402
 from stores.chunk_files import ChunkProcesses  # noqa: E402
-from stores.stream import TrainingStream, split_chunks  # noqa: E402
+from stores.held_out import split_chunks  # noqa: E402
+from stores.stream import TrainingStream  # noqa: E402
 
 
 def feed(args) -> None:

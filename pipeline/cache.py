@@ -40,9 +40,10 @@ from pipeline.corpus import (Corpus, WindowPlan, check_corpus_options, check_has
 from pipeline.errors import GsaeError
 from pipeline.models import (LoadedModel, ModelSpec, load_model, matmul_precision, max_positions,
                              pick_device, resolve_model_spec)
-from pipeline.processes import KINDS, start_processes, worker_nice
+from pipeline.processes import start_processes, worker_nice
 from pipeline.progress import make_progress
 from pipeline.ranks import Ranks, current as current_ranks
+from pipeline.requests import CACHE_ROOT, WORKER_KINDS, CacheRequest
 from stores import (
     STORAGE_DTYPES,
     ActivationStore,
@@ -56,39 +57,7 @@ from stores import (
 from stores.activation_store import fold_seconds_writing, writer_lock_file
 from stores.codecs import keep_bits_range
 from stores.locks import exclusive
-from stores.stream import HELD_OUT_FRACTION, held_out_chunks
-
-DEFAULT_TOKENS = 100_000
-DEFAULT_CONTEXT_LENGTH = 256
-DEFAULT_BATCH_SIZE = 16
-CACHE_ROOT = "gsae-cache"
-WRITERS = KINDS  # --writer: who compresses and writes the chunks
-
-
-@dataclass
-class CacheRequest:
-    """Everything ``gsae cache`` was asked to do."""
-
-    model: str | None = None
-    revision: str | None = None
-    dataset: str | None = None
-    dataset_config: str | None = None
-    split: str = "train"
-    text_field: str = "text"
-    tokens: int = DEFAULT_TOKENS
-    context_length: int = DEFAULT_CONTEXT_LENGTH
-    batch_size: int = DEFAULT_BATCH_SIZE
-    cache: str | None = None
-    compression: str = "lossless"
-    keep_bits: int | None = None
-    dtype: str = "float16"
-    device: str = "auto"
-    prepend_bos: bool | None = None
-    keep_bos: bool = False
-    chunk_tokens: int | None = None
-    write_threads: int | None = None  # None: one per core
-    writer: str = "auto"  # WRITERS; auto: threads (pipeline.processes.AUTO_PROCESSES)
-
+from stores.held_out import HELD_OUT_FRACTION, held_out_chunks
 
 @dataclass
 class CacheResult:
@@ -136,8 +105,8 @@ def _validate(request: CacheRequest) -> None:
         raise GsaeError(f"--context-length must be at least 2 (got {request.context_length})")
     if request.write_threads is not None and request.write_threads <= 0:
         raise GsaeError(f"--write-threads must be positive (got {request.write_threads})")
-    if request.writer not in WRITERS:
-        raise GsaeError(f"--writer {request.writer!r}: choose one of {', '.join(WRITERS)}")
+    if request.writer not in WORKER_KINDS:
+        raise GsaeError(f"--writer {request.writer!r}: choose one of {', '.join(WORKER_KINDS)}")
     if request.writer == "processes" and (request.compression != "lossless"
                                           or (request.cache is not None and not is_local(request.cache))):
         # before the model loads (SmolLM2: 45 s here); pipeline.processes says the same of an existing store

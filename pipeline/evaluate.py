@@ -34,6 +34,7 @@ from pipeline.models import (LoadedModel, ModelSpec, load_model, matmul_precisio
                              resolve_model_spec)
 from pipeline.progress import CountColumn, LoggedProgress, RemainingColumn
 from pipeline.ranks import Ranks
+from pipeline.requests import EVAL_TOKENS, EVAL_WINDOWS
 from pipeline.run import EVAL, Run, cache_fingerprint, fingerprint_changes
 from pipeline.sae import SparseAutoencoder
 from stores import ActivationStore, probe
@@ -41,8 +42,6 @@ from stores.stream import as_tensor
 
 _EVAL_BATCH = 4096  # rows, rounded to whole chunks (each whole local chunk then skips zarr: ActivationStore.read_into)
 _READ_AHEAD_BYTES = 256 << 20  # held-out rows decoded ahead at most, besides the batch evaluated
-DEFAULT_TOKENS = 16384  # held-out rows per layer for reconstruction and sparsity
-DEFAULT_WINDOWS = 32  # held-out text windows for the downstream metrics
 # Fewest held-out rows per layer worth an FVU: its denominator is a sample variance, whose relative standard
 # error is about sqrt(2 / (n - 1)) when one direction dominates (as in residual streams): 14% at 100 rows,
 # and at 1 row it is 0 (FVU ~1e27). Sparsity (dead %) over fewer tokens says nothing either.
@@ -270,7 +269,7 @@ def _zero_from(first: int, hidden: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def eval_arguments(tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_WINDOWS,
+def eval_arguments(tokens: int = EVAL_TOKENS, windows: int = EVAL_WINDOWS,
                    context_length: int | None = None) -> dict[str, Any]:
     """What decides what an evaluation measures, as eval.json records it (``arguments``): the options, and
     where CE and KL were averaged (:data:`DOWNSTREAM_POSITIONS`)."""
@@ -320,7 +319,7 @@ def check_eval_arguments(tokens: int, windows: int, context_length: int | None) 
                         f"(got {context_length}; leave it out for whole windows)")
 
 
-def evaluate_run(run: str, tokens: int = DEFAULT_TOKENS, windows: int = DEFAULT_WINDOWS, context_length: int | None = None,
+def evaluate_run(run: str, tokens: int = EVAL_TOKENS, windows: int = EVAL_WINDOWS, context_length: int | None = None,
                  device: str = "auto", console: Any = None, cache: str | None = None,
                  models: dict[tuple[ModelSpec, torch.device], LoadedModel] | None = None) -> list[dict[str, Any]]:
     """Evaluate every layer of a run; writes ``<run>/eval.json`` and returns its records.  On CUDA the SAEs'

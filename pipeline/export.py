@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import save
 
 from pipeline.errors import GsaeError, write_errors
+from pipeline.requests import FORMATS
 from pipeline.run import Run, cache_fingerprint, fingerprint_changes, join, write_atomic
 from stores import ActivationStore
 from stores.messages import first_few
 
-FORMATS = ("saelens", "sparsify")
 
 # gsae architecture -> SAELens inference architecture. BatchTopK is exported as SAELens exports it: a
 # JumpReLU whose threshold is the running threshold kept in training, the same rule gsae evaluates with.
@@ -149,6 +149,8 @@ def _check_target(target: str, planned: dict[str, dict], identity_file: str = "c
 
 def export_run(run: str, out: str | None = None, format: str = "saelens") -> list[str]:
     """Export every layer's SAE of ``run`` in ``format`` (:data:`FORMATS`); the folders written."""
+    if format not in FORMATS:
+        raise GsaeError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     return export_sparsify(run, out) if format == "sparsify" else export_saelens(run, out)
 
 

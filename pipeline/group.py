@@ -16,8 +16,6 @@ import torch
 from pipeline import __version__
 from pipeline.errors import GsaeError, check_seed
 from pipeline.grouping import (
-    DEFAULT_SAMPLE_TOKENS,
-    DEFAULT_THRESHOLD,
     Grouping,
     build_grouping,
     compute_distances,
@@ -25,27 +23,13 @@ from pipeline.grouping import (
     sampled_from,
 )
 from pipeline.models import pick_device
+from pipeline.requests import METRICS, GroupRequest
 from pipeline.run import Run, cache_fingerprint, fingerprint_changes
 from stores import ActivationStore, StoreError, list_side_files, read_side_file, remove_side_files, write_side_file
 
-METRICS = ("amad", "uniform")
 # 2: true contiguous complete linkage (format 1 came from scikit-learn's connectivity-constrained
 # clustering, which is not complete linkage on a chain); files of another format are recomputed.
 GROUPING_FORMAT = 2
-
-
-@dataclass
-class GroupRequest:
-    cache: str
-    metric: str = "amad"
-    tokens: int = DEFAULT_SAMPLE_TOKENS
-    threshold: float = DEFAULT_THRESHOLD
-    layers: str | None = None
-    seed: int = 0
-    scheduler: str | None = None
-    allow_partial: bool = False
-    force: bool = False
-    device: str = "auto"  # where the distance products run; not part of the grouping's arguments
 
 
 @dataclass

@@ -21,10 +21,8 @@ import torch
 from pipeline.errors import GsaeError
 from pipeline.models import pick_device
 from stores import ActivationStore
-from stores.stream import split_chunks
+from stores.held_out import split_chunks
 
-DEFAULT_SAMPLE_TOKENS = 300_000
-DEFAULT_THRESHOLD = 0.2
 _ROWS_PER_STEP = 256  # rows normalised at a time inside a chunk task: bounds its memory
 # on a GPU: at most this many chunk tasks of a process at once (Dask runs one per core), each with float64
 # buffers of at most _GPU_STEP_BYTES besides its chunk in the stored dtype, so that memory does not grow

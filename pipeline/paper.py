@@ -9,32 +9,19 @@ this command's evaluation arguments is not re-evaluated (one made with others, o
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import GsaeError
-from pipeline.evaluate import DEFAULT_TOKENS as EVAL_TOKENS
 from pipeline.evaluate import (check_eval_arguments, check_held_out, eval_argument_changes, eval_arguments, evaluate_run,
                                 read_eval)
-from pipeline.group import GroupingInUse, GroupRequest, run_group
+from pipeline.group import GroupingInUse, run_group
 from pipeline.grouping import layer_span, parse_layers, partition_text
 from pipeline.report import Report, build_report
 from pipeline.run import STATES, Run, join, write_atomic
-from pipeline.train import RUNS_ROOT, TrainRequest, check_existing, check_sae_shape, plan, train, validate_request
+from pipeline.requests import EVAL_TOKENS, GroupRequest, PaperRequest, TrainRequest
+from pipeline.train import check_existing, check_sae_shape, plan, train, validate_request
 from stores import ActivationStore
-from stores.stream import split_chunks
-
-
-@dataclass
-class PaperRequest:
-    cache: str
-    groups: list[int] = field(default_factory=list)  # empty: G* and its neighbours
-    tokens: int = TrainRequest.tokens
-    expansion: float = TrainRequest.expansion
-    batch_size: int = TrainRequest.batch_size
-    windows: int = 16  # fewer held-out windows than `gsae eval`'s default: the comparison evaluates many runs
-    out: str = RUNS_ROOT
-    layers: str | None = None  # `gsae group --layers`: the layers every run covers (default: all but the last)
+from stores.held_out import split_chunks
 
 
 def _check(request: PaperRequest) -> None:

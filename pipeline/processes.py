@@ -16,7 +16,6 @@ from stores import ActivationStore, is_local
 from stores.chunk_files import ChunkProcesses, SharedBuffers, lower_priority, shared_memory_room, usable_cores
 from stores.pinned import can_pin_shared_memory
 
-KINDS = ("auto", "threads", "processes")
 
 # What `auto` takes where processes can work, per option, from the H200 session of 2026-11-28 (code at
 # 14c5971, docs/benchmarks.md): `gsae cache` took 2.81 and 2.69 s with 16 encoder processes against 2.12
@@ -58,7 +57,7 @@ def worker_threads(count: int, name: str, nice: int) -> ThreadPoolExecutor:
 
 
 def use_processes(requested: str, option: str, store: ActivationStore, device: torch.device, buffers_bytes: int) -> bool:
-    """Whether ``--OPTION requested`` (one of :data:`KINDS`) takes processes for ``store``'s chunks, whose
+    """Whether ``--OPTION requested`` (one of :data:`~pipeline.requests.WORKER_KINDS`) takes processes for ``store``'s chunks, whose
     buffers take ``buffers_bytes``.  auto: where the work feeds a GPU, the machine has more than 2 cores and
     processes can work (a lossless cache on a local disk, room in /dev/shm, shared memory CUDA can pin),
     for the options where they were measured faster (:data:`AUTO_PROCESSES`: the reader); an explicit

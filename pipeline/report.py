@@ -18,7 +18,7 @@ from pipeline.errors import GsaeError, write_errors
 from pipeline.evaluate import eval_argument_changes, read_eval
 from pipeline.grouping import layer_span
 from pipeline.run import SUMMARY, Run, RunConfig, fingerprint_changes, join, write_atomic
-from pipeline.sae import TOP_K_ARCHITECTURES
+from pipeline.requests import TOP_K_ARCHITECTURES
 from stores import ActivationStore, StoreError, read_seconds_writing
 from stores.remote import describe_storage_error
 

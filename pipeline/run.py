@@ -38,7 +38,8 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import save
 
 from pipeline.errors import GsaeError, write_errors
-from pipeline.sae import L1_COEFFICIENT, SparseAutoencoder, read_tensors, sae_files, sae_from_files
+from pipeline.requests import L1_COEFFICIENT
+from pipeline.sae import SparseAutoencoder, read_tensors, sae_files, sae_from_files
 from stores import ActivationStore
 from stores.messages import first_few, first_line
 from stores.locks import exclusive

@@ -19,12 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import GsaeError
+from pipeline.requests import ARCHITECTURES, L1_COEFFICIENT, TOP_K_ARCHITECTURES
 from stores.messages import first_line
 
-ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
-TOP_K_ARCHITECTURES = ("topk", "batchtopk")  # those with a k (and AuxK); ReLU and JumpReLU have none
 AUXK_ALPHA = 1 / 32
-L1_COEFFICIENT = 5.0  # ReLU's L1 weight and JumpReLU's L0 weight (--l1-coefficient)
 DENSE_AUXK_MAX_RATIO = 32  # dense AuxK decode on CUDA up to M = 32 · k_aux: see dense_auxk_decode
 DENSE_AUXK_MAX_BYTES = 1 << 30  # ... and B × M of at most 1 GiB
 THRESHOLD_RATE = 0.01  # BatchTopK's inference threshold: SAELens's topk_threshold_lr

@@ -19,57 +19,28 @@ from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
 from pipeline import __version__
 from pipeline.errors import GsaeError, check_seed
-from pipeline.evaluate import DEFAULT_WINDOWS, check_held_out, layer_reconstruction, threshold_note
+from pipeline.evaluate import check_held_out, layer_reconstruction, threshold_note
 from pipeline.group import grouping_record, mark_used, result_name
 from pipeline.grouping import Grouping, default_layers, layer_span, partition_text
 from pipeline.models import matmul_precision, pick_device
-from pipeline.processes import KINDS as READERS, check_cache as check_processes_cache, start_processes, stop_processes
+from pipeline.processes import check_cache as check_processes_cache, start_processes, stop_processes
 from pipeline.processes import worker_nice, worker_threads
 from pipeline.progress import CountColumn, LoggedProgress, RateColumn, RemainingColumn
 from pipeline.ranks import Ranks, assign as assign_ranks, current as current_ranks
+from pipeline.requests import (ARCHITECTURES, EVAL_WINDOWS, L1_COEFFICIENT, PRECISIONS, RUNS_ROOT, TOP_K_ARCHITECTURES,
+                               WORKER_KINDS, TrainRequest)
 from pipeline.run import (SUMMARY, Run, RunConfig, cache_around, cache_fingerprint, check_new_run_folder, checkpoint_step,
                           fingerprint_changes, join, pack_training_state)
-from pipeline.sae import (ARCHITECTURES, L1_COEFFICIENT, TOP_K_ARCHITECTURES, SparseAutoencoder, default_k,
+from pipeline.sae import (SparseAutoencoder, default_k,
                           default_lr)
 from stores import STORAGE_DTYPES, ActivationStore
 from stores.chunk_files import ChunkProcesses
-from stores.stream import HELD_OUT_FRACTION, TrainingStream, split_chunks
+from stores.held_out import split_chunks
+from stores.stream import TrainingStream
 
-RUNS_ROOT = "runs"
 _SUMMARY_EVAL_ROWS = 16384  # held-out rows per layer for the summary's FVU
 # a checkpoint at least this often, whatever --checkpoint-every says: 200 steps of 29 SAEs take hours on a CPU
 CHECKPOINT_SECONDS = 900.0
-
-
-@dataclass
-class TrainRequest:
-    cache: str | None  # None only with --resume: the cache the run recorded
-    groups: int | None = None
-    baseline: bool = False
-    metric: str = "amad"
-    tokens: int = 1_000_000
-    expansion: float = 16
-    k: int | None = None
-    architecture: str = "topk"
-    batch_size: int = 4096
-    lr: float | None = None
-    out: str | None = None
-    resume: bool = False
-    device: str = "auto"
-    seed: int = 0
-    eval_fraction: float = HELD_OUT_FRACTION
-    dead_tokens: int | None = None
-    checkpoint_every: int = 200
-    log_every: int = 10
-    window_chunks: int = 8
-    tf32: bool = True  # TF32 matmuls on CUDA, as sparsify sets them; no effect on the CPU
-    precision: str = "float32"  # or "bfloat16": the forward under autocast
-    l1_coefficient: float = L1_COEFFICIENT  # ReLU's L1 weight, JumpReLU's L0 weight
-    given: tuple[str, ...] = ()  # the options typed on the command line: --resume refuses those that differ
-    reader: str = "auto"  # who decodes the chunks (pipeline.processes.KINDS); not recorded: it changes no result
-
-
-PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
@@ -87,8 +58,8 @@ def validate_request(request: TrainRequest, device: bool = True) -> None:
     also one whose --device is not here."""
     if request.architecture not in ARCHITECTURES:
         raise GsaeError(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
-    if request.reader not in READERS:
-        raise GsaeError(f"--reader must be one of {', '.join(READERS)}")
+    if request.reader not in WORKER_KINDS:
+        raise GsaeError(f"--reader must be one of {', '.join(WORKER_KINDS)}")
     if not (math.isfinite(request.expansion) and request.expansion > 0):
         raise GsaeError(f"--expansion must be a positive finite number (got {request.expansion})")
     if request.tokens <= 0:
@@ -429,7 +400,7 @@ def _plan_notes(request: TrainRequest, config: RunConfig, store: ActivationStore
         notes.append(f"--tokens {request.tokens:,} → {config.tokens_per_sae:,} per SAE "
                      f"({config.steps:,} whole batch{'es' if config.steps != 1 else ''} of {config.batch_size:,})")
     try:  # what gsae eval will refuse, said before training rather than after
-        check_held_out(store, config.eval_rows[0], DEFAULT_WINDOWS)
+        check_held_out(store, config.eval_rows[0], EVAL_WINDOWS)
     except GsaeError as exc:
         notes.append(f"{exc} (`gsae eval` needs it; the held-out FVU of this run is from "
                      f"{config.eval_rows[1] - config.eval_rows[0]:,} rows)")

@@ -27,11 +27,9 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
-if TYPE_CHECKING:  # torch is imported where it is used: the chunk processes start without it
-    import torch
+if TYPE_CHECKING:  # torch and zarr are imported where they are used: the chunk processes start without torch,
+    import torch  # and `gsae`'s options (these choices) load without either
 
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
-from zarr.codecs.numcodecs import BitRound
 
 COMPRESSIONS = ("lossless", "lossy")
 
@@ -100,6 +98,8 @@ def activation_codecs(compression: str, dtype: str, keep_bits: int = DEFAULT_KEE
     to ``keep_bits`` bits first; the relative error of every normal value is at most
     2**-(keep_bits+1); float16 subnormals, below 2**-14, lose at most 2**-(25-(10-keep_bits)) absolute).
     """
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
     itemsize = STORAGE_DTYPES[dtype][1]
@@ -124,6 +124,8 @@ def activation_codecs(compression: str, dtype: str, keep_bits: int = DEFAULT_KEE
             raise ValueError(f"lossy compression needs --dtype float16 or float32 (got {dtype})")
         if keep_bits not in keep_bits_range(dtype):
             raise ValueError(f"keep_bits must be from 0 to {_MANTISSA_BITS[dtype] - 1} for {dtype} (got {keep_bits})")
+        from zarr.codecs.numcodecs import BitRound
+
         return CodecChain(
             filters=[BitRound(keepbits=keep_bits)],
             compressors=compressors,
@@ -140,4 +142,6 @@ def activation_codecs(compression: str, dtype: str, keep_bits: int = DEFAULT_KEE
 
 def small_array_codecs() -> list[Any]:
     """Compressors for tokens and statistics: zstd with a checksum."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
     return [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()]

@@ -38,25 +38,6 @@ from stores.chunk_files import ChunkProcesses, usable_cores
 from stores.pinned import PinError, pin, pinned_empty, unpin
 
 
-#: the share of a cache's chunks (its last ones) held out from training, for evaluation
-HELD_OUT_FRACTION = 0.05
-
-
-def split_chunks(store: ActivationStore, eval_fraction: float = HELD_OUT_FRACTION) -> tuple[list[int], list[int]]:
-    """(training chunks, held-out chunks): the held-out slice is the last chunks of the corpus."""
-    n = store.n_chunks
-    if n < 2:
-        raise ValueError(f"the cache has {n} chunk; training needs at least 2 (one is held out): cache more "
-                         "tokens, or fewer per chunk (`gsae cache --chunk-tokens`)")
-    held_out = held_out_chunks(n, eval_fraction)
-    return list(range(n - held_out)), list(range(n - held_out, n))
-
-
-def held_out_chunks(n_chunks: int, eval_fraction: float = HELD_OUT_FRACTION) -> int:
-    """How many of a cache's last chunks training holds out: ~``eval_fraction`` of them, at least one."""
-    return max(1, round(n_chunks * eval_fraction))
-
-
 def as_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:
     """Stored values as a torch tensor of the stored precision, without a copy (bfloat16 from its bits)."""
     if dtype == "bfloat16":

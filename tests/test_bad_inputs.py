@@ -374,6 +374,42 @@ def test_ctrl_c_after_the_command_is_over_ends_the_process_at_once():
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and not err.strip(), err
 
 
+@pytest.mark.parametrize("args,code", [(["--help"], 0), (["train", "--help"], 0), (["cache", "--help"], 0),
+                                       (["train", "--groups", "abc"], 2), (["train", "--architecture", "x"], 2)])
+def test_help_and_usage_errors_load_no_torch(args, code):
+    """`gsae --help`, a command's --help and a bad option's message took 3 s, all of it importing torch (and
+    zarr) for the options' defaults; they come from modules that import neither now."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = ("import sys; sys.argv[0] = 'gsae'; import cli\n"
+              "try:\n    cli.entry()\nexcept SystemExit as exc:\n    code = exc.code or 0\nelse:\n    code = 0\n"
+              "print('loaded:', sorted({'torch', 'zarr', 'transformers', 'numpy'} & set(sys.modules)), code)")
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == f"loaded: [] {code}", done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_command_still_caps_torch_threads_and_sets_its_signals(monkeypatch):
+    """What main() did before any command, each command now does as it starts (cli._command)."""
+    import signal
+
+    import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_cap_torch_threads", lambda: calls.append("cap"))
+    monkeypatch.setattr(cli, "_SIGTERM_STOPS_COMMANDS", True)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        code, _, err = run_cli(["info", "--cache", "/nonexistent/gsae-cache"])
+        assert calls == ["cap"] and signal.getsignal(signal.SIGTERM) is cli._terminate
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 1 and "no gsae cache" in err
+
+
 @pytest.mark.parametrize("text,value", [("100000", 100000), ("100_000", 100000), ("1,000", 1000), ("1e5", 100000),
                                         ("100k", 100000), ("2M", 2_000_000), ("1.5B", 1_500_000_000),
                                         ("2.5e3", 2500), (" 7 ", 7), ("-3", -3)])

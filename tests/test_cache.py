@@ -840,7 +840,7 @@ def test_a_corpus_that_runs_out_says_how_to_cut_it_into_enough_chunks(tiny_neox,
     """Chunks are sized from --tokens before the corpus is read: a corpus far shorter than that left one big
     chunk, which `gsae train` refuses (it holds one out) after the cache had said only "ran out".  The note
     names the --tokens that cuts what the corpus holds into enough chunks, and that command does."""
-    from stores.stream import split_chunks
+    from stores.held_out import split_chunks
 
     text = tmp_path / "short.txt"
     text.write_text(" ".join(f"Sentence number {i} is about the quick brown fox." for i in range(600)))
@@ -869,7 +869,7 @@ def test_a_corpus_that_runs_out_says_how_to_cut_it_into_enough_chunks(tiny_neox,
 def test_the_chunking_advice_holds_for_every_corpus_size():
     """Over corpus sizes from a window to a few hundred thousand tokens (whole windows, as a cache holds), against
     the checks training and
-    evaluation make (stores.stream.split_chunks, pipeline.evaluate.check_held_out) on the chunk grid each layout
+    evaluation make (stores.held_out.split_chunks, pipeline.evaluate.check_held_out) on the chunk grid each layout
     gives: silent only where the cache trains and evaluates and holds out at most ~10%; a suggested --tokens
     makes a cache that trains and evaluates; "too small" only where even that would not."""
     from types import SimpleNamespace
@@ -878,7 +878,7 @@ def test_the_chunking_advice_holds_for_every_corpus_size():
     from pipeline.errors import GsaeError
     from pipeline.evaluate import check_held_out
     from stores import default_chunk_tokens
-    from stores.stream import split_chunks
+    from stores.held_out import split_chunks
 
     def usable(tokens: int, chunk: int, window: int) -> tuple[bool, float]:
         store = SimpleNamespace(n_chunks=-(-tokens // chunk), n_tokens=tokens, path="c",

@@ -305,7 +305,7 @@ def test_stream_decoding_in_processes_gives_the_threads_batches(tmp_path, dtype)
     """Windows decoded by the processes into shared memory: the batches of the threads bit for bit, across
     windows, epochs (a short last chunk goes through zarr on the threads), carried rows and a resume; the
     window buffers are reused, and released at close."""
-    from stores.stream import split_chunks
+    from stores.held_out import split_chunks
     from test_stream import _store, same_batches
 
     store = _store(tmp_path / "c", dtype)
@@ -341,7 +341,8 @@ def test_stream_decoding_in_processes_gives_the_threads_batches(tmp_path, dtype)
 def test_a_window_cuda_cannot_pin_is_one_line_and_gives_its_shared_memory_back(tmp_path, monkeypatch):
     import stores.stream as stream_module
     from stores.pinned import PinError
-    from stores.stream import TrainingStream, split_chunks
+    from stores.held_out import split_chunks
+    from stores.stream import TrainingStream
     from test_stream import _store
 
     def refuse(block):
@@ -363,7 +364,8 @@ def test_a_window_cuda_cannot_pin_is_one_line_and_gives_its_shared_memory_back(t
 
 
 def test_a_damaged_chunk_decoded_in_a_process_is_one_line_naming_it(tmp_path):
-    from stores.stream import TrainingStream, split_chunks
+    from stores.held_out import split_chunks
+    from stores.stream import TrainingStream
     from test_stream import _store
 
     store = _store(tmp_path / "c", "float16")
@@ -490,7 +492,8 @@ def test_a_process_lets_go_of_a_block_the_parent_released(tmp_path):
 
 def test_no_room_in_dev_shm_or_a_stopped_process_is_one_line_that_is_not_about_the_cache(tmp_path, monkeypatch):
     from stores.activation_store import StoreError
-    from stores.stream import TrainingStream, split_chunks
+    from stores.held_out import split_chunks
+    from stores.stream import TrainingStream
     from test_stream import _store
 
     store = _store(tmp_path / "c", "float16")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from stores import ActivationStore, compute_chunk_stats
-from stores.stream import TrainingStream, split_chunks
+from stores.held_out import split_chunks
+from stores.stream import TrainingStream
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -12,7 +12,8 @@ import torch
 
 from stores import ActivationStore, compute_chunk_stats, to_float32
 from stores.activation_store import StoreError
-from stores.stream import TrainingStream, split_chunks
+from stores.held_out import split_chunks
+from stores.stream import TrainingStream
 
 
 def _store(path, dtype: str, compression: str = "lossless") -> ActivationStore:

@@ -28,7 +28,8 @@ import torch
 
 import stores.pinned as pinned
 from stores import ActivationStore
-from stores.stream import Batch, TrainingStream, split_chunks
+from stores.held_out import split_chunks
+from stores.stream import Batch, TrainingStream
 
 
 def address(buffer: torch.Tensor | np.ndarray) -> int:

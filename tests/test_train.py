@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from conftest import ROOT, make_cache, run_cli
 from pipeline.sae import SparseAutoencoder, load_sae
 from stores import ActivationStore, to_float32
-from stores.stream import TrainingStream, split_chunks
+from stores.held_out import split_chunks
+from stores.stream import TrainingStream
 
 
 @pytest.fixture(scope="module")
