@@ -827,7 +827,9 @@ def _rank_result(store: ActivationStore, ranks: Ranks) -> CacheResult:
 
 
 def _complete_result(store: ActivationStore) -> CacheResult:
-    """A cache found complete: nothing ran now; its summary shows what making it took (``seconds_made``)."""
+    """A cache found complete: nothing ran now; its summary shows what making it took (``seconds_made``).  One
+    whose chunk files are gone is refused (it said "already complete", and training failed on the chunk)."""
+    store.check_chunks_present()
     result = _result(store, 0.0, 0, store.tokens_written, already_complete=True)
     result.seconds_made = read_seconds_writing(store)
     return result

@@ -337,8 +337,10 @@ def plan(request: TrainRequest) -> tuple[RunConfig, ActivationStore]:
 
 def _check_trainable(config: RunConfig, request: TrainRequest, store: ActivationStore) -> None:
     """Refuse, before a run is made or continued, a device this machine lacks, SAEs that do not fit it, or
-    ``--reader processes`` on a cache they cannot read."""
+    ``--reader processes`` on a cache they cannot read, or a cache with chunk files gone (found by listing its
+    folders; the stream would find one only when it reached it, hours into the run)."""
     pick_device(request.device)
+    store.check_chunks_present(tokens=False)  # training reads no tokens
     check_processes_cache(request.reader, "reader", store)
     _check_fits(len(config.groups), config.n_latents, config.d_in, request,
                 _largest_rank_windows(config, store, current_ranks().world))

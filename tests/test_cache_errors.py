@@ -891,3 +891,60 @@ def test_a_tokenizer_without_bos_finds_its_complete_cache_without_loading_the_mo
     monkeypatch.setattr(pipeline.cache, "load_model", no_load)
     code, out, err = run_cli(_args(folder, cache), capsys)
     assert code == 0 and "already complete" in out + err, err
+
+
+def test_a_chunk_file_gone_from_a_complete_cache_is_found_before_training_and_by_cache(trained, tiny_llama, tmp_path,
+                                                                                          capsys):
+    """`gsae cache` said "already complete" of a cache with a chunk file gone, and `gsae train` failed only when
+    its stream reached that chunk (hours into a long run); both now list the cache's folders first."""
+    cache = _copy_of(trained, tmp_path)
+    (cache / "layers" / "2" / "c" / "3" / "0").unlink()  # a training chunk, rows 1,500–1,999
+    said = f"cache {cache}: layer 2 rows 1,500–1,999 cannot be read (chunk missing); run `gsae verify"
+    line = _one_line_error(*run_cli(["train", "--cache", cache, "--out", tmp_path / "new", "--groups", 1, "--tokens",
+                                     512, "--batch-size", 256], capsys)[::2])
+    assert said in line, line
+    assert not (tmp_path / "new").exists()
+    again = ["cache", "--model", tiny_llama, "--cache", cache, "--tokens", 3000, "--context-length", 64,
+             "--batch-size", 8, "--chunk-tokens", 500]
+    code, out, err = run_cli(again, capsys)
+    assert "already complete" not in out + err and said in _one_line_error(code, err)
+    (cache / "tokens" / "c" / "0").unlink()  # the tokens matter to the cache (eval reads them), not to train
+    line = _one_line_error(*run_cli(again, capsys)[::2])
+    assert "layer 2 rows 1,500–1,999 cannot be read (chunk missing; 1 more chunk missing too)" in line, line
+    (cache / "layers" / "2" / "c" / "3").rmdir()  # as a copy that never made the folder
+    code, out, _ = run_cli(["verify", "--cache", cache], capsys)
+    assert code == 1 and "layer 2 rows 1,500–1,999: chunk missing" in out and "tokens rows 0–499: chunk missing" in out
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_an_all_zero_chunk_is_absent_by_right_and_not_called_missing(where, tmp_path):
+    """zarr stores no chunk equal to its fill value: an all-zero layer chunk has no file and is no damage
+    (its statistics say it held nothing); a chunk with values whose file is gone is.  On a local folder and on
+    an fsspec store (the listing differs)."""
+    import os
+    import time
+
+    import numpy as np
+
+    from stores import ActivationStore, compute_chunk_stats
+
+    path = str(tmp_path / "c") if where == "local" else f"memory://gsae-test-{os.getpid()}-{time.time_ns()}/c"
+    store = ActivationStore.create(path, n_layers=2, d_model=4, n_tokens=300, chunk_tokens=100)
+    rng = np.random.default_rng(0)
+    for chunk in range(3):
+        layers = [rng.standard_normal((100, 4)).astype(np.float16) for _ in range(2)]
+        if chunk == 1:
+            layers[0][:] = 0  # layer 0's chunk 1: all zeros, stored as no file
+        store.write_chunk(chunk, layers, np.arange(1, 101, dtype=np.int32), compute_chunk_stats(layers, "float16"))
+    store.finalize()
+    store = ActivationStore.open(path)
+    assert "layers/0/c/1/0" not in store._chunk_files(store._layers[0])
+    assert store.missing_chunks() == []
+    store.check_chunks_present()
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    fs.rm(f"{root}/layers/1/c/2/0")
+    fs.rm(f"{root}/tokens/c/0")
+    assert store.missing_chunks() == [(1, 200, 300), (-1, 0, 100)]
+    assert store.missing_chunks(tokens=False) == [(1, 200, 300)]
