@@ -418,8 +418,13 @@ def build_cache(request: CacheRequest, console: Any) -> CacheResult:
     path = request.cache or default_cache_path(spec.slug)
     if ranks.world > 1:
         torch.set_num_threads(ranks.threads())  # ranks on one machine share its cores
+    # the corpus and the device before the lock: a bad --dataset or --device left the lock's folder (gsae-cache/)
+    corpus = open_corpus(request.dataset, text_field=request.text_field, split=request.split,
+                         config=request.dataset_config)
+    check_has_text(corpus)
+    device = ranks.device(pick_device(request.device))
     with _cache_lock(path, ranks):
-        return _build_cache(request, console, spec, path, ranks)
+        return _build_cache(request, console, spec, path, ranks, corpus, device)
 
 
 @contextlib.contextmanager
@@ -449,15 +454,12 @@ def _cache_lock(path: str, ranks: Ranks) -> Iterator[None]:
         yield
 
 
-def _build_cache(request: CacheRequest, console: Any, spec: ModelSpec, path: str, ranks: Ranks) -> CacheResult:
+def _build_cache(request: CacheRequest, console: Any, spec: ModelSpec, path: str, ranks: Ranks, corpus: Corpus,
+                 device: torch.device) -> CacheResult:
     state = probe(path) if ranks.first else "shared"
     created_folder = _prepare_folder(path) if state == "absent" else False
     store: ActivationStore | None = None
     try:
-        corpus = open_corpus(request.dataset, text_field=request.text_field, split=request.split,
-                             config=request.dataset_config)
-        check_has_text(corpus)
-        device = ranks.device(pick_device(request.device))
         if state == "store" and ranks.world == 1 and (store := _complete_as_asked(path, request, spec, corpus,
                                                                                    device)) is not None:
             store.remove_markers()  # (as below: a run killed inside finalize)

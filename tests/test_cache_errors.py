@@ -948,3 +948,19 @@ def test_an_all_zero_chunk_is_absent_by_right_and_not_called_missing(where, tmp_
     fs.rm(f"{root}/tokens/c/0")
     assert store.missing_chunks() == [(1, 200, 300), (-1, 0, 100)]
     assert store.missing_chunks(tokens=False) == [(1, 200, 300)]
+
+
+def test_a_first_cache_refused_for_its_corpus_or_device_leaves_no_folder(tiny_neox, tmp_path, capsys, monkeypatch):
+    """A bad --dataset (or --device) on the first `gsae cache` left an empty gsae-cache/, made for the cache's lock
+    file; the corpus and the device are now checked before the lock is taken."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    refused = [["--dataset", tmp_path / "missing.txt"], ["--dataset", tmp_path / "empty.txt"]]
+    if not torch.cuda.is_available():
+        refused.append(["--device", "cuda"])
+    for extra in refused:
+        args = ["cache", "--model", tiny_neox, "--tokens", 200, "--context-length", 32, *extra]
+        _one_line_error(*run_cli(args, capsys)[::2])
+        assert not (tmp_path / "gsae-cache").exists(), extra
