@@ -950,6 +950,31 @@ def test_an_all_zero_chunk_is_absent_by_right_and_not_called_missing(where, tmp_
     assert store.missing_chunks(tokens=False) == [(1, 200, 300)]
 
 
+def test_chunks_behind_a_symlinked_folder_are_there_and_a_nan_chunk_held_values(tmp_path):
+    """zarr reads through a symlinked folder (a layer moved to another disk), so its chunks are not missing
+    (helper-71: every one was); a chunk whose statistics are NaN held values, so its file gone is damage
+    (NaN > 0 is false)."""
+    import numpy as np
+
+    from stores import ActivationStore, compute_chunk_stats
+
+    path = tmp_path / "c"
+    store = ActivationStore.create(str(path), n_layers=2, d_model=4, n_tokens=200, chunk_tokens=100)
+    rng = np.random.default_rng(0)
+    for chunk in range(2):
+        layers = [rng.standard_normal((100, 4)).astype(np.float16) for _ in range(2)]
+        layers[1][5, 2] = np.nan if chunk == 0 else layers[1][5, 2]
+        store.write_chunk(chunk, layers, np.arange(1, 101, dtype=np.int32), compute_chunk_stats(layers, "float16"))
+    store.finalize()
+    (path / "layers" / "0" / "c").rename(tmp_path / "elsewhere")
+    (path / "layers" / "0" / "c").symlink_to(tmp_path / "elsewhere")
+    store = ActivationStore.open(str(path))
+    assert store.missing_chunks() == []
+    assert np.isnan(store._read_stats("chunk_norm_sum", (0, 1)))
+    (path / "layers" / "1" / "c" / "0" / "0").unlink()
+    assert store.missing_chunks() == [(1, 0, 100)]
+
+
 def test_a_first_cache_refused_for_its_corpus_or_device_leaves_no_folder(tiny_neox, tmp_path, capsys, monkeypatch):
     """A bad --dataset (or --device) on the first `gsae cache` left an empty gsae-cache/, made for the cache's lock
     file; the corpus and the device are now checked before the lock is taken."""
