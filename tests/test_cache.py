@@ -178,7 +178,7 @@ def test_a_second_cache_command_on_a_cache_being_written_is_refused(tiny_neox, t
 def test_the_writer_lock_goes_with_the_command_and_a_waiter_locks_the_name_afresh(tiny_neox, tmp_path, monkeypatch,
                                                                                   capsys):
     """A refused `gsae cache` (a corpus with no text) left `gsae-cache/.<name>.lock` behind, and a finished one its
-    lock file (found by helper-68): both go now (an empty gsae-cache/ stays).  Removing a lock file is safe only if a process that opened it
+    lock file (found by helper-68): both go now (an empty gsae-cache/ stays where the refusal came under the lock).  Removing a lock file is safe only if a process that opened it
     before and gets the lock after sees that the name is gone and locks it afresh; else two would hold "the" lock."""
     import threading
 
@@ -189,6 +189,9 @@ def test_the_writer_lock_goes_with_the_command_and_a_waiter_locks_the_name_afres
     (tmp_path / "empty.txt").write_text("\n \n")
     code, _, err = run_cli(["cache", "--model", tiny_neox, "--dataset", tmp_path / "empty.txt", "--tokens", 300], capsys)
     assert code == 1 and "holds no text" in err, err
+    assert not (tmp_path / "gsae-cache").exists()  # the corpus is checked before the lock is taken
+    code, _, err = run_cli(["cache", "--model", tiny_neox, "--context-length", 10**6, "--tokens", 300], capsys)
+    assert code == 1 and "positions" in err, err  # refused under the lock, once the model is loaded
     assert not any((tmp_path / "gsae-cache").iterdir())  # (the folder made for the lock stays: see _cache_lock)
     assert run_cli(cache_args(tiny_neox, tmp_path / "c", tokens=300), capsys)[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "empty.txt", "gsae-cache"]
