@@ -106,15 +106,17 @@ ExportFormat = _choices("ExportFormat", FORMATS)
 _DEBUG = False  # --debug or GSAE_DEBUG=1: show tracebacks
 
 
-def _command(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def _command(name: str | None = None, torch: bool = True) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """``app.command``, with torch's threads capped (:func:`_cap_torch_threads`) and the command's signal handlers
     set (:func:`_command_signals`) when the command runs: not before, so that `--help` and a bad option's message
-    need no torch."""
+    need no torch.  ``torch=False``: a command that reads a store and runs no model or SAE (`info`, `verify`),
+    which then starts without torch's import (a third of a second rather than three)."""
 
     def register(function: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(function)  # typer reads the options from the wrapped function's signature
         def run(*args: Any, **kwargs: Any) -> None:
-            _cap_torch_threads()  # imports torch, most of a command's start, while Ctrl-C still says "starting"
+            if torch:
+                _cap_torch_threads()  # imports torch, most of a command's start, while Ctrl-C still says "starting"
             _command_signals()
             return function(*args, **kwargs)
 
@@ -302,14 +304,13 @@ def cache(
     report.print(table)
 
 
-@_command()
+@_command(torch=False)
 def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
     """Show what a cache holds."""
     from rich.markup import escape
 
-    from pipeline.cache import cache_command
     from stores import ActivationStore
 
     _storage(storage_option, cache)
@@ -344,14 +345,17 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
         ("gsae version", str(a.get("gsae_version"))),
     ]:
         table.add_row(name, value)
-    if not store.complete and (command := cache_command(store.path, a)) is not None:
-        table.add_row("to finish it", escape(command))  # to be copied: a [tag] in a path stays
+    if not store.complete:
+        from pipeline.cache import cache_command  # (torch: the device `auto` would pick here)
+
+        if (command := cache_command(store.path, a)) is not None:
+            table.add_row("to finish it", escape(command))  # to be copied: a [tag] in a path stays
     if any(a.get("overflow_values", [])):
         table.add_row("clipped to float16", ", ".join(f"L{l}: {n}" for l, n in enumerate(a["overflow_values"]) if n))
     report.print(table)
 
 
-@_command()
+@_command(torch=False)
 def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
            allow_partial: bool = typer.Option(False, help="Verify the committed chunks of an incomplete cache."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),

@@ -4,11 +4,14 @@ the rows are (a GPU's memory in `gsae cache`) and kept per chunk so a resumed ca
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from stores.codecs import bit_round
+
+if TYPE_CHECKING:  # imported where it is used: opening a store (`gsae info`, `gsae verify`) needs no torch
+    import torch
 
 
 FLOAT16_MAX = 65504.0
@@ -36,6 +39,8 @@ class StatsAccumulator:
     def __init__(self, n_layers: int, d_model: int, dtype: str, device: torch.device | str = "cpu",
                  keep_bits: int | None = None):
         """``keep_bits``: a lossy store's; the rows are bit-rounded first, as the store keeps them."""
+        import torch
+
         self.dtype, self.keep_bits = dtype, keep_bits
         self.sums = torch.zeros(n_layers, d_model, dtype=torch.float64, device=device)
         self.norm_sums = torch.zeros(n_layers, dtype=torch.float64, device=device)
@@ -45,6 +50,8 @@ class StatsAccumulator:
     def add(self, layer: int, stored: torch.Tensor) -> None:
         """Add rows of one layer, as stored (float16, bfloat16 bits as int16, or float32), on the
         accumulator's device: on a GPU nothing here waits for it (one transfer in ``result``)."""
+        import torch  # (a look-up in sys.modules: under a µs against the sums' kernels)
+
         if self.keep_bits is not None:  # the statistics are of the stored values (docs/store-format.md)
             stored = bit_round(stored, self.keep_bits)
         values = stored.view(torch.bfloat16).float() if self.dtype == "bfloat16" else stored.float()
@@ -77,6 +84,8 @@ class StatsAccumulator:
 
 def compute_chunk_stats(layers: list[np.ndarray], dtype: str, keep_bits: int | None = None) -> ChunkStats:
     """Statistics of whole stored chunks (one array per layer), as the writer records them."""
+    import torch
+
     accumulator = StatsAccumulator(len(layers), layers[0].shape[1], dtype, keep_bits=keep_bits)
     for layer, values in enumerate(layers):
         tensor = torch.from_numpy(np.ascontiguousarray(values))

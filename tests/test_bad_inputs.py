@@ -392,6 +392,23 @@ def test_help_and_usage_errors_load_no_torch(args, code):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_info_and_verify_load_no_torch(command, llama_cache):
+    """They read a store and run no model: they start in a fraction of the 3 s torch's import takes."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = ("import sys; sys.argv[0] = 'gsae'; import cli\n"
+              "try:\n    cli.entry()\nexcept SystemExit as exc:\n    code = exc.code or 0\nelse:\n    code = 0\n"
+              "print('loaded:', sorted({'torch', 'transformers'} & set(sys.modules)), code)")
+    done = subprocess.run([sys.executable, "-c", script, command, "--cache", str(llama_cache)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "loaded: [] 0", done.stdout + done.stderr
+    assert ("decode and match" if command == "verify" else "complete") in done.stdout
+
+
 def test_a_command_still_caps_torch_threads_and_sets_its_signals(monkeypatch):
     """What main() did before any command, each command now does as it starts (cli._command)."""
     import signal
@@ -403,11 +420,15 @@ def test_a_command_still_caps_torch_threads_and_sets_its_signals(monkeypatch):
     monkeypatch.setattr(cli, "_SIGTERM_STOPS_COMMANDS", True)
     before = signal.getsignal(signal.SIGTERM)
     try:
-        code, _, err = run_cli(["info", "--cache", "/nonexistent/gsae-cache"])
+        code, _, err = run_cli(["group", "--cache", "/nonexistent/gsae-cache"])
         assert calls == ["cap"] and signal.getsignal(signal.SIGTERM) is cli._terminate
+        assert code == 1 and "no gsae cache" in err
+        signal.signal(signal.SIGTERM, before)
+        code, _, err = run_cli(["info", "--cache", "/nonexistent/gsae-cache"])  # runs no torch: no cap
+        assert calls == ["cap"] and signal.getsignal(signal.SIGTERM) is cli._terminate
+        assert code == 1 and "no gsae cache" in err
     finally:
         signal.signal(signal.SIGTERM, before)
-    assert code == 1 and "no gsae cache" in err
 
 
 @pytest.mark.parametrize("text,value", [("100000", 100000), ("100_000", 100000), ("1,000", 1000), ("1e5", 100000),
