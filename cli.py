@@ -106,16 +106,16 @@ ExportFormat = _choices("ExportFormat", FORMATS)
 _DEBUG = False  # --debug or GSAE_DEBUG=1: show tracebacks
 
 
-def _command(name: str | None = None, torch: bool = True) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def _command(name: str | None = None, uses_torch: bool = True) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """``app.command``, with torch's threads capped (:func:`_cap_torch_threads`) and the command's signal handlers
     set (:func:`_command_signals`) when the command runs: not before, so that `--help` and a bad option's message
-    need no torch.  ``torch=False``: a command that reads a store and runs no model or SAE (`info`, `verify`),
+    need no torch.  ``uses_torch=False``: a command that reads a store and runs no model or SAE (`info`, `verify`),
     which then starts without torch's import (a third of a second rather than three)."""
 
     def register(function: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(function)  # typer reads the options from the wrapped function's signature
         def run(*args: Any, **kwargs: Any) -> None:
-            if torch:
+            if uses_torch:
                 _cap_torch_threads()  # imports torch, most of a command's start, while Ctrl-C still says "starting"
             _command_signals()
             return function(*args, **kwargs)
@@ -304,7 +304,7 @@ def cache(
     report.print(table)
 
 
-@_command(torch=False)
+@_command(uses_torch=False)
 def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
@@ -355,7 +355,7 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
     report.print(table)
 
 
-@_command(torch=False)
+@_command(uses_torch=False)
 def verify(cache: Optional[str] = typer.Option(None, help="The cache (default: the only one under gsae-cache/)."),
            allow_partial: bool = typer.Option(False, help="Verify the committed chunks of an incomplete cache."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
