@@ -110,7 +110,7 @@ def _command(name: str | None = None, uses_torch: bool = True) -> Callable[[Call
     """``app.command``, with torch's threads capped (:func:`_cap_torch_threads`) and the command's signal handlers
     set (:func:`_command_signals`) when the command runs: not before, so that `--help` and a bad option's message
     need no torch.  ``uses_torch=False``: a command that reads a store and runs no model or SAE (`info`, `verify`),
-    which then starts without torch's import (a third of a second rather than three)."""
+    which then starts without torch's import (under a second rather than three)."""
 
     def register(function: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(function)  # typer reads the options from the wrapped function's signature
