@@ -341,8 +341,8 @@ def test_ctrl_c_or_sigterm_while_the_command_starts_is_one_line(signum, code, sa
     from conftest import ROOT
 
     process = subprocess.Popen([sys.executable, "-c", "import sys; sys.argv[0] = 'gsae'; import cli; cli.entry()",
-                                "info"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # inside the imports: they take seconds
+                                "group"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # inside the imports (cli's, then torch's as the command starts): they take seconds
     process.send_signal(getattr(signal, signum))
     out, err = process.communicate(timeout=120)
     assert process.returncode == code, err
