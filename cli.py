@@ -316,8 +316,7 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
     _storage(storage_option, cache)
     store = ActivationStore.open(_resolve_cache(cache), allow_partial=True)
     a = store.attrs
-    on_disk = store.nbytes_on_disk()
-    activations = store.activation_bytes()  # bytes per value: the activations alone (not groups/, stats/)
+    on_disk, activations = store.disk_bytes()  # bytes per value: the activations alone (not groups/, stats/)
     values = store.n_tokens * store.n_layers * store.d_model
     status = "complete" if store.complete else (
         f"incomplete: {store.tokens_written:,} of {store.tokens_planned:,} tokens "

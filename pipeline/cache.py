@@ -839,10 +839,11 @@ def _complete_result(store: ActivationStore) -> CacheResult:
 
 def _result(store: ActivationStore, elapsed: float, tokens_this_run: int, resumed_from: int,
             **flags: bool) -> CacheResult:
+    on_disk, activations = store.disk_bytes()
     return CacheResult(
         path=store.path, tokens_written=store.tokens_written, tokens_planned=store.tokens_planned,
-        n_layers=store.n_layers, d_model=store.d_model, bytes_on_disk=store.nbytes_on_disk(),
-        activation_bytes=store.nbytes_on_disk("layers"), raw_bytes=store.raw_activation_bytes(), elapsed=elapsed,
+        n_layers=store.n_layers, d_model=store.d_model, bytes_on_disk=on_disk,
+        activation_bytes=activations, raw_bytes=store.raw_activation_bytes(), elapsed=elapsed,
         tokens_this_run=tokens_this_run,
         resumed_from=resumed_from, overflow_values=list(store.attrs.get("overflow_values", [])), **flags,
     )

@@ -955,6 +955,19 @@ class ActivationStore:
         target = f"{root.rstrip('/')}/{prefix}" if prefix else root
         return int(fs.du(target)) if fs.exists(target) else 0
 
+    def disk_bytes(self) -> tuple[int, int]:
+        """(:meth:`nbytes_on_disk`, :meth:`activation_bytes`): a complete local store's by one walk of its folder,
+        where the two walked ``layers/`` twice (most of its files: 1.1-2.4 s a walk of 81,000 here)."""
+        if not (is_local(self.path) and self.complete):
+            return self.nbytes_on_disk(), self.activation_bytes()
+        root = _local_path(self.path)
+        layers = os.path.join(str(root), "layers", "")
+        total = activations = 0
+        for path, size in _local_files(root):
+            total += size
+            activations += size if path.startswith(layers) else 0
+        return total, activations
+
     def activation_bytes(self) -> int:
         """Bytes the readable chunks of the activations take: of an incomplete cache, not the chunks a run
         killed before it committed them left behind (they would inflate its bytes per value)."""

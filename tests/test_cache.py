@@ -138,7 +138,11 @@ def test_kill_9_then_resume_gives_identical_bytes(tiny_neox, tmp_path, capsys):
     committed = sum((tmp_path / "whole" / "layers" / str(layer) / "c" / str(chunk) / "0").stat().st_size
                     for layer in range(partial.n_layers) for chunk in range(partial.n_chunks))
     assert partial.activation_bytes() == committed < partial.nbytes_on_disk("layers")
+    assert partial.disk_bytes() == (partial.nbytes_on_disk(), committed)  # not walked at once: incomplete
     stray.unlink()
+    whole = ActivationStore.open(str(tmp_path / "whole"))  # complete: one walk gives both, as the two walks do
+    assert whole.disk_bytes() == (whole.nbytes_on_disk(), whole.nbytes_on_disk("layers"))
+    assert 0 < whole.disk_bytes()[1] < whole.disk_bytes()[0]
 
     code, _, err = run_cli([*args, "--cache", killed], capsys)
     assert code == 0, err
