@@ -1070,8 +1070,8 @@ class ActivationStore:
             size = sync(array.store.getsize(key))
         except FileNotFoundError:  # what zarr's stores raise for a missing key
             size = None
-        if size is None:
-            problem = "chunk missing"
+        if size is None:  # an all-zero layer chunk has no file by right (missing_chunks)
+            problem = None if layer >= 0 and self._held_nothing(chunk, layer) else "chunk missing"
         elif size == 0:  # zarr would call it a checksum mismatch
             problem = "chunk file is empty (0 bytes)"
         elif min(stop, array.shape[0]) - start != stop - start:
@@ -1086,6 +1086,14 @@ class ActivationStore:
             except Exception as exc:  # a corrupt chunk fails its checksum or decompression
                 problem = _describe_decode_error(exc)
         return name, layer, start, stop, problem
+
+    def _held_nothing(self, chunk: int, layer: int) -> bool:
+        """Whether the statistics say ``layer``'s chunk held only zeros (zarr stores no file for it); False
+        where they cannot say (damaged: :meth:`check_stats` names them)."""
+        try:
+            return bool(self._read_stats("chunk_norm_sum", chunk)[layer] == 0)
+        except StoreError:
+            return False
 
 
 _T = TypeVar("_T")

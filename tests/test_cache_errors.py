@@ -941,6 +941,7 @@ def test_an_all_zero_chunk_is_absent_by_right_and_not_called_missing(where, tmp_
     assert "layers/0/c/1/0" not in store._chunk_files(store._layers[0])
     assert store.missing_chunks() == []
     store.check_chunks_present()
+    assert [check for check in store.iter_chunk_checks() if check[-1]] == []  # `gsae verify` called it missing
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(path)
@@ -948,6 +949,8 @@ def test_an_all_zero_chunk_is_absent_by_right_and_not_called_missing(where, tmp_
     fs.rm(f"{root}/tokens/c/0")
     assert store.missing_chunks() == [(1, 200, 300), (-1, 0, 100)]
     assert store.missing_chunks(tokens=False) == [(1, 200, 300)]
+    assert [check for check in store.iter_chunk_checks() if check[-1]] == [
+        ("tokens", -1, 0, 100, "chunk missing"), ("layers/1", 1, 200, 300, "chunk missing")]  # chunk by chunk
 
 
 def test_chunks_behind_a_symlinked_folder_are_there_and_a_nan_chunk_held_values(tmp_path):
