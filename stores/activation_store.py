@@ -999,8 +999,8 @@ class ActivationStore:
         tokens), found by one listing per array (:meth:`_chunk_files`), without reading a chunk.  A layer's
         chunk may be absent when it is all zeros (zarr stores no chunk equal to its fill value): it is missing
         only where its statistics say it held values.  A tokens chunk is never all zeros (token 0 alone), and is
-        looked for only with ``tokens``.  A local listing took 1.1–2.4 s for 81,000 chunk files here (a 10M-token cache
-        of SmolLM2-135M's 30 layers), against hours of training on them."""
+        looked for only with ``tokens``.  A local listing took 1.1–2.4 s for 81,000 chunk files here (a 10M-token
+        cache of SmolLM2-135M's 30 layers), against hours of training on them."""
         missing, norms = [], None
         for layer, array in [*enumerate(self._layers), *([(-1, self._tokens)] if tokens else [])]:
             present = self._chunk_files(array)
