@@ -59,6 +59,7 @@ from stores.codecs import keep_bits_range
 from stores.locks import exclusive
 from stores.held_out import HELD_OUT_FRACTION, held_out_chunks
 
+
 @dataclass
 class CacheResult:
     """What a ``gsae cache`` run produced, for the summary table."""

@@ -31,8 +31,7 @@ from pipeline.requests import (ARCHITECTURES, EVAL_WINDOWS, L1_COEFFICIENT, PREC
                                WORKER_KINDS, TrainRequest)
 from pipeline.run import (SUMMARY, Run, RunConfig, cache_around, cache_fingerprint, check_new_run_folder, checkpoint_step,
                           fingerprint_changes, join, pack_training_state)
-from pipeline.sae import (SparseAutoencoder, default_k,
-                          default_lr)
+from pipeline.sae import SparseAutoencoder, default_k, default_lr
 from stores import STORAGE_DTYPES, ActivationStore
 from stores.chunk_files import ChunkProcesses
 from stores.held_out import split_chunks
