@@ -374,39 +374,42 @@ def test_ctrl_c_after_the_command_is_over_ends_the_process_at_once():
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and not err.strip(), err
 
 
+def _gsae_in_a_process(args: list, watched: set[str]) -> tuple[list[str], int, str, str]:
+    """Run ``gsae ARGS`` in a fresh process: (which of ``watched`` modules it imported, its exit code, its stdout,
+    its stderr)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = ("import json, sys; sys.argv[0] = 'gsae'; import cli\n"
+              "try:\n    cli.entry()\nexcept SystemExit as exc:\n    code = exc.code or 0\nelse:\n    code = 0\n"
+              f"print('loaded:', json.dumps([sorted(set({sorted(watched)!r}) & set(sys.modules)), code]))")
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    *_, last = done.stdout.strip().splitlines() or [""]
+    assert last.startswith("loaded: "), done.stdout + done.stderr
+    loaded, code = json.loads(last.removeprefix("loaded: "))
+    return loaded, code, done.stdout, done.stderr
+
+
 @pytest.mark.parametrize("args,code", [(["--help"], 0), (["train", "--help"], 0), (["cache", "--help"], 0),
                                        (["train", "--groups", "abc"], 2), (["train", "--architecture", "x"], 2)])
 def test_help_and_usage_errors_load_no_torch(args, code):
     """`gsae --help`, a command's --help and a bad option's message took 3 s, all of it importing torch (and
     zarr) for the options' defaults; they come from modules that import neither now."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    script = ("import sys; sys.argv[0] = 'gsae'; import cli\n"
-              "try:\n    cli.entry()\nexcept SystemExit as exc:\n    code = exc.code or 0\nelse:\n    code = 0\n"
-              "print('loaded:', sorted({'torch', 'zarr', 'transformers', 'numpy'} & set(sys.modules)), code)")
-    done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip().splitlines()[-1] == f"loaded: [] {code}", done.stdout + done.stderr
-    assert "Traceback" not in done.stderr
+    loaded, exit_code, out, err = _gsae_in_a_process(args, {"torch", "zarr", "transformers", "numpy"})
+    assert (loaded, exit_code) == ([], code), out + err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("command", ["info", "verify"])
 def test_info_and_verify_load_no_torch(command, llama_cache):
     """They read a store and run no model: they start in a fraction of the 3 s torch's import takes."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    script = ("import sys; sys.argv[0] = 'gsae'; import cli\n"
-              "try:\n    cli.entry()\nexcept SystemExit as exc:\n    code = exc.code or 0\nelse:\n    code = 0\n"
-              "print('loaded:', sorted({'torch', 'transformers'} & set(sys.modules)), code)")
-    done = subprocess.run([sys.executable, "-c", script, command, "--cache", str(llama_cache)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip().splitlines()[-1] == "loaded: [] 0", done.stdout + done.stderr
-    assert ("decode and match" if command == "verify" else "complete") in done.stdout
+    loaded, exit_code, out, err = _gsae_in_a_process([command, "--cache", llama_cache], {"torch", "transformers"})
+    assert (loaded, exit_code) == ([], 0), out + err
+    assert ("decode and match" if command == "verify" else "complete") in out
 
 
 def test_a_command_still_caps_torch_threads_and_sets_its_signals(monkeypatch):
