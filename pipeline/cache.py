@@ -435,13 +435,16 @@ def _cache_lock(path: str, ranks: Ranks) -> Iterator[None]:
     failed first removed the other's files, leaving a damaged cache (the lock file:
     :func:`stores.activation_store.writer_lock_file`; none on object storage)."""
     lock = writer_lock_file(path) if ranks.first else None
+    # the folder the lock file goes into, where this command makes it (gsae-cache/ on a first cache): removed
+    # again if the command leaves nothing there (refused, say, for a --context-length the model cannot take);
+    # a process that opened the lock file meanwhile makes it anew (stores.locks._open)
+    made = lock is not None and not os.path.isdir(os.path.dirname(lock))
     refused = None
     with contextlib.ExitStack() as held:
+        if made:
+            held.callback(_remove_if_empty, os.path.dirname(lock))  # (after the lock file has gone)
         if lock is not None:
-            # (the folder made for it stays: removed, a process waiting on the lock would find no folder to
-            # open the lock file in, and go on unlocked)
-            with contextlib.suppress(OSError):  # a parent it cannot make: no lock, and _prepare_folder says why
-                os.makedirs(os.path.dirname(lock), exist_ok=True)
+            # (a parent it cannot make: no lock, and _prepare_folder says why)
             busy = f"another gsae process is writing the cache {path} now; wait for it, or pass another --cache"
             try:
                 # the lock file goes with the command: a refused one (a bad corpus, say) left it behind

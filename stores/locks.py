@@ -24,16 +24,25 @@ _TRIES, _PAUSE = 5, 0.04
 
 
 def _open(lock_file: str, create: bool) -> int | None:
-    """A read-only descriptor of ``lock_file`` (flock needs no write access), made if ``create``; None where
-    there is none to be had."""
+    """A read-only descriptor of ``lock_file`` (flock needs no write access), made if ``create``, with its folder
+    where that is gone (the process that made the folder for its lock removes it again when it made nothing
+    else there: one that opened the name before finds it gone, and comes here); None where there is none to be
+    had."""
     if fcntl is None:
         return None
-    try:
-        return os.open(lock_file, os.O_RDONLY | (os.O_CREAT if create else 0), 0o666)
-    except OSError as exc:
-        if exc.errno in _NO_LOCKING:
+    for attempt in range(_TRIES):
+        try:
+            return os.open(lock_file, os.O_RDONLY | (os.O_CREAT if create else 0), 0o666)
+        except OSError as exc:
+            if not (create and exc.errno == errno.ENOENT and attempt + 1 < _TRIES):
+                if exc.errno in _NO_LOCKING:
+                    return None
+                raise
+        try:
+            os.makedirs(os.path.dirname(lock_file) or ".", exist_ok=True)
+        except OSError:  # a parent that is a file, a folder others own: no lock to be had here
             return None
-        raise
+    return None
 
 
 def _flock(handle: int, operation: int) -> bool:

@@ -182,7 +182,7 @@ def test_a_second_cache_command_on_a_cache_being_written_is_refused(tiny_neox, t
 def test_the_writer_lock_goes_with_the_command_and_a_waiter_locks_the_name_afresh(tiny_neox, tmp_path, monkeypatch,
                                                                                   capsys):
     """A refused `gsae cache` (a corpus with no text) left `gsae-cache/.<name>.lock` behind, and a finished one its
-    lock file (found by helper-68): both go now (an empty gsae-cache/ stays where the refusal came under the lock).  Removing a lock file is safe only if a process that opened it
+    lock file (found by helper-68): both go now, and so does a gsae-cache/ made for the lock of a command refused under it.  Removing a lock file is safe only if a process that opened it
     before and gets the lock after sees that the name is gone and locks it afresh; else two would hold "the" lock."""
     import threading
 
@@ -196,9 +196,9 @@ def test_the_writer_lock_goes_with_the_command_and_a_waiter_locks_the_name_afres
     assert not (tmp_path / "gsae-cache").exists()  # the corpus is checked before the lock is taken
     code, _, err = run_cli(["cache", "--model", tiny_neox, "--context-length", 10**6, "--tokens", 300], capsys)
     assert code == 1 and "positions" in err, err  # refused under the lock, once the model is loaded
-    assert not any((tmp_path / "gsae-cache").iterdir())  # (the folder made for the lock stays: see _cache_lock)
+    assert not (tmp_path / "gsae-cache").exists()  # the folder made for the lock went with it
     assert run_cli(cache_args(tiny_neox, tmp_path / "c", tokens=300), capsys)[0] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "empty.txt", "gsae-cache"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "empty.txt"]
 
     lock, busy = str(tmp_path / ".x.lock"), GsaeError("busy")
     refused_once, holding, release = threading.Event(), threading.Event(), threading.Event()
@@ -225,6 +225,49 @@ def test_the_writer_lock_goes_with_the_command_and_a_waiter_locks_the_name_afres
     first.__exit__(None, None, None)  # removes the file, then drops the lock on it
     assert holding.wait(10)
     with pytest.raises(GsaeError, match="busy"), locks.exclusive(lock, busy):  # the waiter holds the name
+        pass
+    release.set()
+    thread.join()
+    assert not os.path.exists(lock)
+
+
+def test_a_waiter_whose_lock_folder_was_removed_makes_it_anew_and_holds_the_lock(tmp_path, monkeypatch):
+    """`gsae cache` removes the folder it made for its lock file (gsae-cache/) where it leaves nothing there.  A
+    process that opened the lock file before, and gets the lock after, finds the name and its folder gone: it
+    must make both anew and lock them, not go on unlocked."""
+    import threading
+
+    import stores.locks as locks
+    from pipeline.errors import GsaeError
+
+    folder = tmp_path / "gsae-cache"
+    lock, busy = str(folder / ".x.lock"), GsaeError("busy")
+    first = locks.exclusive(lock, busy, remove=True)
+    first.__enter__()  # makes the folder it goes into
+    assert folder.is_dir()
+    holding, release = threading.Event(), threading.Event()
+    real_flock = locks._flock
+
+    def flock(handle, operation):
+        locked = real_flock(handle, operation)
+        if not locked and threading.current_thread() is not threading.main_thread():
+            # the waiter has the old file open and is refused: now the holder lets go, as _cache_lock does
+            first.__exit__(None, None, None)
+            folder.rmdir()
+        return locked
+
+    monkeypatch.setattr(locks, "_flock", flock)
+
+    def waiter():
+        with locks.exclusive(lock, busy, remove=True):
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert holding.wait(10)
+    assert os.path.exists(lock)  # made anew, folder and all
+    with pytest.raises(GsaeError, match="busy"), locks.exclusive(lock, busy):  # and locked
         pass
     release.set()
     thread.join()
