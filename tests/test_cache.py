@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -189,7 +190,6 @@ def test_the_writer_lock_goes_with_the_command_and_a_waiter_locks_the_name_afres
     """A refused `gsae cache` (a corpus with no text) left `gsae-cache/.<name>.lock` behind, and a finished one its
     lock file (found by helper-68): both go now, and so does a gsae-cache/ made for the lock of a command refused under it.  Removing a lock file is safe only if a process that opened it
     before and gets the lock after sees that the name is gone and locks it afresh; else two would hold "the" lock."""
-    import threading
 
     import stores.locks as locks
     from pipeline.errors import GsaeError
@@ -216,31 +216,47 @@ def test_the_writer_lock_goes_with_the_command_and_a_waiter_locks_the_name_afres
         return locked
 
     monkeypatch.setattr(locks, "_flock", flock)
-
-    def waiter():
-        with locks.exclusive(lock, busy, remove=True):
-            holding.set()
-            release.wait(10)
-
     first = locks.exclusive(lock, busy, remove=True)
     first.__enter__()
-    thread = threading.Thread(target=waiter)
-    thread.start()
+    waiter = _LockWaiter(lock, busy)
     assert refused_once.wait(10)
     first.__exit__(None, None, None)  # removes the file, then drops the lock on it
-    assert holding.wait(10)
-    with pytest.raises(GsaeError, match="busy"), locks.exclusive(lock, busy):  # the waiter holds the name
-        pass
-    release.set()
-    thread.join()
-    assert not os.path.exists(lock)
+    waiter.holds_it_then_lets_go()
+
+
+class _LockWaiter(threading.Thread):
+    """A process's `gsae cache` waiting for the lock another holds, on a thread: once it has the lock, no other
+    may take it (it holds the name), and when done it removes the file."""
+
+    def __init__(self, lock: str, busy: Exception):
+        super().__init__()
+        self.lock, self.busy = lock, busy
+        self.holding, self.release = threading.Event(), threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        from stores.locks import exclusive
+
+        with exclusive(self.lock, self.busy, remove=True):
+            self.holding.set()
+            self.release.wait(10)
+
+    def holds_it_then_lets_go(self) -> None:
+        from stores.locks import exclusive
+
+        assert self.holding.wait(10)
+        assert os.path.exists(self.lock)  # the name, made anew where it had gone
+        with pytest.raises(type(self.busy)), exclusive(self.lock, self.busy):
+            pass
+        self.release.set()
+        self.join()
+        assert not os.path.exists(self.lock)
 
 
 def test_a_waiter_whose_lock_folder_was_removed_makes_it_anew_and_holds_the_lock(tmp_path, monkeypatch):
     """`gsae cache` removes the folder it made for its lock file (gsae-cache/) where it leaves nothing there.  A
     process that opened the lock file before, and gets the lock after, finds the name and its folder gone: it
     must make both anew and lock them, not go on unlocked."""
-    import threading
 
     import stores.locks as locks
     from pipeline.errors import GsaeError
@@ -250,7 +266,6 @@ def test_a_waiter_whose_lock_folder_was_removed_makes_it_anew_and_holds_the_lock
     first = locks.exclusive(lock, busy, remove=True)
     first.__enter__()  # makes the folder it goes into
     assert folder.is_dir()
-    holding, release = threading.Event(), threading.Event()
     real_flock = locks._flock
 
     def flock(handle, operation):
@@ -262,21 +277,7 @@ def test_a_waiter_whose_lock_folder_was_removed_makes_it_anew_and_holds_the_lock
         return locked
 
     monkeypatch.setattr(locks, "_flock", flock)
-
-    def waiter():
-        with locks.exclusive(lock, busy, remove=True):
-            holding.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
-    assert holding.wait(10)
-    assert os.path.exists(lock)  # made anew, folder and all
-    with pytest.raises(GsaeError, match="busy"), locks.exclusive(lock, busy):  # and locked
-        pass
-    release.set()
-    thread.join()
-    assert not os.path.exists(lock)
+    _LockWaiter(lock, busy).holds_it_then_lets_go()
 
 
 def test_a_cache_whose_writer_has_not_made_the_store_yet_is_named_so(tmp_path, capsys):
