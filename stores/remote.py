@@ -138,10 +138,18 @@ def check_option_types(protocol: str, options: dict[str, Any]) -> None:
 _STORAGE_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "adlfs", "azure")
 
 
+def _from_storage_library(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] in _STORAGE_LIBRARIES
+
+
 def describe_storage_error(exc: BaseException) -> str | None:
     """One line for an error raised by an object-storage library (no credentials, no endpoint, access
-    denied), or None for any other error."""
-    if type(exc).__module__.split(".")[0] not in _STORAGE_LIBRARIES:
+    denied), or by a file system from one (s3fs turns a 403 into Python's PermissionError, its cause botocore's
+    error: it read "an input gsae does not check, or a bug"); None for any other error."""
+    cause, seen = exc, 0
+    while isinstance(exc, PermissionError) and cause is not None and not _from_storage_library(cause) and seen < 8:
+        cause, seen = cause.__cause__, seen + 1  # (only a refusal: a missing key keeps its own messages)
+    if cause is None or not _from_storage_library(cause):
         return None
     reason = str(exc).splitlines()[0] if str(exc) else ""
     return (f"object storage: {type(exc).__name__}{': ' + reason if reason else ''} (credentials and endpoint come "

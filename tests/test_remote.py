@@ -99,6 +99,32 @@ def test_a_missing_protocol_and_a_bad_storage_option_are_one_line(capsys):
     assert code == 1 and "key=value" in err
 
 
+def test_access_denied_by_object_storage_is_named_as_such(capsys, monkeypatch):
+    """s3fs turns a 403 into Python's PermissionError (botocore's error its cause): a wrong key or a denied
+    bucket read "PermissionError: Forbidden (an input gsae does not check, or a bug ...)"."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    import stores.activation_store as activation_store
+    from stores.remote import describe_storage_error
+
+    denied = translate_boto_error(ClientError({"Error": {"Code": "AccessDenied", "Message": "Forbidden"}},
+                                              "ListObjectsV2"))
+    assert isinstance(denied, PermissionError)
+
+    def refused(path):
+        raise denied
+
+    monkeypatch.setattr(activation_store, "probe", refused)
+    code, _, err = run_cli(["info", "--cache", "s3://denied/c"], capsys)
+    assert code == 1 and "object storage: PermissionError" in err and "AWS_ACCESS_KEY_ID" in err, err
+    assert "a bug" not in err and len(err.strip().splitlines()) == 1, err
+    # a refusal of the local disk, and a missing key, keep their own messages
+    assert describe_storage_error(PermissionError(13, "Permission denied")) is None
+    assert describe_storage_error(translate_boto_error(ClientError({"Error": {"Code": "NoSuchKey"}}, "GetObject"))) \
+        is None
+
+
 def test_a_storage_option_of_the_wrong_type_is_named():
     """s3fs took anon=maybe (a string) as true: the run went anonymous without a word."""
     from stores.remote import RemoteError, check_option_types
