@@ -20,7 +20,8 @@ import torch
 
 from pipeline.errors import GsaeError
 from pipeline.models import pick_device
-from stores import ActivationStore
+from stores import ActivationStore, StoreError
+from stores.activation_store import absolute_url
 from stores.held_out import split_chunks
 
 _ROWS_PER_STEP = 256  # rows normalised at a time inside a chunk task: bounds its memory
@@ -194,7 +195,8 @@ def distance_matrix(store: ActivationStore, layers: list[int], chunks: list[int]
 
     n = len(layers)
     task = dask.delayed(_chunk_task, pure=True)
-    parts = [da.from_delayed(task(store.path, list(layers), chunk, not store.complete, store.n_tokens, device), shape=(n, n),
+    url = absolute_url(store.path)  # a relative path named another folder, or none, on a worker started elsewhere
+    parts = [da.from_delayed(task(url, list(layers), chunk, not store.complete, store.n_tokens, device), shape=(n, n),
                              dtype=np.float64) for chunk in chunks]
     n_rows = sum(stop - start for start, stop in map(store.readable_rows, chunks))
     distance = np.asarray(da.stack(parts).sum(axis=0, dtype=np.float64).compute()) / n_rows
@@ -322,7 +324,10 @@ def compute_distances(store: ActivationStore, layers: list[int], tokens: int, se
         except (OSError, ValueError) as exc:  # ValueError: an address distributed cannot parse
             raise GsaeError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         with client:
-            distance = distance_matrix(store, layers, chunks, device)
+            try:
+                distance = distance_matrix(store, layers, chunks, device)
+            except StoreError as exc:  # raised where a task ran: the worker may see another file system
+                raise StoreError(f"on a Dask worker: {exc}") from None
     else:
         import dask
 

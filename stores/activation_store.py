@@ -128,6 +128,12 @@ def _local_path(path: str) -> Path:
     return Path(str(path).removeprefix("file://"))
 
 
+def absolute_url(path: str) -> str:
+    """``path`` as another process with another working directory opens it (a Dask worker): a local path made
+    absolute, a URL as it is."""
+    return str(_local_path(path).absolute()) if is_local(path) else str(path)
+
+
 def _zarr_path(path: str) -> str:
     """What zarr opens: a local cache by its path, also one named by a file:// URL (zarr 3.1 took that for an
     fsspec store: its creation deleted the folder and then failed on the first file, and the chunk files took

@@ -157,14 +157,18 @@ def test_storage_options_the_file_system_cannot_take_are_named(tiny_llama, bucke
     assert code == 1 and "--storage-option client_kwargs: '{bad' is not valid JSON" in err, err
 
 
-def test_group_on_a_two_process_dask_cluster_gives_the_local_matrix(tiny_llama, bucket, tmp_path, capsys):
+def test_group_on_a_two_process_dask_cluster_gives_the_local_matrix(tiny_llama, bucket, tmp_path, capsys,
+                                                                     monkeypatch):
     """Workers open the store by URL themselves (credentials from their environment): the same D as the
-    local threaded scheduler, for a local cache and for one on S3."""
+    local threaded scheduler, for a local cache and for one on S3.  A local cache named relatively is found by
+    workers started in another folder (they looked for it under their own: "no gsae cache at c")."""
     distributed = pytest.importorskip("distributed")
     caches = [tmp_path / "c", f"{bucket}/c"]
     for cache in caches:
         assert run_cli(["cache", "--model", tiny_llama, "--cache", cache, *CACHE_ARGS], capsys)[0] == 0
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        monkeypatch.chdir(tmp_path)  # the workers stay where they started
+        caches[0] = Path("c")
         for cache in caches:
             args = ["group", "--cache", cache, "--metric", "amad"]
             assert run_cli(args, capsys)[0] == 0
