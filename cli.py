@@ -319,8 +319,11 @@ def info(cache: Optional[str] = typer.Option(None, help="The cache (default: the
     on_disk, activations = store.disk_bytes()  # bytes per value: the activations alone (not groups/, stats/)
     values = store.n_tokens * store.n_layers * store.d_model
     status = "complete" if store.complete else (
-        f"incomplete: {store.tokens_written:,} of {store.tokens_planned:,} tokens "
-        f"({store.chunks_written:,} of {store.n_chunks_planned:,} chunks)")
+        f"incomplete: {store.tokens_committed:,} of {store.tokens_planned:,} tokens "
+        f"({len(store.committed_chunks()):,} of {store.n_chunks_planned:,} chunks)"
+        # several writers (torchrun) commit out of order; readers take the chunks in order from the first
+        + (f"; --allow-partial reads the first {store.tokens_written:,}, in the chunks written in order"
+           if store.tokens_committed > store.tokens_written else ""))
     start, stop = store.readable_rows(store.n_chunks - 1) if store.n_chunks else (0, 0)
     short_last = f" (the last {stop - start:,})" if store.n_chunks > 1 and stop - start != store.chunk_tokens else ""
     table = Table(title=f"gsae info · {store.path}", show_header=False)

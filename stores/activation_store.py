@@ -435,11 +435,11 @@ class ActivationStore:
             # (only `gsae group` and `gsae verify` have --allow-partial: the hints must hold for every caller)
             if being_written(path):
                 raise IncompleteCache(
-                    f"cache {path} is being written by another `gsae cache` now ({store.tokens_written:,} of "
+                    f"cache {path} is being written by another `gsae cache` now ({store.tokens_committed:,} of "
                     f"{store.tokens_planned:,} tokens so far); wait for it to finish (`gsae group` and `gsae verify` "
                     "can use its committed part with --allow-partial)", str(path), dict(store.attrs))
             raise IncompleteCache(
-                f"cache {path} is incomplete ({store.tokens_written:,} of {store.tokens_planned:,} tokens); "
+                f"cache {path} is incomplete ({store.tokens_committed:,} of {store.tokens_planned:,} tokens); "
                 "re-run its `gsae cache` command to finish it (`gsae group` and `gsae verify` can use its "
                 "committed part with --allow-partial)", str(path), dict(store.attrs))
         return store
@@ -468,6 +468,12 @@ class ActivationStore:
         if self.complete:
             return int(self.attrs["tokens_written"])
         return self._prefix()[1]
+
+    @property
+    def tokens_committed(self) -> int:
+        """Rows of every committed chunk: with several writers (torchrun) more than :attr:`tokens_written`, the
+        prefix readers use, until the store is complete."""
+        return self.tokens_written if self.complete else sum(self._committed.values())
 
     def _prefix(self) -> tuple[int, int]:
         chunks, rows = 0, 0

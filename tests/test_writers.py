@@ -169,6 +169,13 @@ def test_markers_commit_chunks_out_of_order(tmp_path):
     assert sorted(reader.committed_chunks()) == [1, 2, 3] and reader.n_tokens == 0
     assert reader.markers  # a store holding markers is committed by markers, whoever opens it
     assert reader.attrs["chunks_written"] == 0  # several writers leave the attributes to finalize
+    # info and the other commands count every committed chunk ("0 of 137 tokens" under torchrun), and info says
+    # what --allow-partial reads
+    code, out, err = run_cli(["info", "--cache", tmp_path / "c"])
+    assert code == 0 and "incomplete: 97 of 137 tokens (3 of 4 chunks); --allow-partial reads the first 0" in \
+        " ".join(out.split()), out + err
+    code, _, err = run_cli(["train", "--cache", tmp_path / "c"])
+    assert code == 1 and "is incomplete (97 of 137 tokens)" in err, err
     with pytest.raises(StoreError, match="chunk 0 was not written"):
         store.finalize()
     write(0, other)
