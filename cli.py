@@ -489,10 +489,17 @@ def train(
                       f"{row['l0']:.1f} / {row['held_out_l0']:.1f}",
                       f"{100 * row['dead_fraction']:.1f}", f"{row['tokens_per_s']:,.0f}", f"{row['seconds']:.1f} s")
     report.print(table)
-    if len(result.rows) > 1:
+    seconds = {row["sae"]: row["seconds"] for row in result.rows}
+    turns = [saes for saes in result.turns if saes] or [list(seconds)]
+    if len(result.rows) > 1 and len(turns) == 1:
         report.print("tok/s and time count each SAE's own steps; the SAEs take turns, so their training took about "
-                     f"the sum, {sum(row['seconds'] for row in result.rows):,.1f} s (summary.json's wall_seconds splits "
+                     f"the sum, {sum(seconds.values()):,.1f} s (summary.json's wall_seconds splits "
                      "the last gsae train process's time)", style="dim", highlight=False)
+    elif len(turns) > 1:  # torchrun: the ranks train side by side, each its SAEs in turn
+        longest = max(sum(seconds.get(sae, 0.0) for sae in saes) for saes in turns)
+        report.print(f"tok/s and time count each SAE's own steps; {len(turns)} ranks trained side by side, each its "
+                     f"SAEs in turn, so their training took about the longest rank's sum, {longest:,.1f} s",
+                     style="dim", highlight=False)
     for row in result.rows:
         if row.get("note"):
             report.print(row["note"], style="yellow", highlight=False, markup=False)

@@ -50,6 +50,8 @@ class TrainResult:
     resumed_from: int = 0
     rank: int = 0
     trained_already: bool = False  # nothing trained: the run was finished before this call
+    # the SAEs each process trained, taking turns on it (one list: one process; under torchrun one per rank)
+    turns: list[list[int]] = field(default_factory=list)
 
 
 def validate_request(request: TrainRequest, device: bool = True) -> None:
@@ -711,7 +713,8 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
             run.remove_checkpoints()
         except GsaeError as exc:  # the run is complete all the same
             console.print(f"[yellow]note[/]: {exc}; the trained run's checkpoints/ was not removed (it may be deleted)")
-    return TrainResult(run.path, rows, time.perf_counter() - started, start_step, ranks.rank)
+    return TrainResult(run.path, rows, time.perf_counter() - started, start_step, ranks.rank,
+                       turns=_saes_of_ranks(config, ranks.world))
 
 
 def _finish(run: Run, store: ActivationStore, saes: dict[int, SparseAutoencoder], latest: list, elapsed: list[float],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +196,8 @@ def test_torchrun_train_spreads_the_saes_and_gives_the_single_process_weights(ti
     # collective every rank must reach
     args = ["train", "--cache", cache, "--groups", 3, "--tokens", 101 * 256, "--batch-size", 256,
             "--checkpoint-every", 40, "--device", "cpu"]
-    assert run_cli([*args, "--out", tmp_path / "one"], capsys)[0] == 0
+    code, out, _ = run_cli([*args, "--out", tmp_path / "one"], capsys)
+    assert code == 0 and "the SAEs take turns, so their training took about the sum" in " ".join(out.split()), out
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "cli.py", *map(str, args), "--out", str(tmp_path / "two")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -206,6 +208,10 @@ def test_torchrun_train_spreads_the_saes_and_gives_the_single_process_weights(ti
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), i
     one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
     assert [r["held_out_fvu"] for r in one["saes"]] == [r["held_out_fvu"] for r in two["saes"]]
+    # side by side: not "the SAEs take turns, so their training took about the sum" (helper-74)
+    said = re.search(r"2 ranks trained side by side, each its SAEs in turn, so their training took about the longest "
+                     r"rank's sum, ([\d.,]+) s", " ".join(result.stdout.split()))
+    assert said and float(said[1]) < sum(r["seconds"] for r in two["saes"]), result.stdout
     metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert sorted({(r["step"], r["sae"]) for r in metrics}) == [(r["step"], r["sae"]) for r in metrics]
     assert {r["sae"] for r in metrics} == {0, 1, 2}
