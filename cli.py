@@ -37,8 +37,9 @@ def _under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-if os.path.basename(sys.argv[0]) == "gsae" and threading.current_thread() is threading.main_thread():
-    # the command, not an import elsewhere
+if (os.path.basename(sys.argv[0]) == "gsae" or __name__ == "__main__") and \
+        threading.current_thread() is threading.main_thread():
+    # the command (also `python cli.py`, `python -m cli`), not an import elsewhere
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and not _under_torchrun():

@@ -329,10 +329,13 @@ def test_model_folder_with_a_tokenizer_config_but_no_tokenizer_file_is_named(tin
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("launch", [["-c", "import sys; sys.argv[0] = 'gsae'; import cli; cli.entry()"], ["cli.py"],
+                                    ["-m", "cli"]], ids=["gsae", "python cli.py", "python -m cli"])
 @pytest.mark.parametrize("signum,code,said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
-def test_ctrl_c_or_sigterm_while_the_command_starts_is_one_line(signum, code, said):
+def test_ctrl_c_or_sigterm_while_the_command_starts_is_one_line(signum, code, said, launch):
     """SIGINT during the imports (torch, transformers) printed a 30-line traceback out of torch's import; SIGTERM
-    there ended the process without a word."""
+    there ended the process without a word.  Also as `python cli.py` and `python -m cli` (torchrun's form in
+    docs/scaling.md), where a SIGINT inside numpy's import ended in a 128-line RecursionError (helper-73)."""
     import signal
     import subprocess
     import sys
@@ -340,8 +343,7 @@ def test_ctrl_c_or_sigterm_while_the_command_starts_is_one_line(signum, code, sa
 
     from conftest import ROOT
 
-    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.argv[0] = 'gsae'; import cli; cli.entry()",
-                                "group"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, *launch, "group"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)  # inside the imports (cli's, then torch's as the command starts): they take seconds
     process.send_signal(getattr(signal, signum))
     out, err = process.communicate(timeout=120)
