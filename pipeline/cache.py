@@ -614,8 +614,8 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
     store holds its planned tokens or the windows run out, then (rank 0) finalize.
 
     Every run and every rank cuts the windows into the same batches as an uninterrupted single process
-    (batch ``b`` is windows ``[b·batch_size, (b+1)·batch_size)``): the forward pass sees identical inputs
-    and produces identical bytes.  A batch holding none of this rank's uncommitted rows is not run, its
+    (batch ``b`` is windows ``[b·batch_size, (b+1)·batch_size)``, the last only those up to the planned
+    tokens): the forward pass sees identical inputs and produces identical bytes.  A batch holding none of this rank's uncommitted rows is not run, its
     tokens only compared with the stored ones where they are committed.  ``worker_nice_by``: how much the
     writer's threads or processes lower their priority (default: pipeline.processes.worker_nice).
     ``buffers_ahead``: the pinned chunk buffers are made on a thread of their own as the first batches run
@@ -688,8 +688,11 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
             done = sum(rows for chunk, rows in committed.items() if chunk in mine)
             task = progress.add_task("caching", total=end_row - first_mine, completed=done, resumed_at=done)
             while row < end_row:
+                # the cache's last batch runs only the windows its rows need (--tokens 1000 ran 16 windows of
+                # 255 rows, 4× the work); only that one, so every rank and every resumed run cuts the same batches
+                wanted = min(batch_size, -(-(store.tokens_planned - row) // rows_per_window))
                 mark = clock()
-                group = list(itertools.islice(windows, batch_size))
+                group = list(itertools.islice(windows, wanted))
                 phases["windows"] += clock() - mark
                 if not group:
                     exhausted = True
@@ -722,7 +725,7 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
                 # (going back to 0 and up again gave rich's rate a burst of millions of tok/s)
                 progress.update(task, completed=max(done, min(stop, end_row) - first_mine))
                 row = stop
-                if len(group) < batch_size:
+                if len(group) < wanted:
                     exhausted = row < end_row
                     break
             if exhausted:  # the bar ends full, its ETA at 0, not stopped short with the last ETA shown

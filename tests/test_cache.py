@@ -109,6 +109,27 @@ def _chunks_written(cache: Path) -> int:
         return 0
 
 
+def test_the_last_batch_runs_only_the_windows_its_rows_need(tiny_neox, tmp_path, monkeypatch, capsys):
+    """`--tokens 1000` at the default 16 windows of 255 rows ran the whole batch: 4,080 rows for 1,000.  Every
+    batch but the cache's last holds --batch-size windows (so resumed runs and ranks cut the same batches)."""
+    from pipeline.capture import ForwardCapture
+
+    sizes: list[int] = []
+    run = ForwardCapture.run
+
+    def recorded(self, input_ids, on_stored):
+        sizes.append(int(input_ids.shape[0]))
+        return run(self, input_ids, on_stored)
+
+    monkeypatch.setattr(ForwardCapture, "run", recorded)
+    assert run_cli(cache_args(tiny_neox, tmp_path / "c", tokens=700), capsys)[0] == 0
+    store = ActivationStore.open(str(tmp_path / "c"))
+    rows_per_window = CONTEXT if store.attrs["bos_stored"] else CONTEXT - 1
+    assert store.tokens_written == 700
+    assert sizes[:-1] == [4] * (len(sizes) - 1) and 1 <= sizes[-1] <= 4
+    assert sum(sizes) == math.ceil(700 / rows_per_window)
+
+
 def test_kill_9_then_resume_gives_identical_bytes(tiny_neox, tmp_path, capsys):
     args = ["cache", "--model", tiny_neox, "--tokens", 30000, "--context-length", CONTEXT,
             "--batch-size", 4, "--chunk-tokens", 50]
