@@ -453,7 +453,7 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     device: Device = typer.Option(TrainRequest.device, help="Where to train."),
     seed: int = typer.Option(TrainRequest.seed, help="Seed of initialisation and stream order."),
-    dead_tokens: Optional[int] = typer.Option(None, parser=_count, metavar="N", help="A latent silent this many tokens is dead (AuxK); default min(10M, tokens/10)."),
+    dead_tokens: Optional[int] = typer.Option(None, parser=_count, metavar="N", help="A latent silent this many tokens is dead (AuxK); default min(10M, tokens/10), at least one batch."),
     checkpoint_every: int = typer.Option(TrainRequest.checkpoint_every, help="Steps between checkpoints."),
     tf32: bool = typer.Option(TrainRequest.tf32, "--tf32/--no-tf32", help="TF32 float32 matmuls on CUDA (as sparsify)."),
     precision: Precision = typer.Option(TrainRequest.precision, help="float32, or bfloat16 autocast for the forward."),
