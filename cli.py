@@ -293,7 +293,9 @@ def cache(
         ("bytes on disk", _human_bytes(result.bytes_on_disk)),
         ("bytes per value", f"{result.bytes_per_value:.3f} (activations only)"),
         ("compression ratio", f"{result.raw_bytes / max(1, result.activation_bytes):.2f}×"),
-        ("time", f"{result.elapsed:,.1f} s" + (f" ({rate:,.0f} tok/s)" if rate else "")) if not result.already_complete
+        ("time", f"{result.elapsed:,.1f} s" + (f" ({rate:,.0f} tok/s)" if rate else "")
+         + (f", after {result.load_seconds:,.1f} s loading the model" if result.load_seconds >= 0.05 else ""))
+        if not result.already_complete
         else ("time", "nothing ran" + (f"; made in {result.seconds_made:,.1f} s "
                                        f"({result.tokens_written / result.seconds_made:,.0f} tok/s)"
                                        if result.seconds_made else "")),

@@ -86,6 +86,7 @@ class CacheResult:
     # (seconds since the start, rows run through the model so far) after each batch has gone to the writer:
     # the steady pace, start-up and the writer's last chunks left out (benchmarks/cache_throughput.py)
     timeline: list[tuple[float, int]] = field(default_factory=list)
+    load_seconds: float = 0.0  # loading the model, before ``elapsed`` (the summary showed only the caching's time)
 
     @property
     def bytes_per_value(self) -> float:
@@ -469,8 +470,10 @@ def _build_cache(request: CacheRequest, console: Any, spec: ModelSpec, path: str
             store.remove_markers()  # (as below: a run killed inside finalize)
             fold_seconds_writing(store)
             return _complete_result(store)
+        loading = time.perf_counter()
         with console.status(f"loading {spec.model_id} ..."):
             lm = load_model(spec, device)
+        load_seconds = time.perf_counter() - loading
         limit = max_positions(lm.model)
         if limit is not None and request.context_length > limit:
             raise GsaeError(f"--context-length {request.context_length:,} is more than {spec.model_id} takes "
@@ -520,9 +523,11 @@ def _build_cache(request: CacheRequest, console: Any, spec: ModelSpec, path: str
             store.use_markers()
         # full float32 whatever the process set before (a training run's TF32): the bytes must not depend on it
         with matmul_precision(device, tf32=False):
-            return fill_store(store, lm, _read_corpus(windows), batch_size=request.batch_size, first_row=first_row,
-                              rows_per_window=rows_per_window, console=console, write_threads=request.write_threads,
-                              ranks=ranks, writer_kind=request.writer)
+            result = fill_store(store, lm, _read_corpus(windows), batch_size=request.batch_size, first_row=first_row,
+                                rows_per_window=rows_per_window, console=console, write_threads=request.write_threads,
+                                ranks=ranks, writer_kind=request.writer)
+        result.load_seconds = load_seconds
+        return result
     except BaseException as exc:
         # a store this run made and committed nothing to (the corpus failed at its first batches, say) goes:
         # left, it held the path against any other arguments, with nothing in it to resume

@@ -112,6 +112,7 @@ def _chunks_written(cache: Path) -> int:
 def test_the_last_batch_runs_only_the_windows_its_rows_need(tiny_neox, tmp_path, monkeypatch, capsys):
     """`--tokens 1000` at the default 16 windows of 255 rows ran the whole batch: 4,080 rows for 1,000.  Every
     batch but the cache's last holds --batch-size windows (so resumed runs and ranks cut the same batches)."""
+    import pipeline.cache as cache_module
     from pipeline.capture import ForwardCapture
 
     sizes: list[int] = []
@@ -122,7 +123,13 @@ def test_the_last_batch_runs_only_the_windows_its_rows_need(tiny_neox, tmp_path,
         return run(self, input_ids, on_stored)
 
     monkeypatch.setattr(ForwardCapture, "run", recorded)
-    assert run_cli(cache_args(tiny_neox, tmp_path / "c", tokens=700), capsys)[0] == 0
+    load = cache_module.load_model
+    monkeypatch.setattr(cache_module, "load_model", lambda *a: (time.sleep(0.2), load(*a))[1])
+    code, out, _ = run_cli(cache_args(tiny_neox, tmp_path / "c", tokens=700), capsys)
+    assert code == 0
+    # the summary's time is the caching's; the model's loading is named beside it (helper-73: 61 s real, "34.5 s")
+    loaded = re.search(r"after ([\d.]+) s loading the model", " ".join(out.split()))
+    assert loaded and float(loaded[1]) >= 0.2, out
     store = ActivationStore.open(str(tmp_path / "c"))
     rows_per_window = CONTEXT if store.attrs["bos_stored"] else CONTEXT - 1
     assert store.tokens_written == 700
