@@ -526,6 +526,7 @@ def evaluate(
     context_length: Optional[int] = typer.Option(None, help="Truncate the evaluation windows to this many tokens."),
     device: Device = typer.Option(TrainRequest.device, help="Where to run."),
     cache: Optional[str] = typer.Option(None, help="Where the run's cache is now, if it moved (default: where the run recorded it)."),
+    model: Optional[str] = typer.Option(None, help="Where the cache's model folder or .gguf file is now, if it moved (checked by its fingerprint; default: where the cache recorded it)."),
     storage_option: list[str] = typer.Option([], help=_STORAGE_OPTION_HELP, metavar="KEY=VALUE"),
 ) -> None:
     """Evaluate every layer of a run: reconstruction, sparsity, spliced CE / KL. Writes <run>/eval.json."""
@@ -534,7 +535,7 @@ def evaluate(
     _storage(storage_option, run, cache)
     _check_folder("--run", run)
     records = evaluate_run(run, tokens=tokens, windows=windows, context_length=context_length,
-                           device=device.value, console=console, cache=cache)
+                           device=device.value, console=console, cache=cache, model=model)
     # two tables of at most 8 columns: 13 in one were cut to "0.…" in every cell on an 80-column terminal
     reconstruction = [("layer", "layer", "{}"), ("EV", "explained_variance", "{:.3f}"),
                       ("EV/token", "explained_variance_per_token", "{:.3f}"), ("FVU", "fvu", "{:.3f}"),

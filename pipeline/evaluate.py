@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-
 from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -194,19 +194,28 @@ def windows_per_pass(lm: LoadedModel, context: int) -> int:
     return max(1, _LOGITS_BYTES // (4 * context * int(vocab)))
 
 
-def spec_from_store(store: ActivationStore) -> ModelSpec:
+def spec_from_store(store: ActivationStore, model: str | None = None) -> ModelSpec:
     """The model the cache was made with, to load as `gsae cache` did.  A hub model at the commit it resolved
     to then (its fingerprint names the revision asked for, ``main`` by default, not that commit, so it is not
     compared: the commit is the model); a folder, a .gguf file or the embedded model only while its files are
-    those the cache recorded (their fingerprint)."""
+    those the cache recorded (their fingerprint).  ``model``: where such a folder or file is now, if it moved
+    (`gsae eval --model`; checked by the same fingerprint)."""
     source, model_id = store.attrs.get("model_source"), store.attrs.get("model_id")
     if source == "hub":
+        if model is not None:
+            raise GsaeError(f"--model finds a model folder or file that moved; the cache {store.path} was made with "
+                            f"the hub model {model_id}, which is found by its id (offline: from the hub's local cache, "
+                            "HF_HUB_OFFLINE=1)")
         return resolve_model_spec(model_id, store.attrs.get("model_revision"))
-    spec = resolve_model_spec(None if source == "embedded" else model_id)
+    if model is None and source != "embedded" and not Path(model_id).exists():
+        raise GsaeError(f"the model {model_id} the cache {store.path} was made with is no longer there; if it moved, "
+                        "pass --model with its new place")
+    spec = resolve_model_spec(model if model is not None else None if source == "embedded" else model_id)
     if spec.fingerprint != store.attrs.get("model_fingerprint"):
-        raise GsaeError(f"the model {spec.model_id!r} found now (fingerprint {spec.fingerprint}) is not the one "
-                        f"the cache {store.path} was made with ({store.attrs.get('model_fingerprint')}); "
-                        "put that model back")
+        raise GsaeError(f"the model {spec.model_id!r} found {'at --model' if model is not None else 'now'} "
+                        f"(fingerprint {spec.fingerprint}) is not the one the cache {store.path} was made with "
+                        f"({store.attrs.get('model_fingerprint')}); " +
+                        ("pass --model with that model" if model is not None else "put that model back"))
     return spec
 
 
@@ -321,20 +330,23 @@ def check_eval_arguments(tokens: int, windows: int, context_length: int | None) 
 
 def evaluate_run(run: str, tokens: int = EVAL_TOKENS, windows: int = EVAL_WINDOWS, context_length: int | None = None,
                  device: str = "auto", console: Any = None, cache: str | None = None,
-                 models: dict[tuple[ModelSpec, torch.device], LoadedModel] | None = None) -> list[dict[str, Any]]:
+                 models: dict[tuple[ModelSpec, torch.device], LoadedModel] | None = None,
+                 model: str | None = None) -> list[dict[str, Any]]:
     """Evaluate every layer of a run; writes ``<run>/eval.json`` and returns its records.  On CUDA the SAEs'
     float32 matmuls run in TF32 where the run trained so (``tf32`` in its config), as its held-out FVU was
     measured; the language model runs in full float32, as it ran to make the cache (:func:`matmul_precision`,
     for this call only).  ``cache``: where the run's cache is now, if it moved (checked by its fingerprint).
     ``models``: language models loaded by earlier calls, taken from it and added to it (`gsae run` evaluates
-    several runs of one cache; loading the embedded GGUF model took 34 s of each evaluation's 160)."""
+    several runs of one cache; loading the embedded GGUF model took 34 s of each evaluation's 160).  ``model``:
+    where the cache's model folder or .gguf file is now, if it moved (checked by its fingerprint)."""
     with contextlib.ExitStack() as scope:
-        return _evaluate_run(run, tokens, windows, context_length, device, console, scope, cache, models)
+        return _evaluate_run(run, tokens, windows, context_length, device, console, scope, cache, models, model)
 
 
 def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | None, device: str, console: Any,
                   scope: contextlib.ExitStack, cache: str | None = None,
-                  models: dict[tuple[ModelSpec, torch.device], LoadedModel] | None = None) -> list[dict[str, Any]]:
+                  models: dict[tuple[ModelSpec, torch.device], LoadedModel] | None = None,
+                  model: str | None = None) -> list[dict[str, Any]]:
     check_eval_arguments(tokens, windows, context_length)
     trained = Run.open(run, need="trained")
     config = trained.config
@@ -359,7 +371,7 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
     lm = None
     if windows > 0:
         try:
-            spec = spec_from_store(store)
+            spec = spec_from_store(store, model)
         except GsaeError as exc:  # the model folder moved or changed, or the hub is out of reach
             raise GsaeError(f"{exc}, or pass --windows 0 to skip the downstream metrics") from None
         lm = (models or {}).get((spec, torch_device))

@@ -120,8 +120,10 @@ def resolve_model_spec(model: str | None, revision: str | None = None) -> ModelS
         configs = [p for p in (path / "config.json", path / "tokenizer.json") if p.is_file()]
         return ModelSpec("local", str(path), None, str(path), None, path.name.lower(),
                          _file_fingerprint(weights, configs))
-    if path.exists() or model.startswith((".", "/", "~")):
+    if path.exists():
         raise GsaeError(f"model {model} is neither a folder saved with save_pretrained nor a .gguf file")
+    if model.startswith((".", "/", "~")):
+        raise GsaeError(f"model {model} does not exist")
     hub_id = f"EleutherAI/{model.lower()}" if _PYTHIA.match(model) else model
     if not _HUB_ID.match(hub_id):
         raise GsaeError(f"unknown model {model!r}: give a hub id, a local folder, a .gguf file or an alias")

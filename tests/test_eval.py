@@ -393,6 +393,25 @@ def _one_line_error(code: int, err: str) -> str:
     return lines[0]
 
 
+def test_eval_finds_a_moved_model_folder_with_model(tiny_models, tmp_path, capsys):
+    """A cache's model folder moved: eval said "model ... is neither a folder saved with save_pretrained nor a
+    .gguf file" and had no way to name the new place (helper-73)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["neox"], model)
+    cache = make_cache(model, tmp_path / "c", tokens=3000, context_length=32, batch_size=8, chunk_tokens=200)
+    assert run_cli(["train", "--cache", cache, "--baseline", "--out", tmp_path / "r", "--tokens", 1024,
+                    "--batch-size", 256], capsys)[0] == 0
+    model.rename(tmp_path / "moved")
+    code, _, err = run_cli(["eval", "--run", tmp_path / "r", "--windows", 2], capsys)
+    assert code == 1 and "is no longer there; if it moved, pass --model with its new place" in " ".join(err.split()), err
+    code, _, err = run_cli(["eval", "--run", tmp_path / "r", "--windows", 2, "--model", tmp_path / "moved"], capsys)
+    assert code == 0, err
+    records = json.loads((tmp_path / "r" / "eval.json").read_text())["records"]
+    assert all(r["ce_clean"] > 0 for r in records)
+
+
 @pytest.fixture(scope="module")
 def pair(tiny_models, tmp_path_factory):
     """A baseline and a one-group run of one cache, both evaluated without the downstream metrics."""
@@ -776,9 +795,24 @@ def test_the_model_of_a_cache_is_found_at_its_commit_or_by_its_files(tiny_neox, 
     local = SimpleNamespace(path="c", attrs={"model_source": "local", "model_id": str(folder),
                                              "model_fingerprint": resolve_model_spec(str(folder)).fingerprint})
     assert spec_from_store(local).location == str(folder)
+    # moved: named so, and found again with --model (by the same fingerprint); a hub model is found by its id
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    with pytest.raises(GsaeError, match=f"the model {folder} the cache c was made with is no longer there; if it "
+                                        "moved, pass --model with its new place"):
+        spec_from_store(local)
+    assert spec_from_store(local, str(moved)).location == str(moved)
+    with pytest.raises(GsaeError, match="--model finds a model folder or file that moved; .* the hub model"):
+        spec_from_store(hub, str(moved))
+    with pytest.raises(GsaeError, match=f"model {tmp_path / 'nowhere'} does not exist"):
+        spec_from_store(local, str(tmp_path / "nowhere"))
+    moved.rename(folder)
     (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
     with pytest.raises(GsaeError, match="is not the one the cache c was made with .*; put that model back"):
         spec_from_store(local)
+    with pytest.raises(GsaeError, match="found at --model .* is not the one the cache c was made with .*; pass --model "
+                                        "with that model"):
+        spec_from_store(local, str(folder))
 
 
 @pytest.mark.parametrize("kept", ["default", 0])
