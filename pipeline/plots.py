@@ -26,7 +26,7 @@ def distance_heatmap(grouping: Grouping, title: str) -> bytes:
     image = axes.imshow(grouping.distance, cmap="viridis", vmin=0)
     figure.colorbar(image, ax=axes, label="mean angular distance D[i, j]")
     labels = [str(layer) for layer in grouping.layers]
-    step = max(1, len(labels) // 16)
+    step = -(-len(labels) // 12)  # at most 12 labels: 29 of them ran together on the axis ("9101112…")
     ticks = list(range(0, len(labels), step))
     axes.set_xticks(ticks, [labels[t] for t in ticks])
     axes.set_yticks(ticks, [labels[t] for t in ticks])
