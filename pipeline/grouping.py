@@ -22,6 +22,7 @@ from pipeline.errors import GsaeError
 from pipeline.models import pick_device
 from stores import ActivationStore, StoreError
 from stores.activation_store import absolute_url
+from stores.remote import describe_storage_error
 from stores.held_out import split_chunks
 
 _ROWS_PER_STEP = 256  # rows normalised at a time inside a chunk task: bounds its memory
@@ -328,6 +329,12 @@ def compute_distances(store: ActivationStore, layers: list[int], tokens: int, se
                 distance = distance_matrix(store, layers, chunks, device)
             except StoreError as exc:  # raised where a task ran: the worker may see another file system
                 raise StoreError(f"on a Dask worker: {exc}") from None
+            except Exception as exc:  # the worker's credentials: its environment's, never --storage-option's
+                storage = describe_storage_error(exc, hint="a Dask worker takes credentials and endpoint from its own "
+                                                           "environment, not from --storage-option")
+                if storage is None:
+                    raise
+                raise GsaeError(f"on a Dask worker: {storage}") from None
     else:
         import dask
 

@@ -142,7 +142,11 @@ def _from_storage_library(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in _STORAGE_LIBRARIES
 
 
-def describe_storage_error(exc: BaseException) -> str | None:
+_WHERE_CREDENTIALS = ("credentials and endpoint come from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                      "AWS_ENDPOINT_URL, or --storage-option key=value")
+
+
+def describe_storage_error(exc: BaseException, hint: str = _WHERE_CREDENTIALS) -> str | None:
     """One line for an error raised by an object-storage library (no credentials, no endpoint, access
     denied), or by a file system from one (s3fs turns a 403 into Python's PermissionError, its cause botocore's
     error: it read "an input gsae does not check, or a bug"); None for any other error."""
@@ -152,6 +156,4 @@ def describe_storage_error(exc: BaseException) -> str | None:
     if cause is None or not _from_storage_library(cause):
         return None
     reason = str(exc).splitlines()[0] if str(exc) else ""
-    return (f"object storage: {type(exc).__name__}{': ' + reason if reason else ''} (credentials and endpoint come "
-            "from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, or "
-            "--storage-option key=value)")
+    return f"object storage: {type(exc).__name__}{': ' + reason if reason else ''} ({hint})"

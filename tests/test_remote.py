@@ -126,6 +126,33 @@ def test_access_denied_by_object_storage_is_named_as_such(capsys, monkeypatch):
         is None
 
 
+def test_a_storage_error_on_a_dask_worker_says_where_its_credentials_come_from(monkeypatch):
+    """A worker without credentials raised NoCredentialsError, whose line told to pass --storage-option, which
+    never reaches a worker (helper-74)."""
+    import contextlib
+
+    import distributed
+    from botocore.exceptions import NoCredentialsError
+
+    import pipeline.grouping as grouping
+    from pipeline.errors import GsaeError
+
+    def no_credentials(*args, **kwargs):
+        raise NoCredentialsError()
+
+    monkeypatch.setattr(distributed, "Client", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(grouping, "distance_matrix", no_credentials)
+    monkeypatch.setattr(grouping, "sample_chunks", lambda *args: [0])
+
+    class Store:
+        def readable_rows(self, chunk):
+            return 0, 10
+
+    with pytest.raises(GsaeError, match="^on a Dask worker: object storage: NoCredentialsError: .*from its own "
+                                        "environment, not from --storage-option"):
+        grouping.compute_distances(Store(), [0, 1], 10, 0, scheduler="tcp://nowhere:8786")
+
+
 def test_a_storage_option_of_the_wrong_type_is_named():
     """s3fs took anon=maybe (a string) as true: the run went anonymous without a word."""
     from stores.remote import RemoteError, check_option_types
