@@ -477,6 +477,8 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
         for record, total in zip(records, totals):
             record.update(total.metrics())
             record["eval_windows"] = int(input_ids.shape[0])
+        note = ce_recovered_note(records)
+        notes += [note] if note else []
     if progress is not None:
         stage("")  # done: "eval", the count and the time it took
         progress.stop()  # before the notes below, which a bar drawn after them would push up
@@ -487,6 +489,23 @@ def _evaluate_run(run: str, tokens: int, windows: int, context_length: int | Non
     for note in notes if console else []:
         console.print(f"[yellow]{note}[/]")
     return records
+
+
+#: zero-ablating a layer raises CE by less than this share of the clean CE: CE recovered divides by that rise
+CE_RECOVERED_LEAST_RISE = 0.01
+
+
+def ce_recovered_note(records: list[dict[str, Any]]) -> str | None:
+    """A note naming the layers whose CE recovered means little: zeroing them raised CE by under 1% (a random or
+    tiny model), so its denominator is about 0 (11.3 and −4.5 on such models, helper-73).  ΔCE % and KL hold."""
+    least = CE_RECOVERED_LEAST_RISE
+    weak = sorted(r["layer"] for r in records  # (not ≥: a NaN CE counts as weak too)
+                  if "ce_zero_ablated" in r and not r["ce_zero_ablated"] - r["ce_clean"] >= least * r["ce_clean"])
+    if not weak:
+        return None
+    return (f"note: CE rec. means little at layer{'s' if len(weak) > 1 else ''} {layer_span(weak, '–')}: zero-ablating "
+            f"{'them' if len(weak) > 1 else 'it'} raised CE by under {CE_RECOVERED_LEAST_RISE:.0%} (as on a random or "
+            "tiny model), and CE rec. divides by that rise; ΔCE % and KL do not")
 
 
 def threshold_note(sae: SparseAutoencoder, layers: list[int], l0: float) -> str | None:

@@ -393,6 +393,21 @@ def _one_line_error(code: int, err: str) -> str:
     return lines[0]
 
 
+def test_ce_recovered_is_noted_where_zero_ablation_barely_raises_ce():
+    """CE recovered = (zero − spliced) / (zero − clean): where zeroing a layer raised CE by under 1% its
+    denominator is about 0, and the column read 11.3 or −4.5 on tiny random models without a word."""
+    from pipeline.evaluate import ce_recovered_note
+
+    def record(layer, clean, zero):
+        return {"layer": layer, "ce_clean": clean, "ce_zero_ablated": zero}
+
+    assert ce_recovered_note([record(0, 3.0, 9.0), record(1, 3.0, 3.05)]) is None  # +300%, +1.7%
+    assert ce_recovered_note([{"layer": 0, "fvu": 0.1}]) is None  # --windows 0: nothing downstream measured
+    said = ce_recovered_note([record(4, 6.2469, 6.2505), record(0, 3.0, 9.0), record(2, 3.0, 2.9),
+                              record(3, 3.0, float("nan"))])
+    assert said.startswith("note: CE rec. means little at layers 2–4: zero-ablating them raised CE by under 1%"), said
+
+
 def test_eval_finds_a_moved_model_folder_with_model(tiny_models, tmp_path, capsys):
     """A cache's model folder moved: eval said "model ... is neither a folder saved with save_pretrained nor a
     .gguf file" and had no way to name the new place (helper-73)."""
