@@ -205,8 +205,11 @@ def _file_documents(path: Path, text_field: str) -> Iterator[Document]:
 
 
 def _local_corpus(spec: str, path: Path, text_field: str) -> Corpus:
+    skipped: list[Path] = []
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+        found = sorted(p for p in path.rglob("*") if p.is_file())
+        files = [p for p in found if p.suffix.lower() in LOCAL_SUFFIXES]
+        skipped = [p for p in found if p.suffix.lower() not in LOCAL_SUFFIXES and not p.name.startswith(".")]
         if not files:
             raise GsaeError(f"folder {spec} holds no .txt, .jsonl or .parquet file")
     elif path.suffix.lower() in LOCAL_SUFFIXES:
@@ -236,7 +239,10 @@ def _local_corpus(spec: str, path: Path, text_field: str) -> Corpus:
         for file in files:
             yield from _file_documents(file, text_field)
 
-    return Corpus(spec, "local", f"{path.resolve()} ({len(files)} file(s), {size:,} bytes)",
+    # a folder's files of other kinds are left out, and said so (a readme.md was left out without a word)
+    left_out = (f"; left out, not .txt, .jsonl or .parquet: {', '.join(str(p.relative_to(path)) for p in skipped[:3])}"
+                + (f" and {len(skipped) - 3:,} more" if len(skipped) > 3 else "")) if skipped else ""
+    return Corpus(spec, "local", f"{path.resolve()} ({len(files)} file(s), {size:,} bytes{left_out})",
                   digest.hexdigest()[:16], documents, str(path.resolve()))
 
 

@@ -196,3 +196,21 @@ def test_a_named_pipe_is_refused_rather_than_waited_on(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(GsaeError, match=r"corpus.txt: not a regular file"):
         open_corpus(str(fifo))
+
+
+def test_a_folders_files_of_other_kinds_are_named_as_left_out(tmp_path):
+    """A readme.md in a corpus folder was left out without a word ("3 file(s)")."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("some text\n")
+    (tmp_path / "sub" / "b.jsonl").write_text(json.dumps({"text": "more text"}) + "\n")
+    (tmp_path / "readme.md").write_text("# about\n")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")  # hidden files are no one's corpus: not named
+    described = open_corpus(str(tmp_path)).description
+    assert "(2 file(s), " in described and described.endswith("; left out, not .txt, .jsonl or .parquet: readme.md)")
+    for i in range(4):
+        (tmp_path / f"note{i}.md").write_text("x")
+    assert open_corpus(str(tmp_path)).description.endswith(": note0.md, note1.md, note2.md and 2 more)")
+    (tmp_path / "readme.md").unlink()
+    for i in range(4):
+        (tmp_path / f"note{i}.md").unlink()
+    assert "left out" not in open_corpus(str(tmp_path)).description
