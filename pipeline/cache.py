@@ -56,7 +56,7 @@ from stores import (
 )
 from stores.activation_store import fold_seconds_writing, writer_lock_file
 from stores.codecs import keep_bits_range
-from stores.locks import exclusive
+from stores.locks import exclusive, missing_folders
 from stores.held_out import HELD_OUT_FRACTION, held_out_chunks
 
 
@@ -436,20 +436,20 @@ def _cache_lock(path: str, ranks: Ranks) -> Iterator[None]:
     failed first removed the other's files, leaving a damaged cache (the lock file:
     :func:`stores.activation_store.writer_lock_file`; none on object storage)."""
     lock = writer_lock_file(path) if ranks.first else None
-    # the folder the lock file goes into, where this command makes it (gsae-cache/ on a first cache): removed
-    # again if the command leaves nothing there (refused, say, for a --context-length the model cannot take);
-    # a process that opened the lock file meanwhile makes it anew (stores.locks._open)
-    made = lock is not None and not os.path.isdir(os.path.dirname(lock))
+    # the folders the lock file goes into, where this command makes them (gsae-cache/ on a first cache; also one
+    # a process that let go removed as this one waited): removed again where the command leaves nothing in them
+    # (refused, say, for a --context-length the model cannot take); a process that opened the lock file
+    # meanwhile makes them anew (stores.locks._open)
+    made = missing_folders(os.path.dirname(lock)) if lock is not None else []
     refused = None
     with contextlib.ExitStack() as held:
-        if made:
-            held.callback(_remove_if_empty, os.path.dirname(lock))  # (after the lock file has gone)
+        held.callback(_remove_empty_folders, made)  # (after the lock file has gone)
         if lock is not None:
             # (a parent it cannot make: no lock, and _prepare_folder says why)
             busy = f"another gsae process is writing the cache {path} now; wait for it, or pass another --cache"
             try:
                 # the lock file goes with the command: a refused one (a bad corpus, say) left it behind
-                held.enter_context(exclusive(lock, GsaeError(busy), remove=True))
+                held.enter_context(exclusive(lock, GsaeError(busy), remove=True, made=made))
             except GsaeError:
                 refused = busy
         if ranks.world > 1:
@@ -581,6 +581,12 @@ def _remove_if_empty(path: str) -> None:
         Path(path).rmdir()
     except OSError:
         pass
+
+
+def _remove_empty_folders(folders: list[str]) -> None:
+    """Remove those of ``folders`` that are empty, deepest first (a parent once its child has gone)."""
+    for folder in sorted(set(folders), key=lambda f: f.count(os.sep), reverse=True):
+        _remove_if_empty(folder)
 
 
 class _Pending:

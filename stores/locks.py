@@ -23,11 +23,11 @@ _NO_LOCKING = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSYS, errno.EOPNO
 _TRIES, _PAUSE = 5, 0.04
 
 
-def _open(lock_file: str, create: bool) -> int | None:
+def _open(lock_file: str, create: bool, made: list[str] | None = None) -> int | None:
     """A read-only descriptor of ``lock_file`` (flock needs no write access), made if ``create``, with its folder
     where that is gone (the process that made the folder for its lock removes it again when it made nothing
-    else there: one that opened the name before finds it gone, and comes here); None where there is none to be
-    had."""
+    else there: one that opened the name before finds it gone, and comes here; the folders made are added to
+    ``made``); None where there is none to be had."""
     if fcntl is None:
         return None
     for attempt in range(_TRIES):
@@ -38,11 +38,23 @@ def _open(lock_file: str, create: bool) -> int | None:
                 if exc.errno in _NO_LOCKING:
                     return None
                 raise
+        missing = missing_folders(os.path.dirname(lock_file) or ".")
         try:
             os.makedirs(os.path.dirname(lock_file) or ".", exist_ok=True)
         except OSError:  # a parent that is a file, a folder others own: no lock to be had here
             return None
+        if made is not None:
+            made += missing
     return None
+
+
+def missing_folders(folder: str) -> list[str]:
+    """``folder`` and those of its parents that do not exist, deepest first (what ``os.makedirs`` would make)."""
+    missing, folder = [], os.path.abspath(folder)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
 
 
 def _flock(handle: int, operation: int) -> bool:
@@ -68,27 +80,31 @@ def _names(handle: int, lock_file: str) -> bool:
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: str, busy: Exception, remove: bool = False) -> Iterator[None]:
+def exclusive(lock_file: str, busy: Exception, remove: bool = False,
+              made: list[str] | None = None) -> Iterator[None]:
     """Hold ``lock_file`` for the ``with`` block; raise ``busy`` where another process holds it.  ``remove``:
     delete the file when done (still holding it: a process that opened it meanwhile finds, once it has the lock,
-    that the name is gone, and opens the name afresh)."""
-    handle, held = _open(lock_file, create=True), False
+    that the name is gone, and opens the name afresh).  ``made``: the folders made for the lock file are added
+    to it (for the caller to remove, where it leaves nothing in them)."""
+    handle, held = _open(lock_file, create=True, made=made), False
     try:
-        for attempt in range(_TRIES):
-            if handle is None:  # no lock to be had here: unlocked
-                break
+        refused = reopened = 0
+        while handle is not None:  # None: no lock to be had here, unlocked
             if _flock(handle, fcntl.LOCK_EX):
                 if _names(handle, lock_file):
                     held = True
                     break
                 stale, handle = handle, None  # (closed once: a re-open that raises must not close the number again)
                 os.close(stale)  # the holder removed it as this process waited: not a lock on the name
-                handle = _open(lock_file, create=True)
+                reopened += 1  # not a refusal: the holder let go (on the last try it read "busy", helper-75)
+                if reopened > 100 * _TRIES:  # the name made and removed again and again: someone holds it
+                    raise busy
+                handle = _open(lock_file, create=True, made=made)
                 continue
-            if attempt + 1 < _TRIES:
-                time.sleep(_PAUSE)
-        else:
-            raise busy
+            refused += 1
+            if refused >= _TRIES:
+                raise busy
+            time.sleep(_PAUSE)
         yield
     finally:
         if held and remove and _names(handle, lock_file):

@@ -128,7 +128,7 @@ def test_the_last_batch_runs_only_the_windows_its_rows_need(tiny_neox, tmp_path,
     code, out, _ = run_cli(cache_args(tiny_neox, tmp_path / "c", tokens=700), capsys)
     assert code == 0
     # the summary's time is the caching's; the model's loading is named beside it (helper-73: 61 s real, "34.5 s")
-    loaded = re.search(r"after ([\d.]+) s loading the model", " ".join(out.split()))
+    loaded = re.search(r"after ([\d.]+) s loading the model", " ".join(out.replace("│", " ").split()))  # (a cell)
     assert loaded and float(loaded[1]) >= 0.2, out
     store = ActivationStore.open(str(tmp_path / "c"))
     rows_per_window = CONTEXT if store.attrs["bos_stored"] else CONTEXT - 1
@@ -230,11 +230,15 @@ def test_the_writer_lock_goes_with_the_command_and_a_waiter_locks_the_name_afres
     code, _, err = run_cli(["cache", "--model", tiny_neox, "--context-length", 10**6, "--tokens", 300], capsys)
     assert code == 1 and "positions" in err, err  # refused under the lock, once the model is loaded
     assert not (tmp_path / "gsae-cache").exists()  # the folder made for the lock went with it
+    code, _, err = run_cli(["cache", "--model", tiny_neox, "--context-length", 10**6, "--tokens", 300,
+                            "--cache", tmp_path / "out" / "caches" / "c"], capsys)
+    assert code == 1 and "positions" in err, err
+    assert not (tmp_path / "out").exists()  # and all the folders made above it (helper-75)
     assert run_cli(cache_args(tiny_neox, tmp_path / "c", tokens=300), capsys)[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "empty.txt"]
 
     lock, busy = str(tmp_path / ".x.lock"), GsaeError("busy")
-    refused_once, holding, release = threading.Event(), threading.Event(), threading.Event()
+    refused_once = threading.Event()
     real_flock = locks._flock
 
     def flock(handle, operation):
@@ -260,12 +264,13 @@ class _LockWaiter(threading.Thread):
         super().__init__()
         self.lock, self.busy = lock, busy
         self.holding, self.release = threading.Event(), threading.Event()
+        self.made: list[str] = []  # the folders it made for the lock file
         self.start()
 
     def run(self) -> None:
         from stores.locks import exclusive
 
-        with exclusive(self.lock, self.busy, remove=True):
+        with exclusive(self.lock, self.busy, remove=True, made=self.made):
             self.holding.set()
             self.release.wait(10)
 
@@ -305,7 +310,33 @@ def test_a_waiter_whose_lock_folder_was_removed_makes_it_anew_and_holds_the_lock
         return locked
 
     monkeypatch.setattr(locks, "_flock", flock)
+    waiter = _LockWaiter(lock, busy)
+    waiter.holds_it_then_lets_go()
+    assert waiter.made == [str(folder)]  # for its command to remove where it leaves nothing there (helper-75)
+
+
+def test_a_waiter_whose_holder_lets_go_at_its_last_try_holds_the_lock(tmp_path, monkeypatch):
+    """Refused four times, a waiter found the name gone at its fifth and last try (the holder had let go and
+    removed the file): it opened the name afresh, and then said "busy" with no one holding it (helper-75)."""
+    import stores.locks as locks
+    from pipeline.errors import GsaeError
+
+    lock, busy = str(tmp_path / ".x.lock"), GsaeError("busy")
+    first = locks.exclusive(lock, busy, remove=True)
+    first.__enter__()
+    refusals, real_flock = [], locks._flock
+
+    def flock(handle, operation):
+        locked = real_flock(handle, operation)
+        if not locked and threading.current_thread() is not threading.main_thread():
+            refusals.append(1)
+            if len(refusals) == locks._TRIES - 1:
+                first.__exit__(None, None, None)  # removes the file, then lets go: the next try finds the name gone
+        return locked
+
+    monkeypatch.setattr(locks, "_flock", flock)
     _LockWaiter(lock, busy).holds_it_then_lets_go()
+    assert len(refusals) == locks._TRIES - 1
 
 
 def test_a_cache_whose_writer_has_not_made_the_store_yet_is_named_so(tmp_path, capsys):
