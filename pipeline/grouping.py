@@ -327,8 +327,10 @@ def compute_distances(store: ActivationStore, layers: list[int], tokens: int, se
         with client:
             try:
                 distance = distance_matrix(store, layers, chunks, device)
-            except StoreError as exc:  # raised where a task ran: the worker may see another file system
-                raise StoreError(f"on a Dask worker: {exc}") from None
+            except (StoreError, GsaeError) as exc:  # raised where a task ran: the worker may see another file
+                # system, or have no GPU; kept as it is (an incomplete cache's line names the command that finishes it)
+                exc.args = (f"on a Dask worker: {exc}", *exc.args[1:])
+                raise
             except Exception as exc:  # the worker's credentials: its environment's, never --storage-option's
                 storage = describe_storage_error(exc, hint="a Dask worker takes credentials and endpoint from its own "
                                                            "environment, not from --storage-option")

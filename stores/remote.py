@@ -149,10 +149,14 @@ _WHERE_CREDENTIALS = ("credentials and endpoint come from the environment, e.g. 
 def describe_storage_error(exc: BaseException, hint: str = _WHERE_CREDENTIALS) -> str | None:
     """One line for an error raised by an object-storage library (no credentials, no endpoint, access
     denied), or by a file system from one (s3fs turns a 403 into Python's PermissionError, its cause botocore's
-    error: it read "an input gsae does not check, or a bug"); None for any other error."""
+    error: it read "an input gsae does not check, or a bug"); None for any other error.  ``hint``: where the
+    credentials come from, in parentheses after it."""
+    # s3fs raises what S3 refused as Python's OSError (PermissionError for a 403; a wrong region, a bad bucket
+    # name, SlowDown as a plain OSError), botocore's error its cause; a missing key keeps its own messages
+    translated = isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, FileExistsError))
     cause, seen = exc, 0
-    while isinstance(exc, PermissionError) and cause is not None and not _from_storage_library(cause) and seen < 8:
-        cause, seen = cause.__cause__, seen + 1  # (only a refusal: a missing key keeps its own messages)
+    while translated and cause is not None and not _from_storage_library(cause) and seen < 8:
+        cause, seen = cause.__cause__, seen + 1
     if cause is None or not _from_storage_library(cause):
         return None
     reason = str(exc).splitlines()[0] if str(exc) else ""

@@ -120,6 +120,10 @@ def test_access_denied_by_object_storage_is_named_as_such(capsys, monkeypatch):
     code, _, err = run_cli(["info", "--cache", "s3://denied/c"], capsys)
     assert code == 1 and "object storage: PermissionError" in err and "AWS_ACCESS_KEY_ID" in err, err
     assert "a bug" not in err and len(err.strip().splitlines()) == 1, err
+    # S3's other refusals, which s3fs raises as a plain OSError (a wrong region: helper-75)
+    region = translate_boto_error(ClientError({"Error": {"Code": "AuthorizationHeaderMalformed",
+                                                         "Message": "the region 'us-east-1' is wrong"}}, "ListObjectsV2"))
+    assert type(region) is OSError and describe_storage_error(region).startswith("object storage: OSError: ")
     # a refusal of the local disk, and a missing key, keep their own messages
     assert describe_storage_error(PermissionError(13, "Permission denied")) is None
     assert describe_storage_error(translate_boto_error(ClientError({"Error": {"Code": "NoSuchKey"}}, "GetObject"))) \
@@ -206,6 +210,10 @@ def test_group_on_a_two_process_dask_cluster_gives_the_local_matrix(tiny_llama, 
             code, _, err = run_cli([*args, "--force", "--scheduler", cluster.scheduler_address], capsys)
             assert code == 0, err
             np.testing.assert_array_equal(np.array(read()["distance"]), np.array(local["distance"]))
+        if not torch.cuda.is_available():  # a worker's own error comes back as one line saying where it arose
+            code, _, err = run_cli(["group", "--cache", caches[0], "--force", "--device", "cuda",
+                                    "--scheduler", cluster.scheduler_address], capsys)
+            assert code == 1 and err.startswith("error: on a Dask worker: --device cuda") and "Traceback" not in err, err
 
 
 def test_torchrun_train_spreads_the_saes_and_gives_the_single_process_weights(tiny_llama, tmp_path, capsys):
