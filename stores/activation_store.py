@@ -201,6 +201,22 @@ def probe(path: str) -> str:
     return "store"
 
 
+def _missing_bucket(path: str) -> str | None:
+    """What to do where ``path``'s bucket is not there (`gsae cache` would fail on it too), or None: a local
+    path, a bucket that is there, or one that cannot be told."""
+    protocol, _, rest = str(path).partition("://")
+    if not rest or protocol in ("file", "memory"):
+        return None
+    bucket = rest.split("/", 1)[0]
+    try:
+        fs = fsspec.core.url_to_fs(str(path))[0]
+        if fs.exists(bucket):
+            return None
+    except Exception:  # no credentials to tell, say: the line stays as it was
+        return None
+    return f"its bucket {bucket} does not exist (or cannot be seen with these credentials): make it first"
+
+
 def _write_error(path: str, exc: OSError) -> StoreError:
     if exc.errno == errno.ENOSPC:
         return StoreError(f"disk full while writing {path}; free space and re-run the same command to resume")
@@ -425,7 +441,7 @@ class ActivationStore:
             if being_written(path):  # made while its model loads: the folder is there, the store not yet
                 raise StoreError(f"the gsae cache at {path} is being made by another `gsae cache` now, which has not "
                                  "written its first chunk yet; wait for it")
-            raise StoreError(f"no gsae cache at {path}; create one with `gsae cache`")
+            raise StoreError(f"no gsae cache at {path}; " + (_missing_bucket(path) or "create one with `gsae cache`"))
         group = zarr.open_group(_zarr_path(path), mode=mode)
         version = group.attrs.get("format_version")
         if version != FORMAT_VERSION:  # before its arrays are opened: another format may lay them out otherwise

@@ -157,6 +157,14 @@ def test_a_storage_error_on_a_dask_worker_says_where_its_credentials_come_from(m
         grouping.compute_distances(Store(), [0, 1], 10, 0, scheduler="tcp://nowhere:8786")
 
 
+def test_a_cache_in_a_bucket_that_is_not_there_says_so(bucket, capsys):
+    """`gsae info` said "no gsae cache ...; create one with `gsae cache`", which then failed on the bucket."""
+    code, _, err = run_cli(["info", "--cache", f"{bucket}-none/c"], capsys)
+    assert code == 1 and f"its bucket {bucket.removeprefix('s3://')}-none does not exist" in " ".join(err.split()), err
+    code, _, err = run_cli(["info", "--cache", f"{bucket}/c"], capsys)
+    assert code == 1 and "create one with `gsae cache`" in err and "bucket" not in err.replace(bucket, ""), err
+
+
 def test_a_storage_option_of_the_wrong_type_is_named():
     """s3fs took anon=maybe (a string) as true: the run went anonymous without a word."""
     from stores.remote import RemoteError, check_option_types
