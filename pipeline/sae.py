@@ -204,9 +204,10 @@ class SparseAutoencoder(nn.Module):
             self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(0.01)))
         if architecture == "batchtopk":
             # Inference threshold: a running mean of each training batch's smallest kept activation, as
-            # SAELens's BatchTopK keeps it; evaluation and export use it per token (a JumpReLU), so what
-            # gsae eval measures is what the exported SAE computes.
+            # SAELens's BatchTopK keeps it, corrected for its start at 0 (_update_threshold); evaluation and
+            # export use it per token (a JumpReLU), so what gsae eval measures is what the exported SAE computes.
             self.register_buffer("threshold", torch.zeros(()))
+        self.threshold_updates = 0  # training steps the threshold has taken in (a resume sets it: the run's step)
 
     # ------------------------------------------------------------------ the forward pass
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,10 +295,16 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def _update_threshold(self, dense: torch.Tensor) -> None:
-        """threshold ← 0.99·threshold + 0.01·(smallest positive kept activation), SAELens's rule and rate;
-        on the device, without a host sync (a batch with nothing kept leaves it unchanged)."""
+        """The running mean m ← 0.99·m + 0.01·(smallest positive kept activation) of SAELens's rule and rate,
+        kept as m / (1 − 0.99^t) after t steps, as Adam corrects its moments: SAELens's m starts at 0, so
+        after 49 steps it was 39% of its settled value and a short run exported a threshold that kept 14× k
+        latents (helper-76); from a few hundred steps on the two agree.  Kept so, the update is
+        threshold ← threshold + w·(smallest − threshold) with w = 0.01 / (1 − 0.99^t) (1 at the first step).
+        On the device, without a host sync (a batch with nothing kept leaves it unchanged)."""
+        self.threshold_updates += 1
+        weight = THRESHOLD_RATE / (1 - (1 - THRESHOLD_RATE) ** self.threshold_updates)
         smallest = torch.where(dense > 0, dense.float(), torch.inf).min()
-        updated = self.threshold * (1 - THRESHOLD_RATE) + THRESHOLD_RATE * smallest
+        updated = self.threshold * (1 - weight) + weight * smallest
         self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
 
     # ------------------------------------------------------------------ decoder norm

@@ -613,6 +613,7 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
             start_step, elapsed = state["step"], state["elapsed"]
             for i in mine:  # AuxK's host-side dead counts, queued ones included: a resume is exact
                 dead_counts[i] = DeadCount(device, (state.get("n_dead") or [0] * n)[i])
+                saes[i].threshold_updates = start_step  # (BatchTopK: one a step)
             latest = state.get("latest") or latest
     except BaseException:  # a run that cannot start (a bad checkpoint, no memory) leaves no decode queued
         for stream in streams.values():

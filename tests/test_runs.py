@@ -118,6 +118,18 @@ def _assert_same_saes(a: Path, b: Path) -> None:
             assert row_a[key] == row_b[key], key
 
 
+def test_a_killed_batchtopk_run_resumes_to_the_same_threshold(cache, tmp_path, capsys):
+    """BatchTopK's threshold weighs each step by how many it has taken in (SparseAutoencoder._update_threshold):
+    a resumed run must go on from its checkpoint's step, not from the first step's weight of 1."""
+    args = ("--architecture", "batchtopk")
+    assert run_cli(_train(cache, tmp_path / "whole", *args), capsys)[0] == 0
+    _run_killed(_train(cache, tmp_path / "r", *args), _KILL_POINTS["between checkpoints"])
+    code, _, err = run_cli(_train(cache, tmp_path / "r", *args), capsys)
+    assert code == 0, err
+    assert "threshold" in load_file(str(tmp_path / "r" / "sae_0.safetensors"))
+    _assert_same_saes(tmp_path / "whole", tmp_path / "r")
+
+
 @pytest.mark.parametrize("point", list(_KILL_POINTS))
 def test_kill_9_anywhere_then_the_same_command_finishes_the_run(point, cache, whole, tmp_path, capsys):
     out = tmp_path / "r"

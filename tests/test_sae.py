@@ -138,3 +138,28 @@ def test_dense_and_gathered_auxk_agree_under_bfloat16_autocast(monkeypatch):
     for name, expected in grads_gather.items():
         assert torch.isfinite(grads_dense[name]).all(), name
         assert float((grads_dense[name] - expected).abs().max()) <= 3e-2 * float(expected.abs().max()), name
+
+
+def test_batchtopk_threshold_is_saelens_running_mean_corrected_for_its_start():
+    """SAELens keeps m ← 0.99·m + 0.01·(smallest kept activation) from m = 0: after 49 steps m was 39% of its
+    settled value, and a short run's exported threshold kept 14× k latents (helper-76).  gsae keeps
+    m / (1 − 0.99^t), computed here in float64 from the same batches; from a few hundred steps on it is
+    SAELens's m itself."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(8, 32, "batchtopk", k=2).train()
+    m, smallest_seen = 0.0, []
+    for t in range(1, 601):
+        x = torch.randn(16, 8) * (1 + t / 100)  # a drifting scale: the mean moves, as in training
+        codes = sae.encode(x)
+        smallest = float(codes.dense[codes.dense > 0].min().detach())
+        sae._update_threshold(codes.dense)
+        m = 0.99 * m + 0.01 * smallest
+        smallest_seen.append(smallest)
+        if t == 1:
+            assert float(sae.threshold) == pytest.approx(smallest, rel=1e-6)  # the first step's value, not 1% of it
+        if t in (1, 49, 600):
+            assert float(sae.threshold) == pytest.approx(m / (1 - 0.99 ** t), rel=1e-5), t
+    assert float(sae.threshold) == pytest.approx(m, rel=0.003)  # 0.99^600 = 0.0024: SAELens's value by then
+    before = float(sae.threshold)
+    sae._update_threshold(torch.zeros(4, 32))  # nothing kept: unchanged
+    assert float(sae.threshold) == before
