@@ -58,6 +58,11 @@ class DamagedGrouping(GsaeError):
     """A grouping file that is not valid JSON, or of the current format but lacking what it must hold."""
 
 
+def _listed(runs: list[str], shown: int = 3) -> str:
+    """The first ``shown`` runs, and how many more: the line a user reads before choosing --force."""
+    return ", ".join(runs[:shown]) + (f" and {len(runs) - shown:,} more" if len(runs) > shown else "")
+
+
 def _read_record(store: ActivationStore, metric: str) -> dict[str, Any] | None:
     """The saved record for ``metric`` as it is (any format), None if there is none; a file that is not a
     JSON object, or of the current format and incomplete, raises :class:`DamagedGrouping`."""
@@ -220,7 +225,7 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
         users = runs_using(store, request.metric)
         if users and not request.force:
             raise GroupingInUse(f"{store.path}/{result_name(request.metric)} is damaged and training runs use it "
-                                f"({', '.join(users[:3])})", "recompute it", request.metric) from None
+                                f"({_listed(users)})", "recompute it", request.metric) from None
         notes.append(f"{str(exc).split(';')[0]}; recomputing it")
         existing = None
     if existing is not None and existing.get("format") != GROUPING_FORMAT:
@@ -251,7 +256,7 @@ def run_group(request: GroupRequest, console: Any) -> GroupResult:
         users = runs_using(store, request.metric, existing)
         if users and not request.force:
             raise GroupingInUse(f"{store.path}/{result_name(request.metric)} was made with other arguments and "
-                                f"training runs use it ({', '.join(users[:3])})", "replace it", request.metric)
+                                f"training runs use it ({_listed(users)})", "replace it", request.metric)
 
     started = time.perf_counter()
     # matplotlib takes ~0.4 s to import: done on a thread of its own while the distances are computed

@@ -292,6 +292,7 @@ def test_runs_marking_a_grouping_at_once_are_all_kept(llama_cache, capsys):
     assert runs_using(store, "uniform") == sorted(runs)
     code, _, err = run_cli(["group", "--cache", llama_cache, "--tokens", 300, "--metric", "uniform"], capsys)
     assert code == 1 and "training runs use it" in err and "runs/r0" in err
+    assert "and 13 more" in " ".join(err.split()), err  # all 16 counted, before the user chooses --force
     assert run_cli([*args[:-1], "--tokens", 300, "--force"], capsys)[0] == 0
     assert runs_using(store, "uniform") == []  # a replaced grouping is used by nothing yet
 
