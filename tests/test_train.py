@@ -420,6 +420,9 @@ def test_export_folds_the_scale(cache, tmp_path, capsys):
     assert run_cli(train_args(cache, tmp_path / "r2", "--groups", 1, "--tokens", 2048, "--seed", 1), capsys)[0] == 0
     code, _, err = run_cli(["export", "--run", tmp_path / "r2", "--out", tmp_path / "e"], capsys)
     assert code == 1 and "already holds blocks." in err and "not an export of this run" in err
+    # this run's SAELens export is not "not an export of this run" to its sparsify export (helper-76)
+    code, _, err = run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "e", "--format", "sparsify"], capsys)
+    assert code == 1 and "already holds this run's export in the other format" in " ".join(err.split()), err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     code, _, err = run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "other"], capsys)
