@@ -58,13 +58,34 @@ class RunSummary:
     sae: dict[str, Any] = field(default_factory=dict)  # architecture, n_latents, k: what the runs must share
     evaluated_with: dict[str, Any] | None = None  # eval.json's arguments (None: an eval.json that records none)
     name: str = ""  # how tables and plots show it: the label, or where two runs share one, with their folders
+    # each SAE's layers and the seconds of its own steps (summary.json), for a baseline's time over some layers
+    sae_seconds: list[tuple[list[int], float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.label
 
+    @property
+    def layers(self) -> set[int]:
+        return {layer for group in self.groups for layer in group}
+
+    def baseline_seconds(self, baseline: "RunSummary | None") -> float:
+        """The baseline's training time over this run's layers: all of it where they are the baseline's; where
+        they are fewer, its share of the baseline's SAEs' own step seconds (a run over layers 1–4 beside a
+        baseline over 0–5 read 0.35 of its time, partly for the layers it left out, helper-76); NaN where the
+        baseline lacks some of them, or has no baseline."""
+        if baseline is None or not self.layers <= baseline.layers:
+            return float("nan")
+        if self.layers == baseline.layers:
+            return baseline.train_seconds
+        per_layer = {group[0]: seconds for group, seconds in baseline.sae_seconds if len(group) == 1}
+        total = sum(seconds for _, seconds in baseline.sae_seconds)
+        if not self.layers <= set(per_layer) or not total > 0:  # a summary without per-SAE seconds
+            return float("nan")
+        return baseline.train_seconds * sum(per_layer[layer] for layer in self.layers) / total
+
     def cost(self, baseline: "RunSummary | None") -> float:
-        """Training time ÷ the baseline's (NaN without a baseline)."""
-        return self.train_seconds / baseline.train_seconds if baseline else float("nan")
+        """Training time ÷ the baseline's over the same layers (NaN without one)."""
+        return self.train_seconds / self.baseline_seconds(baseline)
 
     def activation_seconds(self) -> float:
         """A: the cache's time scaled to the tokens one SAE trained on, at most the whole cache's: an SAE that
@@ -79,7 +100,7 @@ class RunSummary:
         if baseline is None:
             return float("nan")
         a = self.activation_seconds()
-        return (a + self.train_seconds) / (a + baseline.train_seconds)
+        return (a + self.train_seconds) / (a + self.baseline_seconds(baseline))
 
     def mean(self, key: str) -> float:
         values = [r[key] for r in self.records if key in r and r[key] == r[key]]
@@ -122,7 +143,16 @@ def load_run(path: str, cache_seconds: float | None = None) -> RunSummary:
                        # the penalty's weight only where there is none
                        "k": config.k if config.architecture in TOP_K_ARCHITECTURES else None,
                        "l1_coefficient": None if config.architecture in TOP_K_ARCHITECTURES else config.l1_coefficient},
-                      evaluated_with=evaluated_with)
+                      evaluated_with=evaluated_with, sae_seconds=_sae_seconds(summary))
+
+
+def _sae_seconds(summary: dict[str, Any]) -> list[tuple[list[int], float]]:
+    """Each SAE's layers and own step seconds from summary.json ([] where it records them not, or not all)."""
+    rows = summary.get("saes")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) and isinstance(row.get("layers"), list)
+                                             and isinstance(row.get("seconds"), (int, float)) for row in rows):
+        return []
+    return [(list(row["layers"]), float(row["seconds"])) for row in rows]
 
 
 def _evaluated_with(arguments: Any, records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any] | None:
@@ -395,7 +425,9 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
     if len({tuple(layers) for layers in covered.values()}) > 1:
         notes.append("The runs cover different layers (" + "; ".join(
             f"{name}: {layer_span(layers, '–', ', ')}" for name, layers in covered.items())
-            + "): each run's means are over its own layers, and its cost over its own SAEs.")
+            + "): each run's means are over its own layers, and its ÷ baseline columns against the baseline's time "
+              "over those layers (its share of the baseline SAEs' own step seconds); empty where the baseline lacks "
+              "some of them.")
     if sum(run.label == "baseline" for run in runs) > 1:
         notes.append(f"Several baselines: the ÷ baseline columns are against the first given, {baseline.name}.")
     if baseline is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -200,7 +201,29 @@ def test_report_from_two_runs(tiny_models, tmp_path, capsys):
     code, _, err = run_cli(["report", "--runs", tmp_path / "base", "--runs", tmp_path / "u0", "--out", tmp_path / "rep4"],
                            capsys)
     assert code == 0, err
-    assert "The runs cover different layers (baseline: 0–1; uniform-g1: 0, 2)" in (tmp_path / "rep4" / "report.md").read_text()
+    text = (tmp_path / "rep4" / "report.md").read_text()
+    assert "The runs cover different layers (baseline: 0–1; uniform-g1: 0, 2)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| uniform-g1 |"))
+    assert row.rstrip(" |").split(" | ")[-2:] == ["–", "–"], row  # layer 2 is not the baseline's: no ratio
+
+
+def test_a_run_over_fewer_layers_is_compared_with_the_baselines_time_over_those():
+    """A run over layers 1–4 beside a baseline over 0–5 read "training ÷ baseline 0.346": part of that was the
+    layers it left out (helper-76).  Its baseline time is the baseline's share of its SAEs' own step seconds."""
+    from pipeline.report import RunSummary
+
+    def run(label, groups, train_seconds, sae_seconds=()):
+        return RunSummary(label, label, None, groups, [], train_seconds, 0.0, None, 1, 10.0, 1, {},
+                          sae_seconds=list(sae_seconds))
+
+    baseline = run("baseline", [[0], [1], [2]], 12.0, [([0], 1.0), ([1], 3.0), ([2], 4.0)])
+    assert run("g1", [[0, 1, 2]], 6.0).cost(baseline) == pytest.approx(6.0 / 12.0)  # the same layers: all of it
+    fewer = run("g1", [[1, 2]], 6.0)
+    assert fewer.baseline_seconds(baseline) == pytest.approx(12.0 * (3.0 + 4.0) / 8.0)
+    assert fewer.cost(baseline) == pytest.approx(6.0 / 10.5)
+    assert fewer.total_cost(baseline) == pytest.approx((10.0 + 6.0) / (10.0 + 10.5))
+    assert math.isnan(run("g1", [[2, 3]], 6.0).cost(baseline))  # layer 3 is not the baseline's
+    assert math.isnan(fewer.cost(run("baseline", [[0], [1], [2]], 12.0)))  # no per-SAE seconds recorded
 
 
 def test_runs_that_share_a_label_are_told_apart_by_their_folders():
