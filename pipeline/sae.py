@@ -26,6 +26,8 @@ AUXK_ALPHA = 1 / 32
 DENSE_AUXK_MAX_RATIO = 32  # dense AuxK decode on CUDA up to M = 32 · k_aux: see dense_auxk_decode
 DENSE_AUXK_MAX_BYTES = 1 << 30  # ... and B × M of at most 1 GiB
 THRESHOLD_RATE = 0.01  # BatchTopK's inference threshold: SAELens's topk_threshold_lr
+#: how checkpoints say they keep BatchTopK's threshold (those of a gsae before 2026-11-29 kept SAELens's m itself)
+THRESHOLD_KEPT = "running mean / (1 - 0.99^t)"
 ENCODER_INIT_NORM = 1 / math.sqrt(3)
 
 
@@ -300,7 +302,8 @@ class SparseAutoencoder(nn.Module):
         after 49 steps it was 39% of its settled value and a short run exported a threshold that kept 14× k
         latents (helper-76); from a few hundred steps on the two agree.  Kept so, the update is
         threshold ← threshold + w·(smallest − threshold) with w = 0.01 / (1 − 0.99^t) (1 at the first step).
-        On the device, without a host sync (a batch with nothing kept leaves it unchanged)."""
+        On the device, without a host sync: a batch with nothing kept leaves it unchanged, but t counts steps (to
+        count only the others t would live on the device; such a batch needs every pre-activation ≤ 0, or NaN)."""
         self.threshold_updates += 1
         weight = THRESHOLD_RATE / (1 - (1 - THRESHOLD_RATE) ** self.threshold_updates)
         smallest = torch.where(dense > 0, dense.float(), torch.inf).min()

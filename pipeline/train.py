@@ -31,7 +31,7 @@ from pipeline.requests import (ARCHITECTURES, EVAL_WINDOWS, L1_COEFFICIENT, PREC
                                WORKER_KINDS, TrainRequest)
 from pipeline.run import (SUMMARY, Run, RunConfig, cache_around, cache_fingerprint, check_new_run_folder, checkpoint_step,
                           fingerprint_changes, join, pack_training_state)
-from pipeline.sae import SparseAutoencoder, default_k, default_lr
+from pipeline.sae import THRESHOLD_KEPT, THRESHOLD_RATE, SparseAutoencoder, default_k, default_lr
 from stores import STORAGE_DTYPES, ActivationStore
 from stores.chunk_files import ChunkProcesses
 from stores.held_out import split_chunks
@@ -614,6 +614,10 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
             for i in mine:  # AuxK's host-side dead counts, queued ones included: a resume is exact
                 dead_counts[i] = DeadCount(device, (state.get("n_dead") or [0] * n)[i])
                 saes[i].threshold_updates = start_step  # (BatchTopK: one a step)
+                if config.architecture == "batchtopk" and state.get("threshold") != THRESHOLD_KEPT and start_step:
+                    # a checkpoint of a gsae that kept SAELens's m itself: as this one keeps it (helper-77)
+                    with torch.no_grad():
+                        saes[i].threshold.div_(1 - (1 - THRESHOLD_RATE) ** start_step)
             latest = state.get("latest") or latest
     except BaseException:  # a run that cannot start (a bad checkpoint, no memory) leaves no decode queued
         for stream in streams.values():
@@ -638,7 +642,8 @@ def _train(request: TrainRequest, console: Any, scope: contextlib.ExitStack) -> 
         if parts is not None:
             run.save_checkpoint(step, {i: parts[i][0] for i in range(n)},
                                 {"streams": [parts[i][1] for i in range(n)], "elapsed": [parts[i][2] for i in range(n)],
-                                 "n_dead": [parts[i][3] for i in range(n)], "latest": [parts[i][4] for i in range(n)]})
+                                 "n_dead": [parts[i][3] for i in range(n)], "latest": [parts[i][4] for i in range(n)],
+                                 "threshold": THRESHOLD_KEPT})
         ranks.barrier()
 
     last_checkpoint = time.monotonic()

@@ -121,13 +121,34 @@ def _assert_same_saes(a: Path, b: Path) -> None:
 def test_a_killed_batchtopk_run_resumes_to_the_same_threshold(cache, tmp_path, capsys):
     """BatchTopK's threshold weighs each step by how many it has taken in (SparseAutoencoder._update_threshold):
     a resumed run must go on from its checkpoint's step, not from the first step's weight of 1."""
+    import shutil
+
+    from safetensors.torch import save_file
+
     args = ("--architecture", "batchtopk")
     assert run_cli(_train(cache, tmp_path / "whole", *args), capsys)[0] == 0
     _run_killed(_train(cache, tmp_path / "r", *args), _KILL_POINTS["between checkpoints"])
+    shutil.copytree(tmp_path / "r", tmp_path / "old")
     code, _, err = run_cli(_train(cache, tmp_path / "r", *args), capsys)
     assert code == 0, err
     assert "threshold" in load_file(str(tmp_path / "r" / "sae_0.safetensors"))
     _assert_same_saes(tmp_path / "whole", tmp_path / "r")
+    # the checkpoint as a gsae before 2026-11-29 wrote it: SAELens's m itself, and no word of how it was kept;
+    # resumed, it is converted (m / (1 − 0.99^step)) and goes on as this gsae would have (helper-77)
+    latest = tmp_path / "old" / "checkpoints" / (tmp_path / "old" / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((latest / "state.json").read_text())
+    assert state.pop("threshold")
+    (latest / "state.json").write_text(json.dumps(state))
+    for i in range(2):
+        tensors = load_file(str(latest / f"sae_{i}.safetensors"))
+        key = next(key for key in tensors if key.endswith("threshold"))
+        tensors[key] = tensors[key] * (1 - 0.99 ** state["step"])
+        save_file(tensors, str(latest / f"sae_{i}.safetensors"))
+    code, _, err = run_cli(_train(cache, tmp_path / "old", *args), capsys)
+    assert code == 0, err
+    for i in range(2):
+        ours, theirs = (load_file(str(tmp_path / name / f"sae_{i}.safetensors"))["threshold"] for name in ("whole", "old"))
+        torch.testing.assert_close(theirs, ours, rtol=1e-6, atol=0)  # (the division's rounding)
 
 
 @pytest.mark.parametrize("point", list(_KILL_POINTS))
