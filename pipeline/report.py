@@ -272,12 +272,14 @@ def _not_measured_panel(ax, key: str) -> None:
     ax.set(xticks=[], yticks=[], xlabel="", ylabel="")  # the line names the metric; empty axes' labels would not fit
 
 
-def _missing_note(ax, runs: list[RunSummary], key: str) -> None:
-    """Where some runs have the metric and some not: name those that have not, above the panel (clear of
-    its points)."""
+def _missing_note(ax, runs: list[RunSummary], key: str, no_cost: list[str] = ()) -> None:
+    """Where some runs have the metric and some not, or (``no_cost``) no cost ÷ baseline (a layer the baseline
+    lacks): name them above the panel (clear of its points), rather than leave them out without a word."""
     missing = [run.name for run in runs if not _measured(run, key)]
-    if missing:
-        ax.set_title(f"not measured: {', '.join(missing)}", loc="right", fontsize=8, color="0.35")
+    said = ([f"not measured: {', '.join(missing)}"] if missing else []) + \
+        ([f"no cost ÷ baseline: {', '.join(no_cost)}"] if no_cost else [])
+    if said:
+        ax.set_title("; ".join(said), loc="right", fontsize=8, color="0.35")
 
 
 def per_layer_figure(runs: list[RunSummary]):
@@ -349,7 +351,7 @@ def cost_figure(runs: list[RunSummary], baseline: RunSummary | None):
             ax.scatter(cost, value, color=colours[i % len(colours)])
             ax.annotate(run.name, (cost, value), fontsize=8)
         ax.grid(alpha=0.3)
-        _missing_note(ax, runs, key)
+        _missing_note(ax, runs, key, [run.name for run in runs if baseline and run.cost(baseline) != run.cost(baseline)])
     return figure
 
 
@@ -427,7 +429,7 @@ def build_report(paths: list[str], out: str, cache_seconds: float | None = None)
             f"{name}: {layer_span(layers, '–', ', ')}" for name, layers in covered.items())
             + "): each run's means are over its own layers, and its ÷ baseline columns against the baseline's time "
               "over those layers (its share of the baseline SAEs' own step seconds); empty where the baseline lacks "
-              "some of them.")
+              "some of them, or records no per-SAE seconds.")
     if sum(run.label == "baseline" for run in runs) > 1:
         notes.append(f"Several baselines: the ÷ baseline columns are against the first given, {baseline.name}.")
     if baseline is None:

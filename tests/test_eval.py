@@ -224,6 +224,14 @@ def test_a_run_over_fewer_layers_is_compared_with_the_baselines_time_over_those(
     assert fewer.total_cost(baseline) == pytest.approx((10.0 + 6.0) / (10.0 + 10.5))
     assert math.isnan(run("g1", [[2, 3]], 6.0).cost(baseline))  # layer 3 is not the baseline's
     assert math.isnan(fewer.cost(run("baseline", [[0], [1], [2]], 12.0)))  # no per-SAE seconds recorded
+    # the cost plot names a run it cannot place, rather than leave it out without a word (helper-77)
+    from pipeline.report import cost_figure
+
+    records = [{"layer": 2, "explained_variance_per_token": 0.5}]
+    beside = run("g2", [[2, 3]], 6.0)
+    beside.records, fewer.records, baseline.records = records, records, records
+    figure = cost_figure([baseline, fewer, beside], baseline)
+    assert figure.axes[0].get_title(loc="right") == "no cost ÷ baseline: g2"
 
 
 def test_runs_that_share_a_label_are_told_apart_by_their_folders():
