@@ -143,7 +143,7 @@ def _check_target(target: str, planned: dict[str, dict], identity_file: str = "c
         if not same:
             foreign.append(name)
     if foreign:
-        if _holds_this_runs_other_export(fs, root, foreign, planned):
+        if all(_holds_this_runs_other_export(fs, root, [name], planned) for name in foreign):
             raise GsaeError(f"{target} already holds this run's export in the other format ({first_few(foreign)}); "
                             "export each format into a folder of its own (--out)")
         raise GsaeError(f"{target} already holds {first_few(foreign)}, not an export of this run; export into an empty or new "
@@ -151,8 +151,8 @@ def _check_target(target: str, planned: dict[str, dict], identity_file: str = "c
 
 
 def _holds_this_runs_other_export(fs: Any, root: str, names: list[str], planned: dict[str, dict]) -> bool:
-    """Whether the folders ``names`` under ``root`` are this run's export in the other format (SAELens's cfg.json,
-    or sparsify's gsae.json, names the run): it read "not an export of this run" (helper-76)."""
+    """Whether one of the folders ``names`` under ``root`` is this run's export in the other format (SAELens's
+    cfg.json, or sparsify's gsae.json, names the run): it read "not an export of this run" (helper-76)."""
     ours = next(iter(planned.values()))["gsae"].get("run_config_sha256")
     for name in names:
         for identity_file in ("cfg.json", "gsae.json"):

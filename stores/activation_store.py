@@ -205,7 +205,7 @@ def _missing_bucket(path: str) -> str | None:
     """What to do where ``path``'s bucket is not there (`gsae cache` would fail on it too), or None: a local
     path, a bucket that is there, or one that cannot be told."""
     protocol, _, rest = str(path).partition("://")
-    if not rest or protocol in ("file", "memory"):
+    if not rest or protocol not in ("s3", "s3a", "gs", "gcs"):  # (hf://datasets/...: no bucket there)
         return None
     bucket = rest.split("/", 1)[0]
     try:
@@ -214,7 +214,8 @@ def _missing_bucket(path: str) -> str | None:
             return None
     except Exception:  # no credentials to tell, say: the line stays as it was
         return None
-    return f"its bucket {bucket} does not exist (or cannot be seen with these credentials): make it first"
+    # (s3fs answers False for a bucket it could not ask about too: throttled, a wrong endpoint)
+    return f"its bucket {bucket} was not found (or cannot be seen with these credentials, or at this endpoint)"
 
 
 def _write_error(path: str, exc: OSError) -> StoreError:

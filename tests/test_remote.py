@@ -160,7 +160,7 @@ def test_a_storage_error_on_a_dask_worker_says_where_its_credentials_come_from(m
 def test_a_cache_in_a_bucket_that_is_not_there_says_so(bucket, capsys):
     """`gsae info` said "no gsae cache ...; create one with `gsae cache`", which then failed on the bucket."""
     code, _, err = run_cli(["info", "--cache", f"{bucket}-none/c"], capsys)
-    assert code == 1 and f"its bucket {bucket.removeprefix('s3://')}-none does not exist" in " ".join(err.split()), err
+    assert code == 1 and f"its bucket {bucket.removeprefix('s3://')}-none was not found" in " ".join(err.split()), err
     code, _, err = run_cli(["info", "--cache", f"{bucket}/c"], capsys)
     assert code == 1 and "create one with `gsae cache`" in err and "bucket" not in err.replace(bucket, ""), err
 

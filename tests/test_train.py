@@ -423,6 +423,10 @@ def test_export_folds_the_scale(cache, tmp_path, capsys):
     # this run's SAELens export is not "not an export of this run" to its sparsify export (helper-76)
     code, _, err = run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "e", "--format", "sparsify"], capsys)
     assert code == 1 and "already holds this run's export in the other format" in " ".join(err.split()), err
+    (tmp_path / "e" / "notes.txt").write_text("mine")  # beside it, someone's file: not called this run's export
+    code, _, err = run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "e", "--format", "sparsify"], capsys)
+    assert code == 1 and "not an export of this run" in err and "other format" not in err, err
+    (tmp_path / "e" / "notes.txt").unlink()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     code, _, err = run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "other"], capsys)
