@@ -626,8 +626,9 @@ def fill_store(store: ActivationStore, lm: LoadedModel, windows: Iterator[list[i
 
     Every run and every rank cuts the windows into the same batches as an uninterrupted single process
     (batch ``b`` is windows ``[b·batch_size, (b+1)·batch_size)``, the last only those up to the planned
-    tokens): the forward pass sees identical inputs and produces identical bytes.  A batch holding none of this rank's uncommitted rows is not run, its
-    tokens only compared with the stored ones where they are committed.  ``worker_nice_by``: how much the
+    tokens): the forward pass sees identical inputs and produces identical bytes.  A batch holding none of
+    this rank's uncommitted rows is not run, its tokens only compared with the stored ones where they are
+    committed.  ``worker_nice_by``: how much the
     writer's threads or processes lower their priority (default: pipeline.processes.worker_nice).
     ``buffers_ahead``: the pinned chunk buffers are made on a thread of their own as the first batches run
     (:meth:`ChunkBuffers.make_ahead`), not in the hooks."""

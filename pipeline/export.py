@@ -143,26 +143,25 @@ def _check_target(target: str, planned: dict[str, dict], identity_file: str = "c
         if not same:
             foreign.append(name)
     if foreign:
-        if all(_holds_this_runs_other_export(fs, root, [name], planned) for name in foreign):
+        if all(_this_runs_other_export(fs, root, name, planned) for name in foreign):
             raise GsaeError(f"{target} already holds this run's export in the other format ({first_few(foreign)}); "
                             "export each format into a folder of its own (--out)")
         raise GsaeError(f"{target} already holds {first_few(foreign)}, not an export of this run; export into an empty or new "
                         "folder (--out)")
 
 
-def _holds_this_runs_other_export(fs: Any, root: str, names: list[str], planned: dict[str, dict]) -> bool:
-    """Whether one of the folders ``names`` under ``root`` is this run's export in the other format (SAELens's
-    cfg.json, or sparsify's gsae.json, names the run): it read "not an export of this run" (helper-76)."""
+def _this_runs_other_export(fs: Any, root: str, name: str, planned: dict[str, dict]) -> bool:
+    """Whether the folder ``name`` under ``root`` is this run's export in the other format (SAELens's cfg.json,
+    or sparsify's gsae.json, names the run): it read "not an export of this run" (helper-76)."""
     ours = next(iter(planned.values()))["gsae"].get("run_config_sha256")
-    for name in names:
-        for identity_file in ("cfg.json", "gsae.json"):
-            try:
-                recorded = json.loads(fs.cat_file(f"{root.rstrip('/')}/{name}/{identity_file}"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(recorded, dict) and isinstance(recorded.get("gsae"), dict) and \
-                    recorded["gsae"].get("run_config_sha256") == ours:
-                return True
+    for identity_file in ("cfg.json", "gsae.json"):
+        try:
+            recorded = json.loads(fs.cat_file(f"{root.rstrip('/')}/{name}/{identity_file}"))
+        except (OSError, ValueError):
+            continue
+        if ours is not None and isinstance(recorded, dict) and isinstance(recorded.get("gsae"), dict) and \
+                recorded["gsae"].get("run_config_sha256") == ours:
+            return True
     return False
 
 

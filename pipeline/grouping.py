@@ -22,8 +22,8 @@ from pipeline.errors import GsaeError
 from pipeline.models import pick_device
 from stores import ActivationStore, StoreError
 from stores.activation_store import absolute_url
-from stores.remote import describe_storage_error
 from stores.held_out import split_chunks
+from stores.remote import describe_storage_error
 
 _ROWS_PER_STEP = 256  # rows normalised at a time inside a chunk task: bounds its memory
 # on a GPU: at most this many chunk tasks of a process at once (Dask runs one per core), each with float64
