@@ -497,3 +497,28 @@ def test_a_run_that_does_not_exist_or_is_a_file(command, tmp_path):
     (tmp_path / "empty").mkdir()
     line = _one_line(*run_cli([command, option, tmp_path / "empty"])[::2])
     assert "is not a gsae run (no config.json)" in line
+
+
+def test_a_ctrl_c_that_lands_in_a_finalizer_is_not_lost():
+    """Python reports a KeyboardInterrupt raised in a ``__del__`` as "Exception ignored" and goes on: a Ctrl-C
+    landing there was lost, and `gsae train` ran to its end (helper-73).  The program's hook raises it again."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = (
+        "import sys, time; import cli  # (as a library: no start-up handler, the command's SIGINT)\n"
+        "sys.unraisablehook = cli._interrupts_from_finalizers(sys.unraisablehook)\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        raise KeyboardInterrupt  # as a SIGINT's handler raises it, where the signal lands\n"
+        "try:\n"
+        "    Finalized()\n"
+        "    started = time.monotonic()\n"
+        "    while time.monotonic() - started < 5: pass\n"
+        "    print('lost')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('raised again')\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "raised again", result.stdout + result.stderr
